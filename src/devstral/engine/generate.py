@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from devstral.config import ModelConfig
+from devstral.engine.constraints import apply_mask
 from devstral.engine.detokenize import StreamDecoder
 from devstral.engine.kv_cache import KVCache, parse_kv_kind
 from devstral.engine.sampling import Sampler, SamplingParams
@@ -125,6 +126,7 @@ class LLM:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         self._check_ids(tokens)
         sampler = Sampler(params, self.device)
+        constraint = params.constraint() if params.constraint is not None else None
         stop_ids = {self.tokenizer.eos_id, *params.stop_token_ids}
         decoder = StreamDecoder(self.tokenizer, special=special, context=ids)
         hidden = self._hidden_control_tokens() if special else set()
@@ -145,9 +147,13 @@ class LLM:
             if should_stop is not None and should_stop():
                 finish = "cancelled"
                 break
+            if constraint is not None:
+                logits = apply_mask(logits, constraint.allowed_tokens())
             token = sampler(logits, history)
             top = self._top_logprobs(logits, token, params.logprobs)
             n_new += 1
+            if constraint is not None and token not in stop_ids:
+                constraint.accept(token)
             if token in stop_ids:
                 finish = "stop"
                 yield StepOutput(token, "", None, *top)
@@ -163,6 +169,9 @@ class LLM:
             safe = len(held) - held_suffix_len(held, stops)
             yield StepOutput(token, held[:safe], None, *top)
             held = held[safe:]
+            if constraint is not None and constraint.is_finished():
+                finish = "stop"
+                break
             if n_new == max_new:
                 break
             logits = self._forward(torch.tensor([[token]], device=self.device), cache, pos)

@@ -35,6 +35,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # also return the top-N log-probs of each sampled token
+    # Structured output: a factory of per-sequence TokenConstraint (engine/constraints.py), or None.
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         checks = [
