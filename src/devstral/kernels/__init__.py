@@ -1,0 +1,34 @@
+"""GPU kernels, one per file, each beside the plain-PyTorch reference that defines it.
+
+Every public function here dispatches: the Triton kernel on a CUDA tensor when Triton is installed,
+otherwise the reference (the CPU twin that CI tests). The reference is the specification; each
+kernel's GPU test compares the two on fresh random inputs.
+
+Triton is imported lazily: a CPU-only install never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    if os.environ.get("DEVSTRAL_NO_TRITON"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Run the Triton kernel for this tensor? CUDA tensors when Triton is there; CPU tensors too under
+    TRITON_INTERPRET=1, which is how the kernels' logic is checked on a machine with no GPU."""
+    if not triton_available():
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
