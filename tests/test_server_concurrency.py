@@ -112,29 +112,22 @@ def test_non_streaming_client_leaving_is_cancelled_too():
 
 def test_an_engine_failure_mid_stream_ends_only_that_stream():
     """A crash inside generation reaches the client as an error event; the slot is freed."""
-    import devstral.engine.generate as generate
+    from devstral.testing import patched_sampler
 
-    real = generate.Sampler
+    calls: dict[int, tuple[list[int], list[int]]] = {}
 
-    class FailingSampler:
-        def __init__(self, params, device=None):
-            self.n = 0
+    def failing(logits, params, history):
+        _, n = calls.setdefault(id(history), (history, [0]))
+        n[0] += 1
+        if n[0] > 2:
+            raise RuntimeError("simulated device failure")
+        return int(logits.argmax())
 
-        def __call__(self, logits, history):
-            self.n += 1
-            if self.n > 2:
-                raise RuntimeError("simulated device failure")
-            return int(logits.argmax())
-
-    generate.Sampler = FailingSampler
-    try:
-        with httpx.Client(base_url=live().url, timeout=60) as c:
-            with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
-                lines = [line for line in r.iter_lines() if line]
-            assert r.status_code == 200
-            r2 = c.post("/api/generate", json={"model": "tiny", "prompt": "x", "raw": True, "stream": False})
-    finally:
-        generate.Sampler = real
+    with patched_sampler(failing), httpx.Client(base_url=live().url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200
+        r2 = c.post("/api/generate", json={"model": "tiny", "prompt": "x", "raw": True, "stream": False})
     assert '"error"' in lines[-1] and "[DONE]" not in lines[-1]
     assert r2.status_code == 500 and "RuntimeError" in r2.json()["error"]
     assert wait_idle(live())["slots_processing"] == 0

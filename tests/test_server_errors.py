@@ -163,24 +163,19 @@ def test_ollama_validation_errors_use_ollama_shape():
 @contextmanager
 def held_generation():
     """Samplers that block until released: a request holds its slot for as long as the test wants."""
-    import devstral.engine.generate as generate
+    from devstral.testing import patched_sampler
 
-    release, real = threading.Event(), generate.Sampler
+    release = threading.Event()
 
-    class HeldSampler:
-        def __init__(self, params, device=None):
-            pass
+    def held(logits, params, history):
+        release.wait(30)
+        return 1100
 
-        def __call__(self, logits, history):
-            release.wait(30)
-            return 1100
-
-    generate.Sampler = HeldSampler
     try:
-        yield
+        with patched_sampler(held):
+            yield
     finally:
         release.set()
-        generate.Sampler = real
 
 
 def test_full_queue_is_503_with_retry_after():

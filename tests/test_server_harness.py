@@ -113,23 +113,17 @@ def forced_output(token_ids: list[int]):
     The model still runs; only the choice of token is replaced, so the server's whole production
     path (detokenizing, tool-call parsing, chunking, JSON shapes) is what is under test.
     """
-    import devstral.engine.generate as generate
+    from devstral.testing import patched_sampler
 
-    real = generate.Sampler
     eos = reference_llm().tokenizer.eos_id
+    scripts: dict[int, tuple[list[int], Any]] = {}  # per sequence (its token list), kept alive with it
 
-    class ForcedSampler:
-        def __init__(self, params: Any, device: Any = None):
-            self.ids = iter(token_ids)
+    def pick(logits: Any, params: Any, history: list[int]) -> int:
+        _, ids = scripts.setdefault(id(history), (history, iter(token_ids)))
+        return next(ids, eos)
 
-        def __call__(self, logits: Any, history: list[int]) -> int:
-            return next(self.ids, eos)
-
-    generate.Sampler = ForcedSampler
-    try:
+    with patched_sampler(pick):
         yield
-    finally:
-        generate.Sampler = real
 
 
 def tool_call_ids(calls: list[tuple[str, str]], content: str = "") -> list[int]:

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
+from devstral.engine.outputs import PENDING
 from devstral.server.worker import EngineWorker, QueueFull
 
 
 class FakeLLM:
-    def new_cache(self):
-        return object()
+    """No engine: the jobs below stand for requests, yielding PENDING where a real one awaits a step."""
 
 
 async def run_all(worker: EngineWorker, handles) -> list[list]:
@@ -31,11 +31,12 @@ def counting_job(name: str, n: int, log: list[str]):
         for i in range(n):
             log.append(f"{name}{i}")
             yield f"{name}{i}"
+            yield PENDING  # a real request now waits for the engine's next batched step
 
     return run
 
 
-def test_round_robin_interleaves_active_jobs_one_step_each():
+def test_active_jobs_advance_together_one_engine_step_at_a_time():
     log: list[str] = []
 
     async def main():
@@ -89,15 +90,14 @@ def test_cancel_stops_within_a_step_and_errors_reach_only_their_job():
     assert len(log) < 10_000 and stats.cancelled == 1 and stats.failed == 1
 
 
-def test_a_long_prefill_does_not_stall_other_requests(tiny_hf, monkeypatch):
-    """A long prompt is prefilled one chunk per round: a short request admitted with it gets its first
-    token before the long one, and the chunks never reach the handler."""
+def test_a_long_prefill_does_not_stall_other_requests(tiny_hf):
+    """A long prompt is prefilled in chunks that share steps with other requests: a short request
+    admitted with it gets its first token before the long one, and PENDING never reaches the handler."""
     import devstral
-    import devstral.engine.generate as generate
     from devstral.engine.sampling import SamplingParams
 
-    monkeypatch.setattr(generate, "PREFILL_CHUNK", 8)
-    llm = devstral.load(tiny_hf)
+    llm = devstral.load(tiny_hf, prefix_caching=False)
+    llm.engine_config.max_num_batched_tokens = 8
     params = SamplingParams(temperature=0, max_tokens=3)
     long_ids, short_ids = [1] + list(range(1000, 1063)), [1, 1500, 1501, 1502]  # 8 chunks vs 1
     order: list[str] = []
@@ -117,8 +117,7 @@ def test_a_long_prefill_does_not_stall_other_requests(tiny_hf, monkeypatch):
 
     long_events, short_events = asyncio.run(main())
     assert order.index("short") < order.index("long")
-    assert all(e is not generate.PREFILL_PROGRESS for e in long_events + short_events)
+    assert all(e is not PENDING for e in long_events + short_events)
     # and the interleaved result is the one a lone, unchunked generation gives
-    monkeypatch.setattr(generate, "PREFILL_CHUNK", 512)
-    alone = llm.generate(long_ids, params).token_ids
+    alone = devstral.load(tiny_hf).generate(long_ids, params).token_ids
     assert [e.token_id for e in long_events if e.token_id is not None] == alone

@@ -100,8 +100,13 @@ def _is_gguf(path: Path) -> bool:
 
 
 def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None, device: str = "auto",
-         dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None):
-    """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano"."""
+         dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None, parallel: int = 1,
+         gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True):
+    """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
+
+    `max_context` None gives the model's whole window where the KV cache's memory allows it;
+    `parallel` is how many sequences the engine batches (the server's --parallel)."""
+    from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.engine.sampling import defaults_for_model
     from devstral.prompt.tokenizer import load_tokenizer
@@ -127,11 +132,14 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         from devstral.formats.peft import apply_adapter
 
         apply_adapter(net, Path(adapter))
-    ctx = max_context or min(cfg.max_position_embeddings, 16384)
-    if ctx <= 0:
-        raise DevstralError(f"--ctx-size must be positive, got {ctx}")
-    if ctx > cfg.max_position_embeddings:
-        print(f"note: context {ctx} is beyond the model's {cfg.max_position_embeddings} positions",
+    if max_context is not None and max_context <= 0:
+        raise DevstralError(f"--ctx-size must be positive, got {max_context}")
+    if max_context is not None and max_context > cfg.max_position_embeddings:
+        print(f"note: context {max_context} is beyond the model's {cfg.max_position_embeddings} positions",
               file=sys.stderr)
+    ec = EngineConfig(max_context=max_context, max_num_seqs=parallel, kv_cache_dtype=kv_cache_dtype,
+                      cuda_graphs=cuda_graphs, prefix_caching=prefix_caching)
+    if gpu_memory_fraction is not None:
+        ec.gpu_memory_fraction = gpu_memory_fraction
     return LLM(net, cfg, tokenizer, path=path, sampling=defaults_for_model(folder if folder.is_dir() else None),
-               kv_cache_dtype=kv_cache_dtype, max_context=ctx)
+               engine_config=ec)

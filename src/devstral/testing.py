@@ -8,6 +8,7 @@ built from the files mistral-common ships.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -185,3 +186,23 @@ def make_nano(path: str | Path) -> Path:
         dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768, max_position_embeddings=32768,
         yarn=YarnScaling(factor=8.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0),
         llama4_original_max=4096)
+
+
+@contextlib.contextmanager
+def patched_sampler(pick):
+    """Replace the engine's sampler while the block runs: `pick(logits_row, params, history) -> token id`
+    is called for every sequence that samples, on the engine's thread. Tests use it to script the
+    model's output (a tool call from a random model), to hold a request mid-generation, or to fail."""
+    import devstral.engine.model_runner as runner
+
+    real = runner.sample
+
+    def sample(logits, params, histories, generators):
+        return torch.tensor([pick(logits[i], params[i], histories[i]) for i in range(logits.shape[0])],
+                            dtype=torch.long, device=logits.device)
+
+    runner.sample = sample
+    try:
+        yield
+    finally:
+        runner.sample = real

@@ -30,10 +30,11 @@ def serve(
     api_key: str | None = typer.Option(None, envvar="DEVSTRAL_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on every route but /health."),
     ctx_size: int | None = typer.Option(None, "--ctx-size", "-c", min=1, help="Context length per request."),
-    parallel: int = typer.Option(1, "--parallel", "-np", min=1, help="Requests generated concurrently."),
+    parallel: int = typer.Option(1, "--parallel", "-np", min=1,
+                                 help="Requests batched together in each forward pass."),
     queue_size: int = typer.Option(64, min=0, help="Requests that may wait for a slot before 503s."),
     alias: str | None = typer.Option(None, help="Model name to report and accept (default: the model's name)."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32 or q8_0."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
     max_body_mb: float = typer.Option(16.0, min=0.001, help="Largest request body accepted, in MiB."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -46,7 +47,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                        max_context=ctx_size)
+                        max_context=ctx_size, parallel=parallel)
     config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
                           max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024))
     try:

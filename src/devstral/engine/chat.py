@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from devstral.engine.generate import PREFILL_PROGRESS
+from devstral.engine.outputs import PENDING
 from devstral.prompt.system_prompt import DEFAULT
 from devstral.prompt.tool_calls import (
     ArgumentsDelta,
@@ -78,19 +78,22 @@ class ChatStream:
         # Run the prefill and the first token before the first delta, so a context overflow or a
         # bad parameter raises before a server has sent anything.
         first = next(steps, None)
-        while first is PREFILL_PROGRESS:  # only with yield_prefill=True: hand control back to the scheduler
+        while first is PENDING:  # only with yield_prefill=True: hand control back to the engine's driver
             yield first
             first = next(steps, None)
         yield {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        token_ids, text, finish = [], [], "stop"
+        token_ids, text, finish, cached, timings = [], [], "stop", 0, {}
         for step in itertools.chain([first] if first is not None else [], steps):
+            if step is PENDING:
+                yield step
+                continue
             if step.token_id is not None:
                 token_ids.append(step.token_id)
             if step.text:
                 text.append(step.text)
                 yield from _choices(self._parser.feed(step.text))
             if step.finish_reason:
-                finish = step.finish_reason
+                finish, cached, timings = step.finish_reason, step.cached_tokens or 0, step.timings
         yield from _choices(self._parser.finish())
         content, calls = self._parser.result()
         if calls and finish == "stop":
@@ -101,9 +104,9 @@ class ChatStream:
                      "tool_calls": calls or None},
             finish_reason=finish,
             usage={"prompt_tokens": n_prompt, "completion_tokens": len(token_ids),
-                   "total_tokens": n_prompt + len(token_ids)},
+                   "total_tokens": n_prompt + len(token_ids), "prompt_tokens_details": {"cached_tokens": cached}},
             prompt_token_ids=list(self.prompt_token_ids), token_ids=token_ids, text="".join(text),
-            timings=dict(getattr(self.llm, "last_timings", {}) or {}))
+            timings=dict(timings))
         yield {"index": 0, "delta": {}, "finish_reason": finish}
 
 

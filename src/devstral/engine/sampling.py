@@ -2,6 +2,12 @@
 
 Order follows transformers/vLLM: penalty, temperature, then the truncations on the tempered
 distribution. Temperature 0 (or below 1e-5) is greedy.
+
+The sampler works on a batch: one row of logits per sequence, each with its own parameters, all on
+the device. A token is drawn as argmax(p / E) with E ~ Exp(1) per candidate (the "exponential race",
+exactly a draw from p), so no host synchronisation is needed until the engine reads the batch's
+tokens once per step. A seeded sequence draws its noise from its own generator, so its tokens do not
+depend on what else shares the batch.
 """
 
 from __future__ import annotations
@@ -78,61 +84,107 @@ def defaults_for_model(folder: Path | None) -> SamplingParams:
     return params.updated(**changes)
 
 
+def penalize(logits: torch.Tensor, history: list[int], p: SamplingParams) -> torch.Tensor:
+    """llama.cpp's repeat penalty on one row: divide positive logits, multiply negative ones, once per token."""
+    if p.repeat_penalty == 1.0 or not history or p.repeat_last_n == 0:
+        return logits
+    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+    ids = torch.tensor(sorted(set(window)), device=logits.device)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+    return logits
+
+
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tempered logits [S, V] -> (values [S, K], ids [S, K], keep [S, K]): per row, the tokens that
+    survive top-k, then top-p (smallest set reaching p, on the top-k renormalised), then min-p relative
+    to the best token. Columns are sorted best first; K is the largest top-k in the batch (V if a row
+    has none), so rows share one topk call instead of masking the whole vocabulary."""
+    S, V = logits.shape
+    dev = logits.device
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    K = max(ks)
+    any_p = any(p.top_p < 1.0 for p in params)
+    if K < V:
+        values, index = torch.topk(logits, K)
+    elif any_p or min(ks) < V:
+        values, index = torch.sort(logits, descending=True)
+    else:
+        values, index = logits, torch.arange(V, device=dev).expand(S, V)
+    keep = torch.isfinite(values)
+    if min(ks) < K:
+        keep &= torch.arange(K, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]
+    keep[:, 0] = True
+    if any_p:
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=dev)
+        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= probs.cumsum(-1) - probs < top_p[:, None]  # keep tokens until p is reached
+        keep[:, 0] = True  # a top_p that rounds to 0 in float32 still keeps the best token
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= probs >= min_p[:, None] * probs.max(-1, keepdim=True).values
+    return values, index, keep
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [S, V] (any float dtype) -> token ids [S] on the device."""
+    logits = logits.float()
+    rows = [i for i, p in enumerate(params) if p.repeat_penalty != 1.0]
+    if rows:
+        logits = logits.clone()
+        for i in rows:
+            logits[i] = penalize(logits[i], histories[i], params[i])
+    # Extreme penalties can overflow float32; keep the order of the logits, drop NaNs.
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    out = torch.argmax(logits, dim=-1)
+    hot = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+    if not hot:
+        return out
+    sub = logits if len(hot) == len(params) else logits[hot]
+    temp = torch.tensor([params[i].temperature for i in hot], device=logits.device)
+    # Shift before dividing: a tiny temperature then sends the others to -inf instead of the top to +inf.
+    tempered = (sub - sub.max(-1, keepdim=True).values) / temp[:, None]
+    values, index, keep = candidates(tempered, [params[i] for i in hot])
+    probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+    noise = torch.empty_like(probs)
+    free = [j for j, i in enumerate(hot) if generators[i] is None]
+    if len(free) == len(hot):
+        noise.exponential_()
+    else:
+        if free:
+            noise[free] = torch.empty_like(probs[free]).exponential_()
+        for j, i in enumerate(hot):
+            if generators[i] is not None:
+                noise[j].exponential_(generator=generators[i])
+    choice = torch.argmax(probs / noise, dim=-1, keepdim=True)
+    picked = index.gather(1, choice).squeeze(1)
+    if len(hot) == len(params):
+        return picked
+    out[hot] = picked
+    return out
+
+
 class Sampler:
+    """One sequence's sampler (its parameters and seeded generator) over the batched functions."""
+
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
         self.p = params
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """logits [V] (any float dtype) -> the next token id."""
-        logits = self.penalize(logits.float(), history)
-        # Extreme penalties can overflow float32; keep the order of the logits, drop NaNs.
-        logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
-        if self.p.temperature < MIN_TEMPERATURE:
-            return int(torch.argmax(logits))
-        # Shift before dividing: a tiny temperature then sends the others to -inf instead of the top to +inf.
-        values, index = self.candidates((logits - logits.max()) / self.p.temperature)
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=self.generator)
-        return int(index[choice])
+        """logits [V] -> the next token id."""
+        return int(sample(logits[None], [self.p], [history], [self.generator])[0])
 
     def penalize(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """llama.cpp's repeat penalty: divide positive logits, multiply negative ones, once per token."""
-        if self.p.repeat_penalty == 1.0 or not history or self.p.repeat_last_n == 0:
-            return logits
-        window = history if self.p.repeat_last_n == -1 else history[-self.p.repeat_last_n:]
-        ids = torch.tensor(sorted(set(window)), device=logits.device)
-        picked = logits[ids]
-        logits = logits.clone()
-        logits[ids] = torch.where(picked > 0, picked / self.p.repeat_penalty, picked * self.p.repeat_penalty)
-        return logits
-
-    def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens that survive top-k, then top-p (smallest set reaching p), then min-p relative to
-        the top token: (their logits, their ids). Sampling among these few instead of masking a 131k
-        vocabulary keeps the sampler cheap next to a small model's step."""
-        p = self.p
-        use_k = 0 < p.top_k < logits.numel()
-        if use_k:
-            values, index = torch.topk(logits, p.top_k)  # sorted, descending
-        elif p.top_p < 1.0:
-            values, index = torch.sort(logits, descending=True)
-        else:
-            values, index = logits, torch.arange(logits.numel(), device=logits.device)
-        keep = torch.isfinite(values)
-        keep[0] = True
-        if p.top_p < 1.0:
-            probs = torch.softmax(values, dim=-1)
-            keep &= probs.cumsum(-1) - probs < p.top_p  # keep tokens until p is reached
-            keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the best token
-        if p.min_p > 0:
-            probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-            keep &= probs >= p.min_p * probs.max()
-        return values[keep], index[keep]
+        return penalize(logits, history, self.p)
 
     def truncate(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` with every token outside `candidates` set to -inf."""
-        values, index = self.candidates(logits)
+        """Tempered logits [V] with every token outside the candidates set to -inf."""
+        values, index, keep = candidates(logits[None], [self.p])
         out = torch.full_like(logits, float("-inf"))
-        out[index] = values
+        out[index[0][keep[0]]] = values[0][keep[0]]
         return out

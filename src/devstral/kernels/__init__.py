@@ -31,4 +31,6 @@ def use_triton(t: torch.Tensor) -> bool:
     TRITON_INTERPRET=1, which is how the kernels' logic is checked on a machine with no GPU."""
     if not triton_available():
         return False
+    if t.requires_grad and torch.is_grad_enabled():
+        return False  # the inference kernels have no backward; training takes the reference path
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -56,14 +56,3 @@ class Rotary(torch.nn.Module):
         if self.llama4_beta is None:
             return None
         return 1 + self.llama4_beta * torch.log(1 + torch.floor(positions.to(torch.float32) / self.llama4_max))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin

@@ -2,6 +2,12 @@
 
 Module names mirror transformers' MistralForCausalLM (`model.layers.N.self_attn.q_proj`, `lm_head`,
 ...) so that HF checkpoints load by name and LoRA adapters use PEFT's key names unchanged.
+
+Activations are token-major: [B, T, heads, head_dim]. Training passes whole sequences and a mask;
+inference passes the engine's flattened batch ([1, N] tokens from many sequences) with a `cache`,
+which stores the new keys/values and runs the attention over the paged KV cache (engine/attention.py).
+The elementwise pieces (RMSNorm, RoPE, SwiGLU) go through `devstral.kernels`, which runs Triton on
+CUDA at inference and the plain-PyTorch reference everywhere else.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from devstral.config import ModelConfig
-from devstral.model.rope import Rotary, apply_rotary
+from devstral.kernels.rms_norm import add_rms_norm, rms_norm
+from devstral.kernels.rope import apply_rope
+from devstral.kernels.silu_mul import silu_mul
+from devstral.model.rope import Rotary
 
 
-class KVStore(Protocol):
-    """What the attention needs from a KV cache (engine/kv_cache.py implements it)."""
+class AttentionCache(Protocol):
+    """What the attention needs at inference (engine/attention.py implements it)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, T, D] at positions start..start+T; return all keys/values [B, Hkv, start+T, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k/v [B, T, Hkv, D] and attend with q [B, T, H, D] (rotated) -> [B, T, H, D]."""
         ...
 
 
@@ -32,10 +41,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta), fused on the GPU."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
+
+
+def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
+    """One [sum(out), in] weight whose row blocks the given linears' weights become views of, so that
+    inference runs one matmul where the checkpoint has several (no extra memory). None when the
+    modules are not plain nn.Linear of one dtype (LoRA-wrapped, quantized)."""
+    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+        return None
+    weights = [m.weight for m in linears]
+    if len({(w.dtype, w.device) for w in weights}) != 1 or weights[0].device.type == "meta":
+        return None
+    fused = torch.cat([w.detach() for w in weights])
+    row = 0
+    for m, w in zip(linears, weights, strict=True):
+        m.weight = nn.Parameter(fused[row:row + w.shape[0]], requires_grad=w.requires_grad)
+        row += w.shape[0]
+    return fused
 
 
 class Attention(nn.Module):
@@ -46,19 +73,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse(); views shared with q/k/v_proj
 
-    def forward(self, x, cos, sin, q_scale, mask, cache: KVStore | None, start: int) -> torch.Tensor:
+    def fuse(self) -> None:
+        self.qkv_weight = fused_weight(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            qkv = F.linear(x, self.qkv_weight)
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, q_scale, mask, cache: AttentionCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if q_scale is not None:
-            q = q * q_scale[:, None, :, None].to(q.dtype)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin, q_scale)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            out = cache.attend(self.layer, q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -69,9 +108,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_weight = fused_weight(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class Block(nn.Module):
@@ -82,9 +129,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, q_scale, mask, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, mask, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, q_scale, mask, cache):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, q_scale, mask, cache)
+        h, x = self.post_attention_layernorm.add_and_norm(x, h)
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -106,56 +154,52 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def hidden_states(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        *,
-        cache: KVStore | None = None,
-        start: int = 0,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
+                      cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, dim].
 
-        `positions` [B, T] default to start..start+T. With a cache, keys live at absolute positions
-        0..start+T and the new tokens are appended at `start`. `attn_mask` [B, 1, T, S] (True = may
-        attend) lets training keep packed examples apart; it is combined with the causal/window mask.
+        `positions` [B, T] default to 0..T-1. Without a cache the attention is causal (and windowed)
+        over the given tokens; `attn_mask` [B, 1, T, T] (True = may attend) lets training keep packed
+        examples apart. With a cache, the cache knows each token's sequence and masks accordingly.
         """
         B, T = tokens.shape
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
         q_scale = self.rotary.query_scale(positions)
-        mask = self._mask(positions, start + T if cache is not None else T, attn_mask)
+        mask = None if cache is not None else self._mask(positions, attn_mask)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, q_scale, mask, cache, start, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
             else:
-                x = block(x, cos, sin, q_scale, mask, cache, start)
+                x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, cache: KVStore | None = None,
-                start: int = 0, attn_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        h = self.hidden_states(tokens, positions, cache=cache, start=start, attn_mask=attn_mask)
-        return self.lm_head(h[:, -1:] if last_only else h)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
+                cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab], or only at the token indices `select` [S] -> [B, S, vocab] (the engine
+        needs logits only where a sequence samples its next token)."""
+        h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask)
+        return self.lm_head(h if select is None else h[:, select])
 
-    def _mask(self, positions: torch.Tensor, n_keys: int, extra: torch.Tensor | None) -> torch.Tensor | None:
-        """Boolean [B, 1, T, S]: causal, optionally windowed, AND the caller's mask."""
+    def fuse_projections(self) -> None:
+        """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""
+        for block in self.model.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+
+    def _mask(self, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """Boolean [B, 1, T, T]: causal, optionally windowed, AND the caller's mask. Keys share the
+        queries' positions (packed training rows carry per-example positions)."""
         window = self.config.sliding_window
-        T = positions.shape[1]
-        if extra is None and T == 1 and (window is None or n_keys <= window):
-            return None  # a single query sees every cached key
-        key_pos = torch.arange(n_keys, device=positions.device)
-        if extra is not None and n_keys == T:
-            # Packed training rows: keys share the queries' (per-example) positions.
-            key_pos = positions[:, None, :]
-        else:
-            key_pos = key_pos.expand(positions.shape[0], 1, n_keys)
         q = positions[:, :, None]  # [B, T, 1]
-        allowed = key_pos <= q
+        k = positions[:, None, :]  # [B, 1, T]
+        index = torch.arange(positions.shape[1], device=positions.device)
+        allowed = (k <= q) & (index[None, None, :] <= index[None, :, None])
         if window is not None:
-            allowed &= (q - key_pos) < window
+            allowed &= (q - k) < window
         allowed = allowed[:, None]
         if extra is not None:
             allowed = allowed & extra

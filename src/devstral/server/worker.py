@@ -1,13 +1,11 @@
-"""The engine worker: one thread owns the model and interleaves up to N requests token by token.
+"""The engine worker: one thread owns the model and runs up to N requests as one batch.
 
-Handlers `submit` a job (a function that, given a KV cache and a should_stop poll, returns an
-iterator of events) and get a `JobHandle`, an async iterator over those events. The worker keeps a
-bounded FIFO of waiting jobs and a set of slots; each round it advances every active job by one
-step (one token), round-robin, so long answers cannot starve short ones. Events cross to the event
-loop with `call_soon_threadsafe`; nothing here ever blocks the loop.
-
-The interface (submit -> async events, cancel) is what a continuous-batching scheduler would keep:
-only the inside of `_run` changes when steps of several jobs become one batched forward pass.
+Handlers `submit` a job (a function that, given a should_stop poll, returns an iterator of events;
+its first argument, once a per-slot KV cache, is now always None) and get a `JobHandle`, an async
+iterator over those events. The worker keeps a bounded FIFO of waiting jobs and N slots. Each round
+it advances every active job until the job waits for the engine (it yields PENDING), then runs one
+engine step: a single forward pass for every active request's next token or prompt chunk. Events
+cross to the event loop with `call_soon_threadsafe`; nothing here ever blocks the loop.
 """
 
 from __future__ import annotations
@@ -22,11 +20,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from devstral.engine.generate import PREFILL_PROGRESS
+from devstral.engine.outputs import PENDING
 
 log = logging.getLogger("devstral.server")
 
-JobFn = Callable[[Any, Callable[[], bool]], Iterator[Any]]  # (kv cache, should_stop) -> events
+JobFn = Callable[[Any, Callable[[], bool]], Iterator[Any]]  # (None, should_stop) -> events
 _EVENT, _ERROR, _END = 0, 1, 2
 
 
@@ -91,7 +89,8 @@ class EngineWorker:
         self._pending: deque[JobHandle] = deque()
         self._active: list[JobHandle] = []
         self._free_slots = list(range(parallel))
-        self._caches: dict[int, Any] = {}  # slot -> KV cache, allocated once and reused
+        if hasattr(llm, "set_parallel"):
+            llm.set_parallel(parallel)  # the engine batches as many sequences as there are slots
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -148,11 +147,6 @@ class EngineWorker:
                 job.started_at = time.monotonic()
                 self.stats.queue_wait_s = [*self.stats.queue_wait_s[-255:], job.started_at - job.submitted_at]
 
-    def _cache(self, slot: int) -> Any:
-        if slot not in self._caches:
-            self._caches[slot] = self.llm.new_cache()
-        return self._caches[slot]
-
     def _finish(self, job: JobHandle, error: BaseException | None = None) -> None:
         if job.gen is not None:
             try:
@@ -173,25 +167,29 @@ class EngineWorker:
                 self.stats.completed += 1
             job._post(_END, None)
 
-    def _step(self, job: JobHandle) -> None:
+    def _pump(self, job: JobHandle) -> None:
+        """Advance a job until it waits for the engine, or ends."""
         if job.cancelled:
             self._finish(job)
             return
         try:
             if job.gen is None:
-                job.gen = iter(job.fn(self._cache(job.slot), lambda: job.cancelled))
-            event = next(job.gen)
+                job.gen = iter(job.fn(None, lambda: job.cancelled))
+            while True:
+                event = next(job.gen)
+                self.stats.steps += 1
+                if event is PENDING:  # waiting for the engine's next step: nothing to tell the handler
+                    return
+                if job.first_event_ns is None:
+                    job.first_event_ns = time.perf_counter_ns()
+                job._post(_EVENT, event)
+                if job.cancelled:
+                    self._finish(job)
+                    return
         except StopIteration:
             self._finish(job)
         except Exception as e:
             self._finish(job, e)
-        else:
-            self.stats.steps += 1
-            if event is PREFILL_PROGRESS:  # a chunk of a long prompt: nothing to tell the handler yet
-                return
-            if job.first_event_ns is None:
-                job.first_event_ns = time.perf_counter_ns()
-            job._post(_EVENT, event)
 
     def _run(self) -> None:
         while True:
@@ -201,6 +199,14 @@ class EngineWorker:
                     job._post(_END, None)
                 return
             t0 = time.perf_counter()
-            for job in list(self._active):  # one round: every active job advances one step
-                self._step(job)
+            for job in list(self._active):  # every request up to the point where it needs the engine
+                self._pump(job)
+            engine = getattr(self.llm, "_engine", None)  # built by the first request that needs it
+            if engine is not None and engine.has_work():
+                try:
+                    engine.step()  # one batched forward pass for all of them
+                except Exception as e:  # a bug in the engine: end every request rather than hang them
+                    log.exception("engine step failed")
+                    for job in list(self._active):
+                        self._finish(job, e)
             self.stats.busy_s += time.perf_counter() - t0

@@ -1,0 +1,54 @@
+"""The model's attention cache for one engine step: store the batch's new keys/values in the paged
+pool, then attend. The step's tokens are laid out decode rows first (one token per sequence, each a
+single query over its pages: one batched kernel), then prefill chunks (a run of queries of one
+sequence after its cached prefix: FlashAttention per chunk)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from devstral.engine.kv_pool import KVPool
+from devstral.kernels.kv_store import store_kv
+from devstral.kernels.paged_attention import decode_attention, prefill_attention
+
+
+@dataclass
+class PrefillChunk:
+    offset: int  # first row of the chunk in the step's tokens
+    length: int
+    start: int  # the chunk's first position in its sequence (= tokens already cached before it)
+    block_table: torch.Tensor  # [n_blocks] int32, on the device
+
+
+@dataclass
+class BatchAttention:
+    pool: KVPool
+    slot_mapping: torch.Tensor  # [N]: each token's slot; -1 for padding rows
+    n_decode: int  # rows 0..n_decode-1 are single-query sequences
+    block_tables: torch.Tensor  # [n_decode, max_blocks] int32
+    context_lens: torch.Tensor  # [n_decode] int32: keys each decode row attends to, itself included
+    max_context: int
+    scale: float
+    window: int | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = q[0], k[0], v[0]  # the step is one flat row of tokens: [N, heads, D]
+        kv = self.pool.layers[layer]
+        store_kv(k, v, kv, self.slot_mapping)
+        if not self.prefills:
+            out = decode_attention(q, kv, self.block_tables, self.context_lens, self.scale, self.window,
+                                   max_context=self.max_context)
+            return out[None]
+        out = torch.empty_like(q)
+        nd = self.n_decode
+        if nd:
+            out[:nd] = decode_attention(q[:nd], kv, self.block_tables, self.context_lens, self.scale, self.window,
+                                        max_context=self.max_context)
+        for c in self.prefills:
+            rows = slice(c.offset, c.offset + c.length)
+            out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv, c.block_table, c.start, self.scale,
+                                          self.window)
+        return out[None]

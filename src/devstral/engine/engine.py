@@ -1,0 +1,217 @@
+"""The engine: sequences in, tokens out, one batched forward pass per `step()`.
+
+It owns the paged KV pool (sized from the memory there is), the block manager with its prefix cache,
+the scheduler and the model runner. Callers add sequences and read the tokens the engine appends to
+them; whoever drives the loop (the CLI's generator, or the server's worker thread) calls `step()`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from devstral.config import ModelConfig
+from devstral.engine.block_manager import BlockManager
+from devstral.engine.kv_pool import KVPool, parse_kv_kind, pool_tokens_for_memory
+from devstral.engine.model_runner import ModelRunner
+from devstral.engine.sampling import SamplingParams
+from devstral.engine.scheduler import ScheduledSeq, Scheduler
+from devstral.engine.sequence import Sequence
+from devstral.errors import DevstralError
+from devstral.kernels.kv_format import bytes_per_token
+from devstral.model.transformer import Transformer
+
+GIB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    max_context: int | None = None  # None: the model's whole window, where memory allows
+    max_num_seqs: int = 1  # sequences batched together (serve --parallel)
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 8192 on CUDA, 512 on CPU
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    gpu_memory_fraction: float = 0.90  # of the whole GPU, weights included, as vLLM counts it
+    cpu_memory_fraction: float = 0.50  # of the RAM available after loading, for the CPU's KV pool
+    cuda_graphs: bool = True
+    prefix_caching: bool = True
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # recent sequences per step
+
+
+def plan_memory(model: Transformer, cfg: ModelConfig, ec: EngineConfig, kind: str,
+                device: torch.device) -> tuple[int, int]:
+    """(max_context, pool tokens): the pool takes what memory allows; the context is the model's window
+    (or what was asked) when one sequence of it fits in the pool."""
+    per_token = bytes_per_token(kind, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    wanted = ec.max_context or cfg.max_position_embeddings
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = _activation_bytes(cfg, ec, device)
+        budget = int(total * ec.gpu_memory_fraction) - (total - free) - reserve
+        knob = "--gpu-memory-fraction"
+    else:
+        budget = int(psutil.virtual_memory().available * ec.cpu_memory_fraction)
+        knob = "free RAM"
+    pool = pool_tokens_for_memory(cfg, kind, max(budget, 0))
+    pool -= pool % ec.block_size
+    if device.type != "cuda":  # whole contexts for every slot, rounded up to whole blocks
+        pool = min(pool, -(-wanted * max(ec.max_num_seqs, 1) // ec.block_size) * ec.block_size)
+    if pool < ec.block_size:
+        raise DevstralError(f"no memory left for the KV cache ({max(budget, 0) / GIB:.2f} GiB after the weights; "
+                            f"{per_token / 1024:.0f} KiB per token): raise {knob}, use --kv-cache-dtype q8_0, "
+                            f"or load a smaller model")
+    if ec.max_context and ec.max_context > pool:
+        raise DevstralError(f"--ctx-size {ec.max_context} needs {ec.max_context * per_token / GIB:.1f} GiB of KV cache "
+                            f"but {pool * per_token / GIB:.1f} GiB fit ({pool} tokens): lower --ctx-size, use "
+                            f"--kv-cache-dtype q8_0, or raise {knob}")
+    ctx = min(wanted, pool)
+    if ctx < wanted:
+        print(f"note: context capped at {ctx} tokens by memory for the KV cache (the model allows {wanted}); "
+              f"--kv-cache-dtype q8_0 or {knob} gives more", file=sys.stderr)
+    return ctx, pool
+
+
+def _activation_bytes(cfg: ModelConfig, ec: EngineConfig, device: torch.device) -> int:
+    """Peak memory of a forward step beyond the weights, from the model's shapes: the widest
+    intermediate (q/k/v and gate/up for every token of a step), attention over a chunk, and logits for
+    every sequence, with headroom for the allocator and CUDA graphs."""
+    tokens = _batched_tokens(ec, device)
+    elt = 2
+    mlp = tokens * cfg.hidden_dim * 2 * elt * 2
+    attn = tokens * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * elt * 4
+    logits = max(ec.max_num_seqs, 1) * cfg.vocab_size * 4 * 4
+    return mlp + attn + logits + 2 * GIB
+
+
+def _batched_tokens(ec: EngineConfig, device: torch.device) -> int:
+    return ec.max_num_batched_tokens or (8192 if device.type == "cuda" else 512)
+
+
+class Engine:
+    def __init__(self, model: Transformer, cfg: ModelConfig, ec: EngineConfig, *, compute_dtype: torch.dtype,
+                 plan: tuple[int, int] | None = None):
+        self.cfg, self.ec = cfg, ec
+        self.device = next(model.parameters()).device
+        self.kind = parse_kv_kind(ec.kv_cache_dtype, compute_dtype, self.device)
+        self.max_context, pool_tokens = plan or plan_memory(model, cfg, ec, self.kind, self.device)
+        if self.device.type == "cuda":
+            model.fuse_projections()
+        self.pool = KVPool(cfg, pool_tokens // ec.block_size, ec.block_size, self.kind, self.device)
+        self.blocks = BlockManager(self.pool.num_blocks, ec.block_size, prefix_caching=ec.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=ec.max_num_seqs,
+                                   max_num_batched_tokens=_batched_tokens(ec, self.device))
+        self.runner = ModelRunner(model, cfg, self.pool, max_num_seqs=ec.max_num_seqs,
+                                  max_context=self.max_context, cuda_graphs=ec.cuda_graphs)
+        self.stats = EngineStats()
+
+    # ---------------------------------------------------------------- requests
+    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int]) -> Sequence:
+        if len(prompt_ids) + max_tokens > self.max_context:
+            raise DevstralError(f"prompt of {len(prompt_ids)} tokens plus {max_tokens} new ones exceeds the "
+                                f"context size {self.max_context}")
+        seq = Sequence(prompt_ids, params, max_tokens, stop_ids, device=self.device)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
+        self.scheduler.finish(seq, reason)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> list[Sequence]:
+        """One forward pass over everything scheduled; returns the sequences that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
+                raise RuntimeError("the KV pool cannot hold the next waiting sequence")
+            return []
+        try:
+            sampled = self.runner.step(batch)
+        except Exception as e:  # the batched pass failed: every sequence in it ends with the error
+            if isinstance(e, torch.OutOfMemoryError):
+                e = DevstralError("out of GPU memory in a forward pass: lower --gpu-memory-fraction (it leaves "
+                                  "room for activations), --parallel or --max-batched-tokens")
+            for item in batch:
+                self._fail(item.seq, e)
+            return [item.seq for item in batch]
+        for item in batch:
+            seq = item.seq
+            if seq.num_computed < seq.num_prompt_tokens:
+                self.stats.prompt_tokens += min(item.n_tokens, seq.num_prompt_tokens - seq.num_computed)
+            seq.num_computed += item.n_tokens
+            self.blocks.register_computed(seq)
+        self.stats.steps += 1
+        self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], len(batch)]
+        for seq, token in sampled:
+            try:
+                self._append(seq, token)
+            except Exception as e:  # a constraint refused the token: only this sequence fails
+                self._fail(seq, e)
+        return [seq for seq, _ in sampled]
+
+    def teacher_forced_logits(self, ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Logits [len(ids), vocab] at every position, computed through the paged KV cache in chunks of
+        `chunk` tokens (one token at a time with chunk=1, like decoding) with the prefix cache in play."""
+        if self.has_work():
+            raise RuntimeError("teacher_forced_logits needs an idle engine")
+        seq = Sequence(ids, SamplingParams(temperature=0), 1, set(), device=self.device)
+        if not self.blocks.allocate(seq):
+            raise DevstralError(f"{len(ids)} tokens do not fit in the KV cache ({self.pool.num_tokens} tokens)")
+        try:
+            chunk = chunk or _batched_tokens(self.ec, self.device)
+            out = []
+            if seq.num_computed:  # served by the prefix cache: no logits for those rows
+                out.append(torch.full((seq.num_computed, self.cfg.vocab_size), float("nan"), device=self.device))
+            while seq.num_computed < len(ids):
+                n = min(chunk, len(ids) - seq.num_computed)
+                out.append(self.runner.chunk_logits(ScheduledSeq(seq, n)).float())
+                seq.num_computed += n
+                self.blocks.register_computed(seq)
+            return torch.cat(out)
+        finally:
+            self.blocks.free(seq)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        if seq.error is not None:
+            raise seq.error
+        seq.token_ids.append(token)
+        self.stats.generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        reason = None
+        if token in seq.stop_ids:
+            reason = "stop"
+        else:
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+                if seq.constraint.is_finished():
+                    reason = "stop"
+            if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_context):
+                reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)

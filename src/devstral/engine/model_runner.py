@@ -1,0 +1,195 @@
+"""Runs one scheduled step: lays the batch out as one flat row of tokens, runs the model over the
+paged cache, and samples the next token of every sequence that reached its end.
+
+On CUDA, a step where every sequence decodes one token replays a CUDA graph captured for the
+smallest batch-size bucket that holds it (padding rows write nowhere and are discarded), so a decode
+step costs one launch instead of ~10 kernels' launch overhead per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from devstral.config import ModelConfig
+from devstral.engine.attention import BatchAttention, PrefillChunk
+from devstral.engine.constraints import apply_mask
+from devstral.engine.kv_pool import KVPool
+from devstral.engine.sampling import sample
+from devstral.engine.scheduler import ScheduledSeq
+from devstral.engine.sequence import Sequence
+from devstral.model.transformer import Transformer
+
+log = logging.getLogger("devstral.engine")
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    return [b for b in sizes if b < max_num_seqs] + [max_num_seqs] if max_num_seqs <= 256 else sizes
+
+
+class _DecodeGraphs:
+    """Static input buffers and one captured graph per batch-size bucket."""
+
+    def __init__(self, runner: ModelRunner, buckets: list[int]):
+        dev, bmax = runner.device, max(buckets)
+        self.tokens = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.slots = torch.full((bmax,), -1, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(bmax, runner.max_blocks, dtype=torch.int32, device=dev)
+        self.context = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(buckets, reverse=True):  # the largest first: the others reuse its memory
+            attn = runner.decode_attention(self.slots[:b], self.tables[:b], self.context[:b])
+            run = lambda b=b, attn=attn: runner.model(self.tokens[:b][None], self.positions[:b][None],  # noqa: E731
+                                                      cache=attn)[0]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile and autotune the kernels outside the capture
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = run()
+            self.graphs[b] = (graph, out)
+        self.buckets = sorted(self.graphs)
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def run(self, n: int, tokens, positions, slots, tables: torch.Tensor, context) -> torch.Tensor:
+        b = self.bucket(n)
+        self.tokens[:n].copy_(tokens, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.slots[n:b].fill_(-1)
+        self.tables[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
+        self.context[:n].copy_(context, non_blocking=True)
+        self.context[n:b].fill_(1)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cfg: ModelConfig, pool: KVPool, *, max_num_seqs: int,
+                 max_context: int, cuda_graphs: bool):
+        self.model, self.cfg, self.pool = model, cfg, pool
+        self.device = next(model.parameters()).device
+        self.block_size = pool.block_size
+        self.max_context = max_context
+        self.max_blocks = -(-max_context // pool.block_size)
+        self.scale = cfg.head_dim ** -0.5
+        self.graphs: _DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.capture(graph_buckets(max_num_seqs))
+
+    def capture(self, buckets: list[int]) -> None:
+        try:
+            with torch.inference_mode():
+                self.graphs = _DecodeGraphs(self, buckets)
+        except torch.OutOfMemoryError:
+            self.graphs = None
+            torch.cuda.empty_cache()
+            log.warning("warning: not enough GPU memory to capture CUDA graphs; decoding eagerly "
+                        "(lower --gpu-memory-fraction or --parallel to leave room for them)")
+
+    def decode_attention(self, slots, tables, context) -> BatchAttention:
+        return BatchAttention(self.pool, slots, slots.shape[0], tables, context, self.max_context, self.scale,
+                              self.cfg.sliding_window)
+
+    # ---------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def step(self, batch: list[ScheduledSeq]) -> list[tuple[Sequence, int]]:
+        """Run the batch; return (sequence, sampled token) for each sequence that reached its end."""
+        batch = sorted(batch, key=lambda s: s.n_tokens > 1)  # decode rows first
+        logits, sampling = self._forward(batch)
+        if not sampling:
+            return []
+        seqs = [s.seq for s in sampling]
+        logits = self._constrain(logits, seqs)
+        tokens = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+        self._logprobs(logits, tokens, seqs)
+        return list(zip(seqs, tokens.tolist(), strict=True))
+
+    @torch.inference_mode()
+    def chunk_logits(self, item: ScheduledSeq) -> torch.Tensor:
+        """Logits [n, vocab] at every token of one sequence's scheduled chunk (teacher forcing through
+        the paged cache: how the tests and `eval kld` score a cache kind or a chunking)."""
+        return self._forward([item], all_rows=True)[0]
+
+    def _forward(self, batch: list[ScheduledSeq], all_rows: bool = False) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        bs = self.block_size
+        tokens, positions, slots, select, sampling = [], [], [], [], []
+        decode = [s for s in batch if s.n_tokens == 1]
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            pos = np.arange(start, start + item.n_tokens)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tokens.extend(seq.token_ids[start:start + item.n_tokens])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if item.samples:
+                select.append(len(tokens) - 1)
+                sampling.append(item)
+        dev = self.device
+        tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
+        slot = torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True)
+        width = max((len(s.seq.block_table) for s in decode), default=1)
+        tables = np.zeros((len(decode), width), dtype=np.int32)
+        for i, s in enumerate(decode):
+            tables[i, :len(s.seq.block_table)] = s.seq.block_table
+        tables_t = torch.from_numpy(tables).to(dev, non_blocking=True)
+        context = torch.tensor([s.seq.num_computed + 1 for s in decode], dtype=torch.int32).to(dev, non_blocking=True)
+        nd = len(decode)
+        if all_rows:
+            select = list(range(len(tokens)))
+        if (not all_rows and self.graphs is not None and nd == len(batch) and len(sampling) == nd
+                and self.graphs.bucket(nd) is not None):
+            return self.graphs.run(nd, tok, pos, slot, tables_t, context), sampling
+        chunks, offset = [], nd
+        for item in batch[nd:]:
+            table = torch.tensor(item.seq.block_table, dtype=torch.int32).to(dev, non_blocking=True)
+            chunks.append(PrefillChunk(offset, item.n_tokens, item.seq.num_computed, table))
+            offset += item.n_tokens
+        attn = BatchAttention(self.pool, slot, nd, tables_t, context, self.max_context, self.scale,
+                              self.cfg.sliding_window, chunks)
+        sel = torch.tensor(select, dtype=torch.long).to(dev, non_blocking=True) if select else None
+        if sel is None:
+            self.model.hidden_states(tok[None], pos[None], cache=attn)  # prefill chunks only: fill the cache
+            return torch.empty(0), []
+        return self.model(tok[None], pos[None], cache=attn, select=sel)[0], sampling
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        # The masks are computed here, on the CPU, while the GPU is still running the forward pass.
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            try:
+                logits[i] = apply_mask(logits[i], seqs[i].constraint.allowed_tokens())
+            except Exception as e:  # this sequence fails (the engine sees .error); the batch goes on
+                seqs[i].error = e
+        return logits
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not rows:
+            return
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        n_top = max(seqs[i].params.logprobs for i in rows)
+        top = torch.topk(lp, n_top) if n_top > 0 else None
+        chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        top_v = top.values.tolist() if top is not None else [[] for _ in rows]
+        top_i = top.indices.tolist() if top is not None else [[] for _ in rows]
+        for j, i in enumerate(rows):
+            n = seqs[i].params.logprobs
+            seqs[i].logprobs.append((chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True))))

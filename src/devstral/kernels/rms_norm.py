@@ -1,0 +1,39 @@
+"""RMSNorm as HF Mistral computes it (normalize in float32, cast back, then scale), and its fusion
+with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import torch
+
+from devstral.kernels import use_triton
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta): the residual stream and its normed copy in one pass."""
+    residual = x + delta
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from devstral.kernels.rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        from devstral.kernels.rms_norm_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, delta, weight, eps)
+    return add_rms_norm_ref(x, delta, weight, eps)

@@ -1,0 +1,36 @@
+"""Rotary embedding of queries and keys (rotate-half layout), with the llama-4 query temperature.
+
+q [..., T, n_heads, D] and k [..., T, n_kv_heads, D] in the token-major ("BTHD") layout; cos/sin
+[..., T, D] already carry YaRN's attention factor; q_scale [..., T] or None multiplies the rotated
+queries (Devstral Small 2's position-dependent temperature).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from devstral.kernels import use_triton
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    q_out = q * cos + rotate_half(q) * sin
+    k_out = k * cos + rotate_half(k) * sin
+    if q_scale is not None:
+        q_out = q_out * q_scale[..., None, None].to(q_out.dtype)
+    return q_out, k_out
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from devstral.kernels.rope_triton import apply_rope_triton
+
+        return apply_rope_triton(q, k, cos, sin, q_scale)
+    return apply_rope_ref(q, k, cos, sin, q_scale)
