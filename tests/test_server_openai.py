@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -201,3 +202,18 @@ def test_response_format_json_object_and_max_completion_tokens_are_accepted():
     r = client().chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=3, temperature=0,
                                          response_format={"type": "json_object"}, seed=7)
     assert r.usage.completion_tokens <= 3
+
+
+def test_a_repeated_conversation_reports_cached_tokens_and_the_same_answer():
+    """An agent's next turn repeats its history: the prefix cache serves it, and says so in usage."""
+    c = client()
+    history = [{"role": "user", "content": "Summarise this file: " + "def f(x):\n    return x * 2\n" * 12}]
+    first = c.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    second = c.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    n = first.usage.prompt_tokens
+    assert second.usage.prompt_tokens == n
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    text = httpx.get(live().url + "/metrics").text
+    rate = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("devstral_prefix_cache_hit_rate"))
+    assert 0 < rate <= 1

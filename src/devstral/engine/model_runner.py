@@ -20,6 +20,7 @@ from devstral.engine.kv_pool import KVPool
 from devstral.engine.sampling import sample
 from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
+from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
 
 log = logging.getLogger("devstral.engine")
@@ -85,7 +86,8 @@ class ModelRunner:
         self.max_blocks = -(-max_context // pool.block_size)
         self.scale = cfg.head_dim ** -0.5
         self.graphs: _DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
+        # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
+        if cuda_graphs and self.device.type == "cuda" and triton_available():
             self.capture(graph_buckets(max_num_seqs))
 
     def capture(self, buckets: list[int]) -> None:

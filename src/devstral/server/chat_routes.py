@@ -78,11 +78,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.name
     t0 = time.perf_counter()
 
-    def usage(out: ChatOutput) -> dict[str, int]:
+    def usage(out: ChatOutput) -> dict[str, Any]:
         prompt = out.prompt_tokens if out.prompt_tokens is not None else n_prompt
         state.metrics.tokens(prompt, out.completion_tokens, time.perf_counter() - t0)
         return {"prompt_tokens": prompt, "completion_tokens": out.completion_tokens,
-                "total_tokens": prompt + out.completion_tokens}
+                "total_tokens": prompt + out.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
     if not body.stream:
         out = ChatOutput()

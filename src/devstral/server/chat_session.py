@@ -138,6 +138,7 @@ class ChatOutput:
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason = "length"
         self.prompt_tokens: int | None = None
+        self.cached_tokens = 0  # prompt tokens the engine's prefix cache served
         self.completion_tokens = 0
         self.logprobs: list[dict[str, Any]] = []
 
@@ -159,6 +160,7 @@ class ChatOutput:
         if usage:
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
             self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+            self.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", self.cached_tokens)
         logprobs = choice.get("logprobs")
         if logprobs:
             self.logprobs.extend(logprobs.get("content") or [])

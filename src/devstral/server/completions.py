@@ -82,9 +82,10 @@ async def completions(body: CompletionRequest, request: Request):
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
-    def usage(n_out: int) -> dict[str, int]:
+    def usage(n_out: int, cached: int | None) -> dict[str, Any]:
         state.metrics.tokens(len(ids), n_out, time.perf_counter() - t0)
-        return {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}
+        return {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out,
+                "prompt_tokens_details": {"cached_tokens": cached or 0}}
 
     if not body.stream:
         steps: list[StepOutput] = await collect(handle, request)
@@ -92,13 +93,14 @@ async def completions(body: CompletionRequest, request: Request):
         finish = next((s.finish_reason for s in steps if s.finish_reason), "length")
         sampled = [s for s in steps if s.token_id is not None]
         lp = completion_logprobs(llm.tokenizer, sampled, len(echo)) if body.logprobs is not None else None
-        return {**chunk(text, finish, lp), "usage": usage(len(sampled))}
+        cached = next((s.cached_tokens for s in steps if s.finish_reason), 0)
+        return {**chunk(text, finish, lp), "usage": usage(len(sampled), cached)}
 
     events = await started(handle)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[str]:
-        n_out, offset = 0, len(echo)
+        n_out, offset, cached = 0, len(echo), 0
         extra = {"usage": None} if include_usage else {}
         if echo:
             yield sse({**chunk(echo, None), **extra})
@@ -106,6 +108,8 @@ async def completions(body: CompletionRequest, request: Request):
             async for step in events:
                 if step.token_id is not None:
                     n_out += 1
+                if step.finish_reason:
+                    cached = step.cached_tokens
                 if not step.text and not step.finish_reason and body.logprobs is None:
                     continue
                 lp = None
@@ -116,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request):
         except Exception as e:
             yield sse_error(e)
             return
-        final_usage = usage(n_out)
+        final_usage = usage(n_out, cached)
         if include_usage:
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": name, "choices": [],
                        "usage": final_usage})

@@ -58,6 +58,24 @@ class Metrics:
             metric("requests_failed_total", "counter", "Generations that ended in an error.", [("", stats.failed)])
             metric("queue_wait_seconds_avg", "gauge", "Mean wait for a slot over the last 256 requests.",
                    [("", sum(waits) / len(waits) if waits else 0.0)])
+            engine = getattr(getattr(worker, "llm", None), "_engine", None)
+            if engine is not None:
+                cache = engine.blocks.stats
+                metric("engine_sequences_running", "gauge", "Sequences in the engine's batch.",
+                       [("", engine.num_running)])
+                metric("engine_sequences_waiting", "gauge", "Sequences admitted but waiting for KV blocks or budget.",
+                       [("", engine.num_waiting)])
+                metric("kv_cache_blocks_free", "gauge", "Free blocks of the paged KV cache (cached ones included).",
+                       [("", engine.blocks.num_free)])
+                metric("kv_cache_blocks_total", "gauge", "Blocks of the paged KV cache.", [("", engine.blocks.num_blocks)])
+                metric("prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                       [("", cache.queried_tokens)])
+                metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served by the prefix cache.",
+                       [("", cache.hit_tokens)])
+                metric("prefix_cache_hit_rate", "gauge", "Share of prompt tokens served by the prefix cache.",
+                       [("", cache.hit_rate)])
+                metric("engine_preemptions_total", "counter", "Sequences preempted for KV blocks (recomputed later).",
+                       [("", engine.scheduler.num_preemptions)])
             metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", time.time() - self.started)])
         return "\n".join(lines) + "\n"
 

@@ -1,0 +1,101 @@
+"""The engine on CUDA (bf16, Triton kernels, CUDA graphs) against its CPU twin and against itself
+without graphs. Run on the GPU machine: `python -m pytest -m gpu tests/test_engine_gpu.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import devstral
+from devstral.engine.engine import Engine, EngineConfig
+from devstral.engine.sampling import SamplingParams
+from devstral.testing import make_tiny_checkpoint
+
+pytestmark = pytest.mark.gpu
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gpu")
+    dims = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=128, hidden_dim=768)
+    return {
+        "mistral": make_tiny_checkpoint(base / "m", arch="mistral", seed=1, **dims),
+        "ministral3": make_tiny_checkpoint(base / "m3", arch="ministral3", seed=2, **dims),
+        "window": make_tiny_checkpoint(base / "sw", arch="mistral", seed=3, sliding_window=64, **dims),
+    }
+
+
+def ids(n: int, seed: int = 0) -> list[int]:
+    return [1] + torch.randint(1000, 3000, (n - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("arch", ["mistral", "ministral3", "window"])
+def test_cuda_bf16_paged_matches_cpu_fp32(ckpts, arch, record_property):
+    cpu = devstral.load(ckpts[arch], device="cpu", dtype="fp32")
+    gpu = devstral.load(ckpts[arch], device="cuda", kv_cache_dtype="bf16", prefix_caching=False)
+    x = ids(300)
+    ref = cpu.logits(x)
+    for chunk in (1, 37, None):
+        paged = gpu.engine.teacher_forced_logits(x, chunk=chunk).cpu()
+        err = rel(paged, ref)
+        record_property(f"{arch}_chunk{chunk}_rel_err", err)
+        assert err < 2.5e-2, (chunk, err)
+        assert (paged.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("kind,max_kl", [("fp8", 5e-2), ("q8_0", 5e-3), ("q4_0", 5e-2)])
+def test_cuda_quantized_kv_against_bf16(ckpts, kind, max_kl, record_property):
+    bf = devstral.load(ckpts["ministral3"], device="cuda", kv_cache_dtype="bf16", prefix_caching=False)
+    qk = devstral.load(ckpts["ministral3"], device="cuda", kv_cache_dtype=kind, prefix_caching=False)
+    x = ids(200, 1)
+    a, b = bf.engine.teacher_forced_logits(x, chunk=1), qk.engine.teacher_forced_logits(x, chunk=1)
+    lp, lq = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    record_property(f"{kind}_mean_kl", kl)
+    assert kl < max_kl
+
+
+def test_cuda_graphs_give_the_eager_tokens(ckpts):
+    x = [ids(40 + 13 * i, i) for i in range(5)]
+    outs = []
+    for graphs in (True, False):
+        llm = devstral.load(ckpts["ministral3"], device="cuda", parallel=8, cuda_graphs=graphs, prefix_caching=False)
+        assert (llm.engine.runner.graphs is not None) == graphs
+        seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
+        while llm.engine.has_work():
+            llm.engine.step()
+        outs.append([s.token_ids for s in seqs])
+    assert outs[0] == outs[1]
+
+
+def test_cuda_batched_equals_solo_in_fp32(ckpts):
+    llm = devstral.load(ckpts["mistral"], device="cuda", dtype="fp32", kv_cache_dtype="fp32", prefix_caching=False)
+    engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                                        kv_cache_dtype="fp32", prefix_caching=False),
+                    compute_dtype=torch.float32, plan=(1024, 8192))
+    batch = [ids(10 + 17 * i, 10 + i) for i in range(8)]
+    seqs = [engine.add(p, GREEDY, 20, set()) for p in batch]
+    while engine.has_work():
+        engine.step()
+    for p, s in zip(batch, seqs, strict=True):
+        out = list(p)
+        for _ in range(20):
+            out.append(int(llm.logits(out)[-1].argmax()))
+        assert s.token_ids == out
+
+
+def test_prefix_cache_on_cuda_gives_cold_logits(ckpts):
+    llm = devstral.load(ckpts["ministral3"], device="cuda", kv_cache_dtype="bf16")
+    turn1 = ids(300, 5)
+    turn2 = turn1 + ids(90, 6)[1:]
+    llm.engine.teacher_forced_logits(turn1, chunk=64)
+    warm = llm.engine.teacher_forced_logits(turn2, chunk=64)
+    cold = llm.logits(turn2)
+    n = int(torch.isnan(warm[:, 0]).sum())
+    assert n == 288
+    assert rel(warm[n:], cold[n:]) < 2e-2
