@@ -65,8 +65,10 @@ def plan_memory(model: Transformer, cfg: ModelConfig, ec: EngineConfig, kind: st
         knob = "free RAM"
     pool = pool_tokens_for_memory(cfg, kind, max(budget, 0))
     pool -= pool % ec.block_size
-    if device.type != "cuda":  # whole contexts for every slot, rounded up to whole blocks
-        pool = min(pool, -(-wanted * max(ec.max_num_seqs, 1) // ec.block_size) * ec.block_size)
+    # Whole contexts for every slot (on CUDA twice that, so the prefix cache keeps past turns), rounded
+    # up to whole blocks: more would only take memory from other models in the process.
+    useful = wanted * max(ec.max_num_seqs, 1) * (2 if device.type == "cuda" else 1)
+    pool = min(pool, -(-useful // ec.block_size) * ec.block_size)
     if pool < ec.block_size:
         raise DevstralError(f"no memory left for the KV cache ({max(budget, 0) / GIB:.2f} GiB after the weights; "
                             f"{per_token / 1024:.0f} KiB per token): raise {knob}, use --kv-cache-dtype q8_0, "

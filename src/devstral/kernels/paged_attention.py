@@ -79,19 +79,34 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: 
     keys are gathered from the pages and the causal mask is aligned to the bottom right."""
     if not q.is_cuda:
         return prefill_attention_ref(q, layer, block_table, start, scale, window)
+    from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     T = q.shape[0]
     qh = q.transpose(0, 1)[None]
     if start == 0 and window is None and layer.kind in ("bf16", "fp16", "f16", "fp32", "f32"):
         kh, vh = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        # cuDNN first: 593 against FlashAttention's 315 TFLOP/s on an H200 (8k causal chunk, GQA 32/8)
+        with sdpa_kernel(_FRESH_ORDER, set_priority=True):
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
     kg, vg = gather_kv(layer, block_table, start + T, q.dtype)
     kh, vh = kg.transpose(0, 1)[None], vg.transpose(0, 1)[None]
-    if window is None:
+    if window is None:  # bottom-right causal: FlashAttention 350, cuDNN 265 TFLOP/s (8k after 24k)
         mask = causal_lower_right(T, start + T)
+        with sdpa_kernel(_PREFIX_ORDER, set_priority=True):
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     else:
         mask = _mask(torch.arange(start, start + T, device=q.device), start + T, window)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def _backends(*names: str) -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, n) for n in names]
+
+
+_FRESH_ORDER = _backends("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+_PREFIX_ORDER = _backends("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
