@@ -194,15 +194,17 @@ def patched_sampler(pick):
     is called for every sequence that samples, on the engine's thread. Tests use it to script the
     model's output (a tool call from a random model), to hold a request mid-generation, or to fail."""
     import devstral.engine.model_runner as runner
+    import devstral.engine.scheduler as scheduler
 
-    real = runner.sample
+    real_sample, real_allowed = runner.sample, scheduler.speculation_allowed
 
     def sample(logits, params, histories, generators):
         return torch.tensor([pick(logits[i], params[i], histories[i]) for i in range(logits.shape[0])],
                             dtype=torch.long, device=logits.device)
 
     runner.sample = sample
+    scheduler.speculation_allowed = lambda params, has_constraint: False  # every token through `pick`
     try:
         yield
     finally:
-        runner.sample = real
+        runner.sample, scheduler.speculation_allowed = real_sample, real_allowed

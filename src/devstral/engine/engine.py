@@ -39,6 +39,8 @@ class EngineConfig:
     cpu_memory_fraction: float = 0.50  # of the RAM available after loading, for the CPU's KV pool
     cuda_graphs: bool = True
     prefix_caching: bool = True
+    speculative: str = "lookup"  # "off" or "lookup" (prompt-lookup drafts, verified exactly)
+    spec_max_batch: int = 8  # draft only while at most this many sequences run
 
 
 @dataclass
@@ -46,6 +48,8 @@ class EngineStats:
     steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    drafted_tokens: int = 0  # speculative drafts verified
+    accepted_tokens: int = 0  # of which kept
     batch_sizes: list[int] = field(default_factory=list)  # recent sequences per step
 
 
@@ -111,8 +115,12 @@ class Engine:
             model.fuse_projections()
         self.pool = KVPool(cfg, pool_tokens // ec.block_size, ec.block_size, self.kind, self.device)
         self.blocks = BlockManager(self.pool.num_blocks, ec.block_size, prefix_caching=ec.prefix_caching)
+        if ec.speculative not in ("off", "lookup"):
+            raise DevstralError(f"--speculative: unknown value {ec.speculative!r} (choose off or lookup)")
         self.scheduler = Scheduler(self.blocks, max_num_seqs=ec.max_num_seqs,
-                                   max_num_batched_tokens=_batched_tokens(ec, self.device))
+                                   max_num_batched_tokens=_batched_tokens(ec, self.device),
+                                   max_context=self.max_context, speculative=ec.speculative,
+                                   spec_max_batch=ec.spec_max_batch)
         self.runner = ModelRunner(model, cfg, self.pool, max_num_seqs=ec.max_num_seqs,
                                   max_context=self.max_context, cuda_graphs=ec.cuda_graphs)
         self.stats = EngineStats()
@@ -149,7 +157,7 @@ class Engine:
                 raise RuntimeError("the KV pool cannot hold the next waiting sequence")
             return []
         try:
-            sampled = self.runner.step(batch)
+            new_tokens = self.runner.step(batch)
         except Exception as e:  # the batched pass failed: every sequence in it ends with the error
             if isinstance(e, torch.OutOfMemoryError):
                 e = DevstralError("out of GPU memory in a forward pass: lower --gpu-memory-fraction (it leaves "
@@ -161,16 +169,27 @@ class Engine:
             seq = item.seq
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(item.n_tokens, seq.num_prompt_tokens - seq.num_computed)
-            seq.num_computed += item.n_tokens
+            computed = item.n_tokens
+            if item.draft:  # only the kept drafts' keys/values are valid; the rest get overwritten
+                kept = len(new_tokens.get(seq, [0])) - 1
+                computed = 1 + kept
+                seq.drafter.record(len(item.draft), kept)
+                self.stats.drafted_tokens += len(item.draft)
+                self.stats.accepted_tokens += kept
+            seq.num_computed += computed
+            seq.num_passes += 1
             self.blocks.register_computed(seq)
         self.stats.steps += 1
         self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], len(batch)]
-        for seq, token in sampled:
-            try:
-                self._append(seq, token)
-            except Exception as e:  # a constraint refused the token: only this sequence fails
-                self._fail(seq, e)
-        return [seq for seq, _ in sampled]
+        for seq, tokens in new_tokens.items():
+            for token in tokens:
+                try:
+                    self._append(seq, token)
+                except Exception as e:  # a constraint refused the token: only this sequence fails
+                    self._fail(seq, e)
+                if seq.finished:
+                    break
+        return list(new_tokens)
 
     def teacher_forced_logits(self, ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """Logits [len(ids), vocab] at every position, computed through the paged KV cache in chunks of

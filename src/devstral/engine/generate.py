@@ -220,11 +220,16 @@ def _timings(seq: Sequence) -> dict[str, float]:
     first = seq.first_token_time or end
     n_new, n_prompt = seq.num_output_tokens, seq.num_prompt_tokens
     prefill, decode = first - seq.arrival, end - first
+    drafted = seq.drafter.drafted if seq.drafter is not None else 0
+    accepted = seq.drafter.accepted if seq.drafter is not None else 0
+    decode_passes = max(seq.num_passes - 1, 0)  # the first pass ends the prefill with the first token
     return {
         "prompt_tokens": n_prompt, "completion_tokens": n_new, "cached_tokens": seq.num_cached_prompt_tokens,
         "prefill_s": prefill, "decode_s": decode,
         "prefill_tok_s": (n_prompt - seq.num_cached_prompt_tokens) / max(prefill, 1e-9),
         "decode_tok_s": (n_new - 1) / max(decode, 1e-9) if n_new > 1 else 0.0,
+        "draft_tokens": drafted, "draft_acceptance": accepted / drafted if drafted else 0.0,
+        "tokens_per_pass": (n_new - 1) / decode_passes if decode_passes else 1.0,
     }
 
 

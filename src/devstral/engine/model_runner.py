@@ -20,6 +20,7 @@ from devstral.engine.kv_pool import KVPool
 from devstral.engine.sampling import sample
 from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
+from devstral.engine.speculative import verify
 from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
 
@@ -106,17 +107,30 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- one step
     @torch.inference_mode()
-    def step(self, batch: list[ScheduledSeq]) -> list[tuple[Sequence, int]]:
-        """Run the batch; return (sequence, sampled token) for each sequence that reached its end."""
+    def step(self, batch: list[ScheduledSeq]) -> dict[Sequence, list[int]]:
+        """Run the batch; return the new tokens of each sequence that reached its end (one sampled token,
+        or the kept drafts and one sampled token for a sequence that speculated)."""
         batch = sorted(batch, key=lambda s: s.n_tokens > 1)  # decode rows first
         logits, sampling = self._forward(batch)
         if not sampling:
-            return []
-        seqs = [s.seq for s in sampling]
-        logits = self._constrain(logits, seqs)
-        tokens = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
-        self._logprobs(logits, tokens, seqs)
-        return list(zip(seqs, tokens.tolist(), strict=True))
+            return {}
+        rows, row = [], 0  # the logits rows of each sampling item: its drafts' too
+        for item in sampling:
+            rows.append(slice(row, row + 1 + len(item.draft)))
+            row += 1 + len(item.draft)
+        out: dict[Sequence, list[int]] = {}
+        plain = [i for i, item in enumerate(sampling) if not item.draft]
+        if plain:
+            seqs = [sampling[i].seq for i in plain]
+            lg = logits if len(plain) == len(sampling) else logits[[rows[i].start for i in plain]]
+            lg = self._constrain(lg, seqs)
+            tokens = sample(lg, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+            self._logprobs(lg, tokens, seqs)
+            out.update((s, [t]) for s, t in zip(seqs, tokens.tolist(), strict=True))
+        for i, item in enumerate(sampling):
+            if item.draft:
+                out[item.seq] = verify(logits[rows[i]], item.draft, item.seq.params, item.seq.generator)
+        return out
 
     @torch.inference_mode()
     def chunk_logits(self, item: ScheduledSeq) -> torch.Tensor:
@@ -132,11 +146,11 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             pos = np.arange(start, start + item.n_tokens)
             table = np.asarray(seq.block_table, dtype=np.int64)
-            tokens.extend(seq.token_ids[start:start + item.n_tokens])
+            tokens.extend(item.input_ids())
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            if item.samples:
-                select.append(len(tokens) - 1)
+            if item.samples:  # a speculating sequence needs the logits of its drafts' positions too
+                select.extend(range(len(tokens) - 1 - len(item.draft), len(tokens)))
                 sampling.append(item)
         dev = self.device
         tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)

@@ -11,27 +11,37 @@ back to the front of the line, to be recomputed later (its prefix is likely stil
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devstral.engine.block_manager import BlockManager
 from devstral.engine.sequence import Sequence, Status
+from devstral.engine.speculative import Drafter, speculation_allowed
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    n_tokens: int  # tokens computed this step, from seq.num_computed on
+    n_tokens: int  # tokens computed this step, from seq.num_computed on (drafts included)
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the sequence's last one
 
     @property
     def samples(self) -> bool:
         """Does this step reach the sequence's last token, and so sample its next one?"""
-        return self.seq.num_computed + self.n_tokens == self.seq.num_tokens
+        return self.seq.num_computed + self.n_tokens - len(self.draft) == self.seq.num_tokens
+
+    def input_ids(self) -> list[int]:
+        start = self.seq.num_computed
+        return [*self.seq.token_ids[start:start + self.n_tokens - len(self.draft)], *self.draft]
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_context: int | None = None, speculative: str = "off", spec_max_batch: int = 8,
+                 spec_k_max: int = 8):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_context = max_context
+        self.speculative, self.spec_max_batch, self.spec_k_max = speculative, spec_max_batch, spec_k_max
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -55,13 +65,22 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget, batch = self.max_num_batched_tokens, []
-        # 1. every decoding sequence's next token: decode latency never waits behind a long prompt
-        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+        # 1. every decoding sequence's next token (and its drafts): decode latency never waits behind a
+        #    long prompt. Speculation pays while steps are bound by reading the weights: small batches.
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        speculate = self.speculative == "lookup" and len(self.running) <= self.spec_max_batch
+        for seq in decoding:
             if budget == 0:
                 break
-            if seq.status is Status.RUNNING and self._make_room(seq, seq.num_tokens):
-                batch.append(ScheduledSeq(seq, 1))
-                budget -= 1
+            if seq.status is not Status.RUNNING:
+                continue
+            draft = self._draft(seq, budget - 1) if speculate else []
+            if draft and self.blocks.blocks_for(seq.num_tokens + len(draft)) - len(seq.block_table) > \
+                    self.blocks.num_free:
+                draft = []  # drafts are optional: never preempt anyone to verify them
+            if self._make_room(seq, seq.num_tokens + len(draft)):
+                batch.append(ScheduledSeq(seq, 1 + len(draft), draft))
+                budget -= 1 + len(draft)
         # 2. prompt chunks: running prefills, then admissions. While several prompts compete, each
         #    first gets at most a quarter of the step, so a short prompt is not stuck behind a long one.
         prefilling = [s for s in self.running if s.num_uncomputed > 1]
@@ -90,6 +109,16 @@ class Scheduler:
             item.n_tokens += extra
             budget -= extra
         return batch + chunks
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        if not speculation_allowed(seq.params, seq.constraint is not None):
+            return []
+        if seq.drafter is None:
+            seq.drafter = Drafter(self.spec_k_max)
+        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1)
+        if self.max_context is not None:
+            limit = min(limit, self.max_context - seq.num_tokens - 1)
+        return seq.drafter.propose(seq.token_ids, limit)
 
     def _make_room(self, seq: Sequence, n_tokens: int) -> bool:
         while not self.blocks.ensure_capacity(seq, n_tokens):

@@ -40,6 +40,8 @@ class Sequence:
         self.num_computed = 0
         self.num_cached_prompt_tokens = 0  # prompt tokens the prefix cache served (last admission)
         self.num_preemptions = 0
+        self.num_passes = 0  # forward passes this sequence took part in
+        self.drafter = None  # speculative.Drafter, made by the scheduler when speculation is on
         self.constraint = params.constraint() if params.constraint is not None else None
         self.generator: torch.Generator | None = None
         if params.seed is not None:  # a seeded sequence draws its noise from its own stream

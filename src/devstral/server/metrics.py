@@ -74,6 +74,13 @@ class Metrics:
                        [("", cache.hit_tokens)])
                 metric("prefix_cache_hit_rate", "gauge", "Share of prompt tokens served by the prefix cache.",
                        [("", cache.hit_rate)])
+                drafted, kept = engine.stats.drafted_tokens, engine.stats.accepted_tokens
+                metric("speculative_draft_tokens_total", "counter", "Prompt-lookup draft tokens verified.",
+                       [("", drafted)])
+                metric("speculative_accepted_tokens_total", "counter", "Draft tokens kept after verification.",
+                       [("", kept)])
+                metric("speculative_acceptance_rate", "gauge", "Share of draft tokens kept.",
+                       [("", kept / drafted if drafted else 0.0)])
                 metric("engine_preemptions_total", "counter", "Sequences preempted for KV blocks (recomputed later).",
                        [("", engine.scheduler.num_preemptions)])
             metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", time.time() - self.started)])

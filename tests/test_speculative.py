@@ -1,0 +1,145 @@
+"""Prompt-lookup speculative decoding: the drafter against a brute-force search, greedy output token for
+token equal to plain decoding, and sampling that keeps the target distribution (chi-squared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import devstral
+from devstral.engine.engine import Engine, EngineConfig
+from devstral.engine.sampling import SamplingParams
+from devstral.engine.speculative import NgramIndex, verify
+
+
+def brute_force(tokens: list[int], k: int) -> list[int]:
+    """The longest suffix (4..1 tokens) at its most recent earlier occurrence, and what followed it."""
+    for n in range(4, 0, -1):
+        if len(tokens) <= n:
+            continue
+        for end in range(len(tokens) - 1, n - 1, -1):
+            if tokens[end - n:end] == tokens[-n:]:
+                return tokens[end:end + k]
+    return []
+
+
+@settings(max_examples=150, deadline=None)
+@given(tokens=st.lists(st.integers(0, 4), max_size=700), cut=st.integers(0, 700), k=st.integers(1, 8))
+def test_drafts_equal_a_brute_force_search(tokens, cut, k):
+    index = NgramIndex()
+    index.update(tokens[:cut])  # part of the history indexed earlier (in bulk when long), the rest now
+    assert index.propose(tokens, k) == brute_force(tokens, k)
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """P(X >= stat) for X ~ chi-squared(dof): the regularized upper incomplete gamma function."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness of fit of counts to probs (categories expecting fewer than 5 are left out)."""
+    keep = probs * counts.sum() >= 5
+    expected = probs[keep] / probs[keep].sum() * counts[keep].sum()
+    return chi2_sf(float(((counts[keep] - expected) ** 2 / expected).sum()), int(keep.sum()) - 1)
+
+
+def contingency_p(table: np.ndarray) -> float:
+    """Two-sample chi-squared test of homogeneity on a 2 x C table of counts."""
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return chi2_sf(float(((table - expected) ** 2 / expected).sum()), table.shape[1] - 1)
+
+
+def test_verification_keeps_the_target_distribution():
+    """With drafts that are sometimes likely and sometimes not, the first emitted token follows p0 and,
+    when the first draft was kept, the second follows p1: exactly what sampling without drafts gives."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, generator=g) * 1.5
+    params = SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
+    p = torch.softmax(logits / 0.9, -1).numpy()
+    draft = [int(p[0].argmax()), int(p[1].argmin())]  # a likely first draft, an unlikely second
+    gen = torch.Generator().manual_seed(1)
+    first, second = np.zeros(7), np.zeros(7)
+    for _ in range(6000):
+        out = verify(logits, draft, params, gen)
+        first[out[0]] += 1
+        if out[0] == draft[0]:
+            second[out[1]] += 1
+    assert chi2_p(first, p[0]) > 1e-3
+    assert chi2_p(second, p[1]) > 1e-3
+
+
+def test_greedy_verification_is_argmax_decoding():
+    logits = torch.randn(4, 50)
+    target = logits.argmax(-1).tolist()
+    assert verify(logits, target[:3], SamplingParams(temperature=0), None) == target
+    assert verify(logits, [target[0], (target[1] + 1) % 50, target[2]], SamplingParams(temperature=0), None) \
+        == target[:2]
+
+
+def repetitive_prompt(seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    body = torch.randint(1000, 3000, (12,), generator=g).tolist()
+    return [1] + body * 4 + body[:5]  # the model is likely to continue the pattern, and drafts propose it
+
+
+def test_greedy_with_speculation_is_plain_greedy(tiny_ministral3):
+    llm = devstral.load(tiny_ministral3, kv_cache_dtype="fp32")
+    outs = {}
+    for mode in ("off", "lookup"):
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, kv_cache_dtype="fp32", speculative=mode,
+                                                            prefix_caching=False),
+                        compute_dtype=torch.float32, plan=(512, 4096))
+        seqs = [engine.add(repetitive_prompt(i), SamplingParams(temperature=0), 40, set()) for i in range(4)]
+        while engine.has_work():
+            engine.step()
+        outs[mode] = [s.token_ids for s in seqs]
+        if mode == "lookup":
+            assert engine.stats.drafted_tokens > 0 and engine.stats.accepted_tokens > 0
+            steps = engine.stats.steps
+    assert outs["lookup"] == outs["off"]
+    assert steps < 4 * 40  # fewer forward passes than tokens
+
+
+def pattern_following(llm, body: list[int]) -> None:
+    """Rewire the tiny model into a bigram model that continues `body` (cyclically) about half the time
+    at temperature 1 and top-k 6: blocks add nothing to the residual stream, and the head scores the
+    pattern's successor of the current token. Drafts are then kept and rejected in good measure."""
+    m = llm.model
+    with torch.no_grad():
+        for block in m.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        emb = m.model.embed_tokens.weight
+        normed = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+        for i, a in enumerate(body):
+            m.lm_head.weight[body[(i + 1) % len(body)]] = 0.06 * normed[a]
+
+
+def test_sampling_with_speculation_matches_plain_sampling(tiny_hf):
+    """Two-sample chi-squared on the second and third generated tokens of 1200 sequences each, drafts on
+    and off, with a model that makes drafts worth checking."""
+    llm = devstral.load(tiny_hf, kv_cache_dtype="fp32")
+    prompt = repetitive_prompt(0)
+    pattern_following(llm, prompt[1:13])
+    params = SamplingParams(temperature=1.0, top_k=6, top_p=1.0, min_p=0.0)
+    counts = {}
+    for mode in ("off", "lookup"):
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1200, max_num_batched_tokens=1 << 16,
+                                                            kv_cache_dtype="fp32", speculative=mode,
+                                                            spec_max_batch=10_000),
+                        compute_dtype=torch.float32, plan=(256, 1200 * 80))
+        seqs = [engine.add(prompt, params, 4, set()) for _ in range(1200)]
+        while engine.has_work():
+            engine.step()
+        counts[mode] = [np.bincount([s.token_ids[s.num_prompt_tokens + k] for s in seqs], minlength=4096)
+                        for k in (1, 2)]
+        if mode == "lookup":
+            st_ = engine.stats
+            assert st_.drafted_tokens > 500 and 0.2 < st_.accepted_tokens / st_.drafted_tokens < 0.8
+    for k in range(2):
+        table = np.stack([counts["off"][k], counts["lookup"][k]])
+        table = table[:, table.sum(0) >= 10]
+        assert contingency_p(table) > 1e-3
