@@ -8,6 +8,7 @@ built from the files mistral-common ships.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -44,17 +45,32 @@ def write_tekken(path: Path, *, version: str = "v13", inner_vocab: int = 3096) -
     src = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
     if not 256 <= inner_vocab <= len(src["vocab"]):
         raise ValueError(f"inner_vocab must be in [256, {len(src['vocab'])}]")
+    vocab = _with_fim_lead_pair(src["vocab"][:inner_vocab])
     specials = [{"rank": i, "token_str": _TEKKEN_SPECIALS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
                 for i in range(TEKKEN_SPECIAL_COUNT)]
     data = {
         "config": {**src["config"], "version": version, "num_vocab_tokens": inner_vocab,
                    "default_vocab_size": inner_vocab + TEKKEN_SPECIAL_COUNT,
                    "default_num_special_tokens": TEKKEN_SPECIAL_COUNT},
-        "vocab": src["vocab"][:inner_vocab],
+        "vocab": vocab,
         "special_tokens": specials,
     }
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return inner_vocab + TEKKEN_SPECIAL_COUNT
+
+
+# mistral-common encodes a FIM suffix as `encode("☺" + suffix)[2:]` (a SentencePiece leading-space
+# trick it applies to tekken too). In the full tekken vocab "☺" is two tokens, b"\xe2\x98" + b"\xba";
+# a vocab cut by rank lacks that merge, makes "☺" three tokens and leaves a stray byte in every FIM
+# prompt. The last kept rank is given to the pair so small vocabs encode FIM like the real one.
+_FIM_LEAD_PAIR = base64.b64encode(b"\xe2\x98").decode()
+
+
+def _with_fim_lead_pair(vocab: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if len(vocab) <= 256 or any(v["token_bytes"] == _FIM_LEAD_PAIR for v in vocab):
+        return vocab
+    last = vocab[-1]["rank"]
+    return [*vocab[:-1], {"rank": last, "token_bytes": _FIM_LEAD_PAIR, "token_str": None}]
 
 
 def _random_state(cfg: ModelConfig, seed: int, std: float) -> dict[str, torch.Tensor]:

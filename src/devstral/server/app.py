@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from devstral.server.errors import install_error_handlers
 from devstral.server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestCountMiddleware
 from devstral.server.state import ServerConfig, ServerState
+from devstral.server.version import server_version
 
 
 def create_app(llm: Any, config: ServerConfig) -> FastAPI:
-    from devstral.server import chat_routes, completions, info_routes, ollama_routes
+    from devstral.server import chat_routes, completions, fim_routes, info_routes, ollama_routes
 
     state = ServerState(llm, config)
     if not config.created:
@@ -29,11 +30,11 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
             state.worker.stop()
 
     app = FastAPI(title="devstral", summary="OpenAI- and Ollama-compatible server for Devstral models",
-                  version=_version(), lifespan=lifespan)
+                  version=server_version(), lifespan=lifespan)
     app.state.devstral = state
     install_error_handlers(app)
     known: set[str] = set()  # route paths, the only label values /metrics uses (fuzzers send any path)
-    for module in (chat_routes, completions, info_routes, ollama_routes):
+    for module in (chat_routes, completions, fim_routes, info_routes, ollama_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
     # Outermost first on the way in: count every answer, then the key, then the size limit.
@@ -41,12 +42,3 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics, known_paths=known)
     return app
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("devstral")
-    except Exception:
-        return "0.0.0"

@@ -12,13 +12,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from devstral.server.chat_session import ChatOutput, chat_job, normalize_tool_calls
-from devstral.server.completions import check_fits
+from devstral.server.completions import check_fits, choice_seed
 from devstral.server.errors import APIError
+from devstral.server.fanout import collect_all, merge, start_all, submit_all
 from devstral.server.info_routes import dump_messages, dump_tools
 from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import ChatCompletionRequest
 from devstral.server.sse import SSE_HEADERS, sse, sse_done, sse_error
-from devstral.server.state import collect, started, state_of
+from devstral.server.state import state_of
 from devstral.server.validation import check_model, check_tools
 
 router = APIRouter()
@@ -64,64 +65,74 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "response_format: json_schema is not supported (json_object and text are)",
                        param="response_format.type")
     top = body.top_logprobs if body.top_logprobs is not None else 0
-    params = sampling_params(llm.default_sampling, temperature=body.temperature, top_p=body.top_p,
-                             top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty, seed=body.seed,
-                             max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stop,
-                             logprobs=top if body.logprobs else None)
+
+    def params_for(j: int) -> Any:  # choice j of n
+        return sampling_params(llm.default_sampling, temperature=body.temperature, top_p=body.top_p,
+                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
+                               seed=choice_seed(body.seed, j), max_tokens=body.max_completion_tokens or body.max_tokens,
+                               stop=body.stop, logprobs=top if body.logprobs else None)
+
+    params = params_for(0)
     messages = dump_messages(body.messages)
     check_text_only(messages)
     prompt_ids = await run_in_threadpool(llm.tokenizer.encode_chat, messages, tools)
     n_prompt = len(prompt_ids)
     check_fits(state, n_prompt, params.max_tokens)
     options = {"tool_choice": tool_choice if tools else None, "parallel_tool_calls": body.parallel_tool_calls}
-    handle = state.submit(chat_job(llm, messages, tools, params, prompt_ids=prompt_ids, **options))
+    handles = submit_all(state, [chat_job(llm, messages, tools, params_for(j), prompt_ids=prompt_ids, **options)
+                                 for j in range(body.n)])
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.name
     t0 = time.perf_counter()
 
-    def usage(out: ChatOutput) -> dict[str, Any]:
-        prompt = out.prompt_tokens if out.prompt_tokens is not None else n_prompt
-        state.metrics.tokens(prompt, out.completion_tokens, time.perf_counter() - t0)
-        return {"prompt_tokens": prompt, "completion_tokens": out.completion_tokens,
-                "total_tokens": prompt + out.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+    def usage(outs: list[ChatOutput]) -> dict[str, Any]:
+        prompt = next((o.prompt_tokens for o in outs if o.prompt_tokens is not None), n_prompt)
+        completion = sum(o.completion_tokens for o in outs)
+        state.metrics.tokens(prompt, completion, time.perf_counter() - t0)
+        # the choices share one prompt: the prefix cache serves it to all but the first
+        cached = max((o.cached_tokens for o in outs), default=0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     if not body.stream:
-        out = ChatOutput()
-        for choice in await collect(handle, request):
-            out.add(choice)
-        message: dict[str, Any] = {"role": "assistant", "content": out.content or None}
-        if out.tool_calls:
-            message["tool_calls"] = normalize_tool_calls(out.tool_calls)
-        elif message["content"] is None:
-            message["content"] = ""
-        logprobs = {"content": out.logprobs} if body.logprobs else None
-        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                             "finish_reason": out.finish_reason}],
-                "usage": usage(out)}
+        outs, choices = [], []
+        for index, events in enumerate(await collect_all(handles, request)):
+            out = ChatOutput()
+            for choice in events:
+                out.add(choice)
+            message: dict[str, Any] = {"role": "assistant", "content": out.content or None}
+            if out.tool_calls:
+                message["tool_calls"] = normalize_tool_calls(out.tool_calls)
+            elif message["content"] is None:
+                message["content"] = ""
+            logprobs = {"content": out.logprobs} if body.logprobs else None
+            outs.append(out)
+            choices.append({"index": index, "message": message, "logprobs": logprobs,
+                            "finish_reason": out.finish_reason})
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+                "usage": usage(outs)}
 
-    events = await started(handle)
+    streams = await start_all(handles)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name}
     extra = {"usage": None} if include_usage else {}
 
     async def stream() -> AsyncIterator[str]:
-        out = ChatOutput()
-        sent_role = False
+        outs = [ChatOutput() for _ in streams]
+        sent_role = [False] * len(streams)
         try:
-            async for choice in events:
-                out.add(choice)
-                clean = _clean_choice(choice)
-                if not sent_role:
+            async for index, choice in merge(streams):
+                outs[index].add(choice)
+                clean = {**_clean_choice(choice), "index": index}
+                if not sent_role[index]:
                     clean["delta"] = {"role": "assistant", **clean["delta"]}
-                    sent_role = True
+                    sent_role[index] = True
                 if not clean["delta"] and clean["finish_reason"] is None and clean["logprobs"] is None:
                     continue
                 yield sse({**head, "choices": [clean], **extra})
         except Exception as e:
             yield sse_error(e)
             return
-        final_usage = usage(out)
+        final_usage = usage(outs)
         if include_usage:
             yield sse({**head, "choices": [], "usage": final_usage})
         yield sse_done()

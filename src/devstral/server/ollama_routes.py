@@ -26,6 +26,7 @@ from devstral.server.schemas import OllamaChatRequest, OllamaGenerateRequest, Ol
 from devstral.server.sse import ndjson, ndjson_error
 from devstral.server.state import ServerState, collect, started, state_of
 from devstral.server.validation import check_model, check_tools
+from devstral.server.version import server_version
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
@@ -301,6 +302,4 @@ async def show(body: OllamaShowRequest, request: Request):
 
 @router.get("/api/version")
 async def version():
-    from devstral.server.app import _version
-
-    return {"version": _version()}
+    return {"version": server_version()}

@@ -76,7 +76,7 @@ class SamplingFields(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: StopList = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=16, description="choices per prompt (each is its own engine job)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -94,7 +94,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] = Field(description="a string, a one-string list, or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="a string, token ids, or a list of either (one completion each)")
+    suffix: str | None = Field(default=None, description="text after the completion: fill-in-the-middle")
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
