@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from devstral.engine.sampling import SamplingParams
+from devstral.prompt.fim import encode_fim
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.server.completions import check_fits
 from devstral.server.errors import APIError
@@ -84,12 +85,12 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     _json_format(body.format)
     if body.images:
         raise APIError(400, "images: this server's engine is text-only", param="images")
-    if body.suffix:
-        raise APIError(400, "suffix: fill-in-the-middle is not supported by this server yet", param="suffix")
     llm, name = state.llm, state.name
-    if not body.prompt:  # Ollama's "load the model" request
+    if not body.prompt and not body.suffix:  # Ollama's "load the model" request
         return {"model": name, "created_at": now_rfc3339(), "response": "", "done": True, "done_reason": "load"}
-    if body.raw:
+    if body.suffix:  # fill-in-the-middle: the system prompt and chat template do not apply
+        ids = await run_in_threadpool(encode_fim, llm.tokenizer, body.prompt, body.suffix)
+    elif body.raw:
         ids = llm.encode_prompt(body.prompt)
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
