@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,7 +16,14 @@ from devstral.server.version import server_version
 
 
 def create_app(llm: Any, config: ServerConfig) -> FastAPI:
-    from devstral.server import chat_routes, completions, fim_routes, info_routes, ollama_routes
+    from devstral.server import (
+        chat_routes,
+        completions,
+        embedding_routes,
+        fim_routes,
+        info_routes,
+        ollama_routes,
+    )
 
     state = ServerState(llm, config)
     if not config.created:
@@ -24,9 +32,11 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.worker.start()
+        watcher = asyncio.create_task(state.residency.watch(state))
         try:
             yield
         finally:
+            watcher.cancel()
             state.worker.stop()
 
     app = FastAPI(title="devstral", summary="OpenAI- and Ollama-compatible server for Devstral models",
@@ -34,7 +44,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     app.state.devstral = state
     install_error_handlers(app)
     known: set[str] = set()  # route paths, the only label values /metrics uses (fuzzers send any path)
-    for module in (chat_routes, completions, fim_routes, info_routes, ollama_routes):
+    for module in (chat_routes, completions, embedding_routes, fim_routes, info_routes, ollama_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
     # Outermost first on the way in: count every answer, then the key, then the size limit.

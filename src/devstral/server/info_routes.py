@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from devstral.engine.embed import embedding_info
 from devstral.server.errors import APIError
 from devstral.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 from devstral.server.state import state_of
@@ -22,7 +23,8 @@ def model_card(request: Request) -> dict[str, Any]:
     return {"id": state.name, "object": "model", "created": state.config.created, "owned_by": "devstral",
             "context_length": llm.max_context, "max_model_len": llm.max_context,
             "meta": {"n_ctx_train": llm.config.max_position_embeddings, "n_vocab": llm.config.vocab_size,
-                     "n_params": llm.config.n_params, "architecture": llm.config.arch}}
+                     "n_params": llm.config.n_params, "architecture": llm.config.arch,
+                     "n_embd": llm.config.dim, "embedding": embedding_info(llm)}}
 
 
 @router.get("/v1/models")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ from fastapi import Request
 
 from devstral.server.errors import APIError
 from devstral.server.metrics import Metrics
+from devstral.server.residency import DEFAULT, Residency
 from devstral.server.worker import EngineWorker, JobFn, JobHandle, QueueFull
 
 RETRY_AFTER_S = 2
@@ -25,6 +26,10 @@ class ServerConfig:
     max_queue: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     created: int = 0  # unix time the model was loaded, for /v1/models
+    keep_alive: float | None = None  # seconds an idle model stays in memory; None: forever (Ollama: 5m)
+    loader: Callable[[], Any] | None = None  # reloads the model after keep_alive unloaded it
+    max_embedding_inputs: int = 2048
+    max_embedding_tokens: int = 65536
 
 
 class ServerState:
@@ -32,6 +37,7 @@ class ServerState:
         self.llm, self.config = llm, config
         self.worker = EngineWorker(llm, parallel=config.parallel, max_queue=config.max_queue)
         self.metrics = Metrics()
+        self.residency = Residency(llm, loader=config.loader, default_keep_alive=config.keep_alive)
 
     @property
     def name(self) -> str:
@@ -41,9 +47,10 @@ class ServerState:
     def names(self) -> list[str]:
         return [n for n in (self.config.alias, self.config.model_id) if n]
 
-    def submit(self, fn: JobFn) -> JobHandle:
+    def submit(self, fn: JobFn, keep_alive: Any = DEFAULT) -> JobHandle:
+        """Queue an engine job (weights reloaded first if keep_alive had unloaded them)."""
         try:
-            return self.worker.submit(fn)
+            return self.worker.submit(self.residency.job(fn, keep_alive))
         except QueueFull as e:
             raise APIError(503, f"server busy: {e}; retry later", code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None

@@ -1,0 +1,89 @@
+"""Text embeddings from the decoder: mean-pooled, L2-normalized final hidden states.
+
+The final hidden states are the model's own (after the last RMSNorm, before the LM head), averaged
+over every token of the input (BOS included when the text was encoded with one, as llama.cpp's
+mean pooling does) and scaled to unit length, so a dot product is a cosine similarity.
+
+Short inputs are batched: sorted by length, right-padded up to a token budget per forward, with a
+key mask so that no token attends to padding. An input longer than one chunk is run alone through
+a KV cache a chunk at a time, like a long prompt's prefill, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+POOLING = {"pooling": "mean", "normalized": "l2", "layer": "final hidden states (after the last norm)"}
+BATCH_TOKENS = 4096  # padded tokens per batched forward
+CHUNK = 512  # longer inputs go alone, a chunk at a time through a KV cache
+
+
+def embedding_info(llm) -> dict:
+    """How the vectors are made, for /v1/models."""
+    return {**POOLING, "dimensions": llm.config.dim, "bos": "added to text inputs, not to token-id inputs"}
+
+
+def _batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices grouped so that count x longest <= budget; longest inputs first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _pooled(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] states, [B, T] bool -> [B, D] unit vectors (float32)."""
+    weights = valid.to(torch.float32)[..., None]
+    summed = (hidden.to(torch.float32) * weights).sum(1)
+    return F.normalize(summed / weights.sum(1).clamp_min(1.0), dim=-1)
+
+
+def _padded(llm, seqs: list[list[int]]) -> torch.Tensor:
+    longest = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), longest, dtype=torch.long, device=llm.device)
+    valid = torch.zeros(len(seqs), longest, dtype=torch.bool, device=llm.device)
+    for row, ids in enumerate(seqs):
+        tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        valid[row, :len(ids)] = True
+    # [B, 1, 1, T]: every query may see only real keys (the model ANDs it with the causal mask)
+    hidden = llm.model.hidden_states(tokens, attn_mask=valid[:, None, None, :])
+    return _pooled(hidden, valid)
+
+
+def _chunked(llm, ids: list[int], cache) -> torch.Tensor:
+    total = None
+    for start in range(0, len(ids), CHUNK):
+        chunk = torch.as_tensor(ids[start:start + CHUNK], dtype=torch.long, device=llm.device)[None]
+        part = llm.model.hidden_states(chunk, cache=cache, start=start)[0].to(torch.float32).sum(0)
+        total = part if total is None else total + part
+    return F.normalize(total / len(ids), dim=-1)[None]
+
+
+def embed_batches(llm, seqs: Sequence[Sequence[int]], *, cache=None,
+                  batch_tokens: int = BATCH_TOKENS) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (input indices, their vectors [k, dim] float32 on the CPU), one forward at a time."""
+    lengths = [len(s) for s in seqs]
+    if any(n == 0 for n in lengths):
+        raise ValueError("cannot embed an empty input")
+    with torch.inference_mode():
+        for group in _batches(lengths, batch_tokens):
+            if len(group) == 1 and cache is not None and lengths[group[0]] > CHUNK:
+                vectors = _chunked(llm, list(seqs[group[0]]), cache)
+            else:
+                vectors = _padded(llm, [list(seqs[i]) for i in group])
+            yield group, vectors.cpu()
+
+
+def embed(llm, seqs: Sequence[Sequence[int]], **kw) -> torch.Tensor:
+    """All vectors [len(seqs), dim], in input order."""
+    out = torch.empty(len(seqs), llm.config.dim)
+    for group, vectors in embed_batches(llm, seqs, **kw):
+        out[group] = vectors
+    return out
