@@ -12,6 +12,7 @@ from fastapi import Request
 from devstral.server.errors import APIError
 from devstral.server.metrics import Metrics
 from devstral.server.residency import DEFAULT, Residency
+from devstral.server.responses_store import ResponseStore
 from devstral.server.worker import EngineWorker, JobFn, JobHandle, QueueFull
 
 RETRY_AFTER_S = 2
@@ -38,6 +39,7 @@ class ServerState:
         self.worker = EngineWorker(llm, parallel=config.parallel, max_queue=config.max_queue)
         self.metrics = Metrics()
         self.residency = Residency(llm, loader=config.loader, default_keep_alive=config.keep_alive)
+        self.responses = ResponseStore()  # /v1/responses kept for previous_response_id (memory only)
 
     @property
     def name(self) -> str:
