@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from devstral.engine.min_tokens import min_tokens
 from devstral.engine.sampling import SamplingParams
+from devstral.engine.token_masks import min_tokens
 from devstral.formats.gguf_tokenizer import GGUFTokenizer
 from devstral.formats.gguf_vocab import spm_vocab, tekken_vocab
 from devstral.prompt.fim import encode_fim, infill_ids, supports_fim

@@ -30,7 +30,9 @@ def operations() -> list[tuple[str, str, GenerationMode]]:
     from test_server_harness import load_llm
 
     spec = create_app(load_llm(40), ServerConfig(model_id="tiny")).openapi()
-    ops = sorted((path, method.upper()) for path, item in spec["paths"].items() for method in item)
+    # /api/pull downloads from the hub (the one route that may use the network): tested with a stub instead
+    ops = sorted((path, method.upper()) for path, item in spec["paths"].items() for method in item
+                 if path != "/api/pull")
     return [(path, method, mode) for path, method in ops
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
             if mode is GenerationMode.POSITIVE or method == "POST"]

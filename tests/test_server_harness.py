@@ -64,12 +64,20 @@ def reference_llm():
     return load_llm()
 
 
+@functools.cache
+def _store_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="devstral-store-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
 def _start(ctx: int = CTX, **config: Any) -> Live:
     import uvicorn
 
     from devstral.server import ServerConfig, create_app
 
     llm = load_llm(ctx)
+    config.setdefault("store_dir", _store_dir())  # never the user's own model store
     app = create_app(llm, ServerConfig(model_id="tiny", **config))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",

@@ -30,12 +30,25 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    stored = _stored(spec)
+    if stored is not None:
+        return Path(stored.path)
     looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
     if looks_like_repo:
         from devstral.formats.hub import download
 
         return download(spec)
     raise DevstralError(f"model not found: {spec} (no such file or folder)")
+
+
+def _stored(spec: str):
+    """The local model store's entry named `spec` (devstral/store.py), if any."""
+    from devstral.store import ModelStore
+
+    try:
+        return ModelStore().get(spec)
+    except DevstralError:  # not a valid store name, or an unreadable index: not a stored model
+        return None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,9 +150,26 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     if max_context is not None and max_context > cfg.max_position_embeddings:
         print(f"note: context {max_context} is beyond the model's {cfg.max_position_embeddings} positions",
               file=sys.stderr)
+    sampling = defaults_for_model(folder if folder.is_dir() else None)
+    spec = str(model) if model is not None else os.environ.get("DEVSTRAL_MODEL")
+    stored = _stored(spec) if spec and spec != "nano" and not Path(spec).expanduser().exists() else None
+    if stored is not None:  # a stored model's Modelfile: its system prompt and sampling parameters
+        if stored.system is not None:
+            tokenizer.default_system_prompt = stored.system
+        sampling = sampling.updated(**_store_sampling(stored.parameters))
+        if max_context is None and stored.parameters.get("num_ctx"):
+            max_context = min(int(stored.parameters["num_ctx"]), cfg.max_position_embeddings)
     ec = EngineConfig(max_context=max_context, max_num_seqs=parallel, kv_cache_dtype=kv_cache_dtype,
                       cuda_graphs=cuda_graphs, prefix_caching=prefix_caching)
     if gpu_memory_fraction is not None:
         ec.gpu_memory_fraction = gpu_memory_fraction
-    return LLM(net, cfg, tokenizer, path=path, sampling=defaults_for_model(folder if folder.is_dir() else None),
-               engine_config=ec)
+    return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec)
+
+
+def _store_sampling(parameters: dict) -> dict:
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "seed": "seed", "stop": "stop"}
+    out = {ours: parameters[theirs] for theirs, ours in names.items() if theirs in parameters}
+    if parameters.get("num_predict", -1) > 0:
+        out["max_tokens"] = parameters["num_predict"]
+    return out

@@ -22,7 +22,9 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
         embedding_routes,
         fim_routes,
         info_routes,
+        ollama_models,
         ollama_routes,
+        ollama_store_routes,
         responses_routes,
     )
 
@@ -45,8 +47,8 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     app.state.devstral = state
     install_error_handlers(app)
     known: set[str] = set()  # route paths, the only label values /metrics uses (fuzzers send any path)
-    for module in (chat_routes, completions, embedding_routes, fim_routes, info_routes, ollama_routes,
-                   responses_routes):
+    for module in (chat_routes, completions, embedding_routes, fim_routes, info_routes, ollama_models, ollama_routes,
+                   ollama_store_routes, responses_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
     # Outermost first on the way in: count every answer, then the key, then the size limit.

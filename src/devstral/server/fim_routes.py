@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from devstral.engine.generate import PREFILL_PROGRESS, StepOutput
-from devstral.engine.min_tokens import min_tokens
+from devstral.engine.token_masks import min_tokens
 from devstral.prompt.fim import encode_fim, infill_ids
 from devstral.server.completions import check_fits, text_job
 from devstral.server.sampling_args import sampling_params

@@ -1,4 +1,5 @@
-"""Ollama's API: /api/chat and /api/generate (NDJSON streaming on by default), tags, show, version.
+"""Ollama's API: /api/chat and /api/generate (NDJSON streaming on by default); model information is in
+ollama_models.py and the model store's routes in ollama_store_routes.py.
 
 Ollama differs from OpenAI in ways clients depend on: tool-call arguments are JSON objects, not
 strings; durations are integers in nanoseconds; the last line of a stream carries `done: true`
@@ -22,12 +23,13 @@ from devstral.prompt.fim import encode_fim
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.server.completions import check_fits
 from devstral.server.errors import APIError
+from devstral.server.residency import keep_alive_seconds
 from devstral.server.sampling_args import sampling_params
-from devstral.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from devstral.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
 from devstral.server.sse import ndjson, ndjson_error
 from devstral.server.state import ServerState, collect, started, state_of
+from devstral.server.thinking import ThinkSplitter, ban_think_token
 from devstral.server.validation import check_model, check_tools
-from devstral.server.version import server_version
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
@@ -77,7 +79,49 @@ def _json_format(fmt: str | dict[str, Any] | None) -> None:
         raise APIError(400, f"format: expected 'json' or a JSON schema, got {fmt!r}", param="format")
 
 
+# ---------------------------------------------------------------- load / unload
+async def load_or_unload(state: ServerState, keep_alive: Any, reply: dict[str, Any]) -> dict[str, Any]:
+    """A request with nothing to generate: keep_alive 0 unloads the model (`ollama stop`), anything
+    else loads it and sets how long it stays."""
+    base = {"model": state.name, "created_at": now_rfc3339(), **reply, "done": True}
+    if keep_alive == 0:
+        state.residency.unload_soon()
+        return {**base, "done_reason": "unload"}
+    async for _ in state.submit(lambda cache, should_stop: iter(()), keep_alive):
+        pass
+    return {**base, "done_reason": "load"}
+
+
 # ---------------------------------------------------------------- /api/generate
+def context_ids(state: ServerState, context: list[int]) -> list[int]:
+    vocab = state.llm.config.vocab_size
+    bad = next((i for i in context if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"context: token id {bad} is out of range [0, {vocab})", param="context")
+    return list(context)
+
+
+def generate_ids(state: ServerState, body: OllamaGenerateRequest) -> list[int]:
+    """The prompt's ids. `context` (the ids a previous answer returned) is continued: the new turn
+    follows it without a second BOS or system prompt."""
+    llm = state.llm
+    tok = llm.tokenizer
+    if body.suffix:  # fill-in-the-middle: the system prompt and chat template do not apply
+        if body.context:
+            raise APIError(400, "context: cannot be continued by a fill-in-the-middle (suffix) request",
+                           param="context")
+        return encode_fim(tok, body.prompt, body.suffix)
+    before = context_ids(state, body.context) if body.context else []
+    if body.raw:
+        return before + (tok.encode(body.prompt) if before else llm.encode_prompt(body.prompt))
+    messages = ([{"role": "system", "content": body.system}] if body.system else [])
+    messages.append({"role": "user", "content": body.prompt})
+    if not before:
+        return tok.encode_chat(messages, None)
+    turn = tok.encode_chat(messages, None, system_prompt=None)
+    return before + (turn[1:] if turn[:1] == [tok.bos_id] else turn)
+
+
 @router.post("/api/generate")
 async def generate(body: OllamaGenerateRequest, request: Request):
     state = state_of(request)
@@ -85,22 +129,19 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     _json_format(body.format)
     if body.images:
         raise APIError(400, "images: this server's engine is text-only", param="images")
+    keep_alive = keep_alive_seconds(body.keep_alive)
     llm, name = state.llm, state.name
-    if not body.prompt and not body.suffix:  # Ollama's "load the model" request
-        return {"model": name, "created_at": now_rfc3339(), "response": "", "done": True, "done_reason": "load"}
-    if body.suffix:  # fill-in-the-middle: the system prompt and chat template do not apply
-        ids = await run_in_threadpool(encode_fim, llm.tokenizer, body.prompt, body.suffix)
-    elif body.raw:
-        ids = llm.encode_prompt(body.prompt)
-    else:
-        messages = ([{"role": "system", "content": body.system}] if body.system else [])
-        messages.append({"role": "user", "content": body.prompt})
-        ids = await run_in_threadpool(llm.tokenizer.encode_chat, messages, None)
+    if not body.prompt and not body.suffix:  # Ollama's "load the model" / "unload it" request
+        return await load_or_unload(state, keep_alive, {"response": ""})
+    ids = await run_in_threadpool(generate_ids, state, body)
     params = ollama_params(state, body.options, len(ids))
+    if body.think is False:
+        params = ban_think_token(llm, params)
+    split = bool(body.think)  # the engine then shows [THINK]/[/THINK] so that they can be split off
     check_fits(state, len(ids), params.max_tokens)
     timer = Timer()
     handle = state.submit(lambda cache, should_stop: llm.stream(ids, params, should_stop=should_stop, cache=cache,
-                                                                yield_prefill=True))
+                                                                yield_prefill=True, special=split), keep_alive)
 
     def final(n_out: int, finish: str, out_ids: list[int]) -> dict[str, Any]:
         fields = timer.fields(len(ids), n_out, handle.first_event_ns)
@@ -114,13 +155,26 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         if out_ids:
             timer.token()
         finish = next((s.finish_reason for s in steps if s.finish_reason), "length")
-        return {**final(len(out_ids), finish, out_ids), "response": "".join(s.text for s in steps)}
+        text = "".join(s.text for s in steps)
+        reply = {**final(len(out_ids), finish, out_ids), "response": text}
+        if split:
+            splitter = ThinkSplitter()
+            thinking, answer = splitter.feed(text)
+            more_thinking, more_answer = splitter.flush()
+            reply |= {"thinking": thinking + more_thinking, "response": answer + more_answer}
+        return reply
 
     events = await started(handle)
 
     async def stream() -> AsyncIterator[str]:
         out_ids: list[int] = []
         finish = "length"
+        splitter = ThinkSplitter() if split else None
+
+        def piece(thinking: str, answer: str) -> str:
+            line = {"model": name, "created_at": now_rfc3339(), "response": answer, "done": False}
+            return ndjson({**line, "thinking": thinking} if thinking else line)
+
         try:
             async for step in events:
                 timer.token()
@@ -129,10 +183,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
                 if step.finish_reason:
                     finish = step.finish_reason
                 if step.text:
-                    yield ndjson({"model": name, "created_at": now_rfc3339(), "response": step.text, "done": False})
+                    thinking, answer = splitter.feed(step.text) if splitter else ("", step.text)
+                    if thinking or answer:
+                        yield piece(thinking, answer)
         except Exception as e:
             yield ndjson_error(e)
             return
+        if splitter is not None and any(rest := splitter.flush()):
+            yield piece(*rest)
         yield ndjson(final(len(out_ids), finish, out_ids))
 
     return StreamingResponse(stream(), media_type=NDJSON)
@@ -187,19 +245,21 @@ async def chat(body: OllamaChatRequest, request: Request):
     state = state_of(request)
     check_model(body.model, state.names)
     _json_format(body.format)
+    keep_alive = keep_alive_seconds(body.keep_alive)
     name = state.name
-    if not body.messages:  # Ollama's "load the model" request
-        return {"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+    if not body.messages:  # Ollama's "load the model" / "unload it" request
+        return await load_or_unload(state, keep_alive, {"message": {"role": "assistant", "content": ""}})
     messages = openai_messages(body.messages)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     check_tools(tools)
     prompt_ids = await run_in_threadpool(state.llm.tokenizer.encode_chat, messages, tools)
     n_prompt = len(prompt_ids)
     params = ollama_params(state, body.options, n_prompt)
+    if body.think is False:
+        params = ban_think_token(state.llm, params)
     check_fits(state, n_prompt, params.max_tokens)
     timer = Timer()
-    handle = state.submit(chat_job(state.llm, messages, tools, params, prompt_ids=prompt_ids))
+    handle = state.submit(chat_job(state.llm, messages, tools, params, prompt_ids=prompt_ids), keep_alive)
 
     def final(out: ChatOutput) -> dict[str, Any]:
         fields = timer.fields(out.prompt_tokens or n_prompt, out.completion_tokens, handle.first_event_ns)
@@ -213,7 +273,12 @@ async def chat(body: OllamaChatRequest, request: Request):
         for delta in await collect(handle, request):
             timer.token()
             out.add(delta)
-        message: dict[str, Any] = {"role": "assistant", "content": out.content}
+        splitter = ThinkSplitter()
+        thinking, answer = splitter.feed(out.content)
+        more_thinking, more_answer = splitter.flush()
+        message: dict[str, Any] = {"role": "assistant", "content": answer + more_answer}
+        if thinking or more_thinking:
+            message["thinking"] = thinking + more_thinking
         if out.tool_calls:
             message["tool_calls"] = ollama_tool_calls(out.tool_calls)
         return {**final(out), "message": message}
@@ -222,17 +287,26 @@ async def chat(body: OllamaChatRequest, request: Request):
 
     async def stream() -> AsyncIterator[str]:
         out = ChatOutput()
+        splitter = ThinkSplitter()
+
+        def piece(thinking: str, answer: str) -> str:
+            message = {"role": "assistant", "content": answer, **({"thinking": thinking} if thinking else {})}
+            return ndjson({"model": name, "created_at": now_rfc3339(), "message": message, "done": False})
+
         try:
             async for delta in events:
                 timer.token()
                 out.add(delta)
                 text = (delta.get("delta") or {}).get("content")
                 if text:
-                    yield ndjson({"model": name, "created_at": now_rfc3339(),
-                                  "message": {"role": "assistant", "content": text}, "done": False})
+                    thinking, answer = splitter.feed(text)
+                    if thinking or answer:
+                        yield piece(thinking, answer)
         except Exception as e:
             yield ndjson_error(e)
             return
+        if any(rest := splitter.flush()):
+            yield piece(*rest)
         if out.tool_calls:  # Ollama sends calls whole, once parsed
             yield ndjson({"model": name, "created_at": now_rfc3339(),
                           "message": {"role": "assistant", "content": "",
@@ -240,67 +314,3 @@ async def chat(body: OllamaChatRequest, request: Request):
         yield ndjson(final(out))
 
     return StreamingResponse(stream(), media_type=NDJSON)
-
-
-
-
-# ---------------------------------------------------------------- model info
-def _details(state: ServerState) -> dict[str, Any]:
-    cfg = state.llm.config
-    n = cfg.n_params
-    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-    dtype = str(state.llm.dtype).removeprefix("torch.").replace("float", "F").replace("bF", "BF")
-    return {"parent_model": "", "format": "gguf" if str(state.llm.path or "").endswith(".gguf") else "safetensors",
-            "family": cfg.arch, "families": [cfg.arch], "parameter_size": size, "quantization_level": dtype}
-
-
-def _size_bytes(state: ServerState) -> int:
-    return sum(p.numel() * p.element_size() for p in state.llm.model.parameters())
-
-
-@router.get("/api/tags")
-async def tags(request: Request):
-    state = state_of(request)
-    modified = datetime.fromtimestamp(state.config.created, timezone.utc).isoformat().replace("+00:00", "Z")
-    entry = {"name": state.name, "model": state.name, "modified_at": modified, "size": _size_bytes(state),
-             "digest": "", "details": _details(state)}
-    return {"models": [entry]}
-
-
-@router.get("/api/ps")
-async def running(request: Request):
-    state = state_of(request)
-    entry = {"name": state.name, "model": state.name, "size": _size_bytes(state), "digest": "",
-             "details": _details(state), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
-             "context_length": state.llm.max_context}
-    return {"models": [entry]}
-
-
-@router.post("/api/show")
-async def show(body: OllamaShowRequest, request: Request):
-    state = state_of(request)
-    requested = body.model or body.name
-    if not requested:
-        raise APIError(400, "model: field required", param="model")
-    check_model(requested, state.names)
-    cfg, llm = state.llm.config, state.llm
-    p = llm.default_sampling
-    arch = cfg.arch
-    info = {"general.architecture": arch, "general.parameter_count": cfg.n_params,
-            f"{arch}.context_length": llm.max_context, f"{arch}.embedding_length": cfg.dim,
-            f"{arch}.block_count": cfg.n_layers, f"{arch}.attention.head_count": cfg.n_heads,
-            f"{arch}.attention.head_count_kv": cfg.n_kv_heads, f"{arch}.rope.freq_base": cfg.rope_theta,
-            f"{arch}.vocab_size": cfg.vocab_size, "tokenizer.version": llm.tokenizer.version}
-    parameters = "\n".join(f"{k:<16}{v}" for k, v in [("temperature", p.temperature), ("top_k", p.top_k),
-                                                        ("top_p", p.top_p), ("min_p", p.min_p),
-                                                        ("repeat_penalty", p.repeat_penalty),
-                                                        ("num_ctx", llm.max_context)])
-    return {"modelfile": f"FROM {state.config.model_id}\n", "parameters": parameters,
-            "template": "(mistral-common request encoding, tokenizer " + llm.tokenizer.version + ")",
-            "details": _details(state), "model_info": info, "capabilities": ["completion", "tools"],
-            "modified_at": datetime.fromtimestamp(state.config.created, timezone.utc).isoformat()}
-
-
-@router.get("/api/version")
-async def version():
-    return {"version": server_version()}

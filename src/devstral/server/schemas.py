@@ -170,6 +170,7 @@ class OllamaGenerateRequest(_Body):
     images: list[str] | None = None
     keep_alive: str | int | float | None = None
     context: list[int] | None = None
+    think: bool | str | None = None
 
 
 class OllamaShowRequest(_Body):

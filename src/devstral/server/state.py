@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -14,6 +15,7 @@ from devstral.server.metrics import Metrics
 from devstral.server.residency import DEFAULT, Residency
 from devstral.server.responses_store import ResponseStore
 from devstral.server.worker import EngineWorker, JobFn, JobHandle, QueueFull
+from devstral.store import ModelStore
 
 RETRY_AFTER_S = 2
 
@@ -31,6 +33,7 @@ class ServerConfig:
     loader: Callable[[], Any] | None = None  # reloads the model after keep_alive unloaded it
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 65536
+    store_dir: Path | None = None  # the local model store (default: devstral/store.py's store_dir())
 
 
 class ServerState:
@@ -40,6 +43,7 @@ class ServerState:
         self.metrics = Metrics()
         self.residency = Residency(llm, loader=config.loader, default_keep_alive=config.keep_alive)
         self.responses = ResponseStore()  # /v1/responses kept for previous_response_id (memory only)
+        self.store = ModelStore(config.store_dir)
 
     @property
     def name(self) -> str:

@@ -1,7 +1,9 @@
-"""`min_tokens` (Mistral's and vLLM's request field) as a token constraint: no stop token before N tokens.
+"""Request options that forbid tokens, as token constraints (engine/constraints.py's hook):
 
-It plugs into the engine's TokenConstraint hook (engine/constraints.py), so the stop tokens are
-masked before sampling exactly like any structured-output mask; after N tokens it allows everything.
+- `min_tokens` (Mistral's and vLLM's field): no stop token before N tokens, then anything;
+- banned tokens (Ollama's `think: false` bans [THINK]): never these tokens.
+
+They mask before sampling exactly like a structured-output mask would.
 """
 
 from __future__ import annotations
@@ -37,3 +39,25 @@ def min_tokens(vocab_size: int, stop_ids: Iterable[int], n: int | None) -> Const
         return None
     ids = list(stop_ids)
     return lambda: MinTokens(vocab_size, ids, n)
+
+
+class BannedTokens:
+    def __init__(self, vocab_size: int, banned: Iterable[int]):
+        self.mask = torch.ones(vocab_size, dtype=torch.bool)
+        for i in banned:
+            if 0 <= i < vocab_size:
+                self.mask[i] = False
+
+    def allowed_tokens(self) -> torch.Tensor | None:
+        return self.mask
+
+    def accept(self, token_id: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+
+def banned_tokens(vocab_size: int, banned: Iterable[int]) -> ConstraintFactory:
+    ids = list(banned)
+    return lambda: BannedTokens(vocab_size, ids)
