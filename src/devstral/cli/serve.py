@@ -37,6 +37,13 @@ def serve(
     kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
     max_body_mb: float = typer.Option(16.0, min=0.001, help="Largest request body accepted, in MiB."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    keep_alive: str = typer.Option("-1", help="How long an idle model stays in memory (Ollama durations: 5m, "
+                                              "1h, 0; -1: forever). Requests may set their own."),
+    remote: str | None = typer.Option(None, help="An OpenAI-compatible base URL (…/v1) that --route may forward "
+                                                 "requests to. Off by default: nothing leaves the machine."),
+    remote_key_env: str | None = typer.Option(None, help="Environment variable holding the remote's API key."),
+    route: str | None = typer.Option(None, help="What goes to --remote: alias=NAME[:UPSTREAM] (that model name), "
+                                                "prompt>N (prompts over N tokens); comma-separated."),
 ) -> None:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /api/chat, /api/generate, ..."""
     import uvicorn
@@ -46,10 +53,23 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                        max_context=ctx_size, parallel=parallel)
+    from devstral.server.remote import RemoteConfig
+    from devstral.server.residency import keep_alive_seconds
+
+    remote_config = RemoteConfig.from_cli(remote, route, remote_key_env)
+    try:
+        idle = keep_alive_seconds(keep_alive)
+    except Exception:
+        raise DevstralError(f"--keep-alive: {keep_alive!r} is not a duration (e.g. 5m, 1h, 0, -1)") from None
+
+    def load():  # also how keep_alive reloads the weights it unloaded
+        return devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                             max_context=ctx_size, parallel=parallel)
+
+    llm = load()
     config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
-                          max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024))
+                          max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024), loader=load,
+                          keep_alive=idle, remote=remote_config)
     try:
         uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level)
     except OSError as e:

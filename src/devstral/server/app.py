@@ -51,7 +51,12 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
                    ollama_store_routes, responses_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
-    # Outermost first on the way in: count every answer, then the key, then the size limit.
+    # Outermost first on the way in: count every answer, then the key, then the size limit, then the
+    # remote routing (only with --remote).
+    if config.remote is not None:
+        from devstral.server.remote_router import RemoteRouter
+
+        app.add_middleware(RemoteRouter, remote=config.remote, state=state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics, known_paths=known)

@@ -29,7 +29,10 @@ def model_card(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [model_card(request)]}
+    remote = state_of(request).config.remote
+    aliases = [{"id": name, "object": "model", "created": 0, "owned_by": "remote", "meta": {"upstream": upstream}}
+               for name, upstream in (remote.policy.aliases.items() if remote else [])]
+    return {"object": "list", "data": [model_card(request), *aliases]}
 
 
 @router.get("/v1/models/{model_id:path}")

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from devstral.server.errors import APIError
 from devstral.server.metrics import Metrics
+from devstral.server.remote import RemoteConfig
 from devstral.server.residency import DEFAULT, Residency
 from devstral.server.responses_store import ResponseStore
 from devstral.server.worker import EngineWorker, JobFn, JobHandle, QueueFull
@@ -34,6 +35,7 @@ class ServerConfig:
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 65536
     store_dir: Path | None = None  # the local model store (default: devstral/store.py's store_dir())
+    remote: RemoteConfig | None = None  # hybrid routing (serve --remote); None: nothing leaves the machine
 
 
 class ServerState:
