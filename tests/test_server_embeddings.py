@@ -80,7 +80,7 @@ def test_batching_with_padding_and_chunked_long_inputs_change_nothing(hf_model):
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (5, 17, 1, 40, CHUNK + 37)]
     expected = reference(hf_model, seqs)
-    batched = embed(llm, seqs, batch_tokens=64, cache=llm.new_cache(CHUNK + 64))  # the long one goes a chunk at a time
+    batched = embed(llm, seqs, batch_tokens=64, chunk=16)  # 17, 40 and the long one go a chunk at a time
     np.testing.assert_allclose(batched.numpy(), expected, atol=2e-5)
     one_by_one = np.stack([embed(llm, [s], batch_tokens=10_000)[0].numpy() for s in seqs])
     np.testing.assert_allclose(one_by_one, expected, atol=2e-5)

@@ -5,8 +5,10 @@ over every token of the input (BOS included when the text was encoded with one, 
 mean pooling does) and scaled to unit length, so a dot product is a cosine similarity.
 
 Short inputs are batched: sorted by length, right-padded up to a token budget per forward, with a
-key mask so that no token attends to padding. An input longer than one chunk is run alone through
-a KV cache a chunk at a time, like a long prompt's prefill, so memory stays bounded.
+key mask so that no token attends to padding. An input longer than one chunk is run alone a chunk at
+a time, its keys and values kept in a small contiguous store (`_Prefix`), like a long prompt's
+prefill, so the attention mask never grows to the square of the whole input. This runs beside the
+paged engine, not in it: an embedding needs every token's hidden state and no sampling.
 """
 
 from __future__ import annotations
@@ -57,25 +59,50 @@ def _padded(llm, seqs: list[list[int]]) -> torch.Tensor:
     return _pooled(hidden, valid)
 
 
-def _chunked(llm, ids: list[int], cache) -> torch.Tensor:
-    total = None
-    for start in range(0, len(ids), CHUNK):
-        chunk = torch.as_tensor(ids[start:start + CHUNK], dtype=torch.long, device=llm.device)[None]
-        part = llm.model.hidden_states(chunk, cache=cache, start=start)[0].to(torch.float32).sum(0)
-        total = part if total is None else total + part
+class _Prefix:
+    """The model's AttentionCache for one sequence fed a chunk at a time: keeps every key and value
+    (contiguous) and attends causally (and within the sliding window) from the new chunk."""
+
+    def __init__(self, window: int | None):
+        self.window = window
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
+        self.k[layer], self.v[layer] = k, v
+        n_new, n_all = q.shape[1], k.shape[1]
+        q_pos = torch.arange(n_all - n_new, n_all, device=q.device)[:, None]
+        k_pos = torch.arange(n_all, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed &= (q_pos - k_pos) < self.window
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=allowed, enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+def _chunked(llm, ids: list[int], chunk: int) -> torch.Tensor:
+    store, total = _Prefix(llm.config.sliding_window), None
+    for start in range(0, len(ids), chunk):
+        part = torch.as_tensor(ids[start:start + chunk], dtype=torch.long, device=llm.device)[None]
+        positions = torch.arange(start, start + part.shape[1], device=llm.device)[None]
+        hidden = llm.model.hidden_states(part, positions, cache=store)[0].to(torch.float32).sum(0)
+        total = hidden if total is None else total + hidden
     return F.normalize(total / len(ids), dim=-1)[None]
 
 
-def embed_batches(llm, seqs: Sequence[Sequence[int]], *, cache=None,
-                  batch_tokens: int = BATCH_TOKENS) -> Iterator[tuple[list[int], torch.Tensor]]:
+def embed_batches(llm, seqs: Sequence[Sequence[int]], *, batch_tokens: int = BATCH_TOKENS,
+                  chunk: int = CHUNK) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (input indices, their vectors [k, dim] float32 on the CPU), one forward at a time."""
     lengths = [len(s) for s in seqs]
     if any(n == 0 for n in lengths):
         raise ValueError("cannot embed an empty input")
     with torch.inference_mode():
         for group in _batches(lengths, batch_tokens):
-            if len(group) == 1 and cache is not None and lengths[group[0]] > CHUNK:
-                vectors = _chunked(llm, list(seqs[group[0]]), cache)
+            if len(group) == 1 and lengths[group[0]] > chunk:
+                vectors = _chunked(llm, list(seqs[group[0]]), chunk)
             else:
                 vectors = _padded(llm, [list(seqs[i]) for i in group])
             yield group, vectors.cpu()

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from devstral.engine.embed import embed_batches
-from devstral.engine.generate import PREFILL_PROGRESS
+from devstral.engine.outputs import PENDING
 from devstral.server.errors import APIError
 from devstral.server.residency import DEFAULT, keep_alive_seconds
 from devstral.server.schemas import OllamaOptions, _Body
@@ -108,11 +108,11 @@ def embed_job(llm: Any, seqs: list[list[int]]):
     """One job for the whole batch; other requests run between its forward passes."""
     def run(cache: Any, should_stop: Any) -> Iterator[Any]:
         out = torch.empty(len(seqs), llm.config.dim)
-        for group, vectors in embed_batches(llm, seqs, cache=cache):
+        for group, vectors in embed_batches(llm, seqs):
             out[group] = vectors
             if should_stop():
                 return
-            yield PREFILL_PROGRESS
+            yield PENDING  # the engine steps the other requests between two of our forwards
         yield out
 
     return run

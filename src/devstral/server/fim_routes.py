@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from devstral.engine.generate import PREFILL_PROGRESS, StepOutput
+from devstral.engine.outputs import PENDING, StepOutput
 from devstral.engine.token_masks import min_tokens
 from devstral.prompt.fim import encode_fim, infill_ids
 from devstral.server.completions import check_fits, text_job
@@ -153,7 +154,7 @@ def infill_job(llm: Any, ids: list[int], params: Any, *, t_max_ms: int, n_indent
         steps = llm.stream(ids, params, should_stop=should_stop, cache=cache, yield_prefill=True)
         try:
             for step in steps:
-                if step is PREFILL_PROGRESS:
+                if step is PENDING:  # waiting for the engine: the worker steps it
                     yield step
                     continue
                 if first_at is None:
@@ -164,12 +165,12 @@ def infill_job(llm: Any, ids: list[int], params: Any, *, t_max_ms: int, n_indent
                     cut, text, held = _split_indent(text, n_indent)
                     if cut:
                         stop = "indent"
-                        yield StepOutput(step.token_id, text, None, step.logprob, step.top_logprobs)
+                        yield replace(step, text=text, finish_reason=None)
                         break
                 seen_newline = seen_newline or "\n" in text
                 if finish:
                     text, held = text + held, ""
-                yield StepOutput(step.token_id, text, finish, step.logprob, step.top_logprobs)
+                yield replace(step, text=text)  # the final event keeps its timings and cached tokens
                 if finish:
                     return
                 if t_max_ms and seen_newline and (time.perf_counter() - first_at) * 1000 > t_max_ms:
@@ -223,7 +224,7 @@ async def infill(body: InfillRequest, request: Request):
     handle = state.submit(infill_job(llm, ids, params, t_max_ms=body.t_max_predict_ms, n_indent=body.n_indent))
     name = state.name
 
-    def final(text: str, n_out: int, finish: str) -> dict[str, Any]:
+    def final(text: str, n_out: int, finish: str, cached: int) -> dict[str, Any]:
         end = time.perf_counter_ns()
         first = handle.first_event_ns or end
         prompt_ms, predicted_ms = (first - t0) / 1e6, (end - first) / 1e6
@@ -231,7 +232,7 @@ async def infill(body: InfillRequest, request: Request):
         stop_type = {"stop": "eos", "length": "limit"}.get(finish, "limit")
         return {"index": 0, "content": text, "tokens": [], "id_slot": -1, "stop": True, "model": name,
                 "tokens_predicted": n_out, "tokens_evaluated": len(ids), "truncated": prompt.truncated,
-                "stop_type": stop_type, "stopping_word": "", "tokens_cached": 0, "has_new_line": "\n" in text,
+                "stop_type": stop_type, "stopping_word": "", "tokens_cached": cached, "has_new_line": "\n" in text,
                 "timings": {"prompt_n": len(ids), "prompt_ms": prompt_ms,
                             "prompt_per_token_ms": prompt_ms / max(len(ids), 1),
                             "prompt_per_second": len(ids) / max(prompt_ms / 1e3, 1e-9),
@@ -242,17 +243,19 @@ async def infill(body: InfillRequest, request: Request):
     if not body.stream:
         steps: list[StepOutput] = await collect(handle, request)
         finish = next((s.finish_reason for s in steps if s.finish_reason), "length")
-        return final("".join(s.text for s in steps), sum(s.token_id is not None for s in steps), finish)
+        cached = next((s.cached_tokens or 0 for s in steps if s.finish_reason), 0)
+        return final("".join(s.text for s in steps), sum(s.token_id is not None for s in steps), finish, cached)
 
     events = await started(handle)
 
     async def stream() -> AsyncIterator[str]:
         parts: list[str] = []
-        n_out, finish = 0, "length"
+        n_out, finish, cached = 0, "length", 0
         try:
             async for step in events:
                 n_out += step.token_id is not None
                 finish = step.finish_reason or finish
+                cached = step.cached_tokens or cached
                 if step.text:
                     parts.append(step.text)
                     yield sse({"index": 0, "content": step.text, "tokens": [] if step.token_id is None
@@ -261,6 +264,6 @@ async def infill(body: InfillRequest, request: Request):
         except Exception as e:
             yield sse_error(e)
             return
-        yield sse({**final("".join(parts), n_out, finish), "content": ""})
+        yield sse({**final("".join(parts), n_out, finish, cached), "content": ""})
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,7 +1,7 @@
 """Whether the weights are in memory, and until when: Ollama's `keep_alive` and `/api/ps`.
 
 Every engine job goes through `Residency.job`: on the engine thread it first reloads the weights if
-they were unloaded, and when it ends it sets when the model expires (the request's `keep_alive`,
+they were unloaded (with the engine and its KV pool), and when it ends it sets when the model expires (the request's `keep_alive`,
 else the server's default, which is "never"). A watcher task on the event loop waits for that
 moment and then queues an unload job; the unload happens on the engine thread, and only when that
 job is the only one there, so it can never pull the weights from under a generation. A request
@@ -127,8 +127,9 @@ class Residency:
             import torch
 
             self.llm.model.to("meta")  # shapes stay (for /api/tags sizes); the memory goes
-            self.llm._cache = None
-            getattr(worker, "_caches", {}).clear()  # the slots' KV caches are rebuilt on the next job
+            # The engine holds the model and the paged KV pool: drop it whole (it has no sequence, since
+            # this job is the only one); `llm.engine` builds a new one, with the reloaded model, on first use.
+            self.llm._engine = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
