@@ -1,9 +1,10 @@
 """Fill-in-the-middle latency at batch 1, the editor-autocomplete case: one request at a time against
 `devstral serve`'s `/v1/fim/completions`, greedy, with a code prefix and suffix of a given token size.
 
-Reports per shape (median of --runs): the time to encode the FIM prompt (mistral-common), the time to
-the first streamed token (encode + prefill + first token, over HTTP), the whole request for
---max-tokens tokens, and the decode rate. Results go to a JSON file with the machine and versions.
+Reports per shape (median of --runs), cold (a different file every run) and warm (the same prompt
+again: the engine's prefix cache serves it, as when an editor asks again at the same cursor): the
+time to encode the FIM prompt (mistral-common), the time to the first streamed token (encode +
+prefill + first token, over HTTP), the whole request for --max-tokens tokens, and the decode rate. Results go to a JSON file with the machine and versions.
 
     python benchmarks/fim_latency.py                          # the embedded nano model on CPU
     python benchmarks/fim_latency.py --model path/to/devstral --device cuda --out results/fim_h100.json
@@ -94,25 +95,32 @@ def main() -> None:
     try:
         one_request(url, "def f():\n", "\n", 4)  # warm-up
         for n_prefix, n_suffix in SHAPES:
-            prefix, suffix = code_text(llm.tokenizer, n_prefix, 0), code_text(llm.tokenizer, n_suffix, 10_000)
-            n_prompt = len(encode_fim(llm.tokenizer, prefix, suffix))
-            encode_ms, ttft_ms, total_ms, tok_s = [], [], [], []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                encode_fim(llm.tokenizer, prefix, suffix)
-                encode_ms.append((time.perf_counter() - t0) * 1e3)
-                ttft, total, n = one_request(url, prefix, suffix, args.max_tokens)
-                ttft_ms.append(ttft * 1e3)
-                total_ms.append(total * 1e3)
-                tok_s.append((n - 1) / (total - ttft) if n > 1 and total > ttft else 0.0)
-            row = {"prefix_tokens": n_prefix, "suffix_tokens": n_suffix, "prompt_tokens": n_prompt,
-                   "max_tokens": args.max_tokens, "runs": args.runs,
-                   "encode_ms_median": round(statistics.median(encode_ms), 2),
-                   "ttft_ms_median": round(statistics.median(ttft_ms), 1),
-                   "total_ms_median": round(statistics.median(total_ms), 1),
-                   "decode_tok_s_median": round(statistics.median(tok_s), 1)}
-            print(json.dumps(row))
-            results.append(row)
+            for cache in ("cold", "warm"):
+                # cold: a different file each run (nothing to reuse); warm: the same prompt again, as an
+                # editor re-asking at the same cursor, served from the engine's prefix cache
+                encode_ms, ttft_ms, total_ms, tok_s = [], [], [], []
+                for run in range(args.runs + (cache == "warm")):
+                    seed = 100_000 * (run + 1) if cache == "cold" else 0
+                    prefix = code_text(llm.tokenizer, n_prefix, seed)
+                    suffix = code_text(llm.tokenizer, n_suffix, seed + 50_000)
+                    t0 = time.perf_counter()
+                    n_prompt = len(encode_fim(llm.tokenizer, prefix, suffix))
+                    encode = (time.perf_counter() - t0) * 1e3
+                    ttft, total, n = one_request(url, prefix, suffix, args.max_tokens)
+                    if cache == "warm" and run == 0:
+                        continue  # the run that fills the cache
+                    encode_ms.append(encode)
+                    ttft_ms.append(ttft * 1e3)
+                    total_ms.append(total * 1e3)
+                    tok_s.append((n - 1) / (total - ttft) if n > 1 and total > ttft else 0.0)
+                row = {"prefix_tokens": n_prefix, "suffix_tokens": n_suffix, "prompt_tokens": n_prompt,
+                       "prefix_cache": cache, "max_tokens": args.max_tokens, "runs": args.runs,
+                       "encode_ms_median": round(statistics.median(encode_ms), 2),
+                       "ttft_ms_median": round(statistics.median(ttft_ms), 1),
+                       "total_ms_median": round(statistics.median(total_ms), 1),
+                       "decode_tok_s_median": round(statistics.median(tok_s), 1)}
+                print(json.dumps(row))
+                results.append(row)
     finally:
         server.should_exit = True
         thread.join(10)
