@@ -15,6 +15,10 @@ from typing import Any
 
 from devstral.errors import DevstralError
 
+# Bounds no real checkpoint comes near; past them a value is a typo or a hostile file, and building
+# the model from it would allocate without end.
+MAX_LAYERS = 4096
+MAX_POSITIONS = 1 << 31
 
 @dataclass(frozen=True)
 class YarnScaling:
@@ -77,116 +81,149 @@ class ModelConfig:
             raise DevstralError(
                 f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.head_dim % 2:
+            raise DevstralError(f"config: head_dim must be even (rotary embeddings pair dimensions), got {self.head_dim}")
+        if self.n_layers > MAX_LAYERS:
+            raise DevstralError(f"config: n_layers {self.n_layers} is absurd (more than {MAX_LAYERS})")
+        for name, lo, hi in (("norm_eps", 0.0, 1.0), ("rope_theta", 0.0, math.inf)):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and lo < v < hi):
+                raise DevstralError(f"config: {name} must be a finite number in ({lo:g}, {hi:g}), got {v!r}")
+        if not 0 < self.max_position_embeddings <= MAX_POSITIONS:
+            raise DevstralError(f"config: max_position_embeddings must be in [1, {MAX_POSITIONS}], got "
+                                f"{self.max_position_embeddings}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int)):
+            raise DevstralError(f"config: sliding_window must be an integer or null, got {self.sliding_window!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             object.__setattr__(self, "sliding_window", None)
+        if self.yarn is not None:
+            y = self.yarn
+            if not (math.isfinite(y.factor) and y.factor > 0):
+                raise DevstralError(f"config: YaRN factor must be a positive number, got {y.factor!r}")
+            if not 0 < y.original_max_position_embeddings <= MAX_POSITIONS:
+                raise DevstralError("config: YaRN original_max_position_embeddings must be in "
+                                    f"[1, {MAX_POSITIONS}], got {y.original_max_position_embeddings}")
+        if self.llama4_beta is not None:
+            if not math.isfinite(self.llama4_beta):
+                raise DevstralError(f"config: llama_4_scaling_beta must be finite, got {self.llama4_beta!r}")
+            if not (isinstance(self.llama4_original_max, int) and self.llama4_original_max > 0):
+                raise DevstralError("config: the llama-4 scaling original_max_position_embeddings must be a "
+                                    f"positive integer, got {self.llama4_original_max!r}")
+        for name in ("bos_id", "eos_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise DevstralError(f"config: {name} must be a token id below vocab_size {self.vocab_size}, "
+                                    f"got {v!r}")
 
     # ------------------------------------------------------------------ readers
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        model_type = d.get("model_type")
+        g = _Getter(d, source)
+        model_type = g.opt("model_type")
         if model_type == "mistral3":
-            if "text_config" not in d:
+            if g.opt("text_config") is None:
                 raise DevstralError(f"{source}: model_type mistral3 needs a text_config")
             return cls.from_hf(d["text_config"], source=f"{source}: text_config")
         if model_type not in ("mistral", "ministral3"):
             raise DevstralError(
                 f"{source}: unknown model_type {model_type!r} (expected mistral, ministral3 or mistral3)"
             )
-        g = _Getter(d, source)
-        dim, n_heads = g.req("hidden_size"), g.req("num_attention_heads")
-        head_dim = g.opt("head_dim") or dim // n_heads
-        rope = dict(g.opt("rope_parameters") or g.opt("rope_scaling") or {})
-        theta = rope.get("rope_theta", g.opt("rope_theta", 1e6 if model_type == "ministral3" else 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type"))
+        dim, n_heads = g.integer("hidden_size"), g.integer("num_attention_heads")
+        head_dim = g.integer("head_dim", None) or dim // n_heads
+        rope_key = "rope_parameters" if g.opt("rope_parameters") else "rope_scaling"
+        rope = _Getter(g.opt(rope_key) or {}, f"{source}: {rope_key}")
+        theta = rope.number("rope_theta", None)
+        if theta is None:
+            theta = g.number("rope_theta", 1e6 if model_type == "ministral3" else 10000.0)
+        rope_type = rope.text("rope_type", None) or rope.text("type", None)
         yarn = None
         if rope_type == "yarn":
-            try:
-                yarn = YarnScaling(
-                    factor=float(rope["factor"]),
-                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                    beta_fast=float(rope.get("beta_fast") or 32.0),
-                    beta_slow=float(rope.get("beta_slow") or 1.0),
-                    attention_factor=rope.get("attention_factor"),
-                    mscale=rope.get("mscale"),
-                    mscale_all_dim=rope.get("mscale_all_dim"),
-                    truncate=bool(rope.get("truncate", True)),
-                )
-            except KeyError as e:
-                raise DevstralError(f"{source}: rope_parameters is missing {e.args[0]!r}") from None
+            yarn = YarnScaling(
+                factor=rope.number("factor"),
+                original_max_position_embeddings=rope.integer("original_max_position_embeddings"),
+                beta_fast=rope.number("beta_fast", 32.0) or 32.0,
+                beta_slow=rope.number("beta_slow", 1.0) or 1.0,
+                attention_factor=rope.number("attention_factor", None),
+                mscale=rope.number("mscale", None),
+                mscale_all_dim=rope.number("mscale_all_dim", None),
+                truncate=rope.flag("truncate", True),
+            )
         elif rope_type not in (None, "default"):
             raise DevstralError(f"{source}: unsupported rope type {rope_type!r}")
         llama4_beta = llama4_max = None
         if model_type == "ministral3":
-            llama4_beta = rope.get("llama_4_scaling_beta", 0.0)
-            llama4_max = rope.get("original_max_position_embeddings") or g.opt("max_position_embeddings")
+            llama4_beta = rope.number("llama_4_scaling_beta", 0.0)
+            llama4_max = (rope.integer("original_max_position_embeddings", None)
+                          or g.integer("max_position_embeddings", None))
         eos = g.opt("eos_token_id", 2)
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
         return _build(
             cls, source,
             arch="ministral3" if model_type == "ministral3" else "mistral",
-            vocab_size=g.req("vocab_size"),
+            vocab_size=g.integer("vocab_size"),
             dim=dim,
-            n_layers=g.req("num_hidden_layers"),
+            n_layers=g.integer("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=g.opt("num_key_value_heads") or n_heads,
+            n_kv_heads=g.integer("num_key_value_heads", None) or n_heads,
             head_dim=head_dim,
-            hidden_dim=g.req("intermediate_size"),
-            norm_eps=float(g.opt("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            max_position_embeddings=int(g.opt("max_position_embeddings", 32768)),
-            sliding_window=g.opt("sliding_window"),
-            tie_embeddings=bool(g.opt("tie_word_embeddings", False)),
+            hidden_dim=g.integer("intermediate_size"),
+            norm_eps=g.number("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            max_position_embeddings=g.integer("max_position_embeddings", 32768),
+            sliding_window=g.integer("sliding_window", None),
+            tie_embeddings=g.flag("tie_word_embeddings", False),
             yarn=yarn,
             llama4_beta=llama4_beta,
             llama4_original_max=llama4_max,
-            bos_id=g.opt("bos_token_id", 1),
-            eos_id=eos[0] if isinstance(eos, list) else eos,
-            pad_id=g.opt("pad_token_id"),
+            bos_id=g.integer("bos_token_id", 1),
+            eos_id=_Getter({"eos_token_id": eos}, source).integer("eos_token_id"),
+            pad_id=g.integer("pad_token_id", None),
         )
 
     @classmethod
     def from_params(cls, d: dict[str, Any], source: str = "params.json") -> ModelConfig:
         g = _Getter(d, source)
-        dim, n_heads = g.req("dim"), g.req("n_heads")
+        dim, n_heads = g.integer("dim"), g.integer("n_heads")
         yarn = None
-        if y := g.opt("yarn"):
-            apply_scale = bool(y.get("apply_scale", True))
-            try:
-                factor = float(y["factor"])
-                yarn = YarnScaling(
-                    factor=factor,
-                    original_max_position_embeddings=int(y["original_max_position_embeddings"]),
-                    beta_fast=float(y.get("beta", 32.0)),
-                    beta_slow=float(y.get("alpha", 1.0)),
-                    # Mistral's reference only scales cos/sin when apply_scale is set.
-                    attention_factor=None if apply_scale else 1.0,
-                )
-            except KeyError as e:
-                raise DevstralError(f"{source}: yarn is missing {e.args[0]!r}") from None
+        if g.opt("yarn"):
+            y = _Getter(g.opt("yarn"), f"{source}: yarn")
+            apply_scale = y.flag("apply_scale", True)
+            yarn = YarnScaling(
+                factor=y.number("factor"),
+                original_max_position_embeddings=y.integer("original_max_position_embeddings"),
+                beta_fast=y.number("beta", 32.0),
+                beta_slow=y.number("alpha", 1.0),
+                # Mistral's reference only scales cos/sin when apply_scale is set.
+                attention_factor=None if apply_scale else 1.0,
+            )
         llama4_beta = llama4_max = None
         arch = "mistral"
-        if l4 := g.opt("llama_4_scaling"):
+        if g.opt("llama_4_scaling"):
+            l4 = _Getter(g.opt("llama_4_scaling"), f"{source}: llama_4_scaling")
             arch = "ministral3"
-            llama4_beta = float(l4.get("beta", 0.0))
-            llama4_max = int(l4.get("original_max_position_embeddings")
-                             or (yarn.original_max_position_embeddings if yarn else 0) or g.req("max_seq_len"))
-        max_pos = g.opt("max_position_embeddings") or g.opt("max_seq_len")
+            llama4_beta = l4.number("beta", 0.0)
+            llama4_max = (l4.integer("original_max_position_embeddings", None)
+                          or (yarn.original_max_position_embeddings if yarn else 0) or g.integer("max_seq_len"))
+        max_pos = g.integer("max_position_embeddings", None) or g.integer("max_seq_len", None)
         if max_pos is None:
             max_pos = int(yarn.factor * yarn.original_max_position_embeddings) if yarn else 32768
         return _build(
             cls, source,
             arch=arch,
-            vocab_size=g.req("vocab_size"),
+            vocab_size=g.integer("vocab_size"),
             dim=dim,
-            n_layers=g.req("n_layers"),
+            n_layers=g.integer("n_layers"),
             n_heads=n_heads,
-            n_kv_heads=g.opt("n_kv_heads") or n_heads,
-            head_dim=g.opt("head_dim") or dim // n_heads,
-            hidden_dim=g.req("hidden_dim"),
-            norm_eps=float(g.req("norm_eps")),
-            rope_theta=float(g.opt("rope_theta", 10000.0)),
-            max_position_embeddings=int(max_pos),
-            sliding_window=g.opt("sliding_window"),
-            tie_embeddings=bool(g.opt("tied_embeddings", False)),
+            n_kv_heads=g.integer("n_kv_heads", None) or n_heads,
+            head_dim=g.integer("head_dim", None) or dim // n_heads,
+            hidden_dim=g.integer("hidden_dim"),
+            norm_eps=g.number("norm_eps"),
+            rope_theta=g.number("rope_theta", 10000.0),
+            max_position_embeddings=max_pos,
+            sliding_window=g.integer("sliding_window", None),
+            tie_embeddings=g.flag("tied_embeddings", False),
             yarn=yarn,
             llama4_beta=llama4_beta,
             llama4_original_max=llama4_max,
@@ -274,22 +311,80 @@ class ModelConfig:
         return d
 
 
+# generation_config.json keys the sampler reads (engine/sampling.defaults_for_model), with the values
+# it accepts: checked here so that a bad file is one line naming the key, not an error deep in sampling.
+_GENERATION_KEYS = {
+    "temperature": ("number", lambda v: v >= 0, ">= 0"),
+    "top_k": ("integer", lambda v: v >= 0, ">= 0"),
+    "top_p": ("number", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": ("number", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "repetition_penalty": ("number", lambda v: v > 0, "> 0"),
+    "do_sample": ("flag", lambda v: True, ""),
+}
+
+
+def check_generation_config(folder: Path | None) -> None:
+    """Raise one DevstralError naming the file and key when generation_config.json would not load."""
+    path = Path(folder) / "generation_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return
+    g = _Getter(read_json(path), str(path))
+    for key, (kind, ok, why) in _GENERATION_KEYS.items():
+        value = getattr(g, kind)(key, None)
+        if value is None:
+            continue
+        if kind == "number" and not math.isfinite(value) or not ok(value):
+            raise DevstralError(f"{path}: {key} must be {why}, got {g.d[key]!r}")
+
+
+# Our field names and the key each one has in config.json / params.json, for error messages.
+SOURCE_KEYS = {
+    "vocab_size": ("vocab_size", "vocab_size"), "dim": ("hidden_size", "dim"),
+    "n_layers": ("num_hidden_layers", "n_layers"), "n_heads": ("num_attention_heads", "n_heads"),
+    "n_kv_heads": ("num_key_value_heads", "n_kv_heads"), "head_dim": ("head_dim", "head_dim"),
+    "hidden_dim": ("intermediate_size", "hidden_dim"), "norm_eps": ("rms_norm_eps", "norm_eps"),
+    "rope_theta": ("rope_theta", "rope_theta"),
+    "max_position_embeddings": ("max_position_embeddings", "max_position_embeddings"),
+    "sliding_window": ("sliding_window", "sliding_window"), "bos_id": ("bos_token_id", "bos_token_id"),
+    "eos_id": ("eos_token_id", "eos_token_id"),
+}
+
+
+def source_key(source: str, field_name: str) -> str:
+    """The key our field `field_name` has in the file `source` came from (params.json or config.json)."""
+    keys = SOURCE_KEYS.get(field_name)
+    return keys[1 if source.endswith("params.json") else 0] if keys else field_name
+
+
+def config_key(cfg: ModelConfig, field_name: str) -> str:
+    """'path/config.json: num_hidden_layers' for the field 'n_layers' of a config read from a file."""
+    source = str(cfg.extra.get("source", "config"))
+    return f"{source}: {source_key(source, field_name)}"
+
+
 def _build(cls, source: str, **fields: Any) -> ModelConfig:
-    """Construct, naming the file when a value is invalid."""
+    """Construct, naming the file and its key when a value is invalid."""
     try:
-        return cls(**fields)
-    except (TypeError, ValueError) as e:
+        return cls(**fields, extra={"source": source})
+    except (TypeError, ValueError, OverflowError) as e:
         raise DevstralError(f"{source}: {e}") from None
     except DevstralError as e:
-        raise DevstralError(f"{source}: {str(e).removeprefix('config: ')}") from None
+        message = str(e).removeprefix("config: ")
+        ours, _, rest = message.partition(" ")
+        if ours in SOURCE_KEYS:
+            message = f"{source_key(source, ours)} {rest}"
+        raise DevstralError(f"{source}: {message}") from None
+
+
+_REQUIRED: Any = object()
 
 
 class _Getter:
-    """Reads keys from a config dict and names the file and key when one is missing or mistyped."""
+    """Reads keys from a config dict, checking their JSON types; errors name the file and the key."""
 
-    def __init__(self, d: dict[str, Any], source: str):
+    def __init__(self, d: Any, source: str):
         if not isinstance(d, dict):
-            raise DevstralError(f"{source}: expected a JSON object")
+            raise DevstralError(f"{source}: expected a JSON object, got {_json_type(d)}")
         self.d, self.source = d, source
 
     def req(self, key: str) -> Any:
@@ -301,11 +396,68 @@ class _Getter:
         v = self.d.get(key)
         return default if v is None else v
 
+    def _get(self, key: str, default: Any) -> Any:
+        return self.req(key) if default is _REQUIRED else self.opt(key, default)
+
+    def _bad(self, key: str, kind: str) -> DevstralError:
+        return DevstralError(f"{self.source}: {key} must be {kind}, got {self.d[key]!r}"[:300])
+
+    def integer(self, key: str, default: Any = _REQUIRED) -> Any:
+        v = self._get(key, default)
+        if v is default:
+            return v
+        # 4096.0 is an integer written by a float-minded exporter; 1.5, "8" and true are not.
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, "an integer")
+        return v
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        v = self._get(key, default)
+        if v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self._bad(key, "a number")
+        return float(v)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
+        v = self._get(key, default)
+        if v is not default and not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def text(self, key: str, default: Any = _REQUIRED) -> Any:
+        v = self._get(key, default)
+        if v is not default and not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+
+def _json_type(v: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading BOM dropped), or one line naming the file and the bad byte."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DevstralError(f"{path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DevstralError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at line {line})") from None
+
 
 def read_json(path: Path) -> Any:
+    """A JSON file, or one line naming the file and what is wrong with it."""
+    text = read_text(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DevstralError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except OSError as e:
-        raise DevstralError(f"{path}: {e.strerror}") from None
+    except RecursionError:
+        raise DevstralError(f"{path}: invalid JSON (nested too deeply)") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from devstral.config import ModelConfig
+from devstral.config import ModelConfig, check_generation_config
 from devstral.errors import DevstralError
 from devstral.model.rope import Rotary
 from devstral.model.transformer import Transformer
@@ -74,8 +74,9 @@ def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.d
 
 def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> Transformer:
     """Create the network without allocating it, then fill it tensor by tensor from disk."""
-    from devstral.formats.safetensors import iter_tensors
+    from devstral.formats.safetensors import check_config_against_weights, iter_tensors
 
+    check_config_against_weights(folder, cfg)  # before building anything from the config's sizes
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.named_parameters())
@@ -126,6 +127,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
 
     path = resolve_model(model)
     dev = resolve_device(device)
+    # generation_config.json beside the weights: a bad one fails here, in a second, not after them
+    check_generation_config(path if path.is_dir() else path.parent)
     if _is_gguf(path):
         from devstral.formats.gguf import load_gguf_model
 
@@ -147,9 +150,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         apply_adapter(net, Path(adapter))
     if max_context is not None and max_context <= 0:
         raise DevstralError(f"--ctx-size must be positive, got {max_context}")
-    if max_context is not None and max_context > cfg.max_position_embeddings:
-        print(f"note: context {max_context} is beyond the model's {cfg.max_position_embeddings} positions",
-              file=sys.stderr)
+    if max_context is not None:
+        warn_beyond_trained_context(max_context, cfg)
     sampling = defaults_for_model(folder if folder.is_dir() else None)
     spec = str(model) if model is not None else os.environ.get("DEVSTRAL_MODEL")
     stored = _stored(spec) if spec and spec != "nano" and not Path(spec).expanduser().exists() else None
@@ -173,3 +175,12 @@ def _store_sampling(parameters: dict) -> dict:
     if parameters.get("num_predict", -1) > 0:
         out["max_tokens"] = parameters["num_predict"]
     return out
+
+
+def warn_beyond_trained_context(ctx: int, cfg: ModelConfig) -> None:
+    """One warning on stderr when the context asked for is longer than the one the model was trained on."""
+    trained = cfg.max_position_embeddings
+    if ctx > trained:
+        where = cfg.extra.get("source", "the model's config")
+        print(f"warning: --ctx-size {ctx} exceeds the model's trained context of {trained} tokens ({where}); "
+              "output degrades past it", file=sys.stderr)

@@ -9,6 +9,7 @@ import pkgutil
 import sys
 
 import typer
+import typer.main
 
 from devstral.cli.app import app
 from devstral.errors import DevstralError
@@ -20,10 +21,40 @@ def _register_commands() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _hide_type(param) -> None:
+    if getattr(param, "param_type_name", "") == "option" and getattr(param, "is_flag", False):
+        param.display_type_rich = lambda ctx: None  # typer has no setting for it; shadow the method
+
+
+def _hide_flag_types(command) -> None:
+    """On/off flags take no value: show no `<bool>` type for them (--help included) in --help."""
+    for param in command.params:
+        _hide_type(param)
+    make_help_option = command.get_help_option  # made per context, so wrapped rather than edited
+
+    def get_help_option(ctx):
+        option = make_help_option(ctx)
+        if option is not None:
+            _hide_type(option)
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _hide_flag_types(sub)
+
+
+def build_command():
+    """The (typer) click command behind `devstral`, every subcommand registered."""
     _register_commands()
+    command = typer.main.get_command(app)
+    _hide_flag_types(command)
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = build_command()
     try:
-        rv = app(args=argv, prog_name="devstral", standalone_mode=False)
+        rv = command(args=argv, prog_name="devstral", standalone_mode=False)
     except DevstralError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

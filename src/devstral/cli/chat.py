@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from devstral.cli.app import app
-from devstral.cli.options import load_llm, sampling_from_flags
+from devstral.cli.options import THREADS_OPTION, apply_threads, load_llm, sampling_from_flags
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line, or wrap a block in "
         '""" … """. Commands: /reset, /system TEXT, /exit. Ctrl-C stops the current answer; Ctrl-D quits.')
@@ -59,11 +59,13 @@ def chat(
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Chat with a model in the terminal."""
     from devstral.errors import DevstralError
 
     console = Console(stderr=True)
+    apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

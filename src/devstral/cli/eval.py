@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import THREADS_OPTION, apply_threads
 
 eval_app = typer.Typer(help="Measure model quality.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -21,6 +22,7 @@ def kld(
     chunks: int | None = typer.Option(None, "--chunks", help="Score at most this many chunks."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print every statistic as JSON."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """KL divergence of MODEL from REFERENCE, the way llama-perplexity --kl-divergence measures it."""
     import json
@@ -36,6 +38,7 @@ def kld(
         raise DevstralError(f"{data}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise DevstralError(f"{data}: not UTF-8 text (byte {e.start})") from None
+    apply_threads(threads)
     ref = devstral.load(reference, device=device, max_context=ctx)
     test = devstral.load(model, device=device, max_context=ctx)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import THREADS_OPTION, apply_threads
 
 
 @app.command()
@@ -54,6 +55,7 @@ def finetune(
     gguf: str = typer.Option(None, "--gguf", help="Also write OUTPUT/model-TYPE.gguf (e.g. Q4_K_M)."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Fine-tune a model with LoRA or QLoRA and save a PEFT adapter (optionally merged and GGUF)."""
     flags = dict(locals())  # first statement: only the parameters are local yet
@@ -65,6 +67,16 @@ def finetune(
         if flags[key] is not None:
             flags[key] = str(flags[key])
     cfg = build_config(recipe, flags)
+    apply_threads(cfg.threads)
+    _sweep_interrupted_writes(Path(cfg.output))
     result = run_finetune(cfg)
     final = f"{result.losses[-1]:.4f}" if result.losses else "-"
     typer.echo(f"saved adapter to {result.output} (final loss {final})")
+
+
+def _sweep_interrupted_writes(output: Path) -> None:
+    """Temporaries a killed run left in the output folder (checkpoint, adapter, merged/, GGUF, loss.png)."""
+    from devstral.tmpfiles import remove_stale
+
+    for folder in (output, output / "checkpoint"):
+        remove_stale(folder)

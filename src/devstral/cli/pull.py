@@ -8,8 +8,9 @@ from devstral.cli.app import app
 
 
 @app.command()
-def pull(spec: str = typer.Argument(..., help="org/repo, or org/repo:QUANT for one GGUF quant.")) -> None:
-    """Download a model (the only command that reaches the network besides --model org/repo)."""
+def pull(spec: str = typer.Argument(..., help="org/repo, or org/repo:QUANT for exactly one GGUF quant.")) -> None:
+    """Download a model, or update a cached one (the only command that reaches the network besides
+    --model org/repo when the model is not cached yet)."""
     from devstral.formats.hub import download
 
-    print(download(spec))
+    print(download(spec, refresh=True))

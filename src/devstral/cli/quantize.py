@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import THREADS_OPTION, apply_threads
 
 
 @app.command()
@@ -20,6 +21,7 @@ def quantize(
                                           help="REGEX=TYPE override, as llama-quantize (repeatable)."),
     name: str | None = typer.Option(None, "--name", help="general.name written into the file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Quantize SOURCE into OUT with llama.cpp's per-tensor recipe for --type."""
     import sys
@@ -29,6 +31,10 @@ def quantize(
     from devstral.formats.gguf_write import export_gguf
     from devstral.loader import resolve_model
 
+    from devstral.tmpfiles import remove_stale
+
+    apply_threads(threads)
+    remove_stale(out.parent)  # what a killed quantize left beside its output (gigabytes for a real model)
     source = resolve_model(source)  # the same resolution as --model: paths, org/repo, "nano"
     if out.exists() and out.resolve() == source.resolve():
         raise DevstralError(f"{out}: the output would overwrite the input")

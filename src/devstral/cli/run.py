@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
-from devstral.cli.options import load_llm, sampling_from_flags
+from devstral.cli.options import THREADS_OPTION, apply_threads, load_llm, sampling_from_flags
 
 
 @app.command()
@@ -33,13 +33,15 @@ def run(
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto, bf16, fp16, fp32 or q8_0."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    threads: int = THREADS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Generate a completion for PROMPT (chat template by default, --raw for plain text)."""
     if prompt is None:
         if sys.stdin.isatty():
             raise typer.BadParameter("give a PROMPT argument or pipe one on stdin", param_hint="PROMPT")
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
+    apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -68,6 +70,15 @@ def run(
     _write("\n")
     for call in calls:  # a model asked to call a tool: show the structured call
         _write(f"[tool call] {call['function']['name']}({call['function']['arguments']})\n")
+
+
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        from devstral.errors import DevstralError
+
+        raise DevstralError(f"stdin: the prompt is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
 def _write(text: str) -> None:

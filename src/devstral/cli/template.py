@@ -15,13 +15,18 @@ from devstral.errors import DevstralError
 def read_request(path: str) -> dict:
     """An OpenAI chat request ({"messages": [...], "tools": [...]}, or just the list of messages)."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        text = raw.decode("utf-8-sig")
     except OSError as e:
         raise DevstralError(f"{path}: cannot read the request: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DevstralError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DevstralError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DevstralError(f"{path}: not valid JSON (nested too deeply)") from None
     if isinstance(data, list):
         data = {"messages": data}
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):

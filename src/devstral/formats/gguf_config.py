@@ -26,6 +26,19 @@ def _first(v: Any) -> Any:
 
 def config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None = None,
                      has_output: bool = True) -> ModelConfig:
+    """ModelConfig from GGUF metadata; a key of the wrong type or an absurd value names the file."""
+    try:
+        return _config_from_gguf(md, source=source, vocab_size=vocab_size, has_output=has_output)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DevstralError(f"{source}: invalid model metadata ({' '.join(str(e).split())[:200]})") from None
+    except DevstralError as e:
+        message = str(e)
+        if message.startswith("config: "):
+            message = f"{source}: {message.removeprefix('config: ')}"
+        raise DevstralError(message) from None
+
+
+def _config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None, has_output: bool) -> ModelConfig:
     arch = md.get("general.architecture")
     if arch not in KNOWN_ARCHS:
         raise DevstralError(f"{source}: unknown architecture {arch!r} in general.architecture "
@@ -74,6 +87,7 @@ def config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None 
     if not vocab:
         raise DevstralError(f"{source}: cannot tell the vocabulary size")
     return ModelConfig(
+        extra={"source": source},
         arch=model_arch,
         vocab_size=int(vocab),
         dim=dim,

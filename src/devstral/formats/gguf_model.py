@@ -8,6 +8,7 @@ weights) are materialized in the compute dtype.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from torch import nn
 
 from devstral.config import ModelConfig
 from devstral.errors import DevstralError
+from devstral.formats.finite import check_finite, check_finite_blocks
 from devstral.formats.gguf_config import config_from_gguf
 from devstral.formats.gguf_names import from_gguf_name, rotary_heads, rotate_half_row_order
 from devstral.formats.gguf_read import GGUFFile
 from devstral.formats.gguf_tokenizer import GGUFTokenizer
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 class QuantEmbedding(nn.Module):
@@ -65,6 +68,19 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
                             has_output="output.weight" in g.infos)
 
 
+def check_gguf_config_against_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
+    """The metadata's sizes against the tensor table, before a model is built from them."""
+    arch = g.metadata.get("general.architecture")
+    layers = {int(m.group(1)) for name in g.tensor_names if (m := _BLOCK.match(name))}
+    n_layers = max(layers) + 1 if layers else 0
+    if n_layers != cfg.n_layers:
+        raise DevstralError(f"{g.path}: {arch}.block_count is {cfg.n_layers} but the file holds {n_layers} layers")
+    emb = g.infos["token_embd.weight"]
+    if len(emb.shape) != 2 or emb.shape[1] != cfg.dim:
+        raise DevstralError(f"{g.path}: {arch}.embedding_length is {cfg.dim} but token_embd.weight has shape "
+                            f"{list(emb.shape)}")
+
+
 def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | torch.dtype = "auto"):
     """(Transformer, ModelConfig, GGUFTokenizer) from a .gguf file (or the first part of a split one)."""
     from devstral.model.rope import Rotary
@@ -75,6 +91,7 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     g = GGUFFile(path)
     cfg = gguf_config(g)
     tokenizer = GGUFTokenizer(g.metadata, source=str(g.path))
+    check_gguf_config_against_tensors(g, cfg)
     torch_dtype = _resolve_dtype(dtype, device, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -100,10 +117,13 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
             from devstral.quant import dequantize
 
             w = dequantize(raw, info.qtype, info.shape, name=gname).to(device=device, dtype=torch_dtype)
+            check_finite(w, gname, g.path)
             _set_parameter(model, ours, w)
         elif ours == "model.embed_tokens.weight":
+            check_finite_blocks(raw, info.qtype, gname, g.path)
             model.model.embed_tokens = QuantEmbedding(raw.to(device), info.qtype, *info.shape, torch_dtype)
         else:
+            check_finite_blocks(raw, info.qtype, gname, g.path)
             module_name = ours.rsplit(".", 1)[0]
             out_f, in_f = info.shape
             _set_module(model, module_name, QuantLinear(raw.to(device), info.qtype, out_f, in_f, name=gname))

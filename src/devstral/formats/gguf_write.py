@@ -20,6 +20,7 @@ from devstral.config import ModelConfig
 from devstral.errors import DevstralError
 from devstral.formats.gguf_names import rotary_heads, to_gguf_name, to_llama_cpp_layout
 from devstral.formats.gguf_vocab import GGUFVocab
+from devstral.tmpfiles import temp_path
 
 QUANTIZATION_VERSION = 2
 
@@ -84,11 +85,13 @@ def source_from_state(state: dict[str, torch.Tensor], config: ModelConfig, vocab
 def source_from_folder(folder: Path) -> TensorSource:
     from safetensors import safe_open
 
+    from devstral.formats.finite import check_finite
     from devstral.formats.gguf_chat import builtin_template, template_version_for
     from devstral.formats.gguf_vocab import vocab_from_folder
-    from devstral.formats.safetensors import canonical_name, weight_files
+    from devstral.formats.safetensors import canonical_name, check_config_against_weights, weight_files
 
     cfg = ModelConfig.from_dir(folder)
+    check_config_against_weights(folder, cfg)  # before planning per-layer tensors from its sizes
     vocab = vocab_from_folder(folder)
     layout, files = weight_files(folder)
     where: dict[str, tuple[Path, str]] = {}
@@ -111,6 +114,7 @@ def source_from_folder(folder: Path) -> TensorSource:
         path, key = where[ours]
         with safe_open(str(path), framework="pt", device="cpu") as f:
             w = f.get_tensor(key).to(torch.float32)
+        check_finite(w, key, path)
         if tuple(w.shape) != expected[ours]:
             raise DevstralError(f"{path}: tensor {key} has shape {list(w.shape)}, the config implies "
                                 f"{list(expected[ours])}")
@@ -141,7 +145,19 @@ def source_from_gguf(path: Path) -> TensorSource:
     emb = g.info("token_embd.weight") if "token_embd.weight" in g.infos else None
     cfg = config_from_gguf(g.metadata, source=str(g.path), vocab_size=emb.shape[0] if emb else None,
                            has_output="output.weight" in g.infos)
-    return TensorSource(cfg, vocab_from_gguf(g.metadata), names, {n: g.info(n).shape for n in names}, g.tensor,
+    if emb is not None:
+        from devstral.formats.gguf_model import check_gguf_config_against_tensors
+
+        check_gguf_config_against_tensors(g, cfg)
+
+    def load(name: str) -> torch.Tensor:
+        from devstral.formats.finite import check_finite
+
+        w = g.tensor(name)
+        check_finite(w, name, g.path)
+        return w
+
+    return TensorSource(cfg, vocab_from_gguf(g.metadata), names, {n: g.info(n).shape for n in names}, load,
                         g.metadata.get("tokenizer.chat_template"),
                         str(g.metadata.get("general.name") or Path(path).stem))
 
@@ -194,7 +210,7 @@ def export_gguf(source: str | os.PathLike | dict[str, torch.Tensor] | TensorSour
         raise DevstralError(f"{out}: the output file must end in .gguf")
     if not out.parent.is_dir():
         raise DevstralError(f"{out.parent}: no such folder")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out)  # ours by name: a killed run's file is swept by the next `devstral quantize`
     arch = _arch(cfg)
     writer = gguf.GGUFWriter(tmp, arch)
     try:

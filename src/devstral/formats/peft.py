@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from devstral.errors import DevstralError
+from devstral.formats.finite import check_finite
+from devstral.tmpfiles import temp_path
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -58,6 +59,8 @@ class AdapterConfig:
         if not path.is_file():
             raise DevstralError(f"{folder}: not a LoRA adapter (no {CONFIG_NAME})")
         d = read_json(path)
+        if not isinstance(d, dict):
+            raise DevstralError(f"{path}: expected a JSON object")
         if d.get("peft_type", "LORA") != "LORA":
             raise DevstralError(f"{path}: peft_type {d.get('peft_type')!r} is not supported (only LORA)")
         for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "layer_replication"):
@@ -65,15 +68,24 @@ class AdapterConfig:
                 raise DevstralError(f"{path}: {unsupported} is not supported")
         if d.get("bias", "none") != "none" or d.get("fan_in_fan_out"):
             raise DevstralError(f"{path}: only bias='none' and fan_in_fan_out=false adapters are supported")
-        try:
-            r, alpha = int(d["r"]), float(d["lora_alpha"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DevstralError(f"{path}: missing or invalid field {e}") from None
+        values = {}
+        for key, kind, default in (("r", int, None), ("lora_alpha", float, None), ("lora_dropout", float, 0.0)):
+            v = d.get(key, default)
+            if v is None:
+                raise DevstralError(f"{path}: missing field {key!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and v != int(v)):
+                raise DevstralError(f"{path}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                                    f"got {v!r}")
+            values[key] = kind(v)
+        if values["r"] <= 0:
+            raise DevstralError(f"{path}: r must be a positive integer, got {values['r']}")
         targets = d.get("target_modules") or []
         if isinstance(targets, str):
             targets = [targets]
-        return cls(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=float(d.get("lora_dropout", 0)),
-                   use_rslora=bool(d.get("use_rslora", False)),
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise DevstralError(f"{path}: target_modules must be a list of module names")
+        return cls(r=values["r"], lora_alpha=values["lora_alpha"], target_modules=list(targets),
+                   lora_dropout=values["lora_dropout"], use_rslora=d.get("use_rslora") is True,
                    base_model_name_or_path=d.get("base_model_name_or_path"))
 
 
@@ -101,8 +113,7 @@ def save_adapter(model: nn.Module, folder: Path, config: AdapterConfig) -> None:
 
 
 def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -134,6 +145,7 @@ def read_adapter(folder: Path) -> tuple[AdapterConfig, dict[str, dict[str, torch
         m = _KEY.match(key)
         if m is None:
             raise DevstralError(f"{weights}: tensor {key} is not a LoRA A/B weight (only plain LoRA is supported)")
+        check_finite(tensor, key, weights)
         module = m["module"]
         # Adapters saved from Mistral3ForConditionalGeneration put the text model under language_model.
         module = module.replace("model.language_model.", "model.").replace("language_model.model.", "model.")

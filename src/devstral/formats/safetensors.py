@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from devstral.config import ModelConfig
+from devstral.config import ModelConfig, config_key, read_json
 from devstral.errors import DevstralError
+from devstral.formats.finite import check_finite
 
 # Names of vision-tower and projector tensors, in HF and Mistral checkpoints: skipped for now.
 _VISION = re.compile(
@@ -51,11 +52,15 @@ def weight_files(folder: Path) -> tuple[str, list[Path]]:
                                        ("mistral", "consolidated.safetensors.index.json", "consolidated.safetensors")):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise DevstralError(f"{index}: not a valid safetensors index ({e})") from None
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise DevstralError(f"{index}: not a valid safetensors index (weight_map must map tensor "
+                                    "names to file names)")
             files = [folder / f for f in sorted(set(weight_map.values()))]
+            outside = [f for f in weight_map.values() if Path(f).name != f]
+            if outside:
+                raise DevstralError(f"{index}: weight_map names {outside[0]!r}, not a file in this folder")
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise DevstralError(f"{index}: shard {missing[0]} is missing")
@@ -125,8 +130,9 @@ def read_header(path: Path) -> list[TensorEntry]:
             raise DevstralError(f"{path}: corrupt safetensors file (header length {n} exceeds the file size {size})")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DevstralError(f"{path}: corrupt safetensors file (header is not valid JSON: {e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            reason = " ".join(str(e).split())[:120] or type(e).__name__
+            raise DevstralError(f"{path}: corrupt safetensors file (header is not valid JSON: {reason})") from None
     if not isinstance(header, dict):
         raise DevstralError(f"{path}: corrupt safetensors file (header is not a JSON object)")
     entries = []
@@ -135,8 +141,10 @@ def read_header(path: Path) -> list[TensorEntry]:
             continue
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(_int(d) for d in info["shape"])
+            begin, end = (_int(x) for x in info["data_offsets"])
+            if any(d < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise DevstralError(f"{path}: corrupt safetensors file (bad header entry for tensor {name})") from None
         nbytes = math.prod(shape) * dtype.itemsize
@@ -147,13 +155,55 @@ def read_header(path: Path) -> list[TensorEntry]:
     return entries
 
 
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError
+    return v
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
+    """Compare the config's sizes with the tensor shapes in the safetensors headers, before anything
+    is built: a config that says 1e9 layers, or a vocabulary the embedding does not have, is one line
+    naming the key instead of an allocation without end."""
+    layout, files = weight_files(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        for e in read_header(path):
+            ours = canonical_name(e.name, layout)
+            if ours is not None:
+                shapes[ours] = e.shape
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    n_layers = max(layers) + 1 if layers else 0
+    if n_layers != cfg.n_layers:
+        raise DevstralError(f"{config_key(cfg, 'n_layers')} is {cfg.n_layers} but the weights in {folder} "
+                            f"hold {n_layers} layers")
+    checks = [("model.embed_tokens.weight", (("vocab_size", cfg.vocab_size), ("dim", cfg.dim))),
+              ("model.layers.0.self_attn.q_proj.weight", (("n_heads", cfg.n_heads * cfg.head_dim), ("dim", cfg.dim))),
+              ("model.layers.0.self_attn.k_proj.weight", (("n_kv_heads", cfg.n_kv_heads * cfg.head_dim),)),
+              ("model.layers.0.mlp.gate_proj.weight", (("hidden_dim", cfg.hidden_dim),))]
+    for name, dims in checks:
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2:
+            continue  # a missing or odd tensor is reported, by name, when the weights are read
+        for axis, (field, want) in enumerate(dims):
+            if shape[axis] != want:
+                what = {"n_heads": " x head_dim", "n_kv_heads": " x head_dim"}.get(field, "")
+                shown = (f"{getattr(cfg, field)}{what} = {want}" if what else str(want))
+                raise DevstralError(f"{config_key(cfg, field)} gives {shown} but tensor {name} in {folder} has "
+                                    f"shape {list(shape)}")
+
+
 def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype,
                  device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor in dtype on device), one tensor in flight at a time.
 
     Each file is memory-mapped; a tensor is converted from its mapped bytes straight into its final
     dtype and device, and the pages it came from are released at once (MADV_DONTNEED), so the
-    process never holds the checkpoint's pages and the loaded model together.
+    process never holds the checkpoint's pages and the loaded model together. A tensor holding NaN
+    or infinity is refused, by name, as it is read.
     """
     layout, files = weight_files(folder)
     skipped = 0
@@ -182,6 +232,7 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype,
                     heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads
                     out = permute_for_rotate_half(out, heads).contiguous()
                 _release(mm, e.start, e.end)
+                check_finite(out, e.name, path)
                 yield ours, out
     if skipped:
         print(f"note: skipped {skipped} vision-tower tensors (text-only inference)", file=sys.stderr)

@@ -10,11 +10,11 @@ user is never the control token; the template's own control tokens are parsed as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from devstral.config import read_json, read_text
 from devstral.errors import DevstralError
 from devstral.prompt.jinja_template import ChatTemplate
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
@@ -32,7 +32,7 @@ def read_chat_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]:
     `chat_template` (a string, or a list of {"name", "template"})."""
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return {"default": jinja_file.read_text(encoding="utf-8")}
+        return {"default": read_text(jinja_file)}
     value = config.get("chat_template")
     if isinstance(value, str):
         return {"default": value}
@@ -69,10 +69,7 @@ class HFTokenizer:
         self._plain.encode_special_tokens = True
         config: dict[str, Any] = {}
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DevstralError(f"{config_file}, line {e.lineno}: not valid JSON: {e.msg}") from None
+            config = read_json(config_file)
             if not isinstance(config, dict):
                 raise DevstralError(f"{config_file}: expected a JSON object")
         added = self._special_parsing.get_added_tokens_decoder()

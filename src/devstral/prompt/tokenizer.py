@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from devstral.config import read_text
 from devstral.errors import DevstralError
 
 
@@ -118,7 +119,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
         return load_gguf_tokenizer(path)
     system = path / "SYSTEM_PROMPT.txt"
-    default_system = system.read_text(encoding="utf-8") if system.is_file() else None
+    default_system = read_text(system) if system.is_file() else None
     found = find_tokenizer_file(path)
     if found is not None:
         return MistralCommonTokenizer(found, default_system_prompt=default_system)

@@ -7,13 +7,13 @@ the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from devstral.errors import DevstralError
+from devstral.tmpfiles import temp_path
 
 CHECKPOINT = Path("checkpoint") / "state.pt"
 
@@ -38,8 +38,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(output: Path, state: dict[str, Any]) -> Path:
     path = checkpoint_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)  # ours by name: a killed run's file is swept when finetune starts again
     try:
         torch.save(state, tmp)
         with open(tmp, "rb") as f:

@@ -50,6 +50,7 @@ class TrainConfig:
     gguf: str | None = None
     device: str = "auto"
     progress: bool = True
+    threads: int | None = None  # CPU threads for torch; None: the physical core count
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -86,6 +87,8 @@ class TrainConfig:
                                     f"({self.max_seq_len})")
         if self.save_every < 0 or self.eval_every < 0:
             raise DevstralError("--save-every and --eval-every must be >= 0")
+        if self.threads is not None and self.threads <= 0:
+            raise DevstralError(f"--threads must be a positive integer, got {self.threads}")
         if self.max_grad_norm < 0:
             raise DevstralError("--max-grad-norm must be >= 0 (0 turns clipping off)")
 
@@ -105,7 +108,16 @@ def read_recipe(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DevstralError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise DevstralError(f"--config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DevstralError(f"--config {path}: not a YAML recipe (not UTF-8 text: invalid byte at offset "
+                            f"{e.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except RecursionError:
+        raise DevstralError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -153,6 +165,8 @@ def _coerce_types(cfg: TrainConfig, source: Path | None) -> None:
             elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError
             elif kind.startswith("str") and not isinstance(value, str):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError  # a list or mapping where a name or path belongs
                 setattr(cfg, f.name, str(value))
         except (TypeError, ValueError):
             raise DevstralError(f"{where}: {f.name.replace('_', '-')} has an invalid value {value!r}") from None

@@ -100,6 +100,20 @@ def encode_record(record: Any, tokenizer, *, train_on: str = "assistant") -> tup
     return list(ids), [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
 
 
+def _parse_line(raw: bytes, *, first: bool) -> Any:
+    """One JSONL line (bytes) -> its JSON value; DevstralError naming the column otherwise."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")  # a BOM may start the file
+    except UnicodeDecodeError as e:
+        raise DevstralError(f"not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DevstralError(f"invalid JSON at column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DevstralError("invalid JSON: nested too deeply") from None
+
+
 def load_examples(path: Path, tokenizer, *, max_seq_len: int, train_on: str = "assistant",
                   skip_invalid: bool = False, truncate: bool = True) -> tuple[list[Example], DataStats]:
     """Read and encode a JSONL file. Bad lines raise (naming file and line) unless skip_invalid."""
@@ -108,16 +122,13 @@ def load_examples(path: Path, tokenizer, *, max_seq_len: int, train_on: str = "a
         raise DevstralError(f"--data {path}: no such file")
     stats = DataStats()
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             stats.lines += 1
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DevstralError(f"invalid JSON at column {e.colno}: {e.msg}") from None
+                record = _parse_line(raw, first=lineno == 1)
                 ids, labels = encode_record(record, tokenizer, train_on=train_on)
             except DevstralError as e:
                 if not skip_invalid:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from devstral.tmpfiles import temp_path
 
 SHARD_BYTES = 4 << 30
 # Files that describe the tokenizer, the chat template and generation defaults; copied as they are.
@@ -30,7 +31,10 @@ def write_merged(base: Path, adapter: Path, dest: Path, *, dtype: torch.dtype = 
 
     cfg = ModelConfig.from_dir(base)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = temp_path(dest)  # ours by name: a killed run's folder is swept when finetune starts again
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from devstral.tmpfiles import temp_path
 
 
 class MetricsLog:
@@ -55,8 +56,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".loss.", suffix=".png")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)

@@ -20,8 +20,9 @@ from devstral.model.transformer import Transformer
 
 def load_base(folder: Path, cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype,
               nf4_targets: list[str] | None = None, double_quant: bool = True) -> Transformer:
-    from devstral.formats.safetensors import iter_tensors
+    from devstral.formats.safetensors import check_config_against_weights, iter_tensors
 
+    check_config_against_weights(folder, cfg)  # before building anything from the config's sizes
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
