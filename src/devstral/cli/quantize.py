@@ -30,7 +30,6 @@ def quantize(
     from devstral.errors import DevstralError
     from devstral.formats.gguf_write import export_gguf
     from devstral.loader import resolve_model
-
     from devstral.tmpfiles import remove_stale
 
     apply_threads(threads)

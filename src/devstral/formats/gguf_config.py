@@ -34,8 +34,19 @@ def config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None 
     except DevstralError as e:
         message = str(e)
         if message.startswith("config: "):
-            message = f"{source}: {message.removeprefix('config: ')}"
+            ours, _, rest = message.removeprefix("config: ").partition(" ")
+            key = _GGUF_KEYS.get(ours)
+            message = f"{source}: {md.get('general.architecture')}.{key} {rest}" if key else \
+                f"{source}: {ours} {rest}"
         raise DevstralError(message) from None
+
+
+# Our config fields and the GGUF metadata key (after "ARCH.") each one is read from, for error messages.
+_GGUF_KEYS = {"n_layers": "block_count", "dim": "embedding_length", "n_heads": "attention.head_count",
+              "n_kv_heads": "attention.head_count_kv", "hidden_dim": "feed_forward_length",
+              "head_dim": "attention.key_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+              "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length",
+              "vocab_size": "vocab_size", "sliding_window": "attention.sliding_window"}
 
 
 def _config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None, has_output: bool) -> ModelConfig:
