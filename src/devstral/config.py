@@ -130,7 +130,7 @@ class ModelConfig:
                 f"{source}: unknown model_type {model_type!r} (expected mistral, ministral3 or mistral3)"
             )
         dim, n_heads = g.integer("hidden_size"), g.integer("num_attention_heads")
-        head_dim = g.integer("head_dim", None) or dim // n_heads
+        head_dim = g.integer("head_dim", None) or (dim // n_heads if n_heads > 0 else 0)  # 0: reported below
         rope_key = "rope_parameters" if g.opt("rope_parameters") else "rope_scaling"
         rope = _Getter(g.opt(rope_key) or {}, f"{source}: {rope_key}")
         theta = rope.number("rope_theta", None)
@@ -217,7 +217,7 @@ class ModelConfig:
             n_layers=g.integer("n_layers"),
             n_heads=n_heads,
             n_kv_heads=g.integer("n_kv_heads", None) or n_heads,
-            head_dim=g.integer("head_dim", None) or dim // n_heads,
+            head_dim=g.integer("head_dim", None) or (dim // n_heads if n_heads > 0 else 0),
             hidden_dim=g.integer("hidden_dim"),
             norm_eps=g.number("norm_eps"),
             rope_theta=g.number("rope_theta", 10000.0),

@@ -121,7 +121,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise DevstralError(f"{path}: invalid YAML{where}") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None)
+        detail = f" ({' '.join(str(problem).split())[:120]})" if problem else ""
+        raise DevstralError(f"{path}: invalid YAML{where}{detail}") from None
     if not isinstance(data, dict):
         raise DevstralError(f"{path}: a recipe must be a mapping of flag names to values")
     known = {f.name: f for f in fields(TrainConfig)}
