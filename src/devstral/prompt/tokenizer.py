@@ -63,6 +63,7 @@ class MistralCommonTokenizer:
     def __init__(self, path: Path, *, default_system_prompt: str | None = None):
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 
         try:
             self.mistral = MistralTokenizer.from_file(str(path))
@@ -74,12 +75,31 @@ class MistralCommonTokenizer:
         self.bos_id, self.eos_id, self.vocab_size = self.raw.bos_id, self.raw.eos_id, self.raw.n_words
         self.default_system_prompt = default_system_prompt
         self._keep, self._ignore = SpecialTokenPolicy.KEEP, SpecialTokenPolicy.IGNORE
+        self._sentencepiece = isinstance(self.raw, SentencePieceTokenizer)
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self.raw.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids: Sequence[int], *, special: bool = False) -> str:
-        return self.raw.decode(list(ids), special_token_policy=self._keep if special else self._ignore)
+        ids = list(ids)
+        if not special or not self._sentencepiece:
+            return self.raw.decode(ids, special_token_policy=self._keep if special else self._ignore)
+        # mistral-common's KEEP policy renders a SentencePiece model's *text* as raw pieces too ("▁Hello",
+        # "<0x0A>"). Keep only the control tokens as strings; decode each run of text between them the
+        # way mistral-common decodes text (which is also how it encoded it: one segment at a time).
+        parts: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            if self.raw.is_special(token):
+                if run:
+                    parts.append(self.raw.decode(run, special_token_policy=self._ignore))
+                    run = []
+                parts.append(self.raw.id_to_piece(token))
+            else:
+                run.append(token)
+        if run:
+            parts.append(self.raw.decode(run, special_token_policy=self._ignore))
+        return "".join(parts)
 
     def is_special(self, token_id: int) -> bool:
         return self.raw.is_special(token_id)
