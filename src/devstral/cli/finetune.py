@@ -53,6 +53,8 @@ def finetune(
                                       help="Skip (and count) bad lines instead of stopping."),
     merge: bool = typer.Option(None, "--merge/--no-merge", help="Also write OUTPUT/merged (bf16 safetensors)."),
     gguf: str = typer.Option(None, "--gguf", help="Also write OUTPUT/model-TYPE.gguf (e.g. Q4_K_M)."),
+    ollama: bool = typer.Option(None, "--ollama/--no-ollama",
+                                help="Also write OUTPUT/Modelfile for `ollama create` (implies --gguf Q8_0)."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
     threads: int = THREADS_OPTION,
@@ -70,6 +72,12 @@ def finetune(
     apply_threads(cfg.threads)
     _sweep_interrupted_writes(Path(cfg.output))
     result = run_finetune(cfg)
+    if cfg.ollama:
+        from devstral.cli.options import write_ollama_modelfile
+
+        out = Path(cfg.output)
+        modelfile = write_ollama_modelfile(out / f"model-{cfg.gguf}.gguf", out / "Modelfile", out / "merged")
+        typer.echo(f"wrote {modelfile}: ollama create NAME -f {modelfile}", err=True)
     final = f"{result.losses[-1]:.4f}" if result.losses else "-"
     typer.echo(f"saved adapter to {result.output} (final loss {final})")
 

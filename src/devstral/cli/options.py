@@ -60,3 +60,28 @@ def sampling_from_flags(llm, **flags):
     if stop:
         params = params.updated(stop=list(stop))
     return params
+
+
+def write_ollama_modelfile(gguf: Path, path: Path, source: Path) -> Path:
+    """The Ollama Modelfile of a GGUF made from the model at `source` (a folder or a .gguf): its
+    tokenizer's format and system prompt, its sampling defaults and trained context."""
+    from devstral.config import ModelConfig
+    from devstral.engine.sampling import defaults_for_model
+    from devstral.formats.gguf_chat import builtin_template
+    from devstral.formats.modelfile import TEMPLATE_VERSIONS, write_modelfile
+    from devstral.prompt.system_prompt import fill_placeholders
+    from devstral.prompt.tokenizer import load_tokenizer
+
+    folder = source if source.is_dir() else source.parent
+    tokenizer = load_tokenizer(source)
+    version = getattr(tokenizer, "version", "")
+    template = getattr(tokenizer, "chat_template", None)
+    if not version.startswith("v") and template:  # a GGUF we wrote carries our template for its version
+        version = next((v for v in TEMPLATE_VERSIONS if builtin_template(v) == template), version)
+    system = tokenizer.default_system_prompt
+    if system:
+        system = fill_placeholders(system, name=folder.name)
+    trained = ModelConfig.from_dir(folder).max_position_embeddings if source.is_dir() else None
+    sampling = vars(defaults_for_model(folder)) if source.is_dir() else {}
+    return write_modelfile(gguf, path, tokenizer_version=version, sampling=sampling, system=system,
+                           num_ctx=min(trained, 16384) if trained else None)

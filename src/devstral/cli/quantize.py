@@ -22,6 +22,8 @@ def quantize(
     name: str | None = typer.Option(None, "--name", help="general.name written into the file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     threads: int = THREADS_OPTION,
+    modelfile: bool = typer.Option(False, "--modelfile",
+                                   help="Also write OUT's Ollama Modelfile (OUT with .Modelfile for .gguf)."),
 ) -> None:
     """Quantize SOURCE into OUT with llama.cpp's per-tensor recipe for --type."""
     import sys
@@ -43,3 +45,8 @@ def quantize(
     seconds = time.perf_counter() - start
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e9:.3f} GB, {qtype.upper()}) in {seconds:.1f} s", file=sys.stderr)
+    if modelfile:
+        from devstral.cli.options import write_ollama_modelfile
+
+        written = write_ollama_modelfile(path, path.with_suffix(".Modelfile"), source)
+        print(f"wrote {written}: ollama create NAME -f {written}", file=sys.stderr)

@@ -48,6 +48,7 @@ class TrainConfig:
     skip_invalid: bool = False
     merge: bool = False
     gguf: str | None = None
+    ollama: bool = False  # also an Ollama Modelfile beside the GGUF (a Q8_0 one unless --gguf says)
     device: str = "auto"
     progress: bool = True
     threads: int | None = None  # CPU threads for torch; None: the physical core count
@@ -87,6 +88,8 @@ class TrainConfig:
                                     f"({self.max_seq_len})")
         if self.save_every < 0 or self.eval_every < 0:
             raise DevstralError("--save-every and --eval-every must be >= 0")
+        if self.ollama and not self.gguf:
+            self.gguf = "Q8_0"
         if self.threads is not None and self.threads <= 0:
             raise DevstralError(f"--threads must be a positive integer, got {self.threads}")
         if self.max_grad_norm < 0:
