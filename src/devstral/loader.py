@@ -115,7 +115,8 @@ def _is_gguf(path: Path) -> bool:
 
 def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None, device: str = "auto",
          dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None, parallel: int = 1,
-         gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True):
+         gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
+         speculative: str = "lookup", max_batched_tokens: int | None = None):
     """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
 
     `max_context` None gives the model's whole window where the KV cache's memory allows it;
@@ -161,8 +162,11 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         sampling = sampling.updated(**_store_sampling(stored.parameters))
         if max_context is None and stored.parameters.get("num_ctx"):
             max_context = min(int(stored.parameters["num_ctx"]), cfg.max_position_embeddings)
+    if speculative not in ("off", "lookup"):
+        raise DevstralError(f"--speculative: unknown value {speculative!r} (choose off or lookup)")
     ec = EngineConfig(max_context=max_context, max_num_seqs=parallel, kv_cache_dtype=kv_cache_dtype,
-                      cuda_graphs=cuda_graphs, prefix_caching=prefix_caching)
+                      cuda_graphs=cuda_graphs, prefix_caching=prefix_caching, speculative=speculative,
+                      max_num_batched_tokens=max_batched_tokens)
     if gpu_memory_fraction is not None:
         ec.gpu_memory_fraction = gpu_memory_fraction
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec)

@@ -9,7 +9,14 @@ import typer
 from rich.console import Console
 
 from devstral.cli.app import app
-from devstral.cli.options import THREADS_OPTION, apply_threads, load_llm, sampling_from_flags
+from devstral.cli.options import (
+    GPU_MEMORY_OPTION,
+    SPECULATIVE_OPTION,
+    THREADS_OPTION,
+    apply_threads,
+    load_llm,
+    sampling_from_flags,
+)
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line, or wrap a block in "
         '""" … """. Commands: /reset, /system TEXT, /exit. Ctrl-C stops the current answer; Ctrl-D quits.')
@@ -60,6 +67,8 @@ def chat(
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     threads: int = THREADS_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    gpu_memory_fraction: float = GPU_MEMORY_OPTION,
 ) -> None:
     """Chat with a model in the terminal."""
     from devstral.errors import DevstralError
@@ -67,7 +76,8 @@ def chat(
     console = Console(stderr=True)
     apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                   ctx_size=ctx_size, system=system, no_system=no_system)
+                   ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
+                   gpu_memory_fraction=gpu_memory_fraction)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     console.print(f"[dim]{HELP}[/dim]")

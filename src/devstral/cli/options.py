@@ -38,14 +38,23 @@ def apply_threads(threads: int | None) -> int:
     return n
 
 
+# The engine's knobs, shared by run, chat and serve.
+SPECULATIVE_OPTION = typer.Option("lookup", "--speculative",
+                                  help="lookup: draft tokens from the context and verify them in one pass "
+                                       "(exact: same output, same distribution); off: one token per pass.")
+GPU_MEMORY_OPTION = typer.Option(0.9, "--gpu-memory-fraction", min=0.05, max=1.0,
+                                 help="Share of the GPU the model, its KV cache and activations may use.")
+
+
 def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "auto", dtype: str = "auto",
              kv_cache_dtype: str = "auto", ctx_size: int | None = None, system: str | None = None,
-             no_system: bool = False):
+             no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None):
     import devstral
 
     with stderr.status("loading model…", spinner="dots"):
         llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                            max_context=ctx_size)
+                            max_context=ctx_size, speculative=speculative,
+                            gpu_memory_fraction=gpu_memory_fraction)
     if no_system:
         llm.tokenizer.default_system_prompt = None
     elif system is not None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
-from devstral.cli.options import THREADS_OPTION, apply_threads, load_llm, sampling_from_flags
+from devstral.cli.options import (
+    GPU_MEMORY_OPTION,
+    SPECULATIVE_OPTION,
+    THREADS_OPTION,
+    apply_threads,
+    load_llm,
+    sampling_from_flags,
+)
 
 
 @app.command()
@@ -30,10 +37,13 @@ def run(
     seed: int = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     ctx_size: int = typer.Option(None, "--ctx-size", "-c", min=1, help="Context window in tokens."),
-    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto, bf16, fp16, fp32 or q8_0."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype",
+                                        help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     threads: int = THREADS_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Generate a completion for PROMPT (chat template by default, --raw for plain text)."""
@@ -43,7 +53,8 @@ def run(
         prompt = _read_stdin()
     apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                   ctx_size=ctx_size, system=system, no_system=no_system)
+                   ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
+                   gpu_memory_fraction=gpu_memory_fraction)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                  stop=stop)

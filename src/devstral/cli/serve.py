@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import GPU_MEMORY_OPTION, SPECULATIVE_OPTION, THREADS_OPTION, apply_threads
 from devstral.errors import DevstralError
 
 
@@ -44,6 +45,14 @@ def serve(
     remote_key_env: str | None = typer.Option(None, help="Environment variable holding the remote's API key."),
     route: str | None = typer.Option(None, help="What goes to --remote: alias=NAME[:UPSTREAM] (that model name), "
                                                 "prompt>N (prompts over N tokens); comma-separated."),
+    speculative: str = SPECULATIVE_OPTION,
+    gpu_memory_fraction: float = GPU_MEMORY_OPTION,
+    max_batched_tokens: int | None = typer.Option(None, "--max-batched-tokens", min=16,
+                                                  help="Tokens per forward pass (prompt chunks and decodes "
+                                                       "together); default 8192 on CUDA, 512 on the CPU."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
+                                      help="Reuse the KV cache of prompt prefixes seen before (agent turns)."),
+    threads: int | None = THREADS_OPTION,
 ) -> None:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /api/chat, /api/generate, ..."""
     import uvicorn
@@ -62,9 +71,13 @@ def serve(
     except Exception:
         raise DevstralError(f"--keep-alive: {keep_alive!r} is not a duration (e.g. 5m, 1h, 0, -1)") from None
 
+    apply_threads(threads)
+
     def load():  # also how keep_alive reloads the weights it unloaded
         return devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                             max_context=ctx_size, parallel=parallel)
+                             max_context=ctx_size, parallel=parallel, speculative=speculative,
+                             gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
+                             prefix_caching=prefix_cache)
 
     llm = load()
     config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
