@@ -1,7 +1,9 @@
-"""`devstral eval ...`: quality measurements (`eval kld`: quantization KL divergence)."""
+"""`devstral eval ...`: quality measurements: `kld` (a quant against its reference), `humaneval` (pass@k
+by execution in a sandbox), `agent` (repository tasks solved by `devstral agent`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -50,3 +52,83 @@ def kld(
         print(json.dumps({"reference": reference, "model": model, "ctx": ctx, **stats.to_dict()}, indent=2))
     else:
         print(format_report(stats, reference, model))
+
+
+@eval_app.command("humaneval")
+def humaneval(
+    model: str = typer.Option(None, "--model", "-m", help="Model folder, .gguf, org/repo or nano (default: as devstral run)."),
+    base_url: str = typer.Option(None, "--base-url", help="Score an OpenAI-compatible server instead of a local model."),
+    api_key: str = typer.Option(None, "--api-key", envvar="DEVSTRAL_API_KEY", help="Bearer token for --base-url."),
+    model_name: str = typer.Option(None, "--model-name", help="Model name sent to --base-url (default: its first)."),
+    canonical: bool = typer.Option(False, "--canonical", help="Score the reference solutions: checks the harness "
+                                   "and sandbox on this machine (expect 100 %)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N problems."),
+    task: list[str] = typer.Option(None, "--task", help="Only this problem, e.g. HumanEval/0 (repeatable)."),
+    samples: int = typer.Option(1, "--samples", "-k", min=1, help="Samples per problem (n in pass@k)."),
+    ks: str = typer.Option(None, "--k", help="Report pass@k for these k, e.g. 1,10 (default: 1, 10, 100 up to n)."),
+    temperature: float = typer.Option(None, "--temperature", min=0.0,
+                                      help="Default 0 (greedy) with one sample, 0.8 with several (Chen et al.)."),
+    max_tokens: int = typer.Option(768, "--max-tokens", min=1, help="Cap on tokens per answer."),
+    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text instead of asking in chat."),
+    seed: int = typer.Option(0, "--seed", help="Sample i uses seed + i."),
+    system: str = typer.Option(None, "--system", help="System prompt (overrides SYSTEM_PROMPT.txt)."),
+    no_system: bool = typer.Option(False, "--no-system", help="Send no system prompt."),
+    parallel: int = typer.Option(4, "--parallel", min=1, help="Sequences generated at once."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Programs executed at once."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds each program may run (wall clock)."),
+    memory_mb: int = typer.Option(1024, "--memory-mb", min=64, help="Address-space limit per program process."),
+    sandbox: str = typer.Option("auto", "--sandbox", help="auto (bwrap when installed), bwrap, or process."),
+    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=256, help="Context window for a local model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the full JSON report (programs included) here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (per-problem results included)."),
+) -> None:
+    """HumanEval pass@k of a model, every completion executed in a sandbox."""
+    import json
+
+    from devstral.errors import DevstralError
+    from devstral.eval.humaneval import evaluate, load_problems, print_progress
+    from devstral.eval.passk import parse_ks
+    from devstral.eval.sandbox import Sandbox, SandboxLimits
+
+    if sum(x is not None and x is not False for x in (model, base_url, canonical or None)) > 1:
+        raise DevstralError("give at most one of --model, --base-url and --canonical")
+    mode = "raw" if raw or canonical else "chat"
+    k_list = parse_ks(ks, samples)
+    temp = temperature if temperature is not None else (0.0 if samples == 1 else 0.8)
+    problems = load_problems(limit, task or None)
+    box = Sandbox(SandboxLimits(timeout_s=timeout, memory_mb=memory_mb), kind=sandbox)
+    if box.kind == "process" and not json_out:
+        print("note: bubblewrap (bwrap) is not available: programs run without a network namespace; "
+              "network is refused by a Python-level guard only", file=sys.stderr)
+    if canonical:
+        from devstral.eval.generators import canonical as generate
+
+        label = "canonical solutions"
+    elif base_url is not None:
+        from devstral.eval.generators import EndpointGenerator
+
+        generate = EndpointGenerator(base_url, model_name=model_name, api_key=api_key, mode=mode, temperature=temp,
+                                     max_tokens=max_tokens, seed=seed, parallel=parallel)
+        generate.check()
+        label = f"{generate.model_name or 'default'} at {generate.base_url}"
+    else:
+        from devstral.cli.options import load_llm
+        from devstral.eval.generators import InProcessGenerator
+
+        llm = load_llm(model, device=device, dtype=dtype, ctx_size=ctx_size, system=system, no_system=no_system)
+        llm.set_parallel(parallel)
+        generate = InProcessGenerator(llm, mode=mode, temperature=temp, max_tokens=max_tokens, seed=seed,
+                                      parallel=parallel, show_progress=not json_out)
+        label = str(model or llm.path)
+    report = evaluate(problems, generate, box, samples=samples, mode=mode, ks=k_list, model=label,
+                      temperature=temp, workers=workers, on_progress=None if json_out else print_progress)
+    if output is not None:
+        from devstral.eval.report_io import write_json
+
+        write_json(output, report.to_dict(with_programs=True))
+    if json_out:
+        print(json.dumps(report.to_dict(with_programs=False), indent=2))
+    else:
+        print(report.summary())
