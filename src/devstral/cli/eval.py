@@ -121,7 +121,9 @@ def humaneval(
         llm.set_parallel(parallel)
         generate = InProcessGenerator(llm, mode=mode, temperature=temp, max_tokens=max_tokens, seed=seed,
                                       parallel=parallel, show_progress=not json_out)
-        label = str(model or llm.path)
+        import os
+
+        label = model or os.environ.get("DEVSTRAL_MODEL") or "nano"
     report = evaluate(problems, generate, box, samples=samples, mode=mode, ks=k_list, model=label,
                       temperature=temp, workers=workers, on_progress=None if json_out else print_progress)
     if output is not None:
@@ -130,5 +132,61 @@ def humaneval(
         write_json(output, report.to_dict(with_programs=True))
     if json_out:
         print(json.dumps(report.to_dict(with_programs=False), indent=2))
+    else:
+        print(report.summary())
+
+
+@eval_app.command("agent")
+def agent_tasks(
+    model: str = typer.Option(None, "--model", "-m", help="Run this model in process (folder, .gguf, org/repo, nano)."),
+    base_url: str = typer.Option(None, "--base-url", help="Use an OpenAI-compatible server instead."),
+    api_key: str = typer.Option(None, "--api-key", envvar="DEVSTRAL_API_KEY", help="Bearer token for --base-url."),
+    model_name: str = typer.Option(None, "--model-name", help="Model name sent to --base-url (default: its first)."),
+    suite: Path = typer.Option(None, "--suite", help="A folder of task folders (default: the suite shipped with devstral)."),
+    task: list[str] = typer.Option(None, "--task", help="Only this task (repeatable)."),
+    max_steps: int = typer.Option(30, "--max-steps", min=1, help="Model calls per task (a task.json may set its own)."),
+    max_time: float = typer.Option(600.0, "--max-time", min=1, help="Seconds per task."),
+    temperature: float = typer.Option(0.15, "--temperature", min=0.0, help="Sampling temperature."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Cap on tokens per model reply."),
+    device: str = typer.Option("auto", "--device", help="Device for --model."),
+    trajectories: Path = typer.Option(None, "--trajectories", help="Write each task's trajectory JSONL into this folder."),
+    keep: Path = typer.Option(None, "--keep", help="Copy each task's final workspace into this folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run `devstral agent` on each task of a suite in a fresh copy; success is the task's own check passing."""
+    import json
+
+    from devstral.errors import DevstralError
+    from devstral.eval.agent_eval import load_suite, run_suite
+
+    if model is not None and base_url is not None:
+        raise DevstralError("give --model (run in process) or --base-url (use a server), not both")
+    if api_key and not base_url:
+        raise DevstralError("--api-key only applies with --base-url")
+    tasks = load_suite(suite, task or None)
+    if base_url is not None:
+        from devstral.agent.endpoint_model import EndpointChatModel
+
+        chat_model = EndpointChatModel(base_url, model_name, api_key, temperature=temperature, max_tokens=max_tokens)
+        chat_model.check()
+        label = f"{chat_model.model_name or 'default'} at {chat_model.base_url}"
+    else:
+        import os
+
+        from devstral.agent.inprocess_model import InProcessChatModel
+
+        chat_model = InProcessChatModel(model or os.environ.get("DEVSTRAL_MODEL") or "nano", device=device,
+                                        temperature=temperature, max_tokens=max_tokens)
+        label = model or os.environ.get("DEVSTRAL_MODEL") or "nano"
+
+    def progress(result) -> None:
+        if not json_out:
+            mark = "PASS" if result.success else "FAIL"
+            print(f"{mark} {result.name} ({result.steps} steps, agent {result.stop})", file=sys.stderr, flush=True)
+
+    report = run_suite(tasks, chat_model, model_label=label, trajectories=trajectories, keep=keep,
+                       max_steps=max_steps, max_time_s=max_time, on_task=progress)
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.summary())

@@ -1,0 +1,1 @@
+"""Rectangles and reports about them."""
