@@ -15,10 +15,10 @@ from devstral.eval.humaneval import (
     Sample,
     candidate_program,
     chat_messages,
+    checked_program,
     evaluate,
     extract_code,
     load_problems,
-    checked_program,
 )
 from devstral.eval.passk import pass_at_k
 from devstral.eval.sandbox import Sandbox, SandboxLimits
@@ -85,7 +85,7 @@ def test_chat_answers_are_extracted(sandbox):
         texts[t] = (f"Here is the function.\n\n```python\n{p.prompt}{p.canonical_solution}```\n\n"
                     "It runs in linear time.\n```bash\npython -m pytest\n```")
     texts["HumanEval/53"] = "```python\n" + PROBLEMS["HumanEval/53"].canonical_solution + "```"  # body only
-    texts["HumanEval/2"] = f"```py\ndef truncate_number(number: float) -> float:\n    return number\n```"  # wrong
+    texts["HumanEval/2"] = "```py\ndef truncate_number(number: float) -> float:\n    return number\n```"  # wrong
     report = evaluate([PROBLEMS[t] for t in ids], scripted(texts), sandbox, samples=1, mode="chat", ks=[1],
                       model="scripted", temperature=0)
     status = {p.task_id: p.samples[0].status for p in report.problems}

@@ -9,6 +9,7 @@ group, killed whole at the end. Success is the check's exit code 0, whatever the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,10 +149,8 @@ def run_check(task: AgentTask, workspace: Path) -> tuple[int | None, str, float]
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             proc.wait()
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
