@@ -27,6 +27,8 @@ def finetune(
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r) (rank-stabilized)."),
     target: str = typer.Option(None, "--target", help="all-linear (default) or a comma list of q,k,v,o,gate,up,down."),
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Keep the base weights in 4-bit NF4."),
+    full: bool = typer.Option(None, "--full/--no-full", help="Train every weight (fp32 master weights); "
+                              "OUTPUT becomes a model folder instead of an adapter."),
     double_quant: bool = typer.Option(None, "--double-quant/--no-double-quant",
                                       help="QLoRA: 8-bit quantize the NF4 block scales (default on)."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
@@ -59,7 +61,8 @@ def finetune(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Fine-tune a model with LoRA or QLoRA and save a PEFT adapter (optionally merged and GGUF)."""
+    """Fine-tune a model with LoRA or QLoRA and save a PEFT adapter (optionally merged and GGUF), or train every
+    weight with --full and save a whole model folder."""
     flags = dict(locals())  # first statement: only the parameters are local yet
     from devstral.train.config import build_config
     from devstral.train.trainer import finetune as run_finetune
@@ -76,10 +79,11 @@ def finetune(
         from devstral.cli.options import write_ollama_modelfile
 
         out = Path(cfg.output)
-        modelfile = write_ollama_modelfile(out / f"model-{cfg.gguf}.gguf", out / "Modelfile", out / "merged")
+        model_dir = out if cfg.full else out / "merged"  # --full: OUTPUT is the model folder
+        modelfile = write_ollama_modelfile(out / f"model-{cfg.gguf}.gguf", out / "Modelfile", model_dir)
         typer.echo(f"wrote {modelfile}: ollama create NAME -f {modelfile}", err=True)
     final = f"{result.losses[-1]:.4f}" if result.losses else "-"
-    typer.echo(f"saved adapter to {result.output} (final loss {final})")
+    typer.echo(f"saved {'model' if cfg.full else 'adapter'} to {result.output} (final loss {final})")
 
 
 def _sweep_interrupted_writes(output: Path) -> None:

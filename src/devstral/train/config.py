@@ -25,6 +25,7 @@ class TrainConfig:
     rslora: bool = False
     target: str = "all-linear"
     qlora: bool = False
+    full: bool = False  # full-parameter training: every weight learns, the output is a model folder
     double_quant: bool = True
     epochs: float | None = None
     max_steps: int | None = None
@@ -57,6 +58,8 @@ class TrainConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise DevstralError(f"--{name.replace('_', '-')} is required")
+        if self.full and self.qlora:
+            raise DevstralError("--full trains every weight in 16/32-bit; it cannot be combined with --qlora")
         if self.lora_r <= 0:
             raise DevstralError(f"--lora-r must be a positive integer, got {self.lora_r}")
         if self.lora_alpha <= 0:
@@ -139,9 +142,11 @@ def read_recipe(path: Path) -> dict[str, Any]:
     return out
 
 
-def build_config(recipe: Path | None, flags: dict[str, Any]) -> TrainConfig:
-    """Defaults, overridden by the recipe, overridden by flags given on the command line (non-None)."""
-    values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+def build_config(recipe: Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, overridden by `base` (settings from elsewhere, e.g. a pretraining recipe), then the recipe
+    file, then flags given on the command line (non-None)."""
+    values: dict[str, Any] = dict(base or {})
+    values.update(read_recipe(recipe) if recipe else {})
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         cfg = TrainConfig(**values)

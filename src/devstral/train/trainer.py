@@ -1,4 +1,4 @@
-"""The LoRA / QLoRA training loop on our one Transformer.
+"""The LoRA / QLoRA (or, with `full`, full-parameter) training loop on our one Transformer.
 
 Order of work: check flags and data (every user error surfaces before the model is loaded), load the
 base (NF4 for QLoRA), wrap the targeted linears with LoRA, then AdamW steps over a deterministic stream
@@ -80,7 +80,7 @@ def evaluate(model, examples: list[Example], plan: BatchPlan, device: torch.devi
 
 def _oom_message(cfg: TrainConfig, step: int) -> str:
     hints = []
-    if not cfg.qlora:
+    if not cfg.qlora and not cfg.full:
         hints.append("--qlora (4-bit base weights)")
     hints.append(f"a smaller --max-seq-len (now {cfg.max_seq_len})")
     if not cfg.grad_checkpointing:
@@ -132,6 +132,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.model.lora import inject_lora, lora_modules, parse_targets, trainable_parameters
     from devstral.prompt.tokenizer import load_tokenizer
     from devstral.train.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+    from devstral.train.full import full_parameters, load_weights, save_model_folder, weights_state
     from devstral.train.loss import summed_loss
     from devstral.train.metrics import MetricsLog, plot_loss
     from devstral.train.model_setup import load_base
@@ -170,24 +171,31 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         _check_resumable(state, cfg, fingerprint, total_steps)
 
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Full training keeps fp32 master weights (bf16 autocast on CUDA); LoRA's frozen base can be bf16.
+    dtype = torch.bfloat16 if device.type == "cuda" and not cfg.full else torch.float32
     model = load_base(model_path, mcfg, device=device, dtype=dtype, nf4_targets=targets if cfg.qlora else None,
                       double_quant=cfg.double_quant)
-    inject_lora(model, targets, cfg.lora_r, cfg.lora_alpha, dropout=cfg.lora_dropout, rslora=cfg.rslora,
-                dtype=torch.float32, seed=cfg.seed)
+    if cfg.full:
+        params = full_parameters(model)
+    else:
+        inject_lora(model, targets, cfg.lora_r, cfg.lora_alpha, dropout=cfg.lora_dropout, rslora=cfg.rslora,
+                    dtype=torch.float32, seed=cfg.seed)
+        params = trainable_parameters(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
-    params = trainable_parameters(model)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
 
     start_step, micro_done = 0, 0
-    if state is not None:
+    if state is not None and cfg.full:
+        load_weights(model, state["weights"])
+    elif state is not None:
         with torch.no_grad():
             for name, m in lora_modules(model).items():
                 m.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_step, micro_done = state["step"], state["micro_batches"]
         restore_rng(state["rng"])
@@ -198,7 +206,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     n_trainable = sum(p.numel() for p in params)
     progress = Progress(cfg.progress, total_steps, start_step)
     progress.print(f"data: {stats.summary()}")
-    progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, LoRA r={cfg.lora_r} on {', '.join(targets)}: "
+    what = "full-parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
+    progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, {what}: "
                    f"{n_trainable / 1e6:,.2f}M trainable" + (" (base in NF4)" if cfg.qlora else "")
                    + (f"; resuming at step {start_step}" if state is not None else ""))
 
@@ -248,7 +257,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
                 save_checkpoint(out, {
                     "step": done, "micro_batches": micro_done, "rng": rng_state(),
-                    "lora": {k: v.detach().cpu().clone() for k, v in _lora_state(model).items()},
+                    **({"weights": weights_state(model)} if cfg.full else
+                       {"lora": {k: v.detach().cpu().clone() for k, v in _lora_state(model).items()}}),
                     "optimizer": optimizer.state_dict(), "config": cfg.as_dict(), "data_sha256": fingerprint,
                     "total_steps": total_steps})
     except torch.OutOfMemoryError:
@@ -261,12 +271,19 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         result.eval_loss = evaluate(model, eval_examples, plan, device)
         metrics.write({"step": total_steps, "eval_loss": result.eval_loss})
         print(f"eval loss {result.eval_loss:.4f}", file=sys.stderr)
-    save_adapter(model, out, AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                           lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
-                                           base_model_name_or_path=str(cfg.model)))
+    if cfg.full:
+        save_model_folder(model, model_path, out)
+    else:
+        save_adapter(model, out, AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                               lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
+                                               base_model_name_or_path=str(cfg.model)))
     plot_loss(metrics.records(), out / "loss.png")
     del model, optimizer
-    if cfg.merge or cfg.gguf:
+    if cfg.full and cfg.gguf:
+        from devstral.train.export import export_gguf
+
+        print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf)}", file=sys.stderr)
+    elif cfg.merge or cfg.gguf:
         from devstral.train.export import export_gguf, write_merged
 
         merged = write_merged(model_path, out, out / "merged")
@@ -285,13 +302,13 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 _MUST_MATCH = ("model", "data", "lora_r", "lora_alpha", "rslora", "target", "qlora", "seed", "batch_size",
                "grad_accum", "batch_tokens", "max_seq_len", "packing", "train_on", "lr", "schedule",
-               "warmup_steps", "lora_dropout")
+               "warmup_steps", "lora_dropout", "full")
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig, fingerprint: str, total_steps: int) -> None:
     saved = state.get("config", {})
     for key in _MUST_MATCH:
-        if saved.get(key) != getattr(cfg, key):
+        if saved.get(key, False if key == "full" else None) != getattr(cfg, key):  # "full" came later
             raise DevstralError(f"--resume: {key.replace('_', '-')} was {saved.get(key)!r} in the checkpointed run "
                                 f"but is {getattr(cfg, key)!r} now")
     if state.get("data_sha256") != fingerprint:
