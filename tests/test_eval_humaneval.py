@@ -272,3 +272,47 @@ def test_problem_program_shape():
     ns: dict = {}
     exec(compile(prog, "prog", "exec"), ns)  # trusted text written above; the candidate replaced the stub
     assert ns["f"](1) == 2
+
+
+# ------------------------------------------------------------------------------------------ a live server
+def test_an_openai_compatible_server_is_scored_raw_and_chat(sandbox):
+    """`devstral serve` (tests' live server, tiny model) forced to emit known text: the endpoint
+    generator's requests, both routes and the scoring, end to end over HTTP."""
+    from devstral.eval.generators import EndpointGenerator
+    from test_server_harness import forced_output, live, reference_llm
+
+    server = live()
+    tok = reference_llm().tokenizer
+    p = PROBLEMS["HumanEval/53"]  # add(x, y): short enough for the test server's context
+    for mode, text in (("raw", p.canonical_solution + "\ndef more():\n    pass\n"),
+                       ("chat", "```python\ndef add(x: int, y: int):\n    return x + y\n```")):
+        gen = EndpointGenerator(server.url, model_name=None, api_key=None, mode=mode, temperature=0.0,
+                                max_tokens=60, parallel=1)
+        gen.check()
+        with forced_output(tok.encode(text)):
+            report = evaluate([p], gen, sandbox, samples=1, mode=mode, ks=[1], model="live", temperature=0)
+        sample = report.problems[0].samples[0]
+        assert sample.status == "passed", (mode, sample.detail)
+        assert sample.completion_tokens > 0
+
+
+def test_raw_mode_in_process_stops_at_the_next_top_level_statement(long_ctx_model, sandbox):
+    import devstral
+    from devstral.eval.generators import InProcessGenerator
+    from devstral.testing import patched_sampler
+
+    llm = devstral.load(long_ctx_model, max_context=1024)
+    p = PROBLEMS["HumanEval/53"]
+    target = llm.tokenizer.encode(p.canonical_solution + "\n\ndef helper():\n    return 1\n" * 3)
+    prompt = llm.encode_prompt(p.prompt)
+
+    def pick(logits, params, history):
+        assert history[:len(prompt)] == prompt  # a raw prompt: BOS + the text, no chat template
+        return target[len(history) - len(prompt)]
+
+    gen = InProcessGenerator(llm, mode="raw", temperature=0.0, max_tokens=len(target), show_progress=False)
+    with patched_sampler(pick):
+        report = evaluate([p], gen, sandbox, samples=1, mode="raw", ks=[1], model="tiny", temperature=0)
+    sample = report.problems[0].samples[0]
+    assert sample.status == "passed" and sample.finish_reason == "stop"
+    assert sample.completion_tokens < len(target)  # the "\ndef " stop string ended it
