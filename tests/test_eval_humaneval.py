@@ -134,8 +134,8 @@ def _leftovers(marker: str) -> list:
     import psutil
 
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if marker in " ".join(p.info["cmdline"] or []):
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if marker in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(p)
     return found
 

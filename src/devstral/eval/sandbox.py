@@ -230,7 +230,11 @@ class Sandbox:
                 env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
                        "PYTHONHASHSEED": "0"}
             tag = uuid.uuid4().hex
-            env = {**(env or os.environ), TAG_VARIABLE: tag} if self.kind == "process" else None
+            if self.kind == "bwrap":
+                sep = argv.index("--")  # after --clearenv, which would drop it
+                argv[sep:sep] = ["--setenv", TAG_VARIABLE, tag]
+            else:
+                env = {**env, TAG_VARIABLE: tag}
             out_path, err_path = work / ".stdout", work / ".stderr"
             start = time.monotonic()
             timed_out = False
@@ -244,8 +248,9 @@ class Sandbox:
                 finally:
                     _kill_group(proc.pid)
                     proc.wait()
-                    if self.kind == "process":
-                        _kill_tagged(tag)
+                    # Whatever left the group (setsid) dies here; in bwrap the PID namespace is going
+                    # down too, and this waits until its processes are really gone.
+                    _kill_tagged(tag)
             wall = time.monotonic() - start
             stdout, stderr = _tail(out_path), _tail(err_path)
         return _classify(proc.returncode, timed_out, stdout, stderr, wall, lim)
@@ -266,11 +271,11 @@ def _kill_group(pgid: int) -> None:
 
 def _kill_tagged(tag: str) -> None:
     """Kill processes that left the group (setsid, double fork) but still carry the run's tag."""
-    for _ in range(3):  # a process may fork while we look
+    for _ in range(5):  # a process may fork while we look
         found = []
         for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if p.environ().get(TAG_VARIABLE) == tag:
+                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(TAG_VARIABLE) == tag:
                     found.append(p)
         if not found:
             return

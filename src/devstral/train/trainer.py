@@ -279,10 +279,11 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                                                base_model_name_or_path=str(cfg.model)))
     plot_loss(metrics.records(), out / "loss.png")
     del model, optimizer
-    if cfg.full and cfg.gguf:
-        from devstral.train.export import export_gguf
+    if cfg.full:  # OUTPUT is already a whole model: nothing to merge
+        if cfg.gguf:
+            from devstral.train.export import export_gguf
 
-        print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf)}", file=sys.stderr)
+            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf)}", file=sys.stderr)
     elif cfg.merge or cfg.gguf:
         from devstral.train.export import export_gguf, write_merged
 
