@@ -250,7 +250,7 @@ class Sandbox:
                     proc.wait()
                     # Whatever left the group (setsid) dies here; in bwrap the PID namespace is going
                     # down too, and this waits until its processes are really gone.
-                    _kill_tagged(tag)
+                    _kill_tagged(tag, self.drop_to if self.drop_to is not None else os.getuid())
             wall = time.monotonic() - start
             stdout, stderr = _tail(out_path), _tail(err_path)
         return _classify(proc.returncode, timed_out, stdout, stderr, wall, lim)
@@ -269,13 +269,14 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _kill_tagged(tag: str) -> None:
-    """Kill processes that left the group (setsid, double fork) but still carry the run's tag."""
+def _kill_tagged(tag: str, uid: int) -> None:
+    """Kill processes of `uid` that left the group (setsid, double fork) but still carry the run's tag."""
     for _ in range(5):  # a process may fork while we look
         found = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(TAG_VARIABLE) == tag:
+        for p in psutil.process_iter(["uids", "status"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                if p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE \
+                        and p.environ().get(TAG_VARIABLE) == tag:
                     found.append(p)
         if not found:
             return
