@@ -95,8 +95,10 @@ def test_the_tokenizer_is_a_prefix_of_tekken_with_the_real_control_tokens(toy_ru
     text = "def reverse(s: str) -> str:\n    return s[::-1]  # émoji 🙂\n"
     ids = ours.encode(text, bos=False, eos=False)
     assert ours.decode(ids) == text and max(ids) < ours.n_words == 2000
-    # ranks are merge order: every token of the prefix is the full vocabulary's token with the same id
-    assert [full.id_to_byte_piece(i) for i in range(1000, 2000)] == [ours.id_to_byte_piece(i) for i in range(1000, 2000)]
+    # ranks are merge order: every token of the prefix is the full vocabulary's token with the same id,
+    # but the last, which devstral.testing gives to the pair b"\xe2\x98" that mistral-common's FIM encoding needs
+    assert [full.id_to_byte_piece(i) for i in range(1000, 1999)] == [ours.id_to_byte_piece(i) for i in range(1000, 1999)]
+    assert ours.id_to_byte_piece(1999) == b"\xe2\x98" == full.id_to_byte_piece(full.encode("☺", bos=False, eos=False)[0])
 
 
 def test_data_is_deduplicated_decontaminated_and_in_the_v13_format(toy_run):

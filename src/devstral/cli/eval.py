@@ -83,6 +83,7 @@ def humaneval(
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the full JSON report (programs included) here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (per-problem results included)."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """HumanEval pass@k of a model, every completion executed in a sandbox."""
     import json
@@ -94,6 +95,7 @@ def humaneval(
 
     if sum(x is not None and x is not False for x in (model, base_url, canonical or None)) > 1:
         raise DevstralError("give at most one of --model, --base-url and --canonical")
+    apply_threads(threads)
     mode = "raw" if raw or canonical else "chat"
     k_list = parse_ks(ks, samples)
     temp = temperature if temperature is not None else (0.0 if samples == 1 else 0.8)
@@ -152,6 +154,7 @@ def agent_tasks(
     trajectories: Path = typer.Option(None, "--trajectories", help="Write each task's trajectory JSONL into this folder."),
     keep: Path = typer.Option(None, "--keep", help="Copy each task's final workspace into this folder."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Run `devstral agent` on each task of a suite in a fresh copy; success is the task's own check passing."""
     import json
@@ -163,6 +166,7 @@ def agent_tasks(
         raise DevstralError("give --model (run in process) or --base-url (use a server), not both")
     if api_key and not base_url:
         raise DevstralError("--api-key only applies with --base-url")
+    apply_threads(threads)
     tasks = load_suite(suite, task or None)
     if base_url is not None:
         from devstral.agent.endpoint_model import EndpointChatModel

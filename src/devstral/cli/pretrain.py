@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import THREADS_OPTION, apply_threads
 
 pretrain_app = typer.Typer(help="Train a small model from scratch (the default model's recipe).",
                            no_args_is_help=True)
@@ -75,12 +76,14 @@ def train(
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from OUTPUT/model/checkpoint."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
     humaneval: bool = typer.Option(False, "--humaneval", help="Then measure HumanEval pass@1 and put it in the card."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Train the recipe's model from scratch (full-parameter `devstral finetune`) and write its model card."""
     flags = dict(locals())
     from devstral.train.pretrain import load_recipe
     from devstral.train.pretrain import train as run_train
 
+    apply_threads(flags.pop("threads"))
     r = load_recipe(flags.pop("recipe"))
     data_dir, output, measure = flags.pop("data_dir"), flags.pop("output"), flags.pop("humaneval")
     result = run_train(r, data_dir, output, flags, measure=_humaneval if measure else None)
