@@ -82,8 +82,8 @@ def test_exactly_one_bos(tok):
     ([U, {"role": "assistant", "content": ""}, U], r"message 1: an assistant message needs content or tool_calls"),
     ([{"role": "user"}], r"message 0: a user message needs content"),
     ([{"role": "user", "content": [{"type": "text"}]}], r"message 0: content part 0"),
-    ([U, {"role": "assistant", "tool_calls": [{"function": {"name": "bash", "arguments": "{oops"}}]}],
-     r"message 1: tool_calls\[0\] \(bash\): arguments are not valid JSON"),
+    ([U, {"role": "assistant", "tool_calls": [{"function": {"name": "bash", "arguments": 7}}]}],
+     r"message 1: tool_calls\[0\] \(bash\): arguments must be a JSON string or an object"),
     ([], "non-empty"),
 ])
 def test_bad_messages_name_the_index(tok, messages, match):
@@ -96,7 +96,7 @@ def test_mistral_common_validation_is_reported(tok):
     with pytest.raises(DevstralError, match="invalid chat request: .*function calls and responses"):
         tok.encode_chat([U, {"role": "assistant", "tool_calls": [call]}, U], [BASH])  # call left unanswered
     with pytest.raises(DevstralError, match="invalid chat request: Expected last role"):
-        tok.encode_chat([U, {"role": "assistant", "content": "done"}])
+        tok.encode_chat([U, {"role": "assistant", "tool_calls": [call]}], [BASH])  # a call is never continued
 
 
 @pytest.mark.parametrize("tools,match", [

@@ -119,7 +119,9 @@ def forced_output(token_ids: list[int]):
     """Make every sampler created inside the block emit `token_ids`, then EOS.
 
     The model still runs; only the choice of token is replaced, so the server's whole production
-    path (detokenizing, tool-call parsing, chunking, JSON shapes) is what is under test.
+    path (detokenizing, tool-call parsing, chunking, JSON shapes) is what is under test. Where a
+    grammar constraint masks the wanted token out (its logit is -inf), the best allowed token is
+    taken instead: the model "wanted" to write it and the grammar did not let it.
     """
     from devstral.testing import patched_sampler
 
@@ -128,7 +130,10 @@ def forced_output(token_ids: list[int]):
 
     def pick(logits: Any, params: Any, history: list[int]) -> int:
         _, ids = scripts.setdefault(id(history), (history, iter(token_ids)))
-        return next(ids, eos)
+        token = next(ids, eos)
+        if token < logits.shape[-1] and logits[token] == float("-inf"):  # masked out by a grammar
+            return int(logits.argmax())
+        return token
 
     with patched_sampler(pick):
         yield

@@ -153,18 +153,20 @@ def test_tool_call_deltas_reassemble_into_the_non_streaming_result():
 
 
 def test_tool_choice_named_forces_that_call_and_parallel_false_keeps_one():
-    # The model is made to write only the arguments and then start a second call.
-    forced = [*reference_llm().tokenizer.encode('{"cmd": "pwd"}'), *tool_call_ids([("read_file", "{}")])]
+    # The model "wants" to call run twice and then read_file; the grammar decides what it may write.
+    forced = tool_call_ids([("run", '{"cmd": "pwd"}'), ("run", '{"cmd": "ls"}'), ("read_file", '{"path": "a"}')])
+    named = {"type": "function", "function": {"name": "run"}}
     with forced_output(forced):
         r = client().chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0,
-                                             tool_choice={"type": "function", "function": {"name": "run"}},
-                                             parallel_tool_calls=False)
+                                             tool_choice=named, parallel_tool_calls=False)
     calls = r.choices[0].message.tool_calls
     assert [(c.function.name, c.function.arguments) for c in calls] == [("run", '{"cmd": "pwd"}')]
-    with forced_output(forced):  # without the limit both calls come back
-        r = client().chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0,
-                                             tool_choice={"type": "function", "function": {"name": "run"}})
-    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["run", "read_file"]
+    with forced_output(forced):  # without the limit, calls repeat, but only of the named tool
+        r = client().chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, temperature=0, tool_choice=named)
+    calls = r.choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in calls[:2]] == [("run", '{"cmd": "pwd"}'),
+                                                                           ("run", '{"cmd": "ls"}')]
+    assert {c.function.name for c in calls} == {"run"}
 
 
 def test_tool_choice_none_hides_the_tools_from_the_prompt():

@@ -53,13 +53,16 @@ class ChatStream:
     def __init__(self, llm, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                  sampling=None, *, system_prompt: str | None | object = DEFAULT,
                  make_id: IdFactory = random_call_id, prompt_token_ids: list[int] | None = None,
-                 **stream_kw: Any):
+                 parse_tool_calls: bool = True, **stream_kw: Any):
         self.llm = llm
         kw = {} if system_prompt is DEFAULT else {"system_prompt": system_prompt}
         # A caller that already encoded the request (a server checking the context) passes the ids.
         self.prompt_token_ids: list[int] = (list(prompt_token_ids) if prompt_token_ids is not None
                                             else llm.tokenizer.encode_chat(messages, tools, **kw))
-        self._parser = ToolCallStream(_parser_version(llm.tokenizer), make_id=make_id)
+        # Without tools (or with tool_choice "none") whatever the model writes is content, even a
+        # [TOOL_CALLS] marker: a client that offered no tools must never receive tool calls.
+        self._parser = (ToolCallStream(_parser_version(llm.tokenizer), make_id=make_id) if parse_tool_calls
+                        else _PlainText())
         self._sampling, self._stream_kw = sampling, stream_kw
         self.result: ChatResult | None = None
         self._iterator: Iterator[dict[str, Any]] | None = None
@@ -110,6 +113,23 @@ class ChatStream:
         yield {"index": 0, "delta": {}, "finish_reason": finish}
 
 
+class _PlainText:
+    """The ToolCallStream interface for output that is all content."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def feed(self, piece: str) -> list[Delta]:
+        self._parts.append(piece)
+        return [ContentDelta(piece)]
+
+    def finish(self) -> list[Delta]:
+        return []
+
+    def result(self) -> tuple[str, list[dict[str, Any]]]:
+        return "".join(self._parts), []
+
+
 def _choices(deltas: list[Delta]) -> Iterator[dict[str, Any]]:
     for d in deltas:
         if isinstance(d, ContentDelta):
@@ -131,7 +151,8 @@ def _parser_version(tokenizer) -> str:
 def stream_chat(llm, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, sampling=None,
                 **kw: Any) -> ChatStream:
     """OpenAI-shaped streaming deltas. Keyword arguments: system_prompt, make_id, prompt_token_ids
-    (the request already encoded), and what `LLM.stream` takes (should_stop, cache)."""
+    (the request already encoded), parse_tool_calls (False: everything is content), and what
+    `LLM.stream` takes (should_stop, cache)."""
     return ChatStream(llm, messages, tools, sampling, **kw)
 
 

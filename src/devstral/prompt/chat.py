@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 from typing import Any, Literal
 
 from devstral.errors import DevstralError
+from devstral.prompt import raw_arguments
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
 
 TrainOn = Literal["assistant", "last-assistant"]
@@ -88,10 +88,11 @@ def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: boo
     path = getattr(tokenizer, "path", None)
     messages = with_system_prompt(messages, tokenizer.default_system_prompt, system_prompt,
                                   name=path.parent.name if path is not None else "")
-    request = prepare_request(messages, tools, version.value)
+    request = prepare_request(messages, tools, version.value, continue_final=not training)
     mode = ValidationMode.finetuning if training else ValidationMode.serving
     segments: list[tuple[str, list[int]]] = []
     instruct = _recording_copy(mistral.instruct_tokenizer, segments)
+    raw_arguments.install(instruct)
     try:
         validated = get_validator(version, mode=mode).validate_request(request)
         normalized = mistral._instruct_request_normalizer.from_chat_completion_request(validated)
@@ -140,8 +141,13 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _STRICT_ID_VERSIONS = ("v3", "v7", "v11")
 
 
-def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, version: str):
+def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, version: str, *,
+                    continue_final: bool = False):
     """Check an OpenAI-shaped request and turn it into mistral-common's ChatCompletionRequest.
+
+    `continue_final`: a last assistant message with text is a prefill that the answer continues
+    (mistral-common's `prefix`: encoded without its closing EOS), as Mistral's API with
+    `"prefix": true`, Ollama, llama.cpp and vLLM's `continue_final_message` do.
 
     Adjustments, each one what the model's format needs and nothing more:
     - call ids that are not 9 alphanumerics (OpenAI's "call_..." ids) are mapped, the same way in
@@ -185,9 +191,23 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
         out.append(message)
     try:
         # serving-mode validation wants a model name; it is not part of the encoding
-        return ChatCompletionRequest.from_openai(out, tools=checked_tools, model="devstral")
+        request = ChatCompletionRequest.from_openai(out, tools=checked_tools, model="devstral")
     except Exception as e:  # pydantic ValidationError, ValueError
         raise DevstralError(f"invalid chat request: {_one_line(e)}") from None
+    if continue_final and continued_prefix(out) is not None:
+        request.messages[-1].prefix = True  # from_openai drops the field
+    return request
+
+
+def continued_prefix(messages: list[dict[str, Any]]) -> str | None:
+    """The text of a last assistant message that generation continues (no tool calls), else None."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) and content else None
 
 
 def mistral_call_id(call_id: str) -> str:
@@ -244,12 +264,9 @@ def _check_call(i: int, j: int, call: Any) -> dict[str, Any]:
     if not isinstance(function.get("name"), str) or not function["name"]:
         raise DevstralError(f"{where} has no function name")
     arguments = function.get("arguments", "{}")
-    if isinstance(arguments, str):
-        try:
-            json.loads(arguments or "{}")
-        except json.JSONDecodeError as e:
-            raise DevstralError(f"{where} ({function['name']}): arguments are not valid JSON: {e}") from None
-    elif not isinstance(arguments, dict):
+    # A string that is not JSON (a call cut off by max_tokens, a malformed one) is what the model
+    # wrote: it is kept and encoded as that text (prompt/raw_arguments.py), never refused.
+    if not isinstance(arguments, str | dict):
         raise DevstralError(f"{where} ({function['name']}): arguments must be a JSON string or an object")
     return {**call, "function": function}
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from devstral.prompt.chat import continued_prefix
 from devstral.server.chat_session import ChatOutput, chat_job, normalize_tool_calls
 from devstral.server.completions import check_fits, choice_seed
 from devstral.server.errors import APIError
@@ -20,6 +21,7 @@ from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import ChatCompletionRequest
 from devstral.server.sse import SSE_HEADERS, sse, sse_done, sse_error
 from devstral.server.state import state_of
+from devstral.server.structured import answer_schema, output_constraint
 from devstral.server.validation import check_model, check_tools
 
 router = APIRouter()
@@ -61,9 +63,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
-    if body.response_format is not None and body.response_format.type == "json_schema":
-        raise APIError(400, "response_format: json_schema is not supported (json_object and text are)",
-                       param="response_format.type")
+    answer = answer_schema(body.response_format.model_dump() if body.response_format else None)
     top = body.top_logprobs if body.top_logprobs is not None else 0
 
     def params_for(j: int) -> Any:  # choice j of n
@@ -75,12 +75,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = params_for(0)
     messages = dump_messages(body.messages)
     check_text_only(messages)
-    prompt_ids = await run_in_threadpool(llm.tokenizer.encode_chat, messages, tools)
+
+    constraint = None
+
+    def prepare() -> list[int]:  # encoding and grammar compilation: off the event loop
+        nonlocal constraint
+        ids = llm.tokenizer.encode_chat(messages, tools)
+        prefill = continued_prefix(messages)
+        constraint = output_constraint(
+            llm.tokenizer, tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls,
+            answer=answer, strict_tools=state.config.strict_tools,
+            answer_field="response_format.json_schema.schema" if body.response_format
+            and body.response_format.type == "json_schema" else "response_format",
+            prefix_ids=llm.tokenizer.encode(prefill) if prefill else None)
+        return ids
+
+    prompt_ids = await run_in_threadpool(prepare)
+
+    def constrained(j: int) -> Any:  # one grammar state per choice: the factory makes it per sequence
+        p = params_for(j)
+        p.constraint = constraint
+        return p
+
     n_prompt = len(prompt_ids)
     check_fits(state, n_prompt, params.max_tokens)
-    options = {"tool_choice": tool_choice if tools else None, "parallel_tool_calls": body.parallel_tool_calls}
-    handles = submit_all(state, [chat_job(llm, messages, tools, params_for(j), prompt_ids=prompt_ids, **options)
-                                 for j in range(body.n)])
+    handles = submit_all(state, [chat_job(llm, messages, tools, constrained(j), prompt_ids=prompt_ids,
+                                          parallel_tool_calls=body.parallel_tool_calls) for j in range(body.n)])
     cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.name
     t0 = time.perf_counter()
 

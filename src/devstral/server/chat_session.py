@@ -5,15 +5,13 @@ tool-call deltas, then a finish_reason). The OpenAI route forwards them; the non
 Ollama paths fold them with `ChatOutput`, so both paths share one source of truth.
 
 Between the chat engine and the model sits `_ServingLLM`, which sees every sampled token. It adds
-what serving needs and the chat engine does not know about: per-token logprobs, `tool_choice`
-("required" or a named function force the start of a tool call by appending it to the prompt and
-showing it to the parser as if generated), and `parallel_tool_calls: false` (generation ends where
-a second call would begin).
+what serving needs and the chat engine does not know about: per-token logprobs, and
+`parallel_tool_calls: false` (generation ends where a second call would begin). `tool_choice` and
+structured output are grammar constraints (server/structured.py) carried by the sampling parameters.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,34 +19,21 @@ from devstral.engine.generate import PREFILL_PROGRESS, StepOutput
 from devstral.engine.sampling import SamplingParams
 from devstral.server.worker import JobFn
 
-TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
-_MARKERS = re.compile(r"(\[TOOL_CALLS\]|\[ARGS\]|\[CALL_ID\])")
+TOOL_CALLS = "[TOOL_CALLS]"
 
 
 class _ServingLLM:
-    """Looks like the LLM to the chat engine; records the sampled steps and applies tool_choice."""
+    """Looks like the LLM to the chat engine; records the sampled steps and stops at a second call."""
 
-    def __init__(self, llm: Any, forced_prefix: str, single_call: bool):
-        self._llm, self.forced_prefix, self.single_call = llm, forced_prefix, single_call
+    def __init__(self, llm: Any, single_call: bool):
+        self._llm, self.single_call = llm, single_call
         self.steps: list[StepOutput] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def _prefix_ids(self) -> list[int]:
-        tok, ids = self._llm.tokenizer, []
-        for part in _MARKERS.split(self.forced_prefix):
-            if _MARKERS.fullmatch(part):
-                ids.append(tok.special_id(part))
-            elif part:
-                ids += tok.encode(part)
-        return ids
-
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[StepOutput]:
-        if self.forced_prefix:
-            prompt_ids = [*prompt_ids, *self._prefix_ids()]
-            yield StepOutput(None, self.forced_prefix)
-        calls_seen = self.forced_prefix.count(TOOL_CALLS)
+        calls_seen = 0
         call_id = self._llm.tokenizer.special_id(TOOL_CALLS)
         for step in self._llm.stream(prompt_ids, params, **kw):
             if step.token_id is not None and step.token_id == call_id:
@@ -59,25 +44,6 @@ class _ServingLLM:
             if step.token_id is not None:
                 self.steps.append(step)
             yield step
-
-
-def forced_prefix(llm: Any, tool_choice: Any) -> str:
-    """What tool_choice forces the answer to start with, in the model's tool-call format."""
-    if tool_choice == "required":
-        return TOOL_CALLS
-    if isinstance(tool_choice, dict):
-        name, tok = tool_choice["function"]["name"], llm.tokenizer
-        if tok.version == "v11" and tok.special_id(CALL_ID) is not None:  # name[CALL_ID]id[ARGS]{...}
-            return f"{TOOL_CALLS}{name}{CALL_ID}"
-        if _version_number(tok.version) >= 11 and tok.special_id(ARGS) is not None:  # name[ARGS]{...}
-            return f"{TOOL_CALLS}{name}{ARGS}"
-        return TOOL_CALLS  # pre-v11: a JSON list of calls follows; the name cannot be forced by a prefix
-    return ""
-
-
-def _version_number(version: str) -> int:
-    digits = re.match(r"v(\d+)", version or "")
-    return int(digits.group(1)) if digits else 0
 
 
 def chat_logprobs(tokenizer: Any, steps: list[StepOutput]) -> list[dict[str, Any]]:
@@ -91,18 +57,18 @@ def chat_logprobs(tokenizer: Any, steps: list[StepOutput]) -> list[dict[str, Any
 
 
 def chat_job(llm: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-             params: SamplingParams, *, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
+             params: SamplingParams, *, parallel_tool_calls: bool | None = None,
              prompt_ids: list[int] | None = None) -> JobFn:
-    """`prompt_ids`: the handler's encoding of the same request, so the engine thread never re-encodes."""
+    """`prompt_ids`: the handler's encoding of the same request, so the engine thread never re-encodes.
+    Without `tools` the output is all content: nothing is parsed as a tool call."""
     want_logprobs = params.logprobs is not None
 
     def run(cache: Any, should_stop: Any) -> Iterator[dict[str, Any]]:
         from devstral.engine.chat import stream_chat
 
-        serving = _ServingLLM(llm, forced_prefix(llm, tool_choice) if tools else "",
-                              single_call=bool(tools) and parallel_tool_calls is False)
+        serving = _ServingLLM(llm, single_call=bool(tools) and parallel_tool_calls is False)
         stream = stream_chat(serving, messages, tools=tools, sampling=params, should_stop=should_stop, cache=cache,
-                             prompt_token_ids=prompt_ids, yield_prefill=True)
+                             prompt_token_ids=prompt_ids, yield_prefill=True, parse_tool_calls=bool(tools))
         sent = 0
         for item in stream:
             if item is PREFILL_PROGRESS:  # the worker runs other requests between prefill chunks

@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from devstral.engine.sampling import SamplingParams
+from devstral.prompt.chat import continued_prefix
 from devstral.prompt.fim import encode_fim
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.server.completions import check_fits
@@ -28,6 +29,7 @@ from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
 from devstral.server.sse import ndjson, ndjson_error
 from devstral.server.state import ServerState, collect, started, state_of
+from devstral.server.structured import ollama_schema, output_constraint
 from devstral.server.thinking import ThinkSplitter, ban_think_token
 from devstral.server.validation import check_model, check_tools
 
@@ -72,11 +74,6 @@ class Timer:
         first = first_event_ns or self.first or end
         return {"total_duration": end - self.t0, "load_duration": 0, "prompt_eval_count": n_prompt,
                 "prompt_eval_duration": first - self.t0, "eval_count": n_out, "eval_duration": end - first}
-
-
-def _json_format(fmt: str | dict[str, Any] | None) -> None:
-    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
-        raise APIError(400, f"format: expected 'json' or a JSON schema, got {fmt!r}", param="format")
 
 
 # ---------------------------------------------------------------- load / unload
@@ -126,7 +123,7 @@ def generate_ids(state: ServerState, body: OllamaGenerateRequest) -> list[int]:
 async def generate(body: OllamaGenerateRequest, request: Request):
     state = state_of(request)
     check_model(body.model, state.names)
-    _json_format(body.format)
+    answer = ollama_schema(body.format)
     if body.images:
         raise APIError(400, "images: this server's engine is text-only", param="images")
     keep_alive = keep_alive_seconds(body.keep_alive)
@@ -135,6 +132,10 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         return await load_or_unload(state, keep_alive, {"response": ""})
     ids = await run_in_threadpool(generate_ids, state, body)
     params = ollama_params(state, body.options, len(ids))
+    if answer is not None:
+        params.constraint = await run_in_threadpool(
+            output_constraint, llm.tokenizer, tools=None, tool_choice=None, parallel_tool_calls=None, answer=answer,
+            strict_tools=False, answer_field="format")
     if body.think is False:
         params = ban_think_token(llm, params)
     split = bool(body.think)  # the engine then shows [THINK]/[/THINK] so that they can be split off
@@ -244,7 +245,7 @@ def _as_object(arguments: str) -> Any:
 async def chat(body: OllamaChatRequest, request: Request):
     state = state_of(request)
     check_model(body.model, state.names)
-    _json_format(body.format)
+    answer = ollama_schema(body.format)
     keep_alive = keep_alive_seconds(body.keep_alive)
     name = state.name
     if not body.messages:  # Ollama's "load the model" / "unload it" request
@@ -252,9 +253,19 @@ async def chat(body: OllamaChatRequest, request: Request):
     messages = openai_messages(body.messages)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     check_tools(tools)
-    prompt_ids = await run_in_threadpool(state.llm.tokenizer.encode_chat, messages, tools)
+    tokenizer = state.llm.tokenizer
+
+    def prepare() -> tuple[list[int], Any]:  # encoding and grammar compilation: off the event loop
+        prefill = continued_prefix(messages)
+        constraint = output_constraint(tokenizer, tools=tools, tool_choice="auto", parallel_tool_calls=None,
+                                       answer=answer, strict_tools=state.config.strict_tools, answer_field="format",
+                                       prefix_ids=tokenizer.encode(prefill) if prefill else None)
+        return tokenizer.encode_chat(messages, tools), constraint
+
+    prompt_ids, constraint = await run_in_threadpool(prepare)
     n_prompt = len(prompt_ids)
     params = ollama_params(state, body.options, n_prompt)
+    params.constraint = constraint
     if body.think is False:
         params = ban_think_token(state.llm, params)
     check_fits(state, n_prompt, params.max_tokens)

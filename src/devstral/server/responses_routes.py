@@ -36,6 +36,7 @@ from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import _Body
 from devstral.server.sse import SSE_HEADERS, sse
 from devstral.server.state import ServerState, collect, started, state_of
+from devstral.server.structured import answer_schema, output_constraint
 from devstral.server.validation import check_model, check_tools
 
 router = APIRouter()
@@ -71,10 +72,17 @@ def store_of(state: ServerState) -> ResponseStore:
 
 def _text_format(text: dict[str, Any] | None) -> dict[str, Any]:
     fmt = (text or {}).get("format") or {"type": "text"}
-    if fmt.get("type") != "text":
-        raise APIError(400, f"text.format.type: {fmt.get('type')!r} is not supported on /v1/responses yet (text is)",
-                       param="text.format.type")
+    if fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"text.format.type: {fmt.get('type')!r} is not supported (text, json_object and "
+                            "json_schema are)", param="text.format.type")
     return {"format": fmt}
+
+
+def _answer_schema(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """`text.format` as chat's response_format (the Responses API puts the schema in the format itself)."""
+    if fmt["type"] == "json_schema":
+        return answer_schema({"type": "json_schema", "json_schema": {"schema": fmt.get("schema")}})
+    return answer_schema(fmt)
 
 
 class Turn:
@@ -124,10 +132,17 @@ async def create_response(body: ResponsesRequest, request: Request):
     params = sampling_params(llm.default_sampling, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                              min_p=body.min_p, repeat_penalty=body.repeat_penalty, seed=body.seed,
                              max_tokens=body.max_output_tokens)
-    prompt_ids = await run_in_threadpool(llm.tokenizer.encode_chat, messages, tools)
+    answer = _answer_schema(text["format"])
+
+    def prepare() -> list[int]:  # encoding and grammar compilation: off the event loop
+        params.constraint = output_constraint(
+            llm.tokenizer, tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls,
+            answer=answer, strict_tools=state.config.strict_tools, answer_field="text.format.schema")
+        return llm.tokenizer.encode_chat(messages, tools)
+
+    prompt_ids = await run_in_threadpool(prepare)
     check_fits(state, len(prompt_ids), params.max_tokens)
     handle = state.submit(chat_job(llm, messages, tools, params, prompt_ids=prompt_ids,
-                                   tool_choice=tool_choice if tools else None,
                                    parallel_tool_calls=body.parallel_tool_calls))
     turn = Turn(body, state.name, text)
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ class ServerConfig:
     max_embedding_tokens: int = 65536
     store_dir: Path | None = None  # the local model store (default: devstral/store.py's store_dir())
     remote: RemoteConfig | None = None  # hybrid routing (serve --remote); None: nothing leaves the machine
+    strict_tools: bool = False  # constrain tool calls to the declared tools under tool_choice "auto" too
 
 
 class ServerState:

@@ -45,11 +45,12 @@ class ThinkSplitter:
 
 
 def ban_think_token(llm: Any, params: Any) -> Any:
-    """`think: false`: mask [THINK] at every step (unless another constraint already owns the hook)."""
+    """`think: false`: mask [THINK] at every step (alongside any other constraint, a grammar say)."""
     think_id = llm.tokenizer.special_id(OPEN)
-    if think_id is None or params.constraint is not None:
+    if think_id is None:
         return params
+    from devstral.engine.constraints import all_of
     from devstral.engine.token_masks import banned_tokens
 
-    params.constraint = banned_tokens(llm.config.vocab_size, [think_id])
+    params.constraint = all_of(params.constraint, banned_tokens(llm.config.vocab_size, [think_id]))
     return params
