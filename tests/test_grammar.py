@@ -99,7 +99,7 @@ def test_required_starts_with_a_call_and_auto_allows_text_first(tokenizers):
     tok = tokenizers["tekken_v13"]
     required = compile_grammar(tok, tool_call_grammar(tok, TOOLS, required=True, parallel=True), field="tools")
     first = set(required.first_mask.nonzero().flatten().tolist())
-    assert first == {tok.special_id("[TOOL_CALLS]"), tok.special_id("[THINK]")}
+    assert first == {tok.special_id("[TOOL_CALLS]")}
     auto = compile_grammar(tok, tool_call_grammar(tok, TOOLS, required=False, parallel=True), field="tools")
     text = tok.encode("Let me look.")
     assert accepts(auto, text)  # text alone is an answer
@@ -271,3 +271,30 @@ def test_a_tokenizer_without_tool_call_tokens_is_a_clear_error(tmp_path):
     with pytest.raises(GrammarError, match=r"\[TOOL_CALLS\]"):
         tool_call_grammar(NoToolTokens(), TOOLS, required=True, parallel=True)
 
+
+
+def test_objects_listing_their_properties_are_closed_and_nothing_else_changes():
+    from devstral.grammar.json_output import closed_objects
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "string"}}},  # a field named "properties"
+        "free": {"type": "object"},
+        "open": {"type": "object", "properties": {"b": {}}, "additionalProperties": True},
+        "c": {"const": {"properties": {"x": 1}}},
+        "mixed": {"allOf": [{"properties": {"d": {"type": "integer"}}}, {"properties": {"e": {}}}]}},
+        "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert set(closed["properties"]) == set(schema["properties"])  # no property was invented
+    assert "additionalProperties" not in closed["properties"]["free"]  # no properties listed: any object
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["properties"]["c"] == schema["properties"]["c"]  # data, not a schema
+    assert closed["properties"]["mixed"] == schema["properties"]["mixed"]  # allOf parts each list a part
+    assert closed["$defs"]["Node"]["additionalProperties"] is False
+    jsonschema.Draft202012Validator.check_schema(closed)
+    ok = {"properties": {"a": "x"}, "free": {"anything": 1}, "open": {"b": 1, "extra": 2},
+          "c": {"properties": {"x": 1}}, "mixed": {"d": 1, "e": 2}}
+    jsonschema.validate(ok, closed)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**ok, "invented": 1}, closed)

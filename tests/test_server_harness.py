@@ -71,14 +71,14 @@ def _store_dir() -> Path:
     return root
 
 
-def _start(ctx: int = CTX, **config: Any) -> Live:
+def _start(ctx: int = CTX, llm: Any = None, model_id: str = "tiny", **config: Any) -> Live:
     import uvicorn
 
     from devstral.server import ServerConfig, create_app
 
-    llm = load_llm(ctx)
+    llm = llm if llm is not None else load_llm(ctx)
     config.setdefault("store_dir", _store_dir())  # never the user's own model store
-    app = create_app(llm, ServerConfig(model_id="tiny", **config))
+    app = create_app(llm, ServerConfig(model_id=model_id, **config))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2))
@@ -106,6 +106,16 @@ def live() -> Live:
 @functools.cache
 def strict() -> Live:
     return _start(parallel=1, max_queue=0, api_key=API_KEY, alias=ALIAS, max_body_bytes=BODY_LIMIT)
+
+
+@functools.cache
+def nano() -> Live:
+    """The embedded `nano` model (random weights, Devstral Small 2's shape, tekken v13) served with
+    --strict-tools: what structured output must hold up against is a model that writes anything."""
+    import devstral
+
+    return _start(llm=devstral.load("nano", max_context=1024), model_id="nano", parallel=4, max_queue=64,
+                  strict_tools=True)
 
 
 @functools.cache

@@ -5,7 +5,8 @@ Formats (as mistral-common encodes them, and as prompt/tool_calls.py parses them
   v11      [TOOL_CALLS]name[CALL_ID]id[ARGS]{json}  the id is optional (mistral-common writes it when known)
   pre-v11  [TOOL_CALLS][{"name": ..., "arguments": {json}, "id": ...}, ...]
 
-Names are pinned to the declared tools and arguments to each tool's parameter schema. Keywords of a
+Names are pinned to the declared tools and arguments to each tool's parameter schema; a forced call
+(`required`, a named tool) comes first, with no text or [THINK] section before it. Keywords of a
 tool's schema that llguidance does not implement are ignored (as OpenAI does for non-strict tools)
 unless the tool says `strict: true`, in which case they are an error.
 
@@ -31,12 +32,14 @@ CALL_ID_RULE = "call_id: {call_id} /[a-zA-Z0-9]{{9}}/"
 
 # Rendered by jinja2 with mistral-common's variables: mode ("required" | "auto"), fcall (the calls),
 # json_schema_str (a JSON answer allowed instead of calls), begin_think_token / end_think_token.
+# "required" (and a JSON answer) start at once, without a [THINK] section: a weak or unlucky model
+# that opened one could think until max_tokens and never call. Under "auto" the model may think.
 _TEMPLATE = """\
 {%- set think = "think? " if begin_think_token else "" -%}
 {% if json_schema_str != None -%}
-start: {{ think }}(fcalls | SAFE_WS? %json {{ json_schema_str }})
+start: fcalls | SAFE_WS? %json {{ json_schema_str }}
 {% elif mode == "required" -%}
-start: {{ think }}fcalls
+start: fcalls
 {% else -%}
 start: {{ think }}content? fcalls | {{ think }}content
 {% endif -%}
