@@ -99,7 +99,7 @@ def test_non_streaming_client_leaving_is_cancelled_too():
                        "options": {"num_predict": 250}}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with forced_output([1100] * 300), socket.create_connection((host, int(port))) as sock:  # no early EOS
-        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 10
         while httpx.get(server.url + "/health").json()["slots_processing"] == 0:  # until it is generating

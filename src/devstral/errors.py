@@ -20,3 +20,13 @@ class ContextOverflowError(DevstralError):
         else:
             msg = f"prompt has {prompt_tokens} tokens, more than the context size of {ctx_size}"
         super().__init__(msg)
+
+
+class NonFiniteLogitsError(DevstralError):
+    """The model produced NaN logits: its weights or activations are broken, not the request."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"the model produced NaN logits (at generated token {step + 1}): its weights contain "
+                         "NaN/inf or its activations overflowed; try --dtype bf16 or fp32 instead of fp16, or "
+                         "check the checkpoint")

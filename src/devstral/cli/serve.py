@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 import typer
@@ -37,6 +39,12 @@ def serve(
     alias: str | None = typer.Option(None, help="Model name to report and accept (default: the model's name)."),
     kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
     max_body_mb: float = typer.Option(16.0, min=0.001, help="Largest request body accepted, in MiB."),
+    body_timeout: float = typer.Option(30.0, min=0, help="Seconds a request body may take to arrive (0: no limit)."),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="Another host name clients may use (Host and Origin headers), besides "
+                                   "localhost and the bound address; repeatable; '*' allows any."),
+    strict_tools: bool = typer.Option(False, "--strict-tools", help="Constrain tool calls to the declared "
+                                      "tools and their schemas under tool_choice 'auto' too."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     keep_alive: str = typer.Option("-1", help="How long an idle model stays in memory (Ollama durations: 5m, "
                                               "1h, 0; -1: forever). Requests may set their own."),
@@ -79,11 +87,31 @@ def serve(
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
                              prefix_caching=prefix_cache)
 
-    llm = load()
-    config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
-                          max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024), loader=load,
-                          keep_alive=idle, remote=remote_config)
+    sock = bind(host, port)  # before the model loads: a busy port is reported at once, not minutes later
     try:
-        uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level)
-    except OSError as e:
+        llm = load()
+        config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
+                              max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024), loader=load,
+                              keep_alive=idle, remote=remote_config, strict_tools=strict_tools, host=host,
+                              allowed_hosts=allowed_host, body_timeout_s=body_timeout or None)
+        server = uvicorn.Server(uvicorn.Config(create_app(llm, config), host=host, port=port, log_level=log_level))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or one line saying why it cannot be."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
         raise DevstralError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse TIME_WAIT ports
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = " (another server is using it; pick another with --port)" if e.errno == errno.EADDRINUSE else ""
+        raise DevstralError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock

@@ -21,6 +21,7 @@ from devstral.engine.sampling import sample
 from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import verify
+from devstral.errors import NonFiniteLogitsError
 from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
 
@@ -118,6 +119,7 @@ class ModelRunner:
         for item in sampling:
             rows.append(slice(row, row + 1 + len(item.draft)))
             row += 1 + len(item.draft)
+        self._check_finite(logits, sampling, rows)
         out: dict[Sequence, list[int]] = {}
         plain = [i for i, item in enumerate(sampling) if not item.draft]
         if plain:
@@ -180,6 +182,15 @@ class ModelRunner:
             self.model.hidden_states(tok[None], pos[None], cache=attn)  # prefill chunks only: fill the cache
             return torch.empty(0), []
         return self.model(tok[None], pos[None], cache=attn, select=sel)[0], sampling
+
+    @staticmethod
+    def _check_finite(logits: torch.Tensor, sampling: list[ScheduledSeq], rows: list[slice]) -> None:
+        """A sequence whose logits hold NaN (broken weights, an fp16 overflow) fails with an error that
+        says so (the engine sees .error), instead of sampling from garbage; the batch goes on."""
+        bad = torch.isnan(logits).any(-1).tolist()
+        for item, r in zip(sampling, rows, strict=True):
+            if any(bad[r]) and item.seq.error is None:
+                item.seq.error = NonFiniteLogitsError(item.seq.num_output_tokens)
 
     @staticmethod
     def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from devstral.server.errors import install_error_handlers
+from devstral.server.guards import HostGuardMiddleware, HostPolicy, JSONBodyMiddleware
 from devstral.server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestCountMiddleware
 from devstral.server.state import ServerConfig, ServerState
 from devstral.server.version import server_version
@@ -51,13 +52,15 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
                    ollama_store_routes, responses_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
-    # Outermost first on the way in: count every answer, then the key, then the size limit, then the
-    # remote routing (only with --remote).
+    # Outermost first on the way in: count every answer, Host/Origin, the key, size and time limits,
+    # then the remote routing (only with --remote), then every body read as JSON.
+    app.add_middleware(JSONBodyMiddleware)
     if config.remote is not None:
         from devstral.server.remote_router import RemoteRouter
 
         app.add_middleware(RemoteRouter, remote=config.remote, state=state)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(HostGuardMiddleware, policy=HostPolicy(config.host, config.allowed_hosts))
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics, known_paths=known)
     return app

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from devstral.errors import ContextOverflowError, DevstralError
+from devstral.errors import ContextOverflowError, DevstralError, NonFiniteLogitsError
 
 log = logging.getLogger("devstral.server")
 
@@ -43,6 +43,9 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, NonFiniteLogitsError):  # the model's fault, not the request's
+        log.error("%s", exc)
+        return APIError(500, str(exc), code="nan_logits")
     if isinstance(exc, DevstralError):
         return APIError(400, str(exc))
     log.error("internal error", exc_info=exc)

@@ -6,6 +6,7 @@ through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -55,10 +56,12 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the body up front (JSON requests are small) so an oversized one gets a clean 413."""
+    """Reads the body up front (JSON requests are small) so an oversized one gets a clean 413, and
+    one that does not arrive within `timeout_s` in all (a client that sends half a body and waits)
+    a 408 that closes the connection, instead of holding it open forever."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -70,8 +73,15 @@ class BodyLimitMiddleware:
             await send_error(scope, send, 413, too_big)
             return
         chunks, size = [], 0
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await (receive() if deadline is None else
+                                 asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0)))
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                await send_error(scope, send, 408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                 {"Connection": "close"})
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -37,6 +37,9 @@ class ServerConfig:
     store_dir: Path | None = None  # the local model store (default: devstral/store.py's store_dir())
     remote: RemoteConfig | None = None  # hybrid routing (serve --remote); None: nothing leaves the machine
     strict_tools: bool = False  # constrain tool calls to the declared tools under tool_choice "auto" too
+    host: str = "127.0.0.1"  # the bound address: requests must name it (or localhost) in Host and Origin
+    allowed_hosts: list[str] | None = None  # more names they may use (--allowed-host; "*" for any)
+    body_timeout_s: float | None = 30.0  # a request body must arrive within this (None: no limit)
 
 
 class ServerState:
