@@ -298,3 +298,24 @@ def test_objects_listing_their_properties_are_closed_and_nothing_else_changes():
     jsonschema.validate(ok, closed)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**ok, "invented": 1}, closed)
+
+
+def test_all_of_ands_the_masks_and_ends_with_the_grammar(tokenizers):
+    from devstral.engine.constraints import all_of
+    from devstral.engine.token_masks import banned_tokens
+
+    tok = tokenizers["tekken_v13"]
+    compiled = compile_grammar(tok, json_grammar({"enum": ["ab", "ac"]}, field="f"), field="f")
+    quote_a = tok.encode('"a')
+    banned = quote_a[:1]  # forbid the grammar's own first choice
+    both = all_of(compiled.constraint, banned_tokens(tok.vocab_size, banned))()
+    grammar_only = compiled.constraint()
+    mask = both.allowed_tokens()
+    assert torch.equal(mask, grammar_only.allowed_tokens() & ~torch.isin(torch.arange(mask.shape[0]),
+                                                                          torch.tensor(banned)))
+    factory = compiled.constraint
+    assert all_of(None, factory) is factory and all_of(None, None) is None
+    for token in tok.encode('"ab"'):
+        assert not both.is_finished()
+        both.accept(token)
+    assert both.is_finished()

@@ -81,6 +81,14 @@ def test_twenty_json_schema_requests_on_nano_at_temperature_1_all_validate():
     assert len(set(texts)) > 10  # temperature 1 really sampled different documents
 
 
+def test_responses_api_text_format_json_schema_validates():
+    for seed in range(3):
+        r = client().responses.parse(model="nano", input="Describe a person.", text_format=Person, temperature=1,
+                                     max_output_tokens=300, extra_body={"seed": seed})
+        assert isinstance(r.output_parsed, Person)
+        jsonschema.validate(json.loads(r.output_text), PERSON_SCHEMA)
+
+
 def test_ollama_format_schema_and_json():
     c = ollama.Client(host=nano().url)
     for seed in range(3):
