@@ -314,7 +314,7 @@ def summary(results: dict[str, Any], keywords: dict[str, Any], names: list[str])
     out: dict[str, Any] = {}
     for name in names:
         rows = [(v, row[name]) for v, per in results.items() for row in per.values()
-                if isinstance(row, dict) and name in row]
+                if isinstance(row, dict) and "document_tokens" in row]
         invalid = sum(r["random_walks"]["ended"] - r["random_walks"]["valid_json_matching_schema"] for _, r in rows)
         ignored = [k for k, probe in keywords.items() if probe[name]["result"] == "compiled"
                    and probe[name]["walks_valid"] < probe[name]["walks_ended"]]

@@ -16,7 +16,7 @@ def test_serve_command_binds_localhost_and_applies_flags():
     port = _free_port()
     cmd = [sys.executable, "-m", "devstral", "serve", "--model", str(checkpoint()), "--port", str(port),
            "--alias", "my-devstral", "--ctx-size", "96", "--kv-cache-dtype", "fp32", "-np", "2",
-           "--log-level", "warning"]
+           "--allowed-host", "devbox.lan", "--strict-tools", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -37,6 +37,8 @@ def test_serve_command_binds_localhost_and_applies_flags():
         assert r.status_code == 400 and "context size of 96" in r.json()["error"]["message"]
         r = httpx.post(url + "/v1/completions", json={"model": "my-devstral", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "my-devstral"
+        assert httpx.get(url + "/v1/models", headers={"Host": f"devbox.lan:{port}"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Host": "evil.example"}).status_code == 403
     finally:
         proc.terminate()
         proc.wait(20)
