@@ -319,3 +319,20 @@ def test_all_of_ands_the_masks_and_ends_with_the_grammar(tokenizers):
         assert not both.is_finished()
         both.accept(token)
     assert both.is_finished()
+
+
+def test_tokenizer_json_vocabulary_takes_calls_and_json(tmp_path):
+    """An HF tokenizer.json folder (llguidance reads the file itself) holding the tekken vocabulary."""
+    from devstral.formats.gguf_chat import builtin_template
+    from devstral.prompt.hf_tokenizer import HFTokenizer
+    from test_prompt_jinja_tokenizers import write_tokenizer_json
+
+    write_tekken(tmp_path / "tekken.json", version="v13")
+    (tmp_path / "hf").mkdir()
+    write_tokenizer_json(tmp_path / "tekken.json", tmp_path / "hf", builtin_template("v13"))
+    hf = HFTokenizer(tmp_path / "hf")
+    compiled = compile_grammar(hf, tool_call_grammar(hf, TOOLS, required=True, parallel=True), field="t")
+    assert accepts(compiled, assistant_ids(MistralCommonTokenizer(tmp_path / "tekken.json"), CALLS))
+    compiled = compile_grammar(hf, json_grammar(BOUNDED, field="f"), field="f")
+    for seed in range(3):
+        jsonschema.validate(json.loads(walk(compiled, hf, seed)), BOUNDED)

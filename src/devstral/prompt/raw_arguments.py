@@ -28,7 +28,9 @@ def is_json(arguments: Any) -> bool:
 
 
 def install(instruct: Any) -> None:
-    original = instruct._encode_tool_calls_in_assistant_message
+    original = getattr(instruct, "_encode_tool_calls_in_assistant_message", None)
+    if original is None:  # v1 tokenizers have no tool calls at all
+        return
 
     def encode(message: Any) -> list[int]:
         calls = message.tool_calls or []
