@@ -14,7 +14,11 @@ Devstral ships) and JSON schema it measures:
 - gil: whether a mask computation in a second thread overlaps with Python work in the first (what
   computing the next mask while the forward pass runs needs).
 
+    pip install xgrammar   # only for this comparison: devstral uses llguidance
     python benchmarks/grammar_engines.py [--runs 5] [--out benchmarks/results/grammar_engines_cpu.json]
+
+The GIL rows are only indicative on a busy machine: compare the masks' figure with its two
+calibration rows measured in the same run.
 """
 
 from __future__ import annotations
