@@ -4,7 +4,8 @@ Everything the model sees and everything written to a trajectory (which is train
 through `SecretMasker.mask`, which replaces with `<secret-hidden>`:
 - values of environment variables whose names say KEY, TOKEN, SECRET, PASSWORD, PAT, AUTH ... (the
   agent's own, and those a command exports), and values added by hand (the agent's `--api-key`);
-- those values' base64 (standard and URL-safe, at every alignment, across line wraps) and hex copies;
+- those values' base64 (standard and URL-safe, at every alignment, across line wraps) and hex copies,
+  for values of 8 characters or more;
 - passwords inside URLs (`postgres://user:PASSWORD@host`), whatever variable or file they came from;
 - tokens of well-known formats (GitHub, GitLab, OpenAI, Anthropic, Hugging Face, Slack, AWS access key
   ids, Google API keys, npm, PyPI, JWTs) and PEM private key blocks.
