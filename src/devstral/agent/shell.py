@@ -77,6 +77,7 @@ class BashSession:
         self._kill_sent = 0.0
         self._deadline: float | None = None
         self._restarted = False  # the session was started afresh just before this command
+        self._run_id = 0  # numbers commands, so that a late "exited" of an earlier one is never taken for this one
         self._start()
 
     # -- the supervisor ---------------------------------------------------------------------
@@ -165,7 +166,8 @@ class BashSession:
         read_end, write_end = os.pipe()
         try:
             assert self._ctl is not None
-            send_message(self._ctl, {"op": "run", "command": command}, [write_end])
+            self._run_id += 1
+            send_message(self._ctl, {"op": "run", "id": self._run_id, "command": command}, [write_end])
         except OSError:
             os.close(read_end)
             self._restart()
@@ -222,7 +224,7 @@ class BashSession:
         message, fds = received
         for fd in fds:
             os.close(fd)
-        if message.get("op") == "exited":
+        if message.get("op") == "exited" and message.get("id") == self._run_id:
             self._exit = message
 
     def _wait(self, silence_s: float | None = None) -> CommandResult:

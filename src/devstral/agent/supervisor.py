@@ -14,12 +14,12 @@ SCM_RIGHTS), a 4-byte big-endian length, and the JSON text.
 
 agent -> supervisor:
   {"op": "init", "env": {...}, "cwd": "/ws", "tag": "..."}   answered by {"op": "ready", "home": ...}
-  {"op": "run", "command": "..."} + [pipe write end]         answered later by "exited"
+  {"op": "run", "id": 7, "command": "..."} + [pipe write end]  answered later by "exited"
   {"op": "signal", "sig": 2}                                 to the running command's process group
   {"op": "kill"}                                             TERM, a grace period, KILL, to that group
   {"op": "close"}                                            kill everything, answer "closed", exit
 supervisor -> agent:
-  {"op": "exited", "code": 0, "cwd": "/ws/sub", "env": {...}}
+  {"op": "exited", "id": 7, "code": 0, "cwd": "/ws/sub", "env": {...}}
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.groups: set[int] = set()
+        self.run_id = 0
 
     def serve(self) -> None:
         try:
@@ -216,6 +217,7 @@ class Supervisor:
             self._write_env()
             send_message(self.ctl, {"op": "ready", "home": self.base_env["HOME"]})
         elif op == "run":
+            self.run_id = message["id"]
             self._run(message["command"], fds[0])
         elif op == "signal" and self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -253,7 +255,7 @@ class Supervisor:
         except OSError as e:
             os.write(out_fd, f"could not start bash: {e}\n".encode())
             os.close(out_fd)
-            send_message(self.ctl, {"op": "exited", "code": 127, "cwd": self.cwd, "env": {}})
+            send_message(self.ctl, {"op": "exited", "id": self.run_id, "code": 127, "cwd": self.cwd, "env": {}})
             return
         os.close(out_fd)
         self.groups.add(self.proc.pid)
@@ -272,7 +274,8 @@ class Supervisor:
             self.pidfd = None
         with contextlib.suppress(OSError, UnicodeDecodeError), open(self.cwd_file, encoding="utf-8") as f:
             self.cwd = f.read().strip() or self.cwd
-        send_message(self.ctl, {"op": "exited", "code": code, "cwd": self.cwd, "env": self._exported()})
+        send_message(self.ctl, {"op": "exited", "id": self.run_id, "code": code, "cwd": self.cwd,
+                                "env": self._exported()})
 
     def _exported(self) -> dict:
         try:
