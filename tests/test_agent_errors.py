@@ -12,12 +12,12 @@ import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import MistralRequestValidatorV13, ValidationMode
 from starlette.responses import StreamingResponse
-from test_agent_harness import HostileEndpoint, agent_argv, bash, finish, spawn_agent
-from test_agent_loop import call, make_agent
 
 from devstral.agent import ChatReply, Finished, ToolBox
 from devstral.agent.exceptions import DeadlineExceeded
 from devstral.cli import main
+from test_agent_harness import HostileEndpoint, agent_argv, bash, finish, spawn_agent
+from test_agent_loop import call, make_agent
 
 
 def raw(message) -> ChatReply:

@@ -4,6 +4,7 @@ and urllib, the `base64` and `xxd` programs, and the kernel's own /proc view of 
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import shutil
 import subprocess
@@ -30,10 +31,8 @@ def base64_decodings(text: str) -> list[bytes]:
         for start in range(4):
             chunk = run[start:]
             chunk = chunk[: len(chunk) - len(chunk) % 4]
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(base64.b64decode(chunk))
-            except ValueError:
-                pass
     return out
 
 

@@ -15,6 +15,10 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from devstral.agent import Mode, Policy, SandboxOptions, SecretMasker, ToolBox, ToolLimits, Workspace
+from devstral.agent.sandbox import SandboxStatus
+from devstral.cli import main
 from test_agent_harness import (
     HostileEndpoint,
     agent_argv,
@@ -27,10 +31,6 @@ from test_agent_harness import (
     spawn_agent,
     wait_until,
 )
-
-from devstral.agent import Mode, Policy, SandboxOptions, SecretMasker, ToolBox, ToolLimits, Workspace
-from devstral.agent.sandbox import SandboxStatus
-from devstral.cli import main
 
 pytestmark = needs_sandbox
 

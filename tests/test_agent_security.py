@@ -237,3 +237,17 @@ def test_a_killed_supervisor_gives_a_fresh_session(tmp_path: Path, sandboxed: bo
     obs = tb.run("execute_bash", {"command": "echo kept=$KEPT; pwd"})
     assert obs.startswith(f"kept=\n{tmp_path / 'sub'}\n") and "exit code 0" in obs
     tb.close()
+
+
+def test_sandbox_detection_says_why_there_is_none(tmp_path: Path, monkeypatch):
+    from devstral.agent.sandbox import detect
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    status = detect.__wrapped__()
+    assert not status.available and "bubblewrap is not installed" in status.reason
+    # A bwrap that cannot create namespaces (as in an unprivileged container) answers like this one.
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    status = detect.__wrapped__()
+    assert not status.available and "No permissions to create new namespace" in status.reason

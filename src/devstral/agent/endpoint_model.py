@@ -41,7 +41,7 @@ class EndpointChatModel:
                  temperature: float | None = None, max_tokens: int | None = None,
                  timeout: float = 600.0, max_retries: int = 5, backoff_s: float = 1.0,
                  transport: httpx.BaseTransport | None = None):
-        self.base_url = _normalize_base_url(base_url)
+        self.base_url = normalize_base_url(base_url)
         self.model_name = model_name
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.backoff_s = max_retries, backoff_s
@@ -139,7 +139,7 @@ class EndpointChatModel:
         self._client.close()
 
 
-def _normalize_base_url(url: str) -> str:
+def normalize_base_url(url: str) -> str:
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise DevstralError(f"--base-url must start with http:// or https://, got {url!r}")

@@ -96,30 +96,29 @@ class BashSession:
             keep.append(source_fd)
             argv = sandbox.wrap(self.sandbox_spec, [sandbox.interpreter(), "-I", "-S", SUPERVISOR_IN_SANDBOX,
                                                     str(child.fileno())], files={SUPERVISOR_IN_SANDBOX: source_fd})
-        stderr = tempfile.TemporaryFile()
-        try:
-            self._supervisor = subprocess.Popen(argv, pass_fds=keep, stdin=subprocess.DEVNULL,
-                                                stdout=subprocess.DEVNULL, stderr=stderr, env={},
-                                                start_new_session=True)
-        except OSError as e:
-            raise DevstralError(f"cannot start the command supervisor: {e}") from e
-        finally:
-            child.close()
-            for fd in keep[1:]:
-                os.close(fd)
-        self._ctl = parent
-        ready = None
-        with contextlib.suppress(OSError, ValueError):
-            send_message(parent, {"op": "init", "env": self.base_env, "cwd": str(self.cwd), "tag": self.tag})
-            if _readable(parent, _START_TIMEOUT_S):
-                ready = recv_message(parent)
-        if ready is None or ready[0].get("op") != "ready":
-            self._stop_supervisor()
-            stderr.seek(0)
-            lines = stderr.read().decode(errors="replace").strip().splitlines()
-            where = "the sandbox" if self.sandbox_spec is not None else "the command supervisor"
-            raise DevstralError(f"{where} did not start: {lines[-1] if lines else 'no error message'}")
-        stderr.close()
+        with tempfile.TemporaryFile() as stderr:  # bwrap's own complaint, if the sandbox fails to start
+            try:
+                self._supervisor = subprocess.Popen(argv, pass_fds=keep, stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.DEVNULL, stderr=stderr, env={},
+                                                    start_new_session=True)
+            except OSError as e:
+                raise DevstralError(f"cannot start the command supervisor: {e}") from e
+            finally:
+                child.close()
+                for fd in keep[1:]:
+                    os.close(fd)
+            self._ctl = parent
+            ready = None
+            with contextlib.suppress(OSError, ValueError):
+                send_message(parent, {"op": "init", "env": self.base_env, "cwd": str(self.cwd), "tag": self.tag})
+                if _readable(parent, _START_TIMEOUT_S):
+                    ready = recv_message(parent)
+            if ready is None or ready[0].get("op") != "ready":
+                self._stop_supervisor()
+                stderr.seek(0)
+                lines = stderr.read().decode(errors="replace").strip().splitlines()
+                where = "the sandbox" if self.sandbox_spec is not None else "the command supervisor"
+                raise DevstralError(f"{where} did not start: {lines[-1] if lines else 'no error message'}")
         self.home = ready[0]["home"]
 
     def _stop_supervisor(self) -> None:

@@ -59,6 +59,10 @@ def agent(
         raise DevstralError("give exactly one of --model (run in process) or --base-url (use a server)")
     if api_key and not base_url:
         raise DevstralError("--api-key only applies with --base-url")
+    if base_url is not None:
+        from devstral.agent.endpoint_model import normalize_base_url
+
+        normalize_base_url(base_url)  # a malformed URL is a usage error, whatever else is wrong
     max_output_bytes = parse_size(max_output, "--max-output")
     ws = Workspace.open(workspace)
     interactive = task is None
@@ -91,7 +95,16 @@ def _run(task, ws, agent_mode, model, base_url, api_key, model_name, max_steps, 
          env, allow_read, max_output_bytes, trajectory, temperature, max_tokens, device, soft_timeout, quiet) -> int:
     import os
 
-    from devstral.agent import Agent, AgentLimits, Mode, Policy, SecretMasker, ToolBox, ToolLimits, TrajectoryWriter
+    from devstral.agent import (
+        Agent,
+        AgentLimits,
+        Mode,
+        Policy,
+        SecretMasker,
+        ToolBox,
+        ToolLimits,
+        TrajectoryWriter,
+    )
     from devstral.agent.proc_scrub import scrub_secret
     from devstral.agent.sandbox import detect
     from devstral.agent.terminal import TerminalUI
