@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devstral.errors import DevstralError
+
 # Readable by their owner on most systems; the agent's user may be that owner (root in containers).
 SECRET_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
                 "/etc/security/opasswd", "/etc/master.passwd", "/etc/ssh/ssh_host_*_key")
@@ -32,8 +34,9 @@ SECRET_DIRS = ("/etc/sudoers.d", "/etc/ssl/private", "/etc/NetworkManager/system
                "/etc/wireguard", "/etc/letsencrypt", "/etc/kubernetes/pki", "/etc/docker/certs.d")
 HOME_DIRS = ("/home", "/root")
 # Empty and private: a command's files there vanish with the sandbox. /run also hides the sockets of
-# docker, dbus and systemd, any of which could start a process outside the sandbox.
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run")
+# docker, dbus and systemd, any of which could start a process outside the sandbox (a read-only mount
+# does not stop connecting to a socket).
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run")
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,11 @@ def wrap(spec: SandboxSpec, argv: list[str], files: dict[str, int] | None = None
     (inherited by bwrap) whose contents become read-only files there."""
     status = status or detect()
     if not status.available or status.bwrap is None:
-        raise RuntimeError(f"no sandbox: {status.reason}")
+        raise DevstralError(f"no sandbox: {status.reason}")
     ws = str(spec.workspace)
+    if ws == "/":
+        raise DevstralError("the workspace cannot be / in the sandbox: it would make the whole file system "
+                            "writable; give the project's folder")
     args = [status.bwrap, *_namespace_flags(status.disable_userns, spec.allow_network),
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for d in PRIVATE_DIRS:
@@ -149,6 +155,11 @@ def _interpreter_paths() -> list[Path]:
     Commands may use that Python too."""
     real = Path(os.path.realpath(sys.executable))
     return sorted({Path(sys.base_prefix).resolve(), real.parent})
+
+
+def private_file_dir() -> str:
+    """Where files placed in the sandbox go: /run (private there) when the host has one, else /tmp."""
+    return "/run/devstral" if os.path.isdir("/run") and not os.path.islink("/run") else "/tmp/.devstral"
 
 
 def interpreter() -> str:

@@ -41,7 +41,7 @@ _READ_BYTES = 1 << 20
 # keeps writing must not hold the agent.
 _DRAIN_BYTES = 4 << 20
 _START_TIMEOUT_S = 30.0
-SUPERVISOR_IN_SANDBOX = "/run/devstral/supervisor.py"
+SUPERVISOR_NAME = "supervisor.py"
 _KILL_TIMEOUT_S = 10.0
 
 
@@ -94,8 +94,9 @@ class BashSession:
             os.write(write_end, source)
             os.close(write_end)
             keep.append(source_fd)
-            argv = sandbox.wrap(self.sandbox_spec, [sandbox.interpreter(), "-I", "-S", SUPERVISOR_IN_SANDBOX,
-                                                    str(child.fileno())], files={SUPERVISOR_IN_SANDBOX: source_fd})
+            inside = f"{sandbox.private_file_dir()}/{SUPERVISOR_NAME}"
+            argv = sandbox.wrap(self.sandbox_spec, [sandbox.interpreter(), "-I", "-S", inside, str(child.fileno())],
+                                files={inside: source_fd})
         with tempfile.TemporaryFile() as stderr:  # bwrap's own complaint, if the sandbox fails to start
             try:
                 self._supervisor = subprocess.Popen(argv, pass_fds=keep, stdin=subprocess.DEVNULL,
