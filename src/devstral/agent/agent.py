@@ -4,6 +4,7 @@ output, it tells the model what was wrong and counts it."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import secrets
 import string
@@ -50,6 +51,7 @@ class Agent:
         self._started = time.monotonic()
         self._format_errors = 0
         self._recent: list[str] = []
+        self._model_takes_deadline = _takes_deadline(model)
 
     # -- tasks --------------------------------------------------------------------------------
     def run(self, task: str) -> AgentStop:
@@ -93,7 +95,10 @@ class Agent:
     def step(self) -> None:
         self._check_limits()
         try:
-            reply = self.model.chat(self.messages, self.toolbox.schemas, deadline=self._deadline())
+            if self._model_takes_deadline:
+                reply = self.model.chat(self.messages, self.toolbox.schemas, deadline=self._deadline())
+            else:
+                reply = self.model.chat(self.messages, self.toolbox.schemas)
         except ContextOverflowError as e:
             raise LimitReached(f"context window full: {e}") from e
         self._check_time()  # a reply that took the rest of the time is not acted on
@@ -249,6 +254,16 @@ class _Call:
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def _takes_deadline(model: ChatModel) -> bool:
+    """Whether `model.chat` accepts `deadline` (ours do; a ChatModel written before it existed may not,
+    and then --max-time is checked between model calls only)."""
+    try:
+        params = inspect.signature(model.chat).parameters
+    except (TypeError, ValueError):
+        return False
+    return "deadline" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _content_text(content: Any) -> str | None:

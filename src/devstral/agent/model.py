@@ -39,5 +39,6 @@ class ChatModel(Protocol):
     def chat(self, messages: list[Message], tools: list[dict[str, Any]], *,
              deadline: float | None = None) -> ChatReply:
         """One reply. `deadline` is a time.monotonic() value (the agent's --max-time): past it, the
-        call gives up and raises DeadlineExceeded instead of answering late."""
+        call gives up and raises DeadlineExceeded instead of answering late. Implementations without
+        the parameter still work; the agent then checks the time between calls only."""
         ...
