@@ -22,8 +22,12 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from devstral.agent.endpoint_model import EndpointChatModel
+from devstral.agent.sandbox import detect
 from devstral.cli import main
 from devstral.errors import DevstralError
+
+# --mode auto runs in the sandbox where there is one; these tests are about HTTP, not confinement.
+SANDBOX = [] if detect().available else ["--no-sandbox"]
 
 
 def free_port() -> int:
@@ -111,7 +115,8 @@ def test_agent_creates_runs_fixes_and_finishes_over_http(tmp_path: Path, capsys)
     traj = tmp_path / "run.jsonl"
     with ScriptedServer(steps, fail_first=1) as server:
         code = main(["agent", "write greet.py and make it work", "--workspace", str(ws), "--base-url", server.url,
-                     "--api-key", "test-key-123456", "--mode", "auto", "--trajectory", str(traj), "--quiet"])
+                     "--api-key", "test-key-123456", "--mode", "auto", "--trajectory", str(traj), "--quiet",
+                     *SANDBOX])
     assert code == 0, capsys.readouterr().err
     assert script.read_text() == 'greeting = "hello, world"\nprint(greeting)\n'
     assert len(server.requests) == 5  # plus one 429 that was retried
@@ -139,7 +144,7 @@ def test_agent_creates_runs_fixes_and_finishes_over_http(tmp_path: Path, capsys)
 def test_limit_reached_exits_1(tmp_path: Path):
     steps = [lambda m: ("think", {"thought": f"step {len(m)}"})] * 5
     with ScriptedServer(steps) as server:
-        code = main(["agent", "t", "-w", str(tmp_path), "--base-url", server.url, "--mode", "auto",
+        code = main(["agent", "t", "-w", str(tmp_path), "--base-url", server.url, "--mode", "auto", *SANDBOX,
                      "--max-steps", "2", "-q"])
     assert code == 1
 
@@ -147,7 +152,7 @@ def test_limit_reached_exits_1(tmp_path: Path):
 def test_unreachable_base_url_is_a_clear_error_before_any_step(tmp_path: Path, capsys):
     traj = tmp_path / "t.jsonl"
     code = main(["agent", "t", "-w", str(tmp_path), "--base-url", f"http://127.0.0.1:{free_port()}",
-                 "--mode", "auto", "--trajectory", str(traj)])
+                 "--mode", "auto", "--trajectory", str(traj), *SANDBOX])
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the model endpoint" in err and len(err.strip().splitlines()) == 1
     assert not traj.exists()

@@ -42,7 +42,7 @@ class ScriptedModel:
     def check(self) -> None:
         pass
 
-    def chat(self, messages, tools):
+    def chat(self, messages, tools, deadline=None):
         self.seen.append(json.loads(json.dumps(messages)))
         reply = self.replies.pop(0)
         if callable(reply):

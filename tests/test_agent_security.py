@@ -159,11 +159,16 @@ def test_shell_environment_and_stdin(tmp_path: Path):
     tb.close()
 
 
-def test_secrets_are_masked_in_observations_and_trajectory(tmp_path: Path):
+def test_secrets_are_absent_unless_passed_and_then_masked(tmp_path: Path):
     secret, exported = "s3cr3t-value-123456", "made-up-token-98765"
     env = dict(os.environ, MY_API_KEY=secret)
     masker = SecretMasker(env)
     tb = toolbox(tmp_path, Mode.AUTO, env=env, masker=masker)
+    assert tb.run("execute_bash", {"command": "echo \"[$MY_API_KEY]\""}).startswith("[]\n")  # not passed: absent
+    tb.close()
+    workspace = Workspace.open(tmp_path)
+    tb = ToolBox(workspace, Policy(Mode.AUTO, workspace), masker, ToolLimits(soft_timeout_s=5), env=env,
+                 pass_env=["MY_API_KEY"])
     obs1 = tb.run("execute_bash", {"command": "echo $MY_API_KEY"})
     tb.run("execute_bash", {"command": f"export GH_TOKEN={exported}"})
     obs2 = tb.run("execute_bash", {"command": "echo $GH_TOKEN"})
@@ -180,3 +185,69 @@ def test_secrets_are_masked_in_observations_and_trajectory(tmp_path: Path):
     text = traj.read_text()
     assert secret not in text and exported not in text and text.count(MASK) == 4
     tb.close()
+
+
+@pytest.mark.parametrize("passed,expected", [([], None), (["FOO"], "bar"), (["FOO=baz"], "baz")])
+def test_command_environment_is_an_allowlist(passed, expected):
+    from devstral.agent.environment import command_environment
+
+    env = command_environment({"PATH": "/bin", "LANG": "C.UTF-8", "FOO": "bar", "AWS_SECRET_ACCESS_KEY": "x" * 20,
+                               "HOME": "/home/me"}, passed)
+    assert env.get("FOO") == expected and env["PATH"] == "/bin" and env["LANG"] == "C.UTF-8"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "HOME" not in env  # HOME: the session's own, set later
+
+
+def test_env_flag_errors_are_one_line(tmp_path: Path, capsys):
+    from devstral.cli import main
+
+    assert main(["agent", "t", "-w", str(tmp_path), "--base-url", "http://127.0.0.1:1", "--mode", "auto",
+                 "--no-sandbox", "--env", "NO_SUCH_VARIABLE_XYZ"]) == 2
+    err = capsys.readouterr().err
+    assert "--env NO_SUCH_VARIABLE_XYZ" in err and len(err.strip().splitlines()) == 1
+
+
+def test_max_output_kills_and_keeps_head_and_tail(tmp_path: Path):
+    workspace = Workspace.open(tmp_path)
+    tb = ToolBox(workspace, Policy(Mode.AUTO, workspace), SecretMasker({}),
+                 ToolLimits(soft_timeout_s=10, max_output_bytes=300_000))
+    obs = tb.run("execute_bash", {"command": "seq 1 1000000", "timeout": 120})
+    assert obs.startswith("1\n2\n3\n") and "printed more than 300000 bytes and was killed" in obs
+    head, cut, tail = obs.partition(" bytes of output cut here")
+    assert cut and len(obs) < 30_000
+    numbers = [int(x) for x in tail.split("\n")[1:] if x.isdigit()][:-1]  # the last line may be cut by the kill
+    assert len(numbers) > 1000 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    obs = tb.run("execute_bash", {"command": "seq 1 5000"})  # under the limit: all of it, nothing cut
+    assert obs.startswith("\n".join(map(str, range(1, 5001))) + "\n")
+    tb.close()
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "sandbox"])
+def test_a_killed_supervisor_gives_a_fresh_session(tmp_path: Path, sandboxed: bool):
+    from devstral.agent import SandboxOptions
+    from devstral.agent.sandbox import detect
+
+    if sandboxed and not detect().available:
+        pytest.skip(f"no bubblewrap sandbox here: {detect().reason}")
+    workspace = Workspace.open(tmp_path)
+    tb = ToolBox(workspace, Policy(Mode.AUTO, workspace), SecretMasker({}), ToolLimits(soft_timeout_s=5),
+                 sandbox=SandboxOptions(enabled=sandboxed))
+    tb.run("execute_bash", {"command": "export KEPT=1; mkdir sub; cd sub"})
+    obs = tb.run("execute_bash", {"command": "kill -9 $PPID; sleep 5"})  # $PPID: the supervisor
+    assert "The shell session was lost" in obs
+    obs = tb.run("execute_bash", {"command": "echo kept=$KEPT; pwd"})
+    assert obs.startswith(f"kept=\n{tmp_path / 'sub'}\n") and "exit code 0" in obs
+    tb.close()
+
+
+def test_sandbox_detection_says_why_there_is_none(tmp_path: Path, monkeypatch):
+    from devstral.agent.sandbox import detect
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    status = detect.__wrapped__()
+    assert not status.available and "bubblewrap is not installed" in status.reason
+    # A bwrap that cannot create namespaces (as in an unprivileged container) answers like this one.
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    status = detect.__wrapped__()
+    assert not status.available and "No permissions to create new namespace" in status.reason

@@ -10,12 +10,12 @@ from devstral.agent.exceptions import AgentStop, Finished, LimitReached
 from devstral.agent.model import ChatModel, ChatReply
 from devstral.agent.policy import ApprovalRequest, Decision, Mode, Policy
 from devstral.agent.secrets import SecretMasker
-from devstral.agent.tools import ToolBox, ToolLimits
+from devstral.agent.tools import SandboxOptions, ToolBox, ToolLimits
 from devstral.agent.trajectory import TrajectoryWriter
 from devstral.agent.workspace import Workspace
 
 __all__ = [
     "Agent", "AgentLimits", "AgentStop", "ApprovalRequest", "ChatModel", "ChatReply", "Decision",
-    "EndpointChatModel", "Finished", "LimitReached", "Mode", "Policy", "SecretMasker", "ToolBox",
+    "EndpointChatModel", "Finished", "LimitReached", "Mode", "Policy", "SandboxOptions", "SecretMasker", "ToolBox",
     "ToolLimits", "TrajectoryWriter", "Workspace",
 ]

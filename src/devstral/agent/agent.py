@@ -4,6 +4,7 @@ output, it tells the model what was wrong and counts it."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import secrets
 import string
@@ -18,9 +19,14 @@ from devstral.agent.model import ChatModel, Message
 from devstral.agent.text_tool_calls import has_text_tool_call, parse_text_tool_calls
 from devstral.agent.tools import ToolBox
 from devstral.agent.trajectory import TrajectoryWriter
+from devstral.agent.truncation import truncate_middle
+from devstral.agent.unicode_text import clean
 from devstral.errors import ContextOverflowError
 
 AGENTS_MD_LIMIT = 20_000
+# Prose longer than this in one reply is degenerate (a model repeating itself): the history keeps its
+# head and tail, so later requests, the trajectory and the terminal stay small.
+MAX_ASSISTANT_CHARS = 50_000
 _ID_ALPHABET = string.ascii_letters + string.digits
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -45,6 +51,7 @@ class Agent:
         self._started = time.monotonic()
         self._format_errors = 0
         self._recent: list[str] = []
+        self._model_takes_deadline = _takes_deadline(model)
 
     # -- tasks --------------------------------------------------------------------------------
     def run(self, task: str) -> AgentStop:
@@ -68,6 +75,7 @@ class Agent:
         self._save()
 
     def _add_task(self, task: str) -> None:
+        task = clean(task)
         self._answer_open_calls("Task closed.")
         if self.messages:
             self.messages.append({"role": "user", "content": prompts.render(
@@ -87,19 +95,28 @@ class Agent:
     def step(self) -> None:
         self._check_limits()
         try:
-            reply = self.model.chat(self.messages, self.toolbox.schemas)
+            if self._model_takes_deadline:
+                reply = self.model.chat(self.messages, self.toolbox.schemas, deadline=self._deadline())
+            else:
+                reply = self.model.chat(self.messages, self.toolbox.schemas)
         except ContextOverflowError as e:
             raise LimitReached(f"context window full: {e}") from e
+        self._check_time()  # a reply that took the rest of the time is not acted on
         self._steps += 1
         message = reply.message
-        self.on_event("assistant", {"step": self._steps, "content": message.get("content"),
-                                    "usage": reply.usage})
         try:
+            if not isinstance(message, dict):
+                raise FormatError(f"the reply was not a chat message (an object with content and "
+                                  f"tool_calls) but {type(message).__name__}: {clean(repr(message))[:200]}")
             content, calls = self._parse(message)
         except FormatError as e:
-            self._format_error(message, str(e), reply.finish_reason)
+            prose = _content_text(message.get("content")) if isinstance(message, dict) else None
+            prose = _short(prose) if prose else None
+            self.on_event("assistant", {"step": self._steps, "content": prose, "usage": reply.usage})
+            self._format_error(prose, str(e), reply.finish_reason)
             self._save()
             return
+        self.on_event("assistant", {"step": self._steps, "content": content, "usage": reply.usage})
         assistant: Message = {"role": "assistant", "content": content or None,
                               "tool_calls": [c.as_openai() for c in calls]}
         self.messages.append(assistant)
@@ -120,15 +137,18 @@ class Agent:
         self._check_stuck(calls, observations)
 
     def _parse(self, message: Message) -> tuple[str, list[_Call]]:
-        content = message.get("content") or ""
-        if not isinstance(content, str):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        raw_content = message.get("content")
+        content = _content_text(raw_content)
+        if content is None:
+            raise FormatError(f"its content must be text or a list of text parts, got {type(raw_content).__name__}.")
         raw_calls = message.get("tool_calls") or []
+        if not isinstance(raw_calls, list):
+            raise FormatError(f"tool_calls must be a list of calls, got {type(raw_calls).__name__}.")
         if raw_calls:
-            return content, [_Call.from_openai(c) for c in raw_calls]
+            return _short(content), [_Call.from_openai(c) for c in raw_calls]
         if has_text_tool_call(content):
             content, parsed = parse_text_tool_calls(content, self.toolbox.schemas)
-            return content, [_Call(_new_id(), name, json.dumps(args), args) for name, args in parsed]
+            return _short(content), [_Call(_new_id(), name, json.dumps(args), args) for name, args in parsed]
         raise FormatError("it contained no tool call. Every reply must call a tool.")
 
     def _execute(self, call: _Call) -> str:
@@ -145,12 +165,13 @@ class Agent:
         self.on_event("observation", {"tool": call.name, "text": observation})
         return observation
 
-    def _format_error(self, message: Message, problem: str, finish_reason: str | None) -> None:
+    def _format_error(self, prose: str | None, problem: str, finish_reason: str | None) -> None:
         if finish_reason == "length":
             problem += " The reply was cut off at the token limit; keep replies shorter."
+        problem = clean(problem)
         self.on_event("format_error", {"error": problem})
-        if message.get("content"):
-            self.messages.append({"role": "assistant", "content": message["content"], "weight": 0})
+        if prose:
+            self.messages.append({"role": "assistant", "content": _short(prose), "weight": 0})
         self._count_format_error()
         self.messages.append({"role": "user", "content": prompts.render(
             "format_error", problem=problem, tool_names=self.toolbox.names, count=self._format_errors,
@@ -165,6 +186,9 @@ class Agent:
     def _check_limits(self) -> None:
         if self._steps >= self.limits.max_steps:
             raise LimitReached(f"step limit reached ({self.limits.max_steps} steps)")
+        self._check_time()
+
+    def _check_time(self) -> None:
         left = self._time_left()
         if left is not None and left <= 0:
             raise LimitReached(f"time limit reached ({self.limits.max_time_s:g} s)")
@@ -173,6 +197,10 @@ class Agent:
         if self.limits.max_time_s is None:
             return None
         return self.limits.max_time_s - (time.monotonic() - self._started)
+
+    def _deadline(self) -> float | None:
+        """The time.monotonic() by which the model must have answered."""
+        return None if self.limits.max_time_s is None else self._started + self.limits.max_time_s
 
     def _check_stuck(self, calls: list[_Call], observations: list[str]) -> None:
         signature = json.dumps([[c.name, c.args] for c in calls] + observations, sort_keys=True, default=str)
@@ -212,19 +240,46 @@ class _Call:
                        f'{{"type": "function", "function": {{"name": ..., "arguments": ...}}}}, got {raw!r:.200}')
         call_id = raw.get("id")
         call_id = call_id if isinstance(call_id, str) and len(call_id) == 9 and call_id.isalnum() else _new_id()
-        name, arguments = str(function.get("name") or "?"), function.get("arguments")
+        name, arguments = clean(str(function.get("name") or "?"))[:200], function.get("arguments")
         if isinstance(arguments, dict):
+            # ensure_ascii: the history's copy stays writable even if a value holds a lone surrogate.
             return cls(call_id, name, json.dumps(arguments), arguments)
         try:
             args = json.loads(arguments or "{}")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             # The history keeps valid JSON (tokenizers re-parse it); the error says what was sent.
             return cls(call_id, name, "{}", {}, error=f"the arguments of {name} are not valid JSON ({e}): "
-                       f"{str(arguments)[:200]!r}")
-        return cls(call_id, name, arguments, args)
+                       f"{clean(str(arguments)[:200])!r}")
+        return cls(call_id, name, clean(arguments), args)
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def _takes_deadline(model: ChatModel) -> bool:
+    """Whether `model.chat` accepts `deadline` (ours do; a ChatModel written before it existed may not,
+    and then --max-time is checked between model calls only)."""
+    try:
+        params = inspect.signature(model.chat).parameters
+    except (TypeError, ValueError):
+        return False
+    return "deadline" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's content as one text (parts joined), with lone surrogates replaced; None if it is
+    neither text, nor a list of parts, nor absent."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return clean(content)
+    if isinstance(content, list):
+        return clean("".join(str(part.get("text", "")) for part in content if isinstance(part, dict)))
+    return None
+
+
+def _short(content: str) -> str:
+    return truncate_middle(content, MAX_ASSISTANT_CHARS)
 
 
 def _new_id() -> str:

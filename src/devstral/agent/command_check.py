@@ -95,7 +95,11 @@ def named_paths(command: str, workspace: Workspace, cwd: Path) -> tuple[list[Pat
     for words in commands:
         for position, word in enumerate(words):
             for candidate in _path_like(word):
-                resolved = workspace.resolve(candidate, cwd)
+                try:
+                    resolved = workspace.resolve(candidate, cwd)
+                except (OSError, RuntimeError, ValueError):  # a loop, a name too long: judged as outside
+                    outside.append(Path(candidate))
+                    continue
                 if is_sensitive(Path(candidate)) or is_sensitive(resolved):
                     sensitive.append(resolved)
                 # The program itself (/usr/bin/python3, ~/.venv/bin/pytest) is run, not read or written.

@@ -2,15 +2,21 @@
 
 Writes outside the workspace are refused here whatever the mode (defence in depth: the permission
 policy checks first). Whether a read outside is allowed is the policy's decision, not the editor's.
+Files are read and written through directory descriptors (safe_fs.py), so a symlink swapped in after
+the check cannot redirect a write. File system errors (a name too long, a file where a folder should
+be, no permission) are the model's observation, never a crash.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devstral.agent.atomic import write_text_atomic
+from devstral.agent import safe_fs
 from devstral.agent.exceptions import ToolError
 from devstral.agent.truncation import EDITOR_OUTPUT_LIMIT, truncate_middle
 from devstral.agent.workspace import Workspace
@@ -20,10 +26,16 @@ SNIPPET_CONTEXT_LINES = 4
 COMMANDS = ("view", "create", "str_replace", "insert", "undo_edit")
 
 
+@dataclass
+class _Edit:
+    previous: str | None  # None: the edit created the file
+    written: str
+
+
 class FileEditor:
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
-        self._history: dict[Path, list[str | None]] = {}
+        self._history: dict[Path, list[_Edit]] = {}
 
     def __call__(self, args: dict[str, Any]) -> str:
         command = args["command"]
@@ -32,17 +44,30 @@ class FileEditor:
             raise ToolError(f"{args['path']} is outside the workspace {self.workspace.root}; "
                             "files can only be changed inside it.")
         handler = getattr(self, f"_{command}")
-        return truncate_middle(handler(path, args), EDITOR_OUTPUT_LIMIT)
+        try:
+            return truncate_middle(handler(path, args), EDITOR_OUTPUT_LIMIT)
+        except OSError as e:
+            raise ToolError(_os_error(path, e)) from None
 
     def checked_path(self, raw: str) -> Path:
         if not raw or not raw.startswith("/"):
             guess = self.workspace.root / (raw or "")
             raise ToolError(f"path must be absolute (start with /); did you mean {guess}?")
-        return self.workspace.resolve(raw)
+        if "\0" in raw:
+            raise ToolError("the path contains a NUL character, which no file name can hold.")
+        try:
+            return self.workspace.resolve(raw)
+        except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+            raise ToolError(f"{raw} cannot be resolved: {e}") from None
+
+    def _where(self, path: Path) -> tuple[Path, Path]:
+        """(the folder to walk from, the path below it): the workspace for its files, / for reads outside."""
+        root = self.workspace.root if self.workspace.contains(path) else Path("/")
+        return root, path.relative_to(root)
 
     # -- commands -----------------------------------------------------------------------------
     def _view(self, path: Path, args: dict[str, Any]) -> str:
-        if path.is_dir():
+        if self._is_dir(path):
             if args.get("view_range") is not None:
                 raise ToolError("view_range applies to files, not to directories.")
             return self._list_directory(path)
@@ -57,7 +82,7 @@ class FileEditor:
     def _create(self, path: Path, args: dict[str, Any]) -> str:
         if args.get("file_text") is None:
             raise ToolError("create needs file_text, the content of the new file.")
-        if path.exists():
+        if safe_fs.lstat(*self._where(path)) is not None:
             raise ToolError(f"{path} already exists; create only makes new files. "
                             "Use str_replace or insert to change it (view it first).")
         self._write(path, args["file_text"], previous=None)
@@ -100,25 +125,41 @@ class FileEditor:
         history = self._history.get(path)
         if not history:
             raise ToolError(f"there is no edit of {path} to undo.")
-        previous = history.pop()
-        if previous is None:
-            path.unlink(missing_ok=True)
+        edit = history[-1]
+        try:
+            current = self._read(path)
+        except ToolError:
+            current = None
+        if current != edit.written:
+            raise ToolError(f"{path} changed after the last edit (a command changed, moved or removed it), so "
+                            "undo_edit would lose that change. View the file and edit it instead.")
+        history.pop()
+        if edit.previous is None:
+            safe_fs.remove_file(*self._where(path))
             return f"Undid the creation of {path}; the file is removed."
-        write_text_atomic(path, previous)
-        lines = previous.split("\n")
+        safe_fs.write_file(*self._where(path), edit.previous.encode("utf-8"))
+        lines = edit.previous.split("\n")
         return f"Undid the last edit of {path}. Now (cat -n):\n" + _numbered(lines, 1)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _is_dir(self, path: Path) -> bool:
+        info = safe_fs.lstat(*self._where(path))
+        return info is not None and stat.S_ISDIR(info.st_mode)
+
     def _read(self, path: Path) -> str:
-        if not path.exists():
-            raise ToolError(f"{path} does not exist. Use create to make it, or view the directory.")
-        if not path.is_file():
-            raise ToolError(f"{path} is not a regular file.")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ToolError(f"{path} is {size / 1e6:.1f} MB, over the editor's 10 MB limit; "
-                            "use execute_bash (head, grep, sed -n) to look at parts of it.")
-        data = path.read_bytes()
+        try:
+            data = safe_fs.read_file(*self._where(path), MAX_FILE_BYTES)
+        except FileNotFoundError:
+            raise ToolError(f"{path} does not exist. Use create to make it, or view the directory.") from None
+        except IsADirectoryError:
+            raise ToolError(f"{path} is a directory; view lists it, the other commands need a file.") from None
+        except ValueError as e:
+            raise ToolError(f"{path} is {e.args[0] / 1e6:.1f} MB, over the editor's 10 MB limit; "
+                            "use execute_bash (head, grep, sed -n) to look at parts of it.") from None
+        except OSError as e:
+            if e.errno is None:  # safe_fs: not a regular file
+                raise ToolError(f"{path} is not a regular file.") from None
+            raise
         if b"\0" in data[:8192]:
             raise ToolError(f"{path} is a binary file; the editor works on text files only.")
         try:
@@ -127,10 +168,15 @@ class FileEditor:
             raise ToolError(f"{path} is not UTF-8 text; the editor works on text files only.") from None
 
     def _write(self, path: Path, text: str, previous: str | None) -> None:
-        if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ToolError(f"the new text is not valid Unicode ({e.reason} at character {e.start}); "
+                            "nothing was written.") from None
+        if len(data) > MAX_FILE_BYTES:
             raise ToolError("the result would be over the editor's 10 MB limit.")
-        write_text_atomic(path, text)
-        self._history.setdefault(path, []).append(previous)
+        safe_fs.write_file(*self._where(path), data)
+        self._history.setdefault(path, []).append(_Edit(previous, text))
 
     def _edited(self, path: Path, text: str, first: int, last: int) -> str:
         lines = text.split("\n")
@@ -151,6 +197,17 @@ class FileEditor:
                 entries.append(str(Path(dirpath, name)) + "/")
             entries.extend(str(Path(dirpath, f)) for f in sorted(filenames) if not f.startswith("."))
         return f"Files and directories in {root}, two levels deep, hidden ones left out:\n" + "\n".join(sorted(entries))
+
+
+def _os_error(path: Path, e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return (f"the path {path} now goes through a symlink (something changed it after it was checked); "
+                "nothing was changed.")
+    if e.errno == errno.ENOTDIR:
+        return f"a part of the path {path} is a file, not a directory; nothing was changed."
+    if e.errno == errno.ENAMETOOLONG:
+        return f"a name in {str(path)[:200]} is too long for the file system; nothing was changed."
+    return f"{path}: {e.strerror or e}; nothing was changed."
 
 
 def _numbered(lines: list[str], first: int) -> str:

@@ -38,3 +38,10 @@ class FormatError(Exception):
 
 class ToolError(Exception):
     """A tool call was well-formed but failed (bad path, missing old_str ...); the text is the observation."""
+
+
+class DeadlineExceeded(LimitReached):
+    """The model had not answered when the agent's time ran out."""
+
+    def __init__(self, max_time_note: str = "time limit reached while waiting for the model"):
+        super().__init__(max_time_note)

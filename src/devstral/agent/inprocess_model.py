@@ -3,9 +3,11 @@ package itself must import without torch."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from devstral.agent.exceptions import DeadlineExceeded
 from devstral.agent.model import ChatReply, Message
 
 
@@ -23,11 +25,18 @@ class InProcessChatModel:
     def check(self) -> None:
         """Loading succeeded in __init__; nothing can be unreachable."""
 
-    def chat(self, messages: list[Message], tools: list[dict[str, Any]]) -> ChatReply:
+    def chat(self, messages: list[Message], tools: list[dict[str, Any]], *,
+             deadline: float | None = None) -> ChatReply:
         kwargs: dict[str, Any] = {"temperature": self.temperature}
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
-        result = self.llm.chat(messages, tools=tools, sampling=self._devstral.SamplingParams(**kwargs))
+        extra = {}
+        if deadline is not None:
+            # Polled once per token: generation stops within a token of the agent's --max-time.
+            extra["should_stop"] = lambda: time.monotonic() >= deadline
+        result = self.llm.chat(messages, tools=tools, sampling=self._devstral.SamplingParams(**kwargs), **extra)
+        if deadline is not None and (result.finish_reason == "cancelled" or time.monotonic() >= deadline):
+            raise DeadlineExceeded()
         message = dict(result.message)
         message.setdefault("role", "assistant")
         return ChatReply(message=message, finish_reason=result.finish_reason, usage=dict(result.usage or {}))

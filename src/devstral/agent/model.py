@@ -36,5 +36,9 @@ class ChatModel(Protocol):
         """Raise DevstralError when the model cannot be reached; called once before the first step."""
         ...
 
-    def chat(self, messages: list[Message], tools: list[dict[str, Any]]) -> ChatReply:
+    def chat(self, messages: list[Message], tools: list[dict[str, Any]], *,
+             deadline: float | None = None) -> ChatReply:
+        """One reply. `deadline` is a time.monotonic() value (the agent's --max-time): past it, the
+        call gives up and raises DeadlineExceeded instead of answering late. Implementations without
+        the parameter still work; the agent then checks the time between calls only."""
         ...

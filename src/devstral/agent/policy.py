@@ -88,7 +88,10 @@ class Policy:
         raw = args["path"]
         if not raw.startswith("/"):
             return  # the editor answers with the absolute path it expected
-        path = self.workspace.resolve(raw)
+        try:
+            path = self.workspace.resolve(raw)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ToolError(f"{raw} cannot be resolved: {e}") from None
         inside = self.workspace.contains(path)
         sensitive = is_sensitive(Path(raw)) or is_sensitive(path)
         if args["command"] == "view":

@@ -2,11 +2,14 @@
 
 Arguments are validated against the same schemas the model was given; anything wrong is a
 FormatError (counted, told to the model). A refused or failed action is a ToolError: its text is the
-observation. Every observation is masked for secrets before anyone sees it.
+observation; so is any OS or encoding error a tool meets. Every observation is masked for secrets
+before anyone sees it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,14 @@ import jsonschema
 
 from devstral.agent import prompts
 from devstral.agent.editor import FileEditor
+from devstral.agent.environment import command_environment
 from devstral.agent.exceptions import Finished, FormatError, ToolError
-from devstral.agent.policy import Policy
+from devstral.agent.policy import Mode, Policy
+from devstral.agent.sandbox import SandboxSpec
 from devstral.agent.secrets import SecretMasker
-from devstral.agent.shell import KEY_SIGNALS, BashSession, CommandResult
+from devstral.agent.shell import DEFAULT_MAX_OUTPUT_BYTES, KEY_SIGNALS, BashSession, CommandResult
 from devstral.agent.truncation import BASH_OUTPUT_LIMIT, truncate_middle
+from devstral.agent.unicode_text import clean, has_lone_surrogate
 from devstral.agent.workspace import Workspace
 
 
@@ -27,16 +33,36 @@ from devstral.agent.workspace import Workspace
 class ToolLimits:
     soft_timeout_s: float = 30.0  # no output for this long: return what there is, keep running
     max_command_s: float = 1800.0  # hard cap for any command without its own timeout
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # a command printing more is killed
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """How commands are confined; `enabled=False` runs them unconfined (--no-sandbox)."""
+
+    enabled: bool = False
+    allow_network: bool = False
+    read_paths: tuple[Path, ...] = ()
 
 
 class ToolBox:
     def __init__(self, workspace: Workspace, policy: Policy, masker: SecretMasker,
-                 limits: ToolLimits | None = None, env: dict[str, str] | None = None):
+                 limits: ToolLimits | None = None, env: Mapping[str, str] | None = None,
+                 pass_env: Iterable[str] = (), sandbox: SandboxOptions | None = None):
+        """`env` is the environment commands may take variables from (default: this process's):
+        they get PATH and LANG from it, plus the names in `pass_env`, and nothing else."""
         self.workspace, self.policy, self.masker = workspace, policy, masker
         self.limits = limits or ToolLimits()
         self.schemas = prompts.tool_schemas()
         self._parameters = {t["function"]["name"]: t["function"]["parameters"] for t in self.schemas}
-        self.shell = BashSession(workspace.root, env=env, soft_timeout_s=self.limits.soft_timeout_s)
+        sandbox = sandbox or SandboxOptions()
+        spec = SandboxSpec(workspace.root, writable=policy.mode is not Mode.READ_ONLY,
+                           allow_network=sandbox.allow_network, read_paths=sandbox.read_paths) \
+            if sandbox.enabled else None
+        base_env = command_environment(os.environ if env is None else env, pass_env)
+        self.shell = BashSession(workspace.root, base_env, soft_timeout_s=self.limits.soft_timeout_s,
+                                 max_output_bytes=self.limits.max_output_bytes, sandbox_spec=spec)
+        self.sandboxed = spec is not None
         self.editor = FileEditor(workspace)
         self._last_timeout: float | None = None
 
@@ -56,6 +82,14 @@ class ToolBox:
         except jsonschema.ValidationError as e:
             where = "/".join(str(p) for p in e.absolute_path)
             raise FormatError(f"invalid arguments for {name}{f' (field {where})' if where else ''}: {e.message}.") from None
+        for key, value in args.items():
+            if not isinstance(value, str):
+                continue
+            if bad := has_lone_surrogate(value):
+                raise FormatError(f"the field {key} of {name} holds a lone surrogate ({ascii(bad.group())}) at "
+                                  f"character {bad.start()}, which is not valid Unicode.")
+            if "\0" in value and key in ("command", "path"):
+                raise FormatError(f"the field {key} of {name} holds a NUL character, which no {key} can hold.")
         return args
 
     def run(self, name: str, args: dict[str, Any], time_left_s: float | None = None) -> str:
@@ -72,7 +106,10 @@ class ToolBox:
                 text = self.editor(args)
         except ToolError as e:
             text = f"ERROR: {e}"
-        return self.masker.mask(text)
+        except (OSError, UnicodeError, ValueError) as e:
+            # Whatever a path or a text can make the OS or a codec refuse: the model is told, the run goes on.
+            text = f"ERROR: {name} failed: {type(e).__name__}: {e}"
+        return clean(self.masker.mask(text))
 
     def _bash(self, args: dict[str, Any], time_left_s: float | None) -> str:
         command, is_input = args["command"], args.get("is_input") == "true"
@@ -111,7 +148,9 @@ class ToolBox:
         output = truncate_middle(self.masker.mask(result.output), BASH_OUTPUT_LIMIT)
         return prompts.render("bash_observation", output=output, cwd=result.cwd, killed=result.killed,
                               timeout=_seconds(timeout), still_running=result.exit_code is None,
-                              silence=_seconds(self.limits.soft_timeout_s), exit_code=result.exit_code)
+                              silence=_seconds(self.limits.soft_timeout_s), exit_code=result.exit_code,
+                              output_limited=result.output_limited, output_bytes=result.output_bytes,
+                              max_output=self.limits.max_output_bytes, session_lost=result.session_lost)
 
     def interrupt(self) -> None:
         self.shell.interrupt()
