@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import BACKEND_OPTION
 from devstral.errors import DevstralError
 
 
@@ -28,6 +29,7 @@ def agent(
     temperature: float = typer.Option(0.15, "--temperature", min=0.0, help="Sampling temperature."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Cap on tokens per model reply."),
     device: str = typer.Option("auto", "--device", help="Device for --model (auto, cpu, cuda, cuda:1)."),
+    backend: str = BACKEND_OPTION,
     soft_timeout: float = typer.Option(30.0, "--soft-timeout", min=0.1, help="Return a command's output after this many silent seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print observations."),
 ) -> int:
@@ -53,6 +55,8 @@ def agent(
         raise DevstralError("give exactly one of --model (run in process) or --base-url (use a server)")
     if api_key and not base_url:
         raise DevstralError("--api-key only applies with --base-url")
+    if backend != "auto" and base_url:
+        raise DevstralError("--backend only applies with --model (the server at --base-url runs its own)")
     ws = Workspace.open(workspace)
     interactive = task is None
     if (agent_mode is Mode.CONFIRM or interactive) and not stdin_is_terminal():
@@ -63,7 +67,7 @@ def agent(
     import os
     masker = SecretMasker(os.environ)
     ui = TerminalUI(verbose=not quiet)
-    chat_model = _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device)
+    chat_model = _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device, backend)
     chat_model.check()  # an unreachable server fails here, before any step
     policy = Policy(agent_mode, ws, ui.approve if agent_mode is Mode.CONFIRM else None)
     toolbox = ToolBox(ws, policy, masker, ToolLimits(soft_timeout_s=soft_timeout))
@@ -85,14 +89,14 @@ def agent(
         toolbox.close()  # kills whatever the commands left running
 
 
-def _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device):
+def _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device, backend="auto"):
     if base_url is not None:
         from devstral.agent.endpoint_model import EndpointChatModel
 
         return EndpointChatModel(base_url, model_name, api_key, temperature=temperature, max_tokens=max_tokens)
     from devstral.agent.inprocess_model import InProcessChatModel
 
-    return InProcessChatModel(model, device=device, temperature=temperature, max_tokens=max_tokens)
+    return InProcessChatModel(model, device=device, temperature=temperature, max_tokens=max_tokens, backend=backend)
 
 
 def _exit_cleanly_on_sigterm() -> None:
