@@ -115,6 +115,8 @@ class LlamaCppEngine:
         n_ids = min(int(lib.llama_max_parallel_sequences()), 2 * self.max_num_seqs + 8)
         self.ctx = self._new_context(n_cells=max_context * self.max_num_seqs, n_ids=n_ids, threads=threads)
         model.register(self)
+        # llama.cpp caps a batch at the context size: a larger one would abort the process
+        self.batch_tokens = min(self.batch_tokens, int(lib.llama_n_batch(self.ctx)))
         self.mem = lib.llama_get_memory(self.ctx)
         self.kv = KVSequences(n_ids, int(lib.llama_n_ctx(self.ctx)), self, prefix_caching=ec.prefix_caching)
         self.batch = _Batch(lib, self.batch_tokens)
