@@ -138,7 +138,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     dev = torch.device("cpu") if llama else resolve_device(device)
     if llama:
         from devstral.engine.backend import gpu_layers
-        from devstral.engine.llamacpp_model import LlamaCppModel
+        from devstral.engine.llamacpp_model import LlamaCppModel, check_gguf
         from devstral.formats.gguf_model import gguf_config
         from devstral.formats.gguf_read import GGUFFile
         from devstral.formats.gguf_tokenizer import GGUFTokenizer
@@ -147,8 +147,9 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
             print(f"note: --dtype {dtype} is ignored by the llama.cpp backend (the GGUF's types are used)",
                   file=sys.stderr)
         g = GGUFFile(path)
-        cfg = gguf_config(g)  # the header only: the weights are llama.cpp's
+        cfg = gguf_config(g)
         tokenizer = GGUFTokenizer(g.metadata, source=str(g.path))
+        check_gguf(g, cfg)  # our one-line errors for a bad file; then the weights are llama.cpp's alone
         net = LlamaCppModel(g.path, gpu_layers=gpu_layers(device))
         folder = path.parent if path.is_file() else path
     elif _is_gguf(path):

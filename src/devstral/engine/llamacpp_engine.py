@@ -27,7 +27,7 @@ import torch
 from devstral.config import ModelConfig
 from devstral.engine.engine import EngineConfig, EngineStats
 from devstral.engine.llamacpp_kv import KVSequences
-from devstral.engine.llamacpp_model import LlamaCppModel, llama_cpp
+from devstral.engine.llamacpp_model import LlamaCppModel, llama_cpp, llama_errors
 from devstral.engine.model_runner import ModelRunner
 from devstral.engine.sampling import SamplingParams, sample
 from devstral.engine.sequence import Sequence, Status
@@ -143,11 +143,13 @@ class LlamaCppEngine:
         p.flash_attn_type = {"fp32": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED, "q8_0": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                              "q4_0": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(self.kind, lib.LLAMA_FLASH_ATTN_TYPE_AUTO)
         p.no_perf = True
+        llama_errors(clear=True)
         ctx = lib.llama_init_from_model(self.model.ptr, p)
         if not ctx:
             need = n_cells * kv_bytes_per_token(self.kind, self.cfg) / GIB
-            raise DevstralError(f"llama.cpp could not make a context of {n_cells} tokens ({need:.1f} GiB of KV cache): "
-                                "lower --ctx-size or --parallel, or use --kv-cache-dtype q8_0")
+            raise DevstralError(f"llama.cpp could not make a context of {n_cells} tokens ({need:.1f} GiB of KV cache; "
+                                f"{llama_errors(clear=True) or 'no reason given'}): lower --ctx-size or --parallel, "
+                                "or use --kv-cache-dtype q8_0")
         return ctx
 
     def close(self) -> None:
@@ -278,6 +280,7 @@ class LlamaCppEngine:
     def _decode(self, n_tokens: int) -> None:
         if not self.kv.make_room(n_tokens):
             raise DevstralError("the llama.cpp KV cache is full: lower --parallel or --ctx-size")
+        llama_errors(clear=True)
         rc = self.lib.llama_decode(self.ctx, self.batch.struct)
         if rc == 1:  # no slot for the batch: llama.cpp restored its cache; free every idle cell and retry
             self.kv.drop_idle()
@@ -285,7 +288,7 @@ class LlamaCppEngine:
         if rc == 1:
             raise DevstralError("the llama.cpp KV cache is full: lower --parallel or --ctx-size")
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc} (its error is printed above)")
+            raise RuntimeError(f"llama_decode failed with code {rc}: {llama_errors(clear=True)}")
 
     def _logits_rows(self, n_rows: int) -> torch.Tensor:
         """The logits of this step's sampling rows, in batch order, as a float32 view (no copy) that
@@ -350,7 +353,7 @@ class LlamaCppEngine:
                 self.batch.add(chunk, start, seq_id, logits="all")
                 rc = self.lib.llama_decode(self.ctx, self.batch.struct)
                 if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with code {rc}")
+                    raise RuntimeError(f"llama_decode failed with code {rc}: {llama_errors(clear=True)}")
                 out[start:start + len(chunk)] = self._logits_rows(len(chunk))
         finally:
             self.kv.drop(seq_id)

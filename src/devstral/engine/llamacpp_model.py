@@ -12,7 +12,7 @@ Only token ids and logits cross into llama.cpp: tokenization, prompts and sampli
 from __future__ import annotations
 
 import contextlib
-import logging
+import ctypes
 import re
 import weakref
 from pathlib import Path
@@ -64,11 +64,38 @@ def llama_cpp() -> Any:
     problem = amx_problem(lib.llama_print_system_info().decode(errors="replace"), linux_cpu_flags())
     if problem:
         raise DevstralError(problem)
-    # llama-cpp-python forwards llama.cpp's log to stderr through this logger: keep its errors only.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    _quiet_log(lib)
     lib.llama_backend_init()
     _module = lib
     return lib
+
+
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_log_state: dict[str, Any] = {"level": 0, "errors": [], "callback": None}
+
+
+def _quiet_log(lib: Any) -> None:
+    """llama.cpp logs nothing on our stderr: its errors are kept, and the DevstralError of a call that
+    failed quotes them (`llama_errors`), so a bad file is still one line."""
+    @lib.llama_log_callback
+    def log(level: int, text: bytes, user_data: Any) -> None:
+        if level != _GGML_LOG_CONT:
+            _log_state["level"] = level
+        if _log_state["level"] == _GGML_LOG_ERROR:
+            line = text.decode("utf-8", errors="replace").strip()
+            if line:
+                _log_state["errors"] = [*_log_state["errors"][-15:], line]
+
+    _log_state["callback"] = log  # ctypes calls it for the life of the process: keep it alive
+    lib.llama_log_set(log, ctypes.c_void_p(0))
+
+
+def llama_errors(clear: bool = False) -> str:
+    """llama.cpp's error lines since the last clear, the first (the cause) first."""
+    text = "; ".join(_log_state["errors"])
+    if clear:
+        _log_state["errors"] = []
+    return text
 
 
 def llama_cpp_unavailable() -> str | None:
@@ -78,6 +105,38 @@ def llama_cpp_unavailable() -> str | None:
     except DevstralError as e:
         return str(e)
     return None
+
+
+def check_gguf(g: Any, cfg: Any) -> None:
+    """What the torch loader checks of a GGUF, without building the model: the metadata against the
+    tensor table, every tensor's name and shape, and no NaN or infinite weight (llama.cpp would load
+    it and compute garbage). One read of the file, which warms the page cache llama.cpp maps next."""
+    import torch
+
+    from devstral.formats.finite import check_finite, check_finite_blocks
+    from devstral.formats.gguf_model import FLOAT_TYPES, check_gguf_config_against_tensors
+    from devstral.formats.gguf_names import from_gguf_name
+    from devstral.model.transformer import Transformer
+
+    check_gguf_config_against_tensors(g, cfg)
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters(remove_duplicate=False)}
+    views = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for name in g.tensor_names:
+        ours = from_gguf_name(name)
+        if ours is None:
+            if name.startswith("blk."):
+                raise DevstralError(f"{g.path}: unexpected tensor {name} for architecture {g.architecture}")
+            continue
+        info = g.info(name)
+        if info.shape != expected[ours]:
+            raise DevstralError(f"{g.path}: tensor {name} has shape {list(info.shape)} but the metadata implies "
+                                f"{list(expected[ours])}")
+        raw = g.raw_torch(name)
+        if info.qtype in FLOAT_TYPES:
+            check_finite(raw.view(views[info.qtype.name]), name, g.path)
+        else:
+            check_finite_blocks(raw.reshape(info.shape[0], -1), info.qtype, name, g.path)
 
 
 class LlamaCppModel:
@@ -93,9 +152,11 @@ class LlamaCppModel:
         self.path = Path(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        llama_errors(clear=True)
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
-            raise DevstralError(f"{self.path}: llama.cpp could not load this GGUF (its error is printed above)")
+            cause = llama_errors(clear=True).split("; ")[0]
+            raise DevstralError(f"{self.path}: llama.cpp could not load this GGUF: {cause or 'no reason given'}")
         self.gpu_layers = gpu_layers
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.ptr)))
         self.size_bytes = int(lib.llama_model_size(self.ptr))
@@ -137,8 +198,6 @@ class LlamaCppModel:
 
 
 def _model_desc(lib: Any, ptr: Any) -> str:
-    import ctypes
-
     buf = ctypes.create_string_buffer(256)
     lib.llama_model_desc(ptr, buf, ctypes.sizeof(buf))
     return buf.value.decode(errors="replace")
