@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from devstral.cli import main
 from devstral.testing import make_tiny_checkpoint, patched_sampler
-from test_llamacpp_harness import _free_port, _root, call_ids
+from test_llamacpp_harness import _root, call_ids, start_server, stop_server
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -75,33 +73,21 @@ def test_agent_in_process_creates_a_file_and_finishes(backend, tmp_path, capsys)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_agent_over_http_against_a_server_on_the_backend(backend, tmp_path, capsys):
-    import uvicorn
-
     import devstral
-    from devstral.server import ServerConfig, create_app
 
     llm = devstral.load(str(agent_gguf()), backend=backend, device="cpu", parallel=2)
     assert llm.backend == backend
-    app = create_app(llm, ServerConfig(model_id="tiny", parallel=2, store_dir=tmp_path / "store"))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
+    server = start_server(llm, parallel=2)
     ws, traj = tmp_path / "ws", tmp_path / "run.jsonl"
     ws.mkdir()
     patch, scripts = script_turns(turns_for(ws))
     try:
         with patch:
             code = main(["agent", "create hello.txt", "--workspace", str(ws), "--base-url",
-                         f"http://127.0.0.1:{port}/v1", "--mode", "auto", "--trajectory", str(traj), "--quiet",
+                         f"{server.url}/v1", "--mode", "auto", "--trajectory", str(traj), "--quiet",
                          "--max-steps", "4"])
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop_server(server)
     assert code == 0, capsys.readouterr().err
     check_workspace(ws, traj)
     # the second turn repeated the first: the server's prefix cache served it

@@ -116,15 +116,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@functools.cache
-def live(backend: str) -> Live:
-    """A server over the mistral F32 GGUF on `backend`, 4 slots (stopped at exit)."""
+def start_server(llm: Any, **config: Any) -> Live:
+    """A server for `llm` on a free port (stopped at exit, or by `stop_server`)."""
     import uvicorn
 
     from devstral.server import ServerConfig, create_app
 
-    llm = load(f32_gguf(), backend, parallel=4)
-    app = create_app(llm, ServerConfig(model_id="tiny", parallel=4, max_queue=64, store_dir=_root() / "store"))
+    config.setdefault("store_dir", _root() / "store")
+    app = create_app(llm, ServerConfig(model_id="tiny", **config))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=2))
@@ -135,13 +134,20 @@ def live(backend: str) -> Live:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
+    live = Live(f"http://127.0.0.1:{port}", llm, server, thread)
+    atexit.register(stop_server, live)
+    return live
 
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(10)
 
-    atexit.register(stop)
-    return Live(f"http://127.0.0.1:{port}", llm, server, thread)
+def stop_server(live: Live) -> None:
+    live.server.should_exit = True
+    live.thread.join(10)
+
+
+@functools.cache
+def live(backend: str) -> Live:
+    """A server over the mistral F32 GGUF on `backend`, 4 slots."""
+    return start_server(load(f32_gguf(), backend, parallel=4), parallel=4, max_queue=64)
 
 
 @functools.cache

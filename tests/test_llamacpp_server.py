@@ -16,7 +16,19 @@ import pytest
 
 from devstral.engine.sampling import SamplingParams
 from devstral.testing import patched_sampler
-from test_llamacpp_harness import ASK, CALL, TEXT, TOOLS, call_ids, live, reference
+from test_llamacpp_harness import (
+    ASK,
+    CALL,
+    TEXT,
+    TOOLS,
+    call_ids,
+    f32_gguf,
+    live,
+    load,
+    reference,
+    start_server,
+    stop_server,
+)
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -142,3 +154,23 @@ def test_the_ollama_client_chats_and_gets_tool_calls_as_objects(backend):
         r = c.chat(model="tiny", messages=ASK, tools=TOOLS, stream=False)
     call = r.message.tool_calls[0].function
     assert (call.name, dict(call.arguments)) == CALL
+
+
+def test_keep_alive_zero_frees_the_weights_and_the_next_request_loads_them_again(backend):
+    server = start_server(load(f32_gguf(), backend), parallel=1, loader=lambda: load(f32_gguf(), backend))
+    c = ollama.Client(host=server.url)
+    options = {"temperature": 0, "num_predict": 6}
+    weights, engine = server.llm.model, server.llm.engine
+    try:
+        first = c.generate(model="tiny", prompt=TEXT[:30], raw=True, options=options, keep_alive=0)
+        deadline = time.monotonic() + 20
+        while c.ps().models:
+            assert time.monotonic() < deadline, "the model was not unloaded"
+            time.sleep(0.05)
+        if backend == "llama.cpp":  # llama.cpp's weights and context were freed, not just forgotten
+            assert not weights.loaded and engine.ctx is None
+        again = c.generate(model="tiny", prompt=TEXT[:30], raw=True, options=options, keep_alive="10m")
+        assert again.response == first.response and [m.model for m in c.ps().models] == ["tiny"]
+        assert server.llm.model is not weights
+    finally:
+        stop_server(server)
