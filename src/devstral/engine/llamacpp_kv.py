@@ -66,7 +66,7 @@ class KVSequences:
     @property
     def used_cells(self) -> int:
         reach: dict[int, int] = {}
-        for h in self.held.values():
+        for h in list(self.held.values()):  # a snapshot: /metrics reads this from the server's event loop
             if not h.segments:
                 continue
             ends = [start for _, start in h.segments[1:]] + [len(h.tokens)]
