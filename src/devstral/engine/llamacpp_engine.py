@@ -129,6 +129,8 @@ class LlamaCppEngine:
         # ids for the running requests, the prefix cache's idle entries, and one for logits(): in a
         # unified cache an id costs no memory, cells do.
         n_ids = min(int(lib.llama_max_parallel_sequences()), 2 * self.max_num_seqs + 8)
+        if self.max_num_seqs >= n_ids:
+            raise DevstralError(f"--parallel {self.max_num_seqs}: llama.cpp runs at most {n_ids - 1} sequences at once")
         self.ctx = self._new_context(n_cells=max_context * self.max_num_seqs, n_ids=n_ids, threads=threads)
         model.register(self)
         # llama.cpp caps a batch at the context size: a larger one would abort the process
