@@ -170,7 +170,8 @@ def main() -> None:
     if args.model:
         import devstral
 
-        llm = devstral.load(args.model, device=args.device, max_context=args.prompt_len + args.new_tokens + 64)
+        llm = devstral.load(args.model, device=args.device, max_context=args.prompt_len + args.new_tokens + 64,
+                            backend="torch")  # it times our torch engine (llm.model)
         cfg, model = llm.config, llm.model
         llm.tokenizer.eos_id = -1  # measure exactly new_tokens
     else:

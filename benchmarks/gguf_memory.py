@@ -61,7 +61,7 @@ def child(path: str, tokens: int) -> dict:
 
     base = proc_status()
     t = time.perf_counter()
-    llm = devstral.load(path, device="cpu")
+    llm = devstral.load(path, device="cpu", backend="torch")  # our GGUF loader, not llama.cpp
     load_s = time.perf_counter() - t
     loaded = proc_status()
     t = time.perf_counter()

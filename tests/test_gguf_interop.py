@@ -69,7 +69,7 @@ def _llama(path: Path, **kw):
 
 
 def test_llama_cpp_tokenizes_like_us(trained) -> None:
-    ours = devstral.load(trained["Q8_0"], device="cpu").tokenizer
+    ours = devstral.load(trained["Q8_0"], device="cpu", backend="torch").tokenizer
     ll = _llama(trained["Q8_0"], vocab_only=True)
     for text in SAMPLES:
         assert ll.tokenize(text.encode(), add_bos=False, special=False) == ours.encode(text), text
@@ -88,7 +88,7 @@ def test_llama_cpp_tokenizes_like_us(trained) -> None:
 
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
 def test_llama_cpp_logits_agree_with_ours(trained, ftype: str, record_property) -> None:
-    llm = devstral.load(trained[ftype], device="cpu")
+    llm = devstral.load(trained[ftype], device="cpu", backend="torch")
     ids = llm.tokenizer.encode(PROMPT, bos=True)
     ours = llm.logits(ids).numpy()
     ll = _llama(trained[ftype], logits_all=True)
@@ -122,7 +122,7 @@ def test_our_loader_reads_back_what_we_wrote(trained) -> None:
         tol = 0 if w.dim() == 1 else float(ref.abs().max()) / 127 * 0.51 + 1e-6
         assert float((w - ref).abs().max()) <= tol, name
     ref_llm = devstral.load(trained["ref"], device="cpu")
-    q_llm = devstral.load(trained["Q8_0"], device="cpu")
+    q_llm = devstral.load(trained["Q8_0"], device="cpu", backend="torch")
     ids = ref_llm.tokenizer.encode(PROMPT, bos=True)
     a, b = ref_llm.logits(ids), q_llm.logits(ids)
     assert torch.corrcoef(torch.stack([a.ravel(), b.ravel()]))[0, 1] > 0.999
@@ -152,7 +152,7 @@ def test_kld_values(trained, tmp_path, capsys) -> None:
     ref = devstral.load(trained["ref"], device="cpu")
     kld = {}
     for ftype in ("Q8_0", "Q4_K_M", "Q4_0"):
-        stats = kld_between(ref, devstral.load(trained[ftype], device="cpu"), text, ctx=128)
+        stats = kld_between(ref, devstral.load(trained[ftype], device="cpu", backend="torch"), text, ctx=128)
         kld[ftype] = stats.kld_mean
         assert stats.n_tokens > 0 and 0 <= stats.same_top_p <= 1
     print(json.dumps(kld))
@@ -165,7 +165,7 @@ def test_ministral3_yarn_and_temperature_match_llama_cpp(tmp_path) -> None:
     ck = make_tiny_checkpoint(tmp_path / "m3", arch="ministral3", wrap_mistral3=True, inner_vocab=500)
     path = export_gguf(ck, tmp_path / "m3.gguf", "F32")
     assert GGUFFile(path).metadata["general.architecture"] == "mistral3"
-    ours = devstral.load(path, device="cpu")
+    ours = devstral.load(path, device="cpu", backend="torch")
     ids = ours.tokenizer.encode("hello world " * 20, bos=True)
     ref = devstral.load(ck, device="cpu").logits(ids).numpy()
     mine = ours.logits(ids).numpy()

@@ -116,21 +116,43 @@ def _is_gguf(path: Path) -> bool:
 def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None, device: str = "auto",
          dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None, parallel: int = 1,
          gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
-         speculative: str = "lookup", max_batched_tokens: int | None = None):
+         speculative: str = "lookup", max_batched_tokens: int | None = None, backend: str = "auto",
+         threads: int | None = None):
     """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
 
     `max_context` None gives the model's whole window where the KV cache's memory allows it;
-    `parallel` is how many sequences the engine batches (the server's --parallel)."""
+    `parallel` is how many sequences the engine batches (the server's --parallel). `backend` is
+    "auto", "torch" or "llama.cpp" (engine/backend.py); `threads` is llama.cpp's CPU thread count
+    (default: torch's, which `--threads` sets)."""
+    from devstral.engine.backend import choose_backend
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.engine.sampling import defaults_for_model
     from devstral.prompt.tokenizer import load_tokenizer
 
     path = resolve_model(model)
-    dev = resolve_device(device)
     # generation_config.json beside the weights: a bad one fails here, in a second, not after them
     check_generation_config(path if path.is_dir() else path.parent)
-    if _is_gguf(path):
+    engine = choose_backend(backend, gguf=_is_gguf(path), device=device, adapter=adapter is not None)
+    llama = engine == "llama.cpp"
+    dev = torch.device("cpu") if llama else resolve_device(device)
+    if llama:
+        from devstral.engine.backend import gpu_layers
+        from devstral.engine.llamacpp_model import LlamaCppModel, check_gguf
+        from devstral.formats.gguf_model import gguf_config
+        from devstral.formats.gguf_read import GGUFFile
+        from devstral.formats.gguf_tokenizer import GGUFTokenizer
+
+        if dtype != "auto":
+            print(f"note: --dtype {dtype} is ignored by the llama.cpp backend (the GGUF's types are used)",
+                  file=sys.stderr)
+        g = GGUFFile(path)
+        cfg = gguf_config(g)
+        tokenizer = GGUFTokenizer(g.metadata, source=str(g.path))
+        check_gguf(g, cfg)  # our one-line errors for a bad file; then the weights are llama.cpp's alone
+        net = LlamaCppModel(g.path, gpu_layers=gpu_layers(device))
+        folder = path.parent if path.is_file() else path
+    elif _is_gguf(path):
         from devstral.formats.gguf import load_gguf_model
 
         net, cfg, tokenizer = load_gguf_model(path, device=dev, dtype=dtype)
@@ -169,6 +191,11 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
                       max_num_batched_tokens=max_batched_tokens)
     if gpu_memory_fraction is not None:
         ec.gpu_memory_fraction = gpu_memory_fraction
+    if llama:
+        from devstral.engine.llamacpp_llm import LlamaCppLLM
+
+        return LlamaCppLLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec,
+                           threads=threads or torch.get_num_threads())
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec)
 
 

@@ -209,6 +209,7 @@ def patched_sampler(pick):
     """Replace the engine's sampler while the block runs: `pick(logits_row, params, history) -> token id`
     is called for every sequence that samples, on the engine's thread. Tests use it to script the
     model's output (a tool call from a random model), to hold a request mid-generation, or to fail."""
+    import devstral.engine.llamacpp_engine as llama_engine
     import devstral.engine.model_runner as runner
     import devstral.engine.scheduler as scheduler
 
@@ -218,9 +219,10 @@ def patched_sampler(pick):
         return torch.tensor([pick(logits[i], params[i], histories[i]) for i in range(logits.shape[0])],
                             dtype=torch.long, device=logits.device)
 
-    runner.sample = sample
+    runner.sample = llama_engine.sample = sample  # both engines' samplers
     scheduler.speculation_allowed = lambda params, has_constraint: False  # every token through `pick`
     try:
         yield
     finally:
         runner.sample, scheduler.speculation_allowed = real_sample, real_allowed
+        llama_engine.sample = real_sample

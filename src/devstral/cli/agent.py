@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
+from devstral.cli.options import BACKEND_OPTION
 from devstral.errors import DevstralError
 
 CRASH_EXIT_CODE = 3
@@ -42,6 +43,7 @@ def agent(
     temperature: float = typer.Option(0.15, "--temperature", min=0.0, help="Sampling temperature."),
     max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Cap on tokens per model reply."),
     device: str = typer.Option("auto", "--device", help="Device for --model (auto, cpu, cuda, cuda:1)."),
+    backend: str = BACKEND_OPTION,
     soft_timeout: float = typer.Option(30.0, "--soft-timeout", min=0.1, help="Return a command's output after this many silent seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print observations."),
 ) -> int:
@@ -59,6 +61,8 @@ def agent(
         raise DevstralError("give exactly one of --model (run in process) or --base-url (use a server)")
     if api_key and not base_url:
         raise DevstralError("--api-key only applies with --base-url")
+    if backend != "auto" and base_url:
+        raise DevstralError("--backend only applies with --model (the server at --base-url runs its own)")
     if base_url is not None:
         from devstral.agent.endpoint_model import normalize_base_url
 
@@ -81,7 +85,7 @@ def agent(
     try:
         return _run(task, ws, agent_mode, model, base_url, api_key, model_name, max_steps, max_time, use_sandbox,
                     allow_network, env, [p.expanduser().resolve() for p in allow_read], max_output_bytes,
-                    trajectory, temperature, max_tokens, device, soft_timeout, quiet)
+                    trajectory, temperature, max_tokens, device, backend, soft_timeout, quiet)
     except (DevstralError, typer.Exit, KeyboardInterrupt, SystemExit):
         raise
     except Exception:
@@ -92,7 +96,8 @@ def agent(
 
 
 def _run(task, ws, agent_mode, model, base_url, api_key, model_name, max_steps, max_time, use_sandbox, allow_network,
-         env, allow_read, max_output_bytes, trajectory, temperature, max_tokens, device, soft_timeout, quiet) -> int:
+         env, allow_read, max_output_bytes, trajectory, temperature, max_tokens, device, backend, soft_timeout,
+         quiet) -> int:
     import os
 
     from devstral.agent import (
@@ -125,7 +130,7 @@ def _run(task, ws, agent_mode, model, base_url, api_key, model_name, max_steps, 
         masker.add_values([api_key])
         # Commands could read it from /proc/<agent>/cmdline or /environ when they run unconfined.
         scrub_secret(api_key)
-    chat_model = _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device)
+    chat_model = _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device, backend)
     chat_model.check()  # an unreachable server fails here, before any step
     policy = Policy(agent_mode, ws, ui.approve if agent_mode is Mode.CONFIRM else None)
     _exit_cleanly_on_signals()
@@ -158,14 +163,14 @@ def parse_size(text: str, flag: str) -> int:
     return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
 
 
-def _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device):
+def _make_model(model, base_url, api_key, model_name, temperature, max_tokens, device, backend="auto"):
     if base_url is not None:
         from devstral.agent.endpoint_model import EndpointChatModel
 
         return EndpointChatModel(base_url, model_name, api_key, temperature=temperature, max_tokens=max_tokens)
     from devstral.agent.inprocess_model import InProcessChatModel
 
-    return InProcessChatModel(model, device=device, temperature=temperature, max_tokens=max_tokens)
+    return InProcessChatModel(model, device=device, temperature=temperature, max_tokens=max_tokens, backend=backend)
 
 
 def _exit_cleanly_on_signals() -> None:

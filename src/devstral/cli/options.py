@@ -24,7 +24,7 @@ def physical_cores() -> int:
 
 # `--threads` for every command that computes on the CPU (serve and agent import it from here).
 THREADS_OPTION = typer.Option(None, "--threads", min=1,
-                              help="CPU threads for PyTorch (default: the number of physical cores).")
+                              help="CPU threads for PyTorch and llama.cpp (default: the number of physical cores).")
 
 
 def apply_threads(threads: int | None) -> int:
@@ -42,19 +42,23 @@ def apply_threads(threads: int | None) -> int:
 SPECULATIVE_OPTION = typer.Option("lookup", "--speculative",
                                   help="lookup: draft tokens from the context and verify them in one pass "
                                        "(exact: same output, same distribution); off: one token per pass.")
+BACKEND_OPTION = typer.Option("auto", "--backend",
+                              help="auto (torch on CUDA, llama.cpp for a .gguf without CUDA when llama-cpp-python "
+                                   "is installed), torch or llama.cpp.")
 GPU_MEMORY_OPTION = typer.Option(0.9, "--gpu-memory-fraction", min=0.05, max=1.0,
                                  help="Share of the GPU the model, its KV cache and activations may use.")
 
 
 def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "auto", dtype: str = "auto",
              kv_cache_dtype: str = "auto", ctx_size: int | None = None, system: str | None = None,
-             no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None):
+             no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None,
+             backend: str = "auto"):
     import devstral
 
     with stderr.status("loading model…", spinner="dots"):
         llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                             max_context=ctx_size, speculative=speculative,
-                            gpu_memory_fraction=gpu_memory_fraction)
+                            gpu_memory_fraction=gpu_memory_fraction, backend=backend)
     if no_system:
         llm.tokenizer.default_system_prompt = None
     elif system is not None:

@@ -10,6 +10,7 @@ import typer
 
 from devstral.cli.app import app
 from devstral.cli.options import (
+    BACKEND_OPTION,
     GPU_MEMORY_OPTION,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
@@ -43,6 +44,7 @@ def run(
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16."),
     threads: int = THREADS_OPTION,
     speculative: str = SPECULATIVE_OPTION,
+    backend: str = BACKEND_OPTION,
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
@@ -54,7 +56,7 @@ def run(
     apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
-                   gpu_memory_fraction=gpu_memory_fraction)
+                   gpu_memory_fraction=gpu_memory_fraction, backend=backend)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                  stop=stop)

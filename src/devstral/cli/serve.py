@@ -9,7 +9,13 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
-from devstral.cli.options import GPU_MEMORY_OPTION, SPECULATIVE_OPTION, THREADS_OPTION, apply_threads
+from devstral.cli.options import (
+    BACKEND_OPTION,
+    GPU_MEMORY_OPTION,
+    SPECULATIVE_OPTION,
+    THREADS_OPTION,
+    apply_threads,
+)
 from devstral.errors import DevstralError
 
 
@@ -54,6 +60,7 @@ def serve(
     route: str | None = typer.Option(None, help="What goes to --remote: alias=NAME[:UPSTREAM] (that model name), "
                                                 "prompt>N (prompts over N tokens); comma-separated."),
     speculative: str = SPECULATIVE_OPTION,
+    backend: str = BACKEND_OPTION,
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     max_batched_tokens: int | None = typer.Option(None, "--max-batched-tokens", min=16,
                                                   help="Tokens per forward pass (prompt chunks and decodes "
@@ -85,7 +92,7 @@ def serve(
         return devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              max_context=ctx_size, parallel=parallel, speculative=speculative,
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
-                             prefix_caching=prefix_cache)
+                             prefix_caching=prefix_cache, backend=backend)
 
     sock = bind(host, port)  # before the model loads: a busy port is reported at once, not minutes later
     try:

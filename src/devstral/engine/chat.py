@@ -8,6 +8,7 @@ full `ChatResult` (message, finish_reason, usage, ids, timings) for servers that
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,11 +74,17 @@ class ChatStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._iterator is None:
-            self._iterator = self._run()
+            steps = self.llm.stream(self.prompt_token_ids, self._sampling, special=True, **self._stream_kw)
+            # The generator holds this object weakly: a consumer that drops the stream early (a server
+            # whose client left, Ctrl-C in `devstral chat`) frees it at once, and with it the engine's
+            # sequence; a reference cycle would leave the engine generating until garbage collection.
+            self._iterator = _deltas(weakref.ref(self), steps, self._parser, self.prompt_token_ids)
         return self._iterator
 
-    def _run(self) -> Iterator[dict[str, Any]]:
-        steps = self.llm.stream(self.prompt_token_ids, self._sampling, special=True, **self._stream_kw)
+
+def _deltas(owner: weakref.ref[ChatStream], steps: Iterator[Any], parser: ToolCallStream,
+            prompt_token_ids: list[int]) -> Iterator[dict[str, Any]]:
+    try:
         # Run the prefill and the first token before the first delta, so a context overflow or a
         # bad parameter raises before a server has sent anything.
         first = next(steps, None)
@@ -94,24 +101,28 @@ class ChatStream:
                 token_ids.append(step.token_id)
             if step.text:
                 text.append(step.text)
-                yield from _choices(self._parser.feed(step.text))
+                yield from _choices(parser.feed(step.text))
             if step.finish_reason:
                 finish, cached, timings = step.finish_reason, step.cached_tokens or 0, step.timings
-        yield from _choices(self._parser.finish())
-        content, calls = self._parser.result()
+        yield from _choices(parser.finish())
+        content, calls = parser.result()
         if calls and finish == "stop":
             finish = "tool_calls"
-        n_prompt = len(self.prompt_token_ids)
-        self.result = ChatResult(
+        n_prompt = len(prompt_token_ids)
+        result = ChatResult(
             message={"role": "assistant", "content": content if content or not calls else None,
                      "tool_calls": calls or None},
             finish_reason=finish,
             usage={"prompt_tokens": n_prompt, "completion_tokens": len(token_ids),
                    "total_tokens": n_prompt + len(token_ids), "prompt_tokens_details": {"cached_tokens": cached}},
-            prompt_token_ids=list(self.prompt_token_ids), token_ids=token_ids, text="".join(text),
+            prompt_token_ids=list(prompt_token_ids), token_ids=token_ids, text="".join(text),
             timings=dict(timings))
+        stream = owner()
+        if stream is not None:
+            stream.result = result
         yield {"index": 0, "delta": {}, "finish_reason": finish}
-
+    finally:
+        steps.close()  # closing these deltas ends the sequence now
 
 class _PlainText:
     """The ToolCallStream interface for output that is all content."""

@@ -48,30 +48,41 @@ class Completion:
 
 
 class LLM:
+    """The torch engine's LLM. `LlamaCppLLM` (llamacpp_llm.py) is the same object over llama.cpp: it
+    overrides the four engine hooks below (`_plan_engine`, `_build_engine`, `logits`, `backend`)."""
+
+    backend = "torch"
+
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, *, path: Path | None = None,
                  sampling: SamplingParams | None = None, kv_cache_dtype: str = "auto", max_context: int | None = None,
                  parallel: int = 1, engine_config: EngineConfig | None = None):
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
         self.default_sampling = sampling or SamplingParams()
-        param = next(model.parameters())
+        self.engine_config = engine_config or EngineConfig(max_context=max_context, max_num_seqs=parallel,
+                                                           kv_cache_dtype=kv_cache_dtype)
+        self._engine: Engine | None = None
+        self.last_timings: dict[str, float] = {}
+        self._plan_engine()
+
+    def _plan_engine(self) -> None:
+        """Device, dtype, KV kind and memory plan (sets `max_context`) for the engine to be built."""
+        param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.engine_config = engine_config or EngineConfig(max_context=max_context, max_num_seqs=parallel,
-                                                           kv_cache_dtype=kv_cache_dtype)
         self.kv_kind = parse_kv_kind(self.engine_config.kv_cache_dtype, self.dtype, self.device)
-        self._plan = plan_memory(model, config, self.engine_config, self.kv_kind, self.device)
+        self._plan = plan_memory(self.model, self.config, self.engine_config, self.kv_kind, self.device)
         self.max_context = self._plan[0]
-        self._engine: Engine | None = None
-        self.last_timings: dict[str, float] = {}
+
+    def _build_engine(self) -> Engine:
+        return Engine(self.model, self.config, self.engine_config, compute_dtype=self.dtype, plan=self._plan)
 
     @property
     def engine(self) -> Engine:
         """Built on first use, so that a server can set its parallelism first (the CPU pool and the
         CUDA graphs' batch sizes depend on it)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.config, self.engine_config, compute_dtype=self.dtype,
-                                  plan=self._plan)
+            self._engine = self._build_engine()
         return self._engine
 
     def set_parallel(self, n: int) -> None:
@@ -82,8 +93,7 @@ class LLM:
             raise RuntimeError("set_parallel while sequences are running")
         self.engine_config.max_num_seqs = n
         self._engine = None
-        self._plan = plan_memory(self.model, self.config, self.engine_config, self.kv_kind, self.device)
-        self.max_context = self._plan[0]
+        self._plan_engine()
 
     # ---------------------------------------------------------------- building blocks
     @torch.inference_mode()
