@@ -1,0 +1,158 @@
+"""The split-KV paged decode kernel against `decode_attention_ref` (gather the pages, dequantize as
+kv_format does, SDPA with the causal/window mask): every KV kind, GQA ratios, sliding windows,
+partial last blocks, scattered block tables, padding rows (context 1), one split or many.
+
+CPU: Triton's interpreter. GPU (`-m gpu`): the compiled kernel at Devstral-Small shapes (32 query
+heads over 8 kv heads, head_dim 128) up to 32k contexts, and a CUDA graph captured at one batch and
+replayed with other contexts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
+from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
+from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
+from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
+
+
+def filled_cache(kind, context_lens, n_kv_heads, head_dim, block_size, dtype, device, seed, spare_blocks=3):
+    """A pool holding each sequence's keys/values for positions 0..len-1 in blocks scattered at random
+    (block tables padded with zeros), written through the reference store."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    vdtype, nv, sdtype, ns = storage(kind, head_dim)
+
+    def alloc(n, dt):
+        return None if dt is None else torch.zeros(num_blocks, block_size, n_kv_heads, n, dtype=dt, device=device)
+
+    layer = KVLayer(alloc(nv, vdtype), alloc(nv, vdtype), alloc(ns, sdtype), alloc(ns, sdtype), kind)
+    order = torch.randperm(num_blocks, generator=g)
+    width = max(blocks_per_seq) + 2
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(context_lens):
+        tables[b, :blocks_per_seq[b]] = order[used:used + blocks_per_seq[b]]
+        used += blocks_per_seq[b]
+        pos = torch.arange(n)
+        slots = (tables[b][pos // block_size].long() * block_size + pos % block_size).to(device)
+        k = (torch.randn(n, n_kv_heads, head_dim, generator=g) * 2).to(dtype).to(device)
+        v = torch.randn(n, n_kv_heads, head_dim, generator=g).to(dtype).to(device)
+        store_kv_ref(k, v, layer, slots)
+    return layer, tables.to(device), torch.tensor(context_lens, dtype=torch.int32, device=device)
+
+
+def queries(batch, n_heads, n_kv_heads, head_dim, dtype, device, seed):
+    """q [B, H, D] as a view of a fused qkv row (strided batch dim)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).to(dtype).to(device)
+    return qkv[:, :n_heads * head_dim].view(batch, n_heads, head_dim)
+
+
+def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, window=None, configs, device="cpu",
+          seed=0, dtype=None):
+    dtype = dtype or (torch.float32 if kind == "fp32" else torch.bfloat16)
+    layer, tables, lens = filled_cache(kind, context_lens, n_kv_heads, head_dim, block_size, dtype, device, seed)
+    q = queries(len(context_lens), n_heads, n_kv_heads, head_dim, dtype, device, seed + 1)
+    scale = head_dim ** -0.5
+    ref = decode_attention_ref(q, layer, tables, lens, scale, window).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for cfg in configs:
+        out = decode_attention_triton(q, layer, tables, lens, scale, window,
+                                      max_context=tables.shape[1] * block_size, config=cfg)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        err = (out.float() - ref).abs().max().item()
+        assert err <= tol * max(1.0, ref.abs().max().item()), f"{kind} {cfg}: max error {err}"
+
+
+# ---------------------------------------------------------------- CPU, through the interpreter
+ONE_AND_SPLIT = [DecodeConfig(block_n=16, splits=1), DecodeConfig(block_n=16, splits=3)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_matches_reference_for_every_kind(kind):
+    # GQA 3:1 (query tile padded to 16 rows), a padding row (context 1), partial last blocks
+    check(kind, [1, 37, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, configs=ONE_AND_SPLIT,
+          seed=KINDS.index(kind))
+
+
+@pytest.mark.parametrize("window", [1, 5, 24, 1000])
+def test_decode_sliding_window(window):
+    check("bf16", [3, 40, 66], n_heads=4, n_kv_heads=4, head_dim=16, block_size=8, window=window,
+          configs=ONE_AND_SPLIT, seed=window)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (8, 2), (16, 1)])
+def test_decode_gqa_ratios_and_automatic_splits(n_heads, n_kv_heads):
+    check("q8_0", [50, 9, 128], n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=32, block_size=16,
+          configs=[DecodeConfig(block_n=32)], seed=n_heads)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_decode_block_sizes(block_size):
+    check("fp8", [17, 64], n_heads=4, n_kv_heads=2, head_dim=32, block_size=block_size,
+          configs=[DecodeConfig(block_n=16, splits=2)], seed=block_size)
+
+
+def test_decode_fp16_queries_over_a_bf16_cache():
+    check("bf16", [20, 33], n_heads=4, n_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float16,
+          configs=[DecodeConfig(block_n=16, splits=2)])
+
+
+# ---------------------------------------------------------------- GPU
+DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(block_n=32, num_warps=4, num_stages=2),
+               DecodeConfig(block_n=128, num_warps=8, num_stages=2)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_decode_batch_of_mixed_contexts(kind):
+    lens = [1, 17, 300, 1024, 2049, 513, 4000, 64]
+    check(kind, lens, **DEVSTRAL, configs=GPU_CONFIGS, device="cuda", seed=1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_gpu_decode_long_context(kind):
+    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("window", [1, 4096])
+def test_gpu_decode_sliding_window(window):
+    check("bf16", [5000, 100, 4096], **DEVSTRAL, window=window, configs=GPU_CONFIGS[:2], device="cuda", seed=3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts():
+    """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
+    comes from max_context alone, so the graph stays valid."""
+    dev, bs = "cuda", 16
+    lens_a = [2000, 1, 700, 33]
+    layer, tables, lens = filled_cache("bf16", lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
+    q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
+    static_q, static_lens = q.clone(), torch.ones_like(lens)
+    max_context = tables.shape[1] * bs
+    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    for new_lens in ([2000, 1, 700, 33], [1, 1999, 16, 512]):
+        static_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        ref = decode_attention_ref(static_q, layer, tables, static_lens, 0.088, None)
+        torch.cuda.synchronize()
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2
