@@ -19,7 +19,6 @@ from devstral.kernels.rope_triton import apply_rope_triton  # noqa: E402
 from devstral.kernels.silu_mul import silu_mul_ref  # noqa: E402
 from devstral.kernels.silu_mul_triton import silu_mul_triton  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -114,7 +113,6 @@ def test_empty_inputs_launch_nothing():
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 64, 4099])
 def test_gpu_elementwise_at_devstral_shapes(dtype, rows):
@@ -139,7 +137,6 @@ def test_gpu_elementwise_at_devstral_shapes(dtype, rows):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_elementwise_kernels_replay_in_a_cuda_graph():
     dev, dtype = "cuda", torch.bfloat16
     x = torch.randn(8, 5120, device=dev, dtype=dtype)

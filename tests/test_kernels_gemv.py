@@ -17,8 +17,6 @@ pytest.importorskip("triton")
 from devstral.kernels import gemv  # noqa: E402
 from devstral.kernels.gemv_triton import GemvConfig, linear_triton  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def assert_rounded_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """y is x @ w^T (float64 of the same inputs) rounded to y's dtype, up to float32 accumulation:
@@ -81,7 +79,6 @@ GPU_CONFIGS = [GemvConfig(64, 256, 1, 4, 4), GemvConfig(128, 128, 1, 4, 4), Gemv
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("k,n", SHAPES)
 def test_gpu_skinny_gemm_at_devstral_shapes(k, n):
     g = torch.Generator(device="cuda").manual_seed(k + n)
@@ -96,7 +93,6 @@ def test_gpu_skinny_gemm_at_devstral_shapes(k, n):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_linear_follows_the_table(monkeypatch):
     dev = "cuda"
     name = torch.cuda.get_device_name(0)
@@ -115,7 +111,6 @@ def test_gpu_linear_follows_the_table(monkeypatch):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_skinny_gemm_replays_in_a_cuda_graph():
     w = torch.randn(5120, 32768, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(4, 32768, device="cuda", dtype=torch.bfloat16)

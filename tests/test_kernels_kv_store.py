@@ -17,7 +17,6 @@ from devstral.kernels.kv_format import KV_KINDS, KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.kv_store_triton import store_kv_triton  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
 
 
@@ -96,7 +95,6 @@ def test_all_padding_rows_write_nothing():
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n_tokens", [1, 64, 3001])
 def test_gpu_store_writes_the_reference_bytes(kind, n_tokens):
@@ -105,7 +103,6 @@ def test_gpu_store_writes_the_reference_bytes(kind, n_tokens):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "q8_0"])
 def test_gpu_store_replays_in_a_cuda_graph(kind):
     """Captured once; replayed with new keys and new slots (padding rows included) in the same buffers."""

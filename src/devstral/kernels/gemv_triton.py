@@ -63,7 +63,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, x_sm, w_sn, y_sm, k_per
             kmask = kk < k_hi
             w = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             xt = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
-        acc += tl.dot(w.to(DOT_T), xt.to(DOT_T), input_precision=PRECISION)
+        acc = tl.dot(w.to(DOT_T), xt.to(DOT_T), acc, input_precision=PRECISION)
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT:
         tl.store(part_ptr + (pid_k * M + m[None, :]).to(tl.int64) * N + n[:, None], acc, mask=mask)

@@ -36,9 +36,12 @@ PROGRAMS_PER_SM = 4  # split until the longest rows give every SM this many prog
 
 
 class DecodeConfig:
-    """Launch parameters of pass 1. `splits` None: chosen from the batch, max_context and the SMs."""
+    """Launch parameters of pass 1. `splits` None: chosen from the batch, max_context and the SMs.
+    num_stages 5 is the fewest with which Triton 3.6's pipeliner double-buffers the K/V tiles behind
+    their block-table lookup (seen in the sm_90a TTGIR, and checked by tests/test_kernels_compile.py):
+    with fewer, each tile has one buffer and its load never overlaps the previous tile's math."""
 
-    def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 3, splits: int | None = None,
+    def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  programs_per_sm: int = PROGRAMS_PER_SM):
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.programs_per_sm = splits, programs_per_sm
@@ -137,7 +140,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             if KIND == 1:
                 p = p * tl.load(vs_ptr + scale_at, mask=nmask, other=0.0)[None, :]
             v = _tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T).to(DOT_T)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v, input_precision=PRECISION)
+            acc = tl.dot(p.to(DOT_T), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
         out = acc / l_sum[:, None]
         if DIRECT:
