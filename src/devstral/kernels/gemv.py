@@ -37,6 +37,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def run_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, through `linear()` when the module is a plain bias-free nn.Linear (LoRA-wrapped and
+    quantized layers keep their own forward)."""
+    if type(module) is torch.nn.Linear and module.bias is None:
+        return linear(x, module.weight)
+    return module(x)
+
+
 def tuned_config(x: torch.Tensor, weight: torch.Tensor):
     """The measured winning GemvConfig for this GPU, shape and row count, or None (cuBLAS)."""
     if not x.is_cuda or weight.dim() != 2:
