@@ -46,7 +46,6 @@ def _interpreted_copy(module_name: str) -> ModuleType:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 
-    _install_exact_casts()
     spec = importlib.util.find_spec(module_name)
     module = importlib.util.module_from_spec(spec)
     with triton.knobs.runtime.scope():
@@ -54,33 +53,37 @@ def _interpreted_copy(module_name: str) -> ModuleType:
         spec.loader.exec_module(module)
     for value in vars(module).values():
         if isinstance(value, InterpretedFunction):
-            value.run = _with_interpreted_library(value.run)
+            value.run = _patched_while_running(value.run)
     return module
 
 
-def _with_interpreted_library(run):
+def _patched_while_running(run):
+    """The interpreter's library twins and exact casts, in place only while one of our kernels runs."""
+
     @functools.wraps(run)
     def wrapped(*args, **kwargs):
-        swaps = _library_twins()
-        for module, name, _, twin in swaps:
-            setattr(module, name, twin)
+        swaps = _swaps()
+        for owner, name, _, patched in swaps:
+            setattr(owner, name, patched)
         try:
             return run(*args, **kwargs)
         finally:
-            for module, name, original, _ in swaps:
-                setattr(module, name, original)
+            for owner, name, original, _ in swaps:
+                setattr(owner, name, original)
 
     return wrapped
 
 
 @functools.cache
-def _library_twins() -> list:
+def _swaps() -> list:
+    """(owner, attribute, original, replacement) for every patch."""
+    from triton.runtime import interpreter
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     with contextlib.suppress(ImportError):
         import triton.experimental.gluon  # noqa: F401  (imported lazily by launches; not while swapped)
-    swaps = []
+    swaps = [(interpreter, "_convert_float", interpreter._convert_float, _exact_convert(interpreter))]
     for name, module in list(sys.modules.items()):
         if name == "triton.language" or name.startswith("triton.language."):
             for attr, value in list(vars(module).items()):
@@ -89,10 +92,9 @@ def _library_twins() -> list:
     return swaps
 
 
-@functools.cache
-def _install_exact_casts() -> None:
+def _exact_convert(interpreter):
+    """The interpreter's float converter, rounding to nearest even through torch's casts."""
     import triton.language as tl
-    from triton.runtime import interpreter
 
     torch_types = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16,
                    tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2, tl.float64: torch.float64}
@@ -107,7 +109,7 @@ def _install_exact_casts() -> None:
         if src is None or dst is None or rounding_mode == rtz:
             return original(data, src_type, dst_type, rounding_mode)
         np_in, t_in = int_types[src.itemsize]
-        np_out, t_out = int_types[dst.itemsize]
+        _, t_out = int_types[dst.itemsize]
         bits = np.ascontiguousarray(data).view(np_in)
         x = torch.from_numpy(bits.copy()).view(t_in).view(src)
         if dst in fp8_max:
@@ -116,4 +118,4 @@ def _install_exact_casts() -> None:
         y = x.to(dst).view(t_out).numpy()
         return y.view(np.dtype(f"uint{8 * dst.itemsize}")).reshape(np.shape(data))
 
-    interpreter._convert_float = convert
+    return convert
