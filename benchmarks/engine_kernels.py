@@ -41,7 +41,7 @@ from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.kv_store_triton import store_kv_triton  # noqa: E402
 from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
-from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton, num_splits  # noqa: E402
+from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton, planned_splits  # noqa: E402
 from devstral.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from devstral.kernels.rms_norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from devstral.kernels.rope import apply_rope_ref  # noqa: E402
@@ -249,12 +249,14 @@ def _store(b: Bench, s: dict, n_tok: int, kind: str) -> dict:
 
 # ---------------------------------------------------------------- decode attention
 def decode_candidates(kind: str) -> list[DecodeConfig]:
+    """The default (splits from the compiled kernel's occupancy), smaller/larger tiles, a single-buffered
+    pipeline (smaller shared memory, more programs per SM), and twice the splits."""
     if kind == "bf16":
         return [DecodeConfig(), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
-                DecodeConfig(block_n=128, num_warps=8), DecodeConfig(programs_per_sm=2), DecodeConfig(programs_per_sm=8)]
+                DecodeConfig(block_n=128, num_warps=8), DecodeConfig(ctas_per_sm=6)]
     if kind == "fp8":
         return [DecodeConfig(), DecodeConfig(block_n=32), DecodeConfig(block_n=128, num_warps=8),
-                DecodeConfig(programs_per_sm=8)]
+                DecodeConfig(ctas_per_sm=6)]
     return [DecodeConfig()]
 
 
@@ -310,7 +312,7 @@ def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float) 
                                            config=cfg)
 
         err = rel_err(run(layers[0]), ref)
-        splits = num_splits(batch, Hkv, s["max_context"], q.device, cfg)
+        splits = planned_splits(q, layers[0], tables, lens, None, max_context=s["max_context"], config=cfg)
         partials = 0 if splits == 1 else 2 * batch * H * splits * (D + 1) * 4  # written, then read
         nbytes = kv_bytes + 2 * batch * H * D * 2 + partials
         sec = b.time([lambda layer=layer, run=run: run(layer) for layer in layers], nbytes / 3e12)

@@ -110,6 +110,40 @@ def test_decode_fp16_queries_over_a_bf16_cache():
           configs=SPLIT3)
 
 
+def test_split_count_fills_the_last_wave_with_the_fewest_splits():
+    """num_splits' contract, checked exhaustively on a grid of batches, slots and contexts: the fewest
+    splits whose programs fill the last wave to WAVE_EFFICIENCY, else the best fill; never more than
+    one split per MIN_SPLIT_TOKENS of max_context (nor MAX_SPLITS)."""
+    import math
+
+    from devstral.kernels import paged_attention_triton as pa
+
+    def fill(programs, slots):
+        return programs / (math.ceil(programs / slots) * slots)
+
+    for batch in (1, 2, 3, 8, 16, 48, 64, 256):
+        for slots in (132, 264, 396, 456):
+            for max_context in (256, 4096, 131072):
+                s = pa.num_splits(batch, 8, max_context, slots, DecodeConfig())
+                useful = min(pa.MAX_SPLITS, max(1, -(-max_context // pa.MIN_SPLIT_TOKENS)))
+                assert 1 <= s <= useful
+                fills = [fill(batch * 8 * t, slots) for t in range(1, useful + 1)]
+                good = [t + 1 for t, f in enumerate(fills) if f >= pa.WAVE_EFFICIENCY]
+                assert s == (good[0] if good else 1 + fills.index(max(fills)))
+    assert pa.num_splits(64, 8, 131072, 396, DecodeConfig()) == 3  # 1536 programs: 3.9 of 4 waves
+    assert pa.num_splits(1, 8, 131072, 396, DecodeConfig(splits=7)) == 7
+
+
+def test_blocks_per_sm_follows_cuda_occupancy_rules():
+    from devstral.kernels.paged_attention_triton import blocks_per_sm
+
+    h100 = dict(regs_per_sm=65536, smem_per_sm=233472, threads_per_sm=2048)
+    assert blocks_per_sm(128, 72192, 4, **h100) == 3  # shared memory bound: 3 x 73 KB
+    assert blocks_per_sm(190, 40960, 4, **h100) == 2  # 190 registers round to 192: 24576 per block
+    assert blocks_per_sm(32, 0, 16, **h100) == 4  # threads bound: 2048 / 512
+    assert blocks_per_sm(255, 200_000, 8, **h100) == 1
+
+
 @sweep
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("window", [None, 1, 5, 24, 1000])

@@ -19,8 +19,6 @@ splits x (head_dim + 1) float32, written and read once).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -32,36 +30,82 @@ from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
 MIN_SPLIT_TOKENS = 256  # a split shorter than this at max_context costs more in partials than it buys
-PROGRAMS_PER_SM = 4  # split until the longest rows give every SM this many programs
+WAVE_EFFICIENCY = 0.9  # the fewest splits whose programs fill this much of the GPU's last wave
+DEFAULT_CTAS_PER_SM = 3  # the default config on an H100/H200 (72 KB of shared memory, 128 registers)
 
 
 class DecodeConfig:
-    """Launch parameters of pass 1. `splits` None: chosen from the batch, max_context and the SMs.
+    """Launch parameters of pass 1.
+
     num_stages 5 is the fewest with which Triton 3.6's pipeliner double-buffers the K/V tiles behind
-    their block-table lookup (seen in the sm_90a TTGIR, and checked by tests/test_kernels_compile.py):
-    with fewer, each tile has one buffer and its load never overlaps the previous tile's math."""
+    their block-table lookup (seen in the sm_90a TTGIR, checked by tests/test_kernels_compile.py): with
+    fewer, each tile has one buffer and its load never overlaps the previous tile's math.
+    `splits` None: chosen by `num_splits` from the batch, max_context and how many programs the GPU
+    runs at once, which is `ctas_per_sm` x SMs (None: read from the compiled kernel's registers and
+    shared memory)."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
-                 programs_per_sm: int = PROGRAMS_PER_SM):
+                 ctas_per_sm: int | None = None):
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
-        self.splits, self.programs_per_sm = splits, programs_per_sm
+        self.splits, self.ctas_per_sm = splits, ctas_per_sm
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
-                f"splits={self.splits}, programs_per_sm={self.programs_per_sm})")
+                f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm})")
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def num_splits(batch: int, n_kv_heads: int, max_context: int, device: torch.device, cfg: DecodeConfig) -> int:
+def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
+    """Splits per row: the fewest whose batch x kv heads x splits programs fill the last of the waves
+    of `slots` concurrent programs to WAVE_EFFICIENCY (a long row's splits all take the same time, so
+    a partly filled last wave idles the rest of the GPU), else the best fill; at most one split per
+    MIN_SPLIT_TOKENS of max_context."""
     if cfg.splits is not None:
         return max(1, cfg.splits)
-    want = triton.cdiv(cfg.programs_per_sm * _num_sms(device), batch * n_kv_heads)
-    useful = triton.cdiv(max_context, max(MIN_SPLIT_TOKENS, cfg.block_n))
-    return max(1, min(want, useful, MAX_SPLITS))
+    rows = batch * n_kv_heads
+    useful = max(1, min(MAX_SPLITS, triton.cdiv(max_context, max(MIN_SPLIT_TOKENS, cfg.block_n))))
+    best, best_fill = 1, 0.0
+    for splits in range(1, useful + 1):
+        programs = rows * splits
+        fill = programs / (triton.cdiv(programs, slots) * slots)
+        if fill >= WAVE_EFFICIENCY:
+            return splits
+        if fill > best_fill + 1e-9:
+            best, best_fill = splits, fill
+    return best
+
+
+def concurrent_programs(kernel, device: torch.device, cfg: DecodeConfig) -> int:
+    """How many pass-1 programs the GPU runs at once: SMs x programs per SM, the latter from the
+    compiled kernel's registers, shared memory and warps as Triton's fused-softmax tutorial computes
+    occupancy (or cfg.ctas_per_sm, or a default)."""
+    if device.type != "cuda":
+        return 4 * DEFAULT_CTAS_PER_SM
+    props = torch.cuda.get_device_properties(device)
+    per_sm = cfg.ctas_per_sm or _ctas_per_sm(kernel, device, props) or DEFAULT_CTAS_PER_SM
+    return props.multi_processor_count * per_sm
+
+
+def _ctas_per_sm(kernel, device: torch.device, props) -> int | None:
+    try:
+        from triton.runtime import driver
+
+        kernel._init_handles()  # loads the binary: n_regs is known from then on
+        regs_per_sm = driver.active.utils.get_device_properties(device.index or 0)["max_num_regs"]
+        return blocks_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps, regs_per_sm=regs_per_sm,
+                             smem_per_sm=props.shared_memory_per_multiprocessor,
+                             threads_per_sm=props.max_threads_per_multi_processor)
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        return None
+
+
+def blocks_per_sm(regs: int, smem: int, num_warps: int, *, regs_per_sm: int, smem_per_sm: int,
+                  threads_per_sm: int) -> int:
+    """Resident blocks per SM for a kernel's registers per thread, shared memory per block and warps:
+    registers are allocated per warp in units of 256, and the driver reserves 1 KB of shared memory
+    per block (CUDA's occupancy rules for sm_80/sm_90)."""
+    by_regs = regs_per_sm // (triton.cdiv(max(regs, 1) * 32, 256) * 256 * num_warps)
+    by_smem = smem_per_sm // (smem + 1024) if smem else 32
+    return max(1, min(by_regs, by_smem, threads_per_sm // (32 * num_warps), 32))
 
 
 @triton.jit
@@ -98,7 +142,7 @@ def _tile(c_ptr, s_ptr, rows, scale_rows, nmask, d, HEAD_DIM: tl.constexpr, KIND
     return tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                          table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr,
                          scale_log2e, window, num_splits, n_heads,
@@ -152,7 +196,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             tl.store(part_lse_ptr + row, m + tl.log2(l_sum), mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_WINDOW: tl.constexpr):
@@ -190,40 +234,81 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         from devstral.kernels.paged_attention import decode_attention_ref
 
         return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
-    cfg = config or DecodeConfig()
     B, H, D = q.shape
-    Hkv, page = layer.k.shape[2], layer.k.shape[1]
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    bound = block_tables.shape[1] * page if max_context is None else max_context
-    if window is not None:
-        bound = min(bound, window)
-    splits = num_splits(B, Hkv, bound, q.device, cfg)
-    direct = splits == 1
-    part_out = torch.empty((B, H, splits, D) if not direct else (1,), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((B, H, splits) if not direct else (1,), dtype=torch.float32, device=q.device)
-    kind = KIND_CODES[layer.kind]
-    scales = (layer.k_scale, layer.v_scale) if layer.k_scale is not None else (layer.k, layer.v)
-    ss = scales[0].stride()
-    interp = on_interpreter(q)
-    dot_t = tl.float32 if interp or q.dtype == torch.float32 else (tl.bfloat16 if q.dtype == torch.bfloat16
-                                                                     else tl.float16)
-    kernels = kernels_for(q, __name__)
-    kernels._decode_split_kernel[(B, Hkv, splits)](
-        q, q.stride(0), q.stride(1), layer.k, layer.v, scales[0], scales[1],
-        layer.k.stride(0), layer.k.stride(1), layer.k.stride(2), ss[0], ss[1], ss[2],
-        block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1), part_out, part_lse,
-        scale * LOG2E, window or 0, splits, H,
-        GROUP=H // Hkv, HEAD_DIM=D, PAGE=page, BLOCK_H=max(16, triton.next_power_of_2(H // Hkv)),
-        BLOCK_N=cfg.block_n, KIND=kind, HAS_WINDOW=window is not None, DIRECT=direct, DOT_T=dot_t,
-        PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not direct:
-        kernels._decode_merge_kernel[(B, H)](
-            part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_N=cfg.block_n,
-            HAS_WINDOW=window is not None, num_warps=4 if triton.next_power_of_2(splits) * D <= 8192 else 8)
+    launch = _Launch(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
+                     out, config or DecodeConfig())
+    splits = launch.splits(max_context)
+    if splits == 1:
+        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out)
+        return out
+    part_out = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse)
+    block_s = triton.next_power_of_2(splits)
+    launch.kernels._decode_merge_kernel[(B, H)](
+        part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
+        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
+        num_warps=4 if block_s * D <= 8192 else 8)
     return out
 
+
+def planned_splits(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   window: int | None = None, *, max_context: int | None = None,
+                   config: DecodeConfig | None = None) -> int:
+    """The split count `decode_attention_triton` uses for these arguments (for reports)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return _Launch(q, layer, block_tables, context_lens, 1.0, window, out, config or DecodeConfig()).splits(max_context)
+
+
+_SLOTS: dict[tuple, int] = {}  # concurrent pass-1 programs per (device, compiled variant)
+
+
+class _Launch:
+    """One decode call's arguments to pass 1, and its split count."""
+
+    def __init__(self, q, layer: KVLayer, block_tables, context_lens, scale: float, window: int | None, out,
+                 cfg: DecodeConfig):
+        B, H, D = q.shape
+        self.q, self.layer, self.block_tables, self.window, self.cfg = q, layer, block_tables, window, cfg
+        self.batch, self.n_kv_heads, page = B, layer.k.shape[2], layer.k.shape[1]
+        self.bound_default = block_tables.shape[1] * page
+        self.kernels = kernels_for(q, __name__)
+        self.interpreted = on_interpreter(q)
+        scales = (layer.k_scale, layer.v_scale) if layer.k_scale is not None else (layer.k, layer.v)
+        ss = scales[0].stride()
+        self.args = (q, q.stride(0), q.stride(1), layer.k, layer.v, scales[0], scales[1],
+                     layer.k.stride(0), layer.k.stride(1), layer.k.stride(2), ss[0], ss[1], ss[2],
+                     block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1))
+        self.tail = (scale * LOG2E, window or 0)
+        dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
+            tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+        self.constexprs = dict(GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
+                               BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
+                               KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
+                               PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
+
+    def split_pass(self, grid, splits: int, part_out, part_lse, *, warmup: bool = False):
+        args = (*self.args, part_out, part_lse, *self.tail, splits, self.q.shape[1])
+        kernel = self.kernels._decode_split_kernel
+        if warmup:
+            return kernel.warmup(*args, grid=grid, DIRECT=False, **self.constexprs)
+        return kernel[grid](*args, DIRECT=splits == 1, **self.constexprs)
+
+    def splits(self, max_context: int | None) -> int:
+        if self.cfg.splits is not None:
+            return max(1, self.cfg.splits)
+        bound = self.bound_default if max_context is None else max_context
+        if self.window is not None:
+            bound = min(bound, self.window)
+        key = (self.q.device, tuple(sorted((k, str(v)) for k, v in self.constexprs.items())), self.cfg.ctas_per_sm)
+        if key not in _SLOTS:  # compiles pass 1 once (host only: done in the warm-up before a capture)
+            kernel = None
+            if not self.interpreted:
+                f32 = torch.empty(1, dtype=torch.float32, device=self.q.device)
+                kernel = self.split_pass((1, 1, 1), 2, f32, f32, warmup=True)
+            _SLOTS[key] = concurrent_programs(kernel, self.q.device, self.cfg)
+        return num_splits(self.batch, self.n_kv_heads, bound, _SLOTS[key], self.cfg)
