@@ -51,7 +51,7 @@ from devstral.kernels.silu_mul_triton import silu_mul_triton  # noqa: E402
 
 # Devstral Small (24B): dim 5120, 32 query heads over 8 kv heads of 128, FFN 32768, vocab 131072
 FULL = dict(dim=5120, n_heads=32, n_kv_heads=8, head_dim=128, ffn=32768, vocab=131072, page=16,
-            gemv_shapes=[(5120, 6144), (4096, 5120), (5120, 65536), (32768, 5120), (5120, 131072)],
+            gemv_shapes=[(5120, 65536), (32768, 5120), (5120, 6144), (4096, 5120), (5120, 131072)],  # by bytes/token
             gemv_m=[1, 2, 4, 8, 16], rows=[1, 64, 8192], store_tokens=[64, 8192],
             decode_cases=[(1, 32768, "bf16"), (64, 2048, "bf16"), (1, 512, "bf16"), (1, 131072, "bf16"),
                           (1, 32768, "fp8"), (64, 2048, "fp8"), (16, 8192, "q8_0"), (1, 32768, "q4_0")],
@@ -332,12 +332,15 @@ def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float) 
 # ---------------------------------------------------------------- GEMV
 def gemv_candidates(k: int, n: int) -> list[GemvConfig]:
     # shared memory per program (sm_90a): 64x256 s4 160 KB (1 per SM), 64x128 s4 80 KB and 128x128 s3
-    # 108 KB (2 per SM: one hides the other's prologue), 32x256 s4 72 KB (mma.sync instead of wgmma)
+    # 108 KB (2 per SM: one hides the other's prologue), 32x256 s4 72 KB (mma.sync instead of wgmma);
+    # persistent=p: p programs per SM walk all tiles in one pipeline
     if n >= 32768:  # enough row tiles to fill the GPU without splitting K
         return [GemvConfig(64, 256, 1, 4, 4), GemvConfig(64, 128, 1, 4, 4), GemvConfig(128, 128, 1, 4, 3),
-                GemvConfig(64, 128, 1, 4, 6), GemvConfig(128, 256, 1, 8, 3)]
+                GemvConfig(64, 128, 1, 4, 6), GemvConfig(128, 256, 1, 8, 3), GemvConfig(64, 256, 1, 4, 4, 1),
+                GemvConfig(64, 128, 1, 4, 4, 2)]
     splits = (4, 8, 16) if k >= 16384 else (2, 4, 8)
-    return [GemvConfig(bn, bk, sk, 4, 4) for bn, bk in ((64, 256), (64, 128), (32, 256)) for sk in splits]
+    return ([GemvConfig(bn, bk, sk, 4, 4) for bn, bk in ((64, 256), (64, 128), (32, 256)) for sk in splits]
+            + [GemvConfig(bn, bk, sk, 4, 4, p) for bn, bk, p in ((64, 256, 1), (64, 128, 2)) for sk in splits])
 
 
 def bench_gemv(b: Bench, s: dict) -> tuple[list[dict], dict]:

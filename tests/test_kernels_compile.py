@@ -90,8 +90,10 @@ def _record(monkeypatch, kinds: list[str]) -> list:
     for kk, n in ((5120, 65536), (32768, 5120)):
         weight = torch.empty(n, kk, dtype=bf)
         for cfg in ([gv.GemvConfig(64, 256, 1, 4, 4), gv.GemvConfig(64, 128, 1, 4, 4), gv.GemvConfig(128, 128, 1, 4, 3),
-                     gv.GemvConfig(64, 128, 1, 4, 6), gv.GemvConfig(128, 256, 1, 8, 3)] if n > 8192 else
-                    [gv.GemvConfig(bn, bk, 8, 4, 4) for bn, bk in ((64, 256), (64, 128), (32, 256))]):
+                     gv.GemvConfig(64, 128, 1, 4, 6), gv.GemvConfig(128, 256, 1, 8, 3),
+                     gv.GemvConfig(64, 256, 1, 4, 4, 1), gv.GemvConfig(64, 128, 1, 4, 4, 2)] if n > 8192 else
+                    [gv.GemvConfig(bn, bk, 8, 4, 4, p) for bn, bk in ((64, 256), (64, 128), (32, 256))
+                     for p in (0, 1)]):
             gv.linear_triton(torch.randn(3, kk, dtype=bf), weight, cfg)
     return launches
 
@@ -136,8 +138,8 @@ def test_every_kernel_variant_compiles_without_spills(monkeypatch, arch, kinds):
         seen.add(key)
         label = f"{fn.__name__} {({k: v for k, v in kwargs.items() if k.isupper()})}"
         assert _local_bytes(kernel.asm["cubin"]) in (0, None), f"{label} spills registers"
-        if fn.__name__ in ("_decode_split_kernel", "_gemv_kernel"):
+        if fn.__name__ in ("_decode_split_kernel", "_gemv_kernel", "_gemv_persistent_kernel"):
             buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x", kernel.asm["ttgir"])
             assert buffers and max(int(b) for b in buffers) >= 2, f"{label}: the K loop is not pipelined"
         compiled.append(label)
-    assert len({c.split()[0] for c in compiled}) == 8  # every kernel, merge and split-K sum included
+    assert len({c.split()[0] for c in compiled}) == 9  # every kernel, merge and split-K sum included

@@ -37,7 +37,8 @@ def test_skinny_gemm_matches_the_exact_product(k, n, m):
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     for cfg in (GemvConfig(block_n=32, block_k=32, split_k=1, num_stages=2),  # masked K tail at k=200
-                GemvConfig(block_n=16, block_k=32, split_k=3, num_stages=2)):  # split-K + the sum kernel
+                GemvConfig(block_n=16, block_k=32, split_k=3, num_stages=2),  # split-K + the sum kernel
+                GemvConfig(block_n=16, block_k=32, split_k=2, num_stages=2, persistent=1)):  # 3 programs loop
         assert_rounded_product(linear_triton(x, w, cfg), x, w)
 
 
@@ -87,7 +88,8 @@ def test_shipped_table_is_well_formed():
 # ---------------------------------------------------------------- GPU
 SHAPES = [(5120, 6144), (4096, 5120), (5120, 65536), (32768, 5120), (5120, 131072)]  # K -> N, Devstral Small
 GPU_CONFIGS = [GemvConfig(64, 256, 1, 4, 4), GemvConfig(128, 128, 1, 4, 4), GemvConfig(64, 128, 4, 4, 4),
-               GemvConfig(32, 256, 8, 4, 3)]
+               GemvConfig(32, 256, 8, 4, 3), GemvConfig(64, 128, 1, 4, 4, persistent=2),
+               GemvConfig(64, 256, 4, 4, 4, persistent=1)]
 
 
 @pytest.mark.gpu
