@@ -86,6 +86,11 @@ def _record(monkeypatch, kinds: list[str]) -> list:
             pa.decode_attention_triton(q4, layer(kind), tables, lens, 0.088, None, max_context=131072, config=cfg)
     pa.decode_attention_triton(q4, layer(kinds[0]), tables, lens, 0.088, 4096, max_context=131072,
                                config=pa.DecodeConfig(splits=3))
+    pa.decode_attention_triton(q4.half(), layer(kinds[-1]), tables, lens, 0.088, None, max_context=131072,
+                               config=pa.DecodeConfig(splits=3))  # fp16 queries
+    if "fp8" in kinds:
+        pa.decode_attention_triton(q4.half(), layer("fp8"), tables, lens, 0.088, None, max_context=131072,
+                                   config=pa.DecodeConfig(splits=3))  # fp8 values dequantized, not folded
     gv = mods["gemv_triton"]
     for kk, n in ((5120, 65536), (32768, 5120)):
         weight = torch.empty(n, kk, dtype=bf)

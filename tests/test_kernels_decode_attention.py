@@ -105,6 +105,18 @@ def test_decode_one_split_writes_the_output_directly():
           configs=[DecodeConfig(block_n=16, splits=1)], seed=11)
 
 
+def test_decode_fp16_queries_over_a_small_valued_fp8_cache():
+    """fp16 dequantizes fp8 values row by row instead of folding the tiny scales into the probabilities."""
+    layer, tables, lens = filled_cache("fp8", [30, 45], 2, 32, 8, torch.float16, "cpu", seed=12)
+    layer.v.copy_((layer.v.float() * 0.5).to(layer.v.dtype))
+    layer.v_scale.mul_(1e-3)  # values around 1e-3: scales around 2e-6
+    q = queries(2, 4, 2, 32, torch.float16, "cpu", 13)
+    ref = decode_attention_ref(q, layer, tables, lens, 0.17).float()
+    out = decode_attention_triton(q, layer, tables, lens, 0.17, max_context=tables.shape[1] * 8,
+                                  config=DecodeConfig(block_n=16, splits=2)).float()
+    assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 def test_decode_fp16_queries_over_a_bf16_cache():
     check("bf16", [20, 33], n_heads=4, n_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float16,
           configs=SPLIT3)

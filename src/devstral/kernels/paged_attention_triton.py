@@ -5,13 +5,13 @@ Pass 1, grid (sequence, kv head, split): one program reads its share of one sequ
 values for one kv head once, and serves all the query heads of that GQA group with them (a
 [BLOCK_H >= 16, head_dim] query tile, so both products run on tensor cores). Tiles of BLOCK_N tokens
 are gathered through the block table, dequantized in registers (fp8 scales are folded into the
-scores and the probabilities; q8_0/q4_0 are expanded to q's dtype as the reference does), and
-reduced with an online softmax in base 2. Each split writes its normalized partial output and
-log-sum-exp; pass 2, grid (sequence, query head), merges the splits. With one split, pass 1 writes
-the output itself and pass 2 is skipped.
+scores and, except for fp16 queries, the probabilities; q8_0/q4_0 are expanded to q's dtype as the
+reference does), and reduced with an online softmax in base 2. Each split writes its normalized
+partial output and log-sum-exp; pass 2, grid (sequence, query head), merges the splits. With one
+split, pass 1 writes the output itself and pass 2 is skipped.
 
-CUDA graphs: the grid depends only on the batch size, `max_context` and the device, never on the
-values of `context_lens`. Each row divides its own context (or window) evenly over the splits, in
+CUDA graphs: the grid depends only on the batch size, `max_context` and the device (how many
+programs it runs at once, see `num_splits`), never on the values of `context_lens`. Each row divides its own context (or window) evenly over the splits, in
 whole tiles, so a short row uses few splits and the rest exit at once; a padding row (context_len 1)
 costs one tile. Bytes read: every key and value in the window once, plus the partials (B x H x
 splits x (head_dim + 1) float32, written and read once).
@@ -122,11 +122,15 @@ def _split_range(length, s, num_splits, window, BLOCK_N: tl.constexpr, HAS_WINDO
 
 
 @triton.jit
-def _tile(c_ptr, s_ptr, rows, scale_rows, nmask, d, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, OUT_T: tl.constexpr):
-    """A [BLOCK_N, HEAD_DIM] tile of keys or values in OUT_T. fp8 comes back unscaled (the caller
-    folds its per-token scale in); q8_0/q4_0 are scaled as `kv_format.dequantize` does."""
+def _tile(c_ptr, s_ptr, rows, scale_rows, nmask, d, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, OUT_T: tl.constexpr,
+          UNSCALED: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM] tile of keys or values in OUT_T, dequantized as `kv_format.dequantize`
+    does; with UNSCALED an fp8 tile comes back without its per-token scale (the caller folds it in)."""
     m2 = nmask[:, None]
-    if KIND == 2:  # q8_0
+    if KIND == 1 and not UNSCALED:  # fp8 e4m3, one float32 scale per token
+        x = tl.load(c_ptr + rows[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        tile = (x * tl.load(s_ptr + scale_rows, mask=nmask, other=0.0)[:, None]).to(OUT_T)
+    elif KIND == 2:  # q8_0
         x = tl.load(c_ptr + rows[:, None] + d[None, :], mask=m2, other=0).to(tl.float32)
         sc = tl.load(s_ptr + scale_rows[:, None] + (d // 32)[None, :], mask=m2, other=0.0).to(tl.float32)
         tile = (x * sc).to(OUT_T)
@@ -148,7 +152,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          scale_log2e, window, num_splits, n_heads,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr):
+                         DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
+                         FOLD_V_SCALE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -172,7 +177,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             page = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
             slot_at = page * c_sb + (n % PAGE) * c_so + kvh * c_sh
             scale_at = page * s_sb + (n % PAGE) * s_so + kvh * s_sh
-            k = _tile(k_ptr, ks_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T).to(DOT_T)
+            k = _tile(k_ptr, ks_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T, True).to(DOT_T)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
             if KIND == 1:
                 scores = scores * tl.load(ks_ptr + scale_at, mask=nmask, other=0.0)[None, :]
@@ -181,9 +186,9 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if KIND == 1:
+            if KIND == 1 and FOLD_V_SCALE:
                 p = p * tl.load(vs_ptr + scale_at, mask=nmask, other=0.0)[None, :]
-            v = _tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T).to(DOT_T)
+            v = _tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE).to(DOT_T)
             acc = tl.dot(p.to(DOT_T), v, acc * alpha[:, None], input_precision=PRECISION)
             m = m_new
         out = acc / l_sum[:, None]
@@ -289,7 +294,10 @@ class _Launch:
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
                                PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+                               num_stages=cfg.num_stages,
+                               # fp8 value scales multiply the probabilities, except in fp16, whose
+                               # range would flush p x scale (scales go down to ~1e-6) to zero
+                               FOLD_V_SCALE=q.dtype != torch.float16)
 
     def split_pass(self, grid, splits: int, part_out, part_lse, *, warmup: bool = False):
         args = (*self.args, part_out, part_lse, *self.tail, splits, self.q.shape[1])
