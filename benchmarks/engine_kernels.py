@@ -13,10 +13,12 @@ launch reads from HBM, as it does in a 40-layer model. Roofline: the bytes a ker
 plus write) over the copy bandwidth measured in the same run (device-to-device copy, read + write).
 
 GEMV: cuBLAS (F.linear) and every candidate at M = 1, 2, 4, 8, 16; the winner per shape and M goes
-into gemv_tuned.json (null where cuBLAS wins or no candidate beats it by 3%). Copy that file over
-src/devstral/kernels/gemv_tuned.json, beside any other GPU's entries, to make `kernels.gemv.linear`
-use the kernel there. Runs in under 3 minutes on an H200, compiles included (a time budget skips
-the remaining candidates of a section that overruns, and says so in the JSON).
+into gemv_tuned.json (null where cuBLAS wins or no candidate beats it by 3%): the shipped table with
+this GPU's entry replaced. Copy it over src/devstral/kernels/gemv_tuned.json to make
+`kernels.gemv.linear` use the kernel on this GPU model.
+
+Runs in under 3 minutes on an H200, compiles included: a time budget per section skips the remaining
+candidates of a section that overruns, and says so in the JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from devstral.kernels.gemv import TUNED_TABLE  # noqa: E402
 from devstral.kernels.gemv_triton import GemvConfig, linear_triton  # noqa: E402
 from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
@@ -439,8 +442,10 @@ def main() -> None:
     if policy is not None:
         result["gemv_policy"] = policy
         print("gemv_tuned.json:", json.dumps(policy), flush=True)
-        if not args.smoke:
-            (out_dir / "gemv_tuned.json").write_text(json.dumps({result["device"]: policy}, indent=1) + "\n")
+        if not args.smoke:  # the shipped table with this GPU's entry replaced: ready to copy over it
+            table = json.loads(TUNED_TABLE.read_text(encoding="utf-8")) if TUNED_TABLE.exists() else {}
+            table[result["device"]] = policy
+            (out_dir / "gemv_tuned.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     (out_dir / f"engine_kernels_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out_dir} in {result['elapsed_s']} s", flush=True)
 
