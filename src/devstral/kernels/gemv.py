@@ -4,8 +4,9 @@ GEMM (gemv_triton.py) only where a measurement on this GPU model showed it faste
 The measurements live in `gemv_tuned.json` beside this file: {GPU name: {"KxN": {"M": config or
 null}}}, written by `benchmarks/engine_kernels.py` on that GPU (it times cuBLAS and every candidate
 config at M = 1, 2, 4, 8, 16 and keeps the winner; null means cuBLAS won). A row count M uses the
-entry of the smallest measured M >= M. Shapes, GPUs and dtypes the table does not name run
-`F.linear`, so an unmeasured setup never gets slower.
+entry of the smallest measured M >= M (the kernel pads to 16 rows either way). Shapes and GPUs the
+table does not name, more than 16 rows, and dtypes other than bf16/fp16 run `F.linear`, so an
+unmeasured setup never gets slower.
 """
 
 from __future__ import annotations
