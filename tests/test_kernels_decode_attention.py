@@ -22,6 +22,8 @@ from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
 from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
 
 KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
+# Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy deprecates that)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def filled_cache(kind, context_lens, n_kv_heads, head_dim, block_size, dtype, device, seed, spare_blocks=3):

@@ -17,6 +17,9 @@ pytest.importorskip("triton")
 from devstral.kernels import gemv  # noqa: E402
 from devstral.kernels.gemv_triton import GemvConfig, linear_triton  # noqa: E402
 
+# Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy deprecates that)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
 
 def assert_rounded_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """y is x @ w^T (float64 of the same inputs) rounded to y's dtype, up to float32 accumulation:
