@@ -72,9 +72,9 @@ def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | N
         return x.to(FLOAT_KINDS[kind]), None
     x = x.float()
     if kind == "fp8":
-        amax = x.abs().amax(-1)
+        amax = x.abs().amax(-1, keepdim=True)  # scales [..., 1]: the pool's layout (S = 1)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        return (x / scale[..., None]).to(torch.float8_e4m3fn), scale
+        return (x / scale).to(torch.float8_e4m3fn), scale
     blocks = x.unflatten(-1, (-1, GROUP))
     if kind == "q8_0":
         d = blocks.abs().amax(-1) / 127.0
@@ -97,7 +97,7 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor | None, kind: str, dty
     if kind in FLOAT_KINDS:
         return values.to(dtype)
     if kind == "fp8":
-        return (values.float() * scales[..., None]).to(dtype)
+        return (values.float() * scales).to(dtype)
     d = scales.float()[..., None]
     if kind == "q8_0":
         return (values.unflatten(-1, (-1, GROUP)).float() * d).flatten(-2).to(dtype)

@@ -1,0 +1,100 @@
+"""Rotary embedding of queries and keys in one program per token (Triton). Semantics: `rope.py`.
+
+Each product and sum is rounded to the output dtype exactly where the reference's elementwise torch
+ops round (a bf16 * bf16 product is exact in float32, so rounding it once gives torch's result), so
+the kernel matches the reference bit for bit in bf16/fp16. The inputs may be strided views of a
+fused qkv projection (last dim contiguous); the outputs are new contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from devstral.kernels.interpret_triton import kernels_for
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr, k_out_ptr, T, n_heads, n_kv_heads,
+                 q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_st, s_sb, s_st, qs_sb, qs_st,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 HAS_Q_SCALE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c_row = cos_ptr + b * c_sb + t * c_st
+    s_row = sin_ptr + b * s_sb + t * s_st
+    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+
+    # queries: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+    QT = q_out_ptr.dtype.element_ty
+    h = tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & dmask[None, :]
+    src = q_ptr + b * q_sb + t * q_st + h[:, None] * q_sh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1 = ((x1 * c1).to(QT).to(tl.float32) - (x2 * s1).to(QT).to(tl.float32)).to(QT)
+    o2 = ((x2 * c2).to(QT).to(tl.float32) + (x1 * s2).to(QT).to(tl.float32)).to(QT)
+    if HAS_Q_SCALE:
+        qs = tl.load(qs_ptr + b * qs_sb + t * qs_st).to(QT).to(tl.float32)
+        o1 = (o1.to(tl.float32) * qs).to(QT)
+        o2 = (o2.to(tl.float32) * qs).to(QT)
+    dst = q_out_ptr + pid.to(tl.int64) * n_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+
+    # keys
+    KT = k_out_ptr.dtype.element_ty
+    hk = tl.arange(0, BLOCK_HK)
+    kmask = (hk < n_kv_heads)[:, None] & dmask[None, :]
+    src = k_ptr + b * k_sb + t * k_st + hk[:, None] * k_sh + d[None, :]
+    y1 = tl.load(src, mask=kmask, other=0.0).to(tl.float32)
+    y2 = tl.load(src + HALF, mask=kmask, other=0.0).to(tl.float32)
+    p1 = ((y1 * c1).to(KT).to(tl.float32) - (y2 * s1).to(KT).to(tl.float32)).to(KT)
+    p2 = ((y2 * c2).to(KT).to(tl.float32) + (y1 * s2).to(KT).to(tl.float32)).to(KT)
+    dst = k_out_ptr + pid.to(tl.int64) * n_kv_heads * 2 * HALF + hk[:, None] * 2 * HALF + d[None, :]
+    tl.store(dst, p1, mask=kmask)
+    tl.store(dst + HALF, p2, mask=kmask)
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, H, D], k [B, T, Hkv, D] (or without B); cos/sin broadcastable to [B, T, D]; q_scale
+    broadcastable to [B, T] or None."""
+    if q.dim() == 3:
+        q_out, k_out = apply_rope_triton(q[None], k[None], cos[None] if cos.dim() == 2 else cos,
+                                         sin[None] if sin.dim() == 2 else sin,
+                                         None if q_scale is None else q_scale.reshape(1, -1))
+        return q_out[0], k_out[0]
+    if q.dim() != 4 or q.shape[-1] % 2:
+        from devstral.kernels.rope import apply_rope_ref
+
+        return apply_rope_ref(q, k, cos, sin, q_scale)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    rot = torch.promote_types(cos.dtype, sin.dtype)
+    q_out = torch.empty((B, T, H, D), dtype=torch.promote_types(q.dtype, rot), device=q.device)
+    k_out = torch.empty((B, T, Hkv, D), dtype=torch.promote_types(k.dtype, rot), device=q.device)
+    if B * T == 0:
+        return q_out, k_out
+    q, k = _last_contiguous(q), _last_contiguous(k)
+    cos = _last_contiguous(cos.expand(B, T, D))
+    sin = _last_contiguous(sin.expand(B, T, D))
+    qs = q_scale.expand(B, T) if q_scale is not None else cos
+    kernels_for(q, __name__)._rope_kernel[(B * T,)](
+        q, k, cos, sin, qs, q_out, k_out, T, H, Hkv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), qs.stride(0), qs.stride(1),
+        HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_HK=triton.next_power_of_2(Hkv), HAS_Q_SCALE=q_scale is not None, num_warps=4)
+    return q_out, k_out

@@ -1,0 +1,215 @@
+"""The split-KV paged decode kernel against `decode_attention_ref` (gather the pages, dequantize as
+kv_format does, SDPA with the causal/window mask): every KV kind, GQA ratios, sliding windows,
+partial last blocks, scattered block tables, padding rows (context 1), one split or many.
+
+CPU: Triton's interpreter. GPU (`-m gpu`): the compiled kernel at Devstral-Small shapes (32 query
+heads over 8 kv heads, head_dim 128) up to 32k contexts, and a CUDA graph captured at one batch and
+replayed with other contexts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
+from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
+from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
+from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
+
+KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
+# Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy deprecates that)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def filled_cache(kind, context_lens, n_kv_heads, head_dim, block_size, dtype, device, seed, spare_blocks=3):
+    """A pool holding each sequence's keys/values for positions 0..len-1 in blocks scattered at random
+    (block tables padded with zeros), written through the reference store."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    vdtype, nv, sdtype, ns = storage(kind, head_dim)
+
+    def alloc(n, dt):
+        return None if dt is None else torch.zeros(num_blocks, block_size, n_kv_heads, n, dtype=dt, device=device)
+
+    layer = KVLayer(alloc(nv, vdtype), alloc(nv, vdtype), alloc(ns, sdtype), alloc(ns, sdtype), kind)
+    order = torch.randperm(num_blocks, generator=g)
+    width = max(blocks_per_seq) + 2
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(context_lens):
+        tables[b, :blocks_per_seq[b]] = order[used:used + blocks_per_seq[b]]
+        used += blocks_per_seq[b]
+        pos = torch.arange(n)
+        slots = (tables[b][pos // block_size].long() * block_size + pos % block_size).to(device)
+        k = (torch.randn(n, n_kv_heads, head_dim, generator=g) * 2).to(dtype).to(device)
+        v = torch.randn(n, n_kv_heads, head_dim, generator=g).to(dtype).to(device)
+        store_kv_ref(k, v, layer, slots)
+    return layer, tables.to(device), torch.tensor(context_lens, dtype=torch.int32, device=device)
+
+
+def queries(batch, n_heads, n_kv_heads, head_dim, dtype, device, seed):
+    """q [B, H, D] as a view of a fused qkv row (strided batch dim)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).to(dtype).to(device)
+    return qkv[:, :n_heads * head_dim].view(batch, n_heads, head_dim)
+
+
+def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, window=None, configs, device="cpu",
+          seed=0, dtype=None):
+    dtype = dtype or (torch.float32 if kind == "fp32" else torch.bfloat16)
+    layer, tables, lens = filled_cache(kind, context_lens, n_kv_heads, head_dim, block_size, dtype, device, seed)
+    q = queries(len(context_lens), n_heads, n_kv_heads, head_dim, dtype, device, seed + 1)
+    scale = head_dim ** -0.5
+    ref = decode_attention_ref(q, layer, tables, lens, scale, window).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for cfg in configs:
+        out = decode_attention_triton(q, layer, tables, lens, scale, window,
+                                      max_context=tables.shape[1] * block_size, config=cfg)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        err = (out.float() - ref).abs().max().item()
+        assert err <= tol * max(1.0, ref.abs().max().item()), f"{kind} {cfg}: max error {err}"
+
+
+# ---------------------------------------------------------------- CPU, through the interpreter
+# A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
+SPLIT3 = [DecodeConfig(block_n=16, splits=3)]
+sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
+                           reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_matches_reference_for_every_kind(kind):
+    # GQA 3:1 (query tile padded to 16 rows), a padding row (context 1), partial last blocks, 3 splits
+    check(kind, [1, 37, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, configs=SPLIT3,
+          seed=KINDS.index(kind))
+
+
+@pytest.mark.parametrize("window", [1, 24])
+def test_decode_sliding_window(window):
+    check("bf16", [3, 40, 66], n_heads=4, n_kv_heads=4, head_dim=16, block_size=8, window=window,
+          configs=SPLIT3, seed=window)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 2), (16, 1)])
+def test_decode_gqa_ratios_and_automatic_splits(n_heads, n_kv_heads):
+    check("q8_0", [50, 9, 128], n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=32, block_size=16,
+          configs=[DecodeConfig(block_n=32)], seed=n_heads)
+
+
+def test_decode_one_split_writes_the_output_directly():
+    check("fp8", [17, 64], n_heads=4, n_kv_heads=2, head_dim=32, block_size=32,
+          configs=[DecodeConfig(block_n=16, splits=1)], seed=11)
+
+
+def test_decode_fp16_queries_over_a_small_valued_fp8_cache():
+    """fp16 dequantizes fp8 values row by row instead of folding the tiny scales into the probabilities."""
+    layer, tables, lens = filled_cache("fp8", [30, 45], 2, 32, 8, torch.float16, "cpu", seed=12)
+    layer.v.copy_((layer.v.float() * 0.5).to(layer.v.dtype))
+    layer.v_scale.mul_(1e-3)  # values around 1e-3: scales around 2e-6
+    q = queries(2, 4, 2, 32, torch.float16, "cpu", 13)
+    ref = decode_attention_ref(q, layer, tables, lens, 0.17).float()
+    out = decode_attention_triton(q, layer, tables, lens, 0.17, max_context=tables.shape[1] * 8,
+                                  config=DecodeConfig(block_n=16, splits=2)).float()
+    assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_decode_fp16_queries_over_a_bf16_cache():
+    check("bf16", [20, 33], n_heads=4, n_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float16,
+          configs=SPLIT3)
+
+
+def test_split_count_fills_the_last_wave_with_the_fewest_splits():
+    """num_splits' contract, checked exhaustively on a grid of batches, slots and contexts: the fewest
+    splits whose programs fill the last wave to WAVE_EFFICIENCY, else the best fill; never more than
+    one split per MIN_SPLIT_TOKENS of max_context (nor MAX_SPLITS)."""
+    import math
+
+    from devstral.kernels import paged_attention_triton as pa
+
+    def fill(programs, slots):
+        return programs / (math.ceil(programs / slots) * slots)
+
+    for batch in (1, 2, 3, 8, 16, 48, 64, 256):
+        for slots in (132, 264, 396, 456):
+            for max_context in (256, 4096, 131072):
+                s = pa.num_splits(batch, 8, max_context, slots, DecodeConfig())
+                useful = min(pa.MAX_SPLITS, max(1, -(-max_context // pa.MIN_SPLIT_TOKENS)))
+                assert 1 <= s <= useful
+                fills = [fill(batch * 8 * t, slots) for t in range(1, useful + 1)]
+                good = [t + 1 for t, f in enumerate(fills) if f >= pa.WAVE_EFFICIENCY]
+                assert s == (good[0] if good else 1 + fills.index(max(fills)))
+    assert pa.num_splits(64, 8, 131072, 396, DecodeConfig()) == 3  # 1536 programs: 3.9 of 4 waves
+    assert pa.num_splits(1, 8, 131072, 396, DecodeConfig(splits=7)) == 7
+
+
+def test_blocks_per_sm_follows_cuda_occupancy_rules():
+    from devstral.kernels.paged_attention_triton import blocks_per_sm
+
+    h100 = dict(regs_per_sm=65536, smem_per_sm=233472, threads_per_sm=2048)
+    assert blocks_per_sm(128, 72192, 4, **h100) == 3  # shared memory bound: 3 x 73 KB
+    assert blocks_per_sm(190, 40960, 4, **h100) == 2  # 190 registers round to 192: 24576 per block
+    assert blocks_per_sm(32, 0, 16, **h100) == 4  # threads bound: 2048 / 512
+    assert blocks_per_sm(255, 200_000, 8, **h100) == 1
+
+
+@sweep
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("window", [None, 1, 5, 24, 1000])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_interpreter_sweep(kind, window, block_size):
+    check(kind, [1, 2, 31, 70, 129], n_heads=8, n_kv_heads=2, head_dim=32, block_size=block_size, window=window,
+          configs=[DecodeConfig(block_n=16, splits=1), DecodeConfig(block_n=16, splits=4),
+                   DecodeConfig(block_n=32)], seed=block_size + (window or 0))
+
+
+# ---------------------------------------------------------------- GPU
+DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
+               DecodeConfig(block_n=128, num_warps=8)]  # the benchmark's candidates
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_decode_batch_of_mixed_contexts(kind):
+    lens = [1, 17, 300, 1024, 2049, 513, 4000, 64]
+    check(kind, lens, **DEVSTRAL, configs=GPU_CONFIGS, device="cuda", seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_gpu_decode_long_context(kind):
+    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [1, 4096])
+def test_gpu_decode_sliding_window(window):
+    check("bf16", [5000, 100, 4096], **DEVSTRAL, window=window, configs=GPU_CONFIGS[:2], device="cuda", seed=3)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts():
+    """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
+    comes from max_context alone, so the graph stays valid."""
+    dev, bs = "cuda", 16
+    lens_a = [2000, 1, 700, 33]
+    layer, tables, lens = filled_cache("bf16", lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
+    q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
+    static_q, static_lens = q.clone(), torch.ones_like(lens)
+    max_context = tables.shape[1] * bs
+    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    for new_lens in ([2000, 1, 700, 33], [1, 1999, 16, 512]):
+        static_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        ref = decode_attention_ref(static_q, layer, tables, static_lens, 0.088, None)
+        torch.cuda.synchronize()
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2
