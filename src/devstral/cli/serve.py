@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 
 from devstral.cli.app import app
-from devstral.cli.options import GPU_MEMORY_OPTION, SPECULATIVE_OPTION, THREADS_OPTION, apply_threads
+from devstral.cli.options import (
+    GPU_MEMORY_OPTION,
+    QUANTIZE_ON_LOAD,
+    SPECULATIVE_OPTION,
+    THREADS_OPTION,
+    apply_threads,
+)
 from devstral.errors import DevstralError
 
 
@@ -36,6 +42,7 @@ def serve(
     queue_size: int = typer.Option(64, min=0, help="Requests that may wait for a slot before 503s."),
     alias: str | None = typer.Option(None, help="Model name to report and accept (default: the model's name)."),
     kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
+    quantize_on_load: str | None = QUANTIZE_ON_LOAD,
     max_body_mb: float = typer.Option(16.0, min=0.001, help="Largest request body accepted, in MiB."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     keep_alive: str = typer.Option("-1", help="How long an idle model stays in memory (Ollama durations: 5m, "
@@ -77,7 +84,7 @@ def serve(
         return devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              max_context=ctx_size, parallel=parallel, speculative=speculative,
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
-                             prefix_caching=prefix_cache)
+                             prefix_caching=prefix_cache, quantize_on_load=quantize_on_load)
 
     llm = load()
     config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
