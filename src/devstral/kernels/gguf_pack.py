@@ -315,8 +315,10 @@ def unpack(p: PackedGGUF, rows: slice | None = None) -> torch.Tensor:
     """PackedGGUF -> the GGUF bytes it came from, uint8 [n, bytes per row] (the exact inverse of pack)."""
     rows = rows or slice(0, p.n)
     r0, r1, _ = rows.indices(p.n)
+    if r1 <= r0:
+        return torch.empty(0, row_bytes(p.qtype, p.k), dtype=_U8, device=p.device)
     fmt = FORMATS[p.qtype]
     planar = {name: arr[r0:r1] for name, arr in p.arrays.items()}
     fields = _planar_to_fields(planar, fmt, p.qtype, r1 - r0, p.k)
     blocks = _FIELDS[p.qtype][1](fields)
-    return blocks.reshape(r1 - r0, -1)
+    return blocks.reshape(r1 - r0, row_bytes(p.qtype, p.k))
