@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_splitk import counters, store_output, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
 
 E4M3_MAX = 448.0
 
@@ -82,8 +82,7 @@ def gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     m, k = x.shape
     n = q.shape[0]
     tiles_n, tiles_m = triton.cdiv(n, bn), triton.cdiv(m, bm)
-    if split_k > 1 and tiles_n * tiles_m > counters(x.device).numel():
-        split_k = 1
+    split_k = usable_split(split_k, tiles_n * tiles_m, m, n)
     ws = workspace(split_k, m, n, x.device)
     _fp8_gemv_kernel[(tiles_n, split_k, tiles_m)](
         x, out, bias if bias is not None else out, ws, counters(x.device), q, scale, m, n, k, x.stride(0),

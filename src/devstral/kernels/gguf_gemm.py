@@ -20,7 +20,7 @@ import triton.language as tl
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, qt_code, subblock_values
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import counters, store_output, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
 
 
 @triton.jit
@@ -86,8 +86,7 @@ def gemm(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     qt = qt_code(p.qtype)
     sb, wps, _ = GEOMETRY[qt]
     tiles = triton.cdiv(p.n, bn) * triton.cdiv(m, bm)
-    if split_k > 1 and tiles > counters(x.device).numel():
-        split_k = 1
+    split_k = usable_split(split_k, tiles, m, p.n)
     ws = workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     _gemm_kernel[(tiles, split_k)](

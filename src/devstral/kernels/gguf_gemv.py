@@ -16,7 +16,7 @@ import triton.language as tl
 
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, load_words, qt_code, slice_f, sub_scales
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import counters, store_output, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
 
 
 @triton.jit
@@ -121,8 +121,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     qt = qt_code(p.qtype)
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
-    if split_k > 1 and tiles_n * tiles_m > counters(x.device).numel():
-        split_k = 1
+    split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
     ws = workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     _gemv_kernel[(tiles_n, split_k, tiles_m)](

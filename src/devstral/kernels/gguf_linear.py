@@ -24,7 +24,7 @@ def scratch_bytes() -> int:
         mb = float(raw)
     except ValueError:
         raise DevstralError(f"DEVSTRAL_DEQUANT_SCRATCH_MB: not a number: {raw!r}") from None
-    return max(1 << 20, int(mb * (1 << 20)))
+    return max(64 << 10, int(mb * (1 << 20)))
 
 
 def _scratch(device: torch.device, nbytes: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
         _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
     else:
         ws = ws_ptr + cols[None, :].to(tl.int64) * N + rows[:, None]
-        split_stride = M.to(tl.int64) * N
+        split_stride = M * N  # int32: workspace() keeps SPLIT_K * M * N below 2^31 (and M may be the constant 1)
         tl.store(ws + pid_k * split_stride, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
         arrived = tl.atomic_add(cnt_ptr + tile_id, 1)
@@ -59,6 +59,13 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
             tl.store(cnt_ptr + tile_id, 0)
 
 
+def usable_split(split_k: int, tiles: int, m: int, n: int) -> int:
+    """split_k, or 1 when the counters or int32 workspace offsets would not cover the launch."""
+    if split_k > 1 and (tiles > MAX_TILES or split_k * m * n >= 2**31):
+        return 1
+    return split_k
+
+
 def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tensor:
     """fp32 partials for a split-K launch (a dummy when not split). Size depends only on shapes."""
     if split_k == 1:
@@ -66,4 +73,4 @@ def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tenso
     return torch.empty(split_k * m * n, dtype=torch.float32, device=device)
 
 
-__all__ = ["MAX_TILES", "counters", "store_output", "triton", "workspace"]
+__all__ = ["MAX_TILES", "counters", "store_output", "triton", "usable_split", "workspace"]

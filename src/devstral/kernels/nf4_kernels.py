@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_splitk import counters, store_output, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
 
 
 @triton.jit
@@ -154,8 +154,7 @@ def gemv(x: torch.Tensor, t, bias: torch.Tensor | None, out: torch.Tensor, *, bn
     n = t.shape[0]
     absmax, scale, dmap, offset, dq = _dq_args(t)
     tiles_n, tiles_m = triton.cdiv(n, bn), triton.cdiv(m, bm)
-    if split_k > 1 and tiles_n * tiles_m > counters(x.device).numel():
-        split_k = 1
+    split_k = usable_split(split_k, tiles_n * tiles_m, m, n)
     ws = workspace(split_k, m, n, x.device)
     _nf4_gemv_kernel[(tiles_n, split_k, tiles_m)](
         x, out, bias if bias is not None else out, ws, counters(x.device), t.packed, absmax, scale, dmap,
