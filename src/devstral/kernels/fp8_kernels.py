@@ -32,7 +32,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, w_ptr, scale_ptr, M, N, K, s_xm, s_om, s_w,
-                     BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                      HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -74,7 +74,7 @@ def _fp8_gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, w_ptr, scale_ptr
         res = tl.where(which == 3, tl.sum(acc3, axis=1)[:, None], res)
     # per-row scales distribute over the split-K partial sums, so they can be applied before
     store_output(res * scale, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, pid_k, HAS_BIAS, SPLIT_K)
+                 pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 def gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
@@ -86,7 +86,7 @@ def gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     ws = workspace(split_k, m, n, x.device)
     _fp8_gemv_kernel[(tiles_n, split_k, tiles_m)](
         x, out, bias if bias is not None else out, ws, counters(x.device), q, scale, m, n, k, x.stride(0),
-        out.stride(0), q.stride(0), BN=bn, BK=bk, BM=bm, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+        out.stride(0), q.stride(0), BN=bn, BK=bk, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         num_warps=num_warps)
     return out
 

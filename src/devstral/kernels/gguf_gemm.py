@@ -27,7 +27,7 @@ from devstral.kernels.gguf_splitk import counters, store_output, usable_split, w
 def _gemm_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
-                 BN: tl.constexpr, BM: tl.constexpr, NSUB: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BN: tl.constexpr, BM: tl.constexpr, NSUB: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  GROUP_M: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -67,7 +67,7 @@ def _gemm_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                 acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w.to(dot_t), xt.to(dot_t), acc)
-    store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, HAS_BIAS, SPLIT_K)
+    store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -92,6 +92,6 @@ def gemm(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     _gemm_kernel[(tiles, split_k)](
         x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
         m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
-        QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=nsub, SPLIT_K=split_k, GROUP_M=group_m,
+        QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=nsub, SPLIT_K=split_k, SPLIT=split_k > 1, GROUP_M=group_m,
         DOT=dot_mode(x.dtype), HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
     return out

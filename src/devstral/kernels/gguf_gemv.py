@@ -45,7 +45,7 @@ def _x_sums(xp, mask, NS: tl.constexpr, SB: tl.constexpr):
 def _gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
-                 BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,7 +103,7 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         res = tl.where(which == 2, tl.sum(acc2, axis=1)[:, None], res)
         res = tl.where(which == 3, tl.sum(acc3, axis=1)[:, None], res)
     store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, pid_k, HAS_BIAS, SPLIT_K)
+                 pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 def field_args(p: PackedGGUF) -> tuple:
@@ -127,6 +127,6 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     _gemv_kernel[(tiles_n, split_k, tiles_m)](
         x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
         m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
-        QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+        QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out

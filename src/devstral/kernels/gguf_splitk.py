@@ -39,11 +39,14 @@ def _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS: tl.
 
 
 @triton.jit
-def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k,
-                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """acc: fp32 [BN, BM], output features `rows` x activation rows `cols`; out is [M, N] (row stride s_om)."""
+def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, split_k,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """acc: fp32 [BN, BM], output features `rows` x activation rows `cols`; out is [M, N] (row stride s_om).
+
+    SPLIT (constexpr) says whether split_k (a runtime value, so that each split count is not a new
+    compilation) is above 1."""
     mask = (rows < N)[:, None] & (cols < M)[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
     else:
         ws = ws_ptr + cols[None, :].to(tl.int64) * N + rows[:, None]
@@ -51,9 +54,9 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
         tl.store(ws + pid_k * split_stride, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
         arrived = tl.atomic_add(cnt_ptr + tile_id, 1)
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             total = tl.zeros_like(acc)
-            for k in range(SPLIT_K):  # fixed order: the same sum whichever split finished last
+            for k in range(split_k):  # fixed order: the same sum whichever split finished last
                 total += tl.load(ws + k * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
             _store_tile(total, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
             tl.store(cnt_ptr + tile_id, 0)

@@ -48,7 +48,7 @@ def _nf4_dequant_kernel(out_ptr, packed_ptr, absmax_ptr, scale_ptr, dmap_ptr, co
 def _nf4_gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, packed_ptr, absmax_ptr, scale_ptr, dmap_ptr,
                      code_ptr, offset, M, N, K, s_xm, s_om,
                      BLOCKSIZE: tl.constexpr, WPB: tl.constexpr, DQ: tl.constexpr, BN: tl.constexpr,
-                     NS: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # WPB: int32 words (8 weights each) per absmax block
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,7 +96,7 @@ def _nf4_gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, packed_ptr, absm
         res = tl.where(which == 2, tl.sum(acc2, axis=1)[:, None], res)
         res = tl.where(which == 3, tl.sum(acc3, axis=1)[:, None], res)
     store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, pid_k, HAS_BIAS, SPLIT_K)
+                 pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def gemv(x: torch.Tensor, t, bias: torch.Tensor | None, out: torch.Tensor, *, bn
     _nf4_gemv_kernel[(tiles_n, split_k, tiles_m)](
         x, out, bias if bias is not None else out, ws, counters(x.device), t.packed, absmax, scale, dmap,
         code_table(x.device), offset, m, n, k, x.stride(0), out.stride(0),
-        BLOCKSIZE=t.blocksize, WPB=t.blocksize // 8, DQ=dq, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+        BLOCKSIZE=t.blocksize, WPB=t.blocksize // 8, DQ=dq, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         num_warps=num_warps)
     return out
 
