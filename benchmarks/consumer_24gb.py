@@ -3,11 +3,12 @@
 The process is capped with torch.cuda.set_per_process_memory_fraction to 24 GB (--cap-gb) before
 anything is allocated. It loads a Devstral-Small-shape Q4_K_M GGUF (made with
 ../shared/peers/mk_devstral_shape_gguf.py when --gguf is not given), reports the GPU bytes of the
-loaded weights against the file's size, then runs a forward pass over a 32k-token sequence in
-prefill chunks through the existing LLM API (the model with its q8_0 KVCache, as LLM.stream does),
-and a few decode steps at that context length. It fits if nothing runs out of memory.
+loaded weights against the file's size, then generates through the engine (LLM.generate: chunked
+prefill of a 32k-token prompt into a q8_0 paged KV cache, then a few greedy decode steps at that
+context length). It fits if nothing runs out of memory; the engine is told the same share of the
+GPU as the cap (gpu_memory_fraction) so that it plans its KV pool inside it.
 
-    python benchmarks/consumer_24gb.py [--gguf devstral-small-Q4_K_M.gguf] [--ctx 32768] [--chunk 512]
+    python benchmarks/consumer_24gb.py [--gguf devstral-small-Q4_K_M.gguf] [--ctx 32768]
 
 JSON goes to $OUT/consumer_24gb.json when OUT is set, else benchmarks/results/.
 """
@@ -51,7 +52,6 @@ def main() -> None:
     ap.add_argument("--mk-script", type=Path)
     ap.add_argument("--cap-gb", type=float, default=24.0)
     ap.add_argument("--ctx", type=int, default=32768)
-    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the engine's)")
     ap.add_argument("--decode-steps", type=int, default=16)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -62,18 +62,19 @@ def main() -> None:
     torch.cuda.set_per_process_memory_fraction(cap, dev)
 
     import devstral
-    from devstral.engine.generate import PREFILL_CHUNK
+    from devstral import SamplingParams
     from devstral.quant.linear import GGUFWeight
 
-    args.chunk = args.chunk or PREFILL_CHUNK
     result: dict = {"benchmark": "consumer_24gb", "device": torch.cuda.get_device_name(dev),
-                    "cap_bytes": int(cap * total), "ctx": args.ctx, "chunk": args.chunk, "kv_cache": "q8_0"}
+                    "cap_bytes": int(cap * total), "ctx": args.ctx, "kv_cache": "q8_0"}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.gguf or make_gguf(Path(tmp), args.mk_script)
         result["file_bytes"] = path.stat().st_size
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        llm = devstral.load(path, device="cuda", kv_cache_dtype="q8_0", max_context=args.ctx)
+        # the engine plans its KV pool as a share of the whole GPU: the same share as the cap
+        llm = devstral.load(path, device="cuda", kv_cache_dtype="q8_0", max_context=args.ctx,
+                            gpu_memory_fraction=cap, speculative="off")
         torch.cuda.synchronize()
         result["load_s"] = round(time.perf_counter() - t0, 1)
         weights = [m for m in llm.model.modules() if isinstance(m, GGUFWeight)]
@@ -85,34 +86,19 @@ def main() -> None:
         }
         result["weights"]["allocated_over_file"] = round(result["weights"]["allocated_after_load"]
                                                          / result["file_bytes"], 4)
+        result["max_context"] = llm.max_context
         print(f"loaded in {result['load_s']} s: {gib(result['weights']['allocated_after_load'])} GiB on the GPU for a "
               f"{gib(result['file_bytes'])} GiB file ({result['weights']['allocated_over_file']}x)", flush=True)
 
-        cache = llm.new_cache(args.ctx)
-        result["kv_cache_bytes"] = sum(t.numel() * t.element_size() for t in vars(cache).values()
-                                       if isinstance(t, torch.Tensor))
-        ids = torch.randint(3, llm.config.vocab_size, (1, args.ctx - args.decode_steps), device=dev)
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, llm.config.vocab_size, (args.ctx - args.decode_steps,), generator=g).tolist()
         torch.cuda.reset_peak_memory_stats(dev)
         try:
-            with torch.inference_mode():
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                logits = None
-                for start in range(0, ids.shape[1], args.chunk):
-                    logits = llm.model(ids[:, start:start + args.chunk], cache=cache, start=start, last_only=True)
-                torch.cuda.synchronize()
-                prefill_s = time.perf_counter() - t0
-                pos = ids.shape[1]
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                t0 = time.perf_counter()
-                for step in range(args.decode_steps):
-                    logits = llm.model(token, cache=cache, start=pos + step, last_only=True)
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                decode_s = time.perf_counter() - t0
-            result.update(fits=True, prefill_tok_per_s=round(ids.shape[1] / prefill_s, 1),
-                          decode_tok_per_s_at_ctx=round(args.decode_steps / decode_s, 2),
-                          logits_finite=bool(torch.isfinite(logits).all()))
+            c = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=args.decode_steps))
+            t = c.timings
+            result.update(fits=True, prompt_tokens=len(prompt), completion_tokens=len(c.token_ids),
+                          prefill_tok_per_s=round(t.get("prefill_tok_s", 0.0), 1),
+                          decode_tok_per_s_at_ctx=round(t.get("decode_tok_s", 0.0), 2))
         except torch.OutOfMemoryError as e:
             result.update(fits=False, error=str(e).splitlines()[0])
         result["peak_allocated"] = torch.cuda.max_memory_allocated(dev)
