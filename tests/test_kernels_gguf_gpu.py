@@ -267,3 +267,18 @@ def test_quantize_on_load_on_cuda(tmp_path, kind):
     got = devstral.load(ck, device="cuda", quantize_on_load=kind).logits(ids)
     bound = {"q8_0": 0.03, "q4_k": 0.25, "fp8": 0.1}[kind]
     assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+def test_gradients_flow_through_quantized_layers():
+    """The kernels have no backward: with autograd on, the layers take the dequantized path."""
+    qt, n, k = QType.Q4_K, 64, 512
+    raw = blocks(qt, n, k, seed=7)
+    layer = QuantLinear(raw.to(CUDA), qt, n, k)
+    x = torch.randn(3, k, device=CUDA, requires_grad=True)
+    layer(x).sum().backward()
+    w = dequantize(raw, qt, (n, k)).to(CUDA)
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+    fp8 = FP8Linear(torch.randn(64, 512, device=CUDA))
+    x.grad = None
+    fp8(x).sum().backward()
+    torch.testing.assert_close(x.grad, fp8.dequantized_weight().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

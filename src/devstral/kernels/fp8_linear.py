@@ -31,7 +31,7 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from devstral.quant.linear import cuda_kernels
 
-        if not (x.is_cuda and cuda_kernels(x.device)):
+        if not (x.is_cuda and cuda_kernels(x.device)) or (x.requires_grad and torch.is_grad_enabled()):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
         from devstral.kernels.gguf_config import fp8_plan

@@ -193,6 +193,7 @@ class NF4Linear(nn.Module):
             t = self.nf4()
             x2 = x.reshape(-1, self.in_features)
             kind, cfg = nf4_plan(x2.shape[0], self.out_features, self.in_features, x.device)
+            # (inside _NF4Matmul.forward autograd is off; its backward uses the dequantized weight)
             if kind == "gemv" and nf4_kernels.gemv_supported(t) and x2.shape[0] > 0:
                 out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
                 nf4_kernels.gemv(x2.contiguous(), t, None, out, **cfg)

@@ -136,11 +136,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if w.mode == "planar":
+            if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
+                return F.linear(x, w.rows(dtype=x.dtype), bias)
             from devstral.kernels.gguf_linear import linear
 
             return linear(x, w.packed, self.bias)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if w.mode == "dense":
             return F.linear(x, w.dense.to(x.dtype), bias)
         if self.out_features <= self.rows_per_chunk:
