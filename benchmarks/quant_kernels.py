@@ -85,9 +85,9 @@ def time_graph(fn, calls: int, replays: int = 5) -> float:
 
 
 def calls_for(one_call_us: float, replicas: int) -> int:
-    """Enough calls for ~3 ms per replay, a whole number of passes over the replicas."""
-    passes = max(1, round(3000 / max(one_call_us, 1.0) / replicas))
-    return min(4096, passes * replicas)
+    """Enough calls for ~2 ms per replay, a whole number of passes over the replicas."""
+    passes = max(1, round(2000 / max(one_call_us, 1.0) / replicas))
+    return max(replicas, min(1024 // replicas * replicas, passes * replicas))
 
 
 def eager_us(fn) -> float:
