@@ -72,15 +72,19 @@ def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.d
     return DTYPES[dtype]
 
 
-def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> Transformer:
+def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
+                quantize_on_load: str | None = None) -> Transformer:
     """Create the network without allocating it, then fill it tensor by tensor from disk."""
     from devstral.formats.safetensors import check_config_against_weights, iter_tensors
+    from devstral.quant.on_load import make_setter
 
     check_config_against_weights(folder, cfg)  # before building anything from the config's sizes
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
+    set_tensor = _set_parameter if quantize_on_load is None else make_setter(quantize_on_load, dtype=dtype,
+                                                                             default=_set_parameter)
     for name, tensor in iter_tensors(folder, cfg, dtype=dtype, device=device):
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # tied: the head is the embedding, whatever copy the file also carries
@@ -89,7 +93,7 @@ def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: t
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise DevstralError(f"{folder}: tensor {name} has shape {list(tensor.shape)} but the config "
                                 f"implies {list(expected[name].shape)}")
-        _set_parameter(model, name, tensor)
+        set_tensor(model, name, tensor)
         loaded.add(name)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -117,22 +121,27 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
          dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None, parallel: int = 1,
          gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
          speculative: str = "lookup", max_batched_tokens: int | None = None, backend: str = "auto",
-         threads: int | None = None):
+         threads: int | None = None, quantize_on_load: str | None = None):
     """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
 
     `max_context` None gives the model's whole window where the KV cache's memory allows it;
     `parallel` is how many sequences the engine batches (the server's --parallel). `backend` is
     "auto", "torch" or "llama.cpp" (engine/backend.py); `threads` is llama.cpp's CPU thread count
-    (default: torch's, which `--threads` sets)."""
+    (default: torch's, which `--threads` sets); `quantize_on_load` ("q8_0", "q4_k" or "fp8") quantizes a
+    safetensors model's linear weights as they stream in (quant/on_load.py)."""
     from devstral.engine.backend import choose_backend
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.engine.sampling import defaults_for_model
     from devstral.prompt.tokenizer import load_tokenizer
+    from devstral.quant.on_load import parse_kind
 
+    quantize_on_load = parse_kind(quantize_on_load)
     path = resolve_model(model)
     # generation_config.json beside the weights: a bad one fails here, in a second, not after them
     check_generation_config(path if path.is_dir() else path.parent)
+    if _is_gguf(path) and quantize_on_load:
+        raise DevstralError(f"--quantize-on-load applies to safetensors models; {path} is a GGUF, already quantized")
     engine = choose_backend(backend, gguf=_is_gguf(path), device=device, adapter=adapter is not None)
     llama = engine == "llama.cpp"
     dev = torch.device("cpu") if llama else resolve_device(device)
@@ -162,7 +171,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
             raise DevstralError(f"{path}: not a model folder or .gguf file")
         cfg = ModelConfig.from_dir(path)
         tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should fail in a second
-        net = build_model(path, cfg, dtype=resolve_dtype(dtype, dev, cfg), device=dev)
+        net = build_model(path, cfg, dtype=resolve_dtype(dtype, dev, cfg), device=dev, quantize_on_load=quantize_on_load)
         folder = path
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DevstralError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -12,6 +12,7 @@ from devstral.cli.app import app
 from devstral.cli.options import (
     BACKEND_OPTION,
     GPU_MEMORY_OPTION,
+    QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
     apply_threads,
@@ -71,6 +72,7 @@ def chat(
     speculative: str = SPECULATIVE_OPTION,
     backend: str = BACKEND_OPTION,
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
+    quantize_on_load: str = QUANTIZE_ON_LOAD,
 ) -> None:
     """Chat with a model in the terminal."""
     from devstral.errors import DevstralError
@@ -79,7 +81,8 @@ def chat(
     apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
-                   gpu_memory_fraction=gpu_memory_fraction, backend=backend)
+                   gpu_memory_fraction=gpu_memory_fraction, backend=backend,
+                   quantize_on_load=quantize_on_load)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     console.print(f"[dim]{HELP}[/dim]")

@@ -47,18 +47,21 @@ BACKEND_OPTION = typer.Option("auto", "--backend",
                                    "is installed), torch or llama.cpp.")
 GPU_MEMORY_OPTION = typer.Option(0.9, "--gpu-memory-fraction", min=0.05, max=1.0,
                                  help="Share of the GPU the model, its KV cache and activations may use.")
+QUANTIZE_ON_LOAD = typer.Option(None, "--quantize-on-load", help="Quantize a safetensors model as it loads, to fit "
+                                "a smaller GPU: q8_0, q4_k or fp8.")
 
 
 def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "auto", dtype: str = "auto",
              kv_cache_dtype: str = "auto", ctx_size: int | None = None, system: str | None = None,
              no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None,
-             backend: str = "auto"):
+             backend: str = "auto", quantize_on_load: str | None = None):
     import devstral
 
     with stderr.status("loading model…", spinner="dots"):
         llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                             max_context=ctx_size, speculative=speculative,
-                            gpu_memory_fraction=gpu_memory_fraction, backend=backend)
+                            gpu_memory_fraction=gpu_memory_fraction, backend=backend,
+                            quantize_on_load=quantize_on_load)
     if no_system:
         llm.tokenizer.default_system_prompt = None
     elif system is not None:

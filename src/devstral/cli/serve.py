@@ -12,6 +12,7 @@ from devstral.cli.app import app
 from devstral.cli.options import (
     BACKEND_OPTION,
     GPU_MEMORY_OPTION,
+    QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
     apply_threads,
@@ -44,6 +45,7 @@ def serve(
     queue_size: int = typer.Option(64, min=0, help="Requests that may wait for a slot before 503s."),
     alias: str | None = typer.Option(None, help="Model name to report and accept (default: the model's name)."),
     kv_cache_dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32, fp8 (CUDA), q8_0 or q4_0."),
+    quantize_on_load: str | None = QUANTIZE_ON_LOAD,
     max_body_mb: float = typer.Option(16.0, min=0.001, help="Largest request body accepted, in MiB."),
     body_timeout: float = typer.Option(30.0, min=0, help="Seconds a request body may take to arrive (0: no limit)."),
     allowed_host: list[str] = typer.Option(
@@ -92,7 +94,8 @@ def serve(
         return devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              max_context=ctx_size, parallel=parallel, speculative=speculative,
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
-                             prefix_caching=prefix_cache, backend=backend)
+                             prefix_caching=prefix_cache, backend=backend,
+                             quantize_on_load=quantize_on_load)
 
     sock = bind(host, port)  # before the model loads: a busy port is reported at once, not minutes later
     try:

@@ -1,9 +1,9 @@
 """A GGUF file -> our Transformer, with quantized weights kept as GGUF blocks in memory.
 
-Quantized linears become `QuantLinear` (raw blocks, dequantized a band of rows at a time in forward)
-and a quantized token embedding becomes `QuantEmbedding` (dequantizes only the looked-up rows). On CPU
-the blocks stay memory-mapped from the file, as llama.cpp does; float tensors (norms, F16/F32
-weights) are materialized in the compute dtype.
+Quantized linears become `QuantLinear` and a quantized token embedding `QuantEmbedding`, both over a
+`GGUFWeight` (quant/linear.py): on CPU the blocks stay memory-mapped from the file, as llama.cpp does,
+and are dequantized a band of rows at a time; on CUDA they are repacked for the Triton kernels.
+Float tensors (norms, F16/F32 weights) are materialized in the compute dtype.
 """
 
 from __future__ import annotations
@@ -29,25 +29,28 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 class QuantEmbedding(nn.Module):
-    """Token embedding stored as GGUF blocks; a lookup dequantizes just the rows it needs."""
+    """Token embedding stored as GGUF blocks; a lookup dequantizes just the rows it needs (on CUDA with
+    the Triton kernel, no host round trip)."""
 
     def __init__(self, raw: torch.Tensor, qtype: QType, num_embeddings: int, embedding_dim: int,
                  dtype: torch.dtype, *, name: str = "token_embd.weight"):
         super().__init__()
+        from devstral.quant.linear import GGUFWeight
+
         self.qtype, self.num_embeddings, self.embedding_dim = QType(qtype), num_embeddings, embedding_dim
         self.dtype, self.name = dtype, name
-        self.register_buffer("raw", raw.reshape(num_embeddings, -1), persistent=False)
+        self.weight_q = GGUFWeight(raw, qtype, num_embeddings, embedding_dim, name=name, dtype=dtype)
+
+    @property
+    def raw(self) -> torch.Tensor:
+        return self.weight_q.raw
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from devstral.quant import dequantize
-
-        flat = tokens.reshape(-1)
-        rows = self.raw.index_select(0, flat.to(self.raw.device))
-        out = dequantize(rows.cpu(), self.qtype, (flat.numel(), self.embedding_dim), name=self.name)
-        return out.to(device=tokens.device, dtype=self.dtype).reshape(*tokens.shape, self.embedding_dim)
+        out = self.weight_q.lookup(tokens, self.dtype).to(tokens.device)
+        return out.reshape(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}, {self.weight_q.mode}"
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device, cfg: ModelConfig) -> torch.dtype:
@@ -85,7 +88,7 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     """(Transformer, ModelConfig, GGUFTokenizer) from a .gguf file (or the first part of a split one)."""
     from devstral.model.rope import Rotary
     from devstral.model.transformer import Transformer
-    from devstral.quant.linear import QuantLinear
+    from devstral.quant.linear import QuantLinear, fallback_notice
 
     device = torch.device(device)
     g = GGUFFile(path)
@@ -126,13 +129,14 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
             check_finite_blocks(raw, info.qtype, gname, g.path)
             module_name = ours.rsplit(".", 1)[0]
             out_f, in_f = info.shape
-            _set_module(model, module_name, QuantLinear(raw.to(device), info.qtype, out_f, in_f, name=gname))
+            _set_module(model, module_name, QuantLinear(raw.to(device), info.qtype, out_f, in_f, name=gname,
+                                                        dtype=torch_dtype))
         loaded.add(ours)
     if "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
         emb = model.model.embed_tokens
         if isinstance(emb, QuantEmbedding):
-            model.lm_head = QuantLinear(emb.raw, emb.qtype, emb.num_embeddings, emb.embedding_dim,
-                                        name="token_embd.weight (tied output)")
+            model.lm_head = QuantLinear(None, emb.qtype, emb.num_embeddings, emb.embedding_dim,
+                                        name="token_embd.weight (tied output)", weight=emb.weight_q)
         else:
             model.lm_head.weight = emb.weight
         loaded.add("lm_head.weight")
@@ -143,6 +147,9 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     if skipped:
         print(f"note: ignored {len(skipped)} tensors the text model does not use ({skipped[0]}, ...)",
               file=sys.stderr)
+    notice = fallback_notice(model)
+    if notice:
+        print(notice, file=sys.stderr)
     model.rotary = Rotary(cfg).to(device)
     return model.eval().requires_grad_(False), cfg, tokenizer
 

@@ -136,6 +136,12 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     return values.reshape(-1)[: t.numel].view(t.shape).to(dtype)
 
 
+def _cuda_kernels(t: torch.Tensor) -> bool:
+    from devstral.quant.linear import cuda_kernels
+
+    return cuda_kernels(t.device)
+
+
 def _padded(n: int, blocksize: int) -> int:
     return n + (-n) % blocksize
 
@@ -146,7 +152,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.weight_nf4_dequantized(x.dtype).t()
+        return layer.matmul(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -172,7 +178,27 @@ class NF4Linear(nn.Module):
         return NF4Tensor(self.packed, (self.out_features, self.in_features), self.absmax, blocksize=self.blocksize)
 
     def weight_nf4_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if _cuda_kernels(self.packed):
+            from devstral.kernels import nf4_kernels
+
+            return nf4_kernels.dequantize(self.nf4(), dtype)
         return dequantize_nf4(self.nf4(), dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T: on CUDA a Triton NF4 GEMV for a few rows (kernels/nf4_kernels.py), else dequantize."""
+        if _cuda_kernels(x):
+            from devstral.kernels import nf4_kernels
+            from devstral.kernels.gguf_config import nf4_plan
+
+            t = self.nf4()
+            x2 = x.reshape(-1, self.in_features)
+            kind, cfg = nf4_plan(x2.shape[0], self.out_features, self.in_features, x.device)
+            # (inside _NF4Matmul.forward autograd is off; its backward uses the dequantized weight)
+            if kind == "gemv" and nf4_kernels.gemv_supported(t) and x2.shape[0] > 0:
+                out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+                nf4_kernels.gemv(x2.contiguous(), t, None, out, **cfg)
+                return out.reshape(*x.shape[:-1], self.out_features)
+        return x @ self.weight_nf4_dequantized(x.dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):

@@ -1,7 +1,14 @@
-"""A linear layer whose weight stays in GGUF blocks in memory.
+"""Linear layers (and embeddings) whose weight stays quantized in memory.
 
-Forward dequantizes a band of output rows at a time (bounded scratch memory) and multiplies the
-input by it, so a Q4_K_M model keeps roughly its file size in RAM instead of 4x (bf16) or 8x (f32).
+`GGUFWeight` holds one [n, k] GGUF tensor in the form its device computes with:
+  * CPU (or CUDA without Triton): the file's blocks; forward dequantizes a band of output rows at a
+    time with the exact codecs (bounded scratch), so a Q4_K_M model keeps about its file size in RAM.
+  * CUDA, Q4_K/Q5_K/Q6_K/Q8_0: repacked once at load into the planar layout (kernels/gguf_pack.py,
+    at most 1.028x the file's bytes) and multiplied by the Triton kernels (kernels/gguf_linear.py).
+  * CUDA, any other type: dequantized once at load to the compute dtype; `fallback_notice` reports
+    those tensors and what they cost, in one line.
+`QuantLinear` and the GGUF token embedding wrap a GGUFWeight; a tied output head shares its
+embedding's GGUFWeight, so the weight is stored once.
 """
 
 from __future__ import annotations
@@ -11,45 +18,158 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QType
 from torch import nn
 
+from devstral.errors import DevstralError
 from devstral.quant.codec import dequantize
 from devstral.quant.layout import row_bytes
 
 DEFAULT_CHUNK_BYTES = 16 << 20  # float32 scratch per band of rows (dequantizing needs a few times more)
 
 
+def cuda_kernels(device: torch.device) -> bool:
+    """Use the Triton kernels for weights on this device?"""
+    if device.type != "cuda":
+        return False
+    from devstral.kernels import triton_available
+
+    return triton_available()
+
+
+class GGUFWeight(nn.Module):
+    def __init__(self, raw: torch.Tensor, qtype: QType, n: int, k: int, *, name: str = "?",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.qtype, self.n, self.k, self.name = QType(qtype), int(n), int(k), name
+        per_row = row_bytes(self.qtype, self.k, name=name)
+        raw = raw.reshape(-1)
+        if raw.dtype != torch.uint8:
+            raw = raw.view(torch.uint8)
+        if raw.numel() != per_row * self.n:
+            dequantize(raw, self.qtype, (self.n, self.k), name=name)  # raises the codec's error
+        device = torch.device(device) if device is not None else raw.device
+        self.file_bytes = raw.numel()
+        self._packed = None
+        self.mode = "blocks"
+        if cuda_kernels(device):
+            from devstral.kernels.gguf_pack import SUPPORTED, pack
+            from devstral.kernels.gguf_splitk import counters
+
+            counters(device)  # the split-K counters exist before any CUDA-graph capture
+            try:
+                if self.qtype in SUPPORTED:
+                    self._packed = pack(raw.reshape(self.n, per_row), self.qtype, self.n, self.k, name=name,
+                                        device=device)
+                    self.register_buffer("planar", self._packed.buf, persistent=False)
+                    self.mode = "planar"
+                else:
+                    dense = dequantize(raw.cpu(), self.qtype, (self.n, self.k), name=name)
+                    self.register_buffer("dense", dense.to(device=device, dtype=dtype), persistent=False)
+                    self.mode = "dense"
+            except torch.OutOfMemoryError:
+                what = "repacking" if self.qtype in SUPPORTED else f"dequantizing {self.qtype.name} to {dtype}"
+                raise DevstralError(f"out of GPU memory {what} tensor {name}: use a smaller quantization, a "
+                                    "GPU with more memory, or --device cpu") from None
+        else:
+            self.register_buffer("raw", raw.reshape(self.n, per_row).to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self._packed is not None:
+            self._packed = self._packed.rebind(self.planar)
+        return out
+
+    @property
+    def packed(self):
+        return self._packed
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def rows(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows start..stop dequantized (exactly: the CUDA kernel matches the codec bit for bit)."""
+        stop = self.n if stop is None else stop
+        if self.mode == "planar":
+            from devstral.kernels.gguf_dequant import dequantize as gpu_dequantize
+
+            return gpu_dequantize(self._packed, start=start, stop=stop, dtype=dtype)
+        if self.mode == "dense":
+            return self.dense[start:stop].to(dtype)
+        return dequantize(self.raw[start:stop], self.qtype, (stop - start, self.k), name=self.name).to(dtype)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows by index (embedding lookups): [len(ids), k]."""
+        ids = ids.reshape(-1)
+        if self.mode == "planar":
+            from devstral.kernels.gguf_dequant import dequantize as gpu_dequantize
+
+            return gpu_dequantize(self._packed, rows=ids.to(self.device), dtype=dtype)
+        if self.mode == "dense":
+            return F.embedding(ids.to(self.device), self.dense).to(dtype)
+        rows = self.raw.index_select(0, ids.to(self.raw.device))
+        return dequantize(rows.cpu(), self.qtype, (ids.numel(), self.k), name=self.name).to(device=ids.device,
+                                                                                           dtype=dtype)
+
+
 class QuantLinear(nn.Module):
-    def __init__(self, raw: torch.Tensor, qtype: QType, out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None, *, name: str = "?",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, raw: torch.Tensor | None, qtype: QType, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None, *, name: str = "?", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 weight: GGUFWeight | None = None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.qtype = QType(qtype)
         self.out_features, self.in_features = int(out_features), int(in_features)
         self.name = name
-        per_row = row_bytes(self.qtype, self.in_features, name=name)
-        # dequantize() checks the total byte count; keep one row of blocks per output feature
-        raw = raw.reshape(-1)
-        if raw.numel() != per_row * self.out_features:
-            dequantize(raw, self.qtype, (self.out_features, self.in_features), name=name)  # raises
-        self.register_buffer("raw", raw.reshape(self.out_features, per_row), persistent=False)
+        self.weight_q = weight if weight is not None else GGUFWeight(raw, qtype, out_features, in_features,
+                                                                     name=name, dtype=dtype)
         self.register_buffer("bias", bias, persistent=False)
         self.rows_per_chunk = max(1, chunk_bytes // (4 * self.in_features))
 
+    @property
+    def raw(self) -> torch.Tensor:
+        """The GGUF blocks [out, bytes per row] (CPU mode; on CUDA the weight is planar or dense)."""
+        return self.weight_q.raw
+
     def dequantized_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        stop = self.out_features if stop is None else stop
-        return dequantize(self.raw[start:stop], self.qtype, (stop - start, self.in_features), name=self.name)
+        return self.weight_q.rows(start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_q
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if w.mode == "planar":
+            if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
+                return F.linear(x, w.rows(dtype=x.dtype), bias)
+            from devstral.kernels.gguf_linear import linear
+
+            return linear(x, w.packed, self.bias)
+        if w.mode == "dense":
+            return F.linear(x, w.dense.to(x.dtype), bias)
         if self.out_features <= self.rows_per_chunk:
-            w = self.dequantized_weight().to(x.dtype)
-            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self.dequantized_weight().to(device=x.device, dtype=x.dtype), bias)
         out = x.new_empty(*x.shape[:-1], self.out_features)
         for start in range(0, self.out_features, self.rows_per_chunk):
             stop = min(start + self.rows_per_chunk, self.out_features)
-            w = self.dequantized_weight(start, stop).to(device=x.device, dtype=x.dtype)
-            b = None if self.bias is None else self.bias[start:stop].to(x.dtype)
-            out[..., start:stop] = F.linear(x, w, b)
+            wb = self.dequantized_weight(start, stop).to(device=x.device, dtype=x.dtype)
+            out[..., start:stop] = F.linear(x, wb, None if bias is None else bias[start:stop])
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"qtype={self.qtype.name}, bias={self.bias is not None}")
+                f"qtype={self.qtype.name}, {self.weight_q.mode}, bias={self.bias is not None}")
+
+
+def fallback_notice(model: nn.Module) -> str | None:
+    """One line naming the GGUF tensors held dense on the GPU (no kernel for their type), or None."""
+    seen, names, types, extra = set(), [], set(), 0
+    for module in model.modules():
+        if isinstance(module, GGUFWeight) and module.mode == "dense" and id(module) not in seen:
+            seen.add(id(module))
+            names.append(module.name)
+            types.add(module.qtype.name)
+            extra += module.nbytes() - module.file_bytes
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"note: no CUDA kernel for {'/'.join(sorted(types))}: {len(names)} tensors ({shown}) were "
+            f"dequantized at load, {extra / (1 << 20):.0f} MiB more GPU memory than in the file")

@@ -1,0 +1,131 @@
+"""Which kernel and which launch configuration for a quantized matmul of a given shape.
+
+Three paths, by the number of activation rows M:
+  gemv     M <= gemv_max_m       CUDA-core fused dequantize-GEMV (reads each weight byte once)
+  gemm     M <= gemm_max_m       tensor-core GEMM that dequantizes tiles in registers
+  dequant  larger M              dequantize a band of rows into a reused bf16 scratch, then cuBLAS
+
+Launch configs come from a tuned table when one matches the device and the exact shape
+(benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
+point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
+arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+# defaults until a tuned table says otherwise (per type: the M where each path stops)
+DEFAULT_THRESHOLDS = {"gemv_max_m": 4, "gemm_max_m": 512}
+# sub-blocks per GEMV tile: 256 weights of a row per iteration
+GEMV_NS = {"Q4_K": 8, "Q5_K": 8, "Q6_K": 16, "Q8_0": 8}
+GEMM_NSUB = {"Q4_K": 4, "Q5_K": 4, "Q6_K": 8, "Q8_0": 4}
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@functools.cache
+def tuned_table(device_label: str) -> dict:
+    """The tuned table for a device name ({} when there is none)."""
+    path = os.environ.get("DEVSTRAL_KERNEL_TUNING")
+    candidates = [Path(path)] if path else [TUNED_DIR / f"{_slug(device_label)}.json"]
+    for p in candidates:
+        if p.is_file():
+            with open(p) as f:
+                return json.load(f)
+    return {}
+
+
+def _tuned(device: torch.device | None) -> dict:
+    if device is None or device.type != "cuda":
+        return {}
+    return tuned_table(device_name(device))
+
+
+def split_k(tiles: int, k_steps: int, sms: int, *, min_steps: int = 2, max_split: int = 16) -> int:
+    """Split K until there are about two programs per SM, keeping >= min_steps iterations each."""
+    want = 2 * sms
+    s = 1
+    while s < max_split and tiles * s < want and k_steps // (2 * s) >= min_steps:
+        s *= 2
+    return s
+
+
+def gemv_bm(m: int) -> int:
+    return 1 if m == 1 else (2 if m == 2 else 4)
+
+
+def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
+    table = _tuned(device)
+    limits = {**DEFAULT_THRESHOLDS, **table.get("thresholds", {}).get(qtype, {})}
+    sms = sm_count(device) if device is not None and device.type == "cuda" else 132
+    sb = 16 if qtype == "Q6_K" else 32
+    if m <= limits["gemv_max_m"]:
+        bm = gemv_bm(m)
+        hit = table.get("gguf_gemv", {}).get(f"{qtype}|{bm}|{n}|{k}")
+        if hit:
+            return "gemv", dict(hit)
+        ns = GEMV_NS[qtype]
+        bn = 64 if bm == 1 else 32
+        tiles = -(-n // bn) * -(-m // bm)
+        return "gemv", dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (sb * ns), sms), num_warps=4)
+    if m <= limits["gemm_max_m"]:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+        hit = table.get("gguf_gemm", {}).get(f"{qtype}|{bm}|{n}|{k}")
+        if hit:
+            return "gemm", dict(hit)
+        nsub = GEMM_NSUB[qtype]
+        bn = 128
+        tiles = -(-n // bn) * -(-m // bm)
+        return "gemm", dict(bn=bn, bm=bm, nsub=nsub, split_k=split_k(tiles, k // (sb * nsub), sms),
+                            num_warps=8 if bm >= 128 else 4, num_stages=3 if bm <= 64 else 2)
+    return "dequant", {}
+
+
+def nf4_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
+    table = _tuned(device)
+    limits = {"gemv_max_m": 4, **table.get("thresholds", {}).get("NF4", {})}
+    if m > limits["gemv_max_m"]:
+        return "dequant", {}
+    bm = gemv_bm(m)
+    hit = table.get("nf4_gemv", {}).get(f"NF4|{bm}|{n}|{k}")
+    if hit:
+        return "gemv", dict(hit)
+    sms = sm_count(device) if device is not None and device.type == "cuda" else 132
+    bn, ns = 32, 4
+    tiles = -(-n // bn) * -(-m // bm)
+    return "gemv", dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (64 * ns), sms), num_warps=4)
+
+
+def fp8_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
+    table = _tuned(device)
+    limits = {"gemv_max_m": 4, **table.get("thresholds", {}).get("FP8", {})}
+    if m > limits["gemv_max_m"]:
+        return "scaled_mm", {}
+    bm = gemv_bm(m)
+    hit = table.get("fp8_gemv", {}).get(f"FP8|{bm}|{n}|{k}")
+    if hit:
+        return "gemv", dict(hit)
+    sms = sm_count(device) if device is not None and device.type == "cuda" else 132
+    bn, bk = 16, 512 // bm
+    tiles = -(-n // bn) * -(-m // bm)
+    return "gemv", dict(bn=bn, bk=bk, bm=bm, split_k=split_k(tiles, k // bk, sms), num_warps=4)

@@ -1,0 +1,74 @@
+"""y = x @ W^T + b for a planar GGUF weight on CUDA: picks GEMV, tile GEMM or dequantize + cuBLAS.
+
+The dequantize path writes bands of rows into one bf16 scratch buffer per device, shared by every
+layer (layers run one after another), capped at DEVSTRAL_DEQUANT_SCRATCH_MB (default 512 MiB: a
+Devstral FFN matrix, 32768 x 5120, in one band; the 131072-row output head in three).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from devstral.errors import DevstralError
+from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv
+from devstral.kernels.gguf_pack import PackedGGUF
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def scratch_bytes() -> int:
+    raw = os.environ.get("DEVSTRAL_DEQUANT_SCRATCH_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise DevstralError(f"DEVSTRAL_DEQUANT_SCRATCH_MB: not a number: {raw!r}") from None
+    return max(64 << 10, int(mb * (1 << 20)))
+
+
+def _scratch(device: torch.device, nbytes: int) -> torch.Tensor:
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < nbytes:
+        _SCRATCH.pop(device, None)
+        try:
+            buf = _SCRATCH[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            raise DevstralError(f"out of GPU memory for the {nbytes >> 20} MiB dequantization scratch of a large "
+                                "batch: lower DEVSTRAL_DEQUANT_SCRATCH_MB or the prefill chunk size") from None
+    return buf
+
+
+def dequant_matmul(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    elem = x.element_size()
+    rows = max(1, min(p.n, scratch_bytes() // (elem * p.k)))
+    buf = _scratch(x.device, rows * p.k * elem)
+    for start in range(0, p.n, rows):
+        stop = min(p.n, start + rows)
+        w = buf[:(stop - start) * p.k * elem].view(x.dtype).view(stop - start, p.k)
+        gguf_dequant.dequantize(p, start=start, stop=stop, out=w)
+        if start == 0 and stop == p.n:
+            torch.mm(x, w.t(), out=out)
+        else:
+            out[:, start:stop] = x @ w.t()
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
+
+
+def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    if m:
+        kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
+        if kind == "gemv":
+            gguf_gemv.gemv(x2, p, bias, out, **cfg)
+        elif kind == "gemm":
+            gguf_gemm.gemm(x2, p, bias, out, **cfg)
+        else:
+            dequant_matmul(x2, p, bias, out)
+    return out.reshape(*lead, p.n)

@@ -1,0 +1,284 @@
+"""Every quantized-weight kernel on a real GPU, against the references.
+
+References: quant.dequantize (bit-exact against gguf-py) followed by a matmul; model/nf4's codec and
+bitsandbytes' own CUDA dequantization; the fp8 weight dequantized. Odd shapes (partial row tiles,
+K not a multiple of the tile), batch sizes across the GEMV / tensor-core GEMM / dequantize+cuBLAS
+boundaries, split-K, CUDA-graph capture and replay, and the memory the weights take.
+
+    python -m pytest -m gpu tests/test_kernels_gguf_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from devstral.kernels import fp8_kernels, gguf_dequant, gguf_gemm, gguf_gemv, gguf_linear, nf4_kernels
+from devstral.kernels.fp8_linear import FP8Linear
+from devstral.kernels.gguf_pack import pack, unpack
+from devstral.model.nf4 import NF4Linear, NF4Tensor, dequantize_nf4, quantize_nf4
+from devstral.quant import QType, dequantize
+from devstral.quant.layout import block_info
+from devstral.quant.linear import GGUFWeight, QuantLinear, fallback_notice
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytest.importorskip("triton")
+
+TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0]
+F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
+CUDA = torch.device("cuda")
+
+
+def blocks(qt: QType, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random valid blocks (any bit pattern is valid) with finite, realistically sized fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    bs, ts = block_info(qt)
+    raw = torch.randint(0, 256, (n * k // bs, ts), dtype=torch.uint8, generator=g)
+    for off in F16_FIELDS[qt]:
+        d = (torch.rand(raw.shape[0], generator=g) * 0.004 + 5e-4).to(torch.float16)
+        raw[:, off:off + 2] = d.view(torch.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def k_for(qt: QType, big: bool = False) -> int:
+    if qt == QType.Q8_0:
+        return 2336 if big else 736  # 73 and 23 blocks
+    return 2304 if big else 768  # 9 and 3 super-blocks
+
+
+def reference(raw, qt, n, k) -> torch.Tensor:
+    return dequantize(raw, qt, (n, k)).to(CUDA)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1.6e-2) -> None:
+    """bf16 outputs against an fp32 reference: elementwise to bf16 precision of the output's scale."""
+    ref = ref.float()
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_repack_on_the_gpu_round_trips(qt):
+    n, k = 257, k_for(qt)
+    raw = blocks(qt, n, k)
+    p = pack(raw.to(CUDA), qt, n, k, chunk_rows=100)
+    assert p.device.type == "cuda"
+    assert torch.equal(unpack(p).cpu(), raw)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dequantize_is_bit_exact(qt, dtype):
+    n, k = 333, k_for(qt, big=True)
+    raw = blocks(qt, n, k, seed=1)
+    p = pack(raw.to(CUDA), qt, n, k)
+    ref = dequantize(raw, qt, (n, k))
+    assert torch.equal(gguf_dequant.dequantize(p, dtype=dtype).cpu(), ref.to(dtype))
+    assert torch.equal(gguf_dequant.dequantize(p, start=5, stop=77, dtype=dtype).cpu(), ref[5:77].to(dtype))
+    idx = torch.tensor([0, 332, 7, 7, 100], device=CUDA)
+    assert torch.equal(gguf_dequant.dequantize(p, rows=idx, dtype=dtype).cpu(), ref[idx.cpu()].to(dtype))
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_gemv_matches_dequantize_then_matmul(qt, m):
+    n, k = 1029, k_for(qt, big=True)
+    raw = blocks(qt, n, k, seed=m)
+    p = pack(raw.to(CUDA), qt, n, k)
+    w = reference(raw, qt, n, k)
+    x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    ref = x.float() @ w.t()
+    bm = 1 if m == 1 else (2 if m == 2 else 4)
+    for cfg in (dict(bn=64, ns=8 if qt != QType.Q6_K else 16, split_k=1), dict(bn=16, ns=4, split_k=4),
+                dict(bn=32, ns=8, split_k=3)):
+        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+        gguf_gemv.gemv(x, p, bias, out, bm=bm, **cfg)
+        close(out, ref + bias.float())
+    close(gguf_linear.linear(x, p), ref)  # the dispatcher's own choice
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [5, 16, 33, 130])
+def test_tile_gemm_matches_dequantize_then_matmul(qt, m):
+    n, k = 515, k_for(qt, big=True)
+    raw = blocks(qt, n, k, seed=10 + m)
+    p = pack(raw.to(CUDA), qt, n, k)
+    w = reference(raw, qt, n, k)
+    x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+    ref = x.float() @ w.t()
+    bm = 16 if m <= 16 else 64
+    for cfg in (dict(bn=128, bm=bm, nsub=4, split_k=1), dict(bn=64, bm=bm, nsub=2, split_k=3)):
+        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+        gguf_gemm.gemm(x, p, None, out, **cfg)
+        close(out, ref)
+
+
+@pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q8_0], ids=lambda t: t.name)
+def test_large_batches_dequantize_into_bands_then_cublas(qt, monkeypatch):
+    n, k = 700, k_for(qt)
+    raw = blocks(qt, n, k, seed=3)
+    p = pack(raw.to(CUDA), qt, n, k)
+    w = reference(raw, qt, n, k)
+    x = torch.randn(1000, k, device=CUDA, dtype=torch.bfloat16)
+    monkeypatch.setenv("DEVSTRAL_DEQUANT_SCRATCH_MB", "0.5")  # bands of a few hundred rows
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    out = gguf_linear.linear(x, p, bias)
+    close(out, x.float() @ w.t() + bias.float())
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_quant_linear_on_cuda_matches_the_cpu_layer(qt):
+    n, k = 301, k_for(qt)
+    raw = blocks(qt, n, k, seed=4)
+    cpu = QuantLinear(raw, qt, n, k)
+    gpu = QuantLinear(raw.to(CUDA), qt, n, k)
+    assert gpu.weight_q.mode == "planar" and gpu.weight_q.nbytes() <= 1.03 * raw.numel()
+    for m in (1, 3, 7, 64, 700):
+        x = torch.randn(2, m, k)
+        close(gpu(x.to(CUDA, torch.bfloat16)), cpu(x.to(torch.bfloat16).float()).to(CUDA))
+
+
+def test_split_k_is_deterministic_and_graph_replays_agree():
+    qt, n, k = QType.Q4_K, 1024, 5120
+    layer = QuantLinear(blocks(qt, n, k, seed=5).to(CUDA), qt, n, k)
+    for m in (1, 3, 12):
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        eager = layer(x)
+        assert all(torch.equal(layer(x), eager) for _ in range(3))  # fixed split-K summation order
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static_x)  # warm up (compile) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x)
+        for _ in range(2):  # replays re-arm the split-K counters themselves
+            new = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+            static_x.copy_(new)
+            graph.replay()
+            assert torch.equal(static_out, layer(new))
+
+
+def test_embedding_lookup_and_dense_fallback_notice():
+    qt, n, k = QType.Q6_K, 500, 512
+    raw = blocks(qt, n, k, seed=6)
+    emb = GGUFWeight(raw.to(CUDA), qt, n, k, name="token_embd.weight")
+    ids = torch.tensor([[4, 499], [0, 4]], device=CUDA)
+    ref = dequantize(raw, qt, (n, k))[ids.cpu().reshape(-1)]
+    assert torch.equal(emb.lookup(ids, torch.bfloat16).cpu(), ref.to(torch.bfloat16))
+    # IQ4_XS has no kernel: dequantized once at load, and said so
+    iq = torch.randint(0, 256, (n, 136), dtype=torch.uint8)
+    iq[:, 0:2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+    model = torch.nn.Module()
+    model.lin = QuantLinear(iq.reshape(n, 136).to(CUDA), QType.IQ4_XS, n, 256, name="blk.0.ffn_down.weight")
+    assert model.lin.weight_q.mode == "dense"
+    x = torch.randn(3, 256, device=CUDA, dtype=torch.bfloat16)
+    close(model.lin(x), x.float() @ dequantize(iq, QType.IQ4_XS, (n, 256)).to(CUDA).t())
+    note = fallback_notice(model)
+    assert note is not None and "IQ4_XS" in note and "blk.0.ffn_down.weight" in note and "MiB" in note
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_nf4_kernels(dq):
+    w = torch.randn(1031, 1536, device=CUDA) * 0.05
+    t = quantize_nf4(w, double_quant=dq)
+    ref = dequantize_nf4(t)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(nf4_kernels.dequantize(t, dtype), ref.to(dtype))
+    odd = quantize_nf4(torch.randn(13, 70, device=CUDA), double_quant=dq)
+    assert torch.equal(nf4_kernels.dequantize(odd, torch.float32), dequantize_nf4(odd))
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, 1536, device=CUDA, dtype=torch.bfloat16)
+        for split in (1, 4):
+            out = torch.empty(m, 1031, device=CUDA, dtype=torch.bfloat16)
+            nf4_kernels.gemv(x, t, None, out, bn=32, ns=4, bm=1 if m == 1 else 4, split_k=split)
+            close(out, x.float() @ ref.t())
+    layer = NF4Linear(w, double_quant=dq)
+    for m in (1, 40):
+        x = torch.randn(m, 1536, device=CUDA, dtype=torch.bfloat16)
+        close(layer(x), x.float() @ dequantize_nf4(layer.nf4()).t())
+
+
+def test_nf4_matches_bitsandbytes_cuda():
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(512, 768, device=CUDA, dtype=torch.float32) * 0.05
+    try:
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"bitsandbytes has no CUDA backend here: {e}")
+    ours = NF4Tensor(q.reshape(-1), tuple(w.shape), None, state.absmax, state.state2.absmax, float(state.offset))
+    theirs = F.dequantize_4bit(q, state).float()
+    torch.testing.assert_close(nf4_kernels.dequantize(ours, torch.float32), theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_fp8_gemv_and_scaled_mm():
+    w = torch.randn(1040, 2048, device=CUDA) * 0.02
+    layer = FP8Linear(w)
+    deq = layer.dequantized_weight(torch.float32)
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, 2048, device=CUDA, dtype=torch.bfloat16)
+        for split in (1, 4):
+            out = torch.empty(m, 1040, device=CUDA, dtype=torch.bfloat16)
+            fp8_kernels.gemv(x, layer.weight_fp8, layer.weight_scale, None, out, bn=16, bk=512 // (1 if m == 1 else 4),
+                             bm=1 if m == 1 else (2 if m == 2 else 4), split_k=split)
+            close(out, x.float() @ deq.t())
+    x = torch.randn(256, 2048, device=CUDA, dtype=torch.bfloat16)
+    out = layer(x)
+    ref = x.float() @ deq.t()
+    # large batches also quantize the activations to e4m3 (3 mantissa bits): a few percent per element
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.06
+
+
+def test_gguf_model_on_cuda_matches_cpu_and_stays_near_file_size(tmp_path):
+    import devstral
+    from devstral.formats.gguf import export_gguf
+    from devstral.testing import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=512, hidden_dim=1536, n_layers=2, n_heads=8,
+                              n_kv_heads=2, head_dim=64)
+    path = export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
+    ids = list(range(1, 200))
+    cpu = devstral.load(path, device="cpu", dtype="fp32").logits(ids)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    llm = devstral.load(path, device="cuda")
+    quant_bytes = sum(m.nbytes() for m in llm.model.modules() if isinstance(m, GGUFWeight))
+    file_bytes = sum(m.file_bytes for m in llm.model.modules() if isinstance(m, GGUFWeight))
+    assert quant_bytes <= 1.03 * file_bytes
+    assert torch.cuda.memory_allocated() - before <= 1.05 * path.stat().st_size + (4 << 20)
+    gpu = llm.logits(ids).cpu()
+    assert ((gpu - cpu).norm() / cpu.norm()).item() < 0.03  # bf16 activations vs fp32
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item() > 0.9
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k", "fp8"])
+def test_quantize_on_load_on_cuda(tmp_path, kind):
+    import devstral
+    from devstral.testing import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", dim=512, hidden_dim=1536, n_layers=2, n_heads=8, n_kv_heads=2,
+                              head_dim=64)
+    ids = list(range(1, 100))
+    ref = devstral.load(ck, device="cuda").logits(ids)
+    got = devstral.load(ck, device="cuda", quantize_on_load=kind).logits(ids)
+    bound = {"q8_0": 0.03, "q4_k": 0.25, "fp8": 0.1}[kind]
+    assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+def test_gradients_flow_through_quantized_layers():
+    """The kernels have no backward: with autograd on, the layers take the dequantized path."""
+    qt, n, k = QType.Q4_K, 64, 512
+    raw = blocks(qt, n, k, seed=7)
+    layer = QuantLinear(raw.to(CUDA), qt, n, k)
+    x = torch.randn(3, k, device=CUDA, requires_grad=True)
+    layer(x).sum().backward()
+    w = dequantize(raw, qt, (n, k)).to(CUDA)
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+    fp8 = FP8Linear(torch.randn(64, 512, device=CUDA))
+    x.grad = None
+    fp8(x).sum().backward()
+    torch.testing.assert_close(x.grad, fp8.dequantized_weight().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,110 @@
+"""CPU checks of the GPU weight path: the planar repack is an exact bijection on the file's bytes and
+stays within budget, the CPU keeps the exact codecs, a loaded GGUF gives the logits transformers
+computes from the same file (gguf-py dequantization), and the kernel choice follows the batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from devstral.errors import DevstralError
+from devstral.kernels import gguf_config
+from devstral.kernels.gguf_pack import FORMATS, pack, packed_nbytes, unpack
+from devstral.quant import QType, dequantize, quantize
+from devstral.quant.layout import row_bytes
+from devstral.quant.linear import GGUFWeight, QuantLinear, cuda_kernels
+
+TYPES = sorted(FORMATS, key=lambda t: t.name)
+DEVSTRAL_SHAPES = [(4096, 5120), (1024, 5120), (5120, 4096), (32768, 5120), (5120, 32768), (131072, 5120)]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n,k", [(7, 512), (1, 256), (33, 1024)])
+def test_repack_round_trips_every_byte(qtype, n, k):
+    # any byte pattern is a valid block of these types, so random bytes exercise every field and bit
+    per_row = row_bytes(qtype, k)
+    raw = torch.randint(0, 256, (n, per_row), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
+    p = pack(raw, qtype, n, k, chunk_rows=3)  # bands of 3 rows, the last one partial
+    assert torch.equal(unpack(p), raw)
+    assert torch.equal(unpack(p, slice(2, min(n, 5))), raw[2:5])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_repacked_weights_stay_within_the_memory_budget(qtype):
+    for n, k in DEVSTRAL_SHAPES:
+        ratio = packed_nbytes(qtype, n, k) / (n * row_bytes(qtype, k))
+        assert 1.0 <= ratio <= 1.03, (qtype.name, n, k, ratio)
+
+
+def test_repack_errors_name_the_tensor():
+    with pytest.raises(DevstralError, match="blk.0.ffn_up.weight"):
+        pack(torch.zeros(100, dtype=torch.uint8), QType.Q4_K, 2, 256, name="blk.0.ffn_up.weight")
+    with pytest.raises(DevstralError, match="IQ4_XS"):
+        pack(torch.zeros(136, dtype=torch.uint8), QType.IQ4_XS, 1, 256, name="t")
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q6_K, QType.IQ4_XS], ids=lambda t: t.name)
+def test_cpu_keeps_the_file_blocks_and_the_exact_codecs(qtype):
+    w = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
+    raw = quantize(w, qtype) if qtype != QType.IQ4_XS else _iq4_xs_blocks(40, 256)
+    layer = QuantLinear(raw, qtype, 40, 256)
+    assert not cuda_kernels(torch.device("cpu"))
+    assert layer.weight_q.mode == "blocks" and torch.equal(layer.raw.reshape(-1), raw.reshape(-1))
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(2))
+    ref = dequantize(raw, qtype, (40, 256))
+    torch.testing.assert_close(layer(x), x @ ref.t(), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[3, 0], [39, 3]])
+    assert torch.equal(GGUFWeight(raw, qtype, 40, 256).lookup(ids, torch.float32), ref[ids.reshape(-1)])
+
+
+def _iq4_xs_blocks(n: int, k: int) -> torch.Tensor:
+    # IQ4_XS has no quantizer here; random bytes with a finite fp16 scale are valid blocks
+    raw = torch.randint(0, 256, (n * k // 256, 136), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    raw[:, 0:2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+    return raw.reshape(n, -1)
+
+
+def test_loaded_gguf_gives_the_logits_transformers_computes(tmp_path):
+    """Tied output head (it shares the embedding's store); the untied case is in test_gguf_interop."""
+    transformers = pytest.importorskip("transformers")
+    import devstral
+    from devstral.formats.gguf import export_gguf
+    from devstral.formats.gguf_model import QuantEmbedding
+    from devstral.testing import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=256, hidden_dim=512, n_layers=2, n_heads=4,
+                              n_kv_heads=2, head_dim=64, tie_embeddings=True)
+    export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
+    llm = devstral.load(tmp_path / "m.gguf", device="cpu", dtype="fp32")
+    assert isinstance(llm.model.model.embed_tokens, QuantEmbedding)
+    assert llm.model.lm_head.weight_q is llm.model.model.embed_tokens.weight_q  # one copy of the weight
+    ids = [1, 5, 9, 300, 17, 42, 7, 7, 120]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.logits(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choice_follows_the_batch_size():
+    kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120)[0] for m in (1, 2, 4, 5, 16, 512, 513, 8192)]
+    assert kinds == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    _, cfg = gguf_config.gguf_plan("Q4_K", 3, 4096, 5120)
+    assert cfg["bm"] == 4
+    # small N: K is split so that the few row tiles still fill the GPU
+    _, small = gguf_config.gguf_plan("Q4_K", 1, 1024, 5120)
+    _, big = gguf_config.gguf_plan("Q4_K", 1, 32768, 5120)
+    assert small["split_k"] > 1 and big["split_k"] == 1
+    assert gguf_config.nf4_plan(1, 4096, 4096)[0] == "gemv" and gguf_config.nf4_plan(64, 4096, 4096)[0] == "dequant"
+    assert gguf_config.fp8_plan(2, 4096, 4096)[0] == "gemv" and gguf_config.fp8_plan(64, 4096, 4096)[0] == "scaled_mm"
+
+
+def test_a_tuned_table_overrides_the_rules(tmp_path, monkeypatch):
+    table = {"thresholds": {"Q4_K": {"gemv_max_m": 2, "gemm_max_m": 64}},
+             "gguf_gemv": {"Q4_K|1|4096|5120": {"bn": 16, "ns": 4, "bm": 1, "split_k": 2, "num_warps": 8}}}
+    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
+    gguf_config.tuned_table.cache_clear()
+    try:
+        assert gguf_config.tuned_table("any")["thresholds"]["Q4_K"]["gemv_max_m"] == 2
+    finally:
+        gguf_config.tuned_table.cache_clear()
