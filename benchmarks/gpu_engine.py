@@ -4,6 +4,9 @@ history in the prefix cache. transformers' `generate` runs on the same weights i
 
     python benchmarks/gpu_engine.py --out $OUT/engine_h200.json          # Devstral-Small shape, bf16
     python benchmarks/gpu_engine.py --shape tiny --device cpu --runs 1   # smoke test of the script
+    python benchmarks/gpu_engine.py --gguf /tmp/q4km.gguf --out $OUT/engine_q4km_h200.json
+                                  # the same targets on a GGUF's quantized weights (issue 11), plus the
+                                  # GPU memory of the loaded weights against the file's tensor bytes
 
 Each figure is the median of --runs runs. Rooflines: decode reads every weight but the embedding
 table once per step, plus the KV cache of the context; prefill is counted at 2 FLOPs per weight
@@ -74,6 +77,26 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_tok_s": len(seqs) * (new_tokens - 1) / (t2 - t1)}
 
 
+def load_gguf(path: Path, device: torch.device):
+    """The GGUF's model on the device (weights kept quantized), the bytes a decode step reads (every
+    tensor but the token embedding, which is a lookup), and its GPU memory against the file."""
+    from devstral.formats.gguf_model import load_gguf_model
+    from devstral.formats.gguf_read import GGUFFile
+
+    g = GGUFFile(path)
+    tensor_bytes = {name: int(g.info(name).nbytes) for name in g.tensor_names}
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    model, cfg, _ = load_gguf_model(path, device=device)
+    loaded = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else None
+    read = sum(n for name, n in tensor_bytes.items() if name != "token_embd.weight")
+    if "output.weight" not in tensor_bytes:  # tied head: the embedding is read once per step after all
+        read += tensor_bytes.get("token_embd.weight", 0)
+    total = sum(tensor_bytes.values())
+    memory = {"file_tensor_bytes": total, "gpu_bytes_after_load": loaded,
+              "ratio_to_file": loaded / total if loaded else None}
+    return model, cfg, read, memory
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -92,6 +115,10 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--speculative", default="off", choices=["off", "lookup"],
+                    help="off (default) measures plain decode; random weights make lookup's drafts meaningless")
+    ap.add_argument("--gguf", type=Path, help="measure this GGUF's weights (kept quantized) instead of random bf16")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: long,streams,agent")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.shape == "tiny":  # a smoke test of the script itself
@@ -99,13 +126,19 @@ def main() -> None:
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig(**SHAPES[a.shape])
+    skip = set(filter(None, a.skip.split(",")))
     bandwidth, tflops = measure_bandwidth(device), matmul_tflops(device)
-    model = random_model(cfg, device, dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    read_per_step = weight_bytes - model.model.embed_tokens.weight.nbytes  # the embedding is a lookup
+    memory: dict = {}
+    if a.gguf is not None:
+        model, cfg, read_per_step, memory = load_gguf(a.gguf, device)
+        a.no_hf = True  # transformers has no quantized-GGUF path to compare on the GPU
+    else:
+        cfg = ModelConfig(**SHAPES[a.shape])
+        model = random_model(cfg, device, dtype)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        read_per_step = weight_bytes - model.model.embed_tokens.weight.nbytes  # the embedding is a lookup
     ec = EngineConfig(max_context=a.long + a.new_tokens + 64, max_num_seqs=a.streams, kv_cache_dtype=a.kv_cache_dtype,
-                      cuda_graphs=not a.no_graphs)
+                      cuda_graphs=not a.no_graphs, speculative=a.speculative)
     t = time.perf_counter()
     llm = LLM(model, cfg, NullTokenizer(cfg.vocab_size), engine_config=ec)
     engine = llm.engine
@@ -128,7 +161,7 @@ def main() -> None:
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2)}
     # 2. prefill at 8k, and 3. at the long context, followed by decode there
     for name, n in (("8k", 8192), ("long", a.long)):
-        if n + a.new_tokens > engine.max_context:
+        if n + a.new_tokens > engine.max_context or (name == "long" and "long" in skip):
             continue
         r = [run(engine, [prompt(n, cfg.vocab_size, 100 + i)], a.new_tokens) for i in range(a.runs)]
         res[f"prefill_{name}"] = {"tokens": n, "tok_s": median([n / x["prefill_s"] for x in r]),
@@ -137,21 +170,33 @@ def main() -> None:
             res["decode_b1_long"] = {"context": n, "tok_s": median([x["decode_tok_s"] for x in r]),
                                      "runs": [x["decode_tok_s"] for x in r], "limit_tok_s": decode_limit(n)}
     # 4. many concurrent streams
-    r = [run(engine, [prompt(a.stream_context - a.new_tokens, cfg.vocab_size, 1000 * i + j) for j in range(a.streams)],
-             a.new_tokens) for i in range(a.runs)]
-    res["streams"] = {"streams": a.streams, "context": a.stream_context,
-                      "aggregate_decode_tok_s": median([x["decode_tok_s"] for x in r]),
-                      "runs": [x["decode_tok_s"] for x in r]}
+    r = [] if "streams" in skip else [
+        run(engine, [prompt(a.stream_context - a.new_tokens, cfg.vocab_size, 1000 * i + j) for j in range(a.streams)],
+            a.new_tokens) for i in range(a.runs)]
+    if r:
+        res["streams"] = {"streams": a.streams, "context": a.stream_context,
+                          "aggregate_decode_tok_s": median([x["decode_tok_s"] for x in r]),
+                          "runs": [x["decode_tok_s"] for x in r]}
     # 5. an agent turn: the history is cached, the new turn adds agent_new tokens
-    history = prompt(a.agent_prefix, cfg.vocab_size, 7)
+    if "agent" not in skip:
+        agent_turn(engine, a, res)
+    finish(a, cfg, dtype, engine, device, bandwidth, tflops, read_per_step, setup_s, memory, model, res)
+
+
+def agent_turn(engine, a, res: dict) -> None:
+    vocab = engine.runner.model.config.vocab_size
+    history = prompt(a.agent_prefix, vocab, 7)
     run(engine, [history], 1)
     ttft = []
     for i in range(a.runs + 2):
-        turn = history + prompt(a.agent_new + 1, cfg.vocab_size, 500 + i)[1:]
+        turn = history + prompt(a.agent_new + 1, vocab, 500 + i)[1:]
         x = run(engine, [turn], 2)
         ttft.append(x["ttft_s"][0])
     res["agent_turn"] = {"prefix": a.agent_prefix, "new": a.agent_new, "ttft_ms": median(ttft) * 1e3,
                          "runs_ms": [t * 1e3 for t in ttft], "prefix_cache_hit_rate": engine.blocks.stats.hit_rate}
+
+
+def finish(a, cfg, dtype, engine, device, bandwidth, tflops, read_per_step, setup_s, memory, model, res) -> None:
     for key in ("decode_b1_ctx512", "decode_b1_long"):
         if key in res and res[key]["limit_tok_s"]:
             res[key]["fraction_of_limit"] = res[key]["tok_s"] / res[key]["limit_tok_s"]
@@ -160,8 +205,9 @@ def main() -> None:
             res[key]["fraction_of_peak"] = res[key]["tok_s"] / res[key]["limit_tok_s"]
 
     out = {
-        "benchmark": "gpu_engine", "shape": a.shape, "params": cfg.n_params, "dtype": str(dtype).removeprefix("torch."),
-        "kv_cache": engine.kind, "cuda_graphs": engine.runner.graphs is not None, "runs": a.runs,
+        "benchmark": "gpu_engine", "shape": a.shape if a.gguf is None else f"gguf:{a.gguf.name}",
+        "weights_memory": memory, "params": cfg.n_params, "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache": engine.kind, "speculative": a.speculative, "cuda_graphs": engine.runner.graphs is not None, "runs": a.runs,
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
                     "host_cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -40,11 +40,18 @@ def test_cuda_bf16_paged_matches_cpu_fp32(ckpts, arch, record_property):
     gpu = devstral.load(ckpts[arch], device="cuda", kv_cache_dtype="bf16", prefix_caching=False)
     x = ids(300)
     ref = cpu.logits(x)
+    # bf16's own rounding sets the scale: transformers in bf16 on this GPU, against the same fp32 reference
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpts[arch], dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        hf_err = rel(hf(torch.tensor([x], device="cuda")).logits[0].float().cpu(), ref)
+    record_property(f"{arch}_transformers_bf16_rel_err", hf_err)
+    del hf
     for chunk in (1, 37, None):
         paged = gpu.engine.teacher_forced_logits(x, chunk=chunk).cpu()
         err = rel(paged, ref)
         record_property(f"{arch}_chunk{chunk}_rel_err", err)
-        assert err < 2.5e-2, (chunk, err)
+        assert err < max(1.5 * hf_err, 1e-2), (chunk, err, hf_err)
         assert (paged.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 

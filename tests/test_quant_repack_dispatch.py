@@ -75,7 +75,7 @@ def test_loaded_gguf_gives_the_logits_transformers_computes(tmp_path):
     ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=256, hidden_dim=512, n_layers=2, n_heads=4,
                               n_kv_heads=2, head_dim=64, tie_embeddings=True)
     export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
-    llm = devstral.load(tmp_path / "m.gguf", device="cpu", dtype="fp32")
+    llm = devstral.load(tmp_path / "m.gguf", device="cpu", dtype="fp32", backend="torch")
     assert isinstance(llm.model.model.embed_tokens, QuantEmbedding)
     assert llm.model.lm_head.weight_q is llm.model.model.embed_tokens.weight_q  # one copy of the weight
     ids = [1, 5, 9, 300, 17, 42, 7, 7, 120]

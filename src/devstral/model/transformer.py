@@ -6,8 +6,9 @@ Module names mirror transformers' MistralForCausalLM (`model.layers.N.self_attn.
 Activations are token-major: [B, T, heads, head_dim]. Training passes whole sequences and a mask;
 inference passes the engine's flattened batch ([1, N] tokens from many sequences) with a `cache`,
 which stores the new keys/values and runs the attention over the paged KV cache (engine/attention.py).
-The elementwise pieces (RMSNorm, RoPE, SwiGLU) go through `devstral.kernels`, which runs Triton on
-CUDA at inference and the plain-PyTorch reference everywhere else.
+The elementwise pieces (RMSNorm, RoPE, SwiGLU) and the decode-sized matmuls go through
+`devstral.kernels`, which runs Triton on CUDA at inference (the matmuls only where a measured table
+says it beats cuBLAS) and the plain-PyTorch reference everywhere else.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from devstral.config import ModelConfig
+from devstral.kernels.gemv import linear, run_linear
 from devstral.kernels.rms_norm import add_rms_norm, rms_norm
 from devstral.kernels.rope import apply_rope
 from devstral.kernels.silu_mul import silu_mul
@@ -80,7 +82,7 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_weight is not None and not torch.is_grad_enabled():
-            qkv = F.linear(x, self.qkv_weight)
+            qkv = linear(x, self.qkv_weight)
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -97,7 +99,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, enable_gqa=True).transpose(1, 2)
-        return self.o_proj(out.reshape(B, T, -1))
+        return run_linear(self.o_proj, out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -115,10 +117,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up))
+        return run_linear(self.down_proj, silu_mul(gate, up))
 
 
 class Block(nn.Module):
@@ -182,7 +184,7 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab], or only at the token indices `select` [S] -> [B, S, vocab] (the engine
         needs logits only where a sequence samples its next token)."""
         h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask)
-        return self.lm_head(h if select is None else h[:, select])
+        return run_linear(self.lm_head, h if select is None else h[:, select])
 
     def fuse_projections(self) -> None:
         """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""
