@@ -52,8 +52,11 @@ def test_truncation_matches_reference(seed, temperature, top_k, top_p, min_p):
     out = Sampler(params).truncate(torch.from_numpy(logits) / temperature)
     ours = set(torch.nonzero(torch.isfinite(out)).flatten().tolist())
     ref = reference_allowed(logits.astype(np.float64), temperature, top_k, top_p, min_p)
-    # Float ties at the top-p boundary can differ by one token; everything else must agree exactly.
-    assert ours == ref or len(ours ^ ref) == 1
+    # Float ties at the top-p boundary can differ by one token, and a top-p within float32's epsilon of 1
+    # may drop a tail whose whole mass float32 cannot represent; everything else must agree exactly.
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert ours == ref or len(ours ^ ref) == 1 or (ours <= ref and probs[sorted(ref - ours)].sum() < 1e-6)
 
 
 def test_empirical_distribution_follows_tempered_softmax():
