@@ -37,8 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from devstral.kernels import fp8_kernels, gguf_dequant, gguf_gemm, gguf_gemv, gguf_linear, nf4_kernels  # noqa: E402
-from devstral.kernels.gguf_config import GEMV_NS, split_k  # noqa: E402
+from devstral.kernels import (  # noqa: E402
+    fp8_kernels,
+    gguf_dequant,
+    gguf_gemm,
+    gguf_gemv,
+    gguf_idot,
+    gguf_linear,
+    nf4_kernels,
+)
+from devstral.kernels.gguf_config import GEMV_NS, IDOT_NS, IDOT_TYPES, idot_bm, split_k  # noqa: E402
 from devstral.kernels.gguf_pack import pack  # noqa: E402
 from devstral.model.nf4 import quantize_nf4  # noqa: E402
 from devstral.quant import QType  # noqa: E402
@@ -50,6 +58,7 @@ GGUF_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q5_K"]
 TYPE_SHAPES = {"Q5_K": ["attn_q", "ffn_gate_up", "ffn_down"]}
 BIG_M_SHAPES = ["attn_q", "ffn_gate_up", "ffn_down"]  # the output head never sees a big batch
 GEMV_MS = [1, 2, 3, 4]
+IDOT_MS = [1, 2, 3, 4, 8]
 BIG_MS = [4, 8, 16, 64, 256, 1024, 4096]
 F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 L2_FLUSH_BYTES = 256 << 20  # replicas of a weight until they span this: no L2 hits across calls
@@ -222,6 +231,22 @@ def candidates(g: Group, quick: bool, sms: int) -> list[Cand]:
                 splits = sorted({base, min(16, base * 2), max(1, base // 2)}) if m == 1 and not quick else [base]
                 for s in splits:
                     out.append(Cand("gemv", m, _cfg(bn=bn, ns=ns, bm=bm, split_k=s, num_warps=nw)))
+        if g.fmt in IDOT_TYPES:
+            ns1 = IDOT_NS[g.fmt]
+            for m in IDOT_MS:
+                bm = idot_bm(m)
+                if m == 1:
+                    opts = [(64, ns1, 4)] if quick else [(32, ns1, 4), (64, ns1, 4), (64, ns1 // 2, 4), (128, ns1 // 2, 4),
+                                                         (128, ns1, 8)]
+                else:
+                    opts = [(64 if bm <= 2 else 32, max(1, ns1 // (1 if bm <= 2 else 2)), 4)]
+                    if not quick:
+                        opts.append((32 if bm <= 2 else 16, max(1, ns1 // (1 if bm <= 2 else 2)), 4))
+                for bn, ns_, nw in opts:
+                    base = split_k(-(-n // bn), k // (sb * ns_), sms)
+                    splits = sorted({base, min(16, base * 2), max(1, base // 2)}) if m == 1 and not quick else [base]
+                    for s_ in splits:
+                        out.append(Cand("idot", m, _cfg(bn=bn, ns=ns_, bm=bm, split_k=s_, num_warps=nw)))
         if g.shape in BIG_M_SHAPES:
             for m in BIG_MS:
                 bm = 16 if m <= 16 else 64 if m <= 64 else 128
@@ -261,6 +286,8 @@ def runner(g: Group, c: Cand, x: torch.Tensor, out: torch.Tensor):
     r = len(ws)
     if c.kind == "gemv":
         return lambda i: gguf_gemv.gemv(x, ws[i % r], None, out, **cfg)
+    if c.kind == "idot":
+        return lambda i: gguf_idot.gemv(x, ws[i % r], None, out, **cfg)
     if c.kind == "gemm":
         return lambda i: gguf_gemm.gemm(x, ws[i % r], None, out, **cfg)
     if c.kind == "dequant_cublas":
@@ -317,7 +344,8 @@ def run(args, groups: list[Group], peaks: dict, sms: int, dry: bool, shard: tupl
                 refs[c.m] = x.float() @ g.reference_weight().t()
             ref = refs[c.m]
             rel = ((out.float() - ref).norm() / ref.norm()).item()
-            tol = 0.05 if c.kind == "fp8_scaled_mm" else 5e-3  # that path also quantizes the activations
+            # fp8_scaled_mm and idot also quantize the activations (to fp8 and int8)
+            tol = 0.05 if c.kind == "fp8_scaled_mm" else 1.5e-2 if c.kind == "idot" else 5e-3
             one = eager_us(fn)
             us = time_graph(fn, calls_for(one, len(g.weights)))
             nbytes, flops = bytes_flops(g, c)
@@ -375,12 +403,17 @@ def best_rows(rows: list[dict]) -> dict:
 
 def thresholds_and_tuned(rows: list[dict], device: str) -> dict:
     best = best_rows(rows)
-    tuned: dict = {"device": device, "thresholds": {}, "gguf_gemv": {}, "gguf_gemm": {}, "nf4_gemv": {},
-                   "fp8_gemv": {}}
+    tuned: dict = {"device": device, "thresholds": {}, "kinds": {}, "gguf_gemv": {}, "gguf_idot": {}, "gguf_gemm": {},
+                   "nf4_gemv": {}, "fp8_gemv": {}}
     for (fmt, _shape, m, kind), r in best.items():
         cfg = r["config"]
         if kind == "gemv":
             tuned["gguf_gemv"][f"{fmt}|{cfg['bm']}|{r['n']}|{r['k']}"] = cfg
+        elif kind == "idot":
+            key = f"{fmt}|{cfg['bm']}|{r['n']}|{r['k']}"
+            prev = tuned["gguf_idot"].get(key)  # bucket bm serves several M: keep the largest M's config
+            if prev is None or m >= prev.get("_m", 0):
+                tuned["gguf_idot"][key] = {**cfg, "_m": m}
         elif kind == "gemm":
             key = f"{fmt}|{cfg['bm']}|{r['n']}|{r['k']}"
             # a bm bucket serves several M: keep the config measured at the bucket's largest M
@@ -391,7 +424,7 @@ def thresholds_and_tuned(rows: list[dict], device: str) -> dict:
             tuned["nf4_gemv"][f"NF4|{cfg['bm']}|{r['n']}|{r['k']}"] = cfg
         elif kind == "fp8_gemv":
             tuned["fp8_gemv"][f"FP8|{cfg['bm']}|{r['n']}|{r['k']}"] = cfg
-    for cfg in tuned["gguf_gemm"].values():
+    for cfg in [*tuned["gguf_gemm"].values(), *tuned["gguf_idot"].values()]:
         cfg.pop("_m", None)
     for fmt in {k[0] for k in best}:
         per_m: dict[int, dict[str, float]] = {}
@@ -400,6 +433,13 @@ def thresholds_and_tuned(rows: list[dict], device: str) -> dict:
                 per_m.setdefault(m, {}).setdefault(kind, 0.0)
                 per_m[m][kind] += r["us"]
         if fmt in GGUF_TYPES:
+            # the fastest path per M, over the shapes where every path was measured at that M
+            for m, t in per_m.items():
+                shapes = {kind: {sh for (f, sh, mm, kk) in best if f == fmt and mm == m and kk == kind
+                                 and sh in BIG_M_SHAPES} for kind in t}
+                full = [kind for kind in t if shapes[kind] == set(BIG_M_SHAPES)]
+                if full:
+                    tuned["kinds"].setdefault(fmt, {})[str(m)] = min(full, key=lambda kind: t[kind])
             gemv_max = 1
             for m in sorted(per_m):
                 t = per_m[m]
@@ -415,6 +455,15 @@ def thresholds_and_tuned(rows: list[dict], device: str) -> dict:
                 else:
                     break
             tuned["thresholds"][fmt] = {"gemv_max_m": gemv_max, "gemm_max_m": gemm_max}
+            if fmt in IDOT_TYPES:  # idot serves every M up to the first where another path beats it
+                idot_max = 0
+                for m in sorted(per_m):
+                    t = per_m[m]
+                    if "idot" in t and all(t["idot"] <= v for kk, v in t.items() if kk != "idot"):
+                        idot_max = m
+                    elif "idot" in t:
+                        break
+                tuned["thresholds"][fmt]["idot_max_m"] = idot_max
     return tuned
 
 
@@ -423,8 +472,8 @@ def decode_estimate(rows: list[dict], layers: int = 40) -> dict:
     best = best_rows(rows)
 
     def t(fmt: str, shape: str) -> float | None:
-        r = best.get((fmt, shape, 1, "gemv"))
-        return None if r is None else r["us"]
+        times = [best[key]["us"] for kind in ("gemv", "idot") if (key := (fmt, shape, 1, kind)) in best]
+        return min(times) if times else None
 
     out = {}
     # Q4_K_M as llama.cpp mixes it (and as ../shared/peers/mk_devstral_shape_gguf.py writes it):

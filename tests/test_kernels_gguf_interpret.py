@@ -26,6 +26,7 @@ from devstral.quant import QType, dequantize  # noqa: E402
 N = 19
 K = {QType.Q4_K: 768, QType.Q5_K: 256, QType.Q6_K: 256, QType.Q8_0: 160}
 TYPES = list(K)
+IDOT = (QType.Q4_K, QType.Q6_K, QType.Q8_0)  # the integer-dot GEMV's types
 
 
 F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
@@ -44,6 +45,16 @@ def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor
     return raw.reshape(n, -1)
 
 
+def int8_exact(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """bf16 activations that int8 quantization per 16 or 32 values represents exactly: integers in
+    [-127, 127] times a power of two per 32 values, each run of 16 holding a +-127. The integer-dot
+    GEMV (gguf_idot.py) must then give x @ W^T to fp32 accuracy."""
+    q = torch.randint(-127, 128, (m, k // 16, 16), generator=g)
+    q[:, :, 0] = 127 * (torch.randint(0, 2, (m, k // 16), generator=g) * 2 - 1)
+    scale = 2.0 ** torch.randint(-12, -4, (m, k // 32, 1, 1), generator=g)  # one per 32: both sub-block sizes
+    return (q.reshape(m, k // 32, 2, 16) * scale).reshape(m, k).to(torch.bfloat16)
+
+
 def _run_cases(out_path: str) -> None:
     """Executed in the subprocess, under the interpreter."""
     from devstral.kernels import fp8_kernels, gguf_dequant, gguf_gemm, gguf_gemv, gguf_linear, nf4_kernels
@@ -56,11 +67,22 @@ def _run_cases(out_path: str) -> None:
         raw = random_blocks(qt, N, k, g)
         p = pack(raw, qt, N, k)
         xs = {m: torch.randn(m, k, generator=g).to(torch.bfloat16) for m in (1, 3, 6)}
+        xs[1] = int8_exact(1, k, g)
         bias = torch.randn(N, generator=g)
         r = {"raw": raw, "x": xs, "bias": bias}
+        f32 = torch.float32
+        if qt in IDOT:
+            from devstral.kernels import gguf_idot
+
+            xe = {m: int8_exact(m, k, g) for m in (3, 6)}
+            r["x_exact"] = xe
+            r["idot1"] = gguf_idot.gemv(xs[1], p, bias, torch.empty(1, N, dtype=f32), bn=16, ns=2, bm=1, split_k=3)
+            r["idot3"] = gguf_idot.gemv(xe[3], p, None, torch.empty(3, N, dtype=f32), bn=16, ns=1, bm=4, split_k=1)
+            r["idot6"] = gguf_idot.gemv(xe[6], p, bias, torch.empty(6, N, dtype=f32), bn=32, ns=2, bm=8, split_k=2)
+            r["idot_rand"] = gguf_idot.gemv(xs[3], p, None, torch.empty(3, N, dtype=f32), bn=16, ns=2, bm=4,
+                                            split_k=1)
         r["dequant"] = gguf_dequant.dequantize(p, dtype=torch.float32, bn=16, nsub=3)
         r["rows"] = gguf_dequant.dequantize(p, rows=torch.tensor([3, 0, 18, 3]), dtype=torch.float32)
-        f32 = torch.float32
         # split-K 3 over 3 (Q4_K), 2 (Q5_K, Q6_K) or 1 (Q8_0) tiles: uneven and empty splits
         r["gemv1"] = gguf_gemv.gemv(xs[1], p, bias, torch.empty(1, N, dtype=f32), bn=16, ns=8, bm=1, split_k=3)
         r["gemv3"] = gguf_gemv.gemv(xs[3], p, None, torch.empty(3, N, dtype=f32), bn=16, ns=8, bm=4, split_k=1)
@@ -111,6 +133,27 @@ def test_gguf_kernels_match_dequantize(results, qtype):
     _close(r["gemv3"], x[3] @ w.t())
     _close(r["gemm6"], x[6] @ w.t() + r["bias"])
     _close(r["linear1"], x[1] @ w.t())
+
+
+@pytest.mark.parametrize("qtype", IDOT, ids=lambda t: t.name)
+def test_integer_dot_gemv_is_exact_where_int8_activations_are(results, qtype):
+    """Activations that int8 per sub-block represents exactly: the integer-dot GEMV equals x @ W^T
+    (uneven split-K, partial row tiles, 1, 3 and 6 rows in tiles of 1, 4 and 8, a bias)."""
+    r = results[qtype.name]
+    w = dequantize(r["raw"], qtype, (N, K[qtype]))
+    _close(r["idot1"], r["x"][1].float() @ w.t() + r["bias"])
+    _close(r["idot3"], r["x_exact"][3].float() @ w.t())
+    _close(r["idot6"], r["x_exact"][6].float() @ w.t() + r["bias"])
+
+
+@pytest.mark.parametrize("qtype", IDOT, ids=lambda t: t.name)
+def test_integer_dot_gemv_on_any_activations_is_int8_close(results, qtype):
+    """Random activations: the int8 rounding (half a step of amax/127 per value) is the only error."""
+    r = results[qtype.name]
+    w = dequantize(r["raw"], qtype, (N, K[qtype]))
+    ref = r["x"][3].float() @ w.t()
+    rel = float((r["idot_rand"] - ref).norm() / ref.norm())
+    assert 1e-5 < rel < 1.5e-2, rel  # not exact (it rounds), and not worse than int8 rounding allows
 
 
 @pytest.mark.parametrize("dq", [False, True])

@@ -86,8 +86,9 @@ def test_loaded_gguf_gives_the_logits_transformers_computes(tmp_path):
 
 
 def test_kernel_choice_follows_the_batch_size():
-    kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120)[0] for m in (1, 2, 4, 5, 16, 512, 513, 8192)]
-    assert kinds == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120)[0] for m in (1, 2, 4, 8, 9, 16, 512, 513, 8192)]
+    assert kinds == ["gemv"] + ["idot"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    assert gguf_config.gguf_plan("Q5_K", 2, 4096, 5120)[0] == "gemv"  # no integer-dot kernel for Q5_K
     _, cfg = gguf_config.gguf_plan("Q4_K", 3, 4096, 5120)
     assert cfg["bm"] == 4
     # small N: K is split so that the few row tiles still fill the GPU
@@ -96,6 +97,23 @@ def test_kernel_choice_follows_the_batch_size():
     assert small["split_k"] > 1 and big["split_k"] == 1
     assert gguf_config.nf4_plan(1, 4096, 4096)[0] == "gemv" and gguf_config.nf4_plan(64, 4096, 4096)[0] == "dequant"
     assert gguf_config.fp8_plan(2, 4096, 4096)[0] == "gemv" and gguf_config.fp8_plan(64, 4096, 4096)[0] == "scaled_mm"
+
+
+def test_measured_kinds_pick_the_path_by_the_next_measured_batch_size(tmp_path, monkeypatch):
+    table = {"kinds": {"Q4_K": {"1": "gemv", "2": "idot", "4": "gemv", "8": "dequant_cublas", "64": "gemm"}}}
+    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
+    gguf_config.tuned_table.cache_clear()
+    try:
+        dev = torch.device("cuda")
+        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
+        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
+        kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev)[0] for m in (1, 2, 3, 5, 9, 64, 65)]
+        assert kinds == ["gemv", "idot", "gemv", "dequant", "gemm", "gemm", "dequant"]
+        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+        assert gguf_config.gguf_plan("Q4_K", 2, 4096, 5120, dev)[0] == "gemv"
+    finally:
+        gguf_config.tuned_table.cache_clear()
 
 
 def test_a_tuned_table_overrides_the_rules(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """Which kernel and which launch configuration for a quantized matmul of a given shape.
 
-Three paths, by the number of activation rows M:
+Four paths, by the number of activation rows M:
+  idot     M <= 8                Q4_K/Q6_K/Q8_0: int8 activations, dp4a on the packed weights (gguf_idot.py)
   gemv     M <= gemv_max_m       CUDA-core fused dequantize-GEMV (reads each weight byte once)
   gemm     M <= gemm_max_m       tensor-core GEMM that dequantizes tiles in registers
   dequant  larger M              dequantize a band of rows into a reused bf16 scratch, then cuBLAS
 
-Launch configs come from a tuned table when one matches the device and the exact shape
+A tuned table's "kinds" (per type: the fastest path at each measured M) decides the path when present;
+otherwise the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
 (benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
 point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
 arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
@@ -26,6 +28,10 @@ DEFAULT_THRESHOLDS = {"gemv_max_m": 4, "gemm_max_m": 512}
 # sub-blocks per GEMV tile: 256 weights of a row per iteration
 GEMV_NS = {"Q4_K": 8, "Q5_K": 8, "Q6_K": 16, "Q8_0": 8}
 GEMM_NSUB = {"Q4_K": 4, "Q5_K": 4, "Q6_K": 8, "Q8_0": 4}
+# integer-dot GEMV (gguf_idot.py): the types it reads, the rows it serves, sub-blocks per tile at M <= 2
+IDOT_TYPES = ("Q4_K", "Q6_K", "Q8_0")
+IDOT_MAX_M = 8
+IDOT_NS = {"Q4_K": 8, "Q6_K": 16, "Q8_0": 4}
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
@@ -74,12 +80,49 @@ def gemv_bm(m: int) -> int:
     return 1 if m == 1 else (2 if m == 2 else 4)
 
 
+def idot_bm(m: int) -> int:
+    return m if m <= 2 else (4 if m <= 4 else 8)
+
+
+def measured_kind(table: dict, qtype: str, m: int) -> str | None:
+    """The fastest path the benchmark measured for this type at the smallest measured M >= m (summed
+    over the model's matrix shapes), or None when the table has no per-M entry for the type."""
+    kinds = table.get("kinds", {}).get(qtype)
+    if not kinds:
+        return None
+    bucket = next((b for b in sorted(int(key) for key in kinds) if b >= m), None)
+    kind = "dequant" if bucket is None else kinds[str(bucket)]
+    return "dequant" if kind == "dequant_cublas" else kind
+
+
+def default_kind(qtype: str, m: int, limits: dict) -> str:
+    # Measured on an H200 (benchmarks/results/quant_kernels_h200.json): the integer-dot GEMV wins for
+    # Q6_K up to 8 rows and for Q4_K from 2 rows; the float GEMV for Q4_K and Q8_0 at one row.
+    if m <= IDOT_MAX_M and (qtype == "Q6_K" or (qtype == "Q4_K" and m >= 2)):
+        return "idot"
+    if m <= limits["gemv_max_m"]:
+        return "gemv"
+    return "gemm" if m <= limits["gemm_max_m"] else "dequant"
+
+
 def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
     table = _tuned(device)
     limits = {**DEFAULT_THRESHOLDS, **table.get("thresholds", {}).get(qtype, {})}
     sms = sm_count(device) if device is not None and device.type == "cuda" else 132
     sb = 16 if qtype == "Q6_K" else 32
-    if m <= limits["gemv_max_m"]:
+    kind = measured_kind(table, qtype, m) or default_kind(qtype, m, limits)
+    if kind == "idot" and (qtype not in IDOT_TYPES or m > IDOT_MAX_M or os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")):
+        kind = "gemv"
+    if kind == "idot":
+        bm = idot_bm(m)
+        hit = table.get("gguf_idot", {}).get(f"{qtype}|{bm}|{n}|{k}")
+        if hit:
+            return "idot", dict(hit)
+        bn = 64 if bm <= 2 else 32
+        ns = max(1, IDOT_NS[qtype] // (1 if bm <= 2 else 2))
+        tiles = -(-n // bn)
+        return "idot", dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (sb * ns), sms), num_warps=4)
+    if kind == "gemv":
         bm = gemv_bm(m)
         hit = table.get("gguf_gemv", {}).get(f"{qtype}|{bm}|{n}|{k}")
         if hit:
@@ -88,7 +131,7 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
         bn = 64 if bm == 1 else 32
         tiles = -(-n // bn) * -(-m // bm)
         return "gemv", dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (sb * ns), sms), num_warps=4)
-    if m <= limits["gemm_max_m"]:
+    if kind == "gemm":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
         hit = table.get("gguf_gemm", {}).get(f"{qtype}|{bm}|{n}|{k}")
         if hit:
