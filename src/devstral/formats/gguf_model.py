@@ -58,7 +58,7 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device, cfg: ModelCon
     (an F16 GGUF of a 24B model must not become 96 GB of fp32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    from devstral.loader import resolve_dtype
+    from devstral.devices import resolve_dtype
 
     return resolve_dtype(dtype, device, cfg)
 

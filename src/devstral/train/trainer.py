@@ -127,8 +127,9 @@ class Progress:
 
 def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.config import ModelConfig
+    from devstral.devices import resolve_device
     from devstral.formats.peft import AdapterConfig, save_adapter
-    from devstral.loader import resolve_device, resolve_model
+    from devstral.loader import resolve_model
     from devstral.model.lora import inject_lora, lora_modules, parse_targets, trainable_parameters
     from devstral.prompt.tokenizer import load_tokenizer
     from devstral.train.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
