@@ -27,7 +27,10 @@ from devstral.cli import main
 from devstral.errors import DevstralError
 
 # --mode auto runs in the sandbox where there is one; these tests are about HTTP, not confinement.
-SANDBOX = [] if detect().available else ["--no-sandbox"]
+# The scripted commands run this interpreter: show its environment to the sandbox, as a user shows a
+# virtualenv that lives outside the workspace (a clone under /tmp would otherwise be hidden).
+SANDBOX = (["--allow-read", sys.prefix, "--allow-read", sys.base_prefix] if detect().available
+           else ["--no-sandbox"])
 
 
 def free_port() -> int:
