@@ -143,3 +143,23 @@ def test_sampling_with_speculation_matches_plain_sampling(tiny_hf):
         table = np.stack([counts["off"][k], counts["lookup"][k]])
         table = table[:, table.sum(0) >= 10]
         assert contingency_p(table) > 1e-3
+
+
+def test_drafting_waits_when_a_verify_step_costs_more_than_drafts_return():
+    """With the measured cost of a verify step above what the expected kept drafts return, a sequence
+    drafts only on every PROBE_EVERY-th step; with no measurement, or a cheap verify, as before."""
+    from devstral.engine.speculative import PROBE_EVERY, Drafter, StepCosts
+
+    tokens = [5, 6, 7, 8, 9] * 20  # a repeated run: the index always has a continuation
+    costs = StepCosts()
+    assert costs.ratio(1) is None
+    costs.record(1, False, 0.010)
+    costs.record(1, True, 0.040)
+    assert abs(costs.ratio(1) - 4.0) < 1e-9 and costs.ratio(2) is None
+    plain, cheap, dear = Drafter(), Drafter(), Drafter()
+    for d in (plain, cheap, dear):
+        d.acceptance = 0.2  # k = 2, expected tokens per verify step 1.4
+    got = [(len(plain.propose(tokens, 8)), len(cheap.propose(tokens, 8, 1.2)), len(dear.propose(tokens, 8, 4.0)))
+           for _ in range(2 * PROBE_EVERY)]
+    assert all(p > 0 and c == p for p, c, _ in got)
+    assert [i for i, (_, _, d) in enumerate(got) if d] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1]

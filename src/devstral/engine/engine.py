@@ -21,6 +21,7 @@ from devstral.engine.model_runner import ModelRunner
 from devstral.engine.sampling import SamplingParams
 from devstral.engine.scheduler import ScheduledSeq, Scheduler
 from devstral.engine.sequence import Sequence
+from devstral.engine.speculative import StepCosts
 from devstral.errors import DevstralError
 from devstral.kernels.kv_format import bytes_per_token
 from devstral.model.transformer import Transformer
@@ -117,10 +118,11 @@ class Engine:
         self.blocks = BlockManager(self.pool.num_blocks, ec.block_size, prefix_caching=ec.prefix_caching)
         if ec.speculative not in ("off", "lookup"):
             raise DevstralError(f"--speculative: unknown value {ec.speculative!r} (choose off or lookup)")
+        self.step_costs = StepCosts()
         self.scheduler = Scheduler(self.blocks, max_num_seqs=ec.max_num_seqs,
                                    max_num_batched_tokens=_batched_tokens(ec, self.device),
                                    max_context=self.max_context, speculative=ec.speculative,
-                                   spec_max_batch=ec.spec_max_batch)
+                                   spec_max_batch=ec.spec_max_batch, step_costs=self.step_costs)
         self.runner = ModelRunner(model, cfg, self.pool, max_num_seqs=ec.max_num_seqs,
                                   max_context=self.max_context, cuda_graphs=ec.cuda_graphs)
         self.stats = EngineStats()
@@ -156,6 +158,8 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
                 raise RuntimeError("the KV pool cannot hold the next waiting sequence")
             return []
+        decode_only = all(item.seq.num_computed >= item.seq.num_prompt_tokens for item in batch)
+        t0 = time.perf_counter()
         try:
             new_tokens = self.runner.step(batch)
         except Exception as e:  # the batched pass failed: every sequence in it ends with the error
@@ -179,6 +183,8 @@ class Engine:
             seq.num_computed += computed
             seq.num_passes += 1
             self.blocks.register_computed(seq)
+        if decode_only:  # the runner returned host tokens: the step's wall time is its cost
+            self.step_costs.record(len(batch), any(item.draft for item in batch), time.perf_counter() - t0)
         self.stats.steps += 1
         self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], len(batch)]
         for seq, tokens in new_tokens.items():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from devstral.engine.block_manager import BlockManager
 from devstral.engine.sequence import Sequence, Status
-from devstral.engine.speculative import Drafter, speculation_allowed
+from devstral.engine.speculative import Drafter, StepCosts, speculation_allowed
 
 
 @dataclass
@@ -37,8 +37,9 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_context: int | None = None, speculative: str = "off", spec_max_batch: int = 8,
-                 spec_k_max: int = 8):
+                 spec_k_max: int = 8, step_costs: StepCosts | None = None):
         self.blocks = blocks
+        self.step_costs = step_costs  # measured by the engine: whether a draft pays for its verify step
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_context = max_context
         self.speculative, self.spec_max_batch, self.spec_k_max = speculative, spec_max_batch, spec_k_max
@@ -118,7 +119,8 @@ class Scheduler:
         limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1)
         if self.max_context is not None:
             limit = min(limit, self.max_context - seq.num_tokens - 1)
-        return seq.drafter.propose(seq.token_ids, limit)
+        ratio = self.step_costs.ratio(len(self.running)) if self.step_costs is not None else None
+        return seq.drafter.propose(seq.token_ids, limit, ratio)
 
     def _make_room(self, seq: Sequence, n_tokens: int) -> bool:
         while not self.blocks.ensure_capacity(seq, n_tokens):

@@ -12,7 +12,9 @@ sampled token and the k drafts in one pass; `verify` then walks the drafts:
   sampling, which leaves the target distribution unchanged.
 Either way the first position that is not kept yields one sampled token, so a step makes 1..k+1 tokens.
 k adapts to the sequence's recent acceptance; a sequence whose drafts keep failing stops drafting for
-a while, so plain prose costs (almost) nothing.
+a while, and a sequence whose expected kept drafts do not pay for the measured cost of a verify step
+(StepCosts: verify vs plain decode step time) drafts only now and then, so plain prose costs (almost)
+nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,28 @@ import torch
 from devstral.engine.sampling import MIN_TEMPERATURE, SamplingParams, candidates
 
 MAX_NGRAM, MIN_NGRAM = 4, 1
+PROBE_EVERY = 16  # a sequence that skips drafting on cost still drafts once this many steps
+
+
+class StepCosts:
+    """Measured wall time of decode-only engine steps, with and without drafts, per number of sequences in
+    the step (exponential moving averages). On a GPU a plain decode step replays a CUDA graph while a
+    verify step runs eagerly over 1 + k rows per sequence, so a draft must be kept often enough to pay."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.plain: dict[int, float] = {}
+        self.verify: dict[int, float] = {}
+
+    def record(self, n_seqs: int, drafted: bool, seconds: float) -> None:
+        table = self.verify if drafted else self.plain
+        old = table.get(n_seqs)
+        table[n_seqs] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def ratio(self, n_seqs: int) -> float | None:
+        """A verify step's cost in plain steps at this batch size, once both have been measured."""
+        plain, verify = self.plain.get(n_seqs), self.verify.get(n_seqs)
+        return None if plain is None or verify is None or plain <= 0 else verify / plain
 
 
 _MUL = 0x9E3779B97F4A7C15  # odd 64-bit multiplier for the n-gram hash
@@ -91,14 +115,25 @@ class Drafter:
         self.index = NgramIndex()
         self.acceptance = 0.5  # running estimate of the share of drafted tokens kept
         self.cooldown = 0  # steps to skip drafting after repeated failures
+        self.skipped = 0  # steps skipped because drafting did not pay for its verify cost
         self.drafted = self.accepted = 0
 
-    def propose(self, tokens: list[int], limit: int) -> list[int]:
+    def propose(self, tokens: list[int], limit: int, cost_ratio: float | None = None) -> list[int]:
+        """Up to `limit` draft tokens. `cost_ratio` is what a verify step costs in plain decode steps
+        (StepCosts, measured): drafting pays only when the tokens a step is expected to yield, 1 plus the
+        kept share of k drafts, beat it; otherwise skip, probing every PROBE_EVERY steps so that the
+        acceptance estimate can recover when the text turns into a copy."""
         if self.cooldown > 0:
             self.cooldown -= 1
             self.index.update(tokens)
             return []
         k = max(1, min(self.k_max, limit, round(1 + self.acceptance * (self.k_max - 1))))
+        if cost_ratio is not None and 1 + self.acceptance * k < cost_ratio:
+            self.skipped += 1
+            if self.skipped < PROBE_EVERY:
+                self.index.update(tokens)
+                return []
+        self.skipped = 0
         return self.index.propose(tokens, k) if limit > 0 else []
 
     def record(self, drafted: int, accepted: int) -> None:
