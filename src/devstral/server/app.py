@@ -27,6 +27,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
         ollama_routes,
         ollama_store_routes,
         responses_routes,
+        web_routes,
     )
 
     state = ServerState(llm, config)
@@ -49,7 +50,7 @@ def create_app(llm: Any, config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     known: set[str] = set()  # route paths, the only label values /metrics uses (fuzzers send any path)
     for module in (chat_routes, completions, embedding_routes, fim_routes, info_routes, ollama_models, ollama_routes,
-                   ollama_store_routes, responses_routes):
+                   ollama_store_routes, responses_routes, web_routes):
         app.include_router(module.router)
         known |= {getattr(r, "path", "") for r in module.router.routes}
     # Outermost first on the way in: count every answer, Host/Origin, the key, size and time limits,

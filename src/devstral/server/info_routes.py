@@ -20,8 +20,11 @@ router = APIRouter()
 def model_card(request: Request) -> dict[str, Any]:
     state = state_of(request)
     llm = state.llm
+    d = llm.default_sampling
     return {"id": state.name, "object": "model", "created": state.config.created, "owned_by": "devstral",
             "context_length": llm.max_context, "max_model_len": llm.max_context,
+            "default_sampling": {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+                                 "min_p": d.min_p, "max_tokens": d.max_tokens},
             "meta": {"n_ctx_train": llm.config.max_position_embeddings, "n_vocab": llm.config.vocab_size,
                      "n_params": llm.config.n_params, "architecture": llm.config.arch,
                      "n_embd": llm.config.dim, "embedding": embedding_info(llm)}}
@@ -49,11 +52,6 @@ async def health(request: Request):
     worker = state_of(request).worker
     return {"status": "ok", "slots_idle": worker.parallel - worker.active, "slots_processing": worker.active,
             "queue_depth": worker.queue_depth}
-
-
-@router.get("/", response_class=PlainTextResponse)
-async def root():
-    return "devstral is running"
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -21,7 +21,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = {"/", "/health"}  # answered without an API key (liveness probes)
+# answered without an API key: liveness probes, and the web chat's page and files (they hold no data;
+# the page sends the key the user types with every request)
+OPEN_PATHS = {"/", "/health", "/web/app.js", "/web/app.css"}
 
 
 async def send_error(scope: Scope, send: Send, status: int, message: str,
