@@ -3,7 +3,7 @@
 The browser tests run Playwright against Debian's `chromium` (or Playwright's own browser) and a live
 server with the tiny test model whose output is forced (test_server_harness.forced_output): the page
 streams an answer and renders its markdown, renders a tool call, stops an answer mid-stream (the slot
-is freed), and finds the conversation again after a reload. They skip, saying why, without a browser.
+is freed), finds the conversation again after a reload, and fills in the middle of code. They skip, saying why, without a browser.
 Screenshots go to docs/web_chat*.png.
 """
 
@@ -140,4 +140,15 @@ def test_chat_streams_markdown_renders_tool_calls_stops_and_survives_a_reload(se
     page.click("#metrics summary")
     page.wait_for_selector(".plot[data-name='requests active']", timeout=10000)
     page.screenshot(path=str(DOCS / "web_chat_metrics.png"))
+
+    # 5. fill in the middle: the code before and after the cursor, the middle streamed back as code
+    page.click("#new")
+    page.select_option("#mode", "fim")
+    with forced_output(server.llm.tokenizer.encode("a + b")):
+        page.fill("#input", "def add(a, b):\n    return ")
+        page.fill("#suffix", "\n\nprint(add(1, 2))\n")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant .stats")
+    assert page.locator(".msg.assistant pre.middle").inner_text() == "a + b"
+    assert "fill in the middle" in page.locator(".msg.user .who").inner_text()
     assert not errors, errors

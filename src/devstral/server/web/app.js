@@ -132,7 +132,15 @@ function renderMessage(m) {
   body.className = "body";
   box.append(who, body);
   if (m.role === "tool") body.append(details("tool", "output", pre(m.content || "")));
-  else renderContent(body, m.content || "");
+  else if (m.fim && m.role === "user") {
+    who.textContent = "fill in the middle";
+    body.append(pre(m.fim.prefix), details("tool", "code after the cursor", pre(m.fim.suffix || "")));
+  } else if (m.fim) {
+    const code = document.createElement("pre");
+    code.className = "middle";
+    code.innerHTML = `<code>${highlight(m.content || "")}</code>`;
+    body.append(code);
+  } else renderContent(body, m.content || "");
   for (const call of m.tool_calls || []) {
     let args = call.function.arguments || "";
     try { args = JSON.stringify(JSON.parse(args), null, 2); } catch { /* partial or invalid: shown as is */ }
@@ -215,36 +223,48 @@ function applyDelta(msg, delta) {
   }
 }
 
-async function generate() {
-  const c = conv();
+function chatRequest(c) {
   const messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value });
   for (const m of c.messages) {
+    if (m.fim || m.error) continue;  // fill-in-the-middle turns and failed answers are not chat history
     const out = { role: m.role, content: m.content || "" };
     if (m.tool_calls) out.tool_calls = m.tool_calls;
     if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
     messages.push(out);
   }
-  const msg = { role: "assistant", content: "" };
-  c.messages.push(msg);
-  render();
-  let box = $("messages").lastElementChild;
   const body = { model: state.model || "devstral", messages, stream: true, stream_options: { include_usage: true },
                  temperature: num("temperature"), top_p: num("top_p"), max_tokens: num("max_tokens") };
-  if ($("tools").value.trim()) {
-    try { body.tools = JSON.parse($("tools").value); } catch (e) {
-      msg.error = `Settings, Tools: not JSON (${e.message})`;
-      save(); render();
-      return;
-    }
+  if ($("tools").value.trim()) body.tools = JSON.parse($("tools").value);  // checked by the caller
+  return ["/v1/chat/completions", body];
+}
+function fimRequest(user) {
+  return ["/v1/fim/completions", { model: state.model || "devstral", prompt: user.fim.prefix, suffix: user.fim.suffix,
+                                   stream: true, temperature: num("temperature"), top_p: num("top_p"),
+                                   max_tokens: num("max_tokens") }];
+}
+
+async function generate() {
+  const c = conv();
+  const user = c.messages[c.messages.length - 1];
+  const msg = { role: "assistant", content: "", fim: user.fim ? true : undefined };
+  let url, body;
+  try {
+    [url, body] = user.fim ? fimRequest(user) : chatRequest(c);  // before the answer joins the history
+  } catch (e) {
+    msg.error = `Settings, Tools: not JSON (${e.message})`;
   }
+  c.messages.push(msg);
+  if (msg.error) { save(); render(); return; }
+  render();
+  let box = $("messages").lastElementChild;
   state.controller = new AbortController();
   $("stop").disabled = false; $("send").disabled = true; $("regen").disabled = true;
   const t0 = performance.now();
   let tFirst = null, usage = null;
   try {
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
-                                                    signal: state.controller.signal });
+    const r = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body),
+                                 signal: state.controller.signal });
     if (!r.ok) {
       let text = `${r.status}`;
       try { text = (await r.json()).error.message; } catch { /* not JSON */ }
@@ -289,7 +309,13 @@ async function send(ev) {
   if (!text.trim() || state.controller) return;
   const c = conv() || newConv();
   if (!c.messages.length) c.title = text.slice(0, 40);
-  c.messages.push({ role: "user", content: text });
+  if ($("mode").value === "fim") {
+    const suffix = $("suffix").value;
+    c.messages.push({ role: "user", content: text, fim: { prefix: text, suffix } });
+    $("suffix").value = "";
+  } else {
+    c.messages.push({ role: "user", content: text });
+  }
   $("input").value = "";
   save();
   await generate();
@@ -305,7 +331,7 @@ function exportJsonl() {
     const messages = [];
     if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value });
     for (const m of c.messages) {
-      if (m.error) continue;
+      if (m.error || m.fim) continue;
       const out = { role: m.role, content: m.content || "" };
       if (m.tool_calls) out.tool_calls = m.tool_calls;
       if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
@@ -379,7 +405,15 @@ async function pollMetrics() {
 window.addEventListener("DOMContentLoaded", () => {
   load();
   $("composer").addEventListener("submit", send);
-  $("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) send(e); });
+  $("input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && $("mode").value === "chat") send(e);  // code wants its newlines
+  });
+  $("mode").addEventListener("change", () => {
+    const fim = $("mode").value === "fim";
+    $("suffix").hidden = !fim;
+    $("input").placeholder = fim ? "Code before the cursor (Send fills in the middle)"
+                                 : "Message (Enter to send, Shift+Enter for a new line)";
+  });
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("regen").addEventListener("click", regenerate);
   $("new").addEventListener("click", newConv);
