@@ -151,4 +151,12 @@ def test_chat_streams_markdown_renders_tool_calls_stops_and_survives_a_reload(se
         page.wait_for_selector(".msg.assistant .stats")
     assert page.locator(".msg.assistant pre.middle").inner_text() == "a + b"
     assert "fill in the middle" in page.locator(".msg.user .who").inner_text()
+
+    # 6. the export is what `devstral finetune` reads: every line loads (the chats, not the FIM turn)
+    from devstral.train.data import load_examples
+
+    with page.expect_download() as download:
+        page.click("#export")
+    examples, stats = load_examples(Path(download.value.path()), server.llm.tokenizer, max_seq_len=256)
+    assert len(examples) == 2
     assert not errors, errors

@@ -235,7 +235,7 @@ function chatRequest(c) {
   }
   const body = { model: state.model || "devstral", messages, stream: true, stream_options: { include_usage: true },
                  temperature: num("temperature"), top_p: num("top_p"), max_tokens: num("max_tokens") };
-  if ($("tools").value.trim()) body.tools = JSON.parse($("tools").value);  // checked by the caller
+  if ($("tools").value.trim()) c.tools = body.tools = JSON.parse($("tools").value);  // checked by the caller
   return ["/v1/chat/completions", body];
 }
 function fimRequest(user) {
@@ -327,7 +327,7 @@ async function regenerate() {
   if (c.messages.length) await generate();
 }
 function exportJsonl() {
-  const lines = state.convs.filter((c) => c.messages.length).map((c) => {
+  const records = state.convs.map((c) => {
     const messages = [];
     if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value });
     for (const m of c.messages) {
@@ -337,8 +337,11 @@ function exportJsonl() {
       if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
       messages.push(out);
     }
-    return JSON.stringify({ messages });
+    if (!messages.some((m) => m.role === "assistant")) return null;
+    // the tools the calls were made against travel with them, as devstral finetune expects
+    return JSON.stringify(messages.some((m) => m.tool_calls) && c.tools ? { messages, tools: c.tools } : { messages });
   });
+  const lines = records.filter((line) => line !== null);
   const a = document.createElement("a");
   a.href = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "application/jsonl" }));
   a.download = "devstral-conversations.jsonl";
