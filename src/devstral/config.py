@@ -68,6 +68,8 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int | None = 11
+    n_experts: int = 0  # Mixtral-style routed experts in every layer's FFN; 0: a dense FFN
+    n_experts_per_tok: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,15 @@ class ModelConfig:
             if not (isinstance(self.llama4_original_max, int) and self.llama4_original_max > 0):
                 raise DevstralError("config: the llama-4 scaling original_max_position_embeddings must be a "
                                     f"positive integer, got {self.llama4_original_max!r}")
+        if self.n_experts or self.n_experts_per_tok:
+            for name, v in (("num_local_experts", self.n_experts), ("num_experts_per_tok", self.n_experts_per_tok)):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise DevstralError(f"config: {name} must be a positive integer, got {v!r}")
+            if self.n_experts_per_tok > self.n_experts:
+                raise DevstralError(f"config: num_experts_per_tok ({self.n_experts_per_tok}) is more than "
+                                    f"num_local_experts ({self.n_experts})")
+            if self.n_experts > 1024:
+                raise DevstralError(f"config: num_local_experts {self.n_experts} is absurd (more than 1024)")
         for name in ("bos_id", "eos_id"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
@@ -125,9 +136,9 @@ class ModelConfig:
             if g.opt("text_config") is None:
                 raise DevstralError(f"{source}: model_type mistral3 needs a text_config")
             return cls.from_hf(d["text_config"], source=f"{source}: text_config")
-        if model_type not in ("mistral", "ministral3"):
+        if model_type not in ("mistral", "ministral3", "mixtral"):
             raise DevstralError(
-                f"{source}: unknown model_type {model_type!r} (expected mistral, ministral3 or mistral3)"
+                f"{source}: unknown model_type {model_type!r} (expected mistral, ministral3, mistral3 or mixtral)"
             )
         dim, n_heads = g.integer("hidden_size"), g.integer("num_attention_heads")
         head_dim = g.integer("head_dim", None) or (dim // n_heads if n_heads > 0 else 0)  # 0: reported below
@@ -180,6 +191,8 @@ class ModelConfig:
             bos_id=g.integer("bos_token_id", 1),
             eos_id=_Getter({"eos_token_id": eos}, source).integer("eos_token_id"),
             pad_id=g.integer("pad_token_id", None),
+            n_experts=g.integer("num_local_experts") if model_type == "mixtral" else 0,
+            n_experts_per_tok=g.integer("num_experts_per_tok") if model_type == "mixtral" else 0,
         )
 
     @classmethod
@@ -206,6 +219,9 @@ class ModelConfig:
             llama4_beta = l4.number("beta", 0.0)
             llama4_max = (l4.integer("original_max_position_embeddings", None)
                           or (yarn.original_max_position_embeddings if yarn else 0) or g.integer("max_seq_len"))
+        moe = _Getter(g.opt("moe") or {}, f"{source}: moe")
+        n_experts = moe.integer("num_experts", None) or 0 if g.opt("moe") else 0
+        per_tok = moe.integer("num_experts_per_tok", None) or 0 if g.opt("moe") else 0
         max_pos = g.integer("max_position_embeddings", None) or g.integer("max_seq_len", None)
         if max_pos is None:
             max_pos = int(yarn.factor * yarn.original_max_position_embeddings) if yarn else 32768
@@ -227,6 +243,8 @@ class ModelConfig:
             yarn=yarn,
             llama4_beta=llama4_beta,
             llama4_original_max=llama4_max,
+            n_experts=n_experts,
+            n_experts_per_tok=per_tok,
         )
 
     @classmethod
@@ -275,6 +293,11 @@ class ModelConfig:
             rope.setdefault("original_max_position_embeddings", self.llama4_original_max)
         d["rope_parameters"] = rope
         d["rope_theta"] = self.rope_theta
+        if self.n_experts:
+            if self.arch == "ministral3":
+                raise DevstralError("config.json has no Mixtral with llama-4 query scaling; use params.json")
+            d.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=self.n_experts,
+                     num_experts_per_tok=self.n_experts_per_tok)
         return d
 
     def to_params(self) -> dict[str, Any]:
@@ -296,12 +319,14 @@ class ModelConfig:
         if self.arch == "ministral3":
             d["llama_4_scaling"] = {"beta": self.llama4_beta or 0.0,
                                     "original_max_position_embeddings": self.llama4_original_max}
+        if self.n_experts:
+            d["moe"] = {"num_experts": self.n_experts, "num_experts_per_tok": self.n_experts_per_tok}
         return d
 
     @property
     def n_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * self.dim * self.hidden_dim
+        mlp = 3 * self.dim * self.hidden_dim * max(1, self.n_experts) + self.dim * self.n_experts  # + router
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
 
@@ -346,7 +371,8 @@ SOURCE_KEYS = {
     "rope_theta": ("rope_theta", "rope_theta"),
     "max_position_embeddings": ("max_position_embeddings", "max_position_embeddings"),
     "sliding_window": ("sliding_window", "sliding_window"), "bos_id": ("bos_token_id", "bos_token_id"),
-    "eos_id": ("eos_token_id", "eos_token_id"),
+    "eos_id": ("eos_token_id", "eos_token_id"), "n_experts": ("num_local_experts", "moe.num_experts"),
+    "n_experts_per_tok": ("num_experts_per_tok", "moe.num_experts_per_tok"),
 }
 
 

@@ -87,11 +87,18 @@ def _random_state(cfg: ModelConfig, seed: int, std: float) -> dict[str, torch.Te
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         sd |= {p + "self_attn.q_proj.weight": rnd(q, cfg.dim), p + "self_attn.k_proj.weight": rnd(kv, cfg.dim),
-               p + "self_attn.v_proj.weight": rnd(kv, cfg.dim), p + "self_attn.o_proj.weight": rnd(cfg.dim, q),
-               p + "mlp.gate_proj.weight": rnd(cfg.hidden_dim, cfg.dim),
-               p + "mlp.up_proj.weight": rnd(cfg.hidden_dim, cfg.dim),
-               p + "mlp.down_proj.weight": rnd(cfg.dim, cfg.hidden_dim),
-               p + "input_layernorm.weight": 1 + rnd(cfg.dim, scale=0.1),
+               p + "self_attn.v_proj.weight": rnd(kv, cfg.dim), p + "self_attn.o_proj.weight": rnd(cfg.dim, q)}
+        if cfg.n_experts:  # Mixtral's checkpoint names; the dense order below is kept (seeded tests rely on it)
+            for e in range(cfg.n_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                sd |= {x + "w1.weight": rnd(cfg.hidden_dim, cfg.dim), x + "w3.weight": rnd(cfg.hidden_dim, cfg.dim),
+                       x + "w2.weight": rnd(cfg.dim, cfg.hidden_dim)}
+            sd[p + "block_sparse_moe.gate.weight"] = rnd(cfg.n_experts, cfg.dim, scale=0.5)
+        else:
+            sd |= {p + "mlp.gate_proj.weight": rnd(cfg.hidden_dim, cfg.dim),
+                   p + "mlp.up_proj.weight": rnd(cfg.hidden_dim, cfg.dim),
+                   p + "mlp.down_proj.weight": rnd(cfg.dim, cfg.hidden_dim)}
+        sd |= {p + "input_layernorm.weight": 1 + rnd(cfg.dim, scale=0.1),
                p + "post_attention_layernorm.weight": 1 + rnd(cfg.dim, scale=0.1)}
     return sd
 
@@ -103,7 +110,7 @@ def to_mistral_names(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-              "post_attention_layernorm": "ffn_norm"}
+              "post_attention_layernorm": "ffn_norm", "block_sparse_moe": "feed_forward"}
     for name, t in sd.items():
         if name == "model.embed_tokens.weight":
             out["tok_embeddings.weight"] = t

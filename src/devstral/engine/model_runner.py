@@ -89,7 +89,9 @@ class ModelRunner:
         self.scale = cfg.head_dim ** -0.5
         self.graphs: _DecodeGraphs | None = None
         # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
-        if cuda_graphs and self.device.type == "cuda" and triton_available():
+        # MoE routing sizes its gathers from the data, which a captured graph cannot replay: eager until the
+        # grouped expert GEMM lands
+        if cuda_graphs and self.device.type == "cuda" and triton_available() and not cfg.n_experts:
             self.capture(graph_buckets(max_num_seqs))
 
     def capture(self, buckets: list[int]) -> None:

@@ -39,6 +39,9 @@ _MISTRAL_NAMES = [
     (re.compile(r"^layers\.(\d+)\.feed_forward\.w1\.weight$"), r"model.layers.\1.mlp.gate_proj.weight"),
     (re.compile(r"^layers\.(\d+)\.feed_forward\.w2\.weight$"), r"model.layers.\1.mlp.down_proj.weight"),
     (re.compile(r"^layers\.(\d+)\.feed_forward\.w3\.weight$"), r"model.layers.\1.mlp.up_proj.weight"),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$"),
+     r"model.layers.\1.block_sparse_moe.experts.\2.\3.weight"),
+    (re.compile(r"^layers\.(\d+)\.feed_forward\.gate\.weight$"), r"model.layers.\1.block_sparse_moe.gate.weight"),
     (re.compile(r"^layers\.(\d+)\.attention_norm\.weight$"), r"model.layers.\1.input_layernorm.weight"),
     (re.compile(r"^layers\.(\d+)\.ffn_norm\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
 ]
@@ -183,7 +186,9 @@ def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
     checks = [("model.embed_tokens.weight", (("vocab_size", cfg.vocab_size), ("dim", cfg.dim))),
               ("model.layers.0.self_attn.q_proj.weight", (("n_heads", cfg.n_heads * cfg.head_dim), ("dim", cfg.dim))),
               ("model.layers.0.self_attn.k_proj.weight", (("n_kv_heads", cfg.n_kv_heads * cfg.head_dim),)),
-              ("model.layers.0.mlp.gate_proj.weight", (("hidden_dim", cfg.hidden_dim),))]
+              ("model.layers.0.mlp.gate_proj.weight", (("hidden_dim", cfg.hidden_dim),)),
+              ("model.layers.0.block_sparse_moe.experts.0.w1.weight", (("hidden_dim", cfg.hidden_dim),)),
+              ("model.layers.0.block_sparse_moe.gate.weight", (("n_experts", cfg.n_experts),))]
     for name, dims in checks:
         shape = shapes.get(name)
         if shape is None or len(shape) != 2:

@@ -25,6 +25,7 @@ from devstral.kernels.gemv import linear, run_linear
 from devstral.kernels.rms_norm import add_rms_norm, rms_norm
 from devstral.kernels.rope import apply_rope
 from devstral.kernels.silu_mul import silu_mul
+from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 
 
@@ -129,12 +130,19 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.n_experts:  # Mixtral: a routed mixture of experts in place of the dense FFN
+            self.block_sparse_moe = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x, cos, sin, q_scale, mask, cache):
         h = self.self_attn(self.input_layernorm(x), cos, sin, q_scale, mask, cache)
         h, x = self.post_attention_layernorm.add_and_norm(x, h)
-        return x + self.mlp(h)
+        return x + self.ffn(h)
 
 
 class Decoder(nn.Module):
@@ -190,7 +198,7 @@ class Transformer(nn.Module):
         """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""
         for block in self.model.layers:
             block.self_attn.fuse()
-            block.mlp.fuse()
+            block.ffn.fuse()
 
     def _mask(self, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """Boolean [B, 1, T, T]: causal, optionally windowed, AND the caller's mask. Keys share the

@@ -1,0 +1,77 @@
+"""Mixtral's sparse feed-forward: a router sends each token to the top-k of E SwiGLU experts and mixes
+their outputs with the renormalised router probabilities.
+
+Module names follow the checkpoints (`block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1/w2/w3`, as
+Mixtral's HF files and PEFT's Mixtral targets name them), so safetensors load by name and LoRA can sit
+on any expert linear. This is the exact reference path: each expert runs on the tokens routed to it
+(gathered, computed, scattered back with their weights). A grouped GEMM over all experts is the GPU
+path to come; until then the engine runs MoE models without CUDA graphs (the routing sizes the
+gathers from data, which a captured graph cannot do).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from devstral.config import ModelConfig
+from devstral.kernels.gemv import run_linear
+from devstral.kernels.silu_mul import silu_mul
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert: w2(silu(w1 x) * w3 x) (w1 gate, w3 up, w2 down, Mixtral's names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_linear(self.w2, silu_mul(run_linear(self.w1, x), run_linear(self.w3, x)))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.n_experts_per_tok
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
+        self.router_logits: torch.Tensor | None = None  # the last training forward's, for the balancing loss
+
+    def fuse(self) -> None:
+        """Nothing to fuse yet (the dense MLP's hook; experts get a grouped GEMM later)."""
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [T, E], and per token the top-k experts [T, k] with their weights [T, k]:
+        softmax over all experts in float32, top-k, renormalised to sum to 1."""
+        logits = F.linear(x, self.gate.weight) if type(self.gate) is nn.Linear else self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return logits, experts, weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        logits, experts, weights = self.route(x2)
+        if self.training and torch.is_grad_enabled():
+            self.router_logits = logits
+        out = torch.zeros_like(x2)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.nonzero(experts == e, as_tuple=True)
+            if token.numel():
+                y = expert(x2[token]) * weights[token, slot, None].to(x2.dtype)
+                out.index_add_(0, token, y)
+        return out.reshape(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int) -> torch.Tensor:
+    """The Switch Transformer auxiliary loss as Mixtral trains with it: E * sum over experts of (the
+    share of routing slots sent to the expert) * (its mean router probability), over all layers' tokens."""
+    logits = torch.cat([r.float() for r in router_logits], dim=0)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    share = F.one_hot(chosen, n_experts).float().mean(dim=0)  # [k, E]: slot k's share per expert
+    return n_experts * torch.sum(share * probs.mean(dim=0)[None, :])
