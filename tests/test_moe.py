@@ -87,3 +87,34 @@ def test_bad_moe_configs_and_checkpoints_get_one_line(tmp_path, mixtral):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_local_experts": 3, "num_experts_per_tok": 2}))
     with pytest.raises(DevstralError, match=r"num_local_experts.*block_sparse_moe\.gate\.weight"):
         devstral.load(bad, device="cpu", backend="torch")
+
+
+@pytest.mark.parametrize("ftype", ["F32", "Q8_0", "Q4_K_M"])
+def test_exported_gguf_reads_back_and_agrees_with_llama_cpp(tmp_path, ftype, record_property):
+    """Stacked expert tensors (ffn_{gate,up,down}_exps), the router (ffn_gate_inp, kept F32 as
+    llama-quantize keeps it) and expert_count / expert_used_count: llama.cpp runs the file."""
+    import numpy as np
+
+    from devstral.formats.gguf import GGUFFile, export_gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ck = make_tiny_checkpoint(tmp_path / "hf", seed=7, inner_vocab=500, **MOE)
+    path = export_gguf(ck, tmp_path / f"m-{ftype}.gguf", ftype)
+    g = GGUFFile(path)
+    assert g.metadata["llama.expert_count"] == 4 and g.metadata["llama.expert_used_count"] == 2
+    assert g.info("blk.0.ffn_gate_exps.weight").shape == (4, MOE["hidden_dim"], MOE["dim"])
+    assert g.info("blk.1.ffn_gate_inp.weight").qtype.name == "F32"
+    ours = devstral.load(path, device="cpu", dtype="fp32", backend="torch")
+    x = ours.tokenizer.encode("the quick brown fox " * 8, bos=True)
+    mine = ours.logits(x).numpy()
+    if ftype == "F32":
+        ref = devstral.load(ck, device="cpu", dtype="fp32", backend="torch").logits(x).numpy()
+        np.testing.assert_allclose(mine, ref, atol=1e-5)
+    ll = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    ll.eval(x)
+    theirs = np.asarray(ll.scores[:len(x)], dtype=np.float32)
+    corr = float(np.corrcoef(mine.ravel(), theirs.ravel())[0, 1])
+    top1 = float((mine.argmax(-1) == theirs.argmax(-1)).mean())
+    record_property("corr", corr)
+    record_property("top1", top1)
+    assert corr >= 0.999 and top1 >= 0.95, (corr, top1)

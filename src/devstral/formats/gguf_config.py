@@ -118,6 +118,8 @@ def _config_from_gguf(md: dict[str, Any], *, source: str, vocab_size: int | None
         bos_id=int(md.get("tokenizer.ggml.bos_token_id", 1)),
         eos_id=int(md.get("tokenizer.ggml.eos_token_id", 2)),
         pad_id=md.get("tokenizer.ggml.padding_token_id"),
+        n_experts=int(key("expert_count", 0) or 0),
+        n_experts_per_tok=int(key("expert_used_count", 0) or 0),
     )
 
 
@@ -142,6 +144,9 @@ def write_config(writer, cfg: ModelConfig) -> None:
     w.add_vocab_size(cfg.vocab_size)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
+    if cfg.n_experts:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_per_tok)
     if cfg.yarn is not None:
         import gguf
 

@@ -20,7 +20,7 @@ from devstral.config import ModelConfig
 from devstral.errors import DevstralError
 from devstral.formats.finite import check_finite, check_finite_blocks
 from devstral.formats.gguf_config import config_from_gguf
-from devstral.formats.gguf_names import from_gguf_name, rotary_heads, rotate_half_row_order
+from devstral.formats.gguf_names import expert_parts, from_gguf_name, rotary_heads, rotate_half_row_order
 from devstral.formats.gguf_read import GGUFFile
 from devstral.formats.gguf_tokenizer import GGUFTokenizer
 
@@ -102,6 +102,11 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
     loaded: set[str] = set()
     skipped = []
     for gname in g.tensor_names:
+        parts = expert_parts(gname, cfg.n_experts)
+        if parts is not None:  # a stacked expert tensor: one module per expert, each its slice of rows
+            _load_expert_stack(model, g, gname, parts, expected, device, torch_dtype)
+            loaded.update(parts)
+            continue
         ours = from_gguf_name(gname)
         if ours is None:
             if gname.startswith("blk."):
@@ -152,6 +157,31 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
         print(notice, file=sys.stderr)
     model.rotary = Rotary(cfg).to(device)
     return model.eval().requires_grad_(False), cfg, tokenizer
+
+
+def _load_expert_stack(model: nn.Module, g: GGUFFile, gname: str, parts: tuple[str, ...], expected: dict,
+                       device: torch.device, torch_dtype: torch.dtype) -> None:
+    from devstral.quant.linear import QuantLinear
+
+    info = g.info(gname)
+    want = (len(parts), *expected[parts[0]]) if parts and parts[0] in expected else None
+    if want is None or tuple(info.shape) != want:
+        raise DevstralError(f"{g.path}: tensor {gname} has shape {list(info.shape)} but the metadata implies "
+                            f"{list(want) if want else 'no experts'}")
+    n_exp, out_f, in_f = info.shape
+    raw = g.raw_torch(gname).reshape(n_exp * out_f, -1)
+    for e, ours in enumerate(parts):
+        rows = raw[e * out_f:(e + 1) * out_f]
+        if info.qtype in FLOAT_TYPES or info.qtype not in _quantized_ok():
+            from devstral.quant import dequantize
+
+            w = dequantize(rows, info.qtype, (out_f, in_f), name=f"{gname}[{e}]").to(device=device, dtype=torch_dtype)
+            check_finite(w, f"{gname}[{e}]", g.path)
+            _set_parameter(model, ours, w)
+        else:
+            check_finite_blocks(rows, info.qtype, f"{gname}[{e}]", g.path)
+            _set_module(model, ours.rsplit(".", 1)[0], QuantLinear(rows.contiguous().to(device), info.qtype, out_f,
+                                                                 in_f, name=f"{gname}[{e}]", dtype=torch_dtype))
 
 
 def _quantized_ok() -> frozenset:

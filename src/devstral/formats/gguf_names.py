@@ -16,7 +16,11 @@ _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight"
            "lm_head.weight": "output.weight"}
 _LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "block_sparse_moe.gate": "ffn_gate_inp"}
+# llama.cpp stacks a MoE layer's experts into one 3-D tensor per projection: [experts, rows, cols]
+EXPERT_STACKS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+_GGUF_STACK = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight$")
 _GLOBAL_BACK = {v: k for k, v in _GLOBAL.items()}
 _LAYER_BACK = {v: k for k, v in _LAYER.items()}
 _OURS_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
@@ -39,6 +43,15 @@ def from_gguf_name(name: str) -> str | None:
     if m and m.group(2) in _LAYER_BACK:
         return f"model.layers.{m.group(1)}.{_LAYER_BACK[m.group(2)]}.weight"
     return None
+
+
+def expert_parts(name: str, n_experts: int) -> tuple[str, ...] | None:
+    """Our per-expert names that a stacked GGUF expert tensor holds, in order, or None for other tensors."""
+    m = _GGUF_STACK.match(name)
+    if not m:
+        return None
+    layer, w = m.group(1), EXPERT_STACKS[m.group(2)]
+    return tuple(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(n_experts))
 
 
 def rotary_heads(gguf_name: str, n_heads: int, n_kv_heads: int) -> int | None:

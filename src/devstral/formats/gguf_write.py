@@ -18,7 +18,13 @@ import torch
 
 from devstral.config import ModelConfig
 from devstral.errors import DevstralError
-from devstral.formats.gguf_names import rotary_heads, to_gguf_name, to_llama_cpp_layout
+from devstral.formats.gguf_names import (
+    EXPERT_STACKS,
+    expert_parts,
+    rotary_heads,
+    to_gguf_name,
+    to_llama_cpp_layout,
+)
 from devstral.formats.gguf_vocab import GGUFVocab
 from devstral.tmpfiles import temp_path
 
@@ -40,12 +46,16 @@ class TensorSource:
 
 def _gguf_order(cfg: ModelConfig, has_output: bool) -> list[tuple[str, str]]:
     """(gguf name, our name) in llama.cpp's usual file order."""
-    out = [("token_embd.weight", "model.embed_tokens.weight")]
+    out: list[tuple[str, Any]] = [("token_embd.weight", "model.embed_tokens.weight")]
     for i in range(cfg.n_layers):
+        ffn = ("block_sparse_moe.gate",) if cfg.n_experts else ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         for ours in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                     "self_attn.o_proj", "post_attention_layernorm", *ffn):
             name = f"model.layers.{i}.{ours}.weight"
             out.append((to_gguf_name(name), name))
+        for stack in EXPERT_STACKS if cfg.n_experts else ():  # one 3-D tensor per projection
+            name = f"blk.{i}.{stack}.weight"
+            out.append((name, expert_parts(name, cfg.n_experts)))
     out.append(("output_norm.weight", "model.norm.weight"))
     if has_output:
         out.append(("output.weight", "lm_head.weight"))
@@ -59,6 +69,15 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters(remove_duplicate=False)}
 
 
+def _shape_of(ours: Any, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """A tensor's shape, or a stack of experts' [experts, rows, cols]."""
+    return (len(ours), *expected[ours[0]]) if isinstance(ours, tuple) else expected[ours]
+
+
+def _parts(ours: Any) -> tuple[str, ...]:
+    return ours if isinstance(ours, tuple) else (ours,)
+
+
 def source_from_state(state: dict[str, torch.Tensor], config: ModelConfig, vocab: GGUFVocab, *,
                       chat_template: str | None = None, model_name: str = "model") -> TensorSource:
     """Our-named tensors (as Transformer.state_dict() gives them) -> an export source."""
@@ -67,18 +86,20 @@ def source_from_state(state: dict[str, torch.Tensor], config: ModelConfig, vocab
     expected = _expected_shapes(config)
     order = _gguf_order(config, has_output)
     for gguf_name, ours in order:
-        if ours not in state:
-            raise DevstralError(f"state dict has no tensor {ours} (needed for {gguf_name})")
-        if tuple(state[ours].shape) != expected[ours]:
-            raise DevstralError(f"tensor {ours} has shape {list(state[ours].shape)}, the config implies "
-                                f"{list(expected[ours])}")
+        for part in _parts(ours):
+            if part not in state:
+                raise DevstralError(f"state dict has no tensor {part} (needed for {gguf_name})")
+            if tuple(state[part].shape) != expected[part]:
+                raise DevstralError(f"tensor {part} has shape {list(state[part].shape)}, the config implies "
+                                    f"{list(expected[part])}")
     by_gguf = dict(order)
 
     def load(name: str) -> torch.Tensor:
-        w = state[by_gguf[name]].detach().to("cpu", torch.float32)
+        parts = [state[p].detach().to("cpu", torch.float32) for p in _parts(by_gguf[name])]
+        w = torch.stack(parts) if isinstance(by_gguf[name], tuple) else parts[0]
         return to_llama_cpp_layout(w, rotary_heads(name, config.n_heads, config.n_kv_heads))
 
-    return TensorSource(config, vocab, [g for g, _ in order], {g: expected[o] for g, o in order}, load,
+    return TensorSource(config, vocab, [g for g, _ in order], {g: _shape_of(o, expected) for g, o in order}, load,
                         chat_template, model_name)
 
 
@@ -104,13 +125,12 @@ def source_from_folder(folder: Path) -> TensorSource:
     has_output = "lm_head.weight" in where and not cfg.tie_embeddings
     expected = _expected_shapes(cfg)
     order = _gguf_order(cfg, has_output)
-    missing = [ours for _, ours in order if ours not in where]
+    missing = [part for _, ours in order for part in _parts(ours) if part not in where]
     if missing:
         raise DevstralError(f"{folder}: tensor {missing[0]} is missing from the weights")
     by_gguf = dict(order)
 
-    def load(name: str) -> torch.Tensor:
-        ours = by_gguf[name]
+    def read(ours: str) -> torch.Tensor:
         path, key = where[ours]
         with safe_open(str(path), framework="pt", device="cpu") as f:
             w = f.get_tensor(key).to(torch.float32)
@@ -118,6 +138,11 @@ def source_from_folder(folder: Path) -> TensorSource:
         if tuple(w.shape) != expected[ours]:
             raise DevstralError(f"{path}: tensor {key} has shape {list(w.shape)}, the config implies "
                                 f"{list(expected[ours])}")
+        return w
+
+    def load(name: str) -> torch.Tensor:
+        ours = by_gguf[name]
+        w = torch.stack([read(p) for p in ours]) if isinstance(ours, tuple) else read(ours)
         heads = rotary_heads(name, cfg.n_heads, cfg.n_kv_heads)
         if layout == "mistral":
             return w  # Mistral's native layout already pairs adjacent rotary dimensions, as llama.cpp does
@@ -127,7 +152,7 @@ def source_from_folder(folder: Path) -> TensorSource:
     template = builtin_template(version) if version else None
     if template is None:
         print(f"note: no chat template for tokenizer {vocab.version}; the GGUF will have none", file=sys.stderr)
-    return TensorSource(cfg, vocab, [g for g, _ in order], {g: expected[o] for g, o in order}, load,
+    return TensorSource(cfg, vocab, [g for g, _ in order], {g: _shape_of(o, expected) for g, o in order}, load,
                         template, folder.resolve().name)
 
 
@@ -165,7 +190,7 @@ def source_from_gguf(path: Path) -> TensorSource:
 def to_gguf_name_known(name: str) -> bool:
     from devstral.formats.gguf_names import from_gguf_name
 
-    return from_gguf_name(name) is not None
+    return from_gguf_name(name) is not None or expert_parts(name, 1) is not None
 
 
 def _file_type(ftype: str) -> int:
@@ -223,7 +248,7 @@ def export_gguf(source: str | os.PathLike | dict[str, torch.Tensor] | TensorSour
             for d in shape[:-1]:
                 n_rows *= d
             nbytes = n_rows * row_bytes(qtype, shape[-1], name=n)
-            writer.add_tensor_info(n, [n_rows, nbytes // n_rows] if len(shape) > 1 else [nbytes], _u8(), nbytes,
+            writer.add_tensor_info(n, [*shape[:-1], nbytes // n_rows] if len(shape) > 1 else [nbytes], _u8(), nbytes,
                                    raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -231,7 +256,10 @@ def export_gguf(source: str | os.PathLike | dict[str, torch.Tensor] | TensorSour
         with _progress(progress, len(plan), out.name) as advance:
             for n, qtype in plan:
                 w = src.load(n)
-                data = quantize(w, qtype, imatrix=_imatrix_for(imat, n, qtype), name=n)
+                if w.dim() == 3:  # stacked experts: rows of all experts, quantized like one matrix
+                    w = w.reshape(-1, w.shape[-1])
+                stacked = expert_parts(n, 1) is not None  # (an importance matrix would be per expert)
+                data = quantize(w, qtype, imatrix=None if stacked else _imatrix_for(imat, n, qtype), name=n)
                 writer.write_tensor_data(data.reshape(-1).numpy())
                 advance(n, qtype)
                 del w, data
