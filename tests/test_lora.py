@@ -20,7 +20,8 @@ def _model():
 
 def test_parse_targets():
     assert parse_targets("all-linear") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"]
+                                           "down_proj", "w1", "w2", "w3"]  # w1-3: Mixtral's experts
+    assert parse_targets("q,experts") == ["q_proj", "w1", "w2", "w3"]
     assert parse_targets("v,q") == ["q_proj", "v_proj"]
     with pytest.raises(DevstralError, match="unknown module 'lm'"):
         parse_targets("q,lm")

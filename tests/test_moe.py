@@ -118,3 +118,70 @@ def test_exported_gguf_reads_back_and_agrees_with_llama_cpp(tmp_path, ftype, rec
     record_property("corr", corr)
     record_property("top1", top1)
     assert corr >= 0.999 and top1 >= 0.95, (corr, top1)
+
+
+def test_a_peft_adapter_on_mixtral_gives_peft_outputs(tmp_path, mixtral):
+    """PEFT wraps transformers' Mixtral (attention projections; transformers fuses the experts into 3-D
+    parameters, which PEFT's module targets do not reach) and saves; our loader applies the file."""
+    peft = pytest.importorskip("peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    x = ids(40)
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor([x])).logits[0]
+    ours = devstral.load(mixtral, adapter=tmp_path / "adapter", device="cpu", dtype="fp32", backend="torch")
+    assert (ours.logits(x) - theirs).abs().max().item() <= 1e-4
+
+
+def test_lora_on_the_experts_trains_saves_and_reloads(tmp_path, mixtral):
+    """`--target experts` wraps every expert's w1/w2/w3 (PEFT's Mixtral names), gradients reach them
+    through the routing, and the saved adapter applied to a fresh model gives the same logits."""
+    from devstral.config import ModelConfig
+    from devstral.formats.peft import AdapterConfig, apply_adapter, save_adapter
+    from devstral.loader import build_model
+    from devstral.model.lora import inject_lora, lora_modules, parse_targets
+
+    cfg = ModelConfig.from_dir(mixtral)
+    net = build_model(mixtral, cfg, dtype=torch.float32, device=torch.device("cpu"))
+    targets = parse_targets("experts")
+    wrapped = inject_lora(net, targets, r=4, alpha=8, seed=0)
+    assert len(wrapped) == cfg.n_layers * cfg.n_experts * 3
+    net.train()
+    x = torch.tensor([ids(30)])
+    net(x).logsumexp(-1).mean().backward()
+    grads = [m.lora_B.weight.grad for m in lora_modules(net).values()]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(grads) // 2  # routed experts learn
+    with torch.no_grad():
+        for m in lora_modules(net).values():
+            m.lora_B.weight.normal_(0, 0.2)
+    save_adapter(net, tmp_path / "a", AdapterConfig(r=4, lora_alpha=8, target_modules=targets))
+    net.eval()
+    fresh = build_model(mixtral, cfg, dtype=torch.float32, device=torch.device("cpu"))
+    apply_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), net(x), atol=1e-5)
+
+
+def test_finetune_learns_through_the_experts_with_the_balancing_loss(tmp_path, mixtral):
+    """`devstral finetune --target q,experts --router-aux-loss 0.02` on a Mixtral model: the loss falls, the
+    adapter names the expert linears as PEFT's Mixtral targets do, and it loads for inference."""
+    from devstral.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "secret?"},
+                                             {"role": "assistant", "content": "banana split"}]}) + "\n")
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(mixtral), "--data", str(data), "--output", str(out), "--max-steps", "12",
+                 "--lr", "2e-2", "--target", "q,experts", "--router-aux-loss", "0.02", "--no-progress"]) == 0
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses[-1] < 0.7 * losses[0]
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "w1", "w2", "w3"]
+    devstral.load(mixtral, adapter=out, device="cpu", backend="torch")
+    assert main(["finetune", "--model", str(mixtral), "--data", str(data), "--output", str(tmp_path / "x"),
+                 "--router-aux-loss", "-1", "--no-progress"]) == 2

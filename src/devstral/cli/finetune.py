@@ -25,7 +25,10 @@ def finetune(
     lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 16); scale is alpha/r."),
     lora_dropout: float = typer.Option(None, "--lora-dropout", help="Dropout on the LoRA input (default 0)."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r) (rank-stabilized)."),
-    target: str = typer.Option(None, "--target", help="all-linear (default) or a comma list of q,k,v,o,gate,up,down."),
+    target: str = typer.Option(None, "--target", help="all-linear (default) or a comma list of q,k,v,o,gate,up,down, "
+                                                      "experts (a Mixtral model's expert linears w1,w2,w3)."),
+    router_aux_loss: float = typer.Option(None, "--router-aux-loss", help="MoE models: weight of the router's "
+                                          "load-balancing loss (Mixtral trained with 0.02; default 0)."),
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Keep the base weights in 4-bit NF4."),
     full: bool = typer.Option(None, "--full/--no-full", help="Train every weight (fp32 master weights); "
                               "OUTPUT becomes a model folder instead of an adapter."),

@@ -17,9 +17,12 @@ from torch import nn
 from devstral.errors import DevstralError
 
 # Short names accepted by --target, and what "all-linear" means for our decoder (PEFT leaves lm_head out).
+# Mixtral's expert linears keep their checkpoint (and PEFT) names w1 (gate), w3 (up), w2 (down); the router
+# (`gate`) is never wrapped, as PEFT leaves it out of Mixtral's targets.
 TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                   "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_LINEAR = ("w1", "w2", "w3")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *EXPERT_LINEAR)
 
 
 def parse_targets(spec: str | Iterable[str]) -> list[str]:
@@ -31,10 +34,13 @@ def parse_targets(spec: str | Iterable[str]) -> list[str]:
         return list(ALL_LINEAR)
     names = set()
     for item in items:
+        if item == "experts":
+            names.update(EXPERT_LINEAR)
+            continue
         name = TARGET_ALIASES.get(item, item)
         if name not in ALL_LINEAR:
             raise DevstralError(f"--target: unknown module {item!r} (choose all-linear or a comma list of "
-                                f"{', '.join(TARGET_ALIASES)})")
+                                f"{', '.join(TARGET_ALIASES)}, experts)")
         names.add(name)
     return [n for n in ALL_LINEAR if n in names]
 

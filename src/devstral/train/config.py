@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     rslora: bool = False
+    router_aux_loss: float = 0.0  # MoE: weight of the routers' load-balancing loss
     target: str = "all-linear"
     qlora: bool = False
     full: bool = False  # full-parameter training: every weight learns, the output is a model folder
@@ -64,6 +66,8 @@ class TrainConfig:
             raise DevstralError(f"--lora-r must be a positive integer, got {self.lora_r}")
         if self.lora_alpha <= 0:
             raise DevstralError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not (math.isfinite(self.router_aux_loss) and self.router_aux_loss >= 0):
+            raise DevstralError(f"--router-aux-loss must be a finite number >= 0, got {self.router_aux_loss}")
         if not 0 <= self.lora_dropout < 1:
             raise DevstralError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.epochs is not None and self.max_steps is not None:

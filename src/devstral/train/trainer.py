@@ -125,6 +125,16 @@ class Progress:
             self.bar.stop()
 
 
+def router_loss(model: torch.nn.Module) -> torch.Tensor:
+    """The load-balancing loss over every MoE layer's routing of the last forward (0 for dense models)."""
+    from devstral.model.moe import MoE, load_balancing_loss
+
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+    if not layers:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return load_balancing_loss([m.router_logits for m in layers], len(layers[0].experts), layers[0].top_k)
+
+
 def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.config import ModelConfig
     from devstral.devices import resolve_device
@@ -230,7 +240,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                 batch = batch.to(device)
                 with _autocast(device):
                     loss, _ = summed_loss(model, batch)
-                (loss / n_learned).backward()
+                objective = loss / n_learned
+                if cfg.router_aux_loss > 0:
+                    objective = objective + cfg.router_aux_loss * router_loss(model) / len(batches)
+                objective.backward()
                 loss_sum += float(loss.detach())
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -275,7 +288,9 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     if cfg.full:
         save_model_folder(model, model_path, out)
     else:
-        save_adapter(model, out, AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+        wrapped = {name.rpartition(".")[2] for name in lora_modules(model)}  # what this model had of them
+        save_adapter(model, out, AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                               target_modules=[t for t in targets if t in wrapped],
                                                lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
                                                base_model_name_or_path=str(cfg.model)))
     plot_loss(metrics.records(), out / "loss.png")
