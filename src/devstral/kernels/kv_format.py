@@ -62,6 +62,18 @@ def bytes_per_token(kind: str, n_layers: int, n_kv_heads: int, head_dim: int) ->
     return 2 * n_layers * n_kv_heads * per_head
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c correctly rounded on every device. On CUDA, torch turns division by a Python number into a
+    multiplication by its float32 reciprocal (BinaryDivTrueKernel.cu), one bit off ggml's `amax / 127`;
+    a divisor tensor on x's device takes the true division (and needs no host copy under graph capture)."""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
+
+
+def _reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """1 / d as ggml computes it (`1.0f/d`, an IEEE division), spelled as a tensor division for the reason above."""
+    return torch.full((), 1.0, dtype=d.dtype, device=d.device) / d
+
+
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)  # C's roundf, as ggml uses
 
@@ -73,19 +85,19 @@ def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | N
     x = x.float()
     if kind == "fp8":
         amax = x.abs().amax(-1, keepdim=True)  # scales [..., 1]: the pool's layout (S = 1)
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = torch.where(amax > 0, _div(amax, FP8_MAX), torch.ones_like(amax))
         return (x / scale).to(torch.float8_e4m3fn), scale
     blocks = x.unflatten(-1, (-1, GROUP))
     if kind == "q8_0":
-        d = blocks.abs().amax(-1) / 127.0
-        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        d = _div(blocks.abs().amax(-1), 127.0)
+        inv = torch.where(d > 0, _reciprocal(d), torch.zeros_like(d))
         q = _round_half_away(blocks * inv[..., None]).clamp(-127, 127)
         return q.to(torch.int8).flatten(-2), d.to(torch.float16)
     if kind == "q4_0":
         # ggml: the value of largest magnitude, with its sign, maps to -8; others round to 0..15.
         idx = blocks.abs().argmax(-1, keepdim=True)
         d = torch.gather(blocks, -1, idx).squeeze(-1) / -8.0
-        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        inv = torch.where(d != 0, _reciprocal(d), torch.zeros_like(d))
         q = torch.clamp(torch.trunc(blocks * inv[..., None] + 8.5), max=15).to(torch.uint8)
         packed = q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4)  # byte j holds values j and j+16
         return packed.flatten(-2), d.to(torch.float16)

@@ -5,7 +5,9 @@ One program per token writes its keys and values for every kv head. A negative s
 nothing, so the padding rows of a captured CUDA-graph batch cost one load and no store; nothing here
 syncs with the host, so the launch can be captured. The quantizers repeat the reference's float32
 arithmetic operation for operation (IEEE division, round half away from zero, ggml's q4_0 rule), so
-the stored bytes are the reference's bytes.
+the stored bytes are the reference's bytes. The kernel compiles without floating-point contraction:
+with it, `x * inv + 0.5` becomes one fma that skips the product's rounding, and a value on a rounding
+boundary lands in the neighbouring code (seen on the H200).
 """
 
 from __future__ import annotations
@@ -124,4 +126,5 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mappi
         k, v, slot_mapping, layer.k, layer.v, scales[0], scales[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         layer.k.stride(0), layer.k.stride(1), layer.k.stride(2), ss[0], ss[1], ss[2], n_heads,
-        PAGE=page, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(n_heads), KIND=kind, num_warps=4)
+        PAGE=page, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(n_heads), KIND=kind, num_warps=4,
+        enable_fp_fusion=False)  # the reference rounds each product before the add (see above)
