@@ -2,7 +2,10 @@
 
 Each product and sum is rounded to the output dtype exactly where the reference's elementwise torch
 ops round (a bf16 * bf16 product is exact in float32, so rounding it once gives torch's result), so
-the kernel matches the reference bit for bit in bf16/fp16. The inputs may be strided views of a
+the kernel matches the reference bit for bit in bf16/fp16, provided it compiles without floating-point
+contraction: LLVM narrows each rounded product and sum to a bf16/fp16 instruction and would then fuse
+`x1 * c1 - x2 * s1` into one fma, skipping a rounding (seen on the H200: errors of many ulps where
+the two terms cancel). The inputs may be strided views of a
 fused qkv projection (last dim contiguous); the outputs are new contiguous tensors.
 """
 
@@ -96,5 +99,6 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), qs.stride(0), qs.stride(1),
         HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
-        BLOCK_HK=triton.next_power_of_2(Hkv), HAS_Q_SCALE=q_scale is not None, num_warps=4)
+        BLOCK_HK=triton.next_power_of_2(Hkv), HAS_Q_SCALE=q_scale is not None, num_warps=4,
+        enable_fp_fusion=False)  # round each product as the reference does (module docstring)
     return q_out, k_out
