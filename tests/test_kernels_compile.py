@@ -148,3 +148,36 @@ def test_every_kernel_variant_compiles_without_spills(monkeypatch, arch, kinds):
             assert buffers and max(int(b) for b in buffers) >= 2, f"{label}: the K loop is not pipelined"
         compiled.append(label)
     assert len({c.split()[0] for c in compiled}) == 9  # every kernel, merge and split-K sum included
+
+
+def test_fp32_decode_configs_fit_in_shared_memory(monkeypatch):
+    """The fp32 cache's [block_n, head_dim] tiles are 4 bytes a value: at the benchmark's block_n 128 /
+    8 warps, five stages overflow an H200 block's shared memory (what the H200 run raised); the launch
+    drops to the stages that fit, as the compiled sm_90 kernel's own shared-memory figure shows."""
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this Triton has no offline compile entry points")
+    import importlib
+
+    from devstral.kernels.kv_format import KVLayer
+
+    h200_smem_per_block = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on the H200 (and H100)
+    pa = importlib.import_module("devstral.kernels.paged_attention_triton")
+    launches: list = []
+    monkeypatch.setattr(pa, "kernels_for", lambda t, name: _RecordingModule(pa, launches))
+    monkeypatch.setattr(pa, "on_interpreter", lambda t: False)
+    monkeypatch.setattr(pa, "_smem_per_block", lambda device: h200_smem_per_block)
+    cache = torch.zeros(8, 16, 8, 128)
+    layer = KVLayer(cache, cache.clone(), None, None, "fp32")
+    q = torch.randn(4, 32, 128)
+    tables, lens = torch.zeros(4, 4, dtype=torch.int32), torch.full((4,), 50, dtype=torch.int32)
+    for cfg in (pa.DecodeConfig(block_n=128, num_warps=8, splits=3), pa.DecodeConfig(splits=3)):
+        pa.decode_attention_triton(q, layer, tables, lens, 0.088, None, max_context=131072, config=cfg)
+    target = GPUTarget("cuda", 90, 32)
+    splits = [(fn, args, kwargs) for fn, args, kwargs in launches if fn.__name__ == "_decode_split_kernel"]
+    assert [kw["num_stages"] for _, _, kw in splits] == [3, 5]  # the default config keeps its pipeline
+    for fn, args, kwargs in splits:
+        assert _compile(fn, args, kwargs, target).metadata.shared <= h200_smem_per_block
+    fn, args, kwargs = splits[0]
+    assert _compile(fn, args, {**kwargs, "num_stages": 5}, target).metadata.shared > h200_smem_per_block

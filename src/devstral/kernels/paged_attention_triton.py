@@ -74,6 +74,30 @@ def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: D
     return best
 
 
+SMEM_SCRATCH = 16 * 1024  # shared memory pass 1 takes besides its K/V tiles (query tile, layout conversions)
+
+
+def fitting_stages(cfg: DecodeConfig, head_dim: int, cache_itemsize: int, smem_per_block: int | None) -> int:
+    """cfg.num_stages, or fewer where the pipelined K/V tiles of this cache dtype would not fit in a
+    block's shared memory. Triton 3.6 keeps num_stages - 1 buffers of one [block_n, head_dim] tile
+    plus the other tile (sm_90 builds: fp32 cache, block_n 128, 5 stages take 279,680 bytes, over the
+    H200's 232,448; 3 stages take 148,096); the 2-byte and quantized caches are not multi-buffered."""
+    if smem_per_block is None:
+        return cfg.num_stages
+    tile = cfg.block_n * head_dim * cache_itemsize
+    stages = cfg.num_stages
+    while stages > 1 and stages * tile + SMEM_SCRATCH > smem_per_block:
+        stages -= 1
+    return stages
+
+
+def _smem_per_block(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
+
+
 def concurrent_programs(kernel, device: torch.device, cfg: DecodeConfig) -> int:
     """How many pass-1 programs the GPU runs at once: SMs x programs per SM, the latter from the
     compiled kernel's registers, shared memory and warps as Triton's fused-softmax tutorial computes
@@ -294,7 +318,8 @@ class _Launch:
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
                                PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages,
+                               num_stages=fitting_stages(cfg, D, layer.k.element_size(),
+                                                         None if self.interpreted else _smem_per_block(q.device)),
                                # fp8 value scales multiply the probabilities, except in fp16, whose
                                # range would flush p x scale (scales go down to ~1e-6) to zero
                                FOLD_V_SCALE=q.dtype != torch.float16)
