@@ -24,7 +24,7 @@ from devstral.kernels import (
     nf4_kernels,
 )
 from devstral.kernels.fp8_linear import FP8Linear
-from devstral.kernels.gguf_pack import pack, unpack
+from devstral.kernels.gguf_pack import ALIGN, FORMATS, pack, unpack
 from devstral.model.nf4 import NF4Linear, NF4Tensor, dequantize_nf4, quantize_nf4
 from devstral.quant import QType, dequantize
 from devstral.quant.layout import block_info
@@ -172,7 +172,10 @@ def test_quant_linear_on_cuda_matches_the_cpu_layer(qt):
     raw = blocks(qt, n, k, seed=4)
     cpu = QuantLinear(raw, qt, n, k)
     gpu = QuantLinear(raw.to(CUDA), qt, n, k)
-    assert gpu.weight_q.mode == "planar" and gpu.weight_q.nbytes() <= 1.03 * raw.numel()
+    # planar fields: at most 1.028x the file's bytes (gguf_pack), plus up to ALIGN - 1 bytes of padding
+    # after each field array, which shows at this small size (301 x 768 Q4_K: 1,012 bytes over 1.028x)
+    padding = (ALIGN - 1) * len(FORMATS[qt].fields)
+    assert gpu.weight_q.mode == "planar" and gpu.weight_q.nbytes() <= 1.03 * raw.numel() + padding
     for m in (1, 3, 7, 64, 700):
         x = torch.randn(2, m, k)
         close(gpu(x.to(CUDA, torch.bfloat16)), cpu(x.to(torch.bfloat16).float()).to(CUDA), rel=dispatch_rel(qt, 2 * m))
