@@ -53,7 +53,9 @@ def _stored(spec: str):
 def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
                 quantize_on_load: str | None = None) -> Transformer:
     """Create the network without allocating it, then fill it tensor by tensor from disk."""
-    from devstral.formats.safetensors import check_config_against_weights, iter_tensors
+    from devstral.formats.bnb4bit import bnb_quantization, iter_model_weights
+    from devstral.formats.safetensors import check_config_against_weights
+    from devstral.model.nf4 import NF4Linear
     from devstral.quant.on_load import make_setter
 
     check_config_against_weights(folder, cfg)  # before building anything from the config's sizes
@@ -63,15 +65,22 @@ def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: t
     loaded: set[str] = set()
     set_tensor = _set_parameter if quantize_on_load is None else make_setter(quantize_on_load, dtype=dtype,
                                                                              default=_set_parameter)
-    for name, tensor in iter_tensors(folder, cfg, dtype=dtype, device=device):
+    if quantize_on_load is not None and bnb_quantization(folder) is not None:
+        raise DevstralError(f"--quantize-on-load: {folder} is already quantized (bitsandbytes 4-bit)")
+    for name, tensor in iter_model_weights(folder, cfg, dtype=dtype, device=device):
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # tied: the head is the embedding, whatever copy the file also carries
         if name not in expected:
             raise DevstralError(f"{folder}: unexpected tensor {name!r} in the weights")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise DevstralError(f"{folder}: tensor {name} has shape {list(tensor.shape)} but the config "
+        shape = (tensor.out_features, tensor.in_features) if isinstance(tensor, NF4Linear) else tuple(tensor.shape)
+        if shape != tuple(expected[name].shape):
+            raise DevstralError(f"{folder}: tensor {name} has shape {list(shape)} but the config "
                                 f"implies {list(expected[name].shape)}")
-        set_tensor(model, name, tensor)
+        if isinstance(tensor, NF4Linear):  # a bitsandbytes-4bit linear: the module replaces the nn.Linear
+            parent, _, leaf = name.rpartition(".")[0].rpartition(".")
+            setattr(model.get_submodule(parent), leaf, tensor)
+        else:
+            set_tensor(model, name, tensor)
         loaded.add(name)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -13,7 +13,7 @@ import re
 import struct
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +176,8 @@ def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
     for path in files:
         for e in read_header(path):
             ours = canonical_name(e.name, layout)
-            if ours is not None:
+            # (a bitsandbytes-packed weight is [numel/2, 1] bytes: its real shape is checked as it is read)
+            if ours is not None and (e.dtype.is_floating_point or len(e.shape) != 2 or e.shape[1] != 1):
                 shapes[ours] = e.shape
     layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
     n_layers = max(layers) + 1 if layers else 0
@@ -201,14 +202,15 @@ def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
                                     f"shape {list(shape)}")
 
 
-def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype,
-                 device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
+                 keep_dtype: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor in dtype on device), one tensor in flight at a time.
 
     Each file is memory-mapped; a tensor is converted from its mapped bytes straight into its final
     dtype and device, and the pages it came from are released at once (MADV_DONTNEED), so the
     process never holds the checkpoint's pages and the loaded model together. A tensor holding NaN
-    or infinity is refused, by name, as it is read.
+    or infinity is refused, by name, as it is read. Tensors whose name `keep_dtype` accepts keep their
+    stored dtype (quantization statistics).
     """
     layout, files = weight_files(folder)
     skipped = 0
@@ -222,7 +224,8 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype,
                 if ours is None:
                     skipped += 1
                     continue
-                target = dtype if e.dtype.is_floating_point else e.dtype
+                keep = not e.dtype.is_floating_point or (keep_dtype is not None and keep_dtype(ours))
+                target = e.dtype if keep else dtype
                 if e.end == e.start:
                     out = torch.empty(e.shape, dtype=target, device=device)
                 else:

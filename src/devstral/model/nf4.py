@@ -164,9 +164,21 @@ class NF4Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, *, double_quant: bool = False, blocksize: int = BLOCKSIZE):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
-        self.blocksize, self.absmax_offset, self.double_quant = blocksize, q.absmax_offset, double_quant
+        self._store(quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant))
+
+    @classmethod
+    def from_nf4(cls, q: NF4Tensor) -> NF4Linear:
+        """A layer over weights that are already NF4 (a bitsandbytes-4bit checkpoint), used as they are."""
+        if len(q.shape) != 2:
+            raise ValueError(f"an NF4 linear weight must be 2-D, got shape {list(q.shape)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(q)
+        return layer
+
+    def _store(self, q: NF4Tensor) -> None:
+        self.out_features, self.in_features = q.shape
+        self.blocksize, self.absmax_offset, self.double_quant = q.blocksize, q.absmax_offset, q.absmax is None
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax if q.absmax is not None else q.absmax_q)
         self.register_buffer("absmax_scale", q.absmax_scale)

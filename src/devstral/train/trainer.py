@@ -138,6 +138,7 @@ def router_loss(model: torch.nn.Module) -> torch.Tensor:
 def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.config import ModelConfig
     from devstral.devices import resolve_device
+    from devstral.formats.bnb4bit import bnb_quantization
     from devstral.formats.peft import AdapterConfig, save_adapter
     from devstral.loader import resolve_model
     from devstral.model.lora import inject_lora, lora_modules, parse_targets, trainable_parameters
@@ -157,6 +158,11 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise DevstralError(f"--output {out} exists and is not a folder")
+    bnb = bnb_quantization(model_path)
+    if bnb is not None and (cfg.full or cfg.merge or cfg.gguf):
+        what = "--full" if cfg.full else "--merge" if cfg.merge else "--gguf"
+        raise DevstralError(f"{what} needs the 16-bit base model; {model_path} is bitsandbytes 4-bit (train the "
+                            "adapter on it, then merge into the 16-bit model with --model pointing there)")
     mcfg = ModelConfig.from_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     device = resolve_device(cfg.device)
@@ -219,7 +225,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     progress.print(f"data: {stats.summary()}")
     what = "full-parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
     progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, {what}: "
-                   f"{n_trainable / 1e6:,.2f}M trainable" + (" (base in NF4)" if cfg.qlora else "")
+                   f"{n_trainable / 1e6:,.2f}M trainable"
+                   + (" (base in NF4)" if cfg.qlora or bnb is not None else "")
                    + (f"; resuming at step {start_step}" if state is not None else ""))
 
     stream = micro_batch_stream(examples, plan, cfg.seed, skip=micro_done)
