@@ -72,6 +72,14 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels.lora_linear import fusable_base, lora_linear
+
+        if (isinstance(self.lora_dropout, nn.Identity) or not self.training) and fusable_base(self.base_layer):
+            # one autograd node that keeps only x (kernels/lora_linear.py); dropout needs its mask: unfused
+            return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return self.unfused(x)
+
+    def unfused(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         a = self.lora_A.weight
         h = self.lora_dropout(x)
