@@ -93,7 +93,7 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
 
 
 class Progress:
-    """A rich progress bar (loss, lr, tok/s, ETA) on stderr, or nothing."""
+    """A rich progress bar (loss, lr, tok/s, peak GPU memory, ETA) on stderr, or nothing."""
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.bar = None
@@ -105,14 +105,16 @@ class Progress:
             self.bar = RichProgress(
                 TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+                TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[mem]}"), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-",
+                                      mem="")
             self.bar.start()
 
     def update(self, loss: float, lr: float, tps: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if torch.cuda.is_initialized() else ""
+            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}", mem=mem)
 
     def print(self, text: str) -> None:
         if self.bar is not None:
@@ -161,8 +163,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     bnb = bnb_quantization(model_path)
     if bnb is not None and (cfg.full or cfg.merge or cfg.gguf):
         what = "--full" if cfg.full else "--merge" if cfg.merge else "--gguf"
-        raise DevstralError(f"{what} needs the 16-bit base model; {model_path} is bitsandbytes 4-bit (train the "
-                            "adapter on it, then merge into the 16-bit model with --model pointing there)")
+        raise DevstralError(f"{what} needs the 16-bit base model; {model_path} is bitsandbytes 4-bit (the adapter "
+                            "it trains applies to the 16-bit model: run it with --model <16-bit folder> --adapter)")
     mcfg = ModelConfig.from_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     device = resolve_device(cfg.device)
