@@ -121,7 +121,7 @@ def lora_cases(n: int, d_in: int, d_out: int, r: int, device: torch.device, dtyp
         nn.init.normal_(layer.lora_B.weight, std=0.01)
         x = torch.randn(n, d_in, device=device, dtype=dtype, generator=g).requires_grad_()
 
-        def run(fwd):
+        def run(fwd, x=x, layer=layer):
             def step():
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
