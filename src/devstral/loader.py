@@ -51,7 +51,7 @@ def _stored(spec: str):
 
 
 def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-                quantize_on_load: str | None = None) -> Transformer:
+                quantize_on_load: str | None = None, vision_notice: bool = True) -> Transformer:
     """Create the network without allocating it, then fill it tensor by tensor from disk."""
     from devstral.formats.bnb4bit import bnb_quantization, iter_model_weights
     from devstral.formats.safetensors import check_config_against_weights
@@ -67,7 +67,7 @@ def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: t
                                                                              default=_set_parameter)
     if quantize_on_load is not None and bnb_quantization(folder) is not None:
         raise DevstralError(f"--quantize-on-load: {folder} is already quantized (bitsandbytes 4-bit)")
-    for name, tensor in iter_model_weights(folder, cfg, dtype=dtype, device=device):
+    for name, tensor in iter_model_weights(folder, cfg, dtype=dtype, device=device, notice=vision_notice):
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # tied: the head is the embedding, whatever copy the file also carries
         if name not in expected:
@@ -108,14 +108,17 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
          dtype: str = "auto", kv_cache_dtype: str = "auto", max_context: int | None = None, parallel: int = 1,
          gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
          speculative: str = "lookup", max_batched_tokens: int | None = None, backend: str = "auto",
-         threads: int | None = None, quantize_on_load: str | None = None):
+         threads: int | None = None, quantize_on_load: str | None = None, vision: bool = True,
+         mmproj: str | os.PathLike | None = None):
     """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
 
     `max_context` None gives the model's whole window where the KV cache's memory allows it;
     `parallel` is how many sequences the engine batches (the server's --parallel). `backend` is
     "auto", "torch" or "llama.cpp" (engine/backend.py); `threads` is llama.cpp's CPU thread count
     (default: torch's, which `--threads` sets); `quantize_on_load` ("q8_0", "q4_k" or "fp8") quantizes a
-    safetensors model's linear weights as they stream in (quant/on_load.py)."""
+    safetensors model's linear weights as they stream in (quant/on_load.py). A multimodal checkpoint's
+    vision encoder is loaded too (images in chat), unless `vision` is False; `mmproj` is the vision
+    projector GGUF that goes with a GGUF model (llama.cpp's --mmproj)."""
     from devstral.engine.backend import choose_backend
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
@@ -125,6 +128,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
 
     quantize_on_load = parse_kind(quantize_on_load)
     path = resolve_model(model)
+    vision_model = None
     # generation_config.json beside the weights: a bad one fails here, in a second, not after them
     check_generation_config(path if path.is_dir() else path.parent)
     if _is_gguf(path) and quantize_on_load:
@@ -156,9 +160,21 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     else:
         if not path.is_dir():
             raise DevstralError(f"{path}: not a model folder or .gguf file")
+        from devstral.formats.vision_checkpoint import build_vision, has_vision_tensors, vision_config_of
+
         cfg = ModelConfig.from_dir(path)
         tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should fail in a second
-        net = build_model(path, cfg, dtype=resolve_dtype(dtype, dev, cfg), device=dev, quantize_on_load=quantize_on_load)
+        vc = vision_config_of(path, cfg) if vision else None
+        if vc is not None and not has_vision_tensors(path):
+            vc = None  # a mistral3 config over text-only weights
+        if mmproj is not None:
+            raise DevstralError("--mmproj goes with a GGUF model; this model's vision encoder (if any) is in its "
+                                "safetensors")
+        dt = resolve_dtype(dtype, dev, cfg)
+        net = build_model(path, cfg, dtype=dt, device=dev, quantize_on_load=quantize_on_load,
+                          vision_notice=vc is None)
+        if vc is not None and _images_enabled(tokenizer, vc):
+            vision_model = build_vision(path, cfg, vc, dtype=dt, device=dev)
         folder = path
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DevstralError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -192,7 +208,18 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
 
         return LlamaCppLLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec,
                            threads=threads or torch.get_num_threads())
-    return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec)
+    return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec, vision=vision_model)
+
+
+def _images_enabled(tokenizer, vc) -> bool:
+    """Teach the tokenizer to encode images for this vision encoder; False (with a note) when its kind
+    cannot (mistral-common's encoder needs a mistral-common tokenizer)."""
+    if not hasattr(tokenizer, "enable_images"):
+        print(f"note: the vision encoder is not loaded: this model's tokenizer ({type(tokenizer).__name__}) "
+              "cannot encode images (a tekken.json can)", file=sys.stderr)
+        return False
+    tokenizer.enable_images(vc)
+    return True
 
 
 def _store_sampling(parameters: dict) -> dict:

@@ -37,10 +37,13 @@ def mistral_common_data() -> Path:
     return Path(mistral_common.__file__).parent / "data"
 
 
-def write_tekken(path: Path, *, version: str = "v13", inner_vocab: int = 3096) -> int:
+def write_tekken(path: Path, *, version: str = "v13", inner_vocab: int = 3096,
+                 image: dict[str, int] | None = None) -> int:
     """A tekken.json with the first `inner_vocab` BPE ranks of mistral-common's tekken_240911.json.
 
     Truncating by rank keeps a valid byte-level BPE. Returns the total vocab size (specials included).
+    `image`: mistral-common's image section (image_patch_size, max_image_size, spatial_merge_size), as a
+    multimodal model's tekken.json carries it.
     """
     src = json.loads((mistral_common_data() / "tekken_240911.json").read_text(encoding="utf-8"))
     if not 256 <= inner_vocab <= len(src["vocab"]):
@@ -55,6 +58,8 @@ def write_tekken(path: Path, *, version: str = "v13", inner_vocab: int = 3096) -
         "vocab": vocab,
         "special_tokens": specials,
     }
+    if image is not None:
+        data["image"] = dict(image)
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return inner_vocab + TEKKEN_SPECIAL_COUNT
 
@@ -103,6 +108,43 @@ def _random_state(cfg: ModelConfig, seed: int, std: float) -> dict[str, torch.Te
     return sd
 
 
+def tiny_vision_config(text_dim: int, **dims: Any):
+    """A Pixtral encoder + Mistral 3 projector at toy size: 4-pixel patches, 2x2 merge (8 pixels per
+    image token), images up to 64 pixels a side."""
+    from devstral.model.vision_config import VisionConfig
+
+    base: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, n_layers=2, n_heads=2, patch_size=4,
+                                image_size=64, rope_theta=10000.0, hidden_act="silu", spatial_merge_size=2,
+                                projector_act="gelu")
+    return VisionConfig(text_dim=text_dim, **(base | dims))
+
+
+def _random_vision_state(vc, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """HF names of Mistral3ForConditionalGeneration (transformers >= 5: under `model.`)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+
+    def rnd(*shape: int, scale: float = std) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    d, f = vc.hidden_size, vc.intermediate_size
+    t, p = "model.vision_tower.", "model.multi_modal_projector."
+    sd = {t + "patch_conv.weight": rnd(d, vc.num_channels, vc.patch_size, vc.patch_size, scale=0.2),
+          t + "ln_pre.weight": 1 + rnd(d, scale=0.1),
+          p + "norm.weight": 1 + rnd(d, scale=0.1),
+          p + "patch_merger.merging_layer.weight": rnd(d, d * vc.spatial_merge_size ** 2, scale=0.1),
+          p + "linear_1.weight": rnd(vc.text_dim, d, scale=0.2), p + "linear_2.weight": rnd(vc.text_dim, vc.text_dim)}
+    if vc.projector_bias:
+        sd |= {p + "linear_1.bias": rnd(vc.text_dim), p + "linear_2.bias": rnd(vc.text_dim)}
+    for i in range(vc.n_layers):
+        q = f"{t}transformer.layers.{i}."
+        sd |= {q + "attention_norm.weight": 1 + rnd(d, scale=0.1), q + "ffn_norm.weight": 1 + rnd(d, scale=0.1),
+               **{q + f"attention.{n}_proj.weight": rnd(d, d, scale=0.15) for n in "qkvo"},
+               q + "feed_forward.gate_proj.weight": rnd(f, d, scale=0.15),
+               q + "feed_forward.up_proj.weight": rnd(f, d, scale=0.15),
+               q + "feed_forward.down_proj.weight": rnd(d, f, scale=0.15)}
+    return sd
+
+
 def to_mistral_names(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our (HF) names and rotary layout -> Mistral's consolidated names and interleaved layout."""
     out = {}
@@ -142,20 +184,28 @@ def tiny_config(arch: str = "mistral", vocab_size: int = 4096, **dims: Any) -> M
 def make_tiny_checkpoint(path: str | Path, layout: str = "hf", arch: str = "mistral", tokenizer: str = "tekken",
                          seed: int = 0, *, tokenizer_version: str | None = None, shards: int = 1,
                          dtype: torch.dtype = torch.float32, std: float = 0.08, wrap_mistral3: bool = False,
-                         inner_vocab: int = 3096, **dims: Any) -> Path:
+                         inner_vocab: int = 3096, vision: dict[str, Any] | None = None, **dims: Any) -> Path:
     """Write a small random checkpoint in a real format and return its folder.
 
     layout: "hf" (config.json + safetensors) or "mistral" (params.json + consolidated.safetensors).
     arch: "mistral" (Devstral Small 1.x) or "ministral3" (Devstral Small 2: YaRN + llama-4 scaling).
     tokenizer: "tekken" (version v13 by default) or "spm" (SentencePiece, v7 by default).
-    wrap_mistral3: HF only; write a Mistral3ForConditionalGeneration config with a vision tensor.
+    wrap_mistral3: HF only; write a Mistral3ForConditionalGeneration (Devstral Small 2's layout): the
+    decoder under `model.language_model.`, a tiny random Pixtral tower and projector
+    (tiny_vision_config, overridden by `vision`), and the image section in tekken.json.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    vc = None
+    if wrap_mistral3:
+        vc = tiny_vision_config(dims.get("dim", 64), **(vision or {}))
     if tokenizer == "tekken":
-        vocab = write_tekken(path / "tekken.json", version=tokenizer_version or "v13", inner_vocab=inner_vocab)
+        image = None if vc is None else {"image_patch_size": vc.patch_size, "max_image_size": vc.image_size,
+                                         "spatial_merge_size": vc.spatial_merge_size}
+        vocab = write_tekken(path / "tekken.json", version=tokenizer_version or "v13", inner_vocab=inner_vocab,
+                             image=image)
     elif tokenizer == "spm":
         version = tokenizer_version or "v7"
         shutil.copy(mistral_common_data() / _SPM_FILES[version], path / f"tokenizer.model.{version}")
@@ -171,12 +221,11 @@ def make_tiny_checkpoint(path: str | Path, layout: str = "hf", arch: str = "mist
     if layout != "hf":
         raise ValueError(f"unknown layout {layout!r}")
     hf = cfg.to_hf()
-    if wrap_mistral3:
-        hf = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "text_config": hf,
-              "vision_config": {"model_type": "pixtral", "hidden_size": 16}}
+    if vc is not None:
+        hf = vc.to_hf(hf)
         sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
               for k, v in sd.items()}
-        sd["model.vision_tower.patch_conv.weight"] = torch.zeros(16, 3, 2, 2, dtype=dtype)
+        sd |= {k: v.to(dtype).contiguous() for k, v in _random_vision_state(vc, seed, std).items()}
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     _save_sharded(sd, path, shards)
     return path

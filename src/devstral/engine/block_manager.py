@@ -20,9 +20,20 @@ import numpy as np
 from devstral.engine.sequence import Sequence
 
 
-def block_hash(parent: bytes, tokens: list[int]) -> bytes:
-    """128-bit chained hash: a collision would need 2^64 blocks, so no token-by-token check is kept."""
-    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+def block_hash(parent: bytes, tokens: list[int], images: bytes = b"") -> bytes:
+    """128-bit chained hash: a collision would need 2^64 blocks, so no token-by-token check is kept.
+    `images`: the digests of the images whose tokens the block holds ([IMG] ids alone do not say which
+    image they stand for)."""
+    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes() + images,
+                           digest_size=16).digest()
+
+
+def image_key(seq: Sequence, block: int, block_size: int) -> bytes:
+    """The digests of `seq`'s images that overlap block `block` (empty for text)."""
+    if not seq.images:
+        return b""
+    lo, hi = block * block_size, (block + 1) * block_size
+    return b"".join(im.digest for im in seq.images if im.start < hi and im.end > lo)
 
 
 @dataclass
@@ -81,7 +92,7 @@ class BlockManager:
             return []
         bs, parent, hits = self.block_size, b"", []
         for i in range((seq.num_tokens - 1) // bs):
-            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], image_key(seq, i, bs))
             b = self.block_of.get(h)
             if b is None:
                 break
@@ -114,7 +125,7 @@ class BlockManager:
         bs = self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else b""
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
-            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], image_key(seq, i, bs))
             b = seq.block_table[i]
             if h not in self.block_of and self.hash_of[b] is None:
                 self.block_of[h], self.hash_of[b] = b, h

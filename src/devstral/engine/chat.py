@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devstral.engine.outputs import PENDING
+from devstral.prompt.images import keep_images
 from devstral.prompt.system_prompt import DEFAULT
 from devstral.prompt.tool_calls import (
     ArgumentsDelta,
@@ -58,7 +59,7 @@ class ChatStream:
         self.llm = llm
         kw = {} if system_prompt is DEFAULT else {"system_prompt": system_prompt}
         # A caller that already encoded the request (a server checking the context) passes the ids.
-        self.prompt_token_ids: list[int] = (list(prompt_token_ids) if prompt_token_ids is not None
+        self.prompt_token_ids: list[int] = (keep_images(prompt_token_ids) if prompt_token_ids is not None
                                             else llm.tokenizer.encode_chat(messages, tools, **kw))
         # Without tools (or with tool_choice "none") whatever the model writes is content, even a
         # [TOOL_CALLS] marker: a client that offered no tools must never receive tool calls.

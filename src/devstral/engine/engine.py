@@ -16,6 +16,7 @@ import torch
 
 from devstral.config import ModelConfig
 from devstral.engine.block_manager import BlockManager
+from devstral.engine.image_embeds import ImageEmbedder
 from devstral.engine.kv_pool import KVPool, parse_kv_kind, pool_tokens_for_memory
 from devstral.engine.model_runner import ModelRunner
 from devstral.engine.sampling import SamplingParams
@@ -25,6 +26,8 @@ from devstral.engine.speculative import StepCosts
 from devstral.errors import DevstralError
 from devstral.kernels.kv_format import bytes_per_token
 from devstral.model.transformer import Transformer
+from devstral.model.vision import VisionModel
+from devstral.prompt.images import PromptImage, images_of
 
 GIB = 1 << 30
 
@@ -107,7 +110,7 @@ def _batched_tokens(ec: EngineConfig, device: torch.device) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, cfg: ModelConfig, ec: EngineConfig, *, compute_dtype: torch.dtype,
-                 plan: tuple[int, int] | None = None):
+                 plan: tuple[int, int] | None = None, vision: VisionModel | None = None):
         self.cfg, self.ec = cfg, ec
         self.device = next(model.parameters()).device
         self.kind = parse_kv_kind(ec.kv_cache_dtype, compute_dtype, self.device)
@@ -123,16 +126,21 @@ class Engine:
                                    max_num_batched_tokens=_batched_tokens(ec, self.device),
                                    max_context=self.max_context, speculative=ec.speculative,
                                    spec_max_batch=ec.spec_max_batch, step_costs=self.step_costs)
+        self.images = ImageEmbedder(vision) if vision is not None else None
         self.runner = ModelRunner(model, cfg, self.pool, max_num_seqs=ec.max_num_seqs,
-                                  max_context=self.max_context, cuda_graphs=ec.cuda_graphs)
+                                  max_context=self.max_context, cuda_graphs=ec.cuda_graphs, images=self.images)
         self.stats = EngineStats()
 
     # ---------------------------------------------------------------- requests
-    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int]) -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int], *,
+            images: list[PromptImage] | None = None) -> Sequence:
+        """`images`: where the prompt's [IMG] tokens get their embeddings (prompt/images.PromptIds)."""
         if len(prompt_ids) + max_tokens > self.max_context:
             raise DevstralError(f"prompt of {len(prompt_ids)} tokens plus {max_tokens} new ones exceeds the "
                                 f"context size {self.max_context}")
-        seq = Sequence(prompt_ids, params, max_tokens, stop_ids, device=self.device)
+        if images and self.images is None:
+            raise DevstralError("this prompt has images but the model has no vision encoder")
+        seq = Sequence(prompt_ids, params, max_tokens, stop_ids, device=self.device, images=images)
         self.scheduler.add(seq)
         return seq
 
@@ -199,10 +207,11 @@ class Engine:
 
     def teacher_forced_logits(self, ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """Logits [len(ids), vocab] at every position, computed through the paged KV cache in chunks of
-        `chunk` tokens (one token at a time with chunk=1, like decoding) with the prefix cache in play."""
+        `chunk` tokens (one token at a time with chunk=1, like decoding) with the prefix cache in play.
+        Images of `ids` (a PromptIds) are embedded as in serving."""
         if self.has_work():
             raise RuntimeError("teacher_forced_logits needs an idle engine")
-        seq = Sequence(ids, SamplingParams(temperature=0), 1, set(), device=self.device)
+        seq = Sequence(ids, SamplingParams(temperature=0), 1, set(), device=self.device, images=images_of(ids))
         if not self.blocks.allocate(seq):
             raise DevstralError(f"{len(ids)} tokens do not fit in the KV cache ({self.pool.num_tokens} tokens)")
         try:

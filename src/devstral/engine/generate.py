@@ -27,6 +27,8 @@ from devstral.engine.sampling import SamplingParams
 from devstral.engine.sequence import Sequence
 from devstral.errors import ContextOverflowError, DevstralError
 from devstral.model.transformer import Transformer
+from devstral.model.vision import VisionModel
+from devstral.prompt.images import images_of, keep_images
 from devstral.prompt.tokenizer import Tokenizer
 from devstral.textstream import held_suffix_len, split_on_stop
 
@@ -55,8 +57,9 @@ class LLM:
 
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer, *, path: Path | None = None,
                  sampling: SamplingParams | None = None, kv_cache_dtype: str = "auto", max_context: int | None = None,
-                 parallel: int = 1, engine_config: EngineConfig | None = None):
+                 parallel: int = 1, engine_config: EngineConfig | None = None, vision: VisionModel | None = None):
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
+        self.vision = vision  # model/vision.py: set for a model that takes images
         self.default_sampling = sampling or SamplingParams()
         self.engine_config = engine_config or EngineConfig(max_context=max_context, max_num_seqs=parallel,
                                                            kv_cache_dtype=kv_cache_dtype)
@@ -75,7 +78,8 @@ class LLM:
         self.max_context = self._plan[0]
 
     def _build_engine(self) -> Engine:
-        return Engine(self.model, self.config, self.engine_config, compute_dtype=self.dtype, plan=self._plan)
+        return Engine(self.model, self.config, self.engine_config, compute_dtype=self.dtype, plan=self._plan,
+                      vision=self.vision)
 
     @property
     def engine(self) -> Engine:
@@ -98,10 +102,28 @@ class LLM:
     # ---------------------------------------------------------------- building blocks
     @torch.inference_mode()
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Full-sequence logits [len(ids), vocab] in float32, no cache, no sampling."""
-        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)[None]
+        """Full-sequence logits [len(ids), vocab] in float32, no cache, no sampling (images of a
+        PromptIds embedded)."""
+        images = self._check_images(ids)
+        tokens = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
         self._check_ids(tokens)
-        return self.model(tokens).float()[0]
+        inject = None
+        if images:
+            from devstral.engine.image_embeds import ImageEmbedder
+
+            inject = ImageEmbedder(self.vision).injection([(0, 0, tokens.shape[1], images)], self.device)
+        return self.model(tokens, inject=inject).float()[0]
+
+    def _check_images(self, ids) -> list:
+        """The images of a prompt; an error for images a text-only model cannot see, or for image
+        tokens that arrive without their image (a raw prompt that typed them)."""
+        images = images_of(ids)
+        if images and self.vision is None:
+            raise DevstralError("this prompt has images but the model is text-only (it has no vision encoder)")
+        img = getattr(self.tokenizer, "image_tokens", None)
+        if img is not None and not images and img.img in ids:
+            raise DevstralError("the prompt holds [IMG] tokens without their image; send images as image parts")
+        return images
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Raw completion prompt: one BOS, then the text (a BOS string already typed is not doubled)."""
@@ -129,13 +151,14 @@ class LLM:
         caller then runs. `cache` is accepted for older callers and ignored: the engine owns the cache.
         """
         params = params or self.default_sampling
-        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else keep_images(prompt)
         if not ids:
             raise DevstralError("empty prompt")
         budget = self.max_context - len(ids)
         if budget < 1 or (params.max_tokens is not None and params.max_tokens > budget):
             raise ContextOverflowError(len(ids), self.max_context, params.max_tokens or 0)
         self._check_ids(ids)
+        self._check_images(ids)
         max_new = budget if params.max_tokens is None else params.max_tokens
         yield from self._generate(ids, params, max_new, special, should_stop, yield_prefill)
 
@@ -147,7 +170,9 @@ class LLM:
         decoder = StreamDecoder(self.tokenizer, special=special, context=ids)
         hidden = self._hidden_control_tokens() if special else set()
         stops, held, finish, hit = params.stop, "", "length", False
-        seq = self.engine.add(ids, params, max_new, stop_ids)
+        images = images_of(ids)
+        seq = (self.engine.add(ids, params, max_new, stop_ids, images=images) if images
+               else self.engine.add(ids, params, max_new, stop_ids))
         read = len(ids)
         try:
             while not hit:
@@ -209,7 +234,7 @@ class LLM:
         return stream_chat(self, messages, tools=tools, sampling=sampling, **kw)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Completion:
-        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else keep_images(prompt)
         text, out, steps, finish, cached, timings = [], [], [], "length", 0, {}
         for step in self.stream(ids, params, **kw):
             text.append(step.text)

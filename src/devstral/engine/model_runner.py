@@ -16,12 +16,13 @@ import torch
 from devstral.config import ModelConfig
 from devstral.engine.attention import BatchAttention, PrefillChunk
 from devstral.engine.constraints import apply_mask
+from devstral.engine.image_embeds import ImageEmbedder
 from devstral.engine.kv_pool import KVPool
 from devstral.engine.sampling import sample
 from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import verify
-from devstral.errors import NonFiniteLogitsError
+from devstral.errors import DevstralError, NonFiniteLogitsError
 from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
 
@@ -80,8 +81,9 @@ class _DecodeGraphs:
 
 class ModelRunner:
     def __init__(self, model: Transformer, cfg: ModelConfig, pool: KVPool, *, max_num_seqs: int,
-                 max_context: int, cuda_graphs: bool):
+                 max_context: int, cuda_graphs: bool, images: ImageEmbedder | None = None):
         self.model, self.cfg, self.pool = model, cfg, pool
+        self.images = images  # the vision encoder's side, for prompts with images
         self.device = next(model.parameters()).device
         self.block_size = pool.block_size
         self.max_context = max_context
@@ -145,9 +147,12 @@ class ModelRunner:
     def _forward(self, batch: list[ScheduledSeq], all_rows: bool = False) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         bs = self.block_size
         tokens, positions, slots, select, sampling = [], [], [], [], []
+        image_spans = []  # (first row in the flat batch, first position, tokens, images) of chunks with images
         decode = [s for s in batch if s.n_tokens == 1]
         for item in batch:
             seq, start = item.seq, item.seq.num_computed
+            if seq.images:
+                image_spans.append((len(tokens), start, item.n_tokens - len(item.draft), seq.images))
             pos = np.arange(start, start + item.n_tokens)
             table = np.asarray(seq.block_table, dtype=np.int64)
             tokens.extend(item.input_ids())
@@ -169,7 +174,12 @@ class ModelRunner:
         nd = len(decode)
         if all_rows:
             select = list(range(len(tokens)))
-        if (not all_rows and self.graphs is not None and nd == len(batch) and len(sampling) == nd
+        inject = None
+        if image_spans:
+            if self.images is None:
+                raise DevstralError("this prompt has images but the model has no vision encoder")
+            inject = self.images.injection(image_spans, dev)
+        if (not all_rows and inject is None and self.graphs is not None and nd == len(batch) and len(sampling) == nd
                 and self.graphs.bucket(nd) is not None):
             return self.graphs.run(nd, tok, pos, slot, tables_t, context), sampling
         chunks, offset = [], nd
@@ -180,10 +190,10 @@ class ModelRunner:
         attn = BatchAttention(self.pool, slot, nd, tables_t, context, self.max_context, self.scale,
                               self.cfg.sliding_window, chunks)
         sel = torch.tensor(select, dtype=torch.long).to(dev, non_blocking=True) if select else None
-        if sel is None:
-            self.model.hidden_states(tok[None], pos[None], cache=attn)  # prefill chunks only: fill the cache
+        if sel is None:  # prefill chunks only: fill the cache
+            self.model.hidden_states(tok[None], pos[None], cache=attn, inject=inject)
             return torch.empty(0), []
-        return self.model(tok[None], pos[None], cache=attn, select=sel)[0], sampling
+        return self.model(tok[None], pos[None], cache=attn, select=sel, inject=inject)[0], sampling
 
     @staticmethod
     def _check_finite(logits: torch.Tensor, sampling: list[ScheduledSeq], rows: list[slice]) -> None:

@@ -15,6 +15,7 @@ from enum import Enum
 import torch
 
 from devstral.engine.sampling import SamplingParams
+from devstral.prompt.images import PromptImage
 
 _ids = itertools.count()
 
@@ -27,9 +28,10 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", images: list[PromptImage] | None = None):
         self.id = next(_ids)
         self.token_ids = list(prompt_ids)
+        self.images = list(images or [])  # prompt/images.PromptImage: where [IMG] embeddings go
         self.num_prompt_tokens = len(prompt_ids)
         self.params, self.max_tokens, self.stop_ids = params, max_tokens, stop_ids
         self.status = Status.WAITING

@@ -51,13 +51,14 @@ def bnb_quantization(folder: Path) -> dict | None:
     return qc
 
 
-def iter_model_weights(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype,
-                       device: torch.device | str) -> Iterator[tuple[str, torch.Tensor | NF4Linear]]:
-    """The loaders' one source of weights: plain tensors, plus NF4Linear layers from a bnb-4bit checkpoint."""
+def iter_model_weights(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
+                       notice: bool = True) -> Iterator[tuple[str, torch.Tensor | NF4Linear]]:
+    """The loaders' one source of weights: plain tensors, plus NF4Linear layers from a bnb-4bit checkpoint.
+    `notice`: say so when vision tensors are skipped (False when the vision encoder loads them)."""
     from devstral.formats.safetensors import iter_tensors
 
     if bnb_quantization(folder) is None:
-        yield from iter_tensors(folder, cfg, dtype=dtype, device=device)
+        yield from iter_tensors(folder, cfg, dtype=dtype, device=device, notice=notice)
     else:
         yield from iter_bnb_weights(folder, cfg, dtype=dtype, device=device)
 

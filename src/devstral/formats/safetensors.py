@@ -23,7 +23,8 @@ from devstral.config import ModelConfig, config_key, read_json
 from devstral.errors import DevstralError
 from devstral.formats.finite import check_finite
 
-# Names of vision-tower and projector tensors, in HF and Mistral checkpoints: skipped for now.
+# Names of vision-tower and projector tensors, in HF and Mistral checkpoints: the text decoder skips
+# them; model/vision.py loads the HF ones (vision_param_name).
 _VISION = re.compile(
     r"^(model\.)?(vision_tower|multi_modal_projector|vision_encoder|vision_language_adapter|patch_merger|"
     r"pre_mm_projector_norm)\."
@@ -105,6 +106,16 @@ def canonical_name(name: str, layout: str) -> str | None:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+_HF_VISION = re.compile(r"^(model\.)?(?P<rest>(vision_tower|multi_modal_projector)\..+)$")
+
+
+def vision_param_name(name: str, layout: str) -> str | None:
+    """A checkpoint tensor name -> model/vision.VisionModel's parameter name, None if not a vision
+    tensor we load (HF layout only: transformers >= 5 saves them under `model.`, 4.x at the top)."""
+    m = _HF_VISION.match(name) if layout == "hf" else None
+    return m.group("rest") if m else None
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -203,7 +214,8 @@ def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
 
 
 def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
-                 keep_dtype: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 keep_dtype: Callable[[str], bool] | None = None, part: str = "text",
+                 notice: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor in dtype on device), one tensor in flight at a time.
 
     Each file is memory-mapped; a tensor is converted from its mapped bytes straight into its final
@@ -211,6 +223,9 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: 
     process never holds the checkpoint's pages and the loaded model together. A tensor holding NaN
     or infinity is refused, by name, as it is read. Tensors whose name `keep_dtype` accepts keep their
     stored dtype (quantization statistics).
+
+    `part`: "text" (the decoder; vision tensors are skipped, with a one-line notice unless `notice` is
+    False) or "vision" (model/vision.py's names).
     """
     layout, files = weight_files(folder)
     skipped = 0
@@ -220,9 +235,9 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: 
             continue
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for e in entries:
-                ours = canonical_name(e.name, layout)
+                ours = canonical_name(e.name, layout) if part == "text" else vision_param_name(e.name, layout)
                 if ours is None:
-                    skipped += 1
+                    skipped += part == "text"
                     continue
                 keep = not e.dtype.is_floating_point or (keep_dtype is not None and keep_dtype(ours))
                 target = e.dtype if keep else dtype
@@ -236,13 +251,13 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: 
                     out = t.to(device=device, dtype=target, copy=True)
                     del t
                     view.release()
-                if layout == "mistral" and ours.endswith(("q_proj.weight", "k_proj.weight")):
+                if part == "text" and layout == "mistral" and ours.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads
                     out = permute_for_rotate_half(out, heads).contiguous()
                 _release(mm, e.start, e.end)
                 check_finite(out, e.name, path)
                 yield ours, out
-    if skipped:
+    if skipped and notice:
         print(f"note: skipped {skipped} vision-tower tensors (text-only inference)", file=sys.stderr)
 
 

@@ -165,17 +165,23 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
-                      cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
+                      inject: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, dim].
 
         `positions` [B, T] default to 0..T-1. Without a cache the attention is causal (and windowed)
         over the given tokens; `attn_mask` [B, 1, T, T] (True = may attend) lets training keep packed
         examples apart. With a cache, the cache knows each token's sequence and masks accordingly.
+        `inject` (rows [M] into the flattened B*T tokens, embeddings [M, dim]) replaces those tokens'
+        embeddings: the image features of [IMG] tokens (model/vision.py).
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.model.embed_tokens(tokens)
+        if inject is not None:
+            rows, values = inject
+            x = x.reshape(B * T, -1).index_copy(0, rows, values.to(x.dtype)).view(B, T, -1)
         cos, sin = self.rotary(positions, x.dtype)
         q_scale = self.rotary.query_scale(positions)
         mask = None if cache is not None else self._mask(positions, attn_mask)
@@ -188,10 +194,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                 cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None,
+                inject: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or only at the token indices `select` [S] -> [B, S, vocab] (the engine
         needs logits only where a sequence samples its next token)."""
-        h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask)
+        h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask, inject=inject)
         return run_linear(self.lm_head, h if select is None else h[:, select])
 
     def fuse_projections(self) -> None:

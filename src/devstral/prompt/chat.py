@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from devstral.errors import DevstralError
 from devstral.prompt import raw_arguments
+from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
 
 TrainOn = Literal["assistant", "last-assistant"]
@@ -88,7 +89,8 @@ def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: boo
     path = getattr(tokenizer, "path", None)
     messages = with_system_prompt(messages, tokenizer.default_system_prompt, system_prompt,
                                   name=path.parent.name if path is not None else "")
-    request = prepare_request(messages, tools, version.value, continue_final=not training)
+    request = prepare_request(messages, tools, version.value, continue_final=not training,
+                              images_for=None if training else _image_gate(tokenizer))
     mode = ValidationMode.finetuning if training else ValidationMode.serving
     segments: list[tuple[str, list[int]]] = []
     instruct = _recording_copy(mistral.instruct_tokenizer, segments)
@@ -96,7 +98,8 @@ def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: boo
     try:
         validated = get_validator(version, mode=mode).validate_request(request)
         normalized = mistral._instruct_request_normalizer.from_chat_completion_request(validated)
-        ids = instruct.encode_instruct(normalized).tokens
+        tokenized = instruct.encode_instruct(normalized)
+        ids = tokenized.tokens
     except DevstralError:
         raise
     except Exception as e:  # mistral-common's validation errors: ValueError/AssertionError/its own types
@@ -104,7 +107,16 @@ def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: boo
     segments.insert(0, ("start", list(instruct.start())))
     if [t for _, seg in segments for t in seg] != ids:  # e.g. a future mistral-common that truncates
         raise RuntimeError("mistral-common's per-message encodings do not add up to its request encoding")
+    if tokenized.images:
+        ids = attach_images(ids, tokenized.images, tokenizer.image_tokens)
     return ids, segments
+
+
+def _image_gate(tokenizer) -> str | None:
+    """None when the tokenizer's model takes images, else why it does not (the error's reason)."""
+    if getattr(tokenizer, "image_tokens", None) is not None:
+        return None
+    return getattr(tokenizer, "no_images_reason", None) or "this model is text-only (it has no vision encoder)"
 
 
 def _recording_copy(instruct, segments: list[tuple[str, list[int]]]):
@@ -142,7 +154,7 @@ _STRICT_ID_VERSIONS = ("v3", "v7", "v11")
 
 
 def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, version: str, *,
-                    continue_final: bool = False):
+                    continue_final: bool = False, images_for: str | None = "images are not supported here"):
     """Check an OpenAI-shaped request and turn it into mistral-common's ChatCompletionRequest.
 
     `continue_final`: a last assistant message with text is a prefill that the answer continues
@@ -154,6 +166,10 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
       calls and results, to 9 alphanumerics for versions that encode or validate them (as vLLM does);
     - tool results without a "name" get the name of their call (v2/v3 encode it);
     - v2/v3 cannot hold content and tool calls in one turn: the tool calls are kept.
+
+    `image_url` parts of user messages are decoded and checked here (prompt/images.py) and handed to
+    mistral-common as images, so it never opens a URL itself; `images_for` is None when the model
+    takes images, else the reason it does not (which a request with an image is refused with).
     """
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -163,8 +179,10 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     strict_ids = version in _STRICT_ID_VERSIONS or version in ("v1", "v2")
     call_names: dict[str, str] = {}
     out: list[dict[str, Any]] = []
+    images: dict[tuple[int, int], Any] = {}  # (message, part) -> checked PIL image
     for i, message in enumerate(messages):
         message = _check_message(i, message)
+        images |= _message_images(i, message, images_for, len(images))
         role = message["role"]
         if role == "assistant" and message.get("tool_calls"):
             calls = []
@@ -196,7 +214,41 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
         raise DevstralError(f"invalid chat request: {_one_line(e)}") from None
     if continue_final and continued_prefix(out) is not None:
         request.messages[-1].prefix = True  # from_openai drops the field
+    if images:
+        _use_checked_images(request, images)
     return request
+
+
+def _message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
+    """The checked images of message i's image_url parts; errors name the message and the part."""
+    content = message.get("content")
+    found = {}
+    for k, part in enumerate(content if isinstance(content, list) else []):
+        if part.get("type") not in ("image_url", "image"):
+            continue
+        where = f"message {i}: content part {k}"
+        if part["type"] == "image":
+            raise DevstralError(f"{where}: use OpenAI's 'image_url' parts for images")
+        if images_for is not None:
+            raise DevstralError(f"{where}: cannot take an image: {images_for}")
+        if message["role"] != "user":
+            raise DevstralError(f"{where}: images are only accepted in user messages")
+        if seen + len(found) >= MAX_IMAGES:
+            raise DevstralError(f"{where}: more than {MAX_IMAGES} images in one request")
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        found[(i, k)] = image_from_url(url, where)
+    return found
+
+
+def _use_checked_images(request, images: dict[tuple[int, int], Any]) -> None:
+    """Swap mistral-common's URL chunks for our checked images (ChatCompletionRequest keeps one message
+    per input message, in order)."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk
+
+    for (i, k), image in images.items():
+        content = request.messages[i].content
+        content[k] = ImageChunk(image=image)
 
 
 def continued_prefix(messages: list[dict[str, Any]]) -> str | None:

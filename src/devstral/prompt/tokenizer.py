@@ -76,6 +76,41 @@ class MistralCommonTokenizer:
         self.default_system_prompt = default_system_prompt
         self._keep, self._ignore = SpecialTokenPolicy.KEEP, SpecialTokenPolicy.IGNORE
         self._sentencepiece = isinstance(self.raw, SentencePieceTokenizer)
+        # Set by enable_images() once the model's vision encoder is loaded; until then images are refused.
+        self.image_tokens = None
+        self.no_images_reason: str | None = None
+
+    def enable_images(self, vision) -> None:
+        """Encode images for a model with this vision encoder (model/vision_config.VisionConfig), with
+        mistral-common's ImageEncoder: the tokenizer file's image section when it has one (it must agree
+        with the encoder's patch and merge sizes), else one made from the encoder's config."""
+        from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoder, SpecialImageIDs
+
+        from devstral.prompt.images import ImageTokens
+
+        instruct = self.mistral.instruct_tokenizer
+        if not hasattr(instruct, "image_encoder"):
+            raise DevstralError(f"{self.path}: tokenizer {self.version} cannot encode images")
+        encoder = instruct.image_encoder
+        if encoder is not None:
+            ic = encoder.image_config
+            if (ic.image_patch_size, ic.spatial_merge_size) != (vision.patch_size, vision.spatial_merge_size):
+                raise DevstralError(f"{self.path}: image section (patch {ic.image_patch_size}, merge "
+                                    f"{ic.spatial_merge_size}) disagrees with the vision encoder's {vision.source} "
+                                    f"(patch {vision.patch_size}, merge {vision.spatial_merge_size})")
+        else:
+            ids = [self.special_id(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")]
+            if None in ids:
+                raise DevstralError(f"{self.path}: the vocabulary lacks the [IMG]/[IMG_BREAK]/[IMG_END] tokens "
+                                    "that images need")
+            encoder = ImageEncoder(ImageConfig(vision.patch_size, vision.image_size, vision.spatial_merge_size),
+                                   SpecialImageIDs(*ids))
+            instruct.image_encoder = encoder
+        s = encoder.special_ids
+        if s.img != vision.image_token_id:
+            raise DevstralError(f"{vision.source}: image_token_index {vision.image_token_id} is not the tokenizer's "
+                                f"[IMG] id {s.img}")
+        self.image_tokens = ImageTokens(s.img, s.img_break, s.img_end)
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self.raw.encode(text, bos=bos, eos=eos)
