@@ -133,6 +133,12 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     check_generation_config(path if path.is_dir() else path.parent)
     if _is_gguf(path) and quantize_on_load:
         raise DevstralError(f"--quantize-on-load applies to safetensors models; {path} is a GGUF, already quantized")
+    if mmproj is not None and not _is_gguf(path):
+        raise DevstralError("--mmproj goes with a GGUF model; a safetensors model carries its own vision encoder")
+    if mmproj is not None and backend == "llama.cpp":
+        raise DevstralError("--mmproj: images run on the torch backend; use --backend torch (or auto)")
+    if mmproj is not None and vision:
+        backend = "torch"  # the vision encoder and the [IMG] embeddings are ours
     engine = choose_backend(backend, gguf=_is_gguf(path), device=device, adapter=adapter is not None)
     llama = engine == "llama.cpp"
     dev = torch.device("cpu") if llama else resolve_device(device)
@@ -157,6 +163,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
 
         net, cfg, tokenizer = load_gguf_model(path, device=dev, dtype=dtype)
         folder = path.parent if path.is_file() else path
+        if mmproj is not None and vision:
+            vision_model = _load_mmproj(Path(mmproj).expanduser(), net, cfg, tokenizer)
     else:
         if not path.is_dir():
             raise DevstralError(f"{path}: not a model folder or .gguf file")
@@ -167,9 +175,6 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         vc = vision_config_of(path, cfg) if vision else None
         if vc is not None and not has_vision_tensors(path):
             vc = None  # a mistral3 config over text-only weights
-        if mmproj is not None:
-            raise DevstralError("--mmproj goes with a GGUF model; this model's vision encoder (if any) is in its "
-                                "safetensors")
         dt = resolve_dtype(dtype, dev, cfg)
         net = build_model(path, cfg, dtype=dt, device=dev, quantize_on_load=quantize_on_load,
                           vision_notice=vc is None)
@@ -209,6 +214,19 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         return LlamaCppLLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec,
                            threads=threads or torch.get_num_threads())
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec, vision=vision_model)
+
+
+def _load_mmproj(mmproj: Path, net, cfg: ModelConfig, tokenizer):
+    from devstral.formats.gguf_mmproj import load_mmproj
+
+    if not mmproj.is_file():
+        raise DevstralError(f"--mmproj: {mmproj}: no such file")
+    img = tokenizer.special_id("[IMG]")
+    if img is None:
+        raise DevstralError(f"--mmproj: the model's vocabulary has no [IMG] token; {mmproj} does not go with it")
+    param = net.model.norm.weight
+    vision = load_mmproj(mmproj, text_dim=cfg.dim, image_token_id=img, dtype=param.dtype, device=param.device)
+    return vision if _images_enabled(tokenizer, vision.config) else None
 
 
 def _images_enabled(tokenizer, vc) -> bool:

@@ -12,6 +12,7 @@ from devstral.cli.app import app
 from devstral.cli.options import (
     BACKEND_OPTION,
     GPU_MEMORY_OPTION,
+    MMPROJ_OPTION,
     QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
@@ -21,7 +22,7 @@ from devstral.cli.options import (
 )
 
 HELP = ("Type a message and press Enter. End a line with \\ to continue on the next line, or wrap a block in "
-        '""" … """. Commands: /reset, /system TEXT, /exit. Ctrl-C stops the current answer; Ctrl-D quits.')
+        '""" … """. Commands: /reset, /system TEXT, /image PATH (for the next message), /exit. Ctrl-C stops the current answer; Ctrl-D quits.')
 
 
 def read_message(console: Console) -> str | None:
@@ -73,20 +74,23 @@ def chat(
     backend: str = BACKEND_OPTION,
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     quantize_on_load: str = QUANTIZE_ON_LOAD,
+    mmproj: Path = MMPROJ_OPTION,
 ) -> None:
     """Chat with a model in the terminal."""
     from devstral.errors import DevstralError
+    from devstral.prompt.images import file_part
 
     console = Console(stderr=True)
     apply_threads(threads)
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
                    gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                   quantize_on_load=quantize_on_load)
+                   quantize_on_load=quantize_on_load, mmproj=mmproj)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     console.print(f"[dim]{HELP}[/dim]")
     history: list[dict] = []
+    pending_images: list[dict] = []  # /image parts that go with the next message
     while True:
         text = read_message(console)
         if text is None:
@@ -104,7 +108,22 @@ def chat(
             history.clear()
             console.print("[dim]system prompt set; conversation cleared[/dim]")
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not path:
+                console.print("[red]error:[/red] /image needs a file path")
+            elif getattr(llm, "vision", None) is None:
+                console.print("[red]error:[/red] this model is text-only (it has no vision encoder)")
+            else:
+                try:
+                    pending_images.append(file_part(path))
+                    console.print(f"[dim]image attached to your next message: {path}[/dim]")
+                except DevstralError as e:
+                    console.print(f"[red]error:[/red] {e}")
+            continue
+        content = [*pending_images, {"type": "text", "text": text}] if pending_images else text
+        pending_images = []
+        history.append({"role": "user", "content": content})
         answer: list[str] = []
         llm.last_timings = {}
         try:

@@ -50,18 +50,24 @@ GPU_MEMORY_OPTION = typer.Option(0.9, "--gpu-memory-fraction", min=0.05, max=1.0
 QUANTIZE_ON_LOAD = typer.Option(None, "--quantize-on-load", help="Quantize a safetensors model as it loads, to fit "
                                 "a smaller GPU: q8_0, q4_k or fp8.")
 
+MMPROJ_OPTION = typer.Option(None, "--mmproj", help="The vision projector GGUF (llama.cpp's mmproj) that goes with "
+                             "a GGUF model: images in chat. Safetensors models carry their own vision tower.")
+VISION_OPTION = typer.Option(True, "--vision/--no-vision", help="Load a multimodal checkpoint's vision encoder "
+                             "(images in chat); --no-vision saves its memory.")
+
 
 def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "auto", dtype: str = "auto",
              kv_cache_dtype: str = "auto", ctx_size: int | None = None, system: str | None = None,
              no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None,
-             backend: str = "auto", quantize_on_load: str | None = None):
+             backend: str = "auto", quantize_on_load: str | None = None, mmproj: Path | None = None,
+             vision: bool = True):
     import devstral
 
     with stderr.status("loading model…", spinner="dots"):
         llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                             max_context=ctx_size, speculative=speculative,
                             gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                            quantize_on_load=quantize_on_load)
+                            quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision)
     if no_system:
         llm.tokenizer.default_system_prompt = None
     elif system is not None:

@@ -12,6 +12,7 @@ from devstral.cli.app import app
 from devstral.cli.options import (
     BACKEND_OPTION,
     GPU_MEMORY_OPTION,
+    MMPROJ_OPTION,
     QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
@@ -49,8 +50,17 @@ def run(
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     quantize_on_load: str = QUANTIZE_ON_LOAD,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    image: list[Path] = typer.Option(None, "--image", help="An image (PNG, JPEG, WebP, GIF, BMP) shown to a vision "
+                                     "model before the prompt; repeatable."),
+    mmproj: Path = MMPROJ_OPTION,
 ) -> None:
     """Generate a completion for PROMPT (chat template by default, --raw for plain text)."""
+    from devstral.errors import DevstralError
+    from devstral.prompt.images import file_part
+
+    if image and raw:
+        raise DevstralError("--image needs the chat template; it cannot go with --raw")
+    images = [file_part(path) for path in image or []]  # a bad file fails before the model loads
     if prompt is None:
         if sys.stdin.isatty():
             raise typer.BadParameter("give a PROMPT argument or pipe one on stdin", param_hint="PROMPT")
@@ -59,7 +69,7 @@ def run(
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
                    gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                   quantize_on_load=quantize_on_load)
+                   quantize_on_load=quantize_on_load, mmproj=mmproj)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                  stop=stop)
@@ -73,7 +83,8 @@ def run(
             _write(step.text)
         _write("\n")
         return
-    stream = llm.stream_chat([{"role": "user", "content": prompt}], sampling=params)
+    content = [*images, {"type": "text", "text": prompt}] if images else prompt
+    stream = llm.stream_chat([{"role": "user", "content": content}], sampling=params)
     for choice in stream:
         if not as_json:
             _write(choice["delta"].get("content") or "")

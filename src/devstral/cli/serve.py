@@ -12,9 +12,11 @@ from devstral.cli.app import app
 from devstral.cli.options import (
     BACKEND_OPTION,
     GPU_MEMORY_OPTION,
+    MMPROJ_OPTION,
     QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
     THREADS_OPTION,
+    VISION_OPTION,
     apply_threads,
 )
 from devstral.errors import DevstralError
@@ -70,6 +72,10 @@ def serve(
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
                                       help="Reuse the KV cache of prompt prefixes seen before (agent turns)."),
     threads: int | None = THREADS_OPTION,
+    mmproj: Path | None = MMPROJ_OPTION,
+    vision: bool = VISION_OPTION,
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs in "
+                                             "requests (network use); otherwise images come as data: URLs."),
 ) -> None:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /api/chat, /api/generate, ..."""
     import uvicorn
@@ -95,7 +101,7 @@ def serve(
                              max_context=ctx_size, parallel=parallel, speculative=speculative,
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
                              prefix_caching=prefix_cache, backend=backend,
-                             quantize_on_load=quantize_on_load)
+                             quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision)
 
     sock = bind(host, port)  # before the model loads: a busy port is reported at once, not minutes later
     try:
@@ -103,7 +109,8 @@ def serve(
         config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
                               max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024), loader=load,
                               keep_alive=idle, remote=remote_config, strict_tools=strict_tools, host=host,
-                              allowed_hosts=allowed_host, body_timeout_s=body_timeout or None)
+                              allowed_hosts=allowed_host, body_timeout_s=body_timeout or None,
+                              allow_remote_images=allow_remote_images)
         server = uvicorn.Server(uvicorn.Config(create_app(llm, config), host=host, port=port, log_level=log_level))
         server.run(sockets=[sock])
     finally:

@@ -34,7 +34,7 @@ MAX_IMAGE_BYTES = 20 << 20  # per image, encoded
 MAX_IMAGE_PIXELS = 40_000_000  # per image, decoded (a 8000 x 5000 screenshot); PIL's own bomb limit is 89M
 MAX_IMAGES = 16  # per request
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+*-]+/[\w.+*-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
 
@@ -70,6 +70,16 @@ class PromptIds(list):
 
 def images_of(ids: Any) -> list[PromptImage]:
     return list(getattr(ids, "images", None) or [])
+
+
+def continue_prompt(before: list[int], turn: Any, drop: int = 0) -> list[int]:
+    """`before` + `turn[drop:]`, its images (if any) moved to their new places."""
+    from dataclasses import replace
+
+    ids = [*before, *turn[drop:]]
+    shift = len(before) - drop
+    images = [replace(im, start=im.start + shift) for im in images_of(turn)]
+    return PromptIds(ids, images) if images else ids
 
 
 def keep_images(ids: Any) -> list[int]:

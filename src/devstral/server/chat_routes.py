@@ -16,6 +16,7 @@ from devstral.server.chat_session import ChatOutput, chat_job, normalize_tool_ca
 from devstral.server.completions import check_fits, choice_seed
 from devstral.server.errors import APIError
 from devstral.server.fanout import collect_all, merge, start_all, submit_all
+from devstral.server.images import check_content_parts, fetch_remote_images
 from devstral.server.info_routes import dump_messages, dump_tools
 from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import ChatCompletionRequest
@@ -39,15 +40,6 @@ def _clean_choice(choice: dict[str, Any]) -> dict[str, Any]:
         delta["tool_calls"] = normalize_tool_calls(delta["tool_calls"])
     return {"index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
             "finish_reason": choice.get("finish_reason")}
-
-
-def check_text_only(messages: list[dict[str, Any]]) -> None:
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        for j, part in enumerate(content if isinstance(content, list) else []):
-            if part.get("type") != "text":
-                raise APIError(400, f"messages.{i}.content.{j}: {part.get('type')!r} parts are not supported "
-                                    "(this server's engine is text-only)", param=f"messages.{i}.content")
 
 
 @router.post("/v1/chat/completions")
@@ -74,7 +66,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     params = params_for(0)
     messages = dump_messages(body.messages)
-    check_text_only(messages)
+    if check_content_parts(messages, llm, allow_remote=state.config.allow_remote_images):
+        messages = await run_in_threadpool(fetch_remote_images, messages)
 
     constraint = None
 

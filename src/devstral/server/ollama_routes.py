@@ -21,9 +21,11 @@ from fastapi.responses import StreamingResponse
 from devstral.engine.sampling import SamplingParams
 from devstral.prompt.chat import continued_prefix
 from devstral.prompt.fim import encode_fim
+from devstral.prompt.images import continue_prompt
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.server.completions import check_fits
 from devstral.server.errors import APIError
+from devstral.server.images import ollama_image_parts
 from devstral.server.residency import keep_alive_seconds
 from devstral.server.sampling_args import sampling_params
 from devstral.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
@@ -112,11 +114,13 @@ def generate_ids(state: ServerState, body: OllamaGenerateRequest) -> list[int]:
     if body.raw:
         return before + (tok.encode(body.prompt) if before else llm.encode_prompt(body.prompt))
     messages = ([{"role": "system", "content": body.system}] if body.system else [])
-    messages.append({"role": "user", "content": body.prompt})
+    images = ollama_image_parts(body.images, llm, "images")
+    messages.append({"role": "user", "content": [*images, {"type": "text", "text": body.prompt}] if images
+                     else body.prompt})
     if not before:
         return tok.encode_chat(messages, None)
     turn = tok.encode_chat(messages, None, system_prompt=None)
-    return before + (turn[1:] if turn[:1] == [tok.bos_id] else turn)
+    return continue_prompt(before, turn, 1 if turn[:1] == [tok.bos_id] else 0)
 
 
 @router.post("/api/generate")
@@ -124,8 +128,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     state = state_of(request)
     check_model(body.model, state.names)
     answer = ollama_schema(body.format)
-    if body.images:
-        raise APIError(400, "images: this server's engine is text-only", param="images")
+    if body.images and (body.raw or body.suffix):
+        raise APIError(400, "images: not with raw or suffix (fill-in-the-middle) prompts", param="images")
     keep_alive = keep_alive_seconds(body.keep_alive)
     llm, name = state.llm, state.name
     if not body.prompt and not body.suffix:  # Ollama's "load the model" / "unload it" request
@@ -198,16 +202,21 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
 
 # ---------------------------------------------------------------- /api/chat
-def openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    """Ollama messages -> OpenAI ones: arguments objects become strings, and tool calls get the ids
-    Mistral's template pairs with the tool results (Ollama has none; results answer calls in order)."""
+def openai_messages(messages: list[Any], llm: Any = None) -> list[dict[str, Any]]:
+    """Ollama messages -> OpenAI ones: arguments objects become strings, tool calls get the ids
+    Mistral's template pairs with the tool results (Ollama has none; results answer calls in order),
+    and a user message's base64 `images` become image_url parts ahead of its text."""
     out: list[dict[str, Any]] = []
     waiting: list[tuple[str, str]] = []  # (id, name) of calls not yet answered
     counter = 0
     for i, m in enumerate(messages):
-        if m.images:
-            raise APIError(400, f"messages.{i}.images: this server's engine is text-only", param="messages")
         msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.images:
+            if m.role != "user":
+                raise APIError(400, f"messages.{i}.images: images are only accepted in user messages",
+                               param=f"messages.{i}.images")
+            parts = ollama_image_parts(m.images, llm, f"messages.{i}.images")
+            msg["content"] = [*parts, *([{"type": "text", "text": m.content}] if m.content else [])]
         if m.role == "assistant" and m.tool_calls:
             calls = []
             for call in m.tool_calls:
@@ -250,7 +259,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     name = state.name
     if not body.messages:  # Ollama's "load the model" / "unload it" request
         return await load_or_unload(state, keep_alive, {"message": {"role": "assistant", "content": ""}})
-    messages = openai_messages(body.messages)
+    messages = openai_messages(body.messages, state.llm)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     check_tools(tools)
     tokenizer = state.llm.tokenizer

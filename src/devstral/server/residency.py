@@ -96,6 +96,8 @@ class Residency:
             t0 = time.perf_counter()
             fresh = self.loader()
             self.llm.model = fresh.model
+            if getattr(self.llm, "vision", None) is not None:
+                self.llm.vision = getattr(fresh, "vision", None)
             self.loaded = True
             log.info("model reloaded in %.1f s", time.perf_counter() - t0)
 
@@ -127,6 +129,8 @@ class Residency:
             import torch
 
             self.llm.model.to("meta")  # shapes stay (for /api/tags sizes); the memory goes
+            if getattr(self.llm, "vision", None) is not None:
+                self.llm.vision.to("meta")
             # The engine holds the model and the paged KV pool: drop it whole (it has no sequence, since
             # this job is the only one); `llm.engine` builds a new one, with the reloaded model, on first use.
             self.llm._engine = None

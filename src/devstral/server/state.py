@@ -40,6 +40,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # the bound address: requests must name it (or localhost) in Host and Origin
     allowed_hosts: list[str] | None = None  # more names they may use (--allowed-host; "*" for any)
     body_timeout_s: float | None = 30.0  # a request body must arrive within this (None: no limit)
+    allow_remote_images: bool = False  # fetch http(s) image URLs (--allow-remote-images); else data: URLs only
 
 
 class ServerState:
