@@ -287,5 +287,5 @@ def test_round_trip_f32_is_exact(tmp_path) -> None:
         ours = net.state_dict()
         for name, t in load_file(folder / "model.safetensors").items():
             name = name.replace("model.language_model.", "model.")
-            if "vision_tower" not in name:
+            if "vision_tower" not in name and "multi_modal_projector" not in name:
                 torch.testing.assert_close(ours[name], t, rtol=0, atol=0, msg=name)

@@ -76,13 +76,19 @@ def test_ministral3_mistral_layout_matches_hf(tmp_path):
     assert torch.equal(a.logits(ids), b.logits(ids))
 
 
-def test_mistral3_wrapper_skips_vision(tmp_path, tiny_ministral3, capfd):
+def test_mistral3_wrapper_text_path_equals_the_text_model(tmp_path, tiny_ministral3, capfd):
+    """Devstral Small 2's layout: the vision tower loads beside the decoder (tests/test_vision.py), and
+    text-only logits are the plain decoder's; --no-vision skips the tower with a one-line notice."""
     wrapped = make_tiny_checkpoint(tmp_path / "m3", arch="ministral3", seed=1, wrap_mistral3=True)
     llm = devstral.load(wrapped, dtype="fp32")
+    assert llm.vision is not None and capfd.readouterr().err == ""
+    text = devstral.load(wrapped, dtype="fp32", vision=False)
     err = capfd.readouterr().err
-    assert "skipped 1 vision-tower tensors" in err and len(err.strip().splitlines()) == 1
+    n = sum(1 for _ in llm.vision.parameters())
+    assert text.vision is None and f"skipped {n} vision-tower tensors" in err and len(err.strip().splitlines()) == 1
     ids = random_ids(20, llm.config.vocab_size)
-    assert torch.equal(llm.logits(ids), devstral.load(tiny_ministral3, dtype="fp32").logits(ids))
+    reference = devstral.load(tiny_ministral3, dtype="fp32").logits(ids)
+    assert torch.equal(llm.logits(ids), reference) and torch.equal(text.logits(ids), reference)
 
 
 def test_sharded_checkpoint_loads(tmp_path, tiny_hf):

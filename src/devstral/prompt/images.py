@@ -103,7 +103,9 @@ def decode_image(data: bytes, where: str):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise DevstralError(f"{where}: not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # PIL's own cap (2 x 89M pixels), far above ours
+        raise DevstralError(f"{where}: image larger than the {MAX_IMAGE_PIXELS:,} pixel limit; scale it down") from None
+    except (OSError, ValueError) as e:
         raise DevstralError(f"{where}: cannot read the image ({_one_line(e)})") from None
     w, h = image.size
     if w <= 0 or h <= 0:
