@@ -1,8 +1,9 @@
 """Images in server requests: the checks that name the request field, Ollama's base64 `images`, and the
 one place the server fetches an image from the network (only with --allow-remote-images).
 
-Decoding and the limits themselves are prompt/images.py's; the prompt encoder decodes each image
-again from the data URL these hand it (cheap next to the vision encoder), so there is one path.
+Decoding and the limits themselves are prompt/images.py's. Images are decoded here, so an error names
+the field as the client sent it (the prompt encoder's message indices count an added system prompt),
+and again by the prompt encoder: cheap next to the vision encoder, and one path for every caller.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 from typing import Any
 
 from devstral.errors import DevstralError
-from devstral.prompt.images import MAX_IMAGE_BYTES, MAX_IMAGES, decode_base64, decode_image
+from devstral.prompt.images import MAX_IMAGE_BYTES, MAX_IMAGES, decode_base64, decode_image, image_from_url
 from devstral.server.errors import APIError
 
 _REMOTE = ("http://", "https://")
@@ -48,6 +49,11 @@ def check_content_parts(messages: list[dict[str, Any]], llm: Any, *, allow_remot
                     raise APIError(400, f"{where}: remote image URLs are off (fetching is network use): send a "
                                         "data: URL, or start the server with --allow-remote-images", param=where)
                 remote = True
+                continue
+            try:  # decoded here too, so the error names the field as the client sent it
+                image_from_url(url, where)
+            except DevstralError as e:
+                raise APIError(400, str(e), param=where) from None
     return remote
 
 
