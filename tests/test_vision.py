@@ -237,3 +237,48 @@ def test_mmproj_of_another_model_is_refused(llm, tmp_path):
     path = write_mmproj(llm.vision, tmp_path / "mmproj.gguf")
     with pytest.raises(DevstralError, match="projection_dim 64 does not match the model's hidden size 128"):
         load_mmproj(path, text_dim=128, image_token_id=10, dtype=torch.float32, device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI
+
+def test_run_image_prompt_ids_equal_mistral_common(ckpt, tmp_path, capsys):
+    import json
+
+    from devstral.cli import main
+
+    image = tmp_path / "shot.png"
+    image.write_bytes(png(45, 29, 8))
+    assert main(["run", "--json", "-n", "2", "--temperature", "0", "--model", str(ckpt), "--image", str(image),
+                 "--backend", "torch", QUESTION]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_token_ids"] == mistral_common_encoding(ckpt, ask(image.read_bytes())).tokens
+    (tmp_path / "bad.png").write_bytes(b"GIF89a")
+    assert main(["run", "--model", str(ckpt), "--image", str(tmp_path / "bad.png"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.png: not an image in a supported format" in err and "Traceback" not in err
+
+
+def test_quantize_writes_the_mmproj_and_a_gguf_with_it_sees_images(ckpt, tmp_path, capsys):
+    from devstral.cli import main
+
+    out = tmp_path / "m3.gguf"
+    assert main(["quantize", str(ckpt), str(out), "--type", "F32", "--no-progress"]) == 0
+    projector = tmp_path / "mmproj-m3.gguf"
+    assert projector.is_file() and "vision projector" in capsys.readouterr().err
+    from devstral.formats.gguf_mmproj import load_mmproj
+
+    vision_llm = devstral.load(ckpt, dtype="fp32", device="cpu", backend="torch")
+    back = load_mmproj(projector, text_dim=64, image_token_id=10, dtype=torch.float32, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(9)
+    images = [torch.randn(3, 32, 24, generator=g)]
+    with torch.no_grad():  # F16 matrices: equal up to F16 rounding
+        for a, b in zip(vision_llm.vision(images), back(images), strict=True):
+            corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            assert corr >= 0.999
+    # a GGUF's own tokenizer (a chat template) cannot place images yet: loading says so in one line
+    gguf_llm = devstral.load(out, mmproj=projector, device="cpu", dtype="fp32")
+    err = capsys.readouterr().err
+    assert gguf_llm.backend == "torch" and gguf_llm.vision is None and "cannot encode images" in err
+    with pytest.raises(DevstralError, match="--mmproj goes with a GGUF model"):
+        devstral.load(ckpt, mmproj=projector)

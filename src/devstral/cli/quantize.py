@@ -24,6 +24,9 @@ def quantize(
     threads: int = THREADS_OPTION,
     modelfile: bool = typer.Option(False, "--modelfile",
                                    help="Also write OUT's Ollama Modelfile (OUT with .Modelfile for .gguf)."),
+    mmproj: bool = typer.Option(True, "--mmproj/--no-mmproj",
+                                help="For a model with a vision tower, also write its projector as "
+                                     "mmproj-OUT (F16; llama.cpp's and devstral's --mmproj)."),
 ) -> None:
     """Quantize SOURCE into OUT with llama.cpp's per-tensor recipe for --type."""
     import sys
@@ -45,6 +48,12 @@ def quantize(
     seconds = time.perf_counter() - start
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e9:.3f} GB, {qtype.upper()}) in {seconds:.1f} s", file=sys.stderr)
+    if mmproj and source.is_dir():
+        from devstral.formats.gguf_mmproj import export_mmproj
+
+        projector = export_mmproj(source, path.with_name(f"mmproj-{path.name}"), name=name)
+        if projector is not None:
+            print(f"wrote {projector} (vision projector, F16): pass it with --mmproj", file=sys.stderr)
     if modelfile:
         from devstral.cli.options import write_ollama_modelfile
 

@@ -161,3 +161,32 @@ def write_mmproj(vision: VisionModel, path: str | os.PathLike, *, img_break: tor
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None) -> Path | None:
+    """The mmproj GGUF of a multimodal safetensors folder (None when it has no vision tower): what
+    `devstral quantize` writes beside the model's GGUF, for llama.cpp's --mmproj and ours."""
+    from safetensors import safe_open
+
+    from devstral.config import ModelConfig
+    from devstral.formats.safetensors import canonical_name, read_header, weight_files
+    from devstral.formats.vision_checkpoint import build_vision, has_vision_tensors, vision_config_of
+    from devstral.prompt.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    cfg = ModelConfig.from_dir(folder)
+    vc = vision_config_of(folder, cfg)
+    if vc is None or not has_vision_tensors(folder):
+        return None
+    vision = build_vision(folder, cfg, vc, dtype=torch.float32, device=torch.device("cpu"))
+    img_break = None
+    row = load_tokenizer(folder).special_id("[IMG_BREAK]")
+    layout, files = weight_files(folder)
+    for path in files:
+        for e in read_header(path):
+            if row is not None and canonical_name(e.name, layout) == "model.embed_tokens.weight":
+                with safe_open(str(path), framework="pt") as f:
+                    img_break = f.get_slice(e.name)[row:row + 1][0].float()
+    return write_mmproj(vision, out, img_break=img_break, ftype=ftype, name=name)
