@@ -13,6 +13,7 @@ from devstral.server.errors import APIError
 from devstral.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 from devstral.server.state import state_of
 from devstral.server.validation import check_tools
+from devstral.server.version import server_version
 
 router = APIRouter()
 
@@ -52,6 +53,20 @@ async def health(request: Request):
     worker = state_of(request).worker
     return {"status": "ok", "slots_idle": worker.parallel - worker.active, "slots_processing": worker.active,
             "queue_depth": worker.queue_depth}
+
+
+@router.get("/props")
+async def props(request: Request):
+    """llama.cpp server's /props, the fields its clients and our web page read: the context size, the
+    sampling a request gets when it names none (the model's defaults), and the slot count."""
+    state = state_of(request)
+    llm, sampling = state.llm, state.llm.default_sampling
+    params = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+              "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty,
+              "repeat_last_n": sampling.repeat_last_n, "seed": sampling.seed, "max_tokens": sampling.max_tokens}
+    return {"default_generation_settings": {"n_ctx": llm.max_context, "params": params},
+            "total_slots": state.worker.parallel, "model_alias": state.name, "model_path": state.config.model_id,
+            "modalities": {"vision": False, "audio": False}, "build_info": f"devstral {server_version()}"}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -74,6 +74,12 @@ class Metrics:
                        [("", cache.hit_tokens)])
                 metric("prefix_cache_hit_rate", "gauge", "Share of prompt tokens served by the prefix cache.",
                        [("", cache.hit_rate)])
+                # counted by the engine as each token is made, so a rate over them is live (the
+                # prompt/completion totals above move when a request ends)
+                metric("engine_generated_tokens_total", "counter", "Tokens sampled by the engine so far.",
+                       [("", engine.stats.generated_tokens)])
+                metric("engine_prompt_tokens_total", "counter", "Prompt tokens the engine has computed so far.",
+                       [("", engine.stats.prompt_tokens)])
                 drafted, kept = engine.stats.drafted_tokens, engine.stats.accepted_tokens
                 metric("speculative_draft_tokens_total", "counter", "Prompt-lookup draft tokens verified.",
                        [("", drafted)])

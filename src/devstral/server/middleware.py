@@ -23,7 +23,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # answered without an API key: liveness probes, and the web chat's page and files (they hold no data;
 # the page sends the key the user types with every request)
-OPEN_PATHS = {"/", "/health", "/web/app.js", "/web/app.css"}
+OPEN_PATHS = {"/", "/health"}
+OPEN_PREFIXES = ("/web/",)
 
 
 async def send_error(scope: Scope, send: Send, status: int, message: str,
@@ -44,7 +45,8 @@ class APIKeyMiddleware:
         self.app, self.key = app, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.key or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.key or scope["path"] in OPEN_PATHS \
+                or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
