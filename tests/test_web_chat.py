@@ -175,6 +175,7 @@ def test_props_reports_devstrals_recommended_sampling_and_the_context():
     # Mistral's recommended sampling for Devstral (the model card), which the README promises
     assert (params["temperature"], params["top_k"], params["top_p"], params["min_p"]) == (0.15, 64, 0.95, 0.01)
     assert props["default_generation_settings"]["n_ctx"] == 1024 and props["total_slots"] == 4
+    assert props["modalities"]["vision"] is False  # nano has no vision encoder: images are refused
 
 
 # ---------------------------------------------------------------- chatting

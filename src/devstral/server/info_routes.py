@@ -10,6 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from devstral.engine.embed import embedding_info
 from devstral.server.errors import APIError
+from devstral.server.images import takes_images
 from devstral.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 from devstral.server.state import state_of
 from devstral.server.validation import check_tools
@@ -66,7 +67,7 @@ async def props(request: Request):
               "repeat_last_n": sampling.repeat_last_n, "seed": sampling.seed, "max_tokens": sampling.max_tokens}
     return {"default_generation_settings": {"n_ctx": llm.max_context, "params": params},
             "total_slots": state.worker.parallel, "model_alias": state.name, "model_path": state.config.model_id,
-            "modalities": {"vision": False, "audio": False}, "build_info": f"devstral {server_version()}"}
+            "modalities": {"vision": takes_images(llm), "audio": False}, "build_info": f"devstral {server_version()}"}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
