@@ -229,7 +229,7 @@ def export_gguf(source: str | os.PathLike | dict[str, torch.Tensor] | TensorSour
         imat = dict(imatrix) if isinstance(imatrix, dict) else read_imatrix(imatrix)
     tied = "output.weight" not in src.names
     plan = [(n, choose_type(n, src.shapes[n], key, cfg.n_layers, overrides, tied_embeddings=tied,
-                            has_imatrix=bool(imat))) for n in src.names]
+                            has_imatrix=bool(imat), n_experts=cfg.n_experts)) for n in src.names]
     out = Path(out_path)
     if out.suffix != ".gguf":
         raise DevstralError(f"{out}: the output file must end in .gguf")

@@ -66,8 +66,13 @@ def _layer(name: str) -> int:
 
 
 def _mix(name: str, qtype: QType, n_cols: int, ftype: str, n_layers: int, tied: bool,
-         has_imatrix: bool) -> QType:
-    """llama_tensor_get_type_impl for the file types in FILE_TYPES."""
+         has_imatrix: bool, n_experts: int = 0) -> QType:
+    """llama_tensor_get_type_impl for the file types in FILE_TYPES.
+
+    Mixture-of-experts models: `ffn_down_exps` follows the ffn_down rule with its layer read from the
+    name (as llama.cpp's layer_info does when n_expert > 1), `ffn_gate_exps` / `ffn_up_exps` keep the
+    file type, and with exactly 8 experts llama.cpp spends the bits the experts save on attention:
+    attn_v and attn_k become Q8_0, attn_output Q5_K in the Q4_K mixes."""
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         if n_cols % block_info(qtype)[0]:
             return QType.Q8_0
@@ -76,11 +81,17 @@ def _mix(name: str, qtype: QType, n_cols: int, ftype: str, n_layers: int, tied: 
         return qtype
     if any(k in name for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")):
         i = _layer(name)
+        if n_experts == 8:
+            return QType.Q8_0
         if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n_layers):
             return QType.Q6_K
         if ftype == "Q4_K_S" and i < 4:
             return QType.Q5_K
         return qtype
+    if "attn_k.weight" in name and n_experts == 8:
+        return QType.Q8_0
+    if "attn_output.weight" in name and n_experts == 8 and ftype in ("Q4_K_S", "Q4_K_M"):
+        return QType.Q5_K
     if "ffn_down" in name:
         i = _layer(name)
         if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n_layers):
@@ -94,13 +105,14 @@ def _mix(name: str, qtype: QType, n_cols: int, ftype: str, n_layers: int, tied: 
 
 def choose_type(name: str, shape: tuple[int, ...], ftype: str, n_layers: int,
                 overrides: list[tuple[re.Pattern, QType]], *, tied_embeddings: bool = False,
-                has_imatrix: bool = False) -> QType:
+                has_imatrix: bool = False, n_experts: int = 0) -> QType:
     """The GGML type for one tensor of a `ftype` file (llama_tensor_get_type).
 
     Norms, 1-D tensors and non-weights stay F32. `overrides` are (pattern, type) pairs from
     --tensor-type; the first pattern found in the name wins and replaces the mix rule. Rows that
     do not hold whole blocks of the chosen type fall back to a 32-block type (or F16).
     `tied_embeddings`: the model has no output.weight, so token_embd is quantized like it.
+    `n_experts`: the model's expert count (0 for a dense model); the router (ffn_gate_inp) stays F32.
     """
     key = ftype.upper()
     if key not in FILE_TYPES:
@@ -116,7 +128,7 @@ def choose_type(name: str, shape: tuple[int, ...], ftype: str, n_layers: int,
             chosen = qtype
             break
     else:
-        chosen = _mix(name, default, shape[-1], key, n_layers, tied_embeddings, has_imatrix)
+        chosen = _mix(name, default, shape[-1], key, n_layers, tied_embeddings, has_imatrix, n_experts)
     return fallback_type(chosen, shape[-1], name=name)
 
 
