@@ -185,3 +185,56 @@ def test_finetune_learns_through_the_experts_with_the_balancing_loss(tmp_path, m
     devstral.load(mixtral, adapter=out, device="cpu", backend="torch")
     assert main(["finetune", "--model", str(mixtral), "--data", str(data), "--output", str(tmp_path / "x"),
                  "--router-aux-loss", "-1", "--no-progress"]) == 2
+
+
+def _peft_on_stacked_experts(mixtral, folder, modules, parameters):
+    """A PEFT adapter made the way PEFT adapts transformers 5's Mixtral experts (target_parameters on the
+    stacked gate_up_proj / down_proj), random A and B; returned reloaded by PeftModel.from_pretrained."""
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules, target_parameters=parameters,
+                             init_lora_weights=False)
+    peft.get_peft_model(base, config).save_pretrained(folder)
+    return peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32), folder).eval()
+
+
+@pytest.mark.parametrize("modules,parameters", [
+    (["q_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    ([], ["mlp.experts.down_proj"]),
+    ([], ["mlp.experts.gate_up_proj"]),
+])
+def test_a_peft_adapter_on_the_stacked_experts_gives_peft_outputs(tmp_path, mixtral, modules, parameters):
+    reference = _peft_on_stacked_experts(mixtral, tmp_path / "a", modules, parameters)
+    x = ids(40)
+    with torch.no_grad():
+        ref = reference(torch.tensor([x])).logits[0]
+    ours = devstral.load(mixtral, device="cpu", dtype="fp32", backend="torch", adapter=tmp_path / "a")
+    base = devstral.load(mixtral, device="cpu", dtype="fp32", backend="torch")
+    assert (ours.logits(x) - ref).abs().max().item() <= 1e-4
+    assert (base.logits(x) - ref).abs().max().item() > 1e-2  # the expert update matters
+
+
+def test_a_stacked_expert_adapter_merges_as_peft_merges(tmp_path, mixtral):
+    from devstral.formats.peft import merged_state
+
+    reference = _peft_on_stacked_experts(mixtral, tmp_path / "a", ["v_proj"],
+                                         ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    merged = reference.merge_and_unload().state_dict()
+    ours = dict(merged_state(mixtral, tmp_path / "a", dtype=torch.float32))
+    h = MOE["hidden_dim"]
+    for layer in range(2):
+        p = f"model.layers.{layer}.block_sparse_moe.experts."
+        for e in range(MOE["n_experts"]):
+            gate_up, down = (merged[f"model.layers.{layer}.mlp.experts.{n}"][e] for n in ("gate_up_proj", "down_proj"))
+            assert (ours[p + f"{e}.w1.weight"] - gate_up[:h]).abs().max() <= 1e-6
+            assert (ours[p + f"{e}.w3.weight"] - gate_up[h:]).abs().max() <= 1e-6
+            assert (ours[p + f"{e}.w2.weight"] - down).abs().max() <= 1e-6
+
+
+def test_a_stacked_expert_adapter_for_another_model_is_one_line(tmp_path, mixtral):
+    _peft_on_stacked_experts(mixtral, tmp_path / "a", [], ["mlp.experts.down_proj"])
+    other = make_tiny_checkpoint(tmp_path / "other", seed=5, **(MOE | {"hidden_dim": 64}))
+    with pytest.raises(DevstralError, match=r"mlp\.experts\.lora_A\.weight has shape \[16, 96\] .* fits no expert"):
+        devstral.load(other, device="cpu", dtype="fp32", backend="torch", adapter=tmp_path / "a")

@@ -180,6 +180,41 @@ def _base_module(net: nn.Module, weights: Path, module: str) -> nn.Module:
     return base
 
 
+_STACKED_EXPERTS = re.compile(r"^(?P<layer>model\.layers\.\d+)\.mlp\.experts(?:\.base_layer)*$")
+
+
+def split_expert_parameters(pairs: dict[str, dict[str, torch.Tensor]], r: int, model_cfg: Any,
+                            weights: Path) -> None:
+    """PEFT's LoRA on transformers' stacked Mixtral experts -> LoRA on our per-expert linears, in place.
+
+    transformers 5 keeps Mixtral's experts as `mlp.experts.gate_up_proj` [E, 2H, D] and `down_proj`
+    [E, D, H]; PEFT adapts them with `target_parameters`: lora_A [r*E, in], lora_B [out, r*E], expert
+    e's update being B.view(out, r, E)[..., e] @ A.view(E, r, in)[e] (two targeted parameters nest, the
+    first under `experts.base_layer.`). Each entry is told apart by its shapes and becomes expert e's
+    w1 (gate rows of B), w3 (up rows) or w2 pairs, with the same A_e: the same update, exactly."""
+    for module in [m for m in pairs if _STACKED_EXPERTS.match(m)]:
+        ab = pairs.pop(module)
+        layer = _STACKED_EXPERTS.match(module)["layer"]
+        n, d, h = model_cfg.n_experts, model_cfg.dim, model_cfg.hidden_dim
+        a, b = ab["lora_A"], ab["lora_B"]
+        shapes = (tuple(a.shape), tuple(b.shape))
+        if n and shapes == ((r * n, d), (2 * h, r * n)):
+            parts = {"w1": slice(0, h), "w3": slice(h, 2 * h)}
+        elif n and shapes == ((r * n, h), (d, r * n)):
+            parts = {"w2": slice(0, d)}
+        else:
+            raise DevstralError(f"{weights}: tensor {peft_key(module, 'lora_A')} has shape {list(a.shape)} (lora_B "
+                                f"{list(b.shape)}), which fits no expert weight of this model (adapter made for a "
+                                "different base model?)")
+        a_e, b_e = a.reshape(n, r, a.shape[1]), b.reshape(b.shape[0], r, n)
+        for e in range(n):
+            for w, rows in parts.items():
+                target = f"{layer}.block_sparse_moe.experts.{e}.{w}"
+                if target in pairs:
+                    raise DevstralError(f"{weights}: two LoRA updates for {target}")
+                pairs[target] = {"lora_A": a_e[e].contiguous(), "lora_B": b_e[rows, :, e].contiguous()}
+
+
 def apply_adapter(net: nn.Module, folder: Path, *, trainable: bool = False) -> AdapterConfig:
     """Wrap the targeted linears of a loaded model with the adapter's LoRA layers (no merging)."""
     from devstral.model.lora import LoRALinear
@@ -187,6 +222,8 @@ def apply_adapter(net: nn.Module, folder: Path, *, trainable: bool = False) -> A
     folder = Path(folder)
     cfg, pairs = read_adapter(folder)
     weights = folder / WEIGHTS_NAME
+    if getattr(net, "config", None) is not None:
+        split_expert_parameters(pairs, cfg.r, net.config, weights)
     # Check everything before changing the model, so a bad adapter leaves it untouched.
     bases = {}
     for module, ab in pairs.items():
@@ -220,6 +257,7 @@ def merged_state(base_folder: Path, adapter_folder: Path, *, dtype: torch.dtype 
 
     cfg_model = ModelConfig.from_dir(base_folder)
     cfg, pairs = read_adapter(adapter_folder)
+    split_expert_parameters(pairs, cfg.r, cfg_model, Path(adapter_folder) / WEIGHTS_NAME)
     scale = lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora)
     weights = Path(adapter_folder) / WEIGHTS_NAME
     used = set()
