@@ -51,31 +51,36 @@ def _stored(spec: str):
 
 
 def build_model(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-                quantize_on_load: str | None = None, vision_notice: bool = True) -> Transformer:
-    """Create the network without allocating it, then fill it tensor by tensor from disk."""
+                quantize_on_load: str | None = None, vision_notice: bool = True,
+                shard: tuple[int, int] | None = None) -> Transformer:
+    """Create the network without allocating it, then fill it tensor by tensor from disk (with
+    `shard=(rank, world)`, only that tensor-parallel rank's slices; parallel/layers.py then wires it)."""
     from devstral.formats.bnb4bit import bnb_quantization, iter_model_weights
     from devstral.formats.safetensors import check_config_against_weights
     from devstral.model.nf4 import NF4Linear
+    from devstral.parallel.sharding import local_shape
     from devstral.quant.on_load import make_setter
 
     check_config_against_weights(folder, cfg)  # before building anything from the config's sizes
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = dict(model.named_parameters())
+    expected = {n: tuple(p.shape) if shard is None else local_shape(n, tuple(p.shape), *shard)
+                for n, p in model.named_parameters()}
     loaded: set[str] = set()
     set_tensor = _set_parameter if quantize_on_load is None else make_setter(quantize_on_load, dtype=dtype,
                                                                              default=_set_parameter)
     if quantize_on_load is not None and bnb_quantization(folder) is not None:
         raise DevstralError(f"--quantize-on-load: {folder} is already quantized (bitsandbytes 4-bit)")
-    for name, tensor in iter_model_weights(folder, cfg, dtype=dtype, device=device, notice=vision_notice):
+    for name, tensor in iter_model_weights(folder, cfg, dtype=dtype, device=device, notice=vision_notice,
+                                           shard=shard):
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # tied: the head is the embedding, whatever copy the file also carries
         if name not in expected:
             raise DevstralError(f"{folder}: unexpected tensor {name!r} in the weights")
         shape = (tensor.out_features, tensor.in_features) if isinstance(tensor, NF4Linear) else tuple(tensor.shape)
-        if shape != tuple(expected[name].shape):
+        if shape != expected[name]:
             raise DevstralError(f"{folder}: tensor {name} has shape {list(shape)} but the config "
-                                f"implies {list(expected[name].shape)}")
+                                f"implies {list(expected[name])}")
         if isinstance(tensor, NF4Linear):  # a bitsandbytes-4bit linear: the module replaces the nn.Linear
             parent, _, leaf = name.rpartition(".")[0].rpartition(".")
             setattr(model.get_submodule(parent), leaf, tensor)
@@ -109,7 +114,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
          gpu_memory_fraction: float | None = None, cuda_graphs: bool = True, prefix_caching: bool = True,
          speculative: str = "lookup", max_batched_tokens: int | None = None, backend: str = "auto",
          threads: int | None = None, quantize_on_load: str | None = None, vision: bool = True,
-         mmproj: str | os.PathLike | None = None):
+         mmproj: str | os.PathLike | None = None, tensor_parallel: int | None = None):
     """Load a model folder (HF or Mistral layout), a .gguf file, "org/repo", or the embedded "nano".
 
     `max_context` None gives the model's whole window where the KV cache's memory allows it;
@@ -118,7 +123,9 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     (default: torch's, which `--threads` sets); `quantize_on_load` ("q8_0", "q4_k" or "fp8") quantizes a
     safetensors model's linear weights as they stream in (quant/on_load.py). A multimodal checkpoint's
     vision encoder is loaded too (images in chat), unless `vision` is False; `mmproj` is the vision
-    projector GGUF that goes with a GGUF model (llama.cpp's --mmproj)."""
+    projector GGUF that goes with a GGUF model (llama.cpp's --mmproj). `tensor_parallel` N > 1 spreads
+    the text model over N processes (parallel/): this one becomes rank 0 and spawns the others; under
+    torchrun every process calls load() and only rank 0 returns."""
     from devstral.engine.backend import choose_backend
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
@@ -139,9 +146,21 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         raise DevstralError("--mmproj: images run on the torch backend; use --backend torch (or auto)")
     if mmproj is not None and vision:
         backend = "torch"  # the vision encoder and the [IMG] embeddings are ours
+    tp = None
+    from devstral.parallel.launch import wanted
+
+    if wanted(tensor_parallel):
+        from devstral.parallel.launch import start
+
+        if mmproj is not None:
+            raise DevstralError("--mmproj with --tensor-parallel: images run in one process (text only here)")
+        tp = start(tensor_parallel, path, device=device, backend=backend, adapter=adapter, load_kwargs=dict(
+            dtype=dtype, quantize_on_load=quantize_on_load, backend="torch"))
+        backend, vision = "torch", False  # the text decoder is split; a vision tower is not loaded
+    shard = (tp.rank, tp.world) if tp is not None else None
     engine = choose_backend(backend, gguf=_is_gguf(path), device=device, adapter=adapter is not None)
     llama = engine == "llama.cpp"
-    dev = torch.device("cpu") if llama else resolve_device(device)
+    dev = torch.device("cpu") if llama else tp.device if tp is not None else resolve_device(device)
     if llama:
         from devstral.engine.backend import gpu_layers
         from devstral.engine.llamacpp_model import LlamaCppModel, check_gguf
@@ -161,7 +180,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     elif _is_gguf(path):
         from devstral.formats.gguf import load_gguf_model
 
-        net, cfg, tokenizer = load_gguf_model(path, device=dev, dtype=dtype)
+        net, cfg, tokenizer = load_gguf_model(path, device=dev, dtype=dtype, shard=shard)
         folder = path.parent if path.is_file() else path
         if mmproj is not None and vision:
             vision_model = _load_mmproj(Path(mmproj).expanduser(), net, cfg, tokenizer)
@@ -177,10 +196,14 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
             vc = None  # a mistral3 config over text-only weights
         dt = resolve_dtype(dtype, dev, cfg)
         net = build_model(path, cfg, dtype=dt, device=dev, quantize_on_load=quantize_on_load,
-                          vision_notice=vc is None)
+                          vision_notice=vc is None, shard=shard)
         if vc is not None and _images_enabled(tokenizer, vc):
             vision_model = build_vision(path, cfg, vc, dtype=dt, device=dev)
         folder = path
+    if tp is not None:
+        from devstral.parallel.layers import parallelize
+
+        parallelize(net, tp)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise DevstralError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{cfg.vocab_size}")
@@ -208,6 +231,13 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
                       max_num_batched_tokens=max_batched_tokens)
     if gpu_memory_fraction is not None:
         ec.gpu_memory_fraction = gpu_memory_fraction
+    if tp is not None:
+        from devstral.parallel.lockstep import TensorParallelLLM, follow
+
+        if not tp.is_leader:
+            follow(net, cfg, tp)  # until rank 0 says stop
+            raise SystemExit(0)
+        return TensorParallelLLM(net, cfg, tokenizer, tp=tp, path=path, sampling=sampling, engine_config=ec)
     if llama:
         from devstral.engine.llamacpp_llm import LlamaCppLLM
 

@@ -9,6 +9,8 @@ step costs one launch instead of ~10 kernels' launch overhead per layer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +29,21 @@ from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
 
 log = logging.getLogger("devstral.engine")
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs as host arrays: picklable, so rank 0 can send them to the others."""
+
+    tokens: np.ndarray  # [N] int64, decode rows first
+    positions: np.ndarray  # [N] int64
+    slots: np.ndarray  # [N] int64: where each token's keys/values go in the pool
+    tables: np.ndarray  # [n_decode, width] int32: the decode rows' block tables
+    context: np.ndarray  # [n_decode] int32
+    chunks: list[tuple[int, int, int, np.ndarray]]  # prefill chunks: (offset, length, start, block table)
+    select: np.ndarray | None  # rows whose logits are needed; None: a prefill-only step
+    graph: bool  # replay the captured decode graph
+    images: list = field(default_factory=list)  # (first row, first position, tokens, images) of chunks with images
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -90,6 +107,7 @@ class ModelRunner:
         self.max_blocks = -(-max_context // pool.block_size)
         self.scale = cfg.head_dim ** -0.5
         self.graphs: _DecodeGraphs | None = None
+        self.broadcast: Callable[[StepInputs], None] | None = None  # set on rank 0 under tensor parallelism
         # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
         # MoE routing sizes its gathers from the data, which a captured graph cannot replay: eager until the
         # grouped expert GEMM lands
@@ -145,6 +163,14 @@ class ModelRunner:
         return self._forward([item], all_rows=True)[0]
 
     def _forward(self, batch: list[ScheduledSeq], all_rows: bool = False) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        inputs, sampling = self.step_inputs(batch, all_rows)
+        if self.broadcast is not None:  # tensor parallel: the other ranks run the same inputs
+            self.broadcast(inputs)
+        return self.run(inputs), sampling
+
+    def step_inputs(self, batch: list[ScheduledSeq], all_rows: bool = False) -> tuple[StepInputs, list[ScheduledSeq]]:
+        """The step as host arrays (what rank 0 sends the other tensor-parallel ranks) and the items
+        that sample, in logits-row order."""
         bs = self.block_size
         tokens, positions, slots, select, sampling = [], [], [], [], []
         image_spans = []  # (first row in the flat batch, first position, tokens, images) of chunks with images
@@ -161,39 +187,51 @@ class ModelRunner:
             if item.samples:  # a speculating sequence needs the logits of its drafts' positions too
                 select.extend(range(len(tokens) - 1 - len(item.draft), len(tokens)))
                 sampling.append(item)
-        dev = self.device
-        tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
-        slot = torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True)
         width = max((len(s.seq.block_table) for s in decode), default=1)
         tables = np.zeros((len(decode), width), dtype=np.int32)
         for i, s in enumerate(decode):
             tables[i, :len(s.seq.block_table)] = s.seq.block_table
-        tables_t = torch.from_numpy(tables).to(dev, non_blocking=True)
-        context = torch.tensor([s.seq.num_computed + 1 for s in decode], dtype=torch.int32).to(dev, non_blocking=True)
+        context = np.array([s.seq.num_computed + 1 for s in decode], dtype=np.int32)
         nd = len(decode)
         if all_rows:
             select = list(range(len(tokens)))
-        inject = None
-        if image_spans:
-            if self.images is None:
-                raise DevstralError("this prompt has images but the model has no vision encoder")
-            inject = self.images.injection(image_spans, dev)
-        if (not all_rows and inject is None and self.graphs is not None and nd == len(batch) and len(sampling) == nd
-                and self.graphs.bucket(nd) is not None):
-            return self.graphs.run(nd, tok, pos, slot, tables_t, context), sampling
+        graph = (not all_rows and not image_spans and self.graphs is not None and nd == len(batch)
+                 and len(sampling) == nd and self.graphs.bucket(nd) is not None)
         chunks, offset = [], nd
         for item in batch[nd:]:
-            table = torch.tensor(item.seq.block_table, dtype=torch.int32).to(dev, non_blocking=True)
-            chunks.append(PrefillChunk(offset, item.n_tokens, item.seq.num_computed, table))
+            chunks.append((offset, item.n_tokens, item.seq.num_computed,
+                           np.asarray(item.seq.block_table, dtype=np.int32)))
             offset += item.n_tokens
+        inputs = StepInputs(np.asarray(tokens, dtype=np.int64), np.concatenate(positions), np.concatenate(slots),
+                            tables, context, chunks, np.asarray(select, dtype=np.int64) if select else None, graph,
+                            image_spans)
+        return inputs, sampling
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass of one step's inputs: logits of the selected rows ([0] when none)."""
+        dev = self.device
+        tok = torch.from_numpy(inputs.tokens).to(dev, non_blocking=True)
+        pos = torch.from_numpy(inputs.positions).to(dev, non_blocking=True)
+        slot = torch.from_numpy(inputs.slots).to(dev, non_blocking=True)
+        tables_t = torch.from_numpy(inputs.tables).to(dev, non_blocking=True)
+        context = torch.from_numpy(inputs.context).to(dev, non_blocking=True)
+        nd = len(inputs.context)
+        if inputs.graph:
+            return self.graphs.run(nd, tok, pos, slot, tables_t, context)
+        chunks = [PrefillChunk(offset, length, start, torch.from_numpy(table).to(dev, non_blocking=True))
+                  for offset, length, start, table in inputs.chunks]
         attn = BatchAttention(self.pool, slot, nd, tables_t, context, self.max_context, self.scale,
                               self.cfg.sliding_window, chunks)
-        sel = torch.tensor(select, dtype=torch.long).to(dev, non_blocking=True) if select else None
-        if sel is None:  # prefill chunks only: fill the cache
+        inject = None
+        if inputs.images:
+            if self.images is None:
+                raise DevstralError("this prompt has images but the model has no vision encoder")
+            inject = self.images.injection(inputs.images, dev)
+        if inputs.select is None:  # prefill chunks only: fill the cache
             self.model.hidden_states(tok[None], pos[None], cache=attn, inject=inject)
-            return torch.empty(0), []
-        return self.model(tok[None], pos[None], cache=attn, select=sel, inject=inject)[0], sampling
+            return torch.empty(0)
+        sel = torch.from_numpy(inputs.select).to(dev, non_blocking=True)
+        return self.model(tok[None], pos[None], cache=attn, select=sel, inject=inject)[0]
 
     @staticmethod
     def _check_finite(logits: torch.Tensor, sampling: list[ScheduledSeq], rows: list[slice]) -> None:

@@ -52,13 +52,17 @@ def bnb_quantization(folder: Path) -> dict | None:
 
 
 def iter_model_weights(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
-                       notice: bool = True) -> Iterator[tuple[str, torch.Tensor | NF4Linear]]:
+                       notice: bool = True,
+                       shard: tuple[int, int] | None = None) -> Iterator[tuple[str, torch.Tensor | NF4Linear]]:
     """The loaders' one source of weights: plain tensors, plus NF4Linear layers from a bnb-4bit checkpoint.
     `notice`: say so when vision tensors are skipped (False when the vision encoder loads them)."""
     from devstral.formats.safetensors import iter_tensors
 
     if bnb_quantization(folder) is None:
-        yield from iter_tensors(folder, cfg, dtype=dtype, device=device, notice=notice)
+        yield from iter_tensors(folder, cfg, dtype=dtype, device=device, notice=notice, shard=shard)
+    elif shard is not None:
+        raise DevstralError(f"{folder}: a bitsandbytes 4-bit checkpoint cannot be split with --tensor-parallel "
+                            "(its blocks run across the split); use the 16-bit model, or fp8 with --quantize-on-load")
     else:
         yield from iter_bnb_weights(folder, cfg, dtype=dtype, device=device)
 

@@ -8,6 +8,7 @@ Float tensors (norms, F16/F32 weights) are materialized in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from devstral.formats.gguf_config import config_from_gguf
 from devstral.formats.gguf_names import expert_parts, from_gguf_name, rotary_heads, rotate_half_row_order
 from devstral.formats.gguf_read import GGUFFile
 from devstral.formats.gguf_tokenizer import GGUFTokenizer
+from devstral.parallel.sharding import rank_slice
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -84,8 +86,13 @@ def check_gguf_config_against_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
                             f"{list(emb.shape)}")
 
 
-def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | torch.dtype = "auto"):
-    """(Transformer, ModelConfig, GGUFTokenizer) from a .gguf file (or the first part of a split one)."""
+def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dtype: str | torch.dtype = "auto",
+                    shard: tuple[int, int] | None = None):
+    """(Transformer, ModelConfig, GGUFTokenizer) from a .gguf file (or the first part of a split one).
+
+    `shard=(rank, world)` keeps only that tensor-parallel rank's slice of each split weight
+    (parallel/sharding.py), cut from the file's blocks: whole rows, or for row-parallel weights the
+    same run of whole blocks in every row (the split must fall on a block boundary)."""
     from devstral.model.rope import Rotary
     from devstral.model.transformer import Transformer
     from devstral.quant.linear import QuantLinear, fallback_notice
@@ -119,8 +126,20 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
                                 f"{list(expected[ours])}")
         heads = rotary_heads(gname, cfg.n_heads, cfg.n_kv_heads)
         raw = g.raw_torch(gname).reshape(info.shape[0], -1)
+        part = rank_slice(ours, info.shape, *shard) if shard is not None else None
         if heads is not None:
-            raw = raw.index_select(0, rotate_half_row_order(info.shape[0], heads))
+            order = rotate_half_row_order(info.shape[0], heads)
+            if part is not None:  # a rank's rows are whole heads, and the reordering stays inside a head
+                order = order[part.start:part.stop]
+            raw = raw.index_select(0, order)
+        elif part is not None and part.dim == 0:
+            raw = raw[part.start:part.stop]
+        if part is not None and part.dim == 1:
+            raw = _column_blocks(raw, info.qtype, part, gname, shard[1])
+        if part is not None:
+            shape = list(info.shape)
+            shape[part.dim] = part.stop - part.start
+            info = dataclasses.replace(info, shape=tuple(shape))
         if info.qtype in FLOAT_TYPES or info.qtype not in _quantized_ok():
             from devstral.quant import dequantize
 
@@ -157,6 +176,18 @@ def load_gguf_model(path: str | Path, *, device: torch.device | str = "cpu", dty
         print(notice, file=sys.stderr)
     model.rotary = Rotary(cfg).to(device)
     return model.eval().requires_grad_(False), cfg, tokenizer
+
+
+def _column_blocks(raw: torch.Tensor, qtype: QType, part, name: str, world: int) -> torch.Tensor:
+    """Columns part.start..part.stop of every row, as whole blocks of the row's bytes."""
+    from devstral.quant.layout import block_info
+
+    block, block_bytes = block_info(qtype)
+    if part.start % block or part.stop % block:
+        raise DevstralError(f"--tensor-parallel {world}: {name} ({QType(qtype).name}, {block}-weight blocks) would "
+                            f"be split at column {part.stop - part.start}, inside a block; use a tensor-parallel "
+                            "size that keeps whole blocks, or a safetensors model")
+    return raw[:, part.start // block * block_bytes:part.stop // block * block_bytes]
 
 
 def _load_expert_stack(model: nn.Module, g: GGUFFile, gname: str, parts: tuple[str, ...], expected: dict,

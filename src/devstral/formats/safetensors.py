@@ -215,7 +215,7 @@ def check_config_against_weights(folder: Path, cfg: ModelConfig) -> None:
 
 def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
                  keep_dtype: Callable[[str], bool] | None = None, part: str = "text",
-                 notice: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                 notice: bool = True, shard: tuple[int, int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor in dtype on device), one tensor in flight at a time.
 
     Each file is memory-mapped; a tensor is converted from its mapped bytes straight into its final
@@ -226,7 +226,13 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: 
 
     `part`: "text" (the decoder; vision tensors are skipped, with a one-line notice unless `notice` is
     False) or "vision" (model/vision.py's names).
+
+    `shard=(rank, world)` yields only that tensor-parallel rank's slice of each split decoder weight
+    (parallel/sharding.py), read straight from the mapped file: the other ranks' bytes are never
+    touched.
     """
+    from devstral.parallel.sharding import rank_slice
+
     layout, files = weight_files(folder)
     skipped = 0
     for path in files:
@@ -241,18 +247,26 @@ def iter_tensors(folder: Path, cfg: ModelConfig, *, dtype: torch.dtype, device: 
                     continue
                 keep = not e.dtype.is_floating_point or (keep_dtype is not None and keep_dtype(ours))
                 target = e.dtype if keep else dtype
+                cut = rank_slice(ours, e.shape, *shard) if shard is not None and part == "text" else None
+                shape = list(e.shape)
+                if cut is not None:
+                    shape[cut.dim] = cut.stop - cut.start
                 if e.end == e.start:
-                    out = torch.empty(e.shape, dtype=target, device=device)
+                    out = torch.empty(shape, dtype=target, device=device)
                 else:
                     view = memoryview(mm)[e.start:e.end]
                     with warnings.catch_warnings():  # read-only buffer: we only read it, then copy
                         warnings.simplefilter("ignore", UserWarning)
                         t = torch.frombuffer(view, dtype=torch.uint8).view(e.dtype).reshape(e.shape)
-                    out = t.to(device=device, dtype=target, copy=True)
+                    if cut is not None:
+                        t = t.narrow(cut.dim, cut.start, cut.stop - cut.start)
+                    out = t.to(device=device, dtype=target, copy=True).contiguous()
                     del t
                     view.release()
                 if part == "text" and layout == "mistral" and ours.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads
+                    if cut is not None:  # a rank's rows are whole heads: the permutation is per head
+                        heads //= shard[1]
                     out = permute_for_rotate_half(out, heads).contiguous()
                 _release(mm, e.start, e.end)
                 check_finite(out, e.name, path)
