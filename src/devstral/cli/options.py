@@ -47,6 +47,10 @@ BACKEND_OPTION = typer.Option("auto", "--backend",
                                    "is installed), torch or llama.cpp.")
 GPU_MEMORY_OPTION = typer.Option(0.9, "--gpu-memory-fraction", min=0.05, max=1.0,
                                  help="Share of the GPU the model, its KV cache and activations may use.")
+TENSOR_PARALLEL_OPTION = typer.Option(None, "--tensor-parallel", "-tp", min=1,
+                                      help="Split the model over N processes (N GPUs on CUDA, NCCL; gloo on the CPU); "
+                                           "this process is rank 0 and starts the others. Under torchrun: its "
+                                           "process count.")
 QUANTIZE_ON_LOAD = typer.Option(None, "--quantize-on-load", help="Quantize a safetensors model as it loads, to fit "
                                 "a smaller GPU: q8_0, q4_k or fp8.")
 
@@ -60,14 +64,15 @@ def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "a
              kv_cache_dtype: str = "auto", ctx_size: int | None = None, system: str | None = None,
              no_system: bool = False, speculative: str = "lookup", gpu_memory_fraction: float | None = None,
              backend: str = "auto", quantize_on_load: str | None = None, mmproj: Path | None = None,
-             vision: bool = True):
+             vision: bool = True, tensor_parallel: int | None = None):
     import devstral
 
     with stderr.status("loading model…", spinner="dots"):
         llm = devstral.load(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                             max_context=ctx_size, speculative=speculative,
                             gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                            quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision)
+                            quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision,
+                            tensor_parallel=tensor_parallel)
     if no_system:
         llm.tokenizer.default_system_prompt = None
     elif system is not None:

@@ -15,6 +15,7 @@ from devstral.cli.options import (
     MMPROJ_OPTION,
     QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
+    TENSOR_PARALLEL_OPTION,
     THREADS_OPTION,
     apply_threads,
     load_llm,
@@ -49,6 +50,7 @@ def run(
     backend: str = BACKEND_OPTION,
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     quantize_on_load: str = QUANTIZE_ON_LOAD,
+    tensor_parallel: int = TENSOR_PARALLEL_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     image: list[Path] = typer.Option(None, "--image", help="An image (PNG, JPEG, WebP, GIF, BMP) shown to a vision "
                                      "model before the prompt; repeatable."),
@@ -69,7 +71,7 @@ def run(
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
                    gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                   quantize_on_load=quantize_on_load, mmproj=mmproj)
+                   quantize_on_load=quantize_on_load, mmproj=mmproj, tensor_parallel=tensor_parallel)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                  stop=stop)

@@ -15,6 +15,7 @@ from devstral.cli.options import (
     MMPROJ_OPTION,
     QUANTIZE_ON_LOAD,
     SPECULATIVE_OPTION,
+    TENSOR_PARALLEL_OPTION,
     THREADS_OPTION,
     VISION_OPTION,
     apply_threads,
@@ -76,6 +77,7 @@ def serve(
     vision: bool = VISION_OPTION,
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs in "
                                              "requests (network use); otherwise images come as data: URLs."),
+    tensor_parallel: int | None = TENSOR_PARALLEL_OPTION,
 ) -> None:
     """Serve a model over HTTP: /v1/chat/completions, /v1/completions, /api/chat, /api/generate, ..."""
     import uvicorn
@@ -101,13 +103,16 @@ def serve(
                              max_context=ctx_size, parallel=parallel, speculative=speculative,
                              gpu_memory_fraction=gpu_memory_fraction, max_batched_tokens=max_batched_tokens,
                              prefix_caching=prefix_cache, backend=backend,
-                             quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision)
+                             quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision,
+                             tensor_parallel=tensor_parallel)
 
     sock = bind(host, port)  # before the model loads: a busy port is reported at once, not minutes later
     try:
         llm = load()
         config = ServerConfig(model_id=served_model_id(model), alias=alias, api_key=api_key, parallel=parallel,
-                              max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024), loader=load,
+                              max_queue=queue_size, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                              # a tensor-parallel model stays loaded: its other ranks hold their shards
+                              loader=None if getattr(llm, "tp", None) is not None else load,
                               keep_alive=idle, remote=remote_config, strict_tools=strict_tools, host=host,
                               allowed_hosts=allowed_host, body_timeout_s=body_timeout or None,
                               allow_remote_images=allow_remote_images)

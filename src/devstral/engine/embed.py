@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from devstral.errors import DevstralError
+
 POOLING = {"pooling": "mean", "normalized": "l2", "layer": "final hidden states (after the last norm)"}
 BATCH_TOKENS = 4096  # padded tokens per batched forward
 CHUNK = 512  # longer inputs go alone, a chunk at a time through a KV cache
@@ -96,6 +98,8 @@ def _chunked(llm, ids: list[int], chunk: int) -> torch.Tensor:
 def embed_batches(llm, seqs: Sequence[Sequence[int]], *, batch_tokens: int = BATCH_TOKENS,
                   chunk: int = CHUNK) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (input indices, their vectors [k, dim] float32 on the CPU), one forward at a time."""
+    if getattr(llm, "tp", None) is not None:  # these passes run outside the engine's steps
+        raise DevstralError("embeddings are not available with --tensor-parallel")
     lengths = [len(s) for s in seqs]
     if any(n == 0 for n in lengths):
         raise ValueError("cannot embed an empty input")

@@ -191,6 +191,31 @@ def _spawn_and_join(world: int, device: torch.device, load_kwargs: dict) -> TPGr
     return tp
 
 
+def group_failed(error: BaseException) -> None:
+    """Rank 0: a step failed (a collective broke, or an error on this rank). The ranks are out of step
+    now, so the group ends: naming the rank that died when one did, else this one's error."""
+    workers = _active
+    if workers is None:  # torchrun: its agent stops the others once this process ends
+        raise DevstralError(f"tensor-parallel rank 0: {_one_line(error)}") from error
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # a dead peer is the usual cause: give its exit a moment to show
+        for rank, p in workers.procs.items():
+            code = p.poll()
+            if code is not None:
+                workers._fail(rank, code)
+        time.sleep(0.05)
+    workers.stopping = True
+    print(f"error: tensor-parallel rank 0: {_one_line(error)}; stopping the other ranks", file=sys.stderr, flush=True)
+    for p in workers.procs.values():
+        p.kill()
+    os._exit(1)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if not isinstance(error, DevstralError) else text
+
+
 def _read_error(error_dir: Path, rank: int) -> str:
     try:
         return (error_dir / f"rank{rank}.txt").read_text(encoding="utf-8").strip()

@@ -45,17 +45,22 @@ class TensorParallelLLM(LLM):
         self.max_context = self._plan[0]
 
     def _build_engine(self) -> Engine:
+        return _fatal_on_error(self._build_engine_in_step)()
+
+    def _build_engine_in_step(self) -> Engine:
         self.tp.send(("engine", self.engine_config, self.dtype, self._plan))
         engine = Engine(self.model, self.local_config, self.engine_config, compute_dtype=self.dtype, plan=self._plan)
-        engine.runner.broadcast = lambda inputs: self.tp.send(("step", inputs))
+        runner = engine.runner
+        runner.broadcast = _fatal_on_error(lambda inputs: self.tp.send(("step", inputs)))
+        runner.run = _fatal_on_error(runner.run)
         return engine
 
     @torch.inference_mode()
     def logits(self, ids) -> torch.Tensor:
         tokens = torch.as_tensor(ids, dtype=torch.long)[None]
         self._check_ids(tokens)
-        self.tp.send(("logits", tokens))
-        return self.model(tokens.to(self.device)).float()[0]
+        _fatal_on_error(self.tp.send)(("logits", tokens))
+        return _fatal_on_error(self.model)(tokens.to(self.device)).float()[0]
 
     def close(self) -> None:
         """Stop the followers and leave the group (also done at exit)."""
@@ -63,6 +68,21 @@ class TensorParallelLLM(LLM):
 
         self._engine = None
         shutdown(self.tp)
+
+
+def _fatal_on_error(fn):
+    """The engine survives a failed step (its sequences end with the error); a tensor-parallel group does
+    not, since its ranks are no longer in step: the failure ends the group (launch.group_failed)."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            from devstral.parallel.launch import group_failed
+
+            group_failed(e)
+            raise
+
+    return call
 
 
 def refuse_direct_use(llm: LLM, what: str) -> None:

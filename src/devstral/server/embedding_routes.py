@@ -120,6 +120,8 @@ def embed_job(llm: Any, seqs: list[list[int]]):
 
 async def run_embeddings(state: ServerState, request: Request, seqs: list[list[int]],
                          keep_alive: Any = DEFAULT) -> torch.Tensor:
+    if getattr(state.llm, "tp", None) is not None:
+        raise APIError(400, "embeddings are not available on a server started with --tensor-parallel")
     t0 = time.perf_counter()
     events = await collect(state.submit(embed_job(state.llm, seqs), keep_alive), request)
     vectors = next((e for e in events if isinstance(e, torch.Tensor)), None)
