@@ -62,6 +62,8 @@ def finetune(
                                 help="Also write OUTPUT/Modelfile for `ollama create` (implies --gguf Q8_0)."),
     device: str = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
+    nproc: int = typer.Option(None, "--nproc", min=1, help="Train in N processes (N GPUs) with FSDP2: this one is "
+                              "rank 0 and starts the others; --grad-accum must be a multiple of N."),
     threads: int = THREADS_OPTION,
 ) -> None:
     """Fine-tune a model with LoRA or QLoRA and save a PEFT adapter (optionally merged and GGUF), or train every

@@ -96,15 +96,21 @@ def peft_key(module_name: str, which: str) -> str:
 
 def save_adapter(model: nn.Module, folder: Path, config: AdapterConfig) -> None:
     """Write the adapter atomically (each file to a temp name in the folder, then renamed)."""
-    from safetensors.torch import save_file
 
-    from devstral.model.lora import lora_modules
+    from devstral.model.lora import lora_state
+
+    save_adapter_state(lora_state(model), folder, config)
+
+
+def save_adapter_state(state: dict[str, torch.Tensor], folder: Path, config: AdapterConfig) -> None:
+    """The same from lora_state()'s dict ('<module>.lora_A.weight' -> tensor), e.g. gathered from FSDP shards."""
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, m in lora_modules(model).items():
-        tensors[peft_key(name, "lora_A")] = m.lora_A.weight.detach().float().cpu().contiguous()
-        tensors[peft_key(name, "lora_B")] = m.lora_B.weight.detach().float().cpu().contiguous()
+    for key, t in state.items():
+        module, which, _ = key.rsplit(".", 2)
+        tensors[peft_key(module, which)] = t.detach().float().cpu().contiguous()
     if not tensors:
         raise DevstralError("the model has no LoRA layers to save")
     _atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

@@ -96,20 +96,25 @@ def start(tensor_parallel: int | None, path: Path, *, device: str, backend: str,
                             "(devstral finetune --merge) and load the merged model")
     check_divisible(model_config(path), world, source=str(path))
     if env_world > 1:
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        store = None
-        if _PARENT_ENV in os.environ:  # spawned by our rank 0: its store, as it created it (no key prefix)
-            import torch.distributed as dist
-
-            from devstral.parallel.group import collective_timeout
-
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=False, timeout=collective_timeout())
-        return init_group(rank, world, rank_device(device, local_rank, world), store=store)
+        return join_launched(device, world)
     dev = rank_device(device, 0, world)
-    return _spawn_and_join(world, dev, {**load_kwargs, "model": str(path), "device": device,
-                                        "tensor_parallel": world})
+    return spawn_and_join(world, dev, {"load": {**load_kwargs, "model": str(path), "device": device,
+                                                "tensor_parallel": world}})
+
+
+def join_launched(device: str, world: int) -> TPGroup:
+    """Join the group torchrun (or our rank 0) started this process in, from its environment."""
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    store = None
+    if _PARENT_ENV in os.environ:  # spawned by our rank 0: its store, as it created it (no key prefix)
+        import torch.distributed as dist
+
+        from devstral.parallel.group import collective_timeout
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False, timeout=collective_timeout())
+    return init_group(rank, world, rank_device(device, local_rank, world), store=store)
 
 
 # ---------------------------------------------------------------- rank 0's side of a spawned group
@@ -122,7 +127,7 @@ class _Workers:
         while not self.stopping:
             for rank, p in self.procs.items():
                 code = p.poll()
-                if code is not None and not self.stopping:
+                if code and not self.stopping:  # 0: a training rank that finished its run
                     self._fail(rank, code)
             time.sleep(0.1)
 
@@ -158,8 +163,9 @@ class _Workers:
 _active: _Workers | None = None
 
 
-def _spawn_and_join(world: int, device: torch.device, load_kwargs: dict) -> TPGroup:
-    """Start ranks 1..world-1 as `python -m devstral.parallel.worker` with torchrun's environment
+def spawn_and_join(world: int, device: torch.device, job: dict) -> TPGroup:
+    """Start ranks 1..world-1 as `python -m devstral.parallel.worker` (`job`: {"load": load() kwargs} or
+    {"finetune": a TrainConfig as a dict}) with torchrun's environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; a fresh interpreter, so the caller's main script
     is never re-run as multiprocessing's spawn would), then join the group as rank 0."""
     global _active
@@ -178,7 +184,7 @@ def _spawn_and_join(world: int, device: torch.device, load_kwargs: dict) -> TPGr
     for rank in range(1, world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "NCCL_NVLS_ENABLE":
-               os.environ.get("NCCL_NVLS_ENABLE", "0"), _LOAD_ENV: json.dumps(load_kwargs),
+               os.environ.get("NCCL_NVLS_ENABLE", "0"), _JOB_ENV: json.dumps(job),
                _THREADS_ENV: str(threads), _ERROR_ENV: str(error_dir / f"rank{rank}.txt"),
                _PARENT_ENV: str(os.getpid())}
         procs[rank] = subprocess.Popen([sys.executable, "-m", "devstral.parallel.worker"], env=env,
@@ -201,7 +207,7 @@ def group_failed(error: BaseException) -> None:
     while time.monotonic() < deadline:  # a dead peer is the usual cause: give its exit a moment to show
         for rank, p in workers.procs.items():
             code = p.poll()
-            if code is not None:
+            if code:
                 workers._fail(rank, code)
         time.sleep(0.05)
     workers.stopping = True
@@ -233,7 +239,7 @@ def shutdown(tp: TPGroup | None = None) -> None:
         destroy()
 
 
-_LOAD_ENV, _THREADS_ENV = "DEVSTRAL_TP_LOAD", "DEVSTRAL_TP_THREADS"
+_JOB_ENV, _THREADS_ENV = "DEVSTRAL_TP_JOB", "DEVSTRAL_TP_THREADS"
 _ERROR_ENV, _PARENT_ENV = "DEVSTRAL_TP_ERROR_FILE", "DEVSTRAL_TP_PARENT"
 
 
@@ -244,9 +250,16 @@ def worker_main() -> int:
     threading.Thread(target=_watch_parent, args=(int(os.environ[_PARENT_ENV]),), daemon=True).start()
     error_file = Path(os.environ[_ERROR_ENV])
     try:
-        import devstral
+        job = json.loads(os.environ[_JOB_ENV])
+        if "finetune" in job:
+            from devstral.train.config import TrainConfig
+            from devstral.train.trainer import finetune
 
-        devstral.load(**json.loads(os.environ[_LOAD_ENV]))  # follows rank 0, then raises SystemExit(0)
+            finetune(TrainConfig(**job["finetune"]))
+        else:
+            import devstral
+
+            devstral.load(**job["load"])  # follows rank 0, then raises SystemExit(0)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except DevstralError as e:

@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     threads: int | None = None  # CPU threads for torch; None: the physical core count
+    nproc: int = 1  # processes (GPUs) training together under FSDP2 (parallel/fsdp.py); torchrun sets it too
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -99,6 +100,13 @@ class TrainConfig:
             self.gguf = "Q8_0"
         if self.threads is not None and self.threads <= 0:
             raise DevstralError(f"--threads must be a positive integer, got {self.threads}")
+        if self.nproc < 1:
+            raise DevstralError(f"--nproc must be a positive integer, got {self.nproc}")
+        if self.nproc > 1 and self.full:
+            raise DevstralError("--nproc shards LoRA / QLoRA training; --full runs in one process")
+        if self.nproc > 1 and self.grad_accum % self.nproc:
+            raise DevstralError(f"--grad-accum ({self.grad_accum}) must be a multiple of --nproc ({self.nproc}): "
+                                "each process takes the same number of micro-batches per step")
         if self.max_grad_norm < 0:
             raise DevstralError("--max-grad-norm must be >= 0 (0 turns clipping off)")
 

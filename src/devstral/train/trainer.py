@@ -92,11 +92,22 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
     return f"CUDA out of memory at step {step + 1}; try " + ", ".join(hints)
 
 
-class Progress:
-    """A rich progress bar (loss, lr, tok/s, peak GPU memory, ETA) on stderr, or nothing."""
+class _NoMetrics:
+    """The metrics log of an FSDP rank other than 0 (only rank 0 writes)."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = None
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        return []
+
+
+class Progress:
+    """A rich progress bar (loss, lr, tok/s, peak GPU memory, ETA) on stderr, or nothing (`quiet`: not even
+    lines)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, *, quiet: bool = False):
+        self.bar, self.quiet = None, quiet
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -119,7 +130,7 @@ class Progress:
     def print(self, text: str) -> None:
         if self.bar is not None:
             self.bar.console.print(text, highlight=False)
-        else:
+        elif not self.quiet:
             print(text, file=sys.stderr)
 
     def close(self) -> None:
@@ -141,9 +152,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.config import ModelConfig
     from devstral.devices import resolve_device
     from devstral.formats.bnb4bit import bnb_quantization
-    from devstral.formats.peft import AdapterConfig, save_adapter
+    from devstral.formats.peft import AdapterConfig, save_adapter, save_adapter_state
     from devstral.loader import resolve_model
     from devstral.model.lora import inject_lora, lora_modules, parse_targets, trainable_parameters
+    from devstral.parallel import fsdp
     from devstral.prompt.tokenizer import load_tokenizer
     from devstral.train.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
     from devstral.train.full import full_parameters, load_weights, save_model_folder, weights_state
@@ -153,6 +165,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.train.schedule import lr_at
 
     cfg.validate()
+    group = fsdp.join(cfg)  # None in one process; FSDP2 over the group otherwise (parallel/fsdp.py)
+    leader = group is None or group.is_leader
+    if group is not None and cfg.grad_accum % group.world:
+        raise DevstralError(f"--grad-accum ({cfg.grad_accum}) must be a multiple of the {group.world} processes")
     targets = parse_targets(cfg.target)
     model_path = resolve_model(cfg.model)
     if not model_path.is_dir():
@@ -167,7 +183,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                             "it trains applies to the 16-bit model: run it with --model <16-bit folder> --adapter)")
     mcfg = ModelConfig.from_dir(model_path)
     tokenizer = load_tokenizer(model_path)
-    device = resolve_device(cfg.device)
+    device = group.device if group is not None else resolve_device(cfg.device)
 
     examples, stats = load_examples(Path(cfg.data), tokenizer, max_seq_len=cfg.max_seq_len,
                                     train_on=cfg.chat_train_on, skip_invalid=cfg.skip_invalid,
@@ -203,8 +219,6 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     model.gradient_checkpointing = cfg.grad_checkpointing
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
 
     start_step, micro_done = 0, 0
     if state is not None and cfg.full:
@@ -214,16 +228,26 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             for name, m in lora_modules(model).items():
                 m.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
+    n_trainable = sum(p.numel() for p in params)
+    if group is not None:  # after the weights are final: parameters become this rank's shards (DTensors)
+        fsdp.shard(model, group)
+        params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda" and group is None)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if group is not None:
+            fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         start_step, micro_done = state["step"], state["micro_batches"]
         restore_rng(state["rng"])
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n", encoding="utf-8")
-    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start_step if state is not None else None)
-    n_trainable = sum(p.numel() for p in params)
-    progress = Progress(cfg.progress, total_steps, start_step)
+    if leader:
+        (out / "finetune_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n", encoding="utf-8")
+    metrics = (MetricsLog(out / "metrics.jsonl", resume_from_step=start_step if state is not None else None)
+               if leader else _NoMetrics())
+    progress = Progress(cfg.progress and leader, total_steps, start_step, quiet=not leader)
     progress.print(f"data: {stats.summary()}")
     what = "full-parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
     progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, {what}: "
@@ -242,19 +266,26 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             micro_done += len(batches)
             n_learned = sum(b.n_label_tokens for b in batches)
             lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             loss_sum = 0.0
-            for batch in batches:
+            # FSDP2: this rank's share of the step's micro-batches; gradients are averaged over the
+            # ranks, so the loss is scaled back up to the step's sum
+            mine = batches if group is None else batches[group.rank::group.world]
+            scale = 1.0 if group is None else float(group.world)
+            for batch in mine:
                 batch = batch.to(device)
                 with _autocast(device):
                     loss, _ = summed_loss(model, batch)
-                objective = loss / n_learned
+                objective = loss * (scale / n_learned)
                 if cfg.router_aux_loss > 0:
-                    objective = objective + cfg.router_aux_loss * router_loss(model) / len(batches)
+                    objective = objective + scale * cfg.router_aux_loss * router_loss(model) / len(batches)
                 objective.backward()
                 loss_sum += float(loss.detach())
-            if cfg.max_grad_norm > 0:
+            if group is not None:
+                loss_sum = fsdp.all_sum(group, loss_sum)
+                grad_norm = fsdp.grad_norm(params, cfg.max_grad_norm)
+            elif cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             else:
                 grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
@@ -278,12 +309,17 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                 metrics.write({"step": done, "eval_loss": ev})
                 progress.print(f"step {done}: eval loss {ev:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                save_checkpoint(out, {
-                    "step": done, "micro_batches": micro_done, "rng": rng_state(),
-                    **({"weights": weights_state(model)} if cfg.full else
-                       {"lora": {k: v.detach().cpu().clone() for k, v in _lora_state(model).items()}}),
-                    "optimizer": optimizer.state_dict(), "config": cfg.as_dict(), "data_sha256": fingerprint,
-                    "total_steps": total_steps})
+                if group is not None:  # every rank takes part in gathering; rank 0 writes
+                    lora, optim = fsdp.full_lora_state(model), fsdp.optimizer_state(model, optimizer)
+                else:
+                    lora = None if cfg.full else {k: v.detach().cpu().clone() for k, v in _lora_state(model).items()}
+                    optim = optimizer.state_dict()
+                if leader:
+                    save_checkpoint(out, {
+                        "step": done, "micro_batches": micro_done, "rng": rng_state(),
+                        **({"weights": weights_state(model)} if cfg.full else {"lora": lora}),
+                        "optimizer": optim, "config": cfg.as_dict(), "data_sha256": fingerprint,
+                        "total_steps": total_steps})
     except torch.OutOfMemoryError:
         progress.close()
         raise DevstralError(_oom_message(cfg, step)) from None
@@ -293,15 +329,21 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     if eval_examples:
         result.eval_loss = evaluate(model, eval_examples, plan, device)
         metrics.write({"step": total_steps, "eval_loss": result.eval_loss})
-        print(f"eval loss {result.eval_loss:.4f}", file=sys.stderr)
-    if cfg.full:
+        if leader:
+            print(f"eval loss {result.eval_loss:.4f}", file=sys.stderr)
+    wrapped = {name.rpartition(".")[2] for name in lora_modules(model)}  # what this model had of them
+    adapter = AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=[t for t in targets if t in wrapped],
+                            lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora, base_model_name_or_path=str(cfg.model))
+    if group is not None:
+        lora = fsdp.full_lora_state(model)  # the last collective: then the other ranks are done
+        fsdp.leave(group)
+        if not leader:
+            return result
+        save_adapter_state(lora, out, adapter)
+    elif cfg.full:
         save_model_folder(model, model_path, out)
     else:
-        wrapped = {name.rpartition(".")[2] for name in lora_modules(model)}  # what this model had of them
-        save_adapter(model, out, AdapterConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                               target_modules=[t for t in targets if t in wrapped],
-                                               lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
-                                               base_model_name_or_path=str(cfg.model)))
+        save_adapter(model, out, adapter)
     plot_loss(metrics.records(), out / "loss.png")
     del model, optimizer
     if cfg.full:  # OUTPUT is already a whole model: nothing to merge
