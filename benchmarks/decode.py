@@ -32,6 +32,10 @@ SHAPES = {
     # Devstral Small 1.x / 2 text decoder
     "devstral-small": dict(arch="mistral", vocab_size=131072, dim=5120, n_layers=40, n_heads=32, n_kv_heads=8,
                            head_dim=128, hidden_dim=32768, rope_theta=1e9, max_position_embeddings=131072),
+    # Devstral 2 (123B dense): Mistral Large 2's decoder widths (12288 / 88 layers / 96 heads / 8 kv heads /
+    # FFN 28672) with the tekken vocabulary of 131072 and a 256k window; tensor_parallel.py runs it on 2 GPUs
+    "devstral-2": dict(arch="mistral", vocab_size=131072, dim=12288, n_layers=88, n_heads=96, n_kv_heads=8,
+                       head_dim=128, hidden_dim=28672, rope_theta=1e6, max_position_embeddings=262144),
     "tiny": dict(arch="mistral", vocab_size=4096, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                  hidden_dim=256),
 }

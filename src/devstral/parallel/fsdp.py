@@ -99,11 +99,9 @@ def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 def leave(group: TPGroup | None) -> None:
     if group is None:
         return
+    from devstral.parallel.group import destroy
     from devstral.parallel.launch import shutdown
 
     if group.is_leader:
-        shutdown(None)  # the workers finish their own run and exit; then the group goes
-    else:
-        from devstral.parallel.group import destroy
-
-        destroy()
+        shutdown(None)  # spawned ranks finish their own run and exit: wait for them
+    destroy()

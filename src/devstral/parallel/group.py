@@ -37,6 +37,7 @@ class TPGroup:
     device: torch.device
     group: dist.ProcessGroup
     control: dist.ProcessGroup
+    stopped: bool = False  # rank 0 told the followers to stop
 
     @property
     def is_leader(self) -> bool:

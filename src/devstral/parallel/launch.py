@@ -230,13 +230,17 @@ def _read_error(error_dir: Path, rank: int) -> str:
 
 
 def shutdown(tp: TPGroup | None = None) -> None:
-    """Rank 0: tell the followers to stop, wait for them, leave the group (idempotent)."""
+    """Rank 0: tell the followers to stop; for ranks it spawned, wait for them and leave the group
+    (idempotent). Under torchrun the group stays: the followers return from load(), and the script
+    that launched them may go on using it."""
     global _active
     if _active is not None:
         _active.stop(tp)
         _active = None
-    else:
-        destroy()
+    elif tp is not None and not getattr(tp, "stopped", False):
+        tp.stopped = True
+        with contextlib.suppress(Exception):
+            tp.send(("stop",))
 
 
 _JOB_ENV, _THREADS_ENV = "DEVSTRAL_TP_JOB", "DEVSTRAL_TP_THREADS"
