@@ -100,6 +100,8 @@ def test_heads_or_vocab_not_divisible_is_one_line():
         check_divisible(cfg, 4, source="m")
     with pytest.raises(DevstralError, match=r"vocabulary"):
         check_divisible(tiny_config(vocab_size=4097, n_heads=4, n_kv_heads=4, hidden_dim=128), 2, source="m")
+    with pytest.raises(DevstralError, match=r"mixture-of-experts"):
+        check_divisible(tiny_config(n_experts=4, n_experts_per_tok=2), 2, source="m")
 
 
 def test_more_ranks_than_gpus_is_one_line(monkeypatch):
