@@ -54,8 +54,8 @@ def force_outputs(model, table: torch.Tensor) -> None:
     """Make the model emit table[p] after position p (the rest of its forward is untouched)."""
     forward = model.forward
 
-    def forced(tokens, positions=None, *, cache=None, attn_mask=None, select=None):
-        logits = forward(tokens, positions, cache=cache, attn_mask=attn_mask, select=select)
+    def forced(tokens, positions=None, *, select=None, **kw):
+        logits = forward(tokens, positions, select=select, **kw)
         pos = positions[0] if select is None else positions[0, select]
         nxt = table[pos.clamp(max=table.numel() - 1)]
         bonus = torch.full((nxt.numel(), 1), BONUS, dtype=logits.dtype, device=logits.device)
@@ -74,6 +74,8 @@ def run_turn(engine, table: torch.Tensor, prompt: list[int], output: list[int]) 
     seq = engine.add(prompt, GREEDY, len(output), set())
     while seq.first_token_time is None:
         engine.step()
+        if seq.finished and seq.first_token_time is None:  # a failed step: say why, do not spin
+            raise RuntimeError(f"the turn failed: {seq.error}")
     t1 = time.perf_counter()
     while engine.has_work():
         engine.step()
@@ -107,7 +109,7 @@ def measure(model, cfg, device, mode: str, turns: dict, runs: int, max_context: 
                      "ttft_ms": statistics.median(r["ttft_ms"] for r in per_run),
                      "identical_to_recording": all(r["identical"] for r in per_run),
                      "drafted": per_run[-1]["drafted"], "accepted": per_run[-1]["accepted"]}
-    model.forward = type(model).forward.__get__(model)
+    del model.forward  # the instance override goes; the class's forward is back
     del engine, llm
     gc.collect()
     if device.type == "cuda":

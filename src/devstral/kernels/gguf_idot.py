@@ -32,11 +32,9 @@ import triton
 import triton.language as tl
 
 from devstral.kernels.gguf_decode import GEOMETRY, qt_code
+from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
-
-SUPPORTED_QT = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (Q5_K keeps the float GEMV)
-MAX_M = 8
 
 
 @triton.jit
@@ -158,10 +156,6 @@ def _idot_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
-def supports(p: PackedGGUF, m: int) -> bool:
-    return 1 <= m <= MAX_M and qt_code(p.qtype) in SUPPORTED_QT and not os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")
-
-
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias) with int8 activations; x contiguous rows, M <= 8."""
@@ -171,12 +165,10 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
     split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
     ws = workspace(split_k, m, p.n, x.device)
-    q = p["q"]
-    arrs = [p.get(name) if p.get(name) is not None else q for name in ("qh", "sc", "mn", "d", "dmin")]
-    q = q.view(torch.int32) if q.dtype != torch.int32 else q
+    fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     _idot_kernel[(tiles_n, split_k, tiles_m)](
-        x, out, bias if bias is not None else out, ws, counters(x.device), q, *arrs,
-        m, p.n, k, x.stride(0), out.stride(0), q.stride(0), arrs[0].stride(0), arrs[1].stride(0), arrs[3].stride(0),
+        x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
+        m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d,
         QT=qt, SB=sb, WPS=wps, P=e // 4, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, ASM=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=num_warps, num_stages=num_stages)
