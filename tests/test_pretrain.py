@@ -192,3 +192,23 @@ def test_helpers():
     assert "".join(chunks("x = 1\n\ny = 2\n" * 30, 40)) == "x = 1\n\ny = 2\n" * 30
     found = list(mine_functions(SOURCE.format(name="z")))
     assert [f[0] for f in found] == ["z_total", "z_scale"] and found[0][2].startswith("Return the sum")
+
+
+def test_mined_function_source_is_what_ast_get_source_segment_gives():
+    # the miner slices lines itself (ast.get_source_segment re-splits the file on every call); the
+    # stdlib's own source, with its non-ASCII and CRLF variants, is the oracle
+    import ast
+    import inspect
+    import json as json_module
+    import textwrap
+
+    texts = [inspect.getsource(json_module.decoder), inspect.getsource(textwrap)]
+    texts.append('def f\u00e9(a):\n    """Return the sum of a and \u00e9.\n\n    More."""\n    return a  # \u00e9\n')
+    texts.append(texts[-1].replace("\n", "\r\n"))
+    seen = 0
+    for text in texts:
+        by_name = {n.name: n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
+        for name, _, _, source in mine_functions(text):
+            assert source == textwrap.dedent(ast.get_source_segment(text, by_name[name]))
+            seen += 1
+    assert seen >= 3

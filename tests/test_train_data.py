@@ -141,3 +141,19 @@ def test_packed_rows_equal_separate_sequences(tiny_hf, tok, tmp_path):
         sep_total, sep_n = sep_total + float(loss), sep_n + n
     assert packed_n == sep_n
     assert abs(packed_total - sep_total) < 1e-3 * sep_total
+
+
+def test_several_encoding_processes_give_the_examples_of_one(tok, tmp_path):
+    # the worker pool splits the file into chunks; order, line numbers, errors and counts must not change
+    rows = [{"prompt": f"question {i} " * (i % 7 + 1), "completion": f"answer {i}"} for i in range(40)]
+    rows += [{"text": "def f():\n    return 1\n"}, {"messages": [{"role": "user", "content": "only a question"}]}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    with path.open("a") as f:
+        f.write("{not json\n")
+    one, s1 = load_examples(path, tok, max_seq_len=24, skip_invalid=True, workers=1)
+    three, s3 = load_examples(path, tok, max_seq_len=24, skip_invalid=True, workers=3)
+    assert [(e.line, e.ids, e.labels) for e in one] == [(e.line, e.ids, e.labels) for e in three]
+    assert s1 == s3, (s1, s3)
+    assert s1.skipped["invalid"] == 2 and s1.truncated > 0
+    with pytest.raises(DevstralError, match=rf"d\.jsonl:{len(rows)}: "):  # the first bad line, in file order
+        load_examples(path, tok, max_seq_len=24, workers=3)

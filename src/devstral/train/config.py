@@ -31,6 +31,7 @@ class TrainConfig:
     double_quant: bool = True
     epochs: float | None = None
     max_steps: int | None = None
+    max_minutes: float | None = None  # wall-clock budget: the step count is fixed from measured speed
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -77,6 +78,8 @@ class TrainConfig:
             raise DevstralError(f"--epochs must be positive, got {self.epochs}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise DevstralError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise DevstralError(f"--max-minutes must be a positive number, got {self.max_minutes}")
         if self.lr <= 0:
             raise DevstralError(f"--lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:

@@ -137,6 +137,8 @@ def train(recipe: PretrainRecipe, data_dir: Path, output: Path, overrides: dict[
         init_model(recipe, init_dir)
     base = {**recipe.train, "model": str(init_dir), "data": str(data_dir / "train.jsonl"),
             "eval_data": str(data_dir / "eval.jsonl"), "output": str(output / "model"), "full": True}
+    if overrides.get("max_minutes") is not None and overrides.get("max_steps") is None:
+        base.pop("max_steps", None)  # a time budget given on the command line replaces the recipe's step count
     cfg = build_config(None, overrides, base=base)
     if not cfg.full:
         raise DevstralError("pretraining trains every weight: the recipe cannot set full: false")

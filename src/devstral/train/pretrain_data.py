@@ -20,6 +20,7 @@ import os
 import random
 import re
 import site
+import sys
 import sysconfig
 import tempfile
 import textwrap
@@ -194,12 +195,27 @@ def _summary(doc: str) -> str | None:
     return first
 
 
+# The line breaks the parser counts (not str.splitlines's form feeds and other separators).
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """What ast.get_source_segment returns for `node` (its column offsets count UTF-8 bytes)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    head = lines[first].encode()[node.col_offset:].decode()
+    tail = lines[last].encode()[:node.end_col_offset].decode()
+    return head + "".join(lines[first + 1:last]) + tail
+
+
 def mine_functions(text: str) -> Iterator[tuple[str, str, str, str]]:
     """(name, argument names, docstring summary, source) of documented module-level functions."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return
+    lines: list[str] | None = None  # split once per file: ast.get_source_segment re-splits it per call
     for node in tree.body:
         if not isinstance(node, ast.FunctionDef) or node.decorator_list or node.name.startswith("__"):
             continue
@@ -207,9 +223,10 @@ def mine_functions(text: str) -> Iterator[tuple[str, str, str, str]]:
         summary = _summary(doc) if doc else None
         if summary is None:
             continue
-        source = ast.get_source_segment(text, node)
-        if source is None or not 3 <= source.count("\n") + 1 <= 40:
+        if not 3 <= node.end_lineno - node.lineno + 1 <= 40:
             continue
+        lines = lines if lines is not None else _LINE.findall(text)
+        source = _segment(lines, node)
         args = ", ".join(a.arg for a in node.args.args)
         yield node.name, args, summary, textwrap.dedent(source)
 
@@ -217,8 +234,8 @@ def mine_functions(text: str) -> Iterator[tuple[str, str, str, str]]:
 def instruction_records(docs: list[tuple[str, str]], rng: random.Random, limit: int) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for _, text in docs:
-        for name, args, summary, source in mine_functions(text):
+    for found in _fork_map(_mined, [text for _, text in docs], None):  # parsing is the slow part
+        for name, args, summary, source in found:
             if source in seen:
                 continue
             seen.add(source)
@@ -229,6 +246,72 @@ def instruction_records(docs: list[tuple[str, str]], rng: random.Random, limit: 
             if len(records) >= limit:
                 return records
     return records
+
+
+# ---------------------------------------------------------------------------------- process fan-out
+# The slow steps (13-gram checks over the whole corpus, tool conversations that run real commands) are
+# independent per item: they run in forked processes that inherit what they read from these globals.
+_SHARED: dict[str, Any] = {}
+TOOL_SHARDS = 16  # fixed, so the data does not depend on the machine's core count
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def _fork_map(fn, items: list, shared: Any) -> list:
+    """[fn(x) for x in items] in order, over forked processes when the list is long."""
+    _SHARED["value"] = shared
+    try:
+        workers = min(_workers(), 32)
+        if workers <= 1 or len(items) < 256 or sys.platform != "linux":
+            return [fn(x) for x in items]
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
+    finally:
+        _SHARED.clear()
+
+
+def _mined(text: str) -> list[tuple[str, str, str, str]]:
+    return list(mine_functions(text))
+
+
+def _overlaps(text: str) -> bool:
+    return _SHARED["value"].overlaps(text)
+
+
+def _tool_shard(shard: tuple[int, int, int]) -> list[dict[str, Any]]:
+    from devstral.train.pretrain_tooluse import tool_use_records
+
+    seed, index, count = shard
+    return tool_use_records(_SHARED["value"], random.Random(seed * 1_000_003 + index), count)
+
+
+def tool_conversations(docs: list[tuple[str, str]], seed: int, count: int) -> list[dict[str, Any]]:
+    """`count` tool-use conversations in TOOL_SHARDS seeded shards (each runs the agent's real tools)."""
+    sizes = [count // TOOL_SHARDS + (i < count % TOOL_SHARDS) for i in range(TOOL_SHARDS)]
+    shards = [(seed, i, n) for i, n in enumerate(sizes) if n]
+    workers = min(_workers(), len(shards))
+    if workers <= 1 or sys.platform != "linux":
+        return [r for shard in shards for r in _tool_shard_with(docs, shard)]
+    _SHARED["value"] = docs
+    try:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return [r for part in pool.map(_tool_shard, shards, chunksize=1) for r in part]
+    finally:
+        _SHARED.clear()
+
+
+def _tool_shard_with(docs: list[tuple[str, str]], shard: tuple[int, int, int]) -> list[dict[str, Any]]:
+    _SHARED["value"] = docs
+    try:
+        return _tool_shard(shard)
+    finally:
+        _SHARED.clear()
 
 
 # ---------------------------------------------------------------------------------- the whole build
@@ -273,8 +356,6 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def build_dataset(out: Path, recipe: DataRecipe, *, roots: list[Path] | None = None,
                   decontaminator: Decontaminator | None = None, log=print) -> dict[str, Any]:
     """Write out/train.jsonl, out/eval.jsonl and out/manifest.json; return the manifest."""
-    from devstral.train.pretrain_tooluse import tool_use_records
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(recipe.seed)
@@ -284,18 +365,17 @@ def build_dataset(out: Path, recipe: DataRecipe, *, roots: list[Path] | None = N
     log(f"source: {sstats.files_kept} files ({sstats.bytes_kept / 1e6:.1f} MB) kept of {sstats.files_seen}; "
         f"{sstats.duplicates} duplicates dropped")
     dropped = {"source": 0, "instructions": 0, "tool_use": 0}
-    text_records = []
-    for _, text in docs:
-        for piece in chunks(text, recipe.chunk_chars):
-            if decon.overlaps(piece):
-                dropped["source"] += 1
-            elif piece.strip():
-                text_records.append({"text": piece})
+    pieces = [piece for _, text in docs for piece in chunks(text, recipe.chunk_chars)]
+    overlapping = _fork_map(_overlaps, pieces, decon)
+    text_records = [{"text": p} for p, bad in zip(pieces, overlapping, strict=True) if not bad and p.strip()]
+    dropped["source"] = sum(overlapping)
     instr = instruction_records(docs, rng, recipe.instructions)
-    instr_kept = [r for r in instr if not decon.overlaps(record_text(r))]
+    instr_kept = [r for r, bad in zip(instr, _fork_map(_overlaps, [record_text(r) for r in instr], decon),
+                                      strict=True) if not bad]
     dropped["instructions"] = len(instr) - len(instr_kept)
-    tools = tool_use_records(docs, rng, recipe.tool_conversations)
-    tools_kept = [r for r in tools if not decon.overlaps(record_text(r))]
+    tools = tool_conversations(docs, recipe.seed, recipe.tool_conversations)
+    tools_kept = [r for r, bad in zip(tools, _fork_map(_overlaps, [record_text(r) for r in tools], decon),
+                                      strict=True) if not bad]
     dropped["tool_use"] = len(tools) - len(tools_kept)
     log(f"records: {len(text_records)} source pieces, {len(instr_kept)} instruction pairs, "
         f"{len(tools_kept)} tool-use conversations; HumanEval overlap dropped {dropped}")
@@ -313,9 +393,9 @@ def build_dataset(out: Path, recipe: DataRecipe, *, roots: list[Path] | None = N
     rng.shuffle(train)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "eval.jsonl", evals or train[:1])
-    overlap_after = sum(decon.overlaps(record_text(json.loads(line)))
-                        for name in ("train.jsonl", "eval.jsonl")
-                        for line in (out / name).read_text(encoding="utf-8").splitlines())
+    written = [record_text(json.loads(line)) for name in ("train.jsonl", "eval.jsonl")
+               for line in dict.fromkeys((out / name).read_text(encoding="utf-8").splitlines())]
+    overlap_after = sum(_fork_map(_overlaps, written, decon))
     if overlap_after:
         raise RuntimeError(f"{overlap_after} written records overlap HumanEval")
     manifest = {

@@ -106,7 +106,7 @@ class Progress:
     """A rich progress bar (loss, lr, tok/s, peak GPU memory, ETA) on stderr, or nothing (`quiet`: not even
     lines)."""
 
-    def __init__(self, enabled: bool, total: int, start: int, *, quiet: bool = False):
+    def __init__(self, enabled: bool, total: int | None, start: int, *, quiet: bool = False):
         self.bar, self.quiet = None, quiet
         if enabled:
             from rich.console import Console
@@ -132,6 +132,10 @@ class Progress:
             self.bar.console.print(text, highlight=False)
         elif not self.quiet:
             print(text, file=sys.stderr)
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -163,8 +167,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.train.metrics import MetricsLog, plot_loss
     from devstral.train.model_setup import load_base
     from devstral.train.schedule import lr_at
+    from devstral.train.time_budget import UNBOUNDED, TimeBudget
 
     cfg.validate()
+    budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes is not None else None
     group = fsdp.join(cfg)  # None in one process; FSDP2 over the group otherwise (parallel/fsdp.py)
     leader = group is None or group.is_leader
     if group is not None and cfg.grad_accum % group.world:
@@ -198,11 +204,15 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     per_epoch = len(micro_batches(examples, plan, epoch_order(len(examples), cfg.seed, 0)))
     steps_per_epoch = max(1, math.ceil(per_epoch / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
+    if cfg.max_minutes is not None and cfg.max_steps is None and cfg.epochs is None:
+        total_steps = UNBOUNDED  # the time budget alone decides, after calibration
     fingerprint = _fingerprint(Path(cfg.data))
 
     state: dict[str, Any] | None = None
     if cfg.resume:
         state = load_checkpoint(out)
+        if budget is not None and state.get("total_steps", UNBOUNDED) < UNBOUNDED:
+            total_steps, budget = state["total_steps"], None  # the count the interrupted run fixed
         _check_resumable(state, cfg, fingerprint, total_steps)
 
     torch.manual_seed(cfg.seed)
@@ -247,7 +257,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         (out / "finetune_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n", encoding="utf-8")
     metrics = (MetricsLog(out / "metrics.jsonl", resume_from_step=start_step if state is not None else None)
                if leader else _NoMetrics())
-    progress = Progress(cfg.progress and leader, total_steps, start_step, quiet=not leader)
+    progress = Progress(cfg.progress and leader, total_steps if total_steps < UNBOUNDED else None, start_step,
+                        quiet=not leader)
     progress.print(f"data: {stats.summary()}")
     what = "full-parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
     progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, {what}: "
@@ -260,7 +271,9 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     model.train()
     step = start_step
     try:
-        for step in range(start_step, total_steps):
+        for step in range(start_step, UNBOUNDED):
+            if step >= total_steps:  # a range would not see the count --max-minutes fixes
+                break
             t0 = time.perf_counter()
             batches: list[Batch] = [collate(examples, next(stream), plan) for _ in range(cfg.grad_accum)]
             micro_done += len(batches)
@@ -304,6 +317,14 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                            "epoch": micro_done / per_epoch})
             progress.update(step_loss, lr, n_tokens / elapsed)
             done = step + 1
+            if budget is not None:
+                budget.observe(elapsed)
+                if budget.ready():
+                    total_steps = budget.total_steps(done, total_steps)
+                    result.steps = total_steps
+                    progress.set_total(total_steps)
+                    progress.print(f"--max-minutes {cfg.max_minutes:g}: {total_steps} steps "
+                                   f"({budget.per_step:.3f} s each)")
             if eval_examples and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
                 ev = evaluate(model, eval_examples, plan, device)
                 metrics.write({"step": done, "eval_loss": ev})
