@@ -12,7 +12,7 @@ from devstral.agent.model import ChatReply, Message
 
 
 class InProcessChatModel:
-    def __init__(self, model: str, *, device: str = "auto", temperature: float = 0.15,
+    def __init__(self, model: str | None, *, device: str = "auto", temperature: float = 0.15,
                  max_tokens: int | None = None, **load_kwargs: Any):
         import devstral
 
@@ -20,7 +20,8 @@ class InProcessChatModel:
         self.llm = devstral.load(model, device=device, **load_kwargs)
         self.temperature, self.max_tokens = temperature, max_tokens
         # The prompt encoder adds SYSTEM_PROMPT.txt itself when no system message is given.
-        self.provides_system_prompt = Path(model).is_dir() and (Path(model) / "SYSTEM_PROMPT.txt").is_file()
+        folder = Path(self.llm.path)  # None: the default model, resolved by devstral.load
+        self.provides_system_prompt = folder.is_dir() and (folder / "SYSTEM_PROMPT.txt").is_file()
 
     def check(self) -> None:
         """Loading succeeded in __init__; nothing can be unreachable."""

@@ -27,7 +27,8 @@ _SIZE = re.compile(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)
 def agent(
     task: str = typer.Argument(None, help="The task. Without it, tasks are read from the terminal."),
     workspace: Path = typer.Option(Path("."), "--workspace", "-w", help="The folder the agent works in."),
-    model: str = typer.Option(None, "--model", "-m", help="Run this model in process (folder, .gguf, org/repo)."),
+    model: str = typer.Option(None, "--model", "-m", help="Run this model in process (folder, .gguf, org/repo; default: as devstral run, "
+                                                    "$DEVSTRAL_MODEL or the embedded model)."),
     base_url: str = typer.Option(None, "--base-url", help="Use an OpenAI-compatible server instead, e.g. http://127.0.0.1:8080/v1."),
     api_key: str = typer.Option(None, "--api-key", envvar="DEVSTRAL_API_KEY", help="Bearer token for --base-url (prefer the DEVSTRAL_API_KEY variable)."),
     model_name: str = typer.Option(None, "--model-name", help="Model name sent to --base-url (default: the first one it lists)."),
@@ -57,8 +58,8 @@ def agent(
         agent_mode = Mode(mode)
     except ValueError:
         raise DevstralError(f"--mode must be confirm, auto or read-only, got {mode!r}") from None
-    if (model is None) == (base_url is None):
-        raise DevstralError("give exactly one of --model (run in process) or --base-url (use a server)")
+    if model is not None and base_url is not None:
+        raise DevstralError("give --model (run in process) or --base-url (use a server), not both")
     if api_key and not base_url:
         raise DevstralError("--api-key only applies with --base-url")
     if backend != "auto" and base_url:

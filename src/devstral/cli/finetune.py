@@ -37,7 +37,7 @@ def finetune(
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (instead of --epochs)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Train for this wall-clock time (loading "
-                                      "included): the step count is fixed after 20 steps from their speed, so "
+                                      "included): the step count is fixed after 50 steps from their speed, so "
                                       "the schedule still ends on time; --max-steps/--epochs then cap it."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default 2e-4)."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),

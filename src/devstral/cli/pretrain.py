@@ -65,7 +65,7 @@ def train(
     recipe: Path = typer.Option(None, "--recipe", help=RECIPE_HELP),
     max_steps: int = typer.Option(None, "--max-steps", help="Override the recipe's number of steps."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Train for this wall-clock time (loading "
-                                      "included): the step count is fixed after 20 steps from their speed, so "
+                                      "included): the step count is fixed after 50 steps from their speed, so "
                                       "the schedule still ends on time; --max-steps/--epochs then cap it."),
     lr: float = typer.Option(None, "--lr", help="Override the peak learning rate."),
     batch_size: int = typer.Option(None, "--batch-size", help="Override rows per micro-batch."),
