@@ -1,0 +1,109 @@
+"""The streaming GEMV (kernels/gguf_gemv_wide.py) on CPU, in Triton's interpreter, against quant.dequantize()
+followed by a matmul (dequantize is bit-exact against gguf-py), and its PyTorch twin against the same.
+
+Small odd shapes: row tiles cut by N, K not a multiple of the tile (masked sub-blocks), split-K with
+uneven and empty splits, 1..6 activation rows in tiles of 1, 2 and 4, a bias. One subprocess runs
+every kernel case under TRITON_INTERPRET=1 (the interpreter is chosen when a kernel is decorated, so
+it must not leak into other tests); outputs are fp32 (the interpreter truncates fp32 -> bf16).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from devstral.kernels.gguf_pack import pack  # noqa: E402
+from devstral.quant import QType, dequantize  # noqa: E402
+from devstral.quant.layout import block_info  # noqa: E402
+
+N = 13
+# Q4_K/Q5_K/Q6_K: 2 super-blocks; Q8_0: 13 blocks (a tile of 8 sub-blocks is cut)
+K = {QType.Q4_K: 512, QType.Q5_K: 512, QType.Q6_K: 512, QType.Q8_0: 416}
+TYPES = list(K)
+F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
+# (rows m, BN, NS, BM, split_k): even and uneven tiles, split-K 3 over fewer tiles than splits
+CASES = [(1, 16, 8, 1, 1), (1, 8, 2, 1, 3), (2, 16, 4, 2, 2), (6, 8, 2, 4, 5)]
+
+
+def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Random bytes are valid blocks (every bit pattern of every field occurs); fp16 scales realistic."""
+    bs, ts = block_info(qt)
+    raw = torch.randint(0, 256, (n * k // bs, ts), dtype=torch.uint8, generator=g)
+    for off in F16_FIELDS[qt]:
+        d = (torch.rand(raw.shape[0], generator=g) * 0.01 + 1e-3).to(torch.float16)
+        raw[:, off:off + 2] = d.view(torch.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def _inputs(qt: QType, g: torch.Generator):
+    raw = random_blocks(qt, N, K[qt], g)
+    x = torch.randn(6, K[qt], generator=g).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g)
+    return raw, x, bias
+
+
+def _run_cases(out_path: str) -> None:
+    """Executed in the subprocess, under the interpreter."""
+    from devstral.kernels import gguf_gemv_wide
+
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    for qt in TYPES:
+        raw, x, bias = _inputs(qt, g)
+        p = pack(raw, qt, N, K[qt])
+        outs = {}
+        for m, bn, ns, bm, split in CASES:
+            out = torch.full((m, N), float("nan"))
+            b = bias if split != 1 or m == 1 else None
+            gguf_gemv_wide.gemv(x[:m], p, b, out, bn=bn, ns=ns, bm=bm, split_k=split)
+            outs[(m, bn, ns, bm, split)] = (out, b is not None)
+        res[qt.name] = {"raw": raw, "x": x, "bias": bias, "outs": outs}
+    torch.save(res, out_path)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wide") / "results.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_streaming_gemv_matches_dequantize_then_matmul(results, qtype):
+    r = results[qtype.name]
+    w = dequantize(r["raw"], qtype, (N, K[qtype]))
+    x = r["x"].float()
+    assert len(r["outs"]) == len(CASES)
+    for (m, *_), (out, has_bias) in r["outs"].items():
+        ref = x[:m] @ w.t() + (r["bias"] if has_bias else 0.0)
+        assert not out.isnan().any()  # every output row and column written
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_pytorch_twin_matches_dequantize_then_matmul(qtype):
+    from devstral.kernels import gguf_gemv_wide
+
+    g = torch.Generator().manual_seed(1)
+    raw, x, bias = _inputs(qtype, g)
+    p = pack(raw, qtype, N, K[qtype])
+    ref = x.float() @ dequantize(raw, qtype, (N, K[qtype])).t() + bias
+    _close(gguf_gemv_wide.reference(x, p, bias), ref)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    _run_cases(sys.argv[1])
