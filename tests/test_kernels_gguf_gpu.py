@@ -19,6 +19,7 @@ from devstral.kernels import (
     gguf_dequant,
     gguf_gemm,
     gguf_gemv,
+    gguf_gemv_wide,
     gguf_idot,
     gguf_linear,
     nf4_kernels,
@@ -111,6 +112,35 @@ def test_gemv_matches_dequantize_then_matmul(qt, m):
         gguf_gemv.gemv(x, p, bias, out, bm=bm, **cfg)
         close(out, ref + bias.float())
     close(gguf_linear.linear(x, p), ref, rel=dispatch_rel(qt, m))  # the dispatcher's own choice
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
+    """gguf_gemv_wide at odd N (partial row tiles), K cut inside a tile (masked sub-blocks), even
+    shapes (the unmasked path), split-K with uneven and empty splits, and in a CUDA graph."""
+    ns = 16 if qt == QType.Q6_K else 8
+    bm = gguf_gemv_wide.bm_for(m)
+    for n, k in ((1029, k_for(qt, big=True)), (512, 2048)):
+        raw = blocks(qt, n, k, seed=m)
+        p = pack(raw.to(CUDA), qt, n, k)
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+        ref = x.float() @ reference(raw, qt, n, k).t() + bias.float()
+        for cfg in (dict(bn=128, ns=ns, split_k=1, num_warps=4), dict(bn=64, ns=ns, split_k=3, num_warps=4),
+                    dict(bn=32, ns=4, split_k=16, num_warps=2), dict(bn=256, ns=ns, split_k=2, num_warps=8)):
+            out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.bfloat16)
+            gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, **cfg)
+            close(out, ref)
+        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+        gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, bn=64, ns=ns, split_k=4)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, bn=64, ns=ns, split_k=4)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        close(out, ref)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
