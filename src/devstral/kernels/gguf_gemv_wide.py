@@ -53,19 +53,17 @@ def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr):
             lo = (words << (18 - 4 * S)) & (0xF << 18)
         else:
             lo = (words >> (4 * S - 18)) & (0xF << 18)
-        if S <= 22:
-            h = (hi << (22 - S)) & (1 << 22)
-        b = lo | h | one
+        b = lo | (((hi << (22 - S)) & (1 << 22)) | one)  # two 3-input LOP3s
     elif QT == 2:  # Q6_K: nibble + 2 high bits -> bits 17..22
         if 4 * S <= 17:
             lo = (words << (17 - 4 * S)) & (0xF << 17)
         else:
             lo = (words >> (4 * S - 17)) & (0xF << 17)
         if 2 * S <= 21:
-            h = (hi << (21 - 2 * S)) & (3 << 21)
+            h = ((hi << (21 - 2 * S)) & (3 << 21)) | one
         else:
-            h = (hi >> (2 * S - 21)) & (3 << 21)
-        b = lo | h | one
+            h = ((hi >> (2 * S - 21)) & (3 << 21)) | one
+        b = lo | h  # grouped so that each pair is one 3-input LOP3
     else:  # Q8_0: byte S (sign bit pre-flipped) -> bits 15..22
         if 8 * S <= 15:
             b = ((words << (15 - 8 * S)) & (0xFF << 15)) | one
@@ -115,19 +113,20 @@ def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j2, ok, s_sc, s_d, QT: tl.co
 
 @triton.jit
 def _scales(d, sc, dm, mn, QT: tl.constexpr):
-    """(c1, c0): weight = c1 * f + c0 for f from _level_f."""
+    """(c1, c0) per sub-block as the row dots use them: weight = c1 * f + c0 for f from _level_f
+    (Q5_K, Q6_K, Q8_0); Q4_K as _row_dot_q4k says."""
     d = d.to(tl.float32)
     if QT == 3:
         c1 = 256.0 * d  # q = 256 f - 384
         c0 = -384.0 * d
+    elif QT == 0:
+        c1 = 128.0 * (d * _u8_to_f32(sc))  # _row_dot_q4k: weight = d sc q - dmin mn
+        c0 = -(dm.to(tl.float32) * _u8_to_f32(mn))
     elif QT == 2:
         c1 = 64.0 * (d * sc.to(tl.float32))  # int8 scale: q - 32 = 64 f - 96
         c0 = -1.5 * c1
     else:
-        if QT == 0:
-            c1 = 16.0 * (d * _u8_to_f32(sc))
-        else:
-            c1 = 32.0 * (d * _u8_to_f32(sc))
+        c1 = 32.0 * (d * _u8_to_f32(sc))  # Q5_K
         c0 = -(c1 + dm.to(tl.float32) * _u8_to_f32(mn))
     return c1, c0
 
@@ -161,8 +160,53 @@ def _x_slice(xp, x_ok, NS: tl.constexpr, WPS: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS: tl.constexpr, WPS: tl.constexpr, EVEN: tl.constexpr):
+    """Q4_K with three shifts per eight nibbles instead of eight.
+
+    A nibble needs no shift when it already sits at mantissa bits 12..15 (f = 1 + q 2^-11) or
+    16..19 (f = 1 + q 2^-7): fp32 keeps >= 13 bits of q x either way. Four copies of the word --
+    w, w << 8, w >> 8 and w rotated by 16 -- bring every nibble to one of the two places: odd
+    values (3, 1, 5, 7) to bits 12..15, even values (4, 2, 6, 0) to 16..19. The two classes have
+    their own partial sums: sum q x = 2^7 (16 (P_odd - X_odd) + P_even - X_even).
+    c1 here is 2^7 d sc and c0 is -dmin mn (see _scales)."""
+    w8l = words << 8
+    w8r = words >> 8
+    rot = (words << 16) | ((words >> 16) & 0xFFFF)
+    x0 = _x_slice(xp, x_ok, NS, WPS, EVEN)
+    x1 = _x_slice(xp + WPS, x_ok, NS, WPS, EVEN)
+    x2 = _x_slice(xp + 2 * WPS, x_ok, NS, WPS, EVEN)
+    x3 = _x_slice(xp + 3 * WPS, x_ok, NS, WPS, EVEN)
+    x4 = _x_slice(xp + 4 * WPS, x_ok, NS, WPS, EVEN)
+    x5 = _x_slice(xp + 5 * WPS, x_ok, NS, WPS, EVEN)
+    x6 = _x_slice(xp + 6 * WPS, x_ok, NS, WPS, EVEN)
+    x7 = _x_slice(xp + 7 * WPS, x_ok, NS, WPS, EVEN)
+    p_odd = ((words & 0xF000) | one).to(tl.float32, bitcast=True) * x3
+    p_odd += ((w8l & 0xF000) | one).to(tl.float32, bitcast=True) * x1
+    p_odd += ((w8r & 0xF000) | one).to(tl.float32, bitcast=True) * x5
+    p_odd += ((rot & 0xF000) | one).to(tl.float32, bitcast=True) * x7
+    p_even = ((words & 0xF0000) | one).to(tl.float32, bitcast=True) * x4
+    p_even += ((w8l & 0xF0000) | one).to(tl.float32, bitcast=True) * x2
+    p_even += ((w8r & 0xF0000) | one).to(tl.float32, bitcast=True) * x6
+    p_even += ((rot & 0xF0000) | one).to(tl.float32, bitcast=True) * x0
+    x_odd = (x1 + x3) + (x5 + x7)
+    x_even = (x0 + x2) + (x4 + x6)
+    t = tl.sum(16.0 * p_odd + p_even, axis=2)
+    xc = tl.sum(16.0 * x_odd + x_even, axis=2)
+    xs = tl.sum(x_odd + x_even, axis=2)
+    return c1 * (t - xc) + c0 * xs
+
+
+@triton.jit
 def _row_dot(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
              WPS: tl.constexpr, EVEN: tl.constexpr):
+    if QT == 0:
+        return _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS, WPS, EVEN)
+    return _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT, E, NS, WPS, EVEN)
+
+
+@triton.jit
+def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
+                     WPS: tl.constexpr, EVEN: tl.constexpr):
     """sum over each sub-block of the weights times x (one activation row): [BN, NS].
 
     words/hi are [BN, NS, WPS]; per weight one mantissa decode and one FMA; per sub-block
