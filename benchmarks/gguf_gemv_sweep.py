@@ -46,7 +46,9 @@ TYPE_SHAPES = {"Q4_K": ["attn_q", "attn_kv", "attn_o", "ffn_gate_up", "ffn_down"
                "Q6_K": ["attn_kv", "ffn_down", "output"],
                "Q8_0": list(SHAPES)}
 MS = (1, 2, 4, 8)
-WIDE_TILES = ((128, 4), (64, 4), (256, 8))  # (BN, num_warps): 8, 4 and 8 rows per thread
+# streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
+# 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
+WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)), 4: ((64, 4), (32, 4), (64, 8))}
 F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
@@ -66,10 +68,10 @@ def random_gguf(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
 
 def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, dict]]:
     out = []
-    ns = 16 if qtype == "Q6_K" else 8
+    ns = 8
     bm = gguf_gemv_wide.bm_for(m)
     sb = 16 if qtype == "Q6_K" else 32
-    for bn, warps in WIDE_TILES:
+    for bn, warps in WIDE_TILES[bm]:
         tiles = -(-n // bn) * -(-m // bm)
         s0 = gguf_config.split_k(tiles, k // (sb * ns), sms)
         for s in sorted({max(1, s0 // 2), s0, min(32, s0 * 2)}):
@@ -162,10 +164,10 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
         p = pack(raw, QType[qtype], n, k)
         wbytes = p.nbytes()
         del raw
-        dense = None if dry else gguf_dequant.dequantize(p, dtype=torch.bfloat16)
+        dense = None if dry else gguf_dequant.dequantize(p, dtype=torch.float32)  # exact
         for m in MS:
             x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
-            ref = None if dry else (x.float() @ dense.float().t())
+            ref = None if dry else x.float() @ dense.t()
             for kind, cfg in candidates(qtype, m, n, k, sms):
                 if dry and (m, kind, cfg) not in mine:
                     continue
@@ -185,7 +187,7 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                     rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue
                 gbps = wbytes / us / 1e3
-                ok = rel < (1.5e-2 if kind == "idot" else 4e-3)
+                ok = rel < (2e-2 if kind == "idot" else 6e-3)  # bf16 output rounding; int8 activations
                 rows.append(dict(row, us=round(us, 2), GBps=round(gbps, 1), pct_of_copy=round(100 * gbps / copy_gbps, 1),
                                  weight_bytes=wbytes, rel_err=rel, ok=ok))
         if not dry:

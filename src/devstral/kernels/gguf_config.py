@@ -113,11 +113,11 @@ def decode_entry(table: dict, qtype: str, m: int, n: int, k: int) -> dict | None
 
 
 def wide_config(qtype: str, m: int, n: int, k: int, sms: int) -> dict:
-    """Launch config of the streaming GEMV without a measurement: 8 rows per thread (BN=128 over 4
-    warps), one super-block per row per tile (two for Q6_K's 16-weight sub-blocks), split-K until
-    there are two programs per SM."""
-    ns = 16 if qtype == "Q6_K" else 8
-    bn, bm = 128, gemv_bm(m)
+    """Launch config of the streaming GEMV without a measurement: 8 rows per thread at one activation
+    row (BN=128 over 4 warps), 4 with more (BN=64: more would spill registers, counted offline), one
+    super-block of a row per tile (half of one for Q6_K), split-K until two programs per SM."""
+    bm = gemv_bm(m)
+    ns, bn = 8, 128 if bm == 1 else 64
     sb = 16 if qtype == "Q6_K" else 32
     tiles = -(-n // bn) * -(-m // bm)
     return dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (sb * ns), sms), num_warps=4)

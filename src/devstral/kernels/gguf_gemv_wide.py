@@ -28,6 +28,8 @@ and counts SASS instructions per weight in its loop (tests/test_kernels_gguf_wid
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +43,17 @@ MAX_BM = 4  # activation rows per program; more rows run as more programs along 
 
 
 @triton.jit
-def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr):
+def _and_or(a, mask, b, ASM: tl.constexpr):
+    """(a & mask) | b as one LOP3. Written as and/or, ptxas regroups (a & m1) | (h & m2) | one into
+    three LOP3s; pinned in PTX it is two. Plain ops under Triton's interpreter (no PTX there)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [a, mask, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (a & mask) | b
+
+
+@triton.jit
+def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr, ASM: tl.constexpr):
     """Value position S of every word as f = 1 + q / 2^bits in fp32 (the mantissa trick)."""
     if QT == 0:  # Q4_K: nibble S -> mantissa bits 19..22
         if 4 * S <= 19:
@@ -50,20 +62,20 @@ def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr):
             b = ((words >> (4 * S - 19)) & (0xF << 19)) | one
     elif QT == 1:  # Q5_K: nibble + 1 high bit -> bits 18..22
         if 4 * S <= 18:
-            lo = (words << (18 - 4 * S)) & (0xF << 18)
+            lo = words << (18 - 4 * S)
         else:
-            lo = (words >> (4 * S - 18)) & (0xF << 18)
-        b = lo | (((hi << (22 - S)) & (1 << 22)) | one)  # two 3-input LOP3s
+            lo = words >> (4 * S - 18)
+        b = _and_or(lo, 0xF << 18, _and_or(hi << (22 - S), 1 << 22, one, ASM), ASM)
     elif QT == 2:  # Q6_K: nibble + 2 high bits -> bits 17..22
         if 4 * S <= 17:
-            lo = (words << (17 - 4 * S)) & (0xF << 17)
+            lo = words << (17 - 4 * S)
         else:
-            lo = (words >> (4 * S - 17)) & (0xF << 17)
+            lo = words >> (4 * S - 17)
         if 2 * S <= 21:
-            h = ((hi << (21 - 2 * S)) & (3 << 21)) | one
+            h = hi << (21 - 2 * S)
         else:
-            h = ((hi >> (2 * S - 21)) & (3 << 21)) | one
-        b = lo | h  # grouped so that each pair is one 3-input LOP3
+            h = hi >> (2 * S - 21)
+        b = _and_or(lo, 0xF << 17, _and_or(h, 3 << 21, one, ASM), ASM)
     else:  # Q8_0: byte S (sign bit pre-flipped) -> bits 15..22
         if 8 * S <= 15:
             b = ((words << (15 - 8 * S)) & (0xFF << 15)) | one
@@ -198,25 +210,25 @@ def _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS: tl.constexpr, WPS: tl.constex
 
 @triton.jit
 def _row_dot(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
-             WPS: tl.constexpr, EVEN: tl.constexpr):
+             WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
     if QT == 0:
         return _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS, WPS, EVEN)
-    return _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT, E, NS, WPS, EVEN)
+    return _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT, E, NS, WPS, EVEN, ASM)
 
 
 @triton.jit
 def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
-                     WPS: tl.constexpr, EVEN: tl.constexpr):
+                     WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
     """sum over each sub-block of the weights times x (one activation row): [BN, NS].
 
     words/hi are [BN, NS, WPS]; per weight one mantissa decode and one FMA; per sub-block
     c1 * sum(f x) + c0 * sum(x)."""
     xs = _x_slice(xp, x_ok, NS, WPS, EVEN)
-    p = _level_f(words, hi, one, 0, QT) * xs
+    p = _level_f(words, hi, one, 0, QT, ASM) * xs
     xw = xs
     for s in tl.static_range(1, E):
         xs = _x_slice(xp + s * WPS, x_ok, NS, WPS, EVEN)
-        p += _level_f(words, hi, one, s, QT) * xs
+        p += _level_f(words, hi, one, s, QT, ASM) * xs
         xw += xs
     return c1 * tl.sum(p, axis=2) + c0 * tl.sum(xw, axis=2)
 
@@ -226,7 +238,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -274,12 +286,12 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         k0 = t * (NS * SB)
         x_ok = (k0 + x_in) < K
         xp = xp0 + k0
-        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K)
+        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM)
         if BM > 1:
-            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False)
+            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM)
         if BM > 2:
-            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False)
-            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False)
+            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM)
         words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
     cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
@@ -313,6 +325,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=num_warps, num_stages=num_stages)
     return out
 
