@@ -213,6 +213,24 @@ def winners(rows: list[dict]) -> dict:
     return best
 
 
+def measured_kinds(rows: list[dict], table: dict) -> dict:
+    """The tuned table's per-type "kinds" (the path for shapes without a "gguf_decode" entry) at M = 1,
+    2, 4: the GEMV kind with the least time summed over the swept shapes, each at its best config.
+    Other M keep what benchmarks/quant_kernels.py measured (it also times the GEMM paths)."""
+    kinds = {t: dict(v) for t, v in table.get("kinds", {}).items()}
+    for qtype in TYPE_SHAPES:
+        for m in (1, 2, 4):
+            per = {}
+            for r in rows:
+                if r.get("ok") and r["fmt"] == qtype and r["m"] == m:
+                    shape = per.setdefault(r["kind"], {})
+                    shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
+            full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
+            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide"):
+                kinds.setdefault(qtype, {})[str(m)] = min(full, key=lambda k: sum(per[k].values()))
+    return kinds
+
+
 def summary(rows: list[dict], best: dict) -> dict:
     """Per (type, shape, M): the winner against the float GEMV and the integer-dot GEMV as configured before."""
     out = {}
@@ -303,6 +321,7 @@ def main() -> None:
     best = winners(rows)
     device = torch.cuda.get_device_name(CUDA)
     decode = {key: dict(kind=r["kind"], **r["config"]) for key, r in best.items()}
+    table = gguf_config.tuned_table(device)
     import triton
 
     result = {
@@ -319,7 +338,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, body in ((out_dir / "gguf_gemv_sweep.json", result),
                        (out_dir / f"tuned_{gguf_config._slug(device)}.json",
-                        {**gguf_config.tuned_table(device), "gguf_decode": decode})):
+                        {**table, "kinds": measured_kinds(rows, table), "gguf_decode": decode})):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(body, indent=1))
         tmp.replace(path)
