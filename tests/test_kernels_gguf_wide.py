@@ -104,6 +104,40 @@ def test_pytorch_twin_matches_dequantize_then_matmul(qtype):
     _close(gguf_gemv_wide.reference(x, p, bias), ref)
 
 
+# (type code, sub-block, words per sub-block, values per word, sc dtype, qh dtype) of the kernel's arguments
+SASS_TYPES = {"Q4_K": (0, 32, 4, 8, "*u8", "*i32"), "Q6_K": (2, 16, 2, 8, "*i8", "*i16"),
+              "Q8_0": (3, 32, 8, 4, "*u8", "*i32")}
+# loop instructions per weight at BM=1, BN=128 (8 rows a thread), NS=8, 4 warps, as counted when the kernel
+# was written (Triton 3.6): Q4_K 3.65, Q8_0 4.05-4.3, Q6_K 7.6; the float GEMV (gguf_gemv.py) spends
+# 5.2 / 4.7 / 11.2. Bounds with a little slack: a change that breaks the one-layout loop (layout
+# conversions, scalar loads, per-weight scale work) lands far above them.
+SASS_BOUNDS = {"Q4_K": 4.0, "Q6_K": 8.2, "Q8_0": 4.6}
+
+
+@pytest.mark.parametrize("name", list(SASS_BOUNDS))
+def test_streaming_gemv_instructions_per_weight_on_sm90(name):
+    """Compiled offline for an H100/H200 (sm_90): no GPU needed, Triton's own ptxas and nvdisasm."""
+    from devstral.kernels import sass_stats
+    from devstral.kernels.gguf_gemv_wide import _wide_kernel
+
+    if not sass_stats.tools_available():
+        pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
+    qt, sb, wps, e, sc_t, qh_t = SASS_TYPES[name]
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "q_ptr": "*i32", "qh_ptr": qh_t, "sc_ptr": sc_t, "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16",
+           **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
+    bn, ns = 128, 8
+    const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
+                 EVEN_K=True, ASM=True)
+    # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
+    div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
+    stats = sass_stats.loop_stats(sass_stats.compile_sass(_wide_kernel, sig, const, div16=div16, num_warps=4))
+    per_weight = stats.instructions / (bn * ns * sb / 128)
+    assert not stats.registers_spilled
+    assert stats.ops["LDG"] <= 64  # vector loads: 16-byte words, 8-byte activations
+    assert per_weight < SASS_BOUNDS[name], (per_weight, stats.ops.most_common(12))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     _run_cases(sys.argv[1])

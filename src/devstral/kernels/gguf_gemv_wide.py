@@ -11,9 +11,9 @@ conversions through shared memory with barriers, scalar 2-byte activation loads.
   that one layout (scales as [BN, NS, 1], activations as [1, NS, WPS]): a thread owns whole
   sub-blocks of R = BN / (rows per CTA pass) rows, loads its words with one 16-byte load per row
   (8 bytes for Q6_K), and nothing crosses threads until the epilogue.
-* Per weight: the level goes into the mantissa of 1.0f (shift + LOP3, f = 1 + q / 2^bits) and one
-  FMA adds f * x into a per-word partial. Per word and row: c1 * partial + c0 * xsum (two FMAs,
-  so the sub-block's scale and min are applied once per 8 weights, not per weight). The
+* Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
+  Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
+  partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
   activations are loaded and converted once per thread and reused over its R rows.
 * The next tile's words and scales are loaded before this tile is computed (register double
   buffering), so each thread has two tiles of loads in flight while it computes.
@@ -22,8 +22,9 @@ conversions through shared memory with barriers, scalar 2-byte activation loads.
   of gguf_splitk.py.
 
 `reference()` below is the same computation in PyTorch (the CPU twin the tests compare against
-quant.dequantize + matmul). Offline, `compile_stats()` compiles this kernel for sm_90 without a GPU
-and counts SASS instructions per weight in its loop (tests/test_kernels_gguf_wide.py bounds it).
+quant.dequantize + matmul). kernels/sass_stats.py compiles this kernel for sm_90 without a GPU and
+counts SASS instructions per weight in its loop (tests/test_kernels_gguf_wide.py bounds it): Q4_K
+3.65, Q8_0 4.3, Q6_K 7.6 at 8 rows per thread, against 5.2, 4.7 and 11.2 for gguf_gemv.py.
 """
 
 from __future__ import annotations
