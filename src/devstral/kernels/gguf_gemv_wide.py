@@ -3,14 +3,16 @@
 At batch 1 every weight byte is read once, so the kernel must (1) keep enough bytes in flight to
 cover DRAM latency on 132 SMs and (2) spend few instructions per weight: an H200 streams ~7e12 Q4_K
 weights/s and issues ~3.4e13 thread-instructions/s, of which only half can be integer/logic ops.
-The first GEMV (gguf_gemv.py) spent ~9 SASS instructions per weight, most of them outside the
-arithmetic: per-iteration cross-thread reductions (sub-block sums of x, shuffles), layout
-conversions through shared memory with barriers, scalar 2-byte activation loads. Here:
+The first GEMV (gguf_gemv.py) spends 5.2 SASS instructions per Q4_K weight, a good part of them
+outside the arithmetic: per-iteration cross-thread sums of x (shuffles, shared memory, barriers)
+and layout conversions. Here:
 
-* The tile is 3-D, [BN rows, NS sub-blocks, WPS words], and every tensor of the loop lives in
-  that one layout (scales as [BN, NS, 1], activations as [1, NS, WPS]): a thread owns whole
-  sub-blocks of R = BN / (rows per CTA pass) rows, loads its words with one 16-byte load per row
-  (8 bytes for Q6_K), and nothing crosses threads until the epilogue.
+* Words are loaded 2-D, [BN rows, NS*WPS words] (a row's words one contiguous run: 16-byte loads,
+  a warp reading whole 128-byte row segments), and viewed as [BN, NS sub-blocks, WPS words]; the
+  activations as [1, NS, WPS] in the same layout, so they broadcast over rows for free. A thread
+  owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN / (4 * num_warps)
+  rows; the per-sub-block sums stay in the thread. Only the scales ([BN, NS], a few bytes per row)
+  change layout once per tile.
 * Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
   Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
   partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
