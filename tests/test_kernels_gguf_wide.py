@@ -24,12 +24,12 @@ from devstral.quant import QType, dequantize  # noqa: E402
 from devstral.quant.layout import block_info  # noqa: E402
 
 N = 13
-# Q4_K/Q5_K/Q6_K: 2 super-blocks; Q8_0: 13 blocks (a tile of 8 sub-blocks is cut)
-K = {QType.Q4_K: 512, QType.Q5_K: 512, QType.Q6_K: 512, QType.Q8_0: 416}
+# Q4_K/Q5_K: 3 super-blocks (a tile of 16 sub-blocks is cut), Q6_K 2, Q8_0 13 blocks (a tile of 8 is cut)
+K = {QType.Q4_K: 768, QType.Q5_K: 768, QType.Q6_K: 512, QType.Q8_0: 416}
 TYPES = list(K)
 F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
 # (rows m, BN, NS, BM, split_k): even and uneven tiles, split-K 3 over fewer tiles than splits
-CASES = [(1, 16, 8, 1, 1), (1, 8, 2, 1, 3), (2, 16, 4, 2, 2), (6, 8, 2, 4, 5)]
+CASES = [(1, 16, 8, 1, 1), (1, 8, 2, 1, 3), (2, 16, 16, 2, 2), (6, 8, 2, 4, 5)]
 
 
 def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor:
