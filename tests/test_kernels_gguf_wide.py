@@ -9,6 +9,7 @@ it must not leak into other tests); outputs are fp32 (the interpreter truncates 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,30 +115,52 @@ SASS_TYPES = {"Q4_K": (0, 32, 4, 8, "*u8", "*i32"), "Q6_K": (2, 16, 2, 8, "*i8",
 SASS_BOUNDS = {"Q4_K": 4.0, "Q6_K": 8.2, "Q8_0": 4.6}
 
 
-@pytest.mark.parametrize("name", list(SASS_BOUNDS))
-def test_streaming_gemv_instructions_per_weight_on_sm90(name):
-    """Compiled offline for an H100/H200 (sm_90): no GPU needed, Triton's own ptxas and nvdisasm."""
+def _sass_counts() -> dict:
+    """Executed in a subprocess (no interpreter state from other tests): loop statistics per type."""
     from devstral.kernels import sass_stats
     from devstral.kernels.gguf_gemv_wide import _wide_kernel
 
+    out = {}
+    for name, (qt, sb, wps, e, sc_t, qh_t) in SASS_TYPES.items():
+        sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+               "q_ptr": "*i32", "qh_ptr": qh_t, "sc_ptr": sc_t, "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16",
+               **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
+        bn, ns = 128, 8
+        const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
+                     EVEN_K=True, ASM=True)
+        # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
+        div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
+        st = sass_stats.loop_stats(sass_stats.compile_sass(_wide_kernel, sig, const, div16=div16, num_warps=4))
+        out[name] = {"per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
+                     "ldg": st.ops["LDG"], "ops": dict(st.ops.most_common(12))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def sass_counts():
+    from devstral.kernels import sass_stats
+
     if not sass_stats.tools_available():
         pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
-    qt, sb, wps, e, sc_t, qh_t = SASS_TYPES[name]
-    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "q_ptr": "*i32", "qh_ptr": qh_t, "sc_ptr": sc_t, "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16",
-           **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
-    bn, ns = 128, 8
-    const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
-                 EVEN_K=True, ASM=True)
-    # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
-    div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
-    stats = sass_stats.loop_stats(sass_stats.compile_sass(_wide_kernel, sig, const, div16=div16, num_warps=4))
-    per_weight = stats.instructions / (bn * ns * sb / 128)
-    assert not stats.registers_spilled
-    assert stats.ops["LDG"] <= 64  # vector loads: 16-byte words, 8-byte activations
-    assert per_weight < SASS_BOUNDS[name], (per_weight, stats.ops.most_common(12))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = subprocess.run([sys.executable, __file__, "--sass"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(SASS_BOUNDS))
+def test_streaming_gemv_instructions_per_weight_on_sm90(sass_counts, name):
+    """Compiled offline for an H100/H200 (sm_90): no GPU needed, Triton's own ptxas and nvdisasm."""
+    st = sass_counts[name]
+    assert not st["spilled"]
+    assert st["ldg"] <= 64  # vector loads: 16-byte words, 8-byte activations
+    assert st["per_weight"] < SASS_BOUNDS[name], st
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    _run_cases(sys.argv[1])
+    if sys.argv[1] == "--sass":
+        print(json.dumps(_sass_counts()))
+    else:
+        _run_cases(sys.argv[1])
