@@ -19,6 +19,7 @@ from devstral.kernels import (
     gguf_dequant,
     gguf_gemm,
     gguf_gemv,
+    gguf_gemv_wide,
     gguf_idot,
     gguf_linear,
     nf4_kernels,
@@ -111,6 +112,37 @@ def test_gemv_matches_dequantize_then_matmul(qt, m):
         gguf_gemv.gemv(x, p, bias, out, bm=bm, **cfg)
         close(out, ref + bias.float())
     close(gguf_linear.linear(x, p), ref, rel=dispatch_rel(qt, m))  # the dispatcher's own choice
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
+    """gguf_gemv_wide at odd N (partial row tiles) and K cut inside a tile (masked sub-blocks), at an
+    even shape (the unmasked path, as at Devstral's shapes), split-K with uneven and empty splits,
+    1-8 activation rows (tiles of 1, 2, 4; masked rows), and replayed in a CUDA graph."""
+    bm = gguf_gemv_wide.bm_for(m)
+    cases = (((1029, k_for(qt, big=True)), (dict(bn=64, ns=16, split_k=3, num_warps=4),  # K-quants: K cut
+                                             dict(bn=32, ns=4, split_k=16, num_warps=2))),
+             ((512, 2048), (dict(bn=128, ns=8, split_k=2, num_warps=4),)))
+    for (n, k), cfgs in cases:
+        raw = blocks(qt, n, k, seed=m)
+        p = pack(raw.to(CUDA), qt, n, k)
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+        ref = x.float() @ reference(raw, qt, n, k).t() + bias.float()
+        for cfg in cfgs:
+            out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.bfloat16)
+            gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, **cfg)
+            close(out, ref)
+        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+        gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, **cfgs[0])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gguf_gemv_wide.gemv(x, p, bias, out, bm=bm, **cfgs[0])
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        close(out, ref)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

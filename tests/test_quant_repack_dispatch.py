@@ -87,14 +87,15 @@ def test_loaded_gguf_gives_the_logits_transformers_computes(tmp_path):
 
 def test_kernel_choice_follows_the_batch_size():
     kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120)[0] for m in (1, 2, 4, 8, 9, 16, 512, 513, 8192)]
-    assert kinds == ["gemv"] + ["idot"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    assert kinds == ["wide"] + ["idot"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
     assert gguf_config.gguf_plan("Q5_K", 2, 4096, 5120)[0] == "gemv"  # no integer-dot kernel for Q5_K
+    assert gguf_config.gguf_plan("Q6_K", 1, 4096, 5120)[0] == "idot"
     _, cfg = gguf_config.gguf_plan("Q4_K", 3, 4096, 5120)
     assert cfg["bm"] == 4
     # small N: K is split so that the few row tiles still fill the GPU
     _, small = gguf_config.gguf_plan("Q4_K", 1, 1024, 5120)
     _, big = gguf_config.gguf_plan("Q4_K", 1, 32768, 5120)
-    assert small["split_k"] > 1 and big["split_k"] == 1
+    assert small["split_k"] > big["split_k"] >= 1
     assert gguf_config.nf4_plan(1, 4096, 4096)[0] == "gemv" and gguf_config.nf4_plan(64, 4096, 4096)[0] == "dequant"
     assert gguf_config.fp8_plan(2, 4096, 4096)[0] == "gemv" and gguf_config.fp8_plan(64, 4096, 4096)[0] == "scaled_mm"
 
@@ -112,6 +113,36 @@ def test_measured_kinds_pick_the_path_by_the_next_measured_batch_size(tmp_path, 
         assert kinds == ["gemv", "idot", "gemv", "dequant", "gemm", "gemm", "dequant"]
         monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
         assert gguf_config.gguf_plan("Q4_K", 2, 4096, 5120, dev)[0] == "gemv"
+    finally:
+        gguf_config.tuned_table.cache_clear()
+
+
+def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkeypatch):
+    """benchmarks/gguf_gemv_sweep.py's "gguf_decode" entries: exact shape, the next measured M up (1, 2, 4,
+    8), the config's row tile fitted to m; other shapes and M > 8 keep the other rules."""
+    table = {"kinds": {"Q4_K": {"1": "gemv", "2": "gemv", "8": "gemv", "64": "gemm"}},
+             "gguf_decode": {
+                 "Q4_K|1|4096|5120": {"kind": "wide", "bn": 128, "ns": 8, "bm": 1, "split_k": 2, "num_warps": 4},
+                 "Q4_K|4|4096|5120": {"kind": "idot", "bn": 32, "ns": 4, "bm": 4, "split_k": 4, "num_warps": 4},
+                 "Q4_K|8|4096|5120": {"kind": "wide", "bn": 64, "ns": 8, "bm": 4, "split_k": 1, "num_warps": 8}}}
+    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
+    monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
+    gguf_config.tuned_table.cache_clear()
+    try:
+        dev = torch.device("cuda")
+        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
+        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
+        plan = {m: gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev) for m in (1, 2, 3, 4, 5, 8, 9)}
+        assert plan[1] == ("wide", {"bn": 128, "ns": 8, "bm": 1, "split_k": 2, "num_warps": 4})
+        assert plan[2][0] == "gemv"  # no entry at 2: the measured kinds decide
+        assert plan[3] == ("idot", {"bn": 32, "ns": 4, "bm": 4, "split_k": 4, "num_warps": 4})
+        assert plan[5][0] == "wide" and plan[5][1]["bm"] == 4 and plan[8][1]["num_warps"] == 8
+        assert plan[9][0] == "gemm"
+        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 5120, dev)[0] == "gemv"  # another shape
+        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")  # int8 activations refused: the float path
+        kind, cfg = gguf_config.gguf_plan("Q4_K", 4, 4096, 5120, dev)
+        assert kind == "wide" and cfg["bm"] == 4
     finally:
         gguf_config.tuned_table.cache_clear()
 

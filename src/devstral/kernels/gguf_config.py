@@ -1,13 +1,17 @@
 """Which kernel and which launch configuration for a quantized matmul of a given shape.
 
-Four paths, by the number of activation rows M:
+Five paths, by the number of activation rows M:
+  wide     M <= 8                streaming float GEMV (gguf_gemv_wide.py): several rows per thread, next
+                                 tile prefetched; the default for Q4_K / Q8_0 at M = 1
   idot     M <= 8                Q4_K/Q6_K/Q8_0: int8 activations, dp4a on the packed weights (gguf_idot.py)
   gemv     M <= gemv_max_m       CUDA-core fused dequantize-GEMV (reads each weight byte once)
   gemm     M <= gemm_max_m       tensor-core GEMM that dequantizes tiles in registers
   dequant  larger M              dequantize a band of rows into a reused bf16 scratch, then cuBLAS
 
-A tuned table's "kinds" (per type: the fastest path at each measured M) decides the path when present;
-otherwise the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
+At decode sizes (M <= 8) a tuned table's "gguf_decode" entry for the exact shape wins: the path and
+launch config benchmarks/gguf_gemv_sweep.py measured fastest at the smallest measured M >= m (1, 2,
+4, 8). Otherwise a tuned table's "kinds" (per type: the fastest path at each measured M) decides the
+path when present, else the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
 (benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
 point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
 arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
@@ -32,6 +36,10 @@ GEMM_NSUB = {"Q4_K": 4, "Q5_K": 4, "Q6_K": 8, "Q8_0": 4}
 IDOT_TYPES = ("Q4_K", "Q6_K", "Q8_0")
 IDOT_MAX_M = 8
 IDOT_NS = {"Q4_K": 8, "Q6_K": 16, "Q8_0": 4}
+# the streaming GEMV (gguf_gemv_wide.py): types it is the default for without a measured table, the
+# batch sizes the sweep measures (others use the next measured one up)
+WIDE_DEFAULT_TYPES = ("Q4_K", "Q8_0")
+DECODE_MS = (1, 2, 4, 8)
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
@@ -95,7 +103,40 @@ def measured_kind(table: dict, qtype: str, m: int) -> str | None:
     return "dequant" if kind == "dequant_cublas" else kind
 
 
+def decode_entry(table: dict, qtype: str, m: int, n: int, k: int) -> dict | None:
+    """The sweep's winner for this exact shape at the smallest measured M >= m, or None."""
+    entries = table.get("gguf_decode")
+    bucket = next((b for b in DECODE_MS if b >= m), None)
+    if not entries or bucket is None:
+        return None
+    return entries.get(f"{qtype}|{bucket}|{n}|{k}")
+
+
+def wide_config(qtype: str, m: int, n: int, k: int, sms: int) -> dict:
+    """Launch config of the streaming GEMV without a measurement: 8 rows per thread at one activation
+    row (BN=128 over 4 warps), 4 with more (BN=64: more would spill registers, counted offline), one
+    super-block of a row per tile (half of one for Q6_K), split-K until two programs per SM."""
+    bm = gemv_bm(m)
+    ns, bn = 8, 128 if bm == 1 else 64
+    sb = 16 if qtype == "Q6_K" else 32
+    tiles = -(-n // bn) * -(-m // bm)
+    return dict(bn=bn, ns=ns, bm=bm, split_k=split_k(tiles, k // (sb * ns), sms), num_warps=4)
+
+
+def _decode_plan(hit: dict, qtype: str, m: int, n: int, k: int, sms: int) -> tuple[str, dict]:
+    kind = hit["kind"]
+    cfg = {key: v for key, v in hit.items() if key != "kind"}
+    if kind == "idot" and os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV"):
+        return "wide", wide_config(qtype, m, n, k, sms)
+    cfg["bm"] = idot_bm(m) if kind == "idot" else gemv_bm(m)  # the entry's bucket may hold more rows than m
+    return kind, cfg
+
+
 def default_kind(qtype: str, m: int, limits: dict) -> str:
+    if m == 1 and qtype in WIDE_DEFAULT_TYPES:
+        # fewer instructions per weight than the float GEMV (SASS counted offline for sm_90:
+        # tests/test_kernels_gguf_wide.py) and the next tile's loads in flight while computing
+        return "wide"
     # Measured on an H200 (benchmarks/results/quant_kernels_h200.json): the integer-dot GEMV wins for
     # Q6_K up to 8 rows and for Q4_K from 2 rows; the float GEMV for Q4_K and Q8_0 at one row.
     if m <= IDOT_MAX_M and (qtype == "Q6_K" or (qtype == "Q4_K" and m >= 2)):
@@ -110,7 +151,12 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
     limits = {**DEFAULT_THRESHOLDS, **table.get("thresholds", {}).get(qtype, {})}
     sms = sm_count(device) if device is not None and device.type == "cuda" else 132
     sb = 16 if qtype == "Q6_K" else 32
+    hit = decode_entry(table, qtype, m, n, k) if m <= DECODE_MS[-1] else None
+    if hit:
+        return _decode_plan(hit, qtype, m, n, k, sms)
     kind = measured_kind(table, qtype, m) or default_kind(qtype, m, limits)
+    if kind == "wide":
+        return "wide", wide_config(qtype, m, n, k, sms)
     if kind == "idot" and (qtype not in IDOT_TYPES or m > IDOT_MAX_M or os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")):
         kind = "gemv"
     if kind == "idot":

@@ -1,5 +1,5 @@
-"""y = x @ W^T + b for a planar GGUF weight on CUDA: picks the integer-dot GEMV (Q4_K, Q6_K, Q8_0 at
-M <= 8), the float GEMV, the tile GEMM or dequantize + cuBLAS (gguf_config.gguf_plan).
+"""y = x @ W^T + b for a planar GGUF weight on CUDA: picks the streaming GEMV, the integer-dot GEMV
+(Q4_K, Q6_K, Q8_0 at M <= 8), the float GEMV, the tile GEMM or dequantize + cuBLAS (gguf_config.gguf_plan).
 
 The dequantize path writes bands of rows into one bf16 scratch buffer per device, shared by every
 layer (layers run one after another), capped at DEVSTRAL_DEQUANT_SCRATCH_MB (default 512 MiB: a
@@ -13,7 +13,7 @@ import os
 import torch
 
 from devstral.errors import DevstralError
-from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv, gguf_idot
+from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv, gguf_gemv_wide, gguf_idot
 from devstral.kernels.gguf_pack import PackedGGUF
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -66,7 +66,9 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> 
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if kind == "idot":
+        if kind == "wide":
+            gguf_gemv_wide.gemv(x2, p, bias, out, **cfg)
+        elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)
         elif kind == "gemv":
             gguf_gemv.gemv(x2, p, bias, out, **cfg)

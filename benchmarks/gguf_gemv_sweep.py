@@ -1,0 +1,351 @@
+"""Decode GEMV sweep for GGUF weights (Q4_K, Q6_K, Q8_0) at Devstral Small's shapes, M in {1, 2, 4, 8}.
+
+For each (type, shape, M) it times every candidate -- the streaming GEMV (kernels/gguf_gemv_wide.py)
+over a few tile shapes and split-K counts, the float GEMV and the integer-dot GEMV at their current
+tuned configs -- checks each output against the exactly dequantized weight times x (fp32), and
+reports microseconds, effective GB/s (bytes of quantized weights read / time) and % of the measured
+copy bandwidth (the physical limit). Winners become the "gguf_decode" table that
+kernels/gguf_config.py reads; the merged tuned table is written next to the JSON
+(tuned_nvidia_h200.json: copy it to src/devstral/kernels/tuned/nvidia_h200.json). A weights-only decode estimate for
+Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on the same GPU
+(benchmarks/results/llamacpp_h200.json) and with the bandwidth limit.
+
+Timing: CUDA events around each call, L2 flushed before each (a 256 MiB write), median of --reps
+(>= 20). Triton compiles in --compile-workers processes first (Triton's disk cache then serves the
+sweep); --budget-s bounds the whole run. JSON: $OUT/gguf_gemv_sweep.json when OUT is set, else
+benchmarks/results/.
+
+    python benchmarks/gguf_gemv_sweep.py [--budget-s 150] [--reps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from devstral.kernels import gguf_config, gguf_dequant, gguf_gemv, gguf_gemv_wide, gguf_idot  # noqa: E402
+from devstral.kernels.gguf_pack import pack  # noqa: E402
+from devstral.quant import QType  # noqa: E402
+from devstral.quant.layout import block_info  # noqa: E402
+
+SHAPES = {"attn_q": (4096, 5120), "attn_kv": (1024, 5120), "attn_o": (5120, 4096),
+          "ffn_gate_up": (32768, 5120), "ffn_down": (5120, 32768), "output": (131072, 5120)}
+# what a Q4_K_M file holds: Q4_K everywhere but attn_v / half of ffn_down / the head (Q6_K)
+TYPE_SHAPES = {"Q4_K": ["attn_q", "attn_kv", "attn_o", "ffn_gate_up", "ffn_down"],
+               "Q6_K": ["attn_kv", "ffn_down", "output"],
+               "Q8_0": list(SHAPES)}
+MS = (1, 2, 4, 8)
+# streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
+# 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
+WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)), 4: ((64, 4), (32, 4), (64, 8))}
+F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
+FLUSH_BYTES = 256 << 20
+CUDA = torch.device("cuda")
+PEER = Path(__file__).parent / "results" / "llamacpp_h200.json"
+
+
+def random_gguf(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """Random valid blocks (any bit pattern is valid) with finite fp16 scales, made on the GPU."""
+    bs, ts = block_info(QType[qtype])
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    raw = torch.randint(0, 256, (n * k // bs, ts), dtype=torch.uint8, device=CUDA, generator=g)
+    for off in F16_FIELDS[qtype]:
+        d = (torch.rand(raw.shape[0], device=CUDA, generator=g) * 0.004 + 5e-4).to(torch.float16)
+        raw[:, off:off + 2] = d.view(torch.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, dict]]:
+    out = []
+    ns = 8
+    bm = gguf_gemv_wide.bm_for(m)
+    sb = 16 if qtype == "Q6_K" else 32
+    for bn, warps in WIDE_TILES[bm]:
+        tiles = -(-n // bn) * -(-m // bm)
+        s0 = gguf_config.split_k(tiles, k // (sb * ns), sms)
+        for s in sorted({max(1, s0 // 2), s0, min(32, s0 * 2)}):
+            out.append(("wide", dict(bn=bn, ns=ns, bm=bm, split_k=s, num_warps=warps)))
+    table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
+    gbm = gguf_config.gemv_bm(m)
+    hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
+    if hit is None:
+        tiles = -(-n // 64) * -(-m // gbm)
+        hit = dict(bn=64 if gbm == 1 else 32, ns=gguf_config.GEMV_NS[qtype], bm=gbm,
+                   split_k=gguf_config.split_k(tiles, k // (sb * gguf_config.GEMV_NS[qtype]), sms), num_warps=4)
+    out.append(("gemv", dict(hit, bm=gbm)))
+    ibm = gguf_config.idot_bm(m)
+    hit = table.get("gguf_idot", {}).get(f"{qtype}|{ibm}|{n}|{k}")
+    if hit is None:
+        tiles = -(-n // 32)
+        ins = gguf_config.IDOT_NS[qtype]
+        hit = dict(bn=64 if ibm <= 2 else 32, ns=ins, bm=ibm, split_k=gguf_config.split_k(tiles, k // (sb * ins), sms),
+                   num_warps=4)
+    out.append(("idot", dict(hit, bm=ibm)))
+    return out
+
+
+KERNELS = {"wide": gguf_gemv_wide.gemv, "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv}
+
+
+def groups() -> list[tuple[str, str]]:
+    return [(t, s) for t, shapes in TYPE_SHAPES.items() for s in shapes]
+
+
+def measure_copy() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s), median of 10."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=CUDA)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    del a, b
+    return 2 * (1 << 30) / (statistics.median(times[2:]) * 1e-3) / 1e9
+
+
+def time_us(fn, flush: torch.Tensor, reps: int) -> float:
+    """Median microseconds of fn() over reps calls, each after an L2 flush, each timed by CUDA events."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    fn()
+    for i in range(reps):
+        flush.fill_(i & 0xFF)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1000 for s, e in zip(starts, ends, strict=True))
+
+
+def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tuple:
+    """What makes Triton compile anew: the constexprs, and the integer arguments it specializes
+    (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
+    return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg["split_k"] > 1,
+            k % 4096, n % 256)
+
+
+def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, copy_gbps: float,
+          shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Time every candidate (dry: run each compile key of this shard once, to fill Triton's cache)."""
+    rows, seen = [], {}
+    flush = None if dry else torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=CUDA)
+    for gi, (qtype, shape) in enumerate(work):
+        if not dry and time.time() - t0 > args.budget_s - 8:
+            print(f"budget of {args.budget_s:.0f} s reached: {qtype} {shape} and later skipped", flush=True)
+            break
+        n, k = SHAPES[shape]
+        if dry:
+            mine = []
+            for m in MS:
+                for kind, cfg in candidates(qtype, m, n, k, sms):
+                    key = compile_key(qtype, m, n, k, kind, cfg)
+                    if key not in seen:
+                        seen[key] = len(seen)
+                        if seen[key] % shard[1] == shard[0]:
+                            mine.append((m, kind, cfg))
+            if not mine:
+                continue
+        raw = random_gguf(qtype, n, k, seed=gi)
+        p = pack(raw, QType[qtype], n, k)
+        wbytes = p.nbytes()
+        del raw
+        dense = None if dry else gguf_dequant.dequantize(p, dtype=torch.float32)  # exact
+        for m in MS:
+            x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+            ref = None if dry else x.float() @ dense.t()
+            for kind, cfg in candidates(qtype, m, n, k, sms):
+                if dry and (m, kind, cfg) not in mine:
+                    continue
+                out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+                fn = lambda kind=kind, cfg=cfg, out=out, x=x, w=p: KERNELS[kind](x, w, None, out, **cfg)  # noqa: E731
+                row = dict(fmt=qtype, shape=shape, n=n, k=k, m=m, kind=kind, config=cfg)
+                try:
+                    fn()
+                    if dry:
+                        continue
+                    torch.cuda.synchronize()
+                    rel = float((out.float() - ref).norm() / ref.norm())
+                    us = time_us(fn, flush, args.reps)
+                except Exception as e:  # a config the GPU refuses (registers, shared memory) is reported
+                    if dry:
+                        continue
+                    rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                gbps = wbytes / us / 1e3
+                ok = rel < (2e-2 if kind == "idot" else 6e-3)  # bf16 output rounding; int8 activations
+                rows.append(dict(row, us=round(us, 2), GBps=round(gbps, 1), pct_of_copy=round(100 * gbps / copy_gbps, 1),
+                                 weight_bytes=wbytes, rel_err=rel, ok=ok))
+        if not dry:
+            best = [r for r in rows if r["fmt"] == qtype and r["shape"] == shape and r.get("ok")]
+            for m in MS:
+                b = min((r for r in best if r["m"] == m), key=lambda r: r["us"], default=None)
+                if b:
+                    print(f"{qtype} {shape:12s} M={m}: {b['kind']:5s} {b['us']:8.2f} us {b['GBps']:7.0f} GB/s "
+                          f"({b['pct_of_copy']:.0f}% of copy) {b['config']}", flush=True)
+        del p, dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+def winners(rows: list[dict]) -> dict:
+    best = {}
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        key = f"{r['fmt']}|{r['m']}|{r['n']}|{r['k']}"
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    return best
+
+
+def measured_kinds(rows: list[dict], table: dict) -> dict:
+    """The tuned table's per-type "kinds" (the path for shapes without a "gguf_decode" entry) at M = 1,
+    2, 4: the GEMV kind with the least time summed over the swept shapes, each at its best config.
+    Other M keep what benchmarks/quant_kernels.py measured (it also times the GEMM paths)."""
+    kinds = {t: dict(v) for t, v in table.get("kinds", {}).items()}
+    for qtype in TYPE_SHAPES:
+        for m in (1, 2, 4):
+            per = {}
+            for r in rows:
+                if r.get("ok") and r["fmt"] == qtype and r["m"] == m:
+                    shape = per.setdefault(r["kind"], {})
+                    shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
+            full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
+            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide"):
+                kinds.setdefault(qtype, {})[str(m)] = min(full, key=lambda k: sum(per[k].values()))
+    return kinds
+
+
+def summary(rows: list[dict], best: dict) -> dict:
+    """Per (type, shape, M): the winner against the float GEMV and the integer-dot GEMV as configured before."""
+    out = {}
+    for key, b in best.items():
+        same = [r for r in rows if r.get("ok") and f"{r['fmt']}|{r['m']}|{r['n']}|{r['k']}" == key]
+        old = {kind: min((r["us"] for r in same if r["kind"] == kind), default=None) for kind in ("gemv", "idot")}
+        prev = min((v for v in old.values() if v is not None), default=None)
+        out[f"{b['fmt']}|{b['shape']}|{b['m']}"] = dict(
+            kind=b["kind"], us=b["us"], GBps=b["GBps"], pct_of_copy=b["pct_of_copy"], config=b["config"],
+            previous_us=prev, speedup_vs_previous=round(prev / b["us"], 2) if prev else None)
+    return out
+
+
+def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
+    """Weights-only time per token at M = 1 from the winners, next to llama.cpp and the bandwidth limit."""
+    def t(fmt, shape):
+        n, k = SHAPES[shape]
+        b = best.get(f"{fmt}|1|{n}|{k}")
+        return None if b is None else (b["us"], b["weight_bytes"])
+
+    mixes = {
+        # Q4_K_M (llama.cpp's rule): q, k, o, gate, up Q4_K; v Q6_K; ffn_down Q6_K in about half the layers
+        "Q4_K_M": [("Q4_K", "attn_q", 1), ("Q4_K", "attn_kv", 1), ("Q6_K", "attn_kv", 1), ("Q4_K", "attn_o", 1),
+                   ("Q4_K", "ffn_gate_up", 2), ("Q4_K", "ffn_down", 0.5), ("Q6_K", "ffn_down", 0.5)],
+        "Q8_0": [("Q8_0", "attn_q", 1), ("Q8_0", "attn_kv", 2), ("Q8_0", "attn_o", 1), ("Q8_0", "ffn_gate_up", 2),
+                 ("Q8_0", "ffn_down", 1)],
+    }
+    heads = {"Q4_K_M": ("Q6_K", "output"), "Q8_0": ("Q8_0", "output")}
+    peer = {}
+    if PEER.is_file():
+        for name, f in json.loads(PEER.read_text()).get("files", {}).items():
+            tg = [r["avg_ts"] for r in f.get("rows", []) if r.get("n_gen") and not r.get("n_depth")]
+            if tg:
+                peer[name] = round(tg[0], 1)
+    est = {}
+    for name, mix in mixes.items():
+        parts = [(t(f, s), c) for f, s, c in mix] + [(t(*heads[name]), 1 / layers)]
+        if any(p is None for p, _ in parts):
+            continue
+        us = layers * sum(p[0] * c for p, c in parts)
+        nbytes = layers * sum(p[1] * c for p, c in parts)
+        est[name] = {"weights_us_per_token": round(us, 1), "tok_per_s": round(1e6 / us, 1),
+                     "bandwidth_limit_tok_per_s": round(copy_gbps * 1e9 / nbytes, 1),
+                     "llamacpp_tok_per_s": peer.get(name),
+                     "vs_llamacpp": round(1e6 / us / peer[name], 2) if peer.get(name) else None}
+    return est
+
+
+def warm_compile(args, workers: int) -> float:
+    t = time.time()
+    cmd = [sys.executable, __file__, "--dry-run"]
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(workers)]
+    deadline = t + args.budget_s * 0.5
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = "timed out"
+        if p.returncode:
+            print(f"compile worker failed (the sweep compiles what is missing): {err[-400:]}", flush=True)
+    return time.time() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=150.0)
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    args.reps = max(20, args.reps)
+    t0 = time.time()
+    sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+    if args.dry_run:  # a compile worker: run its share of the groups once
+        i, n = (int(v) for v in args.shard.split("/"))
+        sweep(args, groups(), sms, True, t0, 1.0, (i, n))
+        return
+    compile_s = warm_compile(args, args.compile_workers) if args.compile_workers > 1 else 0.0
+    copy_gbps = measure_copy()
+    print(f"{torch.cuda.get_device_name(CUDA)}: copy {copy_gbps:.0f} GB/s (read + write); compile {compile_s:.0f} s",
+          flush=True)
+    rows = sweep(args, groups(), sms, False, t0, copy_gbps)
+    best = winners(rows)
+    device = torch.cuda.get_device_name(CUDA)
+    decode = {key: dict(kind=r["kind"], **r["config"]) for key, r in best.items()}
+    table = gguf_config.tuned_table(device)
+    import triton
+
+    result = {
+        "benchmark": "gguf_gemv_sweep", "device": device, "sms": sms, "torch": torch.__version__,
+        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_GBps": round(copy_gbps, 1), "reps": args.reps,
+        "timing": "CUDA events per call, L2 flushed before each, median", "compile_s": round(compile_s, 1),
+        "elapsed_s": round(time.time() - t0, 1),
+        "decode_estimate": decode_estimate(best, copy_gbps), "summary": summary(rows, best),
+        "wrong": [r for r in rows if "us" in r and not r["ok"]], "errors": [r for r in rows if "error" in r],
+        "tuned": {"gguf_decode": decode}, "rows": rows,
+    }
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, body in ((out_dir / "gguf_gemv_sweep.json", result),
+                       (out_dir / f"tuned_{gguf_config._slug(device)}.json",
+                        {**table, "kinds": measured_kinds(rows, table), "gguf_decode": decode})):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        tmp.replace(path)
+        print(f"wrote {path}")
+    print(json.dumps({"decode_estimate": result["decode_estimate"], "wrong": len(result["wrong"]),
+                      "errors": len(result["errors"]), "elapsed_s": result["elapsed_s"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

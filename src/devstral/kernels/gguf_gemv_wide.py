@@ -1,0 +1,364 @@
+"""Streaming dequantize-GEMV for planar GGUF weights (Q4_K, Q5_K, Q6_K, Q8_0) at decode: y = x @ W^T + b.
+
+At batch 1 every weight byte is read once, so the kernel must (1) keep enough bytes in flight to
+cover DRAM latency on 132 SMs and (2) spend few instructions per weight: an H200 streams ~7e12 Q4_K
+weights/s and issues ~3.4e13 thread-instructions/s, of which only half can be integer/logic ops.
+The first GEMV (gguf_gemv.py) spends 5.2 SASS instructions per Q4_K weight, a good part of them
+outside the arithmetic: per-iteration cross-thread sums of x (shuffles, shared memory, barriers)
+and layout conversions. Here:
+
+* Words are loaded 2-D, [BN rows, NS*WPS words] (a row's words one contiguous run: 16-byte loads,
+  a warp reading whole 128-byte row segments), and viewed as [BN, NS sub-blocks, WPS words]; the
+  activations as [1, NS, WPS] in the same layout, so they broadcast over rows for free. A thread
+  owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN / (4 * num_warps)
+  rows; the per-sub-block sums stay in the thread. Only the scales ([BN, NS], a few bytes per row)
+  change layout once per tile.
+* Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
+  Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
+  partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
+  activations are loaded and converted once per thread and reused over its R rows.
+* The next tile's words and scales are loaded before this tile is computed (register double
+  buffering), so each thread has two tiles of loads in flight while it computes.
+* Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
+* Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
+  of gguf_splitk.py.
+
+`reference()` below is the same computation in PyTorch (the CPU twin the tests compare against
+quant.dequantize + matmul). kernels/sass_stats.py compiles this kernel for sm_90 without a GPU and
+counts SASS instructions per weight in its loop (tests/test_kernels_gguf_wide.py bounds it): Q4_K
+3.65, Q8_0 4.3, Q6_K 7.6 at 8 rows per thread, against 5.2, 4.7 and 11.2 for gguf_gemv.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
+from devstral.kernels.gguf_gemv import field_args
+from devstral.kernels.gguf_pack import PackedGGUF
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
+
+MAX_BM = 4  # activation rows per program; more rows run as more programs along grid axis 2
+
+
+@triton.jit
+def _and_or(a, mask, b, ASM: tl.constexpr):
+    """(a & mask) | b as one LOP3. Written as and/or, ptxas regroups (a & m1) | (h & m2) | one into
+    three LOP3s; pinned in PTX it is two. Plain ops under Triton's interpreter (no PTX there)."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [a, mask, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (a & mask) | b
+
+
+@triton.jit
+def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr, ASM: tl.constexpr):
+    """Value position S of every word as f = 1 + q / 2^bits in fp32 (the mantissa trick)."""
+    if QT == 0:  # Q4_K: nibble S -> mantissa bits 19..22
+        if 4 * S <= 19:
+            b = ((words << (19 - 4 * S)) & (0xF << 19)) | one
+        else:
+            b = ((words >> (4 * S - 19)) & (0xF << 19)) | one
+    elif QT == 1:  # Q5_K: nibble + 1 high bit -> bits 18..22
+        if 4 * S <= 18:
+            lo = words << (18 - 4 * S)
+        else:
+            lo = words >> (4 * S - 18)
+        b = _and_or(lo, 0xF << 18, _and_or(hi << (22 - S), 1 << 22, one, ASM), ASM)
+    elif QT == 2:  # Q6_K: nibble + 2 high bits -> bits 17..22
+        if 4 * S <= 17:
+            lo = words << (17 - 4 * S)
+        else:
+            lo = words >> (4 * S - 17)
+        if 2 * S <= 21:
+            h = hi << (21 - 2 * S)
+        else:
+            h = hi >> (2 * S - 21)
+        b = _and_or(lo, 0xF << 17, _and_or(h, 3 << 21, one, ASM), ASM)
+    else:  # Q8_0: byte S (sign bit pre-flipped) -> bits 15..22
+        if 8 * S <= 15:
+            b = ((words << (15 - 8 * S)) & (0xFF << 15)) | one
+        else:
+            b = ((words >> (8 * S - 15)) & (0xFF << 15)) | one
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _u8_to_f32(v):
+    """0..255 (any int type) -> fp32 without I2F (a quarter-rate instruction): 2^23 + v, minus 2^23."""
+    return (v.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j2, ok, s_sc, s_d, QT: tl.constexpr, SB: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """Raw scale fields of sub-blocks j2 of rows n2 ([BN, NS]); decoded later by _scales."""
+    if QT == 3:
+        if EVEN:
+            d = tl.load(d_ptr + n2 * s_d + j2)
+        else:
+            d = tl.load(d_ptr + n2 * s_d + j2, mask=ok, other=0.0)
+        sc = d
+        dm = d
+        mn = d
+    else:
+        blk = j2 // (256 // SB)
+        if EVEN:
+            d = tl.load(d_ptr + n2 * s_d + blk)
+            sc = tl.load(sc_ptr + n2 * s_sc + j2)
+        else:
+            d = tl.load(d_ptr + n2 * s_d + blk, mask=ok, other=0.0)
+            sc = tl.load(sc_ptr + n2 * s_sc + j2, mask=ok, other=0)
+        if QT == 2:
+            dm = d
+            mn = sc
+        else:
+            if EVEN:
+                dm = tl.load(dm_ptr + n2 * s_d + blk)
+                mn = tl.load(mn_ptr + n2 * s_sc + j2)
+            else:
+                dm = tl.load(dm_ptr + n2 * s_d + blk, mask=ok, other=0.0)
+                mn = tl.load(mn_ptr + n2 * s_sc + j2, mask=ok, other=0)
+    return d, sc, dm, mn
+
+
+@triton.jit
+def _scales(d, sc, dm, mn, QT: tl.constexpr):
+    """(c1, c0) per sub-block as the row dots use them: weight = c1 * f + c0 for f from _level_f
+    (Q5_K, Q6_K, Q8_0); Q4_K as _row_dot_q4k says."""
+    d = d.to(tl.float32)
+    if QT == 3:
+        c1 = 256.0 * d  # q = 256 f - 384
+        c0 = -384.0 * d
+    elif QT == 0:
+        c1 = 128.0 * (d * _u8_to_f32(sc))  # _row_dot_q4k: weight = d sc q - dmin mn
+        c0 = -(dm.to(tl.float32) * _u8_to_f32(mn))
+    elif QT == 2:
+        c1 = 64.0 * (d * sc.to(tl.float32))  # int8 scale: q - 32 = 64 f - 96
+        c0 = -1.5 * c1
+    else:
+        c1 = 32.0 * (d * _u8_to_f32(sc))  # Q5_K
+        c0 = -(c1 + dm.to(tl.float32) * _u8_to_f32(mn))
+    return c1, c0
+
+
+@triton.jit
+def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl.constexpr):
+    """Words [BN, NS * WPS]: 2-D so that a row's words are one contiguous run (16-byte loads, a
+    warp reading whole 128-byte row segments)."""
+    if EVEN:
+        words = tl.load(q_ptr + n2 * s_q + w2)
+    else:
+        words = tl.load(q_ptr + n2 * s_q + w2, mask=ok, other=0)
+    if QT == 1 or QT == 2:
+        if EVEN:
+            hi = tl.load(qh_ptr + n2 * s_qh + w2).to(tl.int32)
+        else:
+            hi = tl.load(qh_ptr + n2 * s_qh + w2, mask=ok, other=0).to(tl.int32)
+    else:
+        hi = words
+    return words, hi
+
+
+@triton.jit
+def _x_slice(xp, x_ok, NS: tl.constexpr, WPS: tl.constexpr, EVEN: tl.constexpr):
+    """Activations for one value position of every word: [1, NS, WPS] fp32."""
+    if EVEN:
+        xs = tl.load(xp)
+    else:
+        xs = tl.load(xp, mask=x_ok, other=0.0)
+    return tl.reshape(xs.to(tl.float32), (1, NS, WPS))
+
+
+@triton.jit
+def _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS: tl.constexpr, WPS: tl.constexpr, EVEN: tl.constexpr):
+    """Q4_K with three shifts per eight nibbles instead of eight.
+
+    A nibble needs no shift when it already sits at mantissa bits 12..15 (f = 1 + q 2^-11) or
+    16..19 (f = 1 + q 2^-7): fp32 keeps >= 13 bits of q x either way. Four copies of the word --
+    w, w << 8, w >> 8 and w rotated by 16 -- bring every nibble to one of the two places: odd
+    values (3, 1, 5, 7) to bits 12..15, even values (4, 2, 6, 0) to 16..19. The two classes have
+    their own partial sums: sum q x = 2^7 (16 (P_odd - X_odd) + P_even - X_even).
+    c1 here is 2^7 d sc and c0 is -dmin mn (see _scales)."""
+    w8l = words << 8
+    w8r = words >> 8
+    rot = (words << 16) | ((words >> 16) & 0xFFFF)
+    x0 = _x_slice(xp, x_ok, NS, WPS, EVEN)
+    x1 = _x_slice(xp + WPS, x_ok, NS, WPS, EVEN)
+    x2 = _x_slice(xp + 2 * WPS, x_ok, NS, WPS, EVEN)
+    x3 = _x_slice(xp + 3 * WPS, x_ok, NS, WPS, EVEN)
+    x4 = _x_slice(xp + 4 * WPS, x_ok, NS, WPS, EVEN)
+    x5 = _x_slice(xp + 5 * WPS, x_ok, NS, WPS, EVEN)
+    x6 = _x_slice(xp + 6 * WPS, x_ok, NS, WPS, EVEN)
+    x7 = _x_slice(xp + 7 * WPS, x_ok, NS, WPS, EVEN)
+    p_odd = ((words & 0xF000) | one).to(tl.float32, bitcast=True) * x3
+    p_odd += ((w8l & 0xF000) | one).to(tl.float32, bitcast=True) * x1
+    p_odd += ((w8r & 0xF000) | one).to(tl.float32, bitcast=True) * x5
+    p_odd += ((rot & 0xF000) | one).to(tl.float32, bitcast=True) * x7
+    p_even = ((words & 0xF0000) | one).to(tl.float32, bitcast=True) * x4
+    p_even += ((w8l & 0xF0000) | one).to(tl.float32, bitcast=True) * x2
+    p_even += ((w8r & 0xF0000) | one).to(tl.float32, bitcast=True) * x6
+    p_even += ((rot & 0xF0000) | one).to(tl.float32, bitcast=True) * x0
+    x_odd = (x1 + x3) + (x5 + x7)
+    x_even = (x0 + x2) + (x4 + x6)
+    t = tl.sum(16.0 * p_odd + p_even, axis=2)
+    xc = tl.sum(16.0 * x_odd + x_even, axis=2)
+    xs = tl.sum(x_odd + x_even, axis=2)
+    return c1 * (t - xc) + c0 * xs
+
+
+@triton.jit
+def _row_dot(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
+             WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    if QT == 0:
+        return _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS, WPS, EVEN)
+    return _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT, E, NS, WPS, EVEN, ASM)
+
+
+@triton.jit
+def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
+                     WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """sum over each sub-block of the weights times x (one activation row): [BN, NS].
+
+    words/hi are [BN, NS, WPS]; per weight one mantissa decode and one FMA; per sub-block
+    c1 * sum(f x) + c0 * sum(x)."""
+    xs = _x_slice(xp, x_ok, NS, WPS, EVEN)
+    p = _level_f(words, hi, one, 0, QT, ASM) * xs
+    xw = xs
+    for s in tl.static_range(1, E):
+        xs = _x_slice(xp + s * WPS, x_ok, NS, WPS, EVEN)
+        p += _level_f(words, hi, one, s, QT, ASM) * xs
+        xw += xs
+    return c1 * tl.sum(p, axis=2) + c0 * tl.sum(xw, axis=2)
+
+
+@triton.jit
+def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                 M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
+                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
+                 BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_n * BN + tl.arange(0, BN)
+    n2 = rows[:, None]
+    row_ok = n2 < N
+    c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
+    jn2 = tl.arange(0, NS)[None, :]
+    n_sub = K // SB
+    n_tiles = tl.cdiv(n_sub, NS)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    EVEN: tl.constexpr = EVEN_N and EVEN_K
+    m0 = pid_m * BM
+    # activation of word c, value position s: x[m, k0 + (c // WPS) * SB + s * WPS + c % WPS]
+    xp0 = x_ptr + m0 * s_xm + (c // WPS) * SB + c % WPS
+    x_in = (c // WPS) * SB  # offset of the word's sub-block inside the tile (for the K mask)
+    acc0 = tl.zeros((BN, NS), dtype=tl.float32)
+    if BM > 1:
+        acc1 = tl.zeros((BN, NS), dtype=tl.float32)
+    if BM > 2:
+        acc2 = tl.zeros((BN, NS), dtype=tl.float32)
+        acc3 = tl.zeros((BN, NS), dtype=tl.float32)
+    # prologue: the first tile's loads (an empty split loads a valid tile and skips the loop)
+    t0 = tl.minimum(t_lo, n_tiles - 1)
+    w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
+    words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
+    s_ok = row_ok & (t0 * NS + jn2 < n_sub)
+    d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
+    for t in range(t_lo, t_hi):
+        # the next tile's loads go out before this tile is computed (clamped: the last iteration
+        # reloads its own tile, same addresses, no mask needed)
+        tn = tl.minimum(t + 1, t_hi - 1)
+        wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
+        words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN)
+        sn_ok = row_ok & (tn * NS + jn2 < n_sub)
+        d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
+                                             QT, SB, EVEN)
+        if QT == 3:
+            words = words ^ XOR_SIGN_BYTES
+        w3 = tl.reshape(words, (BN, NS, WPS))
+        h3 = tl.reshape(hi, (BN, NS, WPS))
+        c1, c0 = _scales(d, sc, dm, mn, QT)
+        k0 = t * (NS * SB)
+        x_ok = (k0 + x_in) < K
+        xp = xp0 + k0
+        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM)
+        if BM > 1:
+            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+        if BM > 2:
+            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+        words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
+    cols = m0 + tl.arange(0, BM)
+    which = tl.arange(0, BM)[None, :]
+    res = tl.where(which == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+    if BM > 1:
+        res = tl.where(which == 1, tl.sum(acc1, axis=1)[:, None], res)
+    if BM > 2:
+        res = tl.where(which == 2, tl.sum(acc2, axis=1)[:, None], res)
+        res = tl.where(which == 3, tl.sum(acc3, axis=1)[:, None], res)
+    store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
+
+
+def bm_for(m: int) -> int:
+    return 1 if m == 1 else (2 if m == 2 else MAX_BM)
+
+
+def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
+         bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program)."""
+    m, k = x.shape
+    qt = qt_code(p.qtype)
+    sb, wps, e = GEOMETRY[qt]
+    tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
+    split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
+    ws = workspace(split_k, m, p.n, x.device)
+    fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
+    even_k = k % (ns * sb) == 0
+    _wide_kernel[(tiles_n, split_k, tiles_m)](
+        x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
+        m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
+        QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
+        HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1",
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch (fp32): per sub-block c1 * sum(f x) + c0 * sum(x) from the
+    planar fields, f = 1 + q / 2^bits. Equal to dequantize(W) @ x up to fp32 rounding."""
+    from devstral.kernels.gguf_pack import FORMATS, _from_words, _high_from_planar
+
+    fmt = FORMATS[p.qtype]
+    qt = qt_code(p.qtype)
+    q = _from_words(p["q"], fmt, p.n, p.k).to(torch.int32)
+    if qt == 3:
+        q = q ^ 0x80  # int8 levels as unsigned, sign flipped (what the kernel decodes)
+    if "qh" in p.arrays:
+        q = q | (_high_from_planar(p["qh"], fmt, p.n, p.k, p.qtype).to(torch.int32) << 4)
+    bits = {0: 4, 1: 5, 2: 6, 3: 8}[qt]
+    f = 1.0 + q.float() / (1 << bits)  # [n, k]
+    sub = fmt.sub
+    n_sub = p.k // sub
+    d = p["d"].float()
+    if qt == 3:
+        c1 = 256.0 * d
+        c0 = -384.0 * d
+    else:
+        dd = d.repeat_interleave(256 // sub, dim=1)
+        sc = p["sc"].float()
+        c1 = (64.0 if qt == 2 else 16.0 if qt == 0 else 32.0) * dd * sc
+        c0 = -1.5 * c1 if qt == 2 else -(c1 + p["dmin"].float().repeat_interleave(256 // sub, dim=1) * p["mn"].float())
+    xf = x.float().reshape(-1, n_sub, sub)
+    fx = torch.einsum("nju,mju->mnj", f.reshape(p.n, n_sub, sub), xf)
+    y = (fx * c1[None] + xf.sum(-1)[:, None, :] * c0[None]).sum(-1)
+    return y if bias is None else y + bias.float()

@@ -1,0 +1,79 @@
+"""Offline SASS statistics of a Triton kernel: compile it for a GPU target on a machine without one
+(Triton's wheel ships ptxas and nvdisasm) and count the instructions of its longest loop.
+
+A decode GEMV is bandwidth-bound only while it spends few instructions per weight; this is how that
+is checked in CI without a GPU (tests/test_kernels_gguf_wide.py) and how the kernels were tuned.
+Integer arguments that the launcher would specialize as divisible by 16 are passed in `div16`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?);")
+
+
+@dataclass
+class LoopStats:
+    instructions: int  # in the longest loop body
+    ops: collections.Counter  # opcode (without modifiers) -> count in that loop
+    registers_spilled: bool  # local-memory loads or stores anywhere in the kernel
+
+
+def tools_available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.access(os.path.join(bindir, t), os.X_OK) for t in ("ptxas", "nvdisasm"))
+
+
+def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: int = 4, num_stages: int = 1,
+                 arch: int = 90) -> str:
+    """SASS text of `fn` compiled for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = dict(signature)
+    names = list(signature)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16 if n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def loop_stats(sass: str) -> LoopStats:
+    """The longest backward-branch loop of the SASS listing."""
+    lines = sass.splitlines()
+    labels, body = {}, []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = i
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            cand = [x for x in lines[labels[m.group(1)]:i + 1] if _INSTR.search(x)]
+            body = cand if len(cand) > len(body) else body
+    ops = collections.Counter()
+    for line in body:
+        toks = _INSTR.search(line).group(1).split()
+        op = toks[1] if toks[0].startswith("@") else toks[0]
+        ops[op.split(".")[0]] += 1
+    spilled = any(re.search(r"\b(LDL|STL)\b", line) for line in lines)
+    return LoopStats(len(body), ops, spilled)
