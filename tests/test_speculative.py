@@ -92,6 +92,7 @@ def test_greedy_with_speculation_is_plain_greedy(tiny_ministral3):
         engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, kv_cache_dtype="fp32", speculative=mode,
                                                             prefix_caching=False),
                         compute_dtype=torch.float32, plan=(512, 4096))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
         seqs = [engine.add(repetitive_prompt(i), SamplingParams(temperature=0), 40, set()) for i in range(4)]
         while engine.has_work():
             engine.step()
@@ -131,6 +132,7 @@ def test_sampling_with_speculation_matches_plain_sampling(tiny_hf):
                                                             kv_cache_dtype="fp32", speculative=mode,
                                                             spec_max_batch=10_000),
                         compute_dtype=torch.float32, plan=(256, 1200 * 80))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
         seqs = [engine.add(prompt, params, 4, set()) for _ in range(1200)]
         while engine.has_work():
             engine.step()
@@ -239,3 +241,78 @@ def test_drafting_turns_itself_off_when_drafts_do_not_pay_for_their_verify_step(
     assert simulate(0.6, graph)[0] > 1.8
     speed, share = simulate(0.9, eager)
     assert speed > 2.0 and share > 0.9
+
+
+def _prefilled(engine, prompts: list[list[int]]):
+    seqs = [engine.add(p, SamplingParams(temperature=0), 50, set()) for p in prompts]
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    return seqs
+
+
+def test_verify_rows_give_the_full_forward_logits(tmp_path, tiny_ministral3):
+    """A step mixing a sequence verifying drafts, a plain decode and a prompt chunk: the verify rows are
+    decode rows (one table, contexts n+1, n+2, ...: the layout a CUDA graph replays), and every row's
+    logits equal the model's own forward over the whole sequence, without any cache. With a sliding
+    window shorter than the drafts' span too."""
+    from devstral.engine.scheduler import ScheduledSeq
+    from devstral.testing import make_tiny_checkpoint
+
+    window = make_tiny_checkpoint(tmp_path / "sw", arch="mistral", seed=4, sliding_window=6)
+    for ckpt in (tiny_ministral3, window):
+        llm = devstral.load(ckpt, kv_cache_dtype="fp32", speculative="off")
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, kv_cache_dtype="fp32", speculative="off",
+                                                            prefix_caching=False),
+                        compute_dtype=torch.float32, plan=(256, 2048))
+        a, b = _prefilled(engine, [repetitive_prompt(0), repetitive_prompt(1)[:30]])
+        c = engine.add(repetitive_prompt(2), SamplingParams(temperature=0), 5, set())
+        engine.scheduler.schedule()  # admits c: its blocks are allocated
+        draft = [7, 1500, 1501, 9, 2000]
+        assert engine.blocks.ensure_capacity(a, a.num_tokens + len(draft))
+        batch = [ScheduledSeq(a, 1 + len(draft), draft), ScheduledSeq(b, 1), ScheduledSeq(c, 20)]
+        inputs, sampling = engine.runner.step_inputs(batch)
+        n = a.num_computed
+        assert inputs.context.tolist() == [n + 1 + j for j in range(6)] + [b.num_computed + 1]
+        assert (inputs.tables[:6] == inputs.tables[0]).all() and [ch[:3] for ch in inputs.chunks] == [(7, 20, 0)]
+        logits = engine.runner.run(inputs)  # rows: a's 6, b's 1 (c's chunk does not sample yet)
+        assert [s.seq for s in sampling] == [a, b] and logits.shape[0] == 7
+        ref_a = llm.logits(a.token_ids + draft)[n:]
+        ref_b = llm.logits(b.token_ids)[-1:]
+        torch.testing.assert_close(logits[:6], ref_a, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[6:], ref_b, rtol=1e-4, atol=1e-4)
+        # c's chunk stored its keys and values: its next rows see them (checked through its logits)
+        c.num_computed = 20
+        rest = engine.runner.run(engine.runner.step_inputs([ScheduledSeq(c, c.num_tokens - 20)])[0])
+        torch.testing.assert_close(rest, llm.logits(c.token_ids)[-1:], rtol=1e-4, atol=1e-4)
+
+
+def test_speculation_shares_steps_with_prefills_and_plain_decodes(tiny_hf):
+    """Sequences arriving while others verify drafts (their prompt chunks in the same steps), greedy: the
+    tokens are those of plain decoding. The model continues a pattern the prompts partly follow."""
+    llm = devstral.load(tiny_hf, kv_cache_dtype="fp32")
+    pattern_following(llm, repetitive_prompt(0)[1:13])
+    outs = {}
+    for mode in ("off", "lookup"):
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, max_num_batched_tokens=40,
+                                                            kv_cache_dtype="fp32", speculative=mode,
+                                                            prefix_caching=False),
+                        compute_dtype=torch.float32, plan=(512, 4096))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
+        mixed, run = [], engine.runner.step
+
+        def watched(batch, run=run, mixed=mixed):
+            mixed.append(any(it.draft for it in batch) and any(it.n_tokens > 1 and not it.draft for it in batch))
+            return run(batch)
+
+        engine.runner.step = watched
+        seqs = []
+        for i in range(4):  # a new sequence every few steps: its prompt chunks meet the others' drafts
+            seqs.append(engine.add(repetitive_prompt(0)[:30 + 7 * i], SamplingParams(temperature=0), 60, set()))
+            for _ in range(2):
+                engine.step()
+        while engine.has_work():
+            engine.step()
+        outs[mode] = [s.token_ids for s in seqs]
+        if mode == "lookup":
+            assert any(mixed) and engine.stats.accepted_tokens > 0
+    assert outs["lookup"] == outs["off"]
