@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workloads", type=Path, default=WORKLOADS)
     ap.add_argument("--max-turns", type=int, default=3, help="turns per workload (time budget)")
-    ap.add_argument("--max-output", type=int, default=200, help="cap each turn's output tokens (time budget)")
+    ap.add_argument("--max-output", type=int, default=256, help="cap each turn's output tokens (time budget)")
     ap.add_argument("--out", type=Path, help="default: $OUT/speculative_<gpu>.json, else benchmarks/results/")
     a = ap.parse_args()
     device = torch.device(a.device)
