@@ -45,8 +45,8 @@ def follow_pattern(llm, pattern: list[int]) -> None:
 
 def prompt(pattern: list[int], i: int) -> list[int]:
     altered = list(pattern)
-    altered[3 + i % 5] = 2999 - i  # the most recent copy differs: drafts from it are rejected there
-    return [1] + pattern * 3 + altered + pattern[:5 + i]
+    altered[7 + i % 4] = 2999 - i  # the most recent copy differs after the prompt's tail: drafts from it
+    return [1] + pattern * 3 + altered + pattern[:5 + i]  # are rejected there
 
 
 def generate(llm, prompts, n: int = 48):
