@@ -152,17 +152,24 @@ def test_step_costs_ratio_is_the_marginal_cost_in_plain_steps():
 
     costs = StepCosts()
     assert costs.ratio(1, 1, 16) is None  # nothing measured: the drafter uses its prior
-    costs.record(1, 0.010)
+    costs.record(1, 0.5)  # a row count's first step is not kept (a graph's first replay)
     costs.record(16, 0.012)
+    assert costs.ratio(1, 1, 16) is None
+    costs.record(16, 0.012)
+    assert costs.ratio(1, 1, 16) == float("inf")  # the plain step is measured first
+    costs.record(1, 0.010)
     assert abs(costs.ratio(1, 1, 16) - 1.2) < 1e-9
     assert abs(costs.ratio(1, 1, 1) - 1.0) < 1e-9
     # an unmeasured row count: the nearest measured one below it, plus the prior per extra row
     assert abs(costs.ratio(1, 1, 20) - (1.2 + PRIOR_ROW_COST * 4)) < 1e-9
     # a sequence adding rows to a step that already has 4 (unmeasured: as 1) in a batch of 2
     costs.record(2, 0.011)
+    costs.record(2, 0.011)
     assert abs(costs.ratio(2, 4, 16) - (1 + (0.012 - 0.011) / 0.011)) < 1e-9
     costs.record(1, 0.020)  # a moving average: moves a fifth of the way
     assert abs(costs.seconds[1] - 0.012) < 1e-12
+    costs.record(1, 10.0)  # a stray pause counts as twice the average at most
+    assert abs(costs.seconds[1] - (0.012 + 0.2 * 0.012)) < 1e-12
 
 
 def test_the_drafter_picks_the_k_with_the_most_tokens_per_unit_of_cost():

@@ -60,9 +60,18 @@ class StepCosts:
     def __init__(self, alpha: float = 0.2):
         self.alpha = alpha
         self.seconds: dict[int, float] = {}
+        self.seen: set[int] = set()
 
     def record(self, rows: int, seconds: float) -> None:
+        """The first step of a row count is not kept (a graph's first replay uploads it, a kernel may
+        compile), and a later one moves the average by at most a factor of two (a stray pause must not
+        make a row count look so dear that it is never tried, and so never measured, again)."""
+        if rows not in self.seen:
+            self.seen.add(rows)
+            return
         old = self.seconds.get(rows)
+        if old is not None:
+            seconds = min(max(seconds, 0.5 * old), 2.0 * old)
         self.seconds[rows] = seconds if old is None else old + self.alpha * (seconds - old)
 
     def ratio(self, plain: int, before: int, after: int) -> float | None:
