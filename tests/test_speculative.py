@@ -92,6 +92,7 @@ def test_greedy_with_speculation_is_plain_greedy(tiny_ministral3):
         engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, kv_cache_dtype="fp32", speculative=mode,
                                                             prefix_caching=False),
                         compute_dtype=torch.float32, plan=(512, 4096))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
         seqs = [engine.add(repetitive_prompt(i), SamplingParams(temperature=0), 40, set()) for i in range(4)]
         while engine.has_work():
             engine.step()
@@ -131,6 +132,7 @@ def test_sampling_with_speculation_matches_plain_sampling(tiny_hf):
                                                             kv_cache_dtype="fp32", speculative=mode,
                                                             spec_max_batch=10_000),
                         compute_dtype=torch.float32, plan=(256, 1200 * 80))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
         seqs = [engine.add(prompt, params, 4, set()) for _ in range(1200)]
         while engine.has_work():
             engine.step()
@@ -145,21 +147,179 @@ def test_sampling_with_speculation_matches_plain_sampling(tiny_hf):
         assert contingency_p(table) > 1e-3
 
 
-def test_drafting_waits_when_a_verify_step_costs_more_than_drafts_return():
-    """With the measured cost of a verify step above what the expected kept drafts return, a sequence
-    drafts only on every PROBE_EVERY-th step; with no measurement, or a cheap verify, as before."""
-    from devstral.engine.speculative import PROBE_EVERY, Drafter, StepCosts
+def test_step_costs_ratio_is_the_marginal_cost_in_plain_steps():
+    from devstral.engine.speculative import PRIOR_ROW_COST, StepCosts
 
-    tokens = [5, 6, 7, 8, 9] * 20  # a repeated run: the index always has a continuation
     costs = StepCosts()
-    assert costs.ratio(1) is None
-    costs.record(1, False, 0.010)
-    costs.record(1, True, 0.040)
-    assert abs(costs.ratio(1) - 4.0) < 1e-9 and costs.ratio(2) is None
-    plain, cheap, dear = Drafter(), Drafter(), Drafter()
-    for d in (plain, cheap, dear):
-        d.acceptance = 0.2  # k = 2, expected tokens per verify step 1.4
-    got = [(len(plain.propose(tokens, 8)), len(cheap.propose(tokens, 8, 1.2)), len(dear.propose(tokens, 8, 4.0)))
-           for _ in range(2 * PROBE_EVERY)]
-    assert all(p > 0 and c == p for p, c, _ in got)
-    assert [i for i, (_, _, d) in enumerate(got) if d] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1]
+    assert costs.ratio(1, 1, 16) is None  # nothing measured: the drafter uses its prior
+    costs.record(1, 0.5)  # a row count's first step is not kept (a graph's first replay)
+    costs.record(16, 0.012)
+    assert costs.ratio(1, 1, 16) is None
+    costs.record(16, 0.012)
+    assert costs.ratio(1, 1, 16) == float("inf")  # the plain step is measured first
+    costs.record(1, 0.010)
+    assert abs(costs.ratio(1, 1, 16) - 1.2) < 1e-9
+    assert abs(costs.ratio(1, 1, 1) - 1.0) < 1e-9
+    # an unmeasured row count: the nearest measured one below it, plus the prior per extra row
+    assert abs(costs.ratio(1, 1, 20) - (1.2 + PRIOR_ROW_COST * 4)) < 1e-9
+    # a sequence adding rows to a step that already has 4 (unmeasured: as 1) in a batch of 2
+    costs.record(2, 0.011)
+    costs.record(2, 0.011)
+    assert abs(costs.ratio(2, 4, 16) - (1 + (0.012 - 0.011) / 0.011)) < 1e-9
+    costs.record(1, 0.020)  # a moving average: moves a fifth of the way
+    assert abs(costs.seconds[1] - 0.012) < 1e-12
+    costs.record(1, 10.0)  # a stray pause counts as twice the average at most
+    assert abs(costs.seconds[1] - (0.012 + 0.2 * 0.012)) < 1e-12
+
+
+def test_the_drafter_picks_the_k_with_the_most_tokens_per_unit_of_cost():
+    """Against a brute-force search over the offered k, for acceptances and cost tables fed in."""
+    from devstral.engine.speculative import MIN_GAIN, Drafter, expected_tokens
+
+    assert expected_tokens(0.0, 7) == 1.0 and expected_tokens(1.0, 7) == 8.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+    ks = [1, 3, 7, 15]
+    for a in (0.05, 0.3, 0.6, 0.9, 0.99):
+        for per_row in (0.0, 0.01, 0.05, 0.3):
+            d = Drafter()
+            d.kept_w, d.tried_w = a, 1.0
+            ratio = lambda k, per_row=per_row: 1.02 + per_row * k  # noqa: E731
+            gains = {k: expected_tokens(a, k) / ratio(k) for k in ks}
+            best = max(gains, key=gains.get)
+            want = best if gains[best] > MIN_GAIN else 0
+            assert d.choose(ks, ratio) == want, (a, per_row)
+
+
+def test_the_acceptance_estimate_is_the_chance_a_draft_is_kept_after_kept_ones():
+    from devstral.engine.speculative import Drafter
+
+    g = np.random.default_rng(0)
+    for a in (0.1, 0.5, 0.9):
+        d = Drafter()
+        d.DECAY = 1.0  # plain counts: the maximum-likelihood estimate
+        for _ in range(4000):
+            k = int(g.integers(1, 16))
+            kept = 0
+            while kept < k and g.random() < a:
+                kept += 1
+            d.record(k, kept)
+        assert abs(d.acceptance - a) < 0.02
+
+
+def simulate(q: float, verify_cost, steps: int = 3000, seed: int = 0) -> tuple[float, float]:
+    """A sequence decoding text whose drafts are each kept with probability q (given the earlier ones
+    were), on a machine where a step of r rows takes verify_cost(r) plain steps, with the engine's
+    measured costs and the drafter's choice in the loop. -> (tokens per unit of time against plain
+    decode, share of steps that drafted)."""
+    from devstral.engine.speculative import Drafter, StepCosts
+
+    g = np.random.default_rng(seed)
+    tokens = [5, 6, 7, 8, 9] * 40  # always a continuation to propose: every k is available
+    buckets = [1, 2, 3, 4, 6, 8, 12, 16]
+    costs, d = StepCosts(), Drafter()
+    made, spent, drafting = 0, 0.0, 0
+    for _ in range(steps):
+        ks = [b - 1 for b in buckets[1:]]
+        draft = d.propose(tokens, ks, lambda k: costs.ratio(1, 1, k + 1))
+        rows = next(b for b in buckets if b >= 1 + len(draft))
+        t = verify_cost(rows) * (1 + 0.05 * g.standard_normal())  # jitter, as measured step times have
+        costs.record(rows, t)
+        kept = 0
+        while kept < len(draft) and g.random() < q:
+            kept += 1
+        d.record(len(draft), kept)
+        made += kept + 1
+        spent += verify_cost(rows)
+        drafting += bool(draft)
+    return made / spent, drafting / steps
+
+
+def test_drafting_turns_itself_off_when_drafts_do_not_pay_for_their_verify_step():
+    """Prose (drafts seldom kept) never loses more than the probes cost, with verify steps as cheap as a
+    CUDA graph makes them or as dear as eager ones were; copied text gains what the costs allow."""
+    graph = lambda rows: 1.0 + 0.012 * (rows - 1)  # noqa: E731  (H200 graph replay: a few % per row)
+    eager = lambda rows: 1.0 if rows == 1 else 2.1 + 0.02 * rows  # noqa: E731  (launch-bound eager verify)
+    for q in (0.05, 0.15, 0.3):
+        for cost in (graph, eager):
+            speed, share = simulate(q, cost)
+            assert speed >= 0.95, (q, speed)
+        assert share < 0.05  # eager verify never pays at this acceptance: only the probes draft
+    assert simulate(0.9, graph)[0] > 4.0  # a file rewrite: long drafts, few extra rows' cost
+    assert simulate(0.6, graph)[0] > 1.8
+    speed, share = simulate(0.9, eager)
+    assert speed > 2.0 and share > 0.9
+
+
+def _prefilled(engine, prompts: list[list[int]]):
+    seqs = [engine.add(p, SamplingParams(temperature=0), 50, set()) for p in prompts]
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    return seqs
+
+
+def test_verify_rows_give_the_full_forward_logits(tmp_path, tiny_ministral3):
+    """A step mixing a sequence verifying drafts, a plain decode and a prompt chunk: the verify rows are
+    decode rows (one table, contexts n+1, n+2, ...: the layout a CUDA graph replays), and every row's
+    logits equal the model's own forward over the whole sequence, without any cache. With a sliding
+    window shorter than the drafts' span too."""
+    from devstral.engine.scheduler import ScheduledSeq
+    from devstral.testing import make_tiny_checkpoint
+
+    window = make_tiny_checkpoint(tmp_path / "sw", arch="mistral", seed=4, sliding_window=6)
+    for ckpt in (tiny_ministral3, window):
+        llm = devstral.load(ckpt, kv_cache_dtype="fp32", speculative="off")
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, kv_cache_dtype="fp32", speculative="off",
+                                                            prefix_caching=False),
+                        compute_dtype=torch.float32, plan=(256, 2048))
+        a, b = _prefilled(engine, [repetitive_prompt(0), repetitive_prompt(1)[:30]])
+        c = engine.add(repetitive_prompt(2), SamplingParams(temperature=0), 5, set())
+        engine.scheduler.schedule()  # admits c: its blocks are allocated
+        draft = [7, 1500, 1501, 9, 2000]
+        assert engine.blocks.ensure_capacity(a, a.num_tokens + len(draft))
+        batch = [ScheduledSeq(a, 1 + len(draft), draft), ScheduledSeq(b, 1), ScheduledSeq(c, 20)]
+        inputs, sampling = engine.runner.step_inputs(batch)
+        n = a.num_computed
+        assert inputs.context.tolist() == [n + 1 + j for j in range(6)] + [b.num_computed + 1]
+        assert (inputs.tables[:6] == inputs.tables[0]).all() and [ch[:3] for ch in inputs.chunks] == [(7, 20, 0)]
+        logits = engine.runner.run(inputs)  # rows: a's 6, b's 1 (c's chunk does not sample yet)
+        assert [s.seq for s in sampling] == [a, b] and logits.shape[0] == 7
+        ref_a = llm.logits(a.token_ids + draft)[n:]
+        ref_b = llm.logits(b.token_ids)[-1:]
+        torch.testing.assert_close(logits[:6], ref_a, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[6:], ref_b, rtol=1e-4, atol=1e-4)
+        # c's chunk stored its keys and values: its next rows see them (checked through its logits)
+        c.num_computed = 20
+        rest = engine.runner.run(engine.runner.step_inputs([ScheduledSeq(c, c.num_tokens - 20)])[0])
+        torch.testing.assert_close(rest, llm.logits(c.token_ids)[-1:], rtol=1e-4, atol=1e-4)
+
+
+def test_speculation_shares_steps_with_prefills_and_plain_decodes(tiny_hf):
+    """Sequences arriving while others verify drafts (their prompt chunks in the same steps), greedy: the
+    tokens are those of plain decoding. The model continues a pattern the prompts partly follow."""
+    llm = devstral.load(tiny_hf, kv_cache_dtype="fp32")
+    pattern_following(llm, repetitive_prompt(0)[1:13])
+    outs = {}
+    for mode in ("off", "lookup"):
+        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, max_num_batched_tokens=40,
+                                                            kv_cache_dtype="fp32", speculative=mode,
+                                                            prefix_caching=False),
+                        compute_dtype=torch.float32, plan=(512, 4096))
+        engine.scheduler.step_costs = None  # draft wherever a match is found, whatever this CPU's timings
+        mixed, run = [], engine.runner.step
+
+        def watched(batch, run=run, mixed=mixed):
+            mixed.append(any(it.draft for it in batch) and any(it.n_tokens > 1 and not it.draft for it in batch))
+            return run(batch)
+
+        engine.runner.step = watched
+        seqs = []
+        for i in range(4):  # a new sequence every few steps: its prompt chunks meet the others' drafts
+            seqs.append(engine.add(repetitive_prompt(0)[:30 + 7 * i], SamplingParams(temperature=0), 60, set()))
+            for _ in range(2):
+                engine.step()
+        while engine.has_work():
+            engine.step()
+        outs[mode] = [s.token_ids for s in seqs]
+        if mode == "lookup":
+            assert any(mixed) and engine.stats.accepted_tokens > 0
+    assert outs["lookup"] == outs["off"]

@@ -22,7 +22,7 @@ from devstral.engine.model_runner import ModelRunner
 from devstral.engine.sampling import SamplingParams
 from devstral.engine.scheduler import ScheduledSeq, Scheduler
 from devstral.engine.sequence import Sequence
-from devstral.engine.speculative import StepCosts
+from devstral.engine.speculative import StepCosts, verify_rows
 from devstral.errors import DevstralError
 from devstral.kernels.kv_format import bytes_per_token
 from devstral.model.transformer import Transformer
@@ -127,8 +127,11 @@ class Engine:
                                    max_context=self.max_context, speculative=ec.speculative,
                                    spec_max_batch=ec.spec_max_batch, step_costs=self.step_costs)
         self.images = ImageEmbedder(vision) if vision is not None else None
+        spec_rows = verify_rows(ec.max_num_seqs, ec.spec_max_batch) if ec.speculative == "lookup" else []
         self.runner = ModelRunner(model, cfg, self.pool, max_num_seqs=ec.max_num_seqs,
-                                  max_context=self.max_context, cuda_graphs=ec.cuda_graphs, images=self.images)
+                                  max_context=self.max_context, cuda_graphs=ec.cuda_graphs, images=self.images,
+                                  verify_rows=spec_rows)
+        self.scheduler.row_buckets = self.runner.row_buckets
         self.stats = EngineStats()
 
     # ---------------------------------------------------------------- requests
@@ -166,7 +169,6 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
                 raise RuntimeError("the KV pool cannot hold the next waiting sequence")
             return []
-        decode_only = all(item.seq.num_computed >= item.seq.num_prompt_tokens for item in batch)
         t0 = time.perf_counter()
         try:
             new_tokens = self.runner.step(batch)
@@ -191,8 +193,9 @@ class Engine:
             seq.num_computed += computed
             seq.num_passes += 1
             self.blocks.register_computed(seq)
-        if decode_only:  # the runner returned host tokens: the step's wall time is its cost
-            self.step_costs.record(len(batch), any(item.draft for item in batch), time.perf_counter() - t0)
+        rows = self.runner.last_step_rows
+        if rows is not None:  # decode rows only (the runner returned host tokens): the step's wall time is its cost
+            self.step_costs.record(rows, time.perf_counter() - t0)
         self.stats.steps += 1
         self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], len(batch)]
         for seq, tokens in new_tokens.items():

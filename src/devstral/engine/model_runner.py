@@ -1,9 +1,13 @@
 """Runs one scheduled step: lays the batch out as one flat row of tokens, runs the model over the
 paged cache, and samples the next token of every sequence that reached its end.
 
-On CUDA, a step where every sequence decodes one token replays a CUDA graph captured for the
-smallest batch-size bucket that holds it (padding rows write nowhere and are discarded), so a decode
-step costs one launch instead of ~10 kernels' launch overhead per layer.
+A decode row is one query over the paged cache: a decoding sequence's next token, or one of the 1 + k
+rows of a sequence verifying k drafts (same block table, row j attending up to its own position, the
+keys of the rows before it stored by the same layer just before). On CUDA, a step made only of decode
+rows replays a CUDA graph captured for the smallest row-count bucket that holds it (padding rows write
+nowhere and are discarded): decode batch sizes and, with speculation, the verify row counts
+(speculative.verify_rows). So a verify step costs one launch, like a decode step, instead of ~10
+kernels' launch overhead per layer; the CPU runs the same rows eagerly.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from devstral.engine.attention import BatchAttention, PrefillChunk
 from devstral.engine.constraints import apply_mask
 from devstral.engine.image_embeds import ImageEmbedder
 from devstral.engine.kv_pool import KVPool
-from devstral.engine.sampling import sample
+from devstral.engine.sampling import MIN_TEMPERATURE, sample
 from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
-from devstral.engine.speculative import verify
+from devstral.engine.speculative import accept_greedy, verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
 from devstral.kernels import triton_available
 from devstral.model.transformer import Transformer
@@ -39,7 +43,7 @@ class StepInputs:
     positions: np.ndarray  # [N] int64
     slots: np.ndarray  # [N] int64: where each token's keys/values go in the pool
     tables: np.ndarray  # [n_decode, width] int32: the decode rows' block tables
-    context: np.ndarray  # [n_decode] int32
+    context: np.ndarray  # [n_decode] int32: keys each decode row attends to, its own included
     chunks: list[tuple[int, int, int, np.ndarray]]  # prefill chunks: (offset, length, start, block table)
     select: np.ndarray | None  # rows whose logits are needed; None: a prefill-only step
     graph: bool  # replay the captured decode graph
@@ -55,6 +59,7 @@ class _DecodeGraphs:
     """Static input buffers and one captured graph per batch-size bucket."""
 
     def __init__(self, runner: ModelRunner, buckets: list[int]):
+        """`buckets`: row counts, each captured once."""
         dev, bmax = runner.device, max(buckets)
         self.tokens = torch.zeros(bmax, dtype=torch.long, device=dev)
         self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
@@ -98,7 +103,9 @@ class _DecodeGraphs:
 
 class ModelRunner:
     def __init__(self, model: Transformer, cfg: ModelConfig, pool: KVPool, *, max_num_seqs: int,
-                 max_context: int, cuda_graphs: bool, images: ImageEmbedder | None = None):
+                 max_context: int, cuda_graphs: bool, images: ImageEmbedder | None = None,
+                 verify_rows: list[int] | tuple[int, ...] = ()):
+        """`verify_rows`: row counts of verify steps to capture besides the decode batch sizes."""
         self.model, self.cfg, self.pool = model, cfg, pool
         self.images = images  # the vision encoder's side, for prompts with images
         self.device = next(model.parameters()).device
@@ -108,11 +115,14 @@ class ModelRunner:
         self.scale = cfg.head_dim ** -0.5
         self.graphs: _DecodeGraphs | None = None
         self.broadcast: Callable[[StepInputs], None] | None = None  # set on rank 0 under tensor parallelism
+        # The rows of the last step for the engine's cost table: its graph bucket, or its row count on an
+        # engine without graphs; None for a step that ran eagerly beside graphs or had prefill chunks.
+        self.last_step_rows: int | None = None
         # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
         # MoE routing sizes its gathers from the data, which a captured graph cannot replay: eager until the
         # grouped expert GEMM lands
         if cuda_graphs and self.device.type == "cuda" and triton_available() and not cfg.n_experts:
-            self.capture(graph_buckets(max_num_seqs))
+            self.capture(sorted(set(graph_buckets(max_num_seqs)) | set(verify_rows)))
 
     def capture(self, buckets: list[int]) -> None:
         try:
@@ -124,6 +134,11 @@ class ModelRunner:
             log.warning("warning: not enough GPU memory to capture CUDA graphs; decoding eagerly "
                         "(lower --gpu-memory-fraction or --parallel to leave room for them)")
 
+    @property
+    def row_buckets(self) -> list[int]:
+        """The row counts replayed as CUDA graphs, ascending (empty: every step runs eagerly)."""
+        return list(self.graphs.buckets) if self.graphs is not None else []
+
     def decode_attention(self, slots, tables, context) -> BatchAttention:
         return BatchAttention(self.pool, slots, slots.shape[0], tables, context, self.max_context, self.scale,
                               self.cfg.sliding_window)
@@ -133,7 +148,7 @@ class ModelRunner:
     def step(self, batch: list[ScheduledSeq]) -> dict[Sequence, list[int]]:
         """Run the batch; return the new tokens of each sequence that reached its end (one sampled token,
         or the kept drafts and one sampled token for a sequence that speculated)."""
-        batch = sorted(batch, key=lambda s: s.n_tokens > 1)  # decode rows first
+        batch = sorted(batch, key=lambda s: not _decode_rows(s))  # decode rows first
         logits, sampling = self._forward(batch)
         if not sampling:
             return {}
@@ -151,8 +166,14 @@ class ModelRunner:
             tokens = sample(lg, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
             self._logprobs(lg, tokens, seqs)
             out.update((s, [t]) for s, t in zip(seqs, tokens.tolist(), strict=True))
-        for i, item in enumerate(sampling):
-            if item.draft:
+        drafted = [i for i, item in enumerate(sampling) if item.draft]
+        greedy = [i for i in drafted if sampling[i].seq.params.temperature < MIN_TEMPERATURE]
+        top = logits.argmax(-1).tolist() if greedy else []  # one host sync for every greedy verification
+        for i in drafted:
+            item = sampling[i]
+            if i in greedy:
+                out[item.seq] = accept_greedy(item.draft, top[rows[i]])
+            else:
                 out[item.seq] = verify(logits[rows[i]], item.draft, item.seq.params, item.seq.generator)
         return out
 
@@ -174,7 +195,7 @@ class ModelRunner:
         bs = self.block_size
         tokens, positions, slots, select, sampling = [], [], [], [], []
         image_spans = []  # (first row in the flat batch, first position, tokens, images) of chunks with images
-        decode = [s for s in batch if s.n_tokens == 1]
+        decode = [s for s in batch if _decode_rows(s)]  # the batch's first items (step() sorts them so)
         for item in batch:
             seq, start = item.seq, item.seq.num_computed
             if seq.images:
@@ -187,18 +208,25 @@ class ModelRunner:
             if item.samples:  # a speculating sequence needs the logits of its drafts' positions too
                 select.extend(range(len(tokens) - 1 - len(item.draft), len(tokens)))
                 sampling.append(item)
+        nd = sum(s.n_tokens for s in decode)  # decode rows: a verifying sequence has 1 + k of them
         width = max((len(s.seq.block_table) for s in decode), default=1)
-        tables = np.zeros((len(decode), width), dtype=np.int32)
-        for i, s in enumerate(decode):
-            tables[i, :len(s.seq.block_table)] = s.seq.block_table
-        context = np.array([s.seq.num_computed + 1 for s in decode], dtype=np.int32)
-        nd = len(decode)
+        tables = np.zeros((nd, width), dtype=np.int32)
+        context = np.empty(nd, dtype=np.int32)
+        row = 0
+        for s in decode:
+            tables[row:row + s.n_tokens, :len(s.seq.block_table)] = s.seq.block_table
+            context[row:row + s.n_tokens] = np.arange(s.seq.num_computed + 1, s.seq.num_computed + 1 + s.n_tokens)
+            row += s.n_tokens
         if all_rows:
             select = list(range(len(tokens)))
-        graph = (not all_rows and not image_spans and self.graphs is not None and nd == len(batch)
-                 and len(sampling) == nd and self.graphs.bucket(nd) is not None)
+        graph = (not all_rows and not image_spans and self.graphs is not None and len(decode) == len(batch)
+                 and len(sampling) == len(decode) and self.graphs.bucket(nd) is not None)
+        if graph:
+            self.last_step_rows = self.graphs.bucket(nd)
+        else:
+            self.last_step_rows = nd if self.graphs is None and len(decode) == len(batch) else None
         chunks, offset = [], nd
-        for item in batch[nd:]:
+        for item in batch[len(decode):]:
             chunks.append((offset, item.n_tokens, item.seq.num_computed,
                            np.asarray(item.seq.block_table, dtype=np.int32)))
             offset += item.n_tokens
@@ -270,3 +298,9 @@ class ModelRunner:
         for j, i in enumerate(rows):
             n = seqs[i].params.logprobs
             seqs[i].logprobs.append((chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True))))
+
+
+def _decode_rows(item: ScheduledSeq) -> bool:
+    """Is this item computed as decode rows (one query per token over the paged cache)? A single token,
+    or a verifying sequence's last token and drafts."""
+    return item.n_tokens == 1 or bool(item.draft)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from devstral.engine.block_manager import BlockManager
 from devstral.engine.sequence import Sequence, Status
-from devstral.engine.speculative import Drafter, StepCosts, speculation_allowed
+from devstral.engine.speculative import K_MAX, Drafter, StepCosts, speculation_allowed
 
 
 @dataclass
@@ -37,9 +37,12 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_context: int | None = None, speculative: str = "off", spec_max_batch: int = 8,
-                 spec_k_max: int = 8, step_costs: StepCosts | None = None):
+                 spec_k_max: int = K_MAX, step_costs: StepCosts | None = None):
         self.blocks = blocks
         self.step_costs = step_costs  # measured by the engine: whether a draft pays for its verify step
+        # The row counts the runner replays as CUDA graphs (ascending; empty: every step runs eagerly).
+        # Drafts are sized so that a step's decode rows fill one exactly.
+        self.row_buckets: list[int] = []
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_context = max_context
         self.speculative, self.spec_max_batch, self.spec_k_max = speculative, spec_max_batch, spec_k_max
@@ -70,18 +73,20 @@ class Scheduler:
         #    long prompt. Speculation pays while steps are bound by reading the weights: small batches.
         decoding = [s for s in self.running if s.num_uncomputed == 1]
         speculate = self.speculative == "lookup" and len(self.running) <= self.spec_max_batch
+        rows = len(decoding)  # the step's decode rows so far: one per decoding sequence, plus drafts
         for seq in decoding:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue
-            draft = self._draft(seq, budget - 1) if speculate else []
+            draft = self._draft(seq, budget - 1, len(decoding), rows) if speculate else []
             if draft and self.blocks.blocks_for(seq.num_tokens + len(draft)) - len(seq.block_table) > \
                     self.blocks.num_free:
                 draft = []  # drafts are optional: never preempt anyone to verify them
             if self._make_room(seq, seq.num_tokens + len(draft)):
                 batch.append(ScheduledSeq(seq, 1 + len(draft), draft))
                 budget -= 1 + len(draft)
+                rows += len(draft)
         # 2. prompt chunks: running prefills, then admissions. While several prompts compete, each
         #    first gets at most a quarter of the step, so a short prompt is not stuck behind a long one.
         prefilling = [s for s in self.running if s.num_uncomputed > 1]
@@ -111,16 +116,28 @@ class Scheduler:
             budget -= extra
         return batch + chunks
 
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+    def bucket(self, rows: int) -> int:
+        """The row count a step of `rows` decode rows runs as: its graph bucket, else itself."""
+        return next((b for b in self.row_buckets if b >= rows), rows)
+
+    def _draft(self, seq: Sequence, budget: int, n_seqs: int, rows: int) -> list[int]:
+        """Drafts for `seq` in a step of `n_seqs` decoding sequences whose decode rows number `rows` so
+        far (this sequence's own row included)."""
         if not speculation_allowed(seq.params, seq.constraint is not None):
             return []
         if seq.drafter is None:
             seq.drafter = Drafter(self.spec_k_max)
-        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1)
+        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1, self.spec_k_max)
         if self.max_context is not None:
             limit = min(limit, self.max_context - seq.num_tokens - 1)
-        ratio = self.step_costs.ratio(len(self.running)) if self.step_costs is not None else None
-        return seq.drafter.propose(seq.token_ids, limit, ratio)
+        if self.row_buckets:  # the step lands on a captured row count, or the drafts would be padding
+            ks = [b - rows for b in self.row_buckets if rows < b <= rows + limit]
+        else:
+            ks = list(range(1, limit + 1))
+        costs, bucket = self.step_costs, self.bucket
+        ratio = None if costs is None else (
+            lambda k: costs.ratio(bucket(n_seqs), bucket(rows), bucket(rows + k)))
+        return seq.drafter.propose(seq.token_ids, ks, ratio)
 
     def _make_room(self, seq: Sequence, n_tokens: int) -> bool:
         while not self.blocks.ensure_capacity(seq, n_tokens):

@@ -4,20 +4,30 @@ one forward pass, keep exactly the target model's distribution.
 In a coding agent most output copies text already in the context (an edit quotes the file, a rewrite
 repeats most of it). The drafter matches the last n tokens (n from 4 down to 1) at their most recent
 earlier occurrence in the prompt or output and proposes what followed. The engine computes the last
-sampled token and the k drafts in one pass; `verify` then walks the drafts:
+sampled token and the k drafts in one pass (k + 1 decode rows of the same sequence, each attending up
+to its own position: on CUDA a captured graph, see model_runner.py); `verify` then walks the drafts:
 - greedy: a draft is kept while it equals the argmax at its position, so the output is token for
   token plain greedy decoding;
 - sampling: the draft distribution is a point mass, so a draft x is kept with probability p(x), and
   at the first rejection the token comes from p with x removed (renormalised): standard speculative
   sampling, which leaves the target distribution unchanged.
 Either way the first position that is not kept yields one sampled token, so a step makes 1..k+1 tokens.
-k adapts to the sequence's recent acceptance; a sequence whose drafts keep failing stops drafting for
-a while, and a sequence whose expected kept drafts do not pay for the measured cost of a verify step
-(StepCosts: verify vs plain decode step time) drafts only now and then, so plain prose costs (almost)
-nothing.
+
+How many drafts, if any: each sequence estimates the chance `a` that a draft token is kept given the
+ones before it were (a geometric model: k drafts then yield (1 - a^(k+1)) / (1 - a) tokens per step),
+and the engine measures what a step of r rows costs (StepCosts, per row bucket: on CUDA a verify
+step replays the graph of the smallest captured row count that holds it). The drafter picks the k
+among those that fill a bucket exactly whose tokens per unit of cost beat a plain decode step by
+MIN_GAIN, or none; a sequence that does not draft still drafts one token every PROBE_EVERY steps (less
+often where that probe costs more than PROBE_SHARE of the time), so that its estimate recovers when the
+text turns into a copy. Plain prose therefore costs (almost)
+nothing, and a file rewrite drafts as far as the measured costs say it pays.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,28 +35,74 @@ import torch
 from devstral.engine.sampling import MIN_TEMPERATURE, SamplingParams, candidates
 
 MAX_NGRAM, MIN_NGRAM = 4, 1
-PROBE_EVERY = 16  # a sequence that skips drafting on cost still drafts once this many steps
+K_MAX = 15  # drafts per sequence and step: 16 rows at batch 1, the largest verify graph's
+PROBE_EVERY = 16  # a sequence that skips drafting on cost still drafts once this many steps...
+PROBE_SHARE = 0.02  # ...or fewer, so that the probes' extra cost stays under this share of its time
+MIN_GAIN = 1.03  # drafting must promise this many times a plain step's tokens per unit of cost
+# An unmeasured row count is assumed to cost this much more per extra row than a plain step: optimistic,
+# so that the drafter tries it once and the measurement takes over.
+PRIOR_ROW_COST = 0.01
+VERIFY_ROWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts captured for verify steps (with decode's)
+
+
+def verify_rows(max_num_seqs: int, spec_max_batch: int, k_max: int = K_MAX) -> list[int]:
+    """The row counts a verify step can take: up to every speculating sequence with k_max drafts, at
+    most 64 rows (beyond that a step of that many sequences is no longer bound by reading weights)."""
+    top = min(min(max_num_seqs, spec_max_batch) * (1 + k_max), VERIFY_ROWS[-1])
+    return [r for r in VERIFY_ROWS if r <= top]
 
 
 class StepCosts:
-    """Measured wall time of decode-only engine steps, with and without drafts, per number of sequences in
-    the step (exponential moving averages). On a GPU a plain decode step replays a CUDA graph while a
-    verify step runs eagerly over 1 + k rows per sequence, so a draft must be kept often enough to pay."""
+    """Measured wall time of decode-only engine steps (exponential moving averages), per row count:
+    the graph bucket a step replayed on CUDA, the rows themselves when it ran eagerly. A plain decode
+    step of n sequences has n rows; a verify step adds each sequence's drafts."""
 
     def __init__(self, alpha: float = 0.2):
         self.alpha = alpha
-        self.plain: dict[int, float] = {}
-        self.verify: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+        self.seen: set[int] = set()
 
-    def record(self, n_seqs: int, drafted: bool, seconds: float) -> None:
-        table = self.verify if drafted else self.plain
-        old = table.get(n_seqs)
-        table[n_seqs] = seconds if old is None else old + self.alpha * (seconds - old)
+    def record(self, rows: int, seconds: float) -> None:
+        """The first step of a row count is not kept (a graph's first replay uploads it, a kernel may
+        compile), and a later one moves the average by at most a factor of two (a stray pause must not
+        make a row count look so dear that it is never tried, and so never measured, again)."""
+        if rows not in self.seen:
+            self.seen.add(rows)
+            return
+        old = self.seconds.get(rows)
+        if old is not None:
+            seconds = min(max(seconds, 0.5 * old), 2.0 * old)
+        self.seconds[rows] = seconds if old is None else old + self.alpha * (seconds - old)
 
-    def ratio(self, n_seqs: int) -> float | None:
-        """A verify step's cost in plain steps at this batch size, once both have been measured."""
-        plain, verify = self.plain.get(n_seqs), self.verify.get(n_seqs)
-        return None if plain is None or verify is None or plain <= 0 else verify / plain
+    def ratio(self, plain: int, before: int, after: int) -> float | None:
+        """What a step of `after` rows costs instead of one of `before` rows, in plain steps of `plain`
+        rows: 1 + (cost(after) - cost(before)) / cost(plain). None while nothing is measured (the drafter
+        then uses its prior); infinite while `plain` is not, so that the next step runs plain and measures
+        it; an unmeasured `after` is estimated from the nearest measured row count below it."""
+        base = self.seconds.get(plain)
+        if base is None or base <= 0:
+            return None if not self.seconds else math.inf
+        lo = self._at(before, base)
+        hi = self.seconds.get(after)
+        if hi is None:
+            below = [r for r in self.seconds if r <= after]
+            ref = max(below) if below else plain
+            hi = self.seconds.get(ref, base) + PRIOR_ROW_COST * base * (after - ref)
+        return 1 + max(hi - lo, 0.0) / base
+
+    def _at(self, rows: int, base: float) -> float:
+        if rows in self.seconds:
+            return self.seconds[rows]
+        below = [r for r in self.seconds if r <= rows]
+        return self.seconds[max(below)] if below else base
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens a verify step of k drafts yields when each draft is kept with probability a given the
+    previous ones were: the kept prefix plus the one sampled token."""
+    if a >= 1.0:
+        return k + 1.0
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 _MUL = 0x9E3779B97F4A7C15  # odd 64-bit multiplier for the n-gram hash
@@ -108,48 +164,83 @@ class NgramIndex:
 
 
 class Drafter:
-    """Per-sequence drafting state: the n-gram index, recent acceptance, and the adaptive k."""
+    """Per-sequence drafting state: the n-gram index and the estimate of how often a draft is kept."""
 
-    def __init__(self, k_max: int = 8):
+    DECAY = 0.85  # weight of the past in the acceptance counts: about the last seven verify steps
+
+    def __init__(self, k_max: int = K_MAX):
         self.k_max = k_max
         self.index = NgramIndex()
-        self.acceptance = 0.5  # running estimate of the share of drafted tokens kept
-        self.cooldown = 0  # steps to skip drafting after repeated failures
-        self.skipped = 0  # steps skipped because drafting did not pay for its verify cost
+        # decayed counts of drafts kept and of draft positions tried (a position after a rejection is
+        # not tried): their ratio is the geometric model's a. The prior is a = 0.5 worth two positions.
+        self.kept_w, self.tried_w = 1.0, 2.0
+        self.skipped = 0  # steps in a row that did not draft because drafting did not pay
         self.drafted = self.accepted = 0
 
-    def propose(self, tokens: list[int], limit: int, cost_ratio: float | None = None) -> list[int]:
-        """Up to `limit` draft tokens. `cost_ratio` is what a verify step costs in plain decode steps
-        (StepCosts, measured): drafting pays only when the tokens a step is expected to yield, 1 plus the
-        kept share of k drafts, beat it; otherwise skip, probing every PROBE_EVERY steps so that the
-        acceptance estimate can recover when the text turns into a copy."""
-        if self.cooldown > 0:
-            self.cooldown -= 1
-            self.index.update(tokens)
+    @property
+    def acceptance(self) -> float:
+        """Chance that a draft token is kept, given the drafts before it were."""
+        return self.kept_w / self.tried_w
+
+    def propose(self, tokens: list[int], ks: Sequence[int],
+                ratio: Callable[[int], float | None] | None = None) -> list[int]:
+        """Drafts for the next step (possibly none). `ks`: the draft counts this step can take,
+        ascending (on CUDA those that fill a captured row bucket exactly); `ratio(k)`: what a step with
+        k drafts costs in plain decode steps (StepCosts), None before it was measured."""
+        k = self.choose(ks, ratio)
+        if k == 0:
+            self.index.update(tokens)  # keep the index current: drafting may pay again later
             return []
-        k = max(1, min(self.k_max, limit, round(1 + self.acceptance * (self.k_max - 1))))
-        if cost_ratio is not None and 1 + self.acceptance * k < cost_ratio:
-            self.skipped += 1
-            if self.skipped < PROBE_EVERY:
-                self.index.update(tokens)
-                return []
-        self.skipped = 0
-        return self.index.propose(tokens, k) if limit > 0 else []
+        return self.index.propose(tokens, k)
+
+    def choose(self, ks: Sequence[int], ratio: Callable[[int], float | None] | None = None) -> int:
+        """The k whose expected tokens per unit of cost is highest and beats a plain step by MIN_GAIN;
+        0 when none does, except every PROBE_EVERY-th such step (or so many more that the probes cost at
+        most PROBE_SHARE of the time), which drafts the smallest k."""
+        ks = [k for k in ks if 0 < k <= self.k_max]
+        if not ks:
+            return 0
+        a = self.acceptance
+        best_k, best, probe_cost = 0, MIN_GAIN, None
+        for k in ks:
+            r = ratio(k) if ratio is not None else None
+            r = 1.0 + PRIOR_ROW_COST * k if r is None else r
+            probe_cost = r - 1.0 if probe_cost is None else probe_cost
+            gain = expected_tokens(a, k) / r
+            if gain > best:
+                best_k, best = k, gain
+        if best_k:
+            self.skipped = 0
+            return best_k
+        self.skipped += 1
+        if self.skipped >= max(PROBE_EVERY, probe_cost / PROBE_SHARE):
+            self.skipped = 0
+            return ks[0]
+        return 0
 
     def record(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
         self.drafted += drafted
         self.accepted += accepted
-        self.acceptance = 0.7 * self.acceptance + 0.3 * (accepted / drafted)
-        if self.acceptance < 0.15:
-            self.cooldown, self.acceptance = 16, 0.3  # back off, then try again with a short draft
+        tried = accepted + (accepted < drafted)  # the kept prefix and the first rejected position
+        self.kept_w = self.DECAY * self.kept_w + accepted
+        self.tried_w = self.DECAY * self.tried_w + tried
 
 
 def speculation_allowed(params: SamplingParams, has_constraint: bool) -> bool:
     """Drafts are verified against the sampler's own distribution; the repeat penalty (which depends on
     each position's history), constraints and logprobs are not carried through verification."""
     return params.repeat_penalty == 1.0 and not has_constraint and params.logprobs is None
+
+
+def accept_greedy(draft: list[int], target: list[int]) -> list[int]:
+    """Greedy verification: target[j] is the argmax at the position of draft j (target[0] at the last
+    token's). The drafts equal to it, then the argmax where they first differ."""
+    kept = 0
+    while kept < len(draft) and draft[kept] == target[kept]:
+        kept += 1
+    return [*draft[:kept], target[kept]]
 
 
 def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
@@ -159,11 +250,7 @@ def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
     d = len(draft)
     logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     if params.temperature < MIN_TEMPERATURE:
-        target = torch.argmax(logits, dim=-1).tolist()
-        kept = 0
-        while kept < d and draft[kept] == target[kept]:
-            kept += 1
-        return [*draft[:kept], target[kept]]
+        return accept_greedy(draft, torch.argmax(logits, dim=-1).tolist())
     tempered = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     values, index, keep = candidates(tempered, [params] * (d + 1))
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)  # [d+1, K] over candidate ids

@@ -53,10 +53,19 @@ def prefill_attention_ref(q: torch.Tensor, layer: KVLayer, block_table: torch.Te
 
 def decode_attention_ref(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                          scale: float, window: int | None = None) -> torch.Tensor:
-    """q [B, n_heads, D], one query per sequence at position context_lens[b] - 1 -> [B, n_heads, D]."""
+    """q [B, n_heads, D], one query per row at position context_lens[b] - 1 -> [B, n_heads, D]. Rows that
+    continue the row before them (same block table, next position: a sequence verifying drafts) are
+    one causal chunk, computed in one call."""
     out = torch.empty_like(q)
-    for b, n in enumerate(context_lens.tolist()):
-        out[b] = prefill_attention_ref(q[b:b + 1], layer, block_tables[b], n - 1, scale, window)[0]
+    lens = context_lens.tolist()
+    tables = block_tables.cpu().numpy()
+    b = 0
+    while b < len(lens):
+        e = b + 1
+        while e < len(lens) and lens[e] == lens[e - 1] + 1 and (tables[e] == tables[b]).all():
+            e += 1
+        out[b:e] = prefill_attention_ref(q[b:e], layer, block_tables[b], lens[b] - 1, scale, window)
+        b = e
     return out
 
 
