@@ -13,6 +13,7 @@ says it beats cuBLAS) and the plain-PyTorch reference everywhere else.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -165,6 +166,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        self.activation_offload = None  # train/offload.py: checkpointed layer inputs kept in CPU memory
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -196,9 +198,13 @@ class Transformer(nn.Module):
             mask = documents
         else:
             mask = None if cache is not None else self._mask(positions, attn_mask)
+        offload = self.activation_offload if self.gradient_checkpointing and self.training else None
+        if offload is not None:
+            offload.begin()
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
+                with offload.saving(x) if offload is not None else nullcontext():
+                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
