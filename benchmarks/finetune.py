@@ -159,7 +159,7 @@ def _hf_to_4bit(model) -> None:
                 if isinstance(m, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
                                           compress_statistics=True, quant_type="nf4", device="meta")
-                    q.weight = bnb.nn.Params4bit(m.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                    q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True).to(m.weight.device)
                     setattr(parent, name, q)
     gc.collect()
@@ -226,13 +226,14 @@ def flop_roofline(shape: dict, seq: int, device: torch.device) -> dict:
     return out
 
 
-def longest_sequence(per_token_gib_8: float | None, layers_run: int, weights_40_gib: float, total_gib: float) -> int | None:
-    """Tokens of one sequence whose activations fit beside the 40-layer weights (linear in tokens and
-    layers, as measured: flash attention keeps no [T, T] state)."""
-    if not per_token_gib_8:
+def longest_sequence(per_token_gib: float | None, layers_run: int, extra_per_layer_token_gib: float,
+                     weights_40_gib: float, total_gib: float) -> int | None:
+    """Tokens of one sequence whose activations fit beside the 40-layer weights. Each layer beyond the
+    ones run adds only its checkpointed input (nothing on the GPU when it is offloaded); the rest of the
+    measured per-token activation (one layer's recompute, the head) does not grow with layers."""
+    if not per_token_gib:
         return None
-    per_token_40 = per_token_gib_8 * 40 / layers_run
-    return int((total_gib - weights_40_gib) / per_token_40)
+    return int((total_gib - weights_40_gib) / (per_token_gib + (40 - layers_run) * extra_per_layer_token_gib))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,11 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         total = torch.cuda.get_device_properties(0).total_memory / GIB
         lora = runs.get("devstral_lora", {})
         weights_40 = (lora.get("held_gib", 0) + (40 - layers) * lora.get("layer_weight_gib", 0)) if lora else 0
-        for name, key in (("devstral_lora_long_offload", "longest_seq_ours_40_layers"),
-                          ("hf_peft_lora_long", "longest_seq_peft_40_layers")):
+        layer_input = shape["dim"] * 2 / GIB  # bf16 bytes per token of one checkpointed layer input
+        for name, key, extra in (("devstral_lora_long_offload", "longest_seq_ours_40_layers", 0.0),
+                                 ("hf_peft_lora_long", "longest_seq_peft_40_layers", layer_input)):
             r = runs.get(name, {})
             per_token = r.get("activation_peak_gib", 0) / long_seq if "activation_peak_gib" in r else None
-            summary[key] = longest_sequence(per_token, layers, weights_40, total)
+            summary[key] = longest_sequence(per_token, layers, extra, weights_40, total)
+        # offloaded inputs live in pinned host memory: 40 layers x dim x 2 bytes per token
+        summary["offload_host_gib_per_1k_tokens_40_layers"] = 40 * layer_input * 1024
         if summary.get("longest_seq_ours_40_layers") and summary.get("longest_seq_peft_40_layers"):
             summary["longest_seq_ratio"] = summary["longest_seq_ours_40_layers"] / summary["longest_seq_peft_40_layers"]
     roof = flop_roofline(shape, seq, device)
