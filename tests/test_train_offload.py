@@ -119,3 +119,23 @@ def test_gpu_offload_same_grads_and_less_memory():
         assert ((a - b).norm() / b.norm()).item() < 1e-3
     layer_input = 2 * 8192 * cfg.dim * 2  # bytes of one [B, T, dim] bf16 layer input
     assert offload_peak <= plain_peak - (cfg.n_layers - 3) * layer_input
+
+
+def test_finetune_cli_with_offloading_gives_the_same_loss_curve(tiny_hf, tmp_path):
+    import json
+
+    from devstral.cli import main
+
+    rows = [{"prompt": f"Question {i}?", "completion": "answer " * (i + 2)} for i in range(5)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["finetune", "--model", str(tiny_hf), "--data", str(data), "--max-steps", "3", "--lr", "5e-3",
+              "--packing", "--max-seq-len", "64", "--batch-size", "2", "--no-progress", "--seed", "3"]
+    curves = []
+    for flag, out in (("--grad-checkpointing", "plain"), ("--offload-activations", "offload")):
+        assert main([*common, flag, "--output", str(tmp_path / out)]) == 0
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        curves.append([json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)])
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
+    saved = json.loads((tmp_path / "offload" / "finetune_config.json").read_text())
+    assert saved["offload_activations"] and saved["grad_checkpointing"]
