@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,12 @@ def _flash_varlen():
     return varlen_attn
 
 
+_flash_failed: list[str] = []  # set once torch's varlen entry raised: the loop serves from then on
+
+
 def flash_varlen_available(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+            and not _flash_failed)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents,
@@ -88,7 +93,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
         cu = docs.cu_seqlens(q.device)
         longest = max(docs.lengths)
         left = -1 if window is None else window - 1  # flash's window counts the keys before the query
-        out = _flash_varlen()(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
-                              longest, longest, window_size=(left, 0), enable_gqa=True)
-        return out.view(B, T, H, D)
+        try:
+            out = _flash_varlen()(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
+                                  longest, longest, window_size=(left, 0), enable_gqa=True)
+            return out.view(B, T, H, D)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError, ValueError) as e:
+            # an experimental torch API whose arguments changed between releases: say so once, then use the
+            # per-document loop, which computes the same attention
+            _flash_failed.append(str(e))
+            warnings.warn(f"torch varlen_attn failed ({str(e).splitlines()[0][:200]}); packed documents "
+                          "use one attention call each instead", stacklevel=2)
     return varlen_attention_ref(q, k, v, docs, window)

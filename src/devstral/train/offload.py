@@ -54,7 +54,7 @@ class ActivationOffload:
         ptr, shape = layer_input.data_ptr(), layer_input.shape
 
         def pack(t: torch.Tensor):
-            if t.data_ptr() != ptr or t.shape != shape or t.device != self.device:
+            if t.data_ptr() != ptr or t.shape != shape or t.device.type != self.device.type:
                 return t
             return self._store(t)
 
