@@ -19,6 +19,8 @@ registers, summed by one small reduction after.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -75,9 +77,14 @@ def _bwd_kernel(g_ptr, g_stride, x_ptr, x_stride, w_ptr, rstd_ptr, gres_ptr, gre
         tl.store(dw_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs_for_dw(x: torch.Tensor, rows: int) -> int:
     if x.is_cuda:
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+        return max(1, min(rows, 4 * _sm_count(x.device.index if x.device.index is not None else 0)))
     return max(1, min(rows, 3))  # the interpreter: a few programs, so the run-of-rows loop is exercised
 
 
