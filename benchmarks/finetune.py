@@ -236,6 +236,15 @@ def longest_sequence(per_token_gib: float | None, layers_run: int, extra_per_lay
     return int((total_gib - weights_40_gib) / (per_token_gib + (40 - layers_run) * extra_per_layer_token_gib))
 
 
+def machine(device: torch.device) -> dict:
+    out = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / GIB, "sms": props.multi_processor_count,
+                "cuda": torch.version.cuda}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT/finetune.json or "
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                      "note": f"{shape['n_layers']} of Devstral-Small's 40 layers at its full width; "
                              "activation memory = peak minus the memory held before the step"},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": versions, "quick": args.quick,
+        "machine": machine(device), "versions": versions, "quick": args.quick,
     }
     runs = result["runs"] = {}
 

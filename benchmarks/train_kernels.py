@@ -256,6 +256,11 @@ def main() -> None:
         Path(os.environ["OUT"]) / "train_kernels.json" if os.environ.get("OUT")
         else Path(__file__).parent / "results" / f"train_kernels_{device.type}.json")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "cuda": torch.version.cuda,
+                          "sms": torch.cuda.get_device_properties(0).multi_processor_count
+                          if device.type == "cuda" else None},
+              "timing": "median of 5 repetitions (elementwise: each the mean of `iters` back-to-back calls)",
               "torch": torch.__version__, "dtype": str(dtype), "head_shape": head, "lora_shape": lora,
               "elementwise_shape": elem,
               "elementwise": elementwise_cases(**elem, device=device, dtype=dtype),
