@@ -330,6 +330,7 @@ def test_gpu_training_kernels_in_a_lora_step_match_the_reference_path(monkeypatc
     reference path (DEVSTRAL_NO_TRITON), same loss and LoRA gradients within bf16 noise."""
     from devstral import kernels
     from devstral.config import ModelConfig
+    from devstral.kernels.varlen_attention import Documents
     from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
     from devstral.model.transformer import Transformer
     from devstral.train.batching import Batch
@@ -353,7 +354,7 @@ def test_gpu_training_kernels_in_a_lora_step_match_the_reference_path(monkeypatc
         for p in params:
             p.requires_grad_(True)
         tokens = torch.randint(0, 4096, (1, 1024), generator=torch.Generator().manual_seed(1)).cuda()
-        batch = Batch(tokens, tokens.clone(), torch.arange(1024, device="cuda")[None], None)
+        batch = Batch(tokens, tokens.clone(), torch.arange(1024, device="cuda")[None], None, Documents((1024,)))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, n = summed_loss(model, batch)
         (loss / n).backward()

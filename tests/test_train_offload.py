@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from devstral.config import ModelConfig
+from devstral.kernels.varlen_attention import Documents
 from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
 from devstral.model.transformer import Transformer
 from devstral.train.batching import Batch
@@ -37,7 +38,7 @@ def _setup(device="cpu", dtype=torch.float64, cfg=CFG):
 
 def _batch(seq, device="cpu", vocab=89):
     tokens = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(3)).to(device)
-    return Batch(tokens, tokens.clone(), torch.arange(seq, device=device).expand(2, seq), None)
+    return Batch(tokens, tokens.clone(), torch.arange(seq, device=device).expand(2, seq), None, Documents((seq, seq)))
 
 
 def _step(model, params, batch):
