@@ -98,7 +98,7 @@ def collate(examples: list[Example], rows: list[list[int]], plan: BatchPlan) -> 
         # Padding continues the last positions; it is never learned and never attended to by real tokens.
         positions[b, at:] = torch.arange(width - at) + (positions[b, at - 1] + 1 if at else 0)
         if at < width:
-            if packed:
+            if packed or at == 0:
                 lengths.append(width - at)  # padding of a packed row: a document of its own
             else:
                 lengths[-1] += width - at  # one example per row: the padding follows it causally
