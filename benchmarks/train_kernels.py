@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -243,6 +244,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/train_kernels.json or benchmarks/results/)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's devstral
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
