@@ -1,11 +1,20 @@
-"""LoRA training throughput and peak memory: our trainer's step vs HF transformers + PEFT, same run.
+"""LoRA and QLoRA training: our trainer's step vs HF transformers + PEFT, same model, sequence and batch.
 
-Workload (issue 7): LoRA r=16 on all linears of a Devstral-Small-shaped decoder with random bf16 weights,
-one sequence of 2048 tokens per step, gradient checkpointing, AdamW, bf16 autocast.
+Workload (issue 16): LoRA r=16 on all linears of a decoder of Devstral-Small width (dim 5120, FFN 32768,
+32/8 heads, 131k vocabulary) with random weights, one sequence per step, gradient checkpointing, AdamW,
+bf16 autocast. By default 8 of its 40 layers, so that all four runs fit in the GPU time budget; the
+per-layer figures carry to 40 layers (the JSON says how it was run and extrapolates the 40-layer peak).
 
-    python benchmarks/finetune.py --out $OUT/finetune.json            # GPU, full 40 layers
-    python benchmarks/finetune.py --out /tmp/f.json --layers 8        # fewer layers (both stacks)
-    python benchmarks/finetune.py --quick --out /tmp/f.json           # CPU smoke test, tiny shape
+Measured per run (median of the timed steps, each synchronised): tokens/s, and peak memory above the
+memory held before the step (weights, LoRA, optimizer state): the activation memory the issue's
+targets are about. Runs: ours LoRA, HF+PEFT LoRA, ours QLoRA (NF4 base), HF+PEFT QLoRA (bitsandbytes'
+Linear4bit, when bitsandbytes has a CUDA build here), and at a long sequence ours with
+--offload-activations against HF+PEFT (activation bytes per token -> the longest sequence that would fit
+the full 40-layer model on this GPU). Physical limit: the matmul FLOP roofline at the measured bf16 rate.
+
+    python benchmarks/finetune.py                       # GPU: JSON to $OUT/finetune.json or benchmarks/results/
+    python benchmarks/finetune.py --layers 40 --skip-qlora-hf --skip-long
+    python benchmarks/finetune.py --quick --out /tmp/f.json   # CPU smoke test, tiny shape
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,12 +33,14 @@ import torch
 
 SMALL = dict(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=32768, vocab_size=131072)
 QUICK = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=1024)
+H200_BF16_TFLOPS = 790.0  # dense bf16 matmul rate measured on the H200 in this workplace (8192^3)
+GIB = 2**30
 
 
 def model_config(shape: dict):
     from devstral.config import ModelConfig
 
-    return ModelConfig(arch="mistral", rope_theta=1e9, max_position_embeddings=131072, norm_eps=1e-5, **shape)
+    return ModelConfig(arch="mistral", rope_theta=1e9, max_position_embeddings=262144, norm_eps=1e-5, **shape)
 
 
 def _reset(device: torch.device) -> None:
@@ -39,58 +51,78 @@ def _reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
-
 def _autocast(device: torch.device):
     from contextlib import nullcontext
 
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _timed_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, list[float]]:
-    losses = []
-    for _ in range(warmup):
-        losses.append(step())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+def timed(step, device: torch.device, warmup: int, steps: int) -> dict:
+    """Median step time and the peak memory above what was held before the timed steps."""
+    losses = [step() for _ in range(warmup)]
+    _reset(device)
+    held = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         losses.append(step())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = {"step_s_median": statistics.median(times), "step_s_all": times, "losses": losses}
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, losses
+        out |= {"held_gib": held / GIB, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+                "activation_peak_gib": (torch.cuda.max_memory_allocated() - held) / GIB}
+    return out
 
 
-def bench_ours(shape: dict, seq: int, r: int, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-               grad_ckpt: bool) -> dict:
-    from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
+def _build_ours(cfg, device, dtype, qlora: bool):
+    from devstral.model.nf4 import NF4Linear
     from devstral.model.rope import Rotary
     from devstral.model.transformer import Transformer
-    from devstral.train.batching import Batch
-    from devstral.train.loss import summed_loss
 
-    cfg = model_config(shape)
-    _reset(device)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight in bf16: a 24B model in fp32 would not fit
+    torch.set_default_dtype(dtype)  # built straight in bf16
     try:
         with torch.device(device):
             model = Transformer(cfg)
     finally:
         torch.set_default_dtype(default)
     model.rotary = Rotary(cfg).to(device)
+    if qlora:  # as the trainer does: each layer linear to NF4 with double quantization
+        for block in model.model.layers:
+            for parent in (block.self_attn, block.mlp):
+                for name, m in list(parent.named_children()):
+                    if isinstance(m, torch.nn.Linear):
+                        setattr(parent, name, NF4Linear(m.weight.detach(), double_quant=True))
+                        del m
+        gc.collect()
+    return model
+
+
+def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps: int, *, qlora=False,
+               offload=False) -> dict:
+    from devstral.kernels.varlen_attention import Documents
+    from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
+    from devstral.train.batching import Batch
+    from devstral.train.loss import summed_loss
+
+    cfg = model_config(shape)
+    _reset(device)
+    model = _build_ours(cfg, device, dtype, qlora)
     inject_lora(model, parse_targets("all-linear"), r=r, alpha=r, seed=0)
-    model.gradient_checkpointing = grad_ckpt
+    model.gradient_checkpointing = True
+    if offload:
+        from devstral.train.offload import ActivationOffload
+
+        model.activation_offload = ActivationOffload(device)
     params = trainable_parameters(model)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(3, cfg.vocab_size, (1, seq), generator=g).to(device)
-    batch = Batch(tokens, tokens.clone(), torch.arange(seq, device=device)[None], None)
+    tokens = torch.randint(3, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    batch = Batch(tokens, tokens.clone(), torch.arange(seq, device=device)[None], None, Documents((seq,)))
     model.train()
 
     def step() -> float:
@@ -102,14 +134,38 @@ def bench_ours(shape: dict, seq: int, r: int, device: torch.device, dtype: torch
         opt.zero_grad(set_to_none=True)
         return float(loss.detach()) / n
 
-    step_s, losses = _timed_steps(step, device, warmup, steps)
-    out = {"tokens_per_s": seq / step_s, "step_s": step_s, "peak_mem_gib": _peak_gib(device),
-           "trainable_params": sum(p.numel() for p in params), "losses": losses}
+    out = timed(step, device, warmup, steps)
+    out |= {"tokens_per_s": seq / out["step_s_median"], "trainable_params": sum(p.numel() for p in params),
+            "layer_weight_gib": _module_gib(model.model.layers[0]) - _lora_gib(model.model.layers[0])}
     return out
 
 
-def bench_hf(shape: dict, seq: int, r: int, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-             grad_ckpt: bool) -> dict:
+def _module_gib(m: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / GIB
+
+
+def _lora_gib(m: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "lora_" in n) / GIB
+
+
+def _hf_to_4bit(model) -> None:
+    """Every decoder-layer nn.Linear to bitsandbytes' Linear4bit (NF4, double quantization, bf16 compute), as
+    from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...)) would."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, m in list(parent.named_children()):
+                if isinstance(m, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          compress_statistics=True, quant_type="nf4", device="meta")
+                    q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True).to(m.weight.device)
+                    setattr(parent, name, q)
+    gc.collect()
+
+
+def bench_hf(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps: int, *, qlora=False) -> dict:
     import peft
     import transformers
 
@@ -119,16 +175,16 @@ def bench_hf(shape: dict, seq: int, r: int, device: torch.device, dtype: torch.d
     _reset(device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.MistralForCausalLM._from_config(hf_cfg, torch_dtype=dtype, attn_implementation="sdpa")
+        model = transformers.MistralForCausalLM._from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+    if qlora:
+        _hf_to_4bit(model)
     lcfg = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lcfg)
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(3, cfg.vocab_size, (1, seq), generator=g).to(device)
+    tokens = torch.randint(3, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
     model.train()
 
     def step() -> float:
@@ -140,83 +196,167 @@ def bench_hf(shape: dict, seq: int, r: int, device: torch.device, dtype: torch.d
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    step_s, losses = _timed_steps(step, device, warmup, steps)
-    out = {"tokens_per_s": seq / step_s, "step_s": step_s, "peak_mem_gib": _peak_gib(device),
-           "trainable_params": sum(p.numel() for p in params), "losses": losses,
-           "versions": {"transformers": transformers.__version__, "peft": peft.__version__}}
+    out = timed(step, device, warmup, steps)
+    out |= {"tokens_per_s": seq / out["step_s_median"], "trainable_params": sum(p.numel() for p in params)}
+    return out
+
+
+def _guarded(fn, *args, **kwargs) -> dict:
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError as e:
+        return {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    except ImportError as e:
+        return {"error": f"not installed: {e}"}
+    except (RuntimeError, AttributeError, TypeError) as e:  # e.g. a bitsandbytes build without CUDA kernels
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+
+
+def flop_roofline(shape: dict, seq: int, device: torch.device) -> dict:
+    """FLOPs per trained token with frozen base weights and checkpointing: forward (2N), recomputed
+    forward (2N) and input gradients (2N), plus causal attention (3 passes of 2 x 2 x seq x dim / 2 per
+    layer, as forward+recompute+2x backward ~ 4 forward-equivalents: counted as 3 + backward's 2)."""
+    cfg = model_config(shape)
+    matmul = 6 * cfg.n_params
+    attention = (2 + 2 + 4) * cfg.n_layers * seq * cfg.n_heads * cfg.head_dim / 2
+    per_token = matmul + attention
+    out = {"flop_per_token": per_token, "assumed_peak_tflops": H200_BF16_TFLOPS}
+    if device.type == "cuda":
+        out["roofline_tokens_per_s"] = H200_BF16_TFLOPS * 1e12 / per_token
+    return out
+
+
+def longest_sequence(per_token_gib: float | None, layers_run: int, extra_per_layer_token_gib: float,
+                     weights_40_gib: float, total_gib: float) -> int | None:
+    """Tokens of one sequence whose activations fit beside the 40-layer weights. Each layer beyond the
+    ones run adds only its checkpointed input (nothing on the GPU when it is offloaded); the rest of the
+    measured per-token activation (one layer's recompute, the head) does not grow with layers."""
+    if not per_token_gib:
+        return None
+    return int((total_gib - weights_40_gib) / (per_token_gib + (40 - layers_run) * extra_per_layer_token_gib))
+
+
+def machine(device: torch.device) -> dict:
+    out = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / GIB, "sms": props.multi_processor_count,
+                "cuda": torch.version.cuda}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 40; same for both stacks)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT/finetune.json or "
+                                                           "benchmarks/results/finetune_<gpu>.json)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 of the 40)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per step (default 2048)")
+    ap.add_argument("--long-seq", type=int, default=16384, help="the long-sequence runs' length")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
-    ap.add_argument("--no-grad-checkpointing", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-qlora-hf", action="store_true")
+    ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU, a smoke test of this script")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    t_start = time.perf_counter()
     if args.quick:
         device, dtype, shape = torch.device("cpu"), torch.float32, dict(QUICK)
-        seq, steps, warmup = args.seq or 64, args.steps or 2, args.warmup or 1
+        seq, steps, warmup, long_seq = args.seq or 64, args.steps or 2, args.warmup or 1, 128
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA device (use --quick for the CPU smoke test)")
-        device, dtype, shape = torch.device("cuda"), torch.bfloat16, dict(SMALL)
-        seq, steps, warmup = args.seq or 2048, args.steps or 5, args.warmup or 2
+        device, dtype, shape = torch.device("cuda"), torch.bfloat16, dict(SMALL, n_layers=8)
+        seq, steps, warmup, long_seq = args.seq or 2048, args.steps or 5, args.warmup or 2, args.long_seq
     if args.layers:
         shape["n_layers"] = args.layers
-    ckpt = not args.no_grad_checkpointing
-    result: dict = {
-        "benchmark": "finetune_lora", "workload": {**shape, "seq_len": seq, "batch": 1, "lora_r": args.r,
-                                                    "target": "all-linear", "grad_checkpointing": ckpt,
-                                                    "dtype": str(dtype).removeprefix("torch."), "weights": "random",
-                                                    "timed_steps": steps, "warmup_steps": warmup},
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "quick": args.quick,
-    }
-    result["devstral"] = bench_ours(shape, seq, args.r, device, dtype, warmup, steps, ckpt)
-    _reset(device)  # the model went out of scope with bench_ours
-    print(f"devstral: {result['devstral']['tokens_per_s']:.0f} tok/s, peak {result['devstral']['peak_mem_gib']} GiB",
-          file=sys.stderr)
-    if not args.skip_hf:
+    out_path = args.out or (Path(os.environ["OUT"]) / "finetune.json" if os.environ.get("OUT") else
+                            Path(__file__).parent / "results" / f"finetune_{'cpu' if args.quick else 'gpu'}.json")
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "peft", "bitsandbytes", "triton"):
         try:
-            result["hf_peft"] = bench_hf(shape, seq, args.r, device, dtype, warmup, steps, ckpt)
-            print(f"hf+peft: {result['hf_peft']['tokens_per_s']:.0f} tok/s, peak {result['hf_peft']['peak_mem_gib']} GiB",
-                  file=sys.stderr)
-            result["speedup_vs_hf"] = result["devstral"]["tokens_per_s"] / result["hf_peft"]["tokens_per_s"]
-        except torch.OutOfMemoryError as e:
-            result["hf_peft"] = {"error": f"out of memory: {e}".splitlines()[0]}
-    result["roofline"] = flop_roofline(shape, seq, result["devstral"]["tokens_per_s"], device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("devstral", "hf_peft")}), file=sys.stderr)
-    return 0
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    result: dict = {
+        "benchmark": "finetune_lora_qlora",
+        "workload": {**shape, "full_model_layers": 40, "seq_len": seq, "batch": 1, "lora_r": args.r,
+                     "target": "all-linear", "grad_checkpointing": True, "dtype": str(dtype).removeprefix("torch."),
+                     "weights": "random", "timed_steps": steps, "warmup_steps": warmup,
+                     "note": f"{shape['n_layers']} of Devstral-Small's 40 layers at its full width; "
+                             "activation memory = peak minus the memory held before the step"},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": machine(device), "versions": versions, "quick": args.quick,
+    }
+    runs = result["runs"] = {}
 
+    def run(name, fn, *a, **kw):
+        runs[name] = _guarded(fn, *a, **kw)
+        _reset(device)
+        r = runs[name]
+        print(f"{name}: " + (r["error"] if "error" in r else
+                             f"{r['tokens_per_s']:.0f} tok/s, activations {r.get('activation_peak_gib', 0):.2f} GiB"),
+              file=sys.stderr)
 
-# Dense bf16 matmul rate of an H100 SXM measured in this workplace (8192^3 product, KINDS.md: 769-798).
-H100_BF16_TFLOPS = 790.0
+    run("devstral_lora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps)
+    if not args.skip_hf:
+        run("hf_peft_lora", bench_hf, shape, seq, args.r, device, dtype, warmup, steps)
+    run("devstral_qlora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps, qlora=True)
+    if not args.skip_hf and not args.skip_qlora_hf and device.type == "cuda":
+        run("hf_peft_qlora", bench_hf, shape, seq, args.r, device, dtype, warmup, steps, qlora=True)
+    if not args.skip_long:
+        run("devstral_lora_long_offload", bench_ours, shape, long_seq, args.r, device, dtype, 1, 2, offload=True)
+        if not args.skip_hf:
+            run("hf_peft_lora_long", bench_hf, shape, long_seq, args.r, device, dtype, 1, 2)
 
+    summary = result["summary"] = {}
 
-def flop_roofline(shape: dict, seq: int, tokens_per_s: float, device: torch.device) -> dict:
-    """FLOPs per trained token with frozen base weights and checkpointing: forward (2N), recomputed
-    forward (2N) and input gradients (2N), plus causal attention (~ 3 x 2 x 2 x layers x seq x dim / 2)."""
-    cfg = model_config(shape)
-    matmul = 6 * cfg.n_params
-    attention = 3 * 2 * 2 * cfg.n_layers * seq * cfg.n_heads * cfg.head_dim / 2
-    per_token = matmul + attention
-    out = {"flop_per_token": per_token, "assumed_peak_tflops": H100_BF16_TFLOPS}
+    def ratio(a, b, key):
+        ra, rb = runs.get(a, {}), runs.get(b, {})
+        if key in ra and key in rb and rb[key]:
+            return ra[key] / rb[key]
+        return None
+
+    summary["lora_speedup_vs_peft"] = ratio("devstral_lora", "hf_peft_lora", "tokens_per_s")
+    summary["lora_activation_vs_peft"] = ratio("devstral_lora", "hf_peft_lora", "activation_peak_gib")
+    summary["qlora_speed_vs_our_lora"] = ratio("devstral_qlora", "devstral_lora", "tokens_per_s")
+    summary["qlora_speedup_vs_peft_qlora"] = ratio("devstral_qlora", "hf_peft_qlora", "tokens_per_s")
+    summary["qlora_activation_vs_peft_qlora"] = ratio("devstral_qlora", "hf_peft_qlora", "activation_peak_gib")
+    q = runs.get("devstral_qlora", {})
+    layers = shape["n_layers"]
+    if "peak_gib" in q:  # the 40-layer QLoRA peak: this run's peak plus the other layers' NF4 weights
+        summary["qlora_40_layer_peak_gib_extrapolated"] = q["peak_gib"] + (40 - layers) * q["layer_weight_gib"]
     if device.type == "cuda":
-        limit = H100_BF16_TFLOPS * 1e12 / per_token
-        out |= {"roofline_tokens_per_s": limit, "fraction_of_roofline": tokens_per_s / limit}
-    return out
+        total = torch.cuda.get_device_properties(0).total_memory / GIB
+        lora = runs.get("devstral_lora", {})
+        weights_40 = (lora.get("held_gib", 0) + (40 - layers) * lora.get("layer_weight_gib", 0)) if lora else 0
+        layer_input = shape["dim"] * 2 / GIB  # bf16 bytes per token of one checkpointed layer input
+        for name, key, extra in (("devstral_lora_long_offload", "longest_seq_ours_40_layers", 0.0),
+                                 ("hf_peft_lora_long", "longest_seq_peft_40_layers", layer_input)):
+            r = runs.get(name, {})
+            per_token = r.get("activation_peak_gib", 0) / long_seq if "activation_peak_gib" in r else None
+            summary[key] = longest_sequence(per_token, layers, extra, weights_40, total)
+        # offloaded inputs live in pinned host memory: 40 layers x dim x 2 bytes per token
+        summary["offload_host_gib_per_1k_tokens_40_layers"] = 40 * layer_input * 1024
+        if summary.get("longest_seq_ours_40_layers") and summary.get("longest_seq_peft_40_layers"):
+            summary["longest_seq_ratio"] = summary["longest_seq_ours_40_layers"] / summary["longest_seq_peft_40_layers"]
+    roof = flop_roofline(shape, seq, device)
+    result["roofline"] = roof
+    if "roofline_tokens_per_s" in roof:
+        for name in ("devstral_lora", "hf_peft_lora"):
+            if "tokens_per_s" in runs.get(name, {}):
+                summary[f"{name}_fraction_of_flop_roofline"] = runs[name]["tokens_per_s"] / roof["roofline_tokens_per_s"]
+    result["wall_s"] = time.perf_counter() - t_start
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_path)
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+    print(f"wrote {out_path} in {result['wall_s']:.0f} s", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ def test_oom_message_suggests_the_memory_savers():
 
     msg = _oom_message(TrainConfig(model="m", data="d", output="o", max_seq_len=4096), step=0)
     assert "--qlora" in msg and "--max-seq-len (now 4096)" in msg and "--grad-checkpointing" in msg
+    assert "--offload-activations" in msg
 
 
 def test_gguf_export_of_the_merged_model_loads(tiny_hf, tmp_path):

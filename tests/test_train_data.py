@@ -129,14 +129,14 @@ def test_packed_rows_equal_separate_sequences(tiny_hf, tok, tmp_path):
     packed_total, packed_n = 0.0, 0
     for mb in batches:
         b = collate(examples, mb, plan)
-        assert b.attn_mask is not None
+        assert b.attn_mask is None and len(b.documents.lengths) >= len(mb)  # varlen: no [T, T] mask
         loss, n = summed_loss(net, b)
         packed_total, packed_n = packed_total + float(loss), packed_n + n
     single = BatchPlan(batch_size=1, max_seq_len=64)
     sep_total, sep_n = 0.0, 0
     for i in range(5):
         b = collate(examples, [[i]], single)
-        assert b.attn_mask is None and b.positions[0, 0] == 0
+        assert b.documents.lengths == (b.tokens.shape[1],) and b.positions[0, 0] == 0
         loss, n = summed_loss(net, b)
         sep_total, sep_n = sep_total + float(loss), sep_n + n
     assert packed_n == sep_n

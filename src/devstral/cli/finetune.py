@@ -52,6 +52,9 @@ def finetune(
     train_on: str = typer.Option(None, "--train-on", help="all-assistant (default) or last-assistant."),
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute activations in backward to save memory."),
+    offload_activations: bool = typer.Option(None, "--offload-activations/--no-offload-activations",
+                                             help="Keep the checkpointed layer inputs in pinned CPU memory (async "
+                                                  "copies) for long sequences; implies --grad-checkpointing."),
     max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default 1; 0 = off)."),
     seed: int = typer.Option(None, "--seed", help="Seed for data order, LoRA init and dropout (default 0)."),
     save_every: int = typer.Option(None, "--save-every", help="Write a resumable checkpoint every N steps."),

@@ -32,5 +32,14 @@ def use_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     if t.requires_grad and torch.is_grad_enabled():
-        return False  # the inference kernels have no backward; training takes the reference path
+        return False  # the inference kernels have no backward; training takes use_triton_training()
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton_training(*tensors: torch.Tensor) -> bool:
+    """Run the training kernel (Triton forward + hand-written backward, `*_autograd.py`) instead of the
+    reference's autograd? When a gradient will flow through any of the tensors, on the devices
+    `use_triton` runs kernels for."""
+    if not triton_available() or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return False
+    return tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from devstral.kernels import use_triton
+from devstral.kernels import use_triton, use_triton_training
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,6 +23,12 @@ def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton_training(x, weight):
+        from devstral.kernels import rms_norm_autograd as train
+
+        if train.supported(x):
+            return train.rms_norm_autograd(x, weight, eps)
+        return rms_norm_ref(x, weight, eps)
     if use_triton(x):
         from devstral.kernels.rms_norm_triton import rms_norm_triton
 
@@ -32,6 +38,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton_training(x, delta, weight):
+        from devstral.kernels import rms_norm_autograd as train
+
+        if train.supported(x) and delta.shape == x.shape:
+            return train.add_rms_norm_autograd(x, delta, weight, eps)
+        return add_rms_norm_ref(x, delta, weight, eps)
     if use_triton(x):
         from devstral.kernels.rms_norm_triton import add_rms_norm_triton
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from devstral.kernels import use_triton
+from devstral.kernels import use_triton, use_triton_training
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,12 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton_training(q, k):
+        from devstral.kernels import rope_autograd as train
+
+        if train.supported(q, k):
+            return train.apply_rope_autograd(q, k, cos, sin, q_scale)
+        return apply_rope_ref(q, k, cos, sin, q_scale)
     if use_triton(q):
         from devstral.kernels.rope_triton import apply_rope_triton
 

@@ -13,6 +13,7 @@ says it beats cuBLAS) and the plain-PyTorch reference everywhere else.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -25,6 +26,7 @@ from devstral.kernels.gemv import linear, run_linear
 from devstral.kernels.rms_norm import add_rms_norm, rms_norm
 from devstral.kernels.rope import apply_rope
 from devstral.kernels.silu_mul import silu_mul
+from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 
@@ -71,6 +73,7 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.window = cfg.sliding_window
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -97,6 +100,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin, q_scale)
         if cache is not None:
             out = cache.attend(self.layer, q, k, v)
+        elif isinstance(mask, Documents):  # training rows: each packed document attends only to itself
+            out = varlen_attention(q, k, v, mask, self.window)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, enable_gqa=True).transpose(1, 2)
@@ -161,12 +166,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        self.activation_offload = None  # train/offload.py: checkpointed layer inputs kept in CPU memory
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                       cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
-                      inject: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      inject: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      documents: Documents | None = None) -> torch.Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, dim].
 
         `positions` [B, T] default to 0..T-1. Without a cache the attention is causal (and windowed)
@@ -174,6 +181,8 @@ class Transformer(nn.Module):
         examples apart. With a cache, the cache knows each token's sequence and masks accordingly.
         `inject` (rows [M] into the flattened B*T tokens, embeddings [M, dim]) replaces those tokens'
         embeddings: the image features of [IMG] tokens (model/vision.py).
+        `documents` (training, no cache): the lengths of the examples packed into the rows; each
+        attends causally to itself only, with no [T, T] mask (kernels/varlen_attention.py).
         """
         B, T = tokens.shape
         if positions is None:
@@ -184,10 +193,18 @@ class Transformer(nn.Module):
             x = x.reshape(B * T, -1).index_copy(0, rows, values.to(x.dtype)).view(B, T, -1)
         cos, sin = self.rotary(positions, x.dtype)
         q_scale = self.rotary.query_scale(positions)
-        mask = None if cache is not None else self._mask(positions, attn_mask)
+        if documents is not None and cache is None and attn_mask is None:
+            documents.check(B, T)
+            mask = documents
+        else:
+            mask = None if cache is not None else self._mask(positions, attn_mask)
+        offload = self.activation_offload if self.gradient_checkpointing and self.training else None
+        if offload is not None:
+            offload.begin()
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
+                with offload.saving(x) if offload is not None else nullcontext():
+                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)

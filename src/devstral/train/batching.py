@@ -3,7 +3,8 @@
 Three layouts:
 - padded: `batch_size` examples per micro-batch, right-padded to the longest (plain causal attention);
 - packed (`--packing`): examples laid end to end in rows of `max_seq_len`, `batch_size` rows per
-  micro-batch, each example with its own positions 0.. and a block-diagonal causal mask;
+  micro-batch, each example with its own positions 0.. and attending only to itself (the document
+  lengths go to the model's varlen attention: no [T, T] mask);
 - token budget (`--batch-tokens T`): one packed row of at most T tokens per micro-batch (padding-free).
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from devstral.kernels.varlen_attention import Documents
 from devstral.train.data import IGNORE, Example
 
 
@@ -21,7 +23,8 @@ class Batch:
     tokens: torch.Tensor  # [B, T] long
     labels: torch.Tensor  # [B, T] long, IGNORE where not learned
     positions: torch.Tensor  # [B, T] long
-    attn_mask: torch.Tensor | None  # [B, 1, T, T] bool, only for packed rows
+    attn_mask: torch.Tensor | None = None  # [B, 1, T, T] bool: a caller's own mask (collate sets documents)
+    documents: Documents | None = None  # lengths of the examples in each row (padding: one more)
 
     @property
     def n_label_tokens(self) -> int:
@@ -34,7 +37,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         mask = self.attn_mask.to(device, non_blocking=True) if self.attn_mask is not None else None
         return Batch(self.tokens.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.positions.to(device, non_blocking=True), mask)
+                     self.positions.to(device, non_blocking=True), mask, self.documents)
 
 
 @dataclass(frozen=True)
@@ -81,20 +84,22 @@ def collate(examples: list[Example], rows: list[list[int]], plan: BatchPlan) -> 
     tokens = torch.full((B, width), plan.pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE, dtype=torch.long)
     positions = torch.zeros((B, width), dtype=torch.long)
-    segments = torch.full((B, width), -1, dtype=torch.long)
+    lengths: list[int] = []
     for b, row in enumerate(rows):
         at = 0
-        for seg, i in enumerate(row):
+        for i in row:
             ex = examples[i]
             n = len(ex.ids)
             tokens[b, at:at + n] = torch.tensor(ex.ids)
             labels[b, at:at + n] = torch.tensor(ex.labels)
             positions[b, at:at + n] = torch.arange(n)
-            segments[b, at:at + n] = seg
+            lengths.append(n)
             at += n
         # Padding continues the last positions; it is never learned and never attended to by real tokens.
         positions[b, at:] = torch.arange(width - at) + (positions[b, at - 1] + 1 if at else 0)
-    mask = None
-    if packed and any(len(row) > 1 for row in rows):
-        mask = (segments[:, :, None] == segments[:, None, :])[:, None]
-    return Batch(tokens, labels, positions, mask)
+        if at < width:
+            if packed or at == 0:
+                lengths.append(width - at)  # padding of a packed row: a document of its own
+            else:
+                lengths[-1] += width - at  # one example per row: the padding follows it causally
+    return Batch(tokens, labels, positions, None, Documents(tuple(lengths)))

@@ -44,6 +44,7 @@ class TrainConfig:
     drop_long: bool = False
     train_on: str = "all-assistant"
     grad_checkpointing: bool = False
+    offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory (implies checkpointing)
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0
@@ -99,6 +100,8 @@ class TrainConfig:
                                     f"({self.max_seq_len})")
         if self.save_every < 0 or self.eval_every < 0:
             raise DevstralError("--save-every and --eval-every must be >= 0")
+        if self.offload_activations:  # what it offloads are the checkpoints
+            self.grad_checkpointing = True
         if self.ollama and not self.gguf:
             self.gguf = "Q8_0"
         if self.threads is not None and self.threads <= 0:

@@ -22,7 +22,7 @@ CHUNK = 1024
 
 def summed_loss(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     """(sum of token losses as a scalar tensor, number of learned tokens)."""
-    h = model.hidden_states(batch.tokens, batch.positions, attn_mask=batch.attn_mask)
+    h = model.hidden_states(batch.tokens, batch.positions, attn_mask=batch.attn_mask, documents=batch.documents)
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
     h = h[:, :-1][keep]

@@ -85,6 +85,8 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
     hints.append(f"a smaller --max-seq-len (now {cfg.max_seq_len})")
     if not cfg.grad_checkpointing:
         hints.append("--grad-checkpointing")
+    if not cfg.offload_activations:
+        hints.append("--offload-activations (layer inputs in CPU memory)")
     if cfg.batch_tokens:
         hints.append(f"a smaller --batch-tokens (now {cfg.batch_tokens})")
     elif cfg.batch_size > 1:
@@ -227,6 +229,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                     dtype=torch.float32, seed=cfg.seed)
         params = trainable_parameters(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.offload_activations:
+        from devstral.train.offload import ActivationOffload
+
+        model.activation_offload = ActivationOffload(device)
     for p in params:
         p.requires_grad_(True)
 
