@@ -26,6 +26,7 @@ from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
 from devstral.kernels import triton_available
+from devstral.model.moe import graph_safe
 from devstral.model.transformer import Transformer
 
 log = logging.getLogger("devstral.engine")
@@ -109,9 +110,9 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         self.broadcast: Callable[[StepInputs], None] | None = None  # set on rank 0 under tensor parallelism
         # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
-        # MoE routing sizes its gathers from the data, which a captured graph cannot replay: eager until the
-        # grouped expert GEMM lands
-        if cuda_graphs and self.device.type == "cuda" and triton_available() and not cfg.n_experts:
+        # A MoE layer is capturable once fuse() stacked its experts for the routed-expert kernels (no host
+        # sync); on the reference path its gathers are sized on the host, so the model runs eagerly
+        if cuda_graphs and self.device.type == "cuda" and triton_available() and graph_safe(model):
             self.capture(graph_buckets(max_num_seqs))
 
     def capture(self, buckets: list[int]) -> None:

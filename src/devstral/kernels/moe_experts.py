@@ -1,0 +1,164 @@
+"""A MoE layer's experts stacked per projection, and the two ways to run them on the GPU.
+
+`ExpertStack` holds gate (w1), up (w3) and down (w2) of all E experts as one weight each: bf16
+[E, N, K], or a GGUF planar weight of E * N rows (the rows of a llama.cpp `ffn_*_exps` tensor, in
+the same order). Each expert's own module keeps working on a view of it (model/moe.py rebinds them),
+so stacking costs no memory.
+
+* Decode and small batches (`decode`): two launches of moe_gemv.expert_gemv -- gate+up with SwiGLU
+  applied, then down times the router weight -- over every (token, slot) pair, plus a sum over the
+  k slots. Sizes come from shapes only and the expert ids stay on the device: CUDA-graph safe.
+* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order. bf16
+  runs torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts,
+  group boundaries read on the device). GGUF runs each expert's contiguous slice through the dense
+  quantized linear (gguf_linear: tensor-core tile GEMM or dequantize + cuBLAS, picked by size) after
+  one host read of the group sizes: at prefill sizes every expert sees hundreds of tokens, which is
+  where those kernels already run near the matmul peak; the fallback's cost is that one sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
+
+DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
+
+
+class PackedRows:
+    """Rows r0..r1 of a stacked planar weight, readable wherever a PackedGGUF is (the quantized
+    kernels read qtype, n, k and the field arrays). `source` returns the current stack, so the view
+    follows the stack when the module moves."""
+
+    def __init__(self, source, r0: int, r1: int):
+        self.source, self.r0, self.r1 = source, r0, r1
+        stack = source()
+        self.qtype, self.k, self.n = stack.qtype, stack.k, r1 - r0
+        self.fmt = FORMATS[self.qtype]
+
+    @property
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {name: a[self.r0:self.r1] for name, a in self.source().arrays.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source()[name][self.r0:self.r1]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        a = self.source().get(name)
+        return None if a is None else a[self.r0:self.r1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.source().device
+
+    def nbytes(self) -> int:
+        return 0  # the stack owns the bytes
+
+    def rebind(self, buf: torch.Tensor) -> PackedRows:
+        return self
+
+
+def stack_packed(parts: list) -> PackedGGUF:
+    """One planar weight of sum(n) rows from per-expert planar weights of one type and K."""
+    first = parts[0]
+    out = PackedGGUF.empty(first.qtype, sum(p.n for p in parts), first.k, first.device)
+    row = 0
+    for p in parts:
+        for name in out.arrays:
+            out[name][row:row + p.n].copy_(p[name])
+        row += p.n
+    return out
+
+
+class ExpertStack:
+    """gate/up/down of E experts; `gate`, `up`, `down` are [E, N, K] tensors or PackedGGUF of E * N rows."""
+
+    def __init__(self, gate, up, down, n_experts: int, hidden: int, dim: int):
+        self.gate, self.up, self.down = gate, up, down
+        self.n_experts, self.hidden, self.dim = n_experts, hidden, dim
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate, PackedGGUF)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], experts/weights [T, k] -> the weighted expert mix [T, D] in x's dtype."""
+        if experts.numel() <= DECODE_MAX_PAIRS or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.decode(x, experts, weights)
+        return self.prefill(x, experts, weights)
+
+    def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels.moe_gemv import expert_gemv
+        from devstral.kernels.silu_mul import silu_mul
+
+        t, k = experts.shape
+        pairs = t * k
+        ids = experts.reshape(-1).to(torch.int32)
+        # programs run in slot order: pairs of one expert side by side share its weight tiles in L2
+        slots = (torch.arange(pairs, device=x.device, dtype=torch.int32) if t == 1
+                 else torch.argsort(ids, stable=True).to(torch.int32))
+        x = x.contiguous()
+        sms = _sms(x.device)
+        h = torch.empty(pairs, self.hidden, dtype=x.dtype, device=x.device)
+        if self.quantized and self.gate.qtype != self.up.qtype:  # one type per launch: gate, up apart
+            g, u = torch.empty_like(h), torch.empty_like(h)
+            expert_gemv(x, self.gate, None, g, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
+            expert_gemv(x, self.up, None, u, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
+            h = silu_mul(g, u)
+        else:
+            expert_gemv(x, self.gate, self.up, h, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
+        y = torch.empty(pairs, self.dim, dtype=torch.float32, device=x.device)
+        expert_gemv(h, self.down, None, y, slots, ids, n=self.dim, top_k=k, x_per_pair=True,
+                    scale=weights.reshape(-1).float().contiguous(), sms=sms)
+        return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
+
+    def prefill(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels.silu_mul import silu_mul
+
+        t, k = experts.shape
+        ids = experts.reshape(-1)
+        order = torch.argsort(ids, stable=True)
+        xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
+        counts = torch.bincount(ids, minlength=self.n_experts)
+        if not self.quantized and _grouped_mm_ok(x, self.gate):
+            offs = counts.cumsum(0).to(torch.int32)
+            g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)
+            u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(silu_mul(g, u), self.down.transpose(1, 2), offs=offs)
+        else:
+            ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
+            start = 0
+            for e, c in enumerate(counts.tolist()):  # the one host sync of this path
+                if c:
+                    xe = xs[start:start + c]
+                    h = silu_mul(self._linear(xe, self.gate, e, self.hidden), self._linear(xe, self.up, e, self.hidden))
+                    ys[start:start + c] = self._linear(h, self.down, e, self.dim)
+                start += c
+        y = torch.empty(t * k, self.dim, dtype=torch.float32, device=x.device)
+        y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
+        return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w, e: int, n: int) -> torch.Tensor:
+        if isinstance(w, PackedGGUF):
+            from devstral.kernels.gguf_linear import linear
+
+            return linear(x, PackedRows(lambda: w, e * n, (e + 1) * n))
+        return x @ w[e].t()
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM: bf16, 16-byte-aligned rows; on CUDA it needs Hopper or newer."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return False
+    if x.shape[1] % 8 or w.shape[1] % 8:
+        return False
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: widest tiles, fewest programs
+    from devstral.kernels.gguf_config import sm_count
+
+    return sm_count(device)
