@@ -68,7 +68,7 @@ def _gguf_case(mix, g):
 
 def _run_cases(out_path: str) -> None:
     from devstral.kernels import moe_gemv
-    from devstral.kernels.moe_experts import ExpertStack
+    from devstral.kernels.moe_experts import ExpertStack, stack_packed
 
     g = torch.Generator().manual_seed(0)
     res = {}
@@ -97,6 +97,21 @@ def _run_cases(out_path: str) -> None:
                 moe_gemv.expert_gemv(h, stack.down, None, y, slots, ids, n=dim, top_k=TOP_K, x_per_pair=True,
                                      scale=weights.reshape(-1).float(), sms=132)
                 res[(mix, "narrow")] = (y.sum(0, keepdim=True), moe(x))
+        # a narrow tile over a long row: more sub-blocks per iteration, the last iteration masked
+        from devstral.kernels.gguf_pack import pack
+        from devstral.quant import dequantize
+        from test_kernels_gguf_interpret import random_blocks
+
+        n, k = 24, 768
+        raws = [random_blocks(QType.Q6_K, n, k, g) for _ in range(E)]
+        stack = stack_packed([pack(r, QType.Q6_K, n, k) for r in raws])
+        x = torch.randn(3, k, generator=g)
+        ids = torch.tensor([2, 0, 2], dtype=torch.int32)
+        scale = torch.rand(3, generator=g)
+        y = moe_gemv.expert_gemv(x, stack, None, torch.empty(3, n), torch.tensor([1, 0, 2], dtype=torch.int32), ids,
+                                 n=n, top_k=1, x_per_pair=True, scale=scale, sms=132)
+        ref = torch.stack([x[p] @ dequantize(raws[e], QType.Q6_K, (n, k)).T * scale[p] for p, e in enumerate(ids)])
+        res["narrow_long_rows"] = (y, ref)
         # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
         dim, hidden = 72, 40
         lin = {name: [torch.nn.Linear(*((dim, hidden) if name != "w2" else (hidden, dim)), bias=False)
@@ -147,6 +162,11 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
     got, ref = results[(mix, tokens)]
     assert got.shape == ref.shape
     assert _rel(got, ref) < 1e-5  # fp32 throughout: only the summation order differs
+
+
+def test_narrow_tiles_take_more_of_each_row(results):
+    got, ref = results["narrow_long_rows"]
+    assert _rel(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

@@ -26,6 +26,7 @@ from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
 from devstral.kernels import triton_available
+from devstral.kernels.moe_experts import routed_only
 from devstral.model.moe import graph_safe
 from devstral.model.transformer import Transformer
 
@@ -117,7 +118,7 @@ class ModelRunner:
 
     def capture(self, buckets: list[int]) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), routed_only():  # MoE layers: the graph-safe path at every bucket
                 self.graphs = _DecodeGraphs(self, buckets)
         except torch.OutOfMemoryError:
             self.graphs = None

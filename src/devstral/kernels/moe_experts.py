@@ -18,11 +18,26 @@ so stacking costs no memory.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
 
 DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
+_routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
+
+
+@contextlib.contextmanager
+def routed_only():
+    """Every MoE layer takes the routed GEMV, whatever the batch: the engine wraps its graph warm-up and
+    capture in this, so the kernels a graph replays are the ones compiled before it was captured."""
+    global _routed_only
+    _routed_only += 1
+    try:
+        yield
+    finally:
+        _routed_only -= 1
 
 
 class PackedRows:
@@ -83,7 +98,7 @@ class ExpertStack:
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], experts/weights [T, k] -> the weighted expert mix [T, D] in x's dtype."""
-        if experts.numel() <= DECODE_MAX_PAIRS or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if experts.numel() <= DECODE_MAX_PAIRS or _routed_only or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self.decode(x, experts, weights)
         return self.prefill(x, experts, weights)
 

@@ -146,8 +146,12 @@ def expert_gemv(x: torch.Tensor, a, b, out: torch.Tensor, slots: torch.Tensor, i
     if isinstance(a, PackedGGUF) or not isinstance(a, torch.Tensor):
         qt = qt_code(a.qtype)
         sb, wps, e = GEOMETRY[qt]
-        ns = 16 if qt == 2 else 8  # 256 weights of a row per iteration, as the dense GEMV
         bn = _block_rows(n, pairs, sms, 64)
+        # 256 weights of a row per iteration, as the dense GEMV; narrow tiles take more of each row so
+        # that a program still loads 16 bytes per thread per row (512 words for 4 warps)
+        ns = 16 if qt == 2 else 8
+        while bn * ns * wps < 512 and (2 * ns) * sb <= k:
+            ns *= 2
         a_fields, a_strides = field_args(a)
         b_fields, b_strides = field_args(b) if glu else (a_fields, a_strides)
         _gguf_experts_kernel[(pairs, triton.cdiv(n, bn))](
