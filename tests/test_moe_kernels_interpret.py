@@ -87,16 +87,10 @@ def _run_cases(out_path: str) -> None:
             # CPU, tiles are the widest (BN 64: masked rows at these sizes)
             x = torch.randn(1, dim, generator=g)
             _, experts, weights = moe.route(x)
-            ids = experts.reshape(-1).to(torch.int32)
-            slots = torch.arange(TOP_K, dtype=torch.int32)
-            y = torch.empty(TOP_K, dim)
-            h = torch.empty(TOP_K, stack.hidden)
-            if stack.gate.qtype == stack.up.qtype:
-                moe_gemv.expert_gemv(x, stack.gate, stack.up, h, slots, ids, n=stack.hidden, top_k=TOP_K,
-                                     x_per_pair=False, sms=132)
-                moe_gemv.expert_gemv(h, stack.down, None, y, slots, ids, n=dim, top_k=TOP_K, x_per_pair=True,
-                                     scale=weights.reshape(-1).float(), sms=132)
-                res[(mix, "narrow")] = (y.sum(0, keepdim=True), moe(x))
+            h = moe_gemv.gate_up(x, stack.gate, stack.up, torch.empty(TOP_K, stack.hidden), experts, n=stack.hidden,
+                                 top_k=TOP_K, sms=132)
+            y = moe_gemv.down(h, stack.down, torch.empty(1, dim), experts, weights, n=dim, top_k=TOP_K, sms=132)
+            res[(mix, "narrow")] = (y, moe(x))
         # a narrow tile over a long row: more sub-blocks per iteration, the last iteration masked
         from devstral.kernels.gguf_pack import pack
         from devstral.quant import dequantize
@@ -105,12 +99,12 @@ def _run_cases(out_path: str) -> None:
         n, k = 24, 768
         raws = [random_blocks(QType.Q6_K, n, k, g) for _ in range(E)]
         stack = stack_packed([pack(r, QType.Q6_K, n, k) for r in raws])
-        x = torch.randn(3, k, generator=g)
-        ids = torch.tensor([2, 0, 2], dtype=torch.int32)
-        scale = torch.rand(3, generator=g)
-        y = moe_gemv.expert_gemv(x, stack, None, torch.empty(3, n), torch.tensor([1, 0, 2], dtype=torch.int32), ids,
-                                 n=n, top_k=1, x_per_pair=True, scale=scale, sms=132)
-        ref = torch.stack([x[p] @ dequantize(raws[e], QType.Q6_K, (n, k)).T * scale[p] for p, e in enumerate(ids)])
+        h = torch.randn(4, k, generator=g)  # two tokens, top 2 each: pairs (0, 1) and (2, 3)
+        ids = torch.tensor([[2, 0], [2, 3]])
+        w = torch.rand(2, 2, generator=g)
+        y = moe_gemv.down(h, stack, torch.empty(2, n), ids, w, n=n, top_k=2, sms=132)
+        deq = [dequantize(r, QType.Q6_K, (n, k)) for r in raws]
+        ref = torch.stack([sum(w[t, j] * (h[2 * t + j] @ deq[ids[t, j]].T) for j in range(2)) for t in range(2)])
         res["narrow_long_rows"] = (y, ref)
         # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
         dim, hidden = 72, 40

@@ -5,9 +5,9 @@
 the same order). Each expert's own module keeps working on a view of it (model/moe.py rebinds them),
 so stacking costs no memory.
 
-* Decode and small batches (`decode`): two launches of moe_gemv.expert_gemv -- gate+up with SwiGLU
-  applied, then down times the router weight -- over every (token, slot) pair, plus a sum over the
-  k slots. Sizes come from shapes only and the expert ids stay on the device: CUDA-graph safe.
+* Decode and small batches (`decode`): two launches (moe_gemv.py) -- gate+up with SwiGLU applied per
+  (token, slot) pair, then down mixing each token's k pairs with the router weights. Sizes come from
+  shapes only and the expert ids stay on the device: CUDA-graph safe.
 * Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order. bf16
   runs torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts,
   group boundaries read on the device). GGUF runs each expert's contiguous slice through the dense
@@ -103,29 +103,23 @@ class ExpertStack:
         return self.prefill(x, experts, weights)
 
     def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from devstral.kernels.moe_gemv import expert_gemv
+        from devstral.kernels import moe_gemv
         from devstral.kernels.silu_mul import silu_mul
 
         t, k = experts.shape
-        pairs = t * k
-        ids = experts.reshape(-1).to(torch.int32)
-        # programs run in slot order: pairs of one expert side by side share its weight tiles in L2
-        slots = (torch.arange(pairs, device=x.device, dtype=torch.int32) if t == 1
-                 else torch.argsort(ids, stable=True).to(torch.int32))
+        ids, weights = experts.contiguous(), weights.contiguous()
         x = x.contiguous()
         sms = _sms(x.device)
-        h = torch.empty(pairs, self.hidden, dtype=x.dtype, device=x.device)
+        h = torch.empty(t * k, self.hidden, dtype=x.dtype, device=x.device)
         if self.quantized and self.gate.qtype != self.up.qtype:  # one type per launch: gate, up apart
             g, u = torch.empty_like(h), torch.empty_like(h)
-            expert_gemv(x, self.gate, None, g, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
-            expert_gemv(x, self.up, None, u, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
+            moe_gemv.gate_up(x, self.gate, None, g, ids, n=self.hidden, top_k=k, sms=sms)
+            moe_gemv.gate_up(x, self.up, None, u, ids, n=self.hidden, top_k=k, sms=sms)
             h = silu_mul(g, u)
         else:
-            expert_gemv(x, self.gate, self.up, h, slots, ids, n=self.hidden, top_k=k, x_per_pair=False, sms=sms)
-        y = torch.empty(pairs, self.dim, dtype=torch.float32, device=x.device)
-        expert_gemv(h, self.down, None, y, slots, ids, n=self.dim, top_k=k, x_per_pair=True,
-                    scale=weights.reshape(-1).float().contiguous(), sms=sms)
-        return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
+            moe_gemv.gate_up(x, self.gate, self.up, h, ids, n=self.hidden, top_k=k, sms=sms)
+        out = torch.empty(t, self.dim, dtype=x.dtype, device=x.device)
+        return moe_gemv.down(h, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms)
 
     def prefill(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from devstral.kernels.silu_mul import silu_mul

@@ -4,14 +4,15 @@ projection, reading only the selected experts' rows. No loop over experts on the
 
 Weights are the experts of one projection stacked along rows, [E * N, K]: bf16, or GGUF Q4_K / Q5_K /
 Q6_K / Q8_0 in the planar layout (gguf_pack.py), decoded with the dense GEMV's helpers (gguf_decode.py,
-gguf_gemv.py): two integer ops and one FMA per weight. A program owns BN output rows of one pair:
+gguf_gemv.py): two integer ops and one FMA per weight. Two launches per layer:
 
-  GLU    out[p] = silu(A_e x) * (B_e x)   the gate and up projections of expert e, SwiGLU applied
-  plain  out[p] = (A_e x) * scale[p]      the down projection, times the pair's router weight
+  gate_up  program (pair p, row tile): h[p] = silu(G_e x_t) * (U_e x_t), e = ids[p], t = p // top_k
+           (without U: G_e x_t alone, for gate and up of different types)
+  down     program (token t, row tile): out[t] = sum over its k pairs of w[p] * (D_e h[p]), in x's dtype
 
-Grid: (pair slot, row tile), pair slots fastest. The host orders the slots by expert, so the programs
-in flight at one time read the same expert's rows: a weight tile fetched for one token serves the
-others routed there from L2.
+Grid: (pair or token, row tile), the first axis fastest: the programs in flight at one time all work
+on one row tile, so an expert's tile fetched for one token serves the other tokens routed there from
+L2 (no sort needed). Expert ids and router weights are read as `topk` returned them (int64, fp32).
 """
 
 from __future__ import annotations
@@ -50,46 +51,47 @@ def _gguf_rows_dot(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, x0,
 
 
 @triton.jit
-def _pair(slot_ptr, ids_ptr, x_ptr, s_xm, TOPK: tl.constexpr, X_PER_PAIR: tl.constexpr):
-    """The pair this program serves, its expert and its activation row."""
-    p = tl.load(slot_ptr + tl.program_id(0))
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    if X_PER_PAIR:
-        x0 = x_ptr + p.to(tl.int64) * s_xm
-    else:
-        x0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm
-    return p, e, x0
+def _store_rows(out_ptr, row, s_om, local, ok, val):
+    tl.store(out_ptr + row.to(tl.int64) * s_om + local, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _store(out_ptr, p, s_om, local, ok, a, b, scale_ptr, GLU: tl.constexpr, SCALE: tl.constexpr):
-    if GLU:
-        val = a / (1.0 + tl.exp(-a)) * b
-    else:
-        val = a
-    if SCALE:
-        val = val * tl.load(scale_ptr + p).to(tl.float32)
-    tl.store(out_ptr + p.to(tl.int64) * s_om + local, val.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _gguf_experts_kernel(x_ptr, out_ptr, slot_ptr, ids_ptr, scale_ptr,
+def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr,
                          aq, aqh, asc, amn, ad, adm, bq, bqh, bsc, bmn, bd, bdm,
-                         N, K, s_xm, s_om, as_q, as_qh, as_sc, as_d, bs_q, bs_qh, bs_sc, bs_d, one,
-                         TOPK: tl.constexpr, X_PER_PAIR: tl.constexpr, GLU: tl.constexpr, SCALE: tl.constexpr,
-                         QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
-                         BN: tl.constexpr, NS: tl.constexpr):
-    p, e, x0 = _pair(slot_ptr, ids_ptr, x_ptr, s_xm, TOPK, X_PER_PAIR)
+                         N, K, s_xm, s_hm, as_q, as_qh, as_sc, as_d, bs_q, bs_qh, bs_sc, bs_d, one,
+                         TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
+                         WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
+    p = tl.program_id(0)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    x0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm
     local = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = local < N
     n2 = (e * N + local)[:, None]
     a = _gguf_rows_dot(aq, aqh, asc, amn, ad, adm, n2, ok[:, None], x0, K, as_q, as_qh, as_sc, as_d, one,
                        QT, SB, WPS, E, BN, NS)
-    b = a
     if GLU:
         b = _gguf_rows_dot(bq, bqh, bsc, bmn, bd, bdm, n2, ok[:, None], x0, K, bs_q, bs_qh, bs_sc, bs_d, one,
                            QT, SB, WPS, E, BN, NS)
-    _store(out_ptr, p, s_om, local, ok, a, b, scale_ptr, GLU, SCALE)
+        a = a / (1.0 + tl.exp(-a)) * b
+    _store_rows(h_ptr, p, s_hm, local, ok, a)
+
+
+@triton.jit
+def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, q, qh, sc, mn, d, dm, N, K, s_hm, s_om, s_q, s_qh, s_sc, s_d,
+                      one, TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
+                      E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
+    t = tl.program_id(0)
+    local = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = local < N
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        p = t * TOPK + j
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        n2 = (e * N + local)[:, None]
+        y = _gguf_rows_dot(q, qh, sc, mn, d, dm, n2, ok[:, None], h_ptr + p.to(tl.int64) * s_hm, K,
+                           s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS)
+        acc += tl.load(w_ptr + p).to(tl.float32) * y
+    _store_rows(out_ptr, t, s_om, local, ok, acc)
 
 
 @triton.jit
@@ -106,61 +108,95 @@ def _dense_rows_dot(w_ptr, n2, row_ok, x0, K, BN: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _dense_experts_kernel(x_ptr, out_ptr, slot_ptr, ids_ptr, scale_ptr, a_ptr, b_ptr, N, K, s_xm, s_om,
-                          TOPK: tl.constexpr, X_PER_PAIR: tl.constexpr, GLU: tl.constexpr, SCALE: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr):
-    p, e, x0 = _pair(slot_ptr, ids_ptr, x_ptr, s_xm, TOPK, X_PER_PAIR)
+def _dense_gate_up_kernel(x_ptr, h_ptr, ids_ptr, a_ptr, b_ptr, N, K, s_xm, s_hm,
+                          TOPK: tl.constexpr, GLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    p = tl.program_id(0)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    x0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm
     local = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = local < N
     n2 = (e * N + local)[:, None]
     a = _dense_rows_dot(a_ptr, n2, ok[:, None], x0, K, BN, BK)
-    b = a
     if GLU:
         b = _dense_rows_dot(b_ptr, n2, ok[:, None], x0, K, BN, BK)
-    _store(out_ptr, p, s_om, local, ok, a, b, scale_ptr, GLU, SCALE)
+        a = a / (1.0 + tl.exp(-a)) * b
+    _store_rows(h_ptr, p, s_hm, local, ok, a)
 
 
-def _block_rows(n: int, pairs: int, sms: int, widest: int) -> int:
+@triton.jit
+def _dense_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om,
+                       TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    t = tl.program_id(0)
+    local = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = local < N
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        p = t * TOPK + j
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        y = _dense_rows_dot(d_ptr, (e * N + local)[:, None], ok[:, None], h_ptr + p.to(tl.int64) * s_hm, K, BN, BK)
+        acc += tl.load(w_ptr + p).to(tl.float32) * y
+    _store_rows(out_ptr, t, s_om, local, ok, acc)
+
+
+def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
     """Rows per program: the widest tile that still puts about four programs on every SM."""
     bn = widest
-    while bn > 8 and pairs * triton.cdiv(n, bn) < 4 * sms:
+    while bn > 8 and programs * triton.cdiv(n, bn) < 4 * sms:
         bn //= 2
     return bn
 
 
-def expert_gemv(x: torch.Tensor, a, b, out: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor, *,
-                n: int, top_k: int, x_per_pair: bool, scale: torch.Tensor | None = None,
-                sms: int = 132) -> torch.Tensor:
-    """out[p, :n] for every pair p listed in `slots` (the order programs run in; each pair once).
+def _gguf_tile(p: PackedGGUF, n: int, programs: int, sms: int) -> dict:
+    """Launch constants for n rows per expert of p."""
+    qt = qt_code(p.qtype)
+    sb, wps, e = GEOMETRY[qt]
+    bn = _block_rows(n, programs, sms, 64)
+    # 256 weights of a row per iteration, as the dense GEMV; narrow tiles take more of each row so
+    # that a program still loads 16 bytes per thread per row (512 words for 4 warps)
+    ns = 16 if qt == 2 else 8
+    while bn * ns * wps < 512 and (2 * ns) * sb <= p.k:
+        ns *= 2
+    return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns)
 
-    a, b: the stacked projections ([E * n, K] bf16 tensors or PackedGGUF with n rows per expert);
-    b given means GLU (silu(a x) * b x), else a x (times scale[p] when given). ids[p] is pair p's
-    expert; its activation row is x[p] (x_per_pair) or x[p // top_k]."""
-    k = x.shape[1]
-    pairs = slots.numel()
+
+def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n: int, top_k: int,
+            sms: int = 132) -> torch.Tensor:
+    """h[p, :n] = silu(gate_e x_t) * (up_e x_t) for every pair p (e = ids[p], t = p // top_k); with up
+    None, gate_e x_t. gate/up: [E * n, K] bf16 tensors or PackedGGUF of E * n rows; ids: contiguous."""
+    pairs, k = ids.numel(), x.shape[1]
     if pairs == 0:
-        return out
-    glu = b is not None
-    dummy = scale if scale is not None else out
-    flags = dict(TOPK=top_k, X_PER_PAIR=x_per_pair, GLU=glu, SCALE=scale is not None)
-    if isinstance(a, PackedGGUF) or not isinstance(a, torch.Tensor):
-        qt = qt_code(a.qtype)
-        sb, wps, e = GEOMETRY[qt]
-        bn = _block_rows(n, pairs, sms, 64)
-        # 256 weights of a row per iteration, as the dense GEMV; narrow tiles take more of each row so
-        # that a program still loads 16 bytes per thread per row (512 words for 4 warps)
-        ns = 16 if qt == 2 else 8
-        while bn * ns * wps < 512 and (2 * ns) * sb <= k:
-            ns *= 2
-        a_fields, a_strides = field_args(a)
-        b_fields, b_strides = field_args(b) if glu else (a_fields, a_strides)
-        _gguf_experts_kernel[(pairs, triton.cdiv(n, bn))](
-            x, out, slots, ids, dummy, *a_fields, *b_fields, n, k, x.stride(0), out.stride(0),
-            *a_strides, *b_strides, ONE_F32_BITS.value, **flags, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns,
-            num_warps=4, num_stages=1)
+        return h
+    glu = up is not None
+    if isinstance(gate, PackedGGUF):
+        tile = _gguf_tile(gate, n, pairs, sms)
+        a_fields, a_strides = field_args(gate)
+        b_fields, b_strides = field_args(up) if glu else (a_fields, a_strides)
+        _gguf_gate_up_kernel[(pairs, triton.cdiv(n, tile["BN"]))](
+            x, h, ids, *a_fields, *b_fields, n, k, x.stride(0), h.stride(0), *a_strides, *b_strides,
+            ONE_F32_BITS.value, TOPK=top_k, GLU=glu, **tile, num_warps=4, num_stages=1)
     else:
         bn = _block_rows(n, pairs, sms, 32)
-        _dense_experts_kernel[(pairs, triton.cdiv(n, bn))](
-            x, out, slots, ids, dummy, a, b if glu else a, n, k, x.stride(0), out.stride(0), **flags,
+        _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
+            x, h, ids, gate, up if glu else gate, n, k, x.stride(0), h.stride(0), TOPK=top_k, GLU=glu,
             BN=bn, BK=256, num_warps=4, num_stages=2)
+    return h
+
+
+def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *, n: int, top_k: int,
+         sms: int = 132) -> torch.Tensor:
+    """out[t, :n] = sum over j < top_k of weights[t, j] * (w_e h[t * top_k + j]), e = ids[t, j]."""
+    tokens, k = out.shape[0], h.shape[1]
+    if tokens == 0:
+        return out
+    if isinstance(w, PackedGGUF):
+        tile = _gguf_tile(w, n, tokens, sms)
+        fields, strides = field_args(w)
+        _gguf_down_kernel[(tokens, triton.cdiv(n, tile["BN"]))](
+            h, out, ids, weights, *fields, n, k, h.stride(0), out.stride(0), *strides, ONE_F32_BITS.value,
+            TOPK=top_k, **tile, num_warps=4, num_stages=1)
+    else:
+        bn = _block_rows(n, tokens, sms, 32)
+        _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
+            h, out, ids, weights, w, n, k, h.stride(0), out.stride(0), TOPK=top_k, BN=bn, BK=256,
+            num_warps=4, num_stages=2)
     return out
