@@ -63,6 +63,8 @@ def _case(mix: str | None, seed: int):
 
 @pytest.mark.parametrize("mix", [*MIXES, None])
 def test_grouped_experts_match_the_reference_moe(mix, record_property):
+    from devstral.kernels import moe_experts
+
     moe, stack = _case(mix, seed=1)
     g = torch.Generator(device="cuda").manual_seed(2)
     with torch.no_grad():
@@ -74,8 +76,10 @@ def test_grouped_experts_match_the_reference_moe(mix, record_property):
             assert got.dtype == torch.bfloat16 and got.shape == ref.shape
             err = rel(got, ref)
             record_property(f"{mix}_{t}_rel_err", err)
-            # bf16 activations in and out, and the SwiGLU product rounded to bf16 between the matmuls
-            assert err < 1.5e-2, (t, err)
+            # bf16 activations in and out, the SwiGLU product rounded to bf16 between the matmuls, and in
+            # prefill the quantized linear's int8 activations at small per-expert batches (~0.5% a matmul)
+            assert err < 2e-2, (t, err)
+    assert moe_experts._grouped_mm_refused is None  # bf16 prefill ran torch's grouped GEMM
 
 
 @pytest.mark.parametrize("mix", ["q4_k_m", None])

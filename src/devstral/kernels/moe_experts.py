@@ -19,12 +19,15 @@ so stacking costs no memory.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
 
 DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
+log = logging.getLogger(__name__)
+_grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
 _routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
 
 
@@ -129,12 +132,8 @@ class ExpertStack:
         order = torch.argsort(ids, stable=True)
         xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
         counts = torch.bincount(ids, minlength=self.n_experts)
-        if not self.quantized and _grouped_mm_ok(x, self.gate):
-            offs = counts.cumsum(0).to(torch.int32)
-            g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)
-            u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)
-            ys = torch._grouped_mm(silu_mul(g, u), self.down.transpose(1, 2), offs=offs)
-        else:
+        ys = self._grouped(xs, counts) if not self.quantized and _grouped_mm_ok(x, self.gate) else None
+        if ys is None:
             ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
             start = 0
             for e, c in enumerate(counts.tolist()):  # the one host sync of this path
@@ -147,6 +146,23 @@ class ExpertStack:
         y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
         return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
 
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """bf16 experts through torch's grouped GEMM, or None where this build refuses the call (its
+        checks run on the host, before anything is queued): the caller then runs one matmul per expert."""
+        from devstral.kernels.silu_mul import silu_mul
+
+        global _grouped_mm_refused
+        offs = counts.cumsum(0).to(torch.int32)
+        try:
+            g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)
+            u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)
+            return torch._grouped_mm(silu_mul(g, u), self.down.transpose(1, 2), offs=offs)
+        except RuntimeError as e:
+            _grouped_mm_refused = str(e).splitlines()[0]
+            log.warning("note: torch._grouped_mm refused the experts (%s); one matmul per expert instead",
+                        _grouped_mm_refused)
+            return None
+
     @staticmethod
     def _linear(x: torch.Tensor, w, e: int, n: int) -> torch.Tensor:
         if isinstance(w, PackedGGUF):
@@ -158,7 +174,7 @@ class ExpertStack:
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch's grouped GEMM: bf16, 16-byte-aligned rows; on CUDA it needs Hopper or newer."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+    if _grouped_mm_refused is not None or not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         return False
     if x.shape[1] % 8 or w.shape[1] % 8:
         return False
