@@ -30,6 +30,8 @@ from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import accept_greedy, verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
 from devstral.kernels import triton_available
+from devstral.kernels.moe_experts import routed_only
+from devstral.model.moe import graph_safe
 from devstral.model.transformer import Transformer
 
 log = logging.getLogger("devstral.engine")
@@ -119,14 +121,14 @@ class ModelRunner:
         # engine without graphs; None for a step that ran eagerly beside graphs or had prefill chunks.
         self.last_step_rows: int | None = None
         # Graphs need the Triton kernels: the references synchronise with the host (.tolist()).
-        # MoE routing sizes its gathers from the data, which a captured graph cannot replay: eager until the
-        # grouped expert GEMM lands
-        if cuda_graphs and self.device.type == "cuda" and triton_available() and not cfg.n_experts:
+        # A MoE layer is capturable once fuse() stacked its experts for the routed-expert kernels (no host
+        # sync); on the reference path its gathers are sized on the host, so the model runs eagerly
+        if cuda_graphs and self.device.type == "cuda" and triton_available() and graph_safe(model):
             self.capture(sorted(set(graph_buckets(max_num_seqs)) | set(verify_rows)))
 
     def capture(self, buckets: list[int]) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), routed_only():  # MoE layers: the graph-safe path at every bucket
                 self.graphs = _DecodeGraphs(self, buckets)
         except torch.OutOfMemoryError:
             self.graphs = None

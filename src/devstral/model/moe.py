@@ -3,10 +3,14 @@ their outputs with the renormalised router probabilities.
 
 Module names follow the checkpoints (`block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1/w2/w3`, as
 Mixtral's HF files and PEFT's Mixtral targets name them), so safetensors load by name and LoRA can sit
-on any expert linear. This is the exact reference path: each expert runs on the tokens routed to it
-(gathered, computed, scattered back with their weights). A grouped GEMM over all experts is the GPU
-path to come; until then the engine runs MoE models without CUDA graphs (the routing sizes the
-gathers from data, which a captured graph cannot do).
+on any expert linear. The reference path (CPU, training, LoRA-wrapped experts): each expert runs on the
+tokens routed to it (gathered, computed, scattered back with their weights); it sizes its gathers from
+the data, so it synchronises with the host.
+
+For inference, `fuse()` stacks each projection's experts into one weight (kernels/moe_experts.py;
+the experts' modules become views of it) when they are plain bf16/fp16 linears or planar GGUF weights
+on a device the Triton kernels run on. The layer then runs through the routed-expert GEMV (decode,
+no host sync: CUDA-graph safe) or the grouped prefill path; `graph_safe(model)` tells the engine.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from devstral.config import ModelConfig
+from devstral.kernels import use_triton
 from devstral.kernels.gemv import run_linear
 from devstral.kernels.silu_mul import silu_mul
 
@@ -40,9 +45,21 @@ class MoE(nn.Module):
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
         self.router_logits: torch.Tensor | None = None  # the last training forward's, for the balancing loss
+        self.stack = None  # ExpertStack, set by fuse() where the experts can be stacked
 
     def fuse(self) -> None:
-        """Nothing to fuse yet (the dense MLP's hook; experts get a grouped GEMM later)."""
+        """Inference: stack the experts for the grouped kernels, where their weights allow."""
+        from devstral.model.moe_stack import stack_experts
+
+        self.stack = stack_experts(self)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.stack is not None:
+            from devstral.model.moe_stack import rebind_stack
+
+            rebind_stack(self)
+        return out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [T, E], and per token the top-k experts [T, k] with their weights [T, k]:
@@ -58,6 +75,8 @@ class MoE(nn.Module):
         logits, experts, weights = self.route(x2)
         if self.training and torch.is_grad_enabled():
             self.router_logits = logits
+        if self.stack is not None and use_triton(x2) and not (self.training and torch.is_grad_enabled()):
+            return self.stack.forward(x2, experts, weights).reshape(shape)
         out = torch.zeros_like(x2)
         for e, expert in enumerate(self.experts):
             token, slot = torch.nonzero(experts == e, as_tuple=True)
@@ -65,6 +84,12 @@ class MoE(nn.Module):
                 y = expert(x2[token]) * weights[token, slot, None].to(x2.dtype)
                 out.index_add_(0, token, y)
         return out.reshape(shape)
+
+
+def graph_safe(model: nn.Module) -> bool:
+    """Can the model's forward be captured in a CUDA graph? Not while a MoE layer takes the reference
+    path (its gathers are sized on the host)."""
+    return all(m.stack is not None for m in model.modules() if isinstance(m, MoE))
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int) -> torch.Tensor:

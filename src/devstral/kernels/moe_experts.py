@@ -1,0 +1,189 @@
+"""A MoE layer's experts stacked per projection, and the two ways to run them on the GPU.
+
+`ExpertStack` holds gate (w1), up (w3) and down (w2) of all E experts as one weight each: bf16
+[E, N, K], or a GGUF planar weight of E * N rows (the rows of a llama.cpp `ffn_*_exps` tensor, in
+the same order). Each expert's own module keeps working on a view of it (model/moe.py rebinds them),
+so stacking costs no memory.
+
+* Decode and small batches (`decode`): two launches (moe_gemv.py) -- gate+up with SwiGLU applied per
+  (token, slot) pair, then down mixing each token's k pairs with the router weights. Sizes come from
+  shapes only and the expert ids stay on the device: CUDA-graph safe.
+* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order. bf16
+  runs torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts,
+  group boundaries read on the device). GGUF runs each expert's contiguous slice through the dense
+  quantized linear (gguf_linear: tensor-core tile GEMM or dequantize + cuBLAS, picked by size) after
+  one host read of the group sizes: at prefill sizes every expert sees hundreds of tokens, which is
+  where those kernels already run near the matmul peak; the fallback's cost is that one sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
+
+DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
+log = logging.getLogger(__name__)
+_grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
+_routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
+
+
+@contextlib.contextmanager
+def routed_only():
+    """Every MoE layer takes the routed GEMV, whatever the batch: the engine wraps its graph warm-up and
+    capture in this, so the kernels a graph replays are the ones compiled before it was captured."""
+    global _routed_only
+    _routed_only += 1
+    try:
+        yield
+    finally:
+        _routed_only -= 1
+
+
+class PackedRows:
+    """Rows r0..r1 of a stacked planar weight, readable wherever a PackedGGUF is (the quantized
+    kernels read qtype, n, k and the field arrays). `source` returns the current stack, so the view
+    follows the stack when the module moves."""
+
+    def __init__(self, source, r0: int, r1: int):
+        self.source, self.r0, self.r1 = source, r0, r1
+        stack = source()
+        self.qtype, self.k, self.n = stack.qtype, stack.k, r1 - r0
+        self.fmt = FORMATS[self.qtype]
+
+    @property
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {name: a[self.r0:self.r1] for name, a in self.source().arrays.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source()[name][self.r0:self.r1]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        a = self.source().get(name)
+        return None if a is None else a[self.r0:self.r1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.source().device
+
+    def nbytes(self) -> int:
+        return 0  # the stack owns the bytes
+
+    def rebind(self, buf: torch.Tensor) -> PackedRows:
+        return self
+
+
+def stack_packed(parts: list) -> PackedGGUF:
+    """One planar weight of sum(n) rows from per-expert planar weights of one type and K."""
+    first = parts[0]
+    out = PackedGGUF.empty(first.qtype, sum(p.n for p in parts), first.k, first.device)
+    row = 0
+    for p in parts:
+        for name in out.arrays:
+            out[name][row:row + p.n].copy_(p[name])
+        row += p.n
+    return out
+
+
+class ExpertStack:
+    """gate/up/down of E experts; `gate`, `up`, `down` are [E, N, K] tensors or PackedGGUF of E * N rows."""
+
+    def __init__(self, gate, up, down, n_experts: int, hidden: int, dim: int):
+        self.gate, self.up, self.down = gate, up, down
+        self.n_experts, self.hidden, self.dim = n_experts, hidden, dim
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate, PackedGGUF)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], experts/weights [T, k] -> the weighted expert mix [T, D] in x's dtype."""
+        if experts.numel() <= DECODE_MAX_PAIRS or _routed_only or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.decode(x, experts, weights)
+        return self.prefill(x, experts, weights)
+
+    def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels import moe_gemv
+        from devstral.kernels.silu_mul import silu_mul
+
+        t, k = experts.shape
+        ids, weights = experts.contiguous(), weights.contiguous()
+        x = x.contiguous()
+        sms = _sms(x.device)
+        h = torch.empty(t * k, self.hidden, dtype=x.dtype, device=x.device)
+        if self.quantized and self.gate.qtype != self.up.qtype:  # one type per launch: gate, up apart
+            g, u = torch.empty_like(h), torch.empty_like(h)
+            moe_gemv.gate_up(x, self.gate, None, g, ids, n=self.hidden, top_k=k, sms=sms)
+            moe_gemv.gate_up(x, self.up, None, u, ids, n=self.hidden, top_k=k, sms=sms)
+            h = silu_mul(g, u)
+        else:
+            moe_gemv.gate_up(x, self.gate, self.up, h, ids, n=self.hidden, top_k=k, sms=sms)
+        out = torch.empty(t, self.dim, dtype=x.dtype, device=x.device)
+        return moe_gemv.down(h, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms)
+
+    def prefill(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels.silu_mul import silu_mul
+
+        t, k = experts.shape
+        ids = experts.reshape(-1)
+        order = torch.argsort(ids, stable=True)
+        xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
+        counts = torch.bincount(ids, minlength=self.n_experts)
+        ys = self._grouped(xs, counts) if not self.quantized and _grouped_mm_ok(x, self.gate) else None
+        if ys is None:
+            ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
+            start = 0
+            for e, c in enumerate(counts.tolist()):  # the one host sync of this path
+                if c:
+                    xe = xs[start:start + c]
+                    h = silu_mul(self._linear(xe, self.gate, e, self.hidden), self._linear(xe, self.up, e, self.hidden))
+                    ys[start:start + c] = self._linear(h, self.down, e, self.dim)
+                start += c
+        y = torch.empty(t * k, self.dim, dtype=torch.float32, device=x.device)
+        y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
+        return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """bf16 experts through torch's grouped GEMM, or None where this build refuses the call (its
+        checks run on the host, before anything is queued): the caller then runs one matmul per expert."""
+        from devstral.kernels.silu_mul import silu_mul
+
+        global _grouped_mm_refused
+        offs = counts.cumsum(0).to(torch.int32)
+        try:
+            g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)
+            u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)
+            return torch._grouped_mm(silu_mul(g, u), self.down.transpose(1, 2), offs=offs)
+        except RuntimeError as e:
+            _grouped_mm_refused = str(e).splitlines()[0]
+            log.warning("note: torch._grouped_mm refused the experts (%s); one matmul per expert instead",
+                        _grouped_mm_refused)
+            return None
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w, e: int, n: int) -> torch.Tensor:
+        if isinstance(w, PackedGGUF):
+            from devstral.kernels.gguf_linear import linear
+
+            return linear(x, PackedRows(lambda: w, e * n, (e + 1) * n))
+        return x @ w[e].t()
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM: bf16, 16-byte-aligned rows; on CUDA it needs Hopper or newer."""
+    if _grouped_mm_refused is not None or not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return False
+    if x.shape[1] % 8 or w.shape[1] % 8:
+        return False
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: widest tiles, fewest programs
+    from devstral.kernels.gguf_config import sm_count
+
+    return sm_count(device)

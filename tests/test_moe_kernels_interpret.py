@@ -1,0 +1,180 @@
+"""The grouped MoE kernels' logic on CPU through Triton's interpreter, against the reference MoE path
+(model/moe.py: a loop over experts with gathers; GGUF experts dequantized by the exact codecs, which
+tests elsewhere hold bit-exact against gguf-py).
+
+One subprocess (this file as a script, TRITON_INTERPRET=1) runs every case and saves inputs and
+outputs; the tests compare. Cases: GGUF Q4_K_M's mix (Q4_K gate/up, Q6_K down), gate and up of
+different types (two launches), Q8_0 at K that is not a multiple of 256; decode (one token: slots in
+pair order; several: slots sorted by expert), partial row tiles, and prefill (sort + per expert
+quantized linear; bf16 through torch's grouped GEMM); a tiny Mixtral's logits with the stacked
+experts against the same model unstacked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from devstral.quant import QType  # noqa: E402
+
+E, TOP_K = 4, 2
+MIXES = {"q4_k_m": (QType.Q4_K, QType.Q4_K, QType.Q6_K, 256, 256),  # gate, up, down types, dim, hidden
+         "mixed_gate_up": (QType.Q4_K, QType.Q6_K, QType.Q8_0, 256, 256),
+         "q8_0": (QType.Q8_0, QType.Q8_0, QType.Q8_0, 96, 160)}
+TOKENS = (1, 5, 40)  # 2 and 10 pairs: routed GEMV; 80 pairs: the prefill path
+# the interpreter is slow per program: the full set for Q4_K_M's mix, the rest where the path differs
+CASES = {"q4_k_m": TOKENS, "mixed_gate_up": (1,), "q8_0": (1, 5)}
+MOE = dict(n_experts=4, n_experts_per_tok=2, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)
+
+
+def _moe_module(dim: int, hidden: int, weights: dict):
+    """A reference MoE layer over the given expert modules (router random)."""
+    from devstral.config import ModelConfig
+    from devstral.model.moe import MoE
+
+    cfg = ModelConfig(arch="mistral", dim=dim, hidden_dim=hidden, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=dim, vocab_size=8,
+                      n_experts=E, n_experts_per_tok=TOP_K)
+    moe = MoE(cfg)
+    for e, expert in enumerate(moe.experts):
+        for name, mods in weights.items():
+            setattr(expert, name, mods[e])
+    return moe.eval().requires_grad_(False)
+
+
+def _gguf_case(mix, g):
+    """(reference MoE on CPU blocks, the same experts stacked from planar packs, router weight)."""
+    from devstral.kernels.gguf_pack import pack
+    from devstral.kernels.moe_experts import ExpertStack, stack_packed
+    from devstral.quant.linear import QuantLinear
+    from test_kernels_gguf_interpret import random_blocks
+
+    tg, tu, td, dim, hidden = MIXES[mix]
+    shapes = {"w1": (tg, hidden, dim), "w3": (tu, hidden, dim), "w2": (td, dim, hidden)}
+    mods, packs = {}, {}
+    for name, (qt, n, k) in shapes.items():
+        raws = [random_blocks(qt, n, k, g) for _ in range(E)]
+        mods[name] = [QuantLinear(r, qt, n, k, name=f"{name}[{e}]") for e, r in enumerate(raws)]
+        packs[name] = stack_packed([pack(r, qt, n, k) for r in raws])
+    moe = _moe_module(dim, hidden, mods)
+    moe.gate.weight.copy_(torch.randn(E, dim, generator=g))
+    return moe, ExpertStack(packs["w1"], packs["w3"], packs["w2"], E, hidden, dim)
+
+
+def _run_cases(out_path: str) -> None:
+    from devstral.kernels import moe_gemv
+    from devstral.kernels.moe_experts import ExpertStack, stack_packed
+
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    with torch.no_grad():
+        for mix in MIXES:
+            moe, stack = _gguf_case(mix, g)
+            dim = MIXES[mix][3]
+            for t in CASES[mix]:
+                x = torch.randn(t, dim, generator=g)
+                ref = moe(x)
+                _, experts, weights = moe.route(x)
+                res[(mix, t)] = (stack.forward(x, experts, weights), ref)
+            if mix != "q8_0":
+                continue
+            # one token through the narrowest row tiles (the launch sizes tiles for 132 SMs); above, on
+            # CPU, tiles are the widest (BN 64: masked rows at these sizes)
+            x = torch.randn(1, dim, generator=g)
+            _, experts, weights = moe.route(x)
+            h = moe_gemv.gate_up(x, stack.gate, stack.up, torch.empty(TOP_K, stack.hidden), experts, n=stack.hidden,
+                                 top_k=TOP_K, sms=132)
+            y = moe_gemv.down(h, stack.down, torch.empty(1, dim), experts, weights, n=dim, top_k=TOP_K, sms=132)
+            res[(mix, "narrow")] = (y, moe(x))
+        # a narrow tile over a long row: more sub-blocks per iteration, the last iteration masked
+        from devstral.kernels.gguf_pack import pack
+        from devstral.quant import dequantize
+        from test_kernels_gguf_interpret import random_blocks
+
+        n, k = 24, 768
+        raws = [random_blocks(QType.Q6_K, n, k, g) for _ in range(E)]
+        stack = stack_packed([pack(r, QType.Q6_K, n, k) for r in raws])
+        h = torch.randn(4, k, generator=g)  # two tokens, top 2 each: pairs (0, 1) and (2, 3)
+        ids = torch.tensor([[2, 0], [2, 3]])
+        w = torch.rand(2, 2, generator=g)
+        y = moe_gemv.down(h, stack, torch.empty(2, n), ids, w, n=n, top_k=2, sms=132)
+        deq = [dequantize(r, QType.Q6_K, (n, k)) for r in raws]
+        ref = torch.stack([sum(w[t, j] * (h[2 * t + j] @ deq[ids[t, j]].T) for j in range(2)) for t in range(2)])
+        res["narrow_long_rows"] = (y, ref)
+        # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
+        dim, hidden = 72, 40
+        lin = {name: [torch.nn.Linear(*((dim, hidden) if name != "w2" else (hidden, dim)), bias=False)
+                      for _ in range(E)] for name in ("w1", "w3", "w2")}
+        for mods in lin.values():
+            for m in mods:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.2)
+        moe = _moe_module(dim, hidden, lin)
+        moe.gate.weight.copy_(torch.randn(E, dim, generator=g))
+        stacks = {n: torch.stack([m.weight.to(torch.bfloat16) for m in mods]) for n, mods in lin.items()}
+        bf = ExpertStack(stacks["w1"], stacks["w3"], stacks["w2"], E, hidden, dim)
+        for t in TOKENS:
+            x = torch.randn(t, dim, generator=g).to(torch.bfloat16)
+            _, experts, weights = moe.route(x.float())
+            res[("bf16", t)] = (bf.forward(x, experts, weights).float(), moe(x.float()))
+    # a tiny Mixtral end to end: the model's fuse() stacks the experts
+    import devstral
+    from devstral.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(os.path.dirname(out_path) + "/mixtral", seed=5, **MOE)
+    llm = devstral.load(ckpt, device="cpu", dtype="fp32", backend="torch")
+    prompts = {n: [1] + torch.randint(100, 3000, (n - 1,), generator=g).tolist() for n in (20, 47)}
+    ref = {n: llm.logits(p) for n, p in prompts.items()}
+    llm.model.fuse_projections()
+    from devstral.model.moe import graph_safe
+
+    # 20 tokens: 40 pairs, the routed GEMV; 47: 94 pairs, sorted prefill
+    res["model"] = ({n: llm.logits(p) for n, p in prompts.items()}, ref, graph_safe(llm.model))
+    torch.save(res, out_path)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_interp") / "res.pt"
+    tests_dir = os.path.dirname(__file__)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests_dir, *sys.path])}
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def _rel(got, ref) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize(("mix", "tokens"), [(m, t) for m, ts in CASES.items() for t in ts] + [("q8_0", "narrow")])
+def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
+    got, ref = results[(mix, tokens)]
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < 1e-5  # fp32 throughout: only the summation order differs
+
+
+def test_narrow_tiles_take_more_of_each_row(results):
+    got, ref = results["narrow_long_rows"]
+    assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_bf16_experts_match_the_reference_moe(results, tokens):
+    got, ref = results[("bf16", tokens)]
+    assert _rel(got, ref) < 2e-2  # bf16 weights, activations and (in prefill) intermediate products
+
+
+def test_a_fused_mixtral_gives_the_reference_logits_and_is_graph_safe(results):
+    got, ref, safe = results["model"]
+    for n in ref:
+        assert (got[n] - ref[n]).abs().max().item() < 1e-4, n
+    assert safe
+
+
+if __name__ == "__main__":
+    _run_cases(sys.argv[1])
