@@ -182,7 +182,7 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     images: dict[tuple[int, int], Any] = {}  # (message, part) -> checked PIL image
     for i, message in enumerate(messages):
         message = _check_message(i, message)
-        images |= _message_images(i, message, images_for, len(images))
+        images |= message_images(i, message, images_for, len(images))
         role = message["role"]
         if role == "assistant" and message.get("tool_calls"):
             calls = []
@@ -219,12 +219,13 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     return request
 
 
-def _message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
-    """The checked images of message i's image_url parts; errors name the message and the part."""
+def message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
+    """The checked images of message i's image_url parts; errors name the message and the part.
+    `images_for` is None when the model takes images, else why it does not; `seen`: images before it."""
     content = message.get("content")
     found = {}
     for k, part in enumerate(content if isinstance(content, list) else []):
-        if part.get("type") not in ("image_url", "image"):
+        if not isinstance(part, dict) or part.get("type") not in ("image_url", "image"):
             continue
         where = f"message {i}: content part {k}"
         if part["type"] == "image":
