@@ -268,3 +268,29 @@ def _png_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return data_url(buf.getvalue())
+
+
+def test_finetune_gguf_writes_the_projector_beside_it(files, tmp_path):
+    """LoRA trains the text decoder; the base's vision tower goes out as mmproj-model-F32.gguf, and the
+    GGUF loads with it (found beside) and sees the image as the fine-tuned merged model does."""
+    import json
+
+    from devstral.cli import main
+
+    ckpt = files[0]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi"}) + "\n")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(ckpt), "--data", str(data), "--output", str(out), "--max-steps", "1",
+                 "--no-progress", "--gguf", "F32"]) == 0
+    assert (out / "mmproj-model-F32.gguf").is_file()
+    gguf = devstral.load(out / "model-F32.gguf", device="cpu", dtype="fp32", backend="torch", max_context=256)
+    assert gguf.vision is not None
+    messages = ask(png(24, 16, 5))
+    ids = gguf.tokenizer.encode_chat(messages, system_prompt=None)
+    assert list(ids) == mistral_common_encoding(ckpt, messages).tokens
+    base = devstral.load(ckpt, device="cpu", dtype="fp32", backend="torch", max_context=256)
+    with torch.no_grad():  # F16 projector: equal features up to its rounding
+        a = gguf.vision([torch.from_numpy(ids.images[0].pixels)])[0]
+        b = base.vision([torch.from_numpy(ids.images[0].pixels)])[0]
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] >= 0.999

@@ -194,9 +194,12 @@ def write_mmproj(vision: VisionModel, path: str | os.PathLike, *, img_break: tor
     return out
 
 
-def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None) -> Path | None:
+def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None,
+                  embeddings_from: Path | None = None) -> Path | None:
     """The mmproj GGUF of a multimodal safetensors folder (None when it has no vision tower): what
-    `devstral quantize` writes beside the model's GGUF, for llama.cpp's --mmproj and ours."""
+    `devstral quantize` and `finetune --gguf` write beside the model's GGUF, for llama.cpp's --mmproj
+    and ours. `embeddings_from`: the (fine-tuned) folder whose [IMG_BREAK] embedding to store, when
+    the vision tower comes from its base."""
     from safetensors import safe_open
 
     from devstral.config import ModelConfig
@@ -214,7 +217,7 @@ def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", n
     vision = build_vision(folder, cfg, vc, dtype=torch.float32, device=torch.device("cpu"))
     img_break = None
     row = load_tokenizer(folder).special_id("[IMG_BREAK]")
-    layout, files = weight_files(folder)
+    layout, files = weight_files(Path(embeddings_from) if embeddings_from is not None else folder)
     for path in files:
         for e in read_header(path):
             if row is not None and canonical_name(e.name, layout) == "model.embed_tokens.weight":
