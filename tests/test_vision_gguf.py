@@ -100,6 +100,30 @@ def test_gguf_without_a_projector_refuses_images_in_one_line(files, tmp_path):
     assert main(["run", "--model", str(model), "--image", str(tmp_path / "x.png"), "-n", "1", "hi"]) == 2
 
 
+def test_the_projector_beside_the_model_is_the_one_that_fits(files, tmp_path):
+    """Hugging Face GGUF repos ship mmproj-F16/BF16/F32 (llama.cpp's and LM Studio's users keep them beside
+    the model): ours by name first, then F16, BF16, F32; a projector for another width, or a file that is
+    not a GGUF, is passed over; --no-vision loads none."""
+    from devstral.formats.gguf_mmproj import find_mmproj, write_mmproj
+    from devstral.model.vision import VisionModel
+    from devstral.testing import tiny_vision_config
+
+    model = tmp_path / "m3.gguf"
+    shutil.copy(files[1], model)
+    assert find_mmproj(model, 64) is None
+    other = write_mmproj(VisionModel(tiny_vision_config(128)), tmp_path / "mmproj-F16.gguf")  # another model's
+    (tmp_path / "mmproj-bf16.gguf").write_bytes(b"not a gguf")
+    assert find_mmproj(model, 64) is None and find_mmproj(model, 128) == other
+    for name in ("mmproj-F32.gguf", "mmproj-model-BF16.gguf", "mmproj-m3.gguf"):
+        shutil.copy(files[2], tmp_path / name)
+        assert find_mmproj(model, 64) == tmp_path / name
+    shutil.copy(files[2], other)
+    assert find_mmproj(model, 64) == tmp_path / "mmproj-m3.gguf"
+    (tmp_path / "mmproj-m3.gguf").unlink()
+    assert find_mmproj(model, 64) == other  # F16 before BF16 before F32
+    assert devstral.load(model, device="cpu", backend="torch", vision=False, max_context=64).vision is None
+
+
 def test_run_gguf_with_mmproj_and_image(files, tmp_path, capsys):
     import json
 
@@ -113,6 +137,49 @@ def test_run_gguf_with_mmproj_and_image(files, tmp_path, capsys):
                  "--image", str(image), QUESTION]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_token_ids"] == mistral_common_encoding(ckpt, ask(image.read_bytes())).tokens
+
+
+def test_server_gguf_images_with_the_openai_and_ollama_clients(files, gguf_llm, tmp_path):
+    """A GGUF + F32 mmproj served: the real clients' images give what the safetensors checkpoint (checked
+    against transformers in test_vision.py) answers in-process. A GGUF without a projector answers 400
+    with the reason, and keeps serving."""
+    import base64
+
+    import httpx
+    import ollama
+    import openai
+
+    from devstral.engine.sampling import SamplingParams
+    from test_server_harness import _start
+
+    reference = devstral.load(files[0], device="cpu", dtype="fp32", backend="torch", max_context=512)
+    data = png(37, 29, 6)
+    ref = reference.chat(ask(data), sampling=SamplingParams(temperature=0, max_tokens=6))
+    server = _start(llm=gguf_llm, model_id="m3")
+    try:
+        r = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="m3", messages=ask(data), max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == ref.message["content"]
+        assert r.usage.prompt_tokens == ref.usage["prompt_tokens"]
+        o = ollama.Client(host=server.url).chat(model="m3", stream=False, options={"temperature": 0, "num_predict": 6},
+                                                messages=[{"role": "user", "content": QUESTION, "images": [data]}])
+        assert o.message.content == ref.message["content"]
+    finally:
+        server.server.should_exit = True
+    alone = tmp_path / "m3.gguf"
+    shutil.copy(files[1], alone)
+    text_server = _start(llm=devstral.load(alone, device="cpu", backend="torch", max_context=256), model_id="m3")
+    try:
+        r = httpx.post(text_server.url + "/v1/chat/completions", timeout=60, json={"model": "m3", "messages": ask(data)})
+        assert r.status_code == 400 and "no vision projector: pass --mmproj" in r.json()["error"]["message"]
+        r = httpx.post(text_server.url + "/api/chat", timeout=60, json={"model": "m3", "stream": False, "messages": [
+            {"role": "user", "content": "x", "images": [base64.b64encode(data).decode()]}]})
+        assert r.status_code == 400 and "no vision projector" in r.json()["error"]
+        ok = httpx.post(text_server.url + "/v1/chat/completions", timeout=60,
+                        json={"model": "m3", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+    finally:
+        text_server.server.should_exit = True
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -283,13 +283,14 @@ class GGUFTokenizer:
         """`system_prompt`: DEFAULT uses `default_system_prompt`, a string overrides it, None sends none;
         a system message in `messages` always wins. A BOS is added when the GGUF asks for one
         (tokenizer.ggml.add_bos_token) and the template did not write it."""
+        from devstral.prompt.images import why_no_images
         from devstral.prompt.template_images import encode_with_images
 
         messages = with_system_prompt(messages, self.default_system_prompt, system_prompt)
         bos = self.bos_id if self.add_bos else None
         return encode_with_images(
             lambda ms, media: self.template().encode(self._encode_piece, ms, tools, bos_id=bos, media=media),
-            messages, self.images, self.no_images_reason or "this model is text-only (it has no vision encoder)")
+            messages, self.images, why_no_images(self))
 
     # ------------------------------------------------------------------ images
     def enable_images(self, vision) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from devstral.errors import DevstralError
 from devstral.prompt import raw_arguments
-from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url
+from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url, why_no_images
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
 
 TrainOn = Literal["assistant", "last-assistant"]
@@ -116,7 +116,7 @@ def _image_gate(tokenizer) -> str | None:
     """None when the tokenizer's model takes images, else why it does not (the error's reason)."""
     if getattr(tokenizer, "image_tokens", None) is not None:
         return None
-    return getattr(tokenizer, "no_images_reason", None) or "this model is text-only (it has no vision encoder)"
+    return why_no_images(tokenizer)
 
 
 def _recording_copy(instruct, segments: list[tuple[str, list[int]]]):
