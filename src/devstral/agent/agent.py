@@ -52,6 +52,7 @@ class Agent:
         self._format_errors = 0
         self._recent: list[str] = []
         self._model_takes_deadline = _takes_deadline(model)
+        toolbox.editor.sees_images = bool(getattr(model, "sees_images", False))
 
     # -- tasks --------------------------------------------------------------------------------
     def run(self, task: str) -> AgentStop:
@@ -127,6 +128,7 @@ class Agent:
                 bad += call.error is not None
                 observations.append(observation)
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": observation})
+            self._show_images()
         finally:
             self._save()
         if bad:
@@ -135,6 +137,18 @@ class Agent:
         else:
             self._format_errors = 0
         self._check_stuck(calls, observations)
+
+    def _show_images(self) -> None:
+        """Images the editor viewed this step, in one user message after the tool results: tool messages
+        carry text only (OpenAI's and Mistral's formats), so the picture comes as the user's."""
+        images = self.toolbox.editor.take_images()
+        if not images:
+            return
+        content: list[dict[str, Any]] = []
+        for path, part in images:
+            content += [{"type": "text", "text": f"{path}:"}, part]
+        self.messages.append({"role": "user", "content": content})
+        self.on_event("images", {"paths": [str(path) for path, _ in images]})
 
     def _parse(self, message: Message) -> tuple[str, list[_Call]]:
         raw_content = message.get("content")
