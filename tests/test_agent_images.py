@@ -24,8 +24,7 @@ def _pixels(data: bytes) -> np.ndarray:
 def _viewing(ws: Path, sees_images: bool):
     agent, model = make_agent(ws, [[call("str_replace_editor", command="view", path=str(ws / "shot.png"))],
                                    [call("finish", message="done")]])
-    model.sees_images = sees_images
-    agent.toolbox.editor.sees_images = sees_images  # what Agent() reads from the model
+    model.sees_images = sees_images  # the editor asks the model at each step
     return agent, model
 
 
@@ -87,3 +86,24 @@ def test_the_in_process_vision_model_sees_the_agents_image(tmp_path):
         ChatCompletionRequest.from_openai(messages, tools=agent.toolbox.schemas))
     assert list(ids) == reference.tokens
     np.testing.assert_array_equal(ids.images[0].pixels, reference.images[0])
+
+
+def test_an_endpoint_model_sees_images_when_the_server_says_so():
+    """llama.cpp's server and devstral serve answer GET /props with `modalities.vision`."""
+    import httpx
+
+    from devstral.agent.endpoint_model import EndpointChatModel
+
+    def server(vision):
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/models":
+                return httpx.Response(200, json={"data": [{"id": "m"}]})
+            if request.url.path == "/props" and vision is not None:
+                return httpx.Response(200, json={"modalities": {"vision": vision, "audio": False}})
+            return httpx.Response(404, json={})
+        return httpx.MockTransport(handler)
+
+    for vision, expected in ((True, True), (False, False), (None, False)):
+        model = EndpointChatModel("http://x/v1", transport=server(vision))
+        model.check()
+        assert model.sees_images is expected

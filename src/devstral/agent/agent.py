@@ -52,7 +52,6 @@ class Agent:
         self._format_errors = 0
         self._recent: list[str] = []
         self._model_takes_deadline = _takes_deadline(model)
-        toolbox.editor.sees_images = bool(getattr(model, "sees_images", False))
 
     # -- tasks --------------------------------------------------------------------------------
     def run(self, task: str) -> AgentStop:
@@ -122,6 +121,8 @@ class Agent:
                               "tool_calls": [c.as_openai() for c in calls]}
         self.messages.append(assistant)
         observations, bad = [], 0
+        # read each step: an endpoint model learns it from the server in check(), after construction
+        self.toolbox.editor.sees_images = bool(getattr(self.model, "sees_images", False))
         try:
             for call in calls:
                 observation = self._execute(call)
