@@ -73,6 +73,36 @@ def test_gguf_prompt_ids_and_pixels_equal_mistral_common(files, capfd):
         mistral_common_encoding(ckpt, typed).tokens
 
 
+def test_tokenizer_json_places_images_as_mistral_common(tmp_path):
+    """The same template path for a tokenizer.json folder (HFTokenizer): ids and pixels of mistral-common's
+    tekken with the same image section; before enable_images, an image part is refused, not dropped."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from devstral.formats.gguf_chat import builtin_template
+    from devstral.prompt.tokenizer import load_tokenizer
+    from devstral.testing import tiny_vision_config, write_tekken
+    from test_prompt_jinja_tokenizers import write_tokenizer_json
+
+    vc = tiny_vision_config(64)
+    write_tekken(tmp_path / "tekken.json", version="v13", inner_vocab=1500, image={
+        "image_patch_size": vc.patch_size, "max_image_size": vc.image_size, "spatial_merge_size": 2})
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_tokenizer_json(tmp_path / "tekken.json", hf, builtin_template("v13"))
+    tok = load_tokenizer(hf)
+    messages = mixed(png(37, 53, 1), png(20, 64, 2))
+    with pytest.raises(DevstralError, match="message 0: content part 1: cannot take an image: .*text-only"):
+        tok.encode_chat(messages, system_prompt=None)
+    tok.enable_images(vc)
+    ids = tok.encode_chat(messages, system_prompt=None)
+    ref = MistralTokenizer.from_file(str(tmp_path / "tekken.json")).encode_chat_completion(
+        ChatCompletionRequest.from_openai(messages))
+    assert list(ids) == ref.tokens and len(ids.images) == 2
+    for image, pixels in zip(ids.images, ref.images, strict=True):
+        np.testing.assert_array_equal(image.pixels, pixels)
+
+
 def test_gguf_and_mmproj_logits_equal_transformers(files, gguf_llm):
     from transformers import Mistral3ForConditionalGeneration
 

@@ -1,4 +1,4 @@
-"""Images through a jinja chat template (a GGUF's own tokenizer): llama.cpp's media-marker way, with
+"""Images through a jinja chat template (a GGUF's or tokenizer.json's): llama.cpp's media-marker way, with
 mistral-common's image encoding.
 
 A chat template only writes text, and templates differ in what they do with an image part (ours drop
