@@ -232,7 +232,7 @@ def message_images(i: int, message: dict[str, Any], images_for: str | None, seen
             raise DevstralError(f"{where}: use OpenAI's 'image_url' parts for images")
         if images_for is not None:
             raise DevstralError(f"{where}: cannot take an image: {images_for}")
-        if message["role"] != "user":
+        if message.get("role") != "user":
             raise DevstralError(f"{where}: images are only accepted in user messages")
         if seen + len(found) >= MAX_IMAGES:
             raise DevstralError(f"{where}: more than {MAX_IMAGES} images in one request")
