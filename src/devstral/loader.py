@@ -177,13 +177,25 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         check_gguf(g, cfg)  # our one-line errors for a bad file; then the weights are llama.cpp's alone
         net = LlamaCppModel(g.path, gpu_layers=gpu_layers(device))
         folder = path.parent if path.is_file() else path
+        found = _beside(path, cfg, tokenizer) if vision else None
+        tokenizer.no_images_reason = (
+            f"images with a GGUF run on the torch backend (its vision projector {found.name} is not loaded by "
+            "llama.cpp's): use --backend torch" if found is not None else NO_PROJECTOR)
     elif _is_gguf(path):
         from devstral.formats.gguf import load_gguf_model
 
         net, cfg, tokenizer = load_gguf_model(path, device=dev, dtype=dtype, shard=shard)
         folder = path.parent if path.is_file() else path
-        if mmproj is not None and vision:
-            vision_model = _load_mmproj(Path(mmproj).expanduser(), net, cfg, tokenizer)
+        projector = Path(mmproj).expanduser() if mmproj is not None else None
+        if projector is None and vision:
+            projector = _beside(path, cfg, tokenizer)
+            if projector is not None:
+                print(f"note: vision projector {projector} (found beside the model; --mmproj picks another, "
+                      "--no-vision skips it)", file=sys.stderr)
+        if projector is not None and vision:
+            vision_model = _load_mmproj(projector, net, cfg, tokenizer)
+        elif hasattr(tokenizer, "no_images_reason"):
+            tokenizer.no_images_reason = NO_PROJECTOR if tp is None and vision else None
     else:
         if not path.is_dir():
             raise DevstralError(f"{path}: not a model folder or .gguf file")
@@ -244,6 +256,20 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         return LlamaCppLLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec,
                            threads=threads or torch.get_num_threads())
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec, vision=vision_model)
+
+
+NO_PROJECTOR = ("this GGUF has no vision projector: pass --mmproj FILE (llama.cpp's mmproj GGUF), or keep "
+                "mmproj-*.gguf beside the model")
+
+
+def _beside(path: Path, cfg: ModelConfig, tokenizer) -> Path | None:
+    """The mmproj GGUF beside a GGUF model that fits it (formats/gguf_mmproj.find_mmproj), when the
+    model's vocabulary has image tokens at all."""
+    from devstral.formats.gguf_mmproj import find_mmproj
+
+    if tokenizer.special_id("[IMG]") is None:
+        return None
+    return find_mmproj(path, cfg.dim)
 
 
 def _load_mmproj(mmproj: Path, net, cfg: ModelConfig, tokenizer):

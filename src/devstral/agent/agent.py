@@ -121,12 +121,15 @@ class Agent:
                               "tool_calls": [c.as_openai() for c in calls]}
         self.messages.append(assistant)
         observations, bad = [], 0
+        # read each step: an endpoint model learns it from the server in check(), after construction
+        self.toolbox.editor.sees_images = bool(getattr(self.model, "sees_images", False))
         try:
             for call in calls:
                 observation = self._execute(call)
                 bad += call.error is not None
                 observations.append(observation)
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": observation})
+            self._show_images()
         finally:
             self._save()
         if bad:
@@ -135,6 +138,18 @@ class Agent:
         else:
             self._format_errors = 0
         self._check_stuck(calls, observations)
+
+    def _show_images(self) -> None:
+        """Images the editor viewed this step, in one user message after the tool results: tool messages
+        carry text only (OpenAI's and Mistral's formats), so the picture comes as the user's."""
+        images = self.toolbox.editor.take_images()
+        if not images:
+            return
+        content: list[dict[str, Any]] = []
+        for path, part in images:
+            content += [{"type": "text", "text": f"{path}:"}, part]
+        self.messages.append({"role": "user", "content": content})
+        self.on_event("images", {"paths": [str(path) for path, _ in images]})
 
     def _parse(self, message: Message) -> tuple[str, list[_Call]]:
         raw_content = message.get("content")

@@ -32,10 +32,32 @@ class _Edit:
     written: str
 
 
+# The leading bytes of the image formats a vision model takes (prompt/images.py's FORMATS).
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+                (b"BM", "BMP"))
+
+
+def image_kind(data: bytes) -> str | None:
+    """"PNG", "JPEG", "GIF", "WEBP", "BMP" from a file's first bytes, else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for magic, kind in _IMAGE_MAGIC if data.startswith(magic)), None)
+
+
 class FileEditor:
-    def __init__(self, workspace: Workspace):
+    """`sees_images`: the model takes images, so `view` of an image file shows it (the agent puts it in
+    the next message, from `take_images()`); otherwise viewing one is an error saying why."""
+
+    def __init__(self, workspace: Workspace, *, sees_images: bool = False):
         self.workspace = workspace
+        self.sees_images = sees_images
         self._history: dict[Path, list[_Edit]] = {}
+        self._images: list[tuple[Path, dict[str, Any]]] = []
+
+    def take_images(self) -> list[tuple[Path, dict[str, Any]]]:
+        """The images viewed since the last call, as (path, OpenAI image_url content part)."""
+        images, self._images = self._images, []
+        return images
 
     def __call__(self, args: dict[str, Any]) -> str:
         command = args["command"]
@@ -71,13 +93,34 @@ class FileEditor:
             if args.get("view_range") is not None:
                 raise ToolError("view_range applies to files, not to directories.")
             return self._list_directory(path)
-        text = self._read(path)
+        data = self._read_bytes(path)
+        kind = image_kind(data[:16])
+        if kind is not None:
+            return self._view_image(path, data, kind, args)
+        text = self._decode(path, data)
         lines = text.split("\n")
         first, last = 1, len(lines)
         view_range = args.get("view_range")
         if view_range is not None:
             first, last = _check_range(view_range, len(lines))
         return f"Lines {first}-{last} of {path} (cat -n):\n" + _numbered(lines[first - 1:last], first)
+
+    def _view_image(self, path: Path, data: bytes, kind: str, args: dict[str, Any]) -> str:
+        from devstral.errors import DevstralError
+        from devstral.prompt.images import decode_image, image_part
+
+        if not self.sees_images:
+            raise ToolError(f"{path} is a {kind} image, and this model cannot see images (it has no vision "
+                            "encoder); use execute_bash (file, identify) to learn about it.")
+        if args.get("view_range") is not None:
+            raise ToolError(f"{path} is a {kind} image; view_range applies to text files.")
+        try:
+            image = decode_image(data, str(path))  # the size, pixel and format checks of any prompt image
+        except DevstralError as e:
+            raise ToolError(str(e)) from None
+        self._images.append((path, image_part(image)))
+        width, height = image.size
+        return f"{path} is a {kind} image of {width}x{height} pixels; it is shown to you in the next message."
 
     def _create(self, path: Path, args: dict[str, Any]) -> str:
         if args.get("file_text") is None:
@@ -147,6 +190,9 @@ class FileEditor:
         return info is not None and stat.S_ISDIR(info.st_mode)
 
     def _read(self, path: Path) -> str:
+        return self._decode(path, self._read_bytes(path))
+
+    def _read_bytes(self, path: Path) -> bytes:
         try:
             data = safe_fs.read_file(*self._where(path), MAX_FILE_BYTES)
         except FileNotFoundError:
@@ -160,6 +206,9 @@ class FileEditor:
             if e.errno is None:  # safe_fs: not a regular file
                 raise ToolError(f"{path} is not a regular file.") from None
             raise
+        return data
+
+    def _decode(self, path: Path, data: bytes) -> str:
         if b"\0" in data[:8192]:
             raise ToolError(f"{path} is a binary file; the editor works on text files only.")
         try:

@@ -36,6 +36,7 @@ class _Answer:
 
 class EndpointChatModel:
     provides_system_prompt = False
+    sees_images = False  # set by check() from the server's /props (llama.cpp's and devstral's `modalities`)
 
     def __init__(self, base_url: str, model_name: str | None = None, api_key: str | None = None, *,
                  temperature: float | None = None, max_tokens: int | None = None,
@@ -58,6 +59,7 @@ class EndpointChatModel:
             raise DevstralError(f"cannot reach the model endpoint {self.base_url}: {_describe(e)}") from e
         if r.status_code in (401, 403):
             raise DevstralError(f"the model endpoint {self.base_url} refused the API key (HTTP {r.status_code})")
+        self.sees_images = self._vision_props()
         if r.status_code >= 400:
             # Some endpoints have no /models route; they answered, so they are reachable.
             return
@@ -66,6 +68,16 @@ class EndpointChatModel:
                 self.model_name = r.json()["data"][0]["id"]
             except (ValueError, LookupError, TypeError):
                 raise DevstralError(f"{self.base_url}/models lists no model; pass --model-name") from None
+
+    def _vision_props(self) -> bool:
+        """Whether the server says it takes images: GET /props beside /v1, `modalities.vision` (what
+        llama.cpp's server and devstral serve answer); False for servers without it."""
+        root = self.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            r = self._client.get(root + "/props", timeout=10.0)
+            return r.status_code == 200 and r.json().get("modalities", {}).get("vision") is True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
 
     def chat(self, messages: list[Message], tools: list[dict[str, Any]], *,
              deadline: float | None = None) -> ChatReply:

@@ -30,6 +30,8 @@ class TerminalUI:
             c.print(f"[bold yellow]{data['tool']}[/] {escape(clip(_describe(data['tool'], data['args'])))}")
         elif kind == "observation" and self.verbose:
             c.print(f"[dim]{escape(clip(data['text'], _PREVIEW_LINES))}[/]")
+        elif kind == "images" and self.verbose:
+            c.print(f"[dim]shown to the model: {escape(', '.join(data['paths']))}[/]")
         elif kind == "format_error":
             c.print(f"[red]format error[/] {escape(clip(data['error']))}")
         elif kind == "stop":

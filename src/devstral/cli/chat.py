@@ -80,7 +80,7 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal."""
     from devstral.errors import DevstralError
-    from devstral.prompt.images import file_part
+    from devstral.prompt.images import file_part, why_no_images
 
     console = Console(stderr=True)
     apply_threads(threads)
@@ -115,7 +115,7 @@ def chat(
             if not path:
                 console.print("[red]error:[/red] /image needs a file path")
             elif getattr(llm, "vision", None) is None:
-                console.print("[red]error:[/red] this model is text-only (it has no vision encoder)")
+                console.print(f"[red]error:[/red] {why_no_images(llm.tokenizer)}")
             else:
                 try:
                     pending_images.append(file_part(path))

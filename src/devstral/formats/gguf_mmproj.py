@@ -77,6 +77,37 @@ def vision_config_from_gguf(metadata: dict[str, Any], *, text_dim: int, image_to
         image_token_id=image_token_id, source=source)
 
 
+def find_mmproj(model: Path, text_dim: int) -> Path | None:
+    """The vision projector beside a GGUF model, as llama.cpp and Ollama users keep them: an
+    `mmproj*.gguf` in the model's folder whose header says it is a pixtral projector for this model's
+    width. `mmproj-<model file>` (what `devstral quantize` writes) first, then F16, BF16, F32 (the
+    files Hugging Face GGUF repos ship), then by name. Only headers are read; None when none fits."""
+    from devstral.formats.gguf_read import parse_header, resolve_gguf_path
+
+    model = resolve_gguf_path(Path(model))
+    preference = [f"mmproj-{model.name}".lower(), "f16", "bf16", "f32"]
+
+    def rank(p: Path) -> tuple[int, str]:
+        name = p.name.lower()
+        if name == preference[0]:
+            return 0, name
+        tags = name[len("mmproj"):-len(".gguf")].replace("_", "-").replace(".", "-").split("-")
+        return next((i for i, t in enumerate(preference[1:], 1) if t in tags), len(preference)), name
+
+    for candidate in sorted((p for p in model.parent.iterdir()
+                             if p.name.lower().startswith("mmproj") and p.suffix.lower() == ".gguf" and p.is_file()),
+                            key=rank):
+        try:
+            md = parse_header(candidate).metadata
+        except DevstralError:
+            continue  # not a readable GGUF: not ours to load
+        kind = md.get("clip.vision.projector_type", md.get("clip.projector_type"))
+        if md.get("general.architecture") == "clip" and kind == PROJECTOR and \
+                md.get("clip.vision.projection_dim") == text_dim:
+            return candidate
+    return None
+
+
 def load_mmproj(path: str | Path, *, text_dim: int, image_token_id: int, dtype: torch.dtype,
                 device: torch.device) -> VisionModel:
     """The VisionModel stored in an mmproj GGUF; one line naming the file for anything off."""
@@ -163,9 +194,12 @@ def write_mmproj(vision: VisionModel, path: str | os.PathLike, *, img_break: tor
     return out
 
 
-def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None) -> Path | None:
+def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None,
+                  embeddings_from: Path | None = None) -> Path | None:
     """The mmproj GGUF of a multimodal safetensors folder (None when it has no vision tower): what
-    `devstral quantize` writes beside the model's GGUF, for llama.cpp's --mmproj and ours."""
+    `devstral quantize` and `finetune --gguf` write beside the model's GGUF, for llama.cpp's --mmproj
+    and ours. `embeddings_from`: the (fine-tuned) folder whose [IMG_BREAK] embedding to store, when
+    the vision tower comes from its base."""
     from safetensors import safe_open
 
     from devstral.config import ModelConfig
@@ -183,7 +217,7 @@ def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", n
     vision = build_vision(folder, cfg, vc, dtype=torch.float32, device=torch.device("cpu"))
     img_break = None
     row = load_tokenizer(folder).special_id("[IMG_BREAK]")
-    layout, files = weight_files(folder)
+    layout, files = weight_files(Path(embeddings_from) if embeddings_from is not None else folder)
     for path in files:
         for e in read_header(path):
             if row is not None and canonical_name(e.name, layout) == "model.embed_tokens.weight":

@@ -88,6 +88,9 @@ class GGUFTokenizer:
         self.chat_template: str | None = md.get("tokenizer.chat_template")
         self.default_system_prompt: str | None = None
         self._template: ChatTemplate | None = None
+        # Set by enable_images() once a vision projector (mmproj) is loaded; until then images are refused.
+        self.images = None
+        self.no_images_reason: str | None = None
         self._special_ids = {t: i for i, t in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)}
         specials = sorted(self._special_ids, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
@@ -280,9 +283,26 @@ class GGUFTokenizer:
         """`system_prompt`: DEFAULT uses `default_system_prompt`, a string overrides it, None sends none;
         a system message in `messages` always wins. A BOS is added when the GGUF asks for one
         (tokenizer.ggml.add_bos_token) and the template did not write it."""
+        from devstral.prompt.images import why_no_images
+        from devstral.prompt.template_images import encode_with_images
+
         messages = with_system_prompt(messages, self.default_system_prompt, system_prompt)
-        return self.template().encode(self._encode_piece, messages, tools,
-                                      bos_id=self.bos_id if self.add_bos else None)
+        bos = self.bos_id if self.add_bos else None
+        return encode_with_images(
+            lambda ms, media: self.template().encode(self._encode_piece, ms, tools, bos_id=bos, media=media),
+            messages, self.images, why_no_images(self))
+
+    # ------------------------------------------------------------------ images
+    def enable_images(self, vision) -> None:
+        """Encode images for this vision encoder (a VisionConfig, from an mmproj GGUF): each image_url
+        part through mistral-common's ImageEncoder, placed where the chat template writes the part."""
+        from devstral.prompt.template_images import TemplateImages
+
+        self.images = TemplateImages.for_vision(vision, self.special_id, self.source)
+
+    @property
+    def image_tokens(self):
+        return self.images.tokens if self.images is not None else None
 
     def _encode_piece(self, text: str, parse_special: bool) -> list[int]:
         return self.encode_special(text) if parse_special else self.encode(text)

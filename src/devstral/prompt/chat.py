@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from devstral.errors import DevstralError
 from devstral.prompt import raw_arguments
-from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url
+from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url, why_no_images
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
 
 TrainOn = Literal["assistant", "last-assistant"]
@@ -116,7 +116,7 @@ def _image_gate(tokenizer) -> str | None:
     """None when the tokenizer's model takes images, else why it does not (the error's reason)."""
     if getattr(tokenizer, "image_tokens", None) is not None:
         return None
-    return getattr(tokenizer, "no_images_reason", None) or "this model is text-only (it has no vision encoder)"
+    return why_no_images(tokenizer)
 
 
 def _recording_copy(instruct, segments: list[tuple[str, list[int]]]):
@@ -182,7 +182,7 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     images: dict[tuple[int, int], Any] = {}  # (message, part) -> checked PIL image
     for i, message in enumerate(messages):
         message = _check_message(i, message)
-        images |= _message_images(i, message, images_for, len(images))
+        images |= message_images(i, message, images_for, len(images))
         role = message["role"]
         if role == "assistant" and message.get("tool_calls"):
             calls = []
@@ -219,19 +219,20 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     return request
 
 
-def _message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
-    """The checked images of message i's image_url parts; errors name the message and the part."""
+def message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
+    """The checked images of message i's image_url parts; errors name the message and the part.
+    `images_for` is None when the model takes images, else why it does not; `seen`: images before it."""
     content = message.get("content")
     found = {}
     for k, part in enumerate(content if isinstance(content, list) else []):
-        if part.get("type") not in ("image_url", "image"):
+        if not isinstance(part, dict) or part.get("type") not in ("image_url", "image"):
             continue
         where = f"message {i}: content part {k}"
         if part["type"] == "image":
             raise DevstralError(f"{where}: use OpenAI's 'image_url' parts for images")
         if images_for is not None:
             raise DevstralError(f"{where}: cannot take an image: {images_for}")
-        if message["role"] != "user":
+        if message.get("role") != "user":
             raise DevstralError(f"{where}: images are only accepted in user messages")
         if seen + len(found) >= MAX_IMAGES:
             raise DevstralError(f"{where}: more than {MAX_IMAGES} images in one request")

@@ -57,6 +57,8 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
+        self.images = None  # set by enable_images() once a vision encoder is loaded
+        self.no_images_reason: str | None = None
         tok_file, config_file = self.folder / "tokenizer.json", self.folder / "tokenizer_config.json"
         try:
             raw = tok_file.read_text(encoding="utf-8")
@@ -131,8 +133,24 @@ class HFTokenizer:
                     system_prompt: str | None | object = DEFAULT) -> list[int]:
         """`system_prompt`: DEFAULT uses `default_system_prompt`, a string overrides it, None sends none;
         a system message in `messages` always wins."""
+        from devstral.prompt.images import why_no_images
+        from devstral.prompt.template_images import encode_with_images
+
         messages = with_system_prompt(messages, self.default_system_prompt, system_prompt, name=self.folder.name)
-        return self.template(tools).encode(self._encode_piece, messages, tools)
+        return encode_with_images(lambda ms, media: self.template(tools).encode(self._encode_piece, ms, tools,
+                                                                                media=media),
+                                  messages, self.images, why_no_images(self))
+
+    def enable_images(self, vision) -> None:
+        """Encode images for this vision encoder (a VisionConfig): each image_url part through
+        mistral-common's ImageEncoder, placed where the chat template writes the part."""
+        from devstral.prompt.template_images import TemplateImages
+
+        self.images = TemplateImages.for_vision(vision, self.special_id, str(self.folder))
+
+    @property
+    def image_tokens(self):
+        return self.images.tokens if self.images is not None else None
 
     def _encode_piece(self, text: str, parse_special: bool) -> list[int]:
         tk = self._special_parsing if parse_special else self._plain

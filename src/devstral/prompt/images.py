@@ -68,6 +68,15 @@ class PromptIds(list):
         self.images = list(images or [])
 
 
+TEXT_ONLY = "this model is text-only (it has no vision encoder)"
+
+
+def why_no_images(tokenizer: Any) -> str:
+    """Why a model whose tokenizer this is takes no images: the loader's reason (no projector beside a
+    GGUF, a backend without images), else that it is text-only."""
+    return getattr(tokenizer, "no_images_reason", None) or TEXT_ONLY
+
+
 def images_of(ids: Any) -> list[PromptImage]:
     return list(getattr(ids, "images", None) or [])
 

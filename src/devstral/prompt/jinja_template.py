@@ -114,12 +114,18 @@ class ChatTemplate:
         return pieces
 
     def encode(self, encode: EncodeFn, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-               *, bos_id: int | None = None, add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+               *, bos_id: int | None = None, add_generation_prompt: bool = True,
+               media: dict[str, list[int]] | None = None, **extra: Any) -> list[int]:
         """Ids for the rendered prompt; `bos_id` is put first unless the template already wrote a BOS.
 
         The template's control tokens are encoded one by one (parse_special=True) and the text
         between them as whole runs (parse_special=False), user-typed control strings included, so
         BPE sees the same text runs as it would without the markers.
+
+        `media` maps marker strings (put into the messages as text) to the ids they stand for (an
+        image's tokens): the text on either side of a marker is encoded as its own run, as
+        mistral-common encodes the text chunks around an image. Every marker must come out of the
+        template exactly once.
         """
         runs: list[tuple[str, bool]] = []  # (text, is_control_token)
         for text, special in self.render_pieces(messages, tools, add_generation_prompt=add_generation_prompt,
@@ -132,9 +138,19 @@ class ChatTemplate:
                 elif part:
                     runs.append((part, control))
         ids: list[int] = []
+        split = re.compile("(" + "|".join(map(re.escape, media)) + ")") if media else None
+        found: list[str] = []
         for text, control in runs:
-            if text:
-                ids.extend(encode(text, control))
+            pieces = [text] if control or split is None else split.split(text)
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    found.append(piece)
+                    ids.extend(media[piece])
+                elif piece:
+                    ids.extend(encode(piece, control))
+        if media and sorted(found) != sorted(media):
+            raise DevstralError("the chat template does not write each image part where the message has it "
+                                f"({len(found)} of {len(media)} images placed); it cannot be used with images")
         if bos_id is not None and (not ids or ids[0] != bos_id):
             ids.insert(0, bos_id)
         return ids

@@ -12,7 +12,14 @@ import base64
 from typing import Any
 
 from devstral.errors import DevstralError
-from devstral.prompt.images import MAX_IMAGE_BYTES, MAX_IMAGES, decode_base64, decode_image, image_from_url
+from devstral.prompt.images import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES,
+    decode_base64,
+    decode_image,
+    image_from_url,
+    why_no_images,
+)
 from devstral.server.errors import APIError
 
 _REMOTE = ("http://", "https://")
@@ -38,7 +45,7 @@ def check_content_parts(messages: list[dict[str, Any]], llm: Any, *, allow_remot
                 raise APIError(400, f"{where}: {kind!r} parts are not supported (text and image_url are)",
                                param=where)
             if not takes_images(llm):
-                raise APIError(400, f"{where}: this model is text-only (it has no vision encoder)", param=where)
+                raise APIError(400, f"{where}: {why_no_images(getattr(llm, 'tokenizer', None))}", param=where)
             count += 1
             if count > MAX_IMAGES:
                 raise APIError(400, f"{where}: more than {MAX_IMAGES} images in one request", param=where)
@@ -101,7 +108,7 @@ def ollama_image_parts(images: list[str] | None, llm: Any, where: str) -> list[d
     if not images:
         return []
     if not takes_images(llm):
-        raise APIError(400, f"{where}: this model is text-only (it has no vision encoder)", param=where)
+        raise APIError(400, f"{where}: {why_no_images(getattr(llm, 'tokenizer', None))}", param=where)
     if len(images) > MAX_IMAGES:
         raise APIError(400, f"{where}: more than {MAX_IMAGES} images in one request", param=where)
     parts = []

@@ -70,8 +70,18 @@ def write_merged(base: Path, adapter: Path, dest: Path, *, dtype: torch.dtype = 
     return dest
 
 
-def export_gguf(model_dir: Path, out: Path, quant_type: str) -> Path:
-    """Hand the merged folder to the GGUF exporter (formats/gguf.py); it checks the type name."""
-    from devstral.formats.gguf import export_gguf as write_gguf
+def export_gguf(model_dir: Path, out: Path, quant_type: str, *, base: Path | None = None) -> Path:
+    """Hand the merged folder to the GGUF exporter (formats/gguf.py); it checks the type name. When the
+    base model has a vision tower (fine-tuning trains the text decoder only), its projector is written
+    beside as mmproj-OUT (F16), with the trained model's [IMG_BREAK] embedding: what `quantize` does."""
+    import sys
 
-    return Path(write_gguf(model_dir, out, quant_type))
+    from devstral.formats.gguf import export_gguf as write_gguf
+    from devstral.formats.gguf_mmproj import export_mmproj
+
+    path = Path(write_gguf(model_dir, out, quant_type))
+    if base is not None:
+        projector = export_mmproj(Path(base), path.with_name(f"mmproj-{path.name}"), embeddings_from=model_dir)
+        if projector is not None:
+            print(f"gguf vision projector: {projector}", file=sys.stderr)
+    return path

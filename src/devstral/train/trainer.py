@@ -377,14 +377,14 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         if cfg.gguf:
             from devstral.train.export import export_gguf
 
-            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf)}", file=sys.stderr)
+            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf, base=model_path)}", file=sys.stderr)
     elif cfg.merge or cfg.gguf:
         from devstral.train.export import export_gguf, write_merged
 
         merged = write_merged(model_path, out, out / "merged")
         print(f"merged model: {merged}", file=sys.stderr)
         if cfg.gguf:
-            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf)
+            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path)
             print(f"gguf: {gguf}", file=sys.stderr)
     return result
 
