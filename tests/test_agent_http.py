@@ -163,8 +163,7 @@ def test_unreachable_base_url_is_a_clear_error_before_any_step(tmp_path: Path, c
 
 @pytest.mark.parametrize("argv,message", [
     (["--base-url", "http://127.0.0.1:1", "-w", "/no/such/dir"], "does not exist"),
-    (["--model", "m", "--base-url", "http://127.0.0.1:1"], "exactly one of"),
-    ([], "exactly one of"),
+    (["--model", "m", "--base-url", "http://127.0.0.1:1"], "not both"),  # neither: the embedded model
     (["--base-url", "http://127.0.0.1:1", "--mode", "yolo"], "--mode"),
     (["--base-url", "ftp://x"], "http"),
 ])

@@ -55,16 +55,29 @@ def test_cuda_bf16_paged_matches_cpu_fp32(ckpts, arch, record_property):
         assert (paged.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("kind,max_kl", [("fp8", 5e-2), ("q8_0", 5e-3), ("q4_0", 5e-2)])
-def test_cuda_quantized_kv_against_bf16(ckpts, kind, max_kl, record_property):
+def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "q8_0", "q4_0"])
+def test_cuda_quantized_kv_against_bf16(ckpts, kind, record_property):
     bf = devstral.load(ckpts["ministral3"], device="cuda", kv_cache_dtype="bf16", prefix_caching=False)
     qk = devstral.load(ckpts["ministral3"], device="cuda", kv_cache_dtype=kind, prefix_caching=False)
     x = ids(200, 1)
-    a, b = bf.engine.teacher_forced_logits(x, chunk=1), qk.engine.teacher_forced_logits(x, chunk=1)
-    lp, lq = torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    kl = _kl(bf.engine.teacher_forced_logits(x, chunk=1), qk.engine.teacher_forced_logits(x, chunk=1))
     record_property(f"{kind}_mean_kl", kl)
-    assert kl < max_kl
+    if kind == "fp8":  # CUDA only: no CPU codec to compare with (e4m3 with a per-head scale)
+        assert kl < 5e-2
+        return
+    # The codec's own loss sets the scale: the CPU engine in fp32 with the same ggml codec (exact, tested
+    # against gguf-py) against its fp32 cache. q4_0 alone costs ~0.06 nats on this model; the GPU path may add
+    # only bf16 rounding on top.
+    cpu = devstral.load(ckpts["ministral3"], device="cpu", dtype="fp32", prefix_caching=False)
+    cpu_q = devstral.load(ckpts["ministral3"], device="cpu", dtype="fp32", kv_cache_dtype=kind, prefix_caching=False)
+    codec_kl = _kl(cpu.engine.teacher_forced_logits(x, chunk=1), cpu_q.engine.teacher_forced_logits(x, chunk=1))
+    record_property(f"{kind}_cpu_codec_kl", codec_kl)
+    assert kl < 1.25 * codec_kl + 2e-3, (kl, codec_kl)
 
 
 def test_cuda_graphs_give_the_eager_tokens(ckpts):

@@ -80,21 +80,23 @@ def test_greedy_with_graph_verification_is_plain_greedy(ckpt, parallel):
 
 
 def test_replayed_verify_step_gives_the_eager_logits(ckpt):
-    llm = devstral.load(ckpt, device="cuda", kv_cache_dtype="bf16", speculative="lookup", prefix_caching=False)
+    llm = devstral.load(ckpt, device="cuda", kv_cache_dtype="bf16", speculative="lookup", prefix_caching=False,
+                        max_context=1024)  # a 241-token prompt and 64 new tokens
     engine, runner = llm.engine, llm.engine.runner
     seq = engine.add([1] + body(1) * 20, GREEDY, 64, set())
     while seq.num_output_tokens == 0:
         engine.step()
-    for k in (1, 3, 7, 11, 15):
-        draft = body(2 + k)[:k]
-        assert engine.blocks.ensure_capacity(seq, seq.num_tokens + k)
-        inputs, _ = runner.step_inputs([ScheduledSeq(seq, 1 + k, draft)])
-        assert inputs.graph and runner.graphs.bucket(1 + k) == 1 + k
-        replayed = runner.run(inputs).float().clone()
-        inputs.graph = False
-        eager = runner.run(inputs).float()
-        err = float((replayed - eager).norm() / eager.norm())
-        assert err < 1e-2, (k, err)
-        assert (replayed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
+    with torch.inference_mode():  # the runner's static graph inputs are inference tensors (engine.step's mode)
+        for k in (1, 3, 7, 11, 15):
+            draft = body(2 + k)[:k]
+            assert engine.blocks.ensure_capacity(seq, seq.num_tokens + k)
+            inputs, _ = runner.step_inputs([ScheduledSeq(seq, 1 + k, draft)])
+            assert inputs.graph and runner.graphs.bucket(1 + k) == 1 + k
+            replayed = runner.run(inputs).float().clone()
+            inputs.graph = False
+            eager = runner.run(inputs).float()
+            err = float((replayed - eager).norm() / eager.norm())
+            assert err < 1e-2, (k, err)
+            assert (replayed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
     ref = llm.logits(seq.token_ids + draft)[seq.num_tokens - 1:].float()
     assert float((replayed - ref).norm() / ref.norm()) < 3e-2

@@ -111,13 +111,19 @@ def test_gpu_offload_same_grads_and_less_memory():
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
 
+    def rel(xs, ys):
+        return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(xs, ys, strict=True))
+
     (want_loss, want), plain_peak = measured()
+    (_, again), _ = measured()
+    # flash attention's backward accumulates with atomics, so two plain steps already differ (on the H200 a
+    # bound of 1e-3 failed at 7e-3 in bf16): that run-to-run spread is the scale offloading must stay within
+    noise = rel(again, want)
     model.activation_offload = ActivationOffload(torch.device("cuda"))
     measured()  # pins the pool
     (loss, got), offload_peak = measured()
     assert torch.equal(loss, want_loss)  # the forward is deterministic
-    for a, b in zip(got, want, strict=True):  # flash attention's backward accumulates with atomics
-        assert ((a - b).norm() / b.norm()).item() < 1e-3
+    assert rel(got, want) <= 3 * noise + 1e-4, (rel(got, want), noise)
     layer_input = 2 * 8192 * cfg.dim * 2  # bytes of one [B, T, dim] bf16 layer input
     assert offload_peak <= plain_peak - (cfg.n_layers - 3) * layer_input
 
