@@ -62,3 +62,13 @@ def test_the_agent_lists_and_reads_with_well_formed_tool_calls_and_finishes(tmp_
     outputs = "\n".join(m["content"] for m in messages if m["role"] == "tool" and isinstance(m.get("content"), str))
     assert "README.md" in outputs and "util.py" in outputs, calls  # it really ran the listing
     assert any("README.md" in c["arguments"] for c in calls), calls  # and asked for the README
+
+
+def test_the_flappy_bird_smoke_example_runs_and_reports_speed(capsys):
+    from pathlib import Path
+
+    prompt = (Path(__file__).parents[1] / "docs" / "examples" / "flappy_bird_prompt.txt").read_text()
+    assert main(["run", "--json", "--max-tokens", "24", "--device", "cpu", prompt]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["usage"]["completion_tokens"] == 24 and result["text"]
+    assert result["timings"]["prefill_tok_s"] > 0 and result["timings"]["decode_tok_s"] > 0
