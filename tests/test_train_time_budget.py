@@ -19,7 +19,7 @@ def test_the_count_fills_what_is_left_of_the_budget_and_respects_the_cap():
     now[0] = 100.0 + 60.0  # loading and the calibration steps used a minute
     total = budget.total_steps(CALIBRATION, cap=10**9)
     assert total == CALIBRATION + int(600 * (1 - RESERVE) - 60)
-    assert budget.total_steps(CALIBRATION, cap=50) == 50
+    assert budget.total_steps(CALIBRATION, cap=CALIBRATION + 30) == CALIBRATION + 30
     now[0] = 100.0 + 10_000.0  # already over: stop after one more step rather than never
     assert budget.total_steps(CALIBRATION, cap=10**9) == CALIBRATION + 1
 

@@ -21,7 +21,7 @@ class InProcessChatModel:
         self.temperature, self.max_tokens = temperature, max_tokens
         self.sees_images = getattr(self.llm, "vision", None) is not None  # the editor shows it viewed images
         # The prompt encoder adds SYSTEM_PROMPT.txt itself when no system message is given.
-        folder = Path(self.llm.path)  # None: the default model, resolved by devstral.load
+        folder = Path(model) if model is not None else Path(self.llm.path)  # None: the default model
         self.provides_system_prompt = folder.is_dir() and (folder / "SYSTEM_PROMPT.txt").is_file()
 
     def check(self) -> None:
