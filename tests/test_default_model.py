@@ -7,7 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from devstral.agent.sandbox import detect
 from devstral.cli import main
@@ -44,9 +49,20 @@ def test_devstral_run_answers_with_a_python_function(capsys):
     assert sum(good) >= 3, good
 
 
-def test_the_agent_lists_and_reads_with_well_formed_tool_calls_and_finishes(tmp_path, capsys):
-    ws = tmp_path / "repo"
+@pytest.fixture
+def short_workspace():
+    # The workspace path is in the prompt. Greedy decoding is deterministic, but a 24M model's answer
+    # depends on the prompt's tokens: pytest's long per-run tmp paths (.../pytest-NNN/test_.../repo) made
+    # it loop on the path once. A fixed short path makes the test the same on every machine.
+    ws = Path(tempfile.gettempdir()) / "devstral-nano-agent"
+    shutil.rmtree(ws, ignore_errors=True)
     ws.mkdir()
+    yield ws
+    shutil.rmtree(ws, ignore_errors=True)
+
+
+def test_the_agent_lists_and_reads_with_well_formed_tool_calls_and_finishes(short_workspace, tmp_path, capsys):
+    ws = short_workspace
     (ws / "README.md").write_text("# demo\n\nA tiny demo project.\n")
     (ws / "util.py").write_text('def add(a, b):\n    """Add two numbers."""\n    return a + b\n')
     traj = tmp_path / "t.jsonl"
@@ -65,8 +81,6 @@ def test_the_agent_lists_and_reads_with_well_formed_tool_calls_and_finishes(tmp_
 
 
 def test_the_flappy_bird_smoke_example_runs_and_reports_speed(capsys):
-    from pathlib import Path
-
     prompt = (Path(__file__).parents[1] / "docs" / "examples" / "flappy_bird_prompt.txt").read_text()
     assert main(["run", "--json", "--max-tokens", "24", "--device", "cpu", prompt]) == 0
     result = json.loads(capsys.readouterr().out)
