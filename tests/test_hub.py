@@ -11,7 +11,7 @@ import pytest
 
 from devstral.cli import main
 from devstral.errors import DevstralError
-from devstral.formats.hub import _split, download, select_files, select_gguf
+from devstral.formats.hub import _split, download, select_files, select_gguf, select_mmproj
 from devstral.testing import make_tiny_checkpoint
 
 # The file list of a Mistral repo that ships both layouts (as Devstral Small 2507 does).
@@ -114,6 +114,8 @@ def _cache_repo(cache: Path, repo: str, files: dict[str, Path], commit: str = "0
         blob.write_bytes(data)
         link = snapshot / name
         link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():  # a file fetched again (huggingface_hub keeps the link)
+            link.unlink()
         link.symlink_to(os.path.relpath(blob, link.parent))
     (storage / "refs").mkdir(parents=True, exist_ok=True)
     (storage / "refs" / "main").write_text(commit)
@@ -232,5 +234,87 @@ def test_pull_quant_fetches_exactly_one_quant(hub, tmp_path):
         (hub.remote / repo / f).write_bytes(b"GGUF")
     got = download(repo + ":BF16", refresh=True)
     assert hub.calls[-1][2] == ("BF16/Devstral-Small-2507-BF16-00001-of-00002.gguf",
-                                "BF16/Devstral-Small-2507-BF16-00002-of-00002.gguf")
+                                "BF16/Devstral-Small-2507-BF16-00002-of-00002.gguf", "mmproj-F16.gguf")
     assert got.name == "Devstral-Small-2507-BF16-00001-of-00002.gguf" and got.is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# org/repo:QUANT fetches the repo's vision projector with the model, as llama.cpp's -hf does.
+
+@pytest.mark.parametrize("listing, model, expected", [
+    (GGUF_REPO, "Devstral-Small-2507-Q4_K_M.gguf", "mmproj-F16.gguf"),
+    # big quants in a subfolder use the projector at the top
+    (GGUF_REPO, "BF16/Devstral-Small-2507-BF16-00001-of-00002.gguf", "mmproj-F16.gguf"),
+    (["m-Q8_0.gguf", "mmproj-F32.gguf", "mmproj-BF16.gguf", "mmproj-Q8_0.gguf"], "m-Q8_0.gguf", "mmproj-BF16.gguf"),
+    (["m-Q8_0.gguf", "mmproj-model-f32.gguf", "mmproj-q8_0.gguf"], "m-Q8_0.gguf", "mmproj-model-f32.gguf"),
+    (["m-Q8_0.gguf", "mmproj-q8_0.gguf"], "m-Q8_0.gguf", "mmproj-q8_0.gguf"),
+    # the nearest folder wins over a better type further away; another folder's projector is not this model's
+    (["mmproj-F16.gguf", "Q8/m-Q8_0.gguf", "Q8/mmproj-F32.gguf"], "Q8/m-Q8_0.gguf", "Q8/mmproj-F32.gguf"),
+    (["m-Q8_0.gguf", "vision/mmproj-F16.gguf"], "m-Q8_0.gguf", None),
+    (["m-Q8_0.gguf", "README.md", "mmproj-F16.bin"], "m-Q8_0.gguf", None),
+])
+def test_select_mmproj(listing, model, expected):
+    from huggingface_hub.utils import filter_repo_objects
+
+    got = select_mmproj(listing, model)
+    assert got == expected
+    if got is not None:  # huggingface_hub's own matching fetches the model files and that one projector
+        wanted = [model, got]
+        assert sorted(filter_repo_objects(listing, allow_patterns=wanted)) == sorted(wanted)
+
+
+@pytest.fixture(scope="module")
+def vision_files(tmp_path_factory):
+    """A tiny Mistral 3 checkpoint as a hub GGUF repo would ship it: the model in a quant subfolder, the F16
+    and F32 projectors at the top (real files, made by our exporter; test_vision_gguf checks them in llama.cpp)."""
+    from devstral.formats.gguf_mmproj import export_mmproj
+    from devstral.formats.gguf_write import export_gguf
+
+    root = tmp_path_factory.mktemp("hub_vision")
+    ckpt = make_tiny_checkpoint(root / "m3", arch="ministral3", wrap_mistral3=True, seed=3)
+    files = {"F32/m3-F32.gguf": export_gguf(ckpt, root / "m3-F32.gguf", "F32"),
+             "mmproj-F16.gguf": export_mmproj(ckpt, root / "mmproj-F16.gguf", ftype="F16"),
+             "mmproj-F32.gguf": export_mmproj(ckpt, root / "mmproj-F32.gguf", ftype="F32")}
+    return ckpt, files
+
+
+def _publish(hub, repo: str, files: dict[str, Path]) -> None:
+    hub.listings[repo] = sorted(files) + ["README.md"]
+    for name, src in files.items():
+        (hub.remote / repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (hub.remote / repo / name).write_bytes(src.read_bytes())
+    (hub.remote / repo / "README.md").write_text("# m3")
+
+
+def test_model_quant_fetches_the_projector_and_the_model_sees_images(hub, vision_files, capfd):
+    """--model org/repo:QUANT downloads the F16 projector beside the quant's folder, and the loader finds it
+    there: the image prompt's ids equal mistral-common's for the original checkpoint."""
+    import devstral
+    from test_vision import ask, mistral_common_encoding, png
+
+    ckpt, files = vision_files
+    _publish(hub, "acme/M3-GGUF", files)
+    llm = devstral.load("acme/M3-GGUF:F32", device="cpu", dtype="fp32", backend="torch", max_context=256)
+    assert hub.calls == [("list", "acme/M3-GGUF"), ("download", "acme/M3-GGUF", ("F32/m3-F32.gguf", "mmproj-F16.gguf"))]
+    err = capfd.readouterr().err
+    assert "vision projector mmproj-F16.gguf" in err and "mmproj-F16.gguf (found beside the model" in err
+    assert llm.vision is not None
+    messages = ask(png(24, 40, 5))
+    assert list(llm.tokenizer.encode_chat(messages, system_prompt=None)) == mistral_common_encoding(ckpt, messages).tokens
+    # cached now: the next load asks the hub nothing and finds the same projector
+    hub.calls.clear()
+    again = devstral.load("acme/M3-GGUF:F32", device="cpu", dtype="fp32", backend="torch", max_context=256)
+    assert hub.calls == [] and again.vision is not None
+
+
+def test_no_mmproj_skips_the_projector(hub, vision_files, capsys):
+    _, files = vision_files
+    _publish(hub, "acme/M3-GGUF", files)
+    assert main(["pull", "acme/M3-GGUF:F32", "--no-mmproj"]) == 0
+    assert hub.calls[-1] == ("download", "acme/M3-GGUF", ("F32/m3-F32.gguf",))
+    hub.cache.joinpath("models--acme--M3-GGUF").rename(hub.cache / "gone")  # not cached: --model downloads again
+    assert main(["run", "hi", "--model", "acme/M3-GGUF:F32", "--no-mmproj", "-n", "1", "--raw",
+                 "--backend", "torch"]) == 0
+    assert hub.calls[-1] == ("download", "acme/M3-GGUF", ("F32/m3-F32.gguf",))
+    assert main(["pull", "acme/M3-GGUF:F32"]) == 0  # pull adds the projector to the cached quant
+    assert hub.calls[-1] == ("download", "acme/M3-GGUF", ("F32/m3-F32.gguf", "mmproj-F16.gguf"))

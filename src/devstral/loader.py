@@ -21,8 +21,9 @@ from devstral.model.transformer import Transformer
 NANO_DIR = Path(__file__).parent / "models" / "nano"
 
 
-def resolve_model(spec: str | os.PathLike | None) -> Path:
-    """Turn a model spec into a local path (folder or .gguf file)."""
+def resolve_model(spec: str | os.PathLike | None, *, fetch_mmproj: bool = True) -> Path:
+    """Turn a model spec into a local path (folder or .gguf file). An `org/repo:QUANT` download also
+    fetches the repo's vision projector unless `fetch_mmproj` is False (formats/hub.py)."""
     spec = str(spec) if spec is not None else os.environ.get("DEVSTRAL_MODEL") or "nano"
     if spec == "nano":
         return NANO_DIR
@@ -36,7 +37,7 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if looks_like_repo:
         from devstral.formats.hub import download
 
-        return download(spec)
+        return download(spec, mmproj=fetch_mmproj)
     raise DevstralError(f"model not found: {spec} (no such file or folder)")
 
 
@@ -134,7 +135,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     from devstral.quant.on_load import parse_kind
 
     quantize_on_load = parse_kind(quantize_on_load)
-    path = resolve_model(model)
+    # a projector of our own choosing (--mmproj) or none wanted (--no-vision): the repo's is not fetched
+    path = resolve_model(model, fetch_mmproj=vision and mmproj is None)
     vision_model = None
     # generation_config.json beside the weights: a bad one fails here, in a second, not after them
     check_generation_config(path if path.is_dir() else path.parent)

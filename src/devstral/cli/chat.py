@@ -17,6 +17,7 @@ from devstral.cli.options import (
     SPECULATIVE_OPTION,
     TENSOR_PARALLEL_OPTION,
     THREADS_OPTION,
+    VISION_OPTION,
     apply_threads,
     load_llm,
     sampling_from_flags,
@@ -76,6 +77,7 @@ def chat(
     gpu_memory_fraction: float = GPU_MEMORY_OPTION,
     quantize_on_load: str = QUANTIZE_ON_LOAD,
     mmproj: Path = MMPROJ_OPTION,
+    vision: bool = VISION_OPTION,
     tensor_parallel: int = TENSOR_PARALLEL_OPTION,
 ) -> None:
     """Chat with a model in the terminal."""
@@ -87,7 +89,8 @@ def chat(
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
                    gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                   quantize_on_load=quantize_on_load, mmproj=mmproj, tensor_parallel=tensor_parallel)
+                   quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision,
+                   tensor_parallel=tensor_parallel)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     console.print(f"[dim]{HELP}[/dim]")

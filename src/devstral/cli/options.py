@@ -56,8 +56,10 @@ QUANTIZE_ON_LOAD = typer.Option(None, "--quantize-on-load", help="Quantize a saf
 
 MMPROJ_OPTION = typer.Option(None, "--mmproj", help="The vision projector GGUF (llama.cpp's mmproj) that goes with "
                              "a GGUF model: images in chat. Safetensors models carry their own vision tower.")
-VISION_OPTION = typer.Option(True, "--vision/--no-vision", help="Load a multimodal checkpoint's vision encoder "
-                             "(images in chat); --no-vision saves its memory.")
+VISION_OPTION = typer.Option(True, "--vision/--no-vision", " /--no-mmproj",
+                             help="Load a multimodal checkpoint's vision encoder (images in chat); --no-vision "
+                                  "saves its memory, and with org/repo:QUANT skips downloading the repo's mmproj "
+                                  "(--no-mmproj, llama.cpp's name, is the same).")
 
 
 def load_llm(model: str | None, *, adapter: Path | None = None, device: str = "auto", dtype: str = "auto",

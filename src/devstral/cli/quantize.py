@@ -39,7 +39,7 @@ def quantize(
 
     apply_threads(threads)
     remove_stale(out.parent)  # what a killed quantize left beside its output (gigabytes for a real model)
-    source = resolve_model(source)  # the same resolution as --model: paths, org/repo, "nano"
+    source = resolve_model(source, fetch_mmproj=False)  # the same resolution as --model: paths, org/repo, "nano"
     if out.exists() and out.resolve() == source.resolve():
         raise DevstralError(f"{out}: the output would overwrite the input")
     start = time.perf_counter()

@@ -17,6 +17,7 @@ from devstral.cli.options import (
     SPECULATIVE_OPTION,
     TENSOR_PARALLEL_OPTION,
     THREADS_OPTION,
+    VISION_OPTION,
     apply_threads,
     load_llm,
     sampling_from_flags,
@@ -55,6 +56,7 @@ def run(
     image: list[Path] = typer.Option(None, "--image", help="An image (PNG, JPEG, WebP, GIF, BMP) shown to a vision "
                                      "model before the prompt; repeatable."),
     mmproj: Path = MMPROJ_OPTION,
+    vision: bool = VISION_OPTION,
 ) -> None:
     """Generate a completion for PROMPT (chat template by default, --raw for plain text)."""
     from devstral.errors import DevstralError
@@ -73,7 +75,8 @@ def run(
     llm = load_llm(model, adapter=adapter, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                    ctx_size=ctx_size, system=system, no_system=no_system, speculative=speculative,
                    gpu_memory_fraction=gpu_memory_fraction, backend=backend,
-                   quantize_on_load=quantize_on_load, mmproj=mmproj, tensor_parallel=tensor_parallel)
+                   quantize_on_load=quantize_on_load, mmproj=mmproj, vision=vision,
+                   tensor_parallel=tensor_parallel)
     params = sampling_from_flags(llm, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                                  stop=stop)

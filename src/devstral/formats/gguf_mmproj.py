@@ -77,11 +77,25 @@ def vision_config_from_gguf(metadata: dict[str, Any], *, text_dim: int, image_to
         image_token_id=image_token_id, source=source)
 
 
+def _search_folders(model: Path) -> list[Path]:
+    """The model's folder, then, when the model lies in a Hugging Face cache snapshot
+    (`models--org--repo/snapshots/<commit>/...`), each folder above it up to the snapshot's root:
+    a hub repo keeps one projector at its top for quants in subfolders (formats/hub.select_mmproj)."""
+    folders = [model.parent]
+    parts = model.parent.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            folders += [Path(*parts[:j]) for j in range(len(parts) - 1, i + 1, -1)]
+            break
+    return folders
+
+
 def find_mmproj(model: Path, text_dim: int) -> Path | None:
     """The vision projector beside a GGUF model, as llama.cpp and Ollama users keep them: an
     `mmproj*.gguf` in the model's folder whose header says it is a pixtral projector for this model's
     width. `mmproj-<model file>` (what `devstral quantize` writes) first, then F16, BF16, F32 (the
-    files Hugging Face GGUF repos ship), then by name. Only headers are read; None when none fits."""
+    files Hugging Face GGUF repos ship), then by name; in a hub snapshot, the folders above the model
+    after its own. Only headers are read; None when none fits."""
     from devstral.formats.gguf_read import parse_header, resolve_gguf_path
 
     model = resolve_gguf_path(Path(model))
@@ -94,17 +108,21 @@ def find_mmproj(model: Path, text_dim: int) -> Path | None:
         tags = name[len("mmproj"):-len(".gguf")].replace("_", "-").replace(".", "-").split("-")
         return next((i for i, t in enumerate(preference[1:], 1) if t in tags), len(preference)), name
 
-    for candidate in sorted((p for p in model.parent.iterdir()
-                             if p.name.lower().startswith("mmproj") and p.suffix.lower() == ".gguf" and p.is_file()),
-                            key=rank):
+    for folder in _search_folders(model):
         try:
-            md = parse_header(candidate).metadata
-        except DevstralError:
-            continue  # not a readable GGUF: not ours to load
-        kind = md.get("clip.vision.projector_type", md.get("clip.projector_type"))
-        if md.get("general.architecture") == "clip" and kind == PROJECTOR and \
-                md.get("clip.vision.projection_dim") == text_dim:
-            return candidate
+            found = [p for p in folder.iterdir()
+                     if p.name.lower().startswith("mmproj") and p.suffix.lower() == ".gguf" and p.is_file()]
+        except OSError:
+            continue
+        for candidate in sorted(found, key=rank):
+            try:
+                md = parse_header(candidate).metadata
+            except DevstralError:
+                continue  # not a readable GGUF: not ours to load
+            kind = md.get("clip.vision.projector_type", md.get("clip.projector_type"))
+            if md.get("general.architecture") == "clip" and kind == PROJECTOR and \
+                    md.get("clip.vision.projection_dim") == text_dim:
+                return candidate
     return None
 
 

@@ -2,7 +2,9 @@
 
 Called only when the user names a hub repo (`--model org/repo`, `devstral pull`). With `:QUANT`
 (e.g. `unsloth/Devstral-Small-2507-GGUF:Q4_K_M`) only the GGUF file(s) of exactly that quant are
-fetched: `:Q2_K` is not `Q2_K_L` or `UD-Q2_K_XL`, and `:F16` is not `BF16`.
+fetched: `:Q2_K` is not `Q2_K_L` or `UD-Q2_K_XL`, and `:F16` is not `BF16`. When the repo ships a vision
+projector (`mmproj*.gguf`), one is fetched with the model, as llama.cpp's `-hf` does (`select_mmproj`:
+F16, then BF16, F32, others), where the loader's auto-discovery finds it; `mmproj=False` skips it.
 
 A model already in the local Hugging Face cache (the layout huggingface_hub writes:
 `models--org--repo/refs/main` -> `snapshots/<commit>/...`) is used from there by name without
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +109,36 @@ def select_gguf(files: list[str], quant: str, repo: str = "") -> list[str]:
     return list(group.files)
 
 
+# The projector a quant gets, best first: F16 is what llama.cpp's converter writes by default and loses
+# nothing that matters for a vision tower; BF16 and F32 are the same weights, larger or less portable.
+_MMPROJ_PREFERENCE = ("f16", "bf16", "f32")
+
+
+def _mmproj_rank(name: str) -> int:
+    tags = Path(name).name.lower()[len("mmproj"):-len(".gguf")].replace("_", "-").replace(".", "-").split("-")
+    return next((i for i, t in enumerate(_MMPROJ_PREFERENCE) if t in tags), len(_MMPROJ_PREFERENCE))
+
+
+def select_mmproj(files: list[str], model: str) -> str | None:
+    """The vision projector to fetch with the GGUF `model` (a path in the repo listing), or None.
+
+    Candidates are `mmproj*.gguf` files in the model's folder or a folder above it (a repo that keeps
+    big quants in subfolders keeps one projector at the top), the nearest folder first, as llama.cpp's
+    `-hf` picks; then F16, BF16, F32, any other; then by name. The loader finds it beside the model
+    (formats/gguf_mmproj.find_mmproj), in the same snapshot."""
+    model_dir = Path(model).parent.parts
+    candidates = []
+    for f in files:
+        path = Path(f)
+        if not (path.name.lower().startswith("mmproj") and path.name.lower().endswith(".gguf")):
+            continue
+        folder = path.parent.parts
+        if model_dir[:len(folder)] != folder:
+            continue  # a projector in another quant's folder (or another model's) is not this one's
+        candidates.append((-len(folder), _mmproj_rank(f), f))
+    return min(candidates)[2] if candidates else None
+
+
 def _split(spec: str) -> tuple[str, str | None]:
     repo, _, quant = spec.partition(":")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or (quant and not re.fullmatch(r"[\w.-]+", quant)):
@@ -157,9 +190,13 @@ def _from_cache(repo: str, quant: str | None) -> Path | None:
     return snapshot
 
 
-def download(spec: str, *, refresh: bool = False) -> Path:
+def download(spec: str, *, refresh: bool = False, mmproj: bool = True) -> Path:
     """A folder or .gguf path for `spec`: from the local cache when it is complete there (unless
-    `refresh`, which `devstral pull` sets), else downloaded. Offline, only the cache is used."""
+    `refresh`, which `devstral pull` sets), else downloaded. Offline, only the cache is used.
+
+    For `org/repo:QUANT`, `mmproj` also fetches the repo's vision projector (select_mmproj) into the
+    same snapshot. A quant already cached is used as it is (no hub call to ask whether the repo has a
+    projector); `devstral pull` adds a missing one."""
     repo, quant = _split(spec)
     if not refresh or offline():
         cached = _from_cache(repo, quant)
@@ -180,7 +217,12 @@ def download(spec: str, *, refresh: bool = False) -> Path:
                 raise DevstralError(f"{repo}: {e}") from None
             return Path(snapshot_download(repo, allow_patterns=wanted, cache_dir=cache_dir()))
         wanted = select_gguf(files, quant, repo)
-        folder = Path(snapshot_download(repo, allow_patterns=wanted, cache_dir=cache_dir()))
+        projector = select_mmproj(files, wanted[0]) if mmproj else None
+        folder = Path(snapshot_download(repo, allow_patterns=wanted + ([projector] if projector else []),
+                                        cache_dir=cache_dir()))
+        if projector:
+            print(f"note: {repo}: vision projector {projector} downloaded with the model (--no-mmproj skips it)",
+                  file=sys.stderr)
         return folder / wanted[0]  # split GGUFs: the loader finds the other parts next to the first
     except DevstralError:
         raise
