@@ -66,6 +66,29 @@ def test_ollama_client_images_equal_the_openai_request():
     assert g.response == ref.message["content"]
 
 
+def test_apply_template_shows_image_tokens_as_mistral_common():
+    """llama.cpp's /apply-template: an image part is the [IMG]... run the model sees, ids and text equal
+    mistral-common's; a remote URL without --allow-remote-images is the chat route's 400."""
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from test_vision import mistral_common_encoding
+
+    server, reference = vision_server()
+    messages = [{"role": "system", "content": "Be brief."}, *ask(png(37, 53, 1), png(20, 30, 2))]
+    r = httpx.post(server.url + "/apply-template", json={"messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    ref = mistral_common_encoding(reference.path, messages).tokens
+    assert r.json()["tokens"] == ref
+    assert r.json()["prompt"] == MistralTokenizer.from_file(str(reference.path / "tekken.json")).decode(
+        ref, special_token_policy=SpecialTokenPolicy.KEEP)
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    r = httpx.post(server.url + "/apply-template", json={"messages": remote}, timeout=60)
+    assert r.status_code == 400 and "--allow-remote-images" in r.json()["error"]["message"]
+    r = httpx.post(live().url + "/apply-template", json={"messages": ask(png(8, 8))}, timeout=60)
+    assert r.status_code == 400 and "text-only" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("url, field, message", [
     ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "messages.0.content.0",
      "not an image in a supported format"),

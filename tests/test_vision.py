@@ -259,6 +259,25 @@ def test_run_image_prompt_ids_equal_mistral_common(ckpt, tmp_path, capsys):
     assert "bad.png: not an image in a supported format" in err and "Traceback" not in err
 
 
+def test_template_command_shows_image_tokens_as_mistral_common(ckpt, tmp_path, capsys):
+    import json
+
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from devstral.cli import main
+
+    messages = [{"role": "system", "content": "Be brief."}, *ask(png(45, 29, 9))]
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps(messages))
+    assert main(["template", "--model", str(ckpt), "-r", str(request), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = mistral_common_encoding(ckpt, messages).tokens
+    assert out["token_ids"] == ref
+    assert out["prompt"] == MistralTokenizer.from_file(str(ckpt / "tekken.json")).decode(
+        ref, special_token_policy=SpecialTokenPolicy.KEEP)
+
+
 def test_quantize_writes_the_mmproj_and_a_gguf_with_it_sees_images(ckpt, tmp_path, capsys):
     from devstral.cli import main
 

@@ -101,6 +101,55 @@ def test_tokenizer_json_places_images_as_mistral_common(tmp_path):
     assert list(ids) == ref.tokens and len(ids.images) == 2
     for image, pixels in zip(ids.images, ref.images, strict=True):
         np.testing.assert_array_equal(image.pixels, pixels)
+    assert tok.render_chat(messages) == mistral_common_text(tmp_path, ref.tokens)
+
+
+def mistral_common_text(ckpt, tokens: list[int]) -> str:
+    """mistral-common's own text for ids, control tokens kept: the prompt as the model sees it."""
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(ckpt / "tekken.json")).decode(tokens, special_token_policy=SpecialTokenPolicy.KEEP)
+
+
+def test_render_chat_shows_each_image_as_its_tokens(files, gguf_llm):
+    """render_chat writes an image part as mistral-common's [IMG]/[IMG_BREAK]/[IMG_END] run for it, where the
+    part is: the text is mistral-common's decoding of its ids, and tokenizing it gives those ids."""
+    ckpt = files[0]
+    messages = mixed(png(37, 53, 5), png(64, 20, 6))
+    ref = mistral_common_encoding(ckpt, messages)
+    text = gguf_llm.tokenizer.render_chat(messages)
+    assert text == mistral_common_text(ckpt, ref.tokens)
+    assert gguf_llm.tokenizer.encode_special(text) == ref.tokens
+    alone = devstral.load(files[1], device="cpu", backend="torch", vision=False, max_context=64)
+    with pytest.raises(DevstralError, match="message 0: content part 1: cannot take an image"):
+        alone.tokenizer.render_chat(messages)  # refused, not silently dropped
+
+
+def test_template_command_shows_images_without_loading_weights(files, tmp_path, capsys, monkeypatch):
+    """`devstral template` on a GGUF with its projector beside it (or --mmproj): the ids and text of
+    mistral-common for the image request, from headers alone; without a projector, one line naming --mmproj."""
+    import json
+
+    from devstral.cli import main
+    from devstral.formats import gguf_read
+
+    ckpt, model, exact = files
+    messages = mixed(png(30, 44, 7))
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"messages": messages}))
+    ref = mistral_common_encoding(ckpt, messages)
+    monkeypatch.setattr(gguf_read.GGUFFile, "tensor", lambda *a, **k: pytest.fail("weights read"))
+    for extra in ([], ["--mmproj", str(exact)]):
+        assert main(["template", "--model", str(model), "-r", str(request), "--json", "--no-system", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["token_ids"] == ref.tokens and out["prompt"] == mistral_common_text(ckpt, ref.tokens)
+    alone = tmp_path / "alone" / "m3.gguf"
+    alone.parent.mkdir()
+    shutil.copy(model, alone)
+    assert main(["template", "--model", str(alone), "-r", str(request)]) == 2
+    err = capsys.readouterr().err
+    assert "no vision projector: pass --mmproj" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gguf_and_mmproj_logits_equal_transformers(files, gguf_llm):

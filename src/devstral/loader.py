@@ -260,6 +260,52 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec, vision=vision_model)
 
 
+def load_prompt_encoder(model: str | os.PathLike | None = None, *, mmproj: str | os.PathLike | None = None,
+                        vision: bool = True):
+    """A model's tokenizer, taking images as `load()` would set it up (the vision config of a mistral3
+    folder, or of the mmproj GGUF given or found beside a GGUF model), from headers and config files
+    alone: no weights are read. What `devstral template` shows a request as."""
+    from devstral.prompt.tokenizer import load_tokenizer
+
+    path = resolve_model(model, fetch_mmproj=vision and mmproj is None)
+    tokenizer = load_tokenizer(path)
+    if mmproj is not None and not _is_gguf(path):
+        raise DevstralError("--mmproj goes with a GGUF model; a safetensors model carries its own vision encoder")
+    if not vision:
+        return tokenizer
+    if _is_gguf(path):
+        from devstral.formats.gguf_mmproj import find_mmproj, vision_config_from_gguf
+        from devstral.formats.gguf_read import parse_header, resolve_gguf_path
+
+        md = parse_header(resolve_gguf_path(path)).metadata
+        dim = md.get(f"{md.get('general.architecture')}.embedding_length")
+        img = tokenizer.special_id("[IMG]")
+        projector = Path(mmproj).expanduser() if mmproj is not None else None
+        if projector is None and img is not None and isinstance(dim, int):
+            projector = find_mmproj(path, dim)
+        if projector is None:
+            tokenizer.no_images_reason = NO_PROJECTOR
+            return tokenizer
+        if not projector.is_file():
+            raise DevstralError(f"--mmproj: {projector}: no such file")
+        if img is None:
+            raise DevstralError(f"--mmproj: the model's vocabulary has no [IMG] token; {projector} does not go with it")
+        vc = vision_config_from_gguf(parse_header(projector).metadata, text_dim=dim, image_token_id=img,
+                                     source=str(projector))
+        _images_enabled(tokenizer, vc)
+    elif (path / "config.json").is_file():  # a mistral3 config (a tokenizer-only folder has none)
+        from devstral.formats.vision_checkpoint import has_vision_tensors, vision_config_of
+
+        vc = vision_config_of(path, ModelConfig.from_dir(path))
+        try:
+            tower = vc is not None and has_vision_tensors(path)
+        except DevstralError:  # config and tokenizer without weights: what the config describes
+            tower = True
+        if tower:
+            _images_enabled(tokenizer, vc)
+    return tokenizer
+
+
 NO_PROJECTOR = ("this GGUF has no vision projector: pass --mmproj FILE (llama.cpp's mmproj GGUF), or keep "
                 "mmproj-*.gguf beside the model")
 

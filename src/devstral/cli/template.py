@@ -34,26 +34,23 @@ def read_request(path: str) -> dict:
     return data
 
 
-def _tokenizer(model: str | None):
-    from devstral.loader import resolve_model
-    from devstral.prompt.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve_model(model))  # folders and .gguf files alike, without the weights
-
-
 @app.command()
 def template(
     request: str = typer.Option(..., "--request", "-r", help="JSON file with messages (and tools); '-' reads stdin."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or org/repo."),
+    mmproj: Path = typer.Option(None, "--mmproj", help="The vision projector GGUF of a GGUF model (else the one "
+                                "beside it): image parts show as the image tokens the model sees."),
     system: str | None = typer.Option(None, "--system", help="Use this system prompt instead of the model's."),
     no_system: bool = typer.Option(False, "--no-system", help="Send no default system prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print {prompt, token_ids, ...} as JSON."),
 ) -> None:
-    """Print the exact prompt (text and token ids) the model sees for a chat request."""
+    """Print the exact prompt (text and token ids) the model sees for a chat request; an image part is its
+    [IMG]/[IMG_BREAK]/[IMG_END] tokens, as the model's vision encoder lays it out."""
+    from devstral.loader import load_prompt_encoder
     from devstral.prompt.system_prompt import resolve
 
     data = read_request(request)
-    tok = _tokenizer(model)
+    tok = load_prompt_encoder(model, mmproj=mmproj)  # folders and .gguf files alike, without the weights
     tok.default_system_prompt = resolve(tok.default_system_prompt, system, no_system)
     ids = tok.encode_chat(data["messages"], data.get("tools"))
     prompt = tok.decode(ids, special=True)

@@ -276,7 +276,16 @@ class GGUFTokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
                     add_generation_prompt: bool = True) -> str:
-        return self.template().render(messages, tools, add_generation_prompt=add_generation_prompt)
+        """The prompt text the template writes; an image part is shown as the image tokens the model sees
+        (refused, in one line, when the model takes no images)."""
+        from devstral.prompt.images import why_no_images
+        from devstral.prompt.template_images import render_with_images
+
+        def render(ms):
+            return self.template().render(ms, tools, add_generation_prompt=add_generation_prompt)
+
+        return render_with_images(render, messages, self.images, why_no_images(self),
+                                  lambda ids: self.decode(ids, special=True))
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
                     system_prompt: str | None | object = DEFAULT) -> list[int]:

@@ -45,11 +45,10 @@ class TemplateImages:
         return cls(ImageEncoder(config, SpecialImageIDs(*ids)), ImageTokens(*ids))
 
 
-def encode_with_images(encode_template, messages: list[dict[str, Any]], images: TemplateImages | None,
-                       refusal: str | None) -> list[int]:
-    """`encode_template(messages, media)` -> ids, with the messages' image_url parts as markers and the
-    ids as PromptIds carrying the images. `refusal`: why this model takes no images (then an image part
-    is a one-line error naming it), None when `images` is set."""
+def _with_markers(messages: list[dict[str, Any]], images: TemplateImages | None, refusal: str | None):
+    """(messages with each image_url part swapped for a marker text part, {marker: the image's ids},
+    the images' pixels in order). `refusal`: why this model takes no images (an image part is then a
+    one-line error naming it), None when `images` is set."""
     from mistral_common.protocol.instruct.chunk import ImageChunk
 
     from devstral.prompt.chat import message_images
@@ -72,5 +71,27 @@ def encode_with_images(encode_template, messages: list[dict[str, Any]], images: 
             pixels.append(encoded.image)
             parts[k] = {"type": "text", "text": marker}
         out.append({**message, "content": parts})
+    return out, media, pixels
+
+
+def encode_with_images(encode_template, messages: list[dict[str, Any]], images: TemplateImages | None,
+                       refusal: str | None) -> list[int]:
+    """`encode_template(messages, media)` -> ids, with the messages' image_url parts as markers and the
+    ids as PromptIds carrying the images."""
+    out, media, pixels = _with_markers(messages, images, refusal)
     ids = encode_template(out, media or None)
     return attach_images(ids, pixels, images.tokens) if pixels else ids
+
+
+def render_with_images(render_template, messages: list[dict[str, Any]], images: TemplateImages | None,
+                       refusal: str | None, image_text) -> str:
+    """The prompt text `render_template(messages)` writes, each image part shown as the tokens the model
+    sees for it (`image_text(ids)`: "[IMG][IMG]...[IMG_BREAK]...[IMG_END]"), where the template put it."""
+    out, media, _ = _with_markers(messages, images, refusal)
+    text = render_template(out)
+    for marker, ids in media.items():
+        if text.count(marker) != 1:
+            raise DevstralError("the chat template does not write each image part where the message has it; it "
+                                "cannot be used with images")
+        text = text.replace(marker, image_text(ids))
+    return text

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from devstral.engine.embed import embedding_info
 from devstral.server.errors import APIError
-from devstral.server.images import takes_images
+from devstral.server.images import check_content_parts, fetch_remote_images, takes_images
 from devstral.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 from devstral.server.state import state_of
 from devstral.server.validation import check_tools
@@ -104,8 +104,14 @@ def dump_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
 
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, request: Request):
-    llm = state_of(request).llm
+    """The prompt a chat request becomes (llama.cpp's route): text and ids, each image part as the
+    [IMG]/[IMG_BREAK]/[IMG_END] tokens the model sees, checked (and fetched) as a chat request's are."""
+    state = state_of(request)
+    llm = state.llm
     tools = dump_tools(body.tools)
     check_tools(tools)
-    ids = await run_in_threadpool(llm.tokenizer.encode_chat, dump_messages(body.messages), tools)
-    return {"prompt": llm.tokenizer.decode(ids, special=True), "tokens": ids}
+    messages = dump_messages(body.messages)
+    if check_content_parts(messages, llm, allow_remote=state.config.allow_remote_images):
+        messages = await run_in_threadpool(fetch_remote_images, messages)
+    ids = await run_in_threadpool(llm.tokenizer.encode_chat, messages, tools)
+    return {"prompt": llm.tokenizer.decode(ids, special=True), "tokens": list(ids)}
