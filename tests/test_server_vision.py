@@ -111,6 +111,34 @@ def test_bad_images_are_400_and_the_server_keeps_serving(url, field, message):
     assert ok.status_code == 200
 
 
+def test_ollama_show_says_vision():
+    """Ollama clients look for the "vision" capability before they offer to attach an image."""
+    server, _ = vision_server()
+    assert "vision" in ollama.Client(host=server.url).show("m3").capabilities
+    assert "vision" not in ollama.Client(host=live().url).show("tiny").capabilities
+
+
+def test_too_many_images_are_400_and_the_server_keeps_serving():
+    """More images than one request takes, or more image tokens than the context holds: one 400 each."""
+    server, _ = vision_server()
+    many = ask(*[png(24, 24, i) for i in range(17)])
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m3", "max_tokens": 2, "messages": many},
+                   timeout=60)
+    assert r.status_code == 400 and "more than 16 images" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages.0.content.16"
+    big = ask(*[png(200, 200, i) for i in range(12)])  # ~870 tokens of images in a 512-token context
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m3", "max_tokens": 2, "messages": big},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "exceeds the context size of 512" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/api/chat", timeout=60, json={"model": "m3", "stream": False, "messages": [
+        {"role": "user", "content": "x", "images": [base64.b64encode(png(200, 200, i)).decode() for i in range(12)]}]})
+    assert r.status_code == 400 and "context" in r.json()["error"]
+    ok = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                    json={"model": "m3", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+
+
 def test_ollama_bad_image_names_the_field():
     server, _ = vision_server()
     r = httpx.post(server.url + "/api/chat", timeout=60, json={

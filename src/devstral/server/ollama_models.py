@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 
 from devstral.prompt.fim import supports_fim
 from devstral.server.errors import APIError
+from devstral.server.images import takes_images
 from devstral.server.residency import rfc3339
 from devstral.server.schemas import OllamaShowRequest
 from devstral.server.state import ServerState, state_of
@@ -69,6 +70,8 @@ def capabilities(llm: Any, template: str) -> list[str]:
         caps.append("tools")
     if supports_fim(tok):
         caps.append("insert")  # Ollama's name for fill-in-the-middle (`suffix`)
+    if takes_images(llm):
+        caps.append("vision")  # what Ollama clients (Open WebUI, the ollama CLI) check before sending images
     if tok.special_id("[THINK]") is not None:
         caps.append("thinking")
     return caps
