@@ -53,6 +53,35 @@ def test_openai_client_image_url_equals_llm_chat():
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.message["content"]
 
 
+def test_responses_api_input_image_equals_llm_chat():
+    """The Responses API (what Codex-style agents send screenshots through): input_image parts with the
+    real openai client give the answer of the same image as a chat image_url part; a follow-up turn by
+    previous_response_id still has the image; bad parts are 400s naming input.I.content.J."""
+    from test_vision import data_url
+
+    server, reference = vision_server()
+    image = png(37, 53, 1)
+    ref = reference.chat(ask(image), sampling=SamplingParams(temperature=0, max_tokens=8))
+    r = client(server.url).responses.create(model="m3", temperature=0, max_output_tokens=8, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                                     {"type": "input_text", "text": ask(image)[0]["content"][-1]["text"]}]}])
+    assert r.output_text == ref.message["content"]
+    assert r.usage.input_tokens == ref.usage["prompt_tokens"] > 40
+    follow = client(server.url).responses.create(model="m3", temperature=0, max_output_tokens=2,
+                                                 previous_response_id=r.id, input="And the colours?")
+    assert follow.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens
+    for part, message in (({"type": "input_image", "file_id": "file-1"}, "file_id is not supported"),
+                          ({"type": "input_image", "image_url": "https://example.com/a.png"}, "--allow-remote-images"),
+                          ({"type": "input_image", "image_url": data_url(b"nope")}, "not an image")):
+        r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+            "model": "m3", "input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}, part]}]})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["message"].startswith("input.0.content.1")
+    r = httpx.post(live().url + "/v1/responses", timeout=60, json={"model": "tiny", "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": data_url(png(8, 8))}]}]})
+    assert r.status_code == 400 and "text-only" in r.json()["error"]["message"]
+
+
 def test_ollama_client_images_equal_the_openai_request():
     server, reference = vision_server()
     data = png(30, 20, 2)

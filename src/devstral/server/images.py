@@ -44,24 +44,54 @@ def check_content_parts(messages: list[dict[str, Any]], llm: Any, *, allow_remot
             if kind != "image_url":
                 raise APIError(400, f"{where}: {kind!r} parts are not supported (text and image_url are)",
                                param=where)
-            if not takes_images(llm):
-                raise APIError(400, f"{where}: {why_no_images(getattr(llm, 'tokenizer', None))}", param=where)
             count += 1
-            if count > MAX_IMAGES:
-                raise APIError(400, f"{where}: more than {MAX_IMAGES} images in one request", param=where)
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            if isinstance(url, str) and url.lower().startswith(_REMOTE):
-                if not allow_remote:
-                    raise APIError(400, f"{where}: remote image URLs are off (fetching is network use): send a "
-                                        "data: URL, or start the server with --allow-remote-images", param=where)
-                remote = True
-                continue
-            try:  # decoded here too, so the error names the field as the client sent it
-                image_from_url(url, where)
-            except DevstralError as e:
-                raise APIError(400, str(e), param=where) from None
+            remote = _check_url(url, where, llm, allow_remote=allow_remote, count=count) or remote
     return remote
+
+
+def _check_url(url: Any, where: str, llm: Any, *, allow_remote: bool, count: int) -> bool:
+    """400 naming `where` for an image this server does not take (the `count`th of the request);
+    whether it is a remote URL to fetch. A data URL is decoded here, so the error names the field as the
+    client sent it."""
+    if not takes_images(llm):
+        raise APIError(400, f"{where}: {why_no_images(getattr(llm, 'tokenizer', None))}", param=where)
+    if count > MAX_IMAGES:
+        raise APIError(400, f"{where}: more than {MAX_IMAGES} images in one request", param=where)
+    if isinstance(url, str) and url.lower().startswith(_REMOTE):
+        if not allow_remote:
+            raise APIError(400, f"{where}: remote image URLs are off (fetching is network use): send a "
+                                "data: URL, or start the server with --allow-remote-images", param=where)
+        return True
+    try:
+        image_from_url(url, where)
+    except DevstralError as e:
+        raise APIError(400, str(e), param=where) from None
+    return False
+
+
+def image_url_checker(llm: Any, *, allow_remote: bool):
+    """For an API that names its fields its own way (the Responses API's `input.I.content.J`): a function
+    (url, where) -> the URL to put in an image_url part, checked as check_content_parts checks a chat
+    request's, a remote one (with --allow-remote-images) fetched into a data URL. Call it off the event loop."""
+    import httpx
+
+    count = 0
+
+    def check(url: Any, where: str) -> str:
+        nonlocal count
+        count += 1
+        if not _check_url(url, where, llm, allow_remote=allow_remote, count=count):
+            return url
+        try:
+            data = _fetch(httpx, url)
+        except (httpx.HTTPError, ValueError) as e:
+            raise APIError(400, f"{where}: cannot fetch the image: {' '.join(str(e).split())[:160]}",
+                           param=where) from None
+        return "data:image/*;base64," + base64.b64encode(data).decode()
+
+    return check
 
 
 def fetch_remote_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ tools to chat tools, and the chat engine's output to output items."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from devstral.server.errors import APIError
@@ -16,26 +17,45 @@ def new_id(prefix: str) -> str:
 
 
 def _text(content: Any, where: str) -> str:
+    content = _content(content, where)
+    assert isinstance(content, str)  # without an image checker, only text comes back
+    return content
+
+
+def _content(content: Any, where: str, image: Callable[[Any, str], str] | None = None) -> str | list[dict[str, Any]]:
+    """A message's content for the chat encoder: its text, or (with `image`, for user messages) chat
+    content parts where it holds input_image parts, each URL passed through `image(url, where)`
+    (server/images.image_url_checker). Adjacent text parts join, as they do without images."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise APIError(400, f"{where}: expected a string or a list of content parts", param=where)
-    out = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in TEXT_PARTS:
-            out.append(str(part.get("text") or ""))
-        elif kind == "refusal":
-            out.append(str(part.get("refusal") or ""))
+        if kind in TEXT_PARTS or kind == "refusal":
+            text = str(part.get("refusal" if kind == "refusal" else "text") or "")
+            if parts and parts[-1]["type"] == "text":
+                parts[-1] = {"type": "text", "text": parts[-1]["text"] + text}
+            else:
+                parts.append({"type": "text", "text": text})
+        elif kind == "input_image" and image is not None:
+            at = f"{where}.{j}"
+            if not isinstance(part.get("image_url"), str) or not part["image_url"]:
+                raise APIError(400, f"{at}.image_url: required (a data: URL; file_id is not supported)", param=at)
+            parts.append({"type": "image_url", "image_url": {"url": image(part["image_url"], at)}})
         else:
-            raise APIError(400, f"{where}.{j}: {kind!r} parts are not supported (this server's engine is text-only)",
-                           param=where)
-    return "".join(out)
+            what = "text and input_image" if image is not None else "text"
+            raise APIError(400, f"{where}.{j}: {kind!r} parts are not supported here ({what} are)", param=where)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
-def input_messages(raw: str | list[Any]) -> list[dict[str, Any]]:
+def input_messages(raw: str | list[Any], image: Callable[[Any, str], str] | None = None) -> list[dict[str, Any]]:
     """Input items -> chat messages. Consecutive function calls join one assistant message (after the
-    assistant's text when that came just before); function_call_output items become tool messages."""
+    assistant's text when that came just before); function_call_output items become tool messages.
+    A user message's input_image parts become image_url parts through `image` (see _content)."""
     if isinstance(raw, str):
         return [{"role": "user", "content": raw}]
     messages: list[dict[str, Any]] = []
@@ -50,7 +70,8 @@ def input_messages(raw: str | list[Any]) -> list[dict[str, Any]]:
                 raise APIError(400, f"{where}.role: expected user, system, developer or assistant, got {role!r}",
                                param="input")
             messages.append({"role": "system" if role == "developer" else role,
-                             "content": _text(item.get("content"), f"{where}.content")})
+                             "content": _content(item.get("content"), f"{where}.content",
+                                                 image if role == "user" else None)})
         elif kind == "function_call":
             for key in ("call_id", "name"):
                 if not isinstance(item.get(key), str) or not item[key]:

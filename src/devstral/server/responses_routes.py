@@ -22,6 +22,7 @@ from pydantic import Field
 from devstral.server.chat_session import ChatOutput, chat_job
 from devstral.server.completions import check_fits
 from devstral.server.errors import APIError
+from devstral.server.images import image_url_checker
 from devstral.server.responses_items import (
     call_item,
     chat_tool_choice,
@@ -124,7 +125,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     if tool_choice == "none":
         tools = None
     history = store.conversation(body.previous_response_id) if body.previous_response_id else []
-    new_messages = input_messages(body.input)
+    new_messages = await run_in_threadpool(  # images are decoded, and fetched with --allow-remote-images
+        input_messages, body.input, image_url_checker(llm, allow_remote=state.config.allow_remote_images))
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) \
         + history + new_messages
     if not any(m["role"] != "system" for m in messages):
