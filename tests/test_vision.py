@@ -259,6 +259,31 @@ def test_run_image_prompt_ids_equal_mistral_common(ckpt, tmp_path, capsys):
     assert "bad.png: not an image in a supported format" in err and "Traceback" not in err
 
 
+def test_chat_image_command_attaches_to_the_next_message(ckpt, tmp_path, monkeypatch, capsys):
+    """`/image PATH` in `devstral chat`: a bad file is one error line and the REPL goes on; a good one goes
+    with the next message, whose prompt ids equal mistral-common's for the file's bytes."""
+    import devstral.engine.chat as chat_mod
+    from devstral.cli import main
+
+    shot, bad = tmp_path / "shot.png", tmp_path / "bad.png"
+    shot.write_bytes(png(45, 29, 12))
+    bad.write_bytes(b"GIF89a")
+    lines = iter([f"/image {bad}", f"/image {shot}", QUESTION, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    prompts = []
+    original = chat_mod.ChatStream.__init__
+
+    def spy(self, llm, messages, *a, **kw):
+        prompts.append(list(llm.tokenizer.encode_chat(messages)))
+        original(self, llm, messages, *a, **kw)
+
+    monkeypatch.setattr(chat_mod.ChatStream, "__init__", spy)
+    assert main(["chat", "--model", str(ckpt), "-n", "1", "--backend", "torch", "--no-system"]) == 0
+    err = capsys.readouterr().err.replace("\n", "")  # rich wraps long lines
+    assert "bad.png: not an image in a supported format" in err and "image attached" in err
+    assert prompts == [mistral_common_encoding(ckpt, ask(shot.read_bytes())).tokens]
+
+
 def test_template_command_shows_image_tokens_as_mistral_common(ckpt, tmp_path, capsys):
     import json
 
