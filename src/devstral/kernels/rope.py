@@ -3,6 +3,9 @@
 q [..., T, n_heads, D] and k [..., T, n_kv_heads, D] in the token-major ("BTHD") layout; cos/sin
 [..., T, D] already carry YaRN's attention factor; q_scale [..., T] or None multiplies the rotated
 queries (Devstral Small 2's position-dependent temperature).
+
+Training on a GPU takes Liger-Kernel's RoPE when kernels/train_backends.py says so and there is no query
+temperature (Liger has none); otherwise our Triton forward + backward (rope_autograd.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                q_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton_training(q, k):
         from devstral.kernels import rope_autograd as train
+        from devstral.kernels.train_backends import use_liger
+
+        if q_scale is None and train.supported(q, k) and use_liger("rope", q):
+            from devstral.kernels.liger import liger_rope  # faster on the H200 (train_backends.py)
+
+            return liger_rope(q, k, cos, sin)
 
         if train.supported(q, k):
             return train.apply_rope_autograd(q, k, cos, sin, q_scale)
