@@ -24,6 +24,9 @@ def finetune(
     lora_r: int = typer.Option(None, "--lora-r", help="LoRA rank (default 16)."),
     lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 16); scale is alpha/r."),
     lora_dropout: float = typer.Option(None, "--lora-dropout", help="Dropout on the LoRA input (default 0)."),
+    lora_dtype: str = typer.Option(None, "--lora-dtype",
+                                   help="LoRA weights in the forward: auto (default: bf16 with fp32 master copies in "
+                                        "the optimizer on CUDA, fp32 elsewhere), bf16 or fp32."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Scale by alpha/sqrt(r) (rank-stabilized)."),
     target: str = typer.Option(None, "--target", help="all-linear (default) or a comma list of q,k,v,o,gate,up,down, "
                                                       "experts (a Mixtral model's expert linears w1,w2,w3)."),

@@ -11,6 +11,7 @@ from typing import Any
 from devstral.errors import DevstralError
 
 SCHEDULES = ("cosine", "linear", "constant")
+LORA_DTYPES = ("auto", "bf16", "fp32")
 TRAIN_ON = {"all-assistant": "assistant", "assistant": "assistant", "last-assistant": "last-assistant"}
 
 
@@ -24,6 +25,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     rslora: bool = False
+    lora_dtype: str = "auto"  # the LoRA weights the forward uses: bf16 (fp32 masters in the optimizer) or fp32
     router_aux_loss: float = 0.0  # MoE: weight of the routers' load-balancing loss
     target: str = "all-linear"
     qlora: bool = False
@@ -67,6 +69,12 @@ class TrainConfig:
             raise DevstralError("--full trains every weight in 16/32-bit; it cannot be combined with --qlora")
         if self.lora_r <= 0:
             raise DevstralError(f"--lora-r must be a positive integer, got {self.lora_r}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise DevstralError(f"--lora-dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
+        if self.lora_dtype == "bf16" and (self.full or self.nproc > 1):
+            raise DevstralError("--lora-dtype bf16 is for LoRA / QLoRA in one process (" +
+                                ("--full trains fp32 master weights under bf16 autocast)" if self.full else
+                                 "--nproc shards fp32 LoRA weights)"))
         if self.lora_alpha <= 0:
             raise DevstralError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if not (math.isfinite(self.router_aux_loss) and self.router_aux_loss >= 0):

@@ -245,10 +245,16 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                 m.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
     n_trainable = sum(p.numel() for p in params)
+    masters = None
+    if not cfg.full and _lora_dtype(cfg, device, group) != torch.float32:
+        from devstral.train.master_weights import MasterWeights
+
+        masters = MasterWeights(params, torch.bfloat16)  # after the resume's fp32 values: the masters are exact
     if group is not None:  # after the weights are final: parameters become this rank's shards (DTensors)
         fsdp.shard(model, group)
         params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+    updated = masters.masters if masters is not None else params  # what the optimizer steps and clips
+    optimizer = torch.optim.AdamW(updated, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda" and group is None)
     if state is not None:
         if group is not None:
@@ -270,6 +276,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     progress.print(f"model: {mcfg.n_params / 1e6:,.1f}M parameters, {what}: "
                    f"{n_trainable / 1e6:,.2f}M trainable"
                    + (" (base in NF4)" if cfg.qlora or bnb is not None else "")
+                   + ("; LoRA weights bf16, fp32 masters in the optimizer" if masters is not None else "")
                    + (f"; resuming at step {start_step}" if state is not None else ""))
 
     stream = micro_batch_stream(examples, plan, cfg.seed, skip=micro_done)
@@ -305,11 +312,13 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                 loss_sum = fsdp.all_sum(group, loss_sum)
                 grad_norm = fsdp.grad_norm(params, cfg.max_grad_norm)
             elif cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(updated, cfg.max_grad_norm))
             else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in updated])))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if masters is not None:
+                masters.push()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t0
@@ -339,7 +348,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                 if group is not None:  # every rank takes part in gathering; rank 0 writes
                     lora, optim = fsdp.full_lora_state(model), fsdp.optimizer_state(model, optimizer)
                 else:
-                    lora = None if cfg.full else {k: v.detach().cpu().clone() for k, v in _lora_state(model).items()}
+                    lora = None if cfg.full else _checkpoint_lora(model, masters)
                     optim = optimizer.state_dict()
                 if leader:
                     save_checkpoint(out, {
@@ -352,6 +361,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         raise DevstralError(_oom_message(cfg, step)) from None
     finally:
         progress.close()
+    if masters is not None:
+        masters.release()  # the model's LoRA weights are the fp32 masters again: eval and the adapter use them
 
     if eval_examples:
         result.eval_loss = evaluate(model, eval_examples, plan, device)
@@ -393,6 +404,22 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
     from devstral.model.lora import lora_state
 
     return lora_state(model)
+
+
+def _lora_dtype(cfg: TrainConfig, device: torch.device, group) -> torch.dtype:
+    """--lora-dtype: auto is bf16 (with fp32 masters) for LoRA / QLoRA on CUDA in one process, else fp32."""
+    if cfg.lora_dtype == "auto":
+        bf16 = device.type == "cuda" and group is None and not cfg.full
+        return torch.bfloat16 if bf16 else torch.float32
+    return torch.bfloat16 if cfg.lora_dtype == "bf16" else torch.float32
+
+
+def _checkpoint_lora(model, masters) -> dict[str, torch.Tensor]:
+    """The LoRA weights for a checkpoint, in fp32: the optimizer's masters when the model's are bf16."""
+    state = _lora_state(model)
+    if masters is not None:  # trainable_parameters and lora_state share one order: each module's A, then B
+        state = dict(zip(state, masters.masters, strict=True))
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 _MUST_MATCH = ("model", "data", "lora_r", "lora_alpha", "rslora", "target", "qlora", "seed", "batch_size",
