@@ -102,7 +102,7 @@ def _build_ours(cfg, device, dtype, qlora: bool):
 
 
 def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps: int, *, qlora=False,
-               offload=False) -> dict:
+               offload=False, lora_bf16=False) -> dict:
     from devstral.kernels.varlen_attention import Documents
     from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
     from devstral.train.batching import Batch
@@ -120,7 +120,13 @@ def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps:
     params = trainable_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    masters = None
+    if lora_bf16:  # as the trainer does on CUDA (--lora-dtype auto): bf16 LoRA, fp32 masters in the optimizer
+        from devstral.train.master_weights import MasterWeights
+
+        masters = MasterWeights(params, torch.bfloat16)
+    updated = masters.masters if masters is not None else params
+    opt = torch.optim.AdamW(updated, lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(3, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
     batch = Batch(tokens, tokens.clone(), torch.arange(seq, device=device)[None], None, Documents((seq,)))
     model.train()
@@ -129,9 +135,11 @@ def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps:
         with _autocast(device):
             loss, n = summed_loss(model, batch)
         (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(updated, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if masters is not None:
+            masters.push()
         return float(loss.detach()) / n
 
     out = timed(step, device, warmup, steps)
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-qlora-hf", action="store_true")
     ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--lora-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="our LoRA weights: auto = bf16 with fp32 masters on CUDA (the trainer's default), fp32 on CPU")
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU, a smoke test of this script")
     args = ap.parse_args(argv)
 
@@ -301,14 +311,22 @@ def main(argv: list[str] | None = None) -> int:
                              f"{r['tokens_per_s']:.0f} tok/s, activations {r.get('activation_peak_gib', 0):.2f} GiB"),
               file=sys.stderr)
 
-    run("devstral_lora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps)
+    from devstral.kernels.train_backends import liger_available, table
+
+    lora_bf16 = args.lora_dtype == "bf16" or (args.lora_dtype == "auto" and device.type == "cuda")
+    result["workload"]["lora_dtype"] = "bf16 (fp32 masters)" if lora_bf16 else "fp32"
+    result["train_kernels"] = {op: impl if impl == "ours" or liger_available() else "ours"
+                               for op, impl in table().items()} if device.type == "cuda" else "cpu reference"
+    run("devstral_lora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps, lora_bf16=lora_bf16)
     if not args.skip_hf:
         run("hf_peft_lora", bench_hf, shape, seq, args.r, device, dtype, warmup, steps)
-    run("devstral_qlora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps, qlora=True)
+    run("devstral_qlora", bench_ours, shape, seq, args.r, device, dtype, warmup, steps, qlora=True,
+        lora_bf16=lora_bf16)
     if not args.skip_hf and not args.skip_qlora_hf and device.type == "cuda":
         run("hf_peft_qlora", bench_hf, shape, seq, args.r, device, dtype, warmup, steps, qlora=True)
     if not args.skip_long:
-        run("devstral_lora_long_offload", bench_ours, shape, long_seq, args.r, device, dtype, 1, 2, offload=True)
+        run("devstral_lora_long_offload", bench_ours, shape, long_seq, args.r, device, dtype, 1, 2, offload=True,
+            lora_bf16=lora_bf16)
         if not args.skip_hf:
             run("hf_peft_lora_long", bench_hf, shape, long_seq, args.r, device, dtype, 1, 2)
 

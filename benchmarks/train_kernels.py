@@ -60,7 +60,7 @@ def measure(fn, device: torch.device, reps: int) -> dict:
 def head_cases(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype) -> dict:
     from torch.utils.checkpoint import checkpoint
 
-    from devstral.kernels.fused_linear_ce import linear_cross_entropy
+    from devstral.kernels.fused_linear_ce import chunk_rows, linear_cross_entropy
 
     g = torch.Generator(device=device).manual_seed(0)
     h = (torch.randn(n, d, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
@@ -81,7 +81,7 @@ def head_cases(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype)
 
     def fused():
         h.grad = None
-        linear_cross_entropy(h, w, t).backward()
+        linear_cross_entropy(h, w, t, chunk=chunk_rows(v)).backward()  # a chunk size given: ours, never Liger
 
     cases = {"plain": plain, "checkpointed_chunks": chunks, "fused_ours": fused}
     try:  # Triton: a GPU only
@@ -278,6 +278,9 @@ def main() -> None:
         import liger_kernel
 
         result["liger_kernel"] = getattr(liger_kernel, "__version__", "installed")
+        from devstral.kernels.train_backends import winners
+
+        result["table"] = winners(result)  # what kernels/train_backends.py MEASURED should say for this GPU
     except ImportError:
         result["liger_kernel"] = None
     result["wall_s"] = time.perf_counter() - t0

@@ -61,6 +61,17 @@ def test_bad_override_is_one_clear_error(monkeypatch, spec, words):
     assert tb.ENV in str(e.value)
 
 
+def test_finetune_refuses_a_bad_override_before_loading(monkeypatch, tmp_path, capsys):
+    from devstral.cli import main
+
+    monkeypatch.setenv(tb.ENV, "rope=fastest")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["finetune", "--model", str(tmp_path / "absent"), "--data", str(data), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert f"{tb.ENV}='rope=fastest': rope must be ours or liger" in capsys.readouterr().err
+
+
 def test_cpu_tensors_never_take_liger_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(tb.ENV, "liger")

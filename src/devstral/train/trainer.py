@@ -159,6 +159,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.devices import resolve_device
     from devstral.formats.bnb4bit import bnb_quantization
     from devstral.formats.peft import AdapterConfig, save_adapter, save_adapter_state
+    from devstral.kernels import train_backends
     from devstral.loader import resolve_model
     from devstral.model.lora import inject_lora, lora_modules, parse_targets, trainable_parameters
     from devstral.parallel import fsdp
@@ -172,6 +173,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     from devstral.train.time_budget import UNBOUNDED, TimeBudget
 
     cfg.validate()
+    train_backends.table()  # a bad DEVSTRAL_TRAIN_KERNELS is a user error before anything loads
     budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes is not None else None
     group = fsdp.join(cfg)  # None in one process; FSDP2 over the group otherwise (parallel/fsdp.py)
     leader = group is None or group.is_leader
