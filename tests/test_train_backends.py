@@ -175,6 +175,22 @@ _THROUGH_LIGER = textwrap.dedent("""
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    # a head that trains (full fine-tuning): Liger's loss and both gradients against F.cross_entropy
+    from devstral.kernels.fused_linear_ce import linear_cross_entropy
+    os.environ.pop(ENV)
+    h = torch.randn(37, 24, generator=g, requires_grad=True)
+    w = (torch.randn(101, 24, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 101, (37,), generator=g)
+    t[::5] = -100
+    got = linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(got * 0.37, (h, w))
+    assert used == {"liger_linear_cross_entropy"}, used
+    ref = F.cross_entropy(h @ w.t(), t, reduction="sum", ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref * 0.37, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
     print("OK", float(loss), float(ref))
 """)
 

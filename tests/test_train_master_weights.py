@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from devstral.cli import main
+from devstral.errors import DevstralError
 from devstral.train.config import TrainConfig
 from devstral.train.master_weights import MasterWeights
 from devstral.train.trainer import _lora_dtype
@@ -69,6 +70,12 @@ def test_lora_dtype_resolution(lora_dtype, device, group, full, expect):
     assert _lora_dtype(cfg, torch.device(device), group) == expect
 
 
+def test_explicit_bf16_under_fsdp_is_refused():
+    cfg = TrainConfig(model="m", data="d", output="o", lora_dtype="bf16")
+    with pytest.raises(DevstralError, match="under FSDP2 the LoRA weights stay fp32"):
+        _lora_dtype(cfg, torch.device("cuda"), object())
+
+
 def _jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -83,14 +90,18 @@ class _Crash(BaseException):
     pass
 
 
-def test_bf16_lora_resumes_exactly_and_saves_the_fp32_masters(tiny_hf, tmp_path, monkeypatch):
+_ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device, lora_dtype", [("cpu", "bf16"), pytest.param("cuda", "auto", marks=_ON_GPU)])
+def test_bf16_lora_resumes_exactly_and_saves_the_fp32_masters(tiny_hf, tmp_path, monkeypatch, device, lora_dtype):
     import devstral.train.checkpoint as checkpoint
 
     rows = [{"prompt": f"Question number {i}?", "completion": f"Answer {i}: " + "ok " * (i + 1)} for i in range(6)]
     data = _jsonl(tmp_path / "train.jsonl", rows)
     common = ["finetune", "--model", str(tiny_hf), "--data", str(data), "--max-steps", "4", "--lr", "5e-3",
               "--batch-size", "2", "--grad-accum", "2", "--save-every", "2", "--no-progress", "--seed", "3",
-              "--lora-dtype", "bf16"]
+              "--lora-dtype", lora_dtype, "--device", device]
     straight = tmp_path / "straight"
     assert main([*common, "--output", str(straight)]) == 0
 

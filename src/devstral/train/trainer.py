@@ -410,9 +410,12 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 def _lora_dtype(cfg: TrainConfig, device: torch.device, group) -> torch.dtype:
     """--lora-dtype: auto is bf16 (with fp32 masters) for LoRA / QLoRA on CUDA in one process, else fp32."""
+    if group is not None:  # FSDP2 shards the fp32 LoRA weights themselves (torchrun gets here without --nproc)
+        if cfg.lora_dtype == "bf16":
+            raise DevstralError("--lora-dtype bf16 is for one process; under FSDP2 the LoRA weights stay fp32")
+        return torch.float32
     if cfg.lora_dtype == "auto":
-        bf16 = device.type == "cuda" and group is None and not cfg.full
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and not cfg.full else torch.float32
     return torch.bfloat16 if cfg.lora_dtype == "bf16" else torch.float32
 
 
