@@ -78,8 +78,18 @@ def test_cpu_tensors_never_take_liger_without_the_interpreter(monkeypatch):
     assert not tb.use_liger("rope", torch.zeros(1))
 
 
+def test_the_interpreter_takes_liger_only_when_asked(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter tests of our own kernels keep testing ours
+    monkeypatch.setattr(tb, "liger_available", lambda: True)
+    monkeypatch.delenv(tb.ENV, raising=False)
+    assert not tb.use_liger("rope", torch.zeros(1))
+    monkeypatch.setenv(tb.ENV, "liger")
+    assert tb.use_liger("rope", torch.zeros(1))
+
+
 def test_without_liger_installed_ours_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(tb.ENV, "liger")
     monkeypatch.setattr(tb, "liger_available", lambda: False)
     assert not tb.use_liger("fused_linear_ce", torch.zeros(1))
 
@@ -120,6 +130,7 @@ def test_rope_with_a_query_temperature_stays_ours(monkeypatch):
     from devstral.kernels.rope import apply_rope, apply_rope_ref
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(tb.ENV, "liger")
     monkeypatch.setattr(tb, "liger_available", lambda: True)
     calls = []
     monkeypatch.setattr(liger, "liger_rope", lambda *a: calls.append(a) or apply_rope_ref(*a))
@@ -128,6 +139,8 @@ def test_rope_with_a_query_temperature_stays_ours(monkeypatch):
     k = torch.randn(1, 3, 2, 8, generator=g, requires_grad=True)
     cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
     apply_rope(q, k, cos, sin, torch.full((1, 3), 1.5))
+    assert not calls
+    apply_rope(q, q, cos, sin, None)  # one tensor as both: Liger's in-place rotation would apply twice
     assert not calls
     apply_rope(q, k, cos, sin, None)
     assert len(calls) == 1
@@ -178,7 +191,7 @@ _THROUGH_LIGER = textwrap.dedent("""
 
     # a head that trains (full fine-tuning): Liger's loss and both gradients against F.cross_entropy
     from devstral.kernels.fused_linear_ce import linear_cross_entropy
-    os.environ.pop(ENV)
+    os.environ[ENV] = "liger"
     h = torch.randn(37, 24, generator=g, requires_grad=True)
     w = (torch.randn(101, 24, generator=g) * 0.3).requires_grad_()
     t = torch.randint(0, 101, (37,), generator=g)
@@ -197,8 +210,7 @@ _THROUGH_LIGER = textwrap.dedent("""
 
 def test_liger_path_equals_the_reference_through_the_interpreter(tiny_hf):
     pytest.importorskip("liger_kernel")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    env.pop(tb.ENV, None)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src"), tb.ENV: "liger"}
     done = subprocess.run([sys.executable, "-c", _THROUGH_LIGER, str(tiny_hf)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]

@@ -36,7 +36,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         from devstral.kernels import rope_autograd as train
         from devstral.kernels.train_backends import use_liger
 
-        if q_scale is None and train.supported(q, k) and use_liger("rope", q):
+        # Liger rotates in place: q and k must not share memory (the model's never do)
+        distinct = q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+        if q_scale is None and distinct and train.supported(q, k) and use_liger("rope", q):
             from devstral.kernels.liger import liger_rope  # faster on the H200 (train_backends.py)
 
             return liger_rope(q, k, cos, sin)

@@ -10,9 +10,10 @@ which `winners()` turns into this table, and a test keeps the two in step):
     silu_mul         1.062 ms               1.050 ms               ours (1% apart: a tie)
     fused_linear_ce  52.5 ms, 0.625 GiB     35.0 ms, 0.125 GiB     liger (8192x5120 -> 131072)
 
-Liger runs where its Triton kernels run: CUDA tensors (or CPU ones under TRITON_INTERPRET=1, how the CPU
-tests check its numerics). Without liger-kernel installed, or on any other device, ours (or the plain
-PyTorch reference) runs as before. Liger adapters exist for the ops it wins; rms_norm and silu_mul are
+Liger runs on CUDA tensors. CPU tensors under TRITON_INTERPRET=1 (where our kernels run interpreted) take
+it only when DEVSTRAL_TRAIN_KERNELS asks for it: that is how the CPU tests check Liger's numerics, while
+the interpreter tests of our own kernels keep testing ours. Without liger-kernel installed, or on any
+other device, ours (or the plain PyTorch reference) runs as before. Liger adapters exist for the ops it wins; rms_norm and silu_mul are
 always ours.
 
 DEVSTRAL_TRAIN_KERNELS overrides the table: `ours` or `liger` for every op that has a choice, or a
@@ -89,9 +90,10 @@ def liger_available() -> bool:
 
 def use_liger(op: str, t: torch.Tensor) -> bool:
     """Train `op` on `t`'s device with Liger's kernel? Only where the table says liger, Liger is importable
-    and its Triton kernels run for this tensor."""
+    and its Triton kernels run for this tensor: compiled on CUDA, interpreted on the CPU when asked for."""
     if table()[op] != "liger":
         return False
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and bool(os.environ.get(ENV))
+    if not (t.is_cuda or interpreted):
         return False
     return liger_available()
