@@ -325,9 +325,14 @@ def test_gpu_silu_mul_at_devstral_shape_and_against_liger():
 
 
 @pytest.mark.gpu
-def test_gpu_training_kernels_in_a_lora_step_match_the_reference_path(monkeypatch):
-    """A bf16 LoRA step of a 2-layer Devstral-width model: the Triton training kernels against the
-    reference path (DEVSTRAL_NO_TRITON), same loss and LoRA gradients within bf16 noise."""
+@pytest.mark.parametrize("kernels", ["ours", "liger"])
+def test_gpu_training_kernels_in_a_lora_step_match_the_reference_path(monkeypatch, kernels):
+    """A bf16 LoRA step of a 2-layer Devstral-width model: the Triton training kernels (ours everywhere,
+    or with Liger's RoPE and fused linear + CE: kernels/train_backends.py) against the reference path
+    (DEVSTRAL_NO_TRITON), same loss and LoRA gradients within bf16 noise."""
+    if kernels == "liger":
+        pytest.importorskip("liger_kernel")
+    monkeypatch.setenv("DEVSTRAL_TRAIN_KERNELS", kernels)
     from devstral import kernels
     from devstral.config import ModelConfig
     from devstral.kernels.varlen_attention import Documents

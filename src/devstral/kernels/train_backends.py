@@ -75,12 +75,14 @@ def table() -> dict[str, str]:
     return _parse(spec) if spec else dict(MEASURED)
 
 
-@functools.cache
 def liger_available() -> bool:
     from devstral.kernels import triton_available
 
-    if not triton_available():
-        return False
+    return triton_available() and _liger_importable()  # DEVSTRAL_NO_TRITON turns Liger off too
+
+
+@functools.cache
+def _liger_importable() -> bool:
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
