@@ -259,12 +259,12 @@ def _workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
-def _fork_map(fn, items: list, shared: Any) -> list:
-    """[fn(x) for x in items] in order, over forked processes when the list is long."""
+def _fork_map(fn, items: list, shared: Any, *, min_items: int = 256) -> list:
+    """[fn(x) for x in items] in order, over forked processes when the list is long enough to pay."""
     _SHARED["value"] = shared
     try:
-        workers = min(_workers(), 32)
-        if workers <= 1 or len(items) < 256 or sys.platform != "linux":
+        workers = min(_workers(), 32, len(items))
+        if workers <= 1 or len(items) < min_items or sys.platform != "linux":
             return [fn(x) for x in items]
         import multiprocessing
 
@@ -293,25 +293,7 @@ def tool_conversations(docs: list[tuple[str, str]], seed: int, count: int) -> li
     """`count` tool-use conversations in TOOL_SHARDS seeded shards (each runs the agent's real tools)."""
     sizes = [count // TOOL_SHARDS + (i < count % TOOL_SHARDS) for i in range(TOOL_SHARDS)]
     shards = [(seed, i, n) for i, n in enumerate(sizes) if n]
-    workers = min(_workers(), len(shards))
-    if workers <= 1 or sys.platform != "linux":
-        return [r for shard in shards for r in _tool_shard_with(docs, shard)]
-    _SHARED["value"] = docs
-    try:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return [r for part in pool.map(_tool_shard, shards, chunksize=1) for r in part]
-    finally:
-        _SHARED.clear()
-
-
-def _tool_shard_with(docs: list[tuple[str, str]], shard: tuple[int, int, int]) -> list[dict[str, Any]]:
-    _SHARED["value"] = docs
-    try:
-        return _tool_shard(shard)
-    finally:
-        _SHARED.clear()
+    return [r for part in _fork_map(_tool_shard, shards, docs, min_items=2) for r in part]
 
 
 # ---------------------------------------------------------------------------------- the whole build
