@@ -1,7 +1,7 @@
 """Decode GEMV sweep for GGUF weights (Q4_K, Q6_K, Q8_0) at Devstral Small's shapes, M in {1, 2, 4, 8}.
 
 For each (type, shape, M) it times every candidate -- the streaming GEMV (kernels/gguf_gemv_wide.py)
-over a few tile shapes and split-K counts, the float GEMV and the integer-dot GEMV at their current
+over a few tile shapes and split-K counts, with float and with int8 activations ("wide_i8"), the float GEMV and the integer-dot GEMV at their current
 tuned configs -- checks each output against the exactly dequantized weight times x (fp32), and
 reports microseconds, effective GB/s (bytes of quantized weights read / time) and % of the measured
 copy bandwidth (the physical limit). Winners become the "gguf_decode" table that
@@ -21,6 +21,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -49,6 +50,9 @@ MS = (1, 2, 4, 8)
 # streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
 # 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
 WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)), 4: ((64, 4), (32, 4), (64, 8))}
+# the same GEMV with int8 activations (dp4a) keeps fewer registers per row: 16 rows a thread fit at BM = 1
+WIDE_I8_TILES = {1: ((128, 4), (256, 4), (256, 8)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
+I8_TYPES = ("Q4_K", "Q6_K", "Q8_0")
 F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
@@ -71,11 +75,14 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     ns = 8
     bm = gguf_gemv_wide.bm_for(m)
     sb = 16 if qtype == "Q6_K" else 32
-    for bn, warps in WIDE_TILES[bm]:
-        tiles = -(-n // bn) * -(-m // bm)
-        s0 = gguf_config.split_k(tiles, k // (sb * ns), sms)
-        for s in sorted({max(1, s0 // 2), s0, min(32, s0 * 2)}):
-            out.append(("wide", dict(bn=bn, ns=ns, bm=bm, split_k=s, num_warps=warps)))
+    for kind, tile_set in (("wide", WIDE_TILES), ("wide_i8", WIDE_I8_TILES)):
+        if kind == "wide_i8" and qtype not in I8_TYPES:
+            continue
+        for bn, warps in tile_set[bm]:
+            tiles = -(-n // bn) * -(-m // bm)
+            s0 = gguf_config.split_k(tiles, k // (sb * ns), sms)
+            for s in sorted({max(1, s0 // 2), s0, min(32, s0 * 2)}):
+                out.append((kind, dict(bn=bn, ns=ns, bm=bm, split_k=s, num_warps=warps)))
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -95,7 +102,8 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     return out
 
 
-KERNELS = {"wide": gguf_gemv_wide.gemv, "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv}
+KERNELS = {"wide": gguf_gemv_wide.gemv, "wide_i8": functools.partial(gguf_gemv_wide.gemv, int8=True),
+           "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv}
 
 
 def groups() -> list[tuple[str, str]]:
@@ -187,7 +195,7 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                     rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue
                 gbps = wbytes / us / 1e3
-                ok = rel < (2e-2 if kind == "idot" else 6e-3)  # bf16 output rounding; int8 activations
+                ok = rel < (2e-2 if kind in gguf_config.INT8_KINDS else 6e-3)  # bf16 output; int8 activations
                 rows.append(dict(row, us=round(us, 2), GBps=round(gbps, 1), pct_of_copy=round(100 * gbps / copy_gbps, 1),
                                  weight_bytes=wbytes, rel_err=rel, ok=ok))
         if not dry:
@@ -226,7 +234,7 @@ def measured_kinds(rows: list[dict], table: dict) -> dict:
                     shape = per.setdefault(r["kind"], {})
                     shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
             full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
-            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide"):
+            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide", "wide_i8"):
                 kinds.setdefault(qtype, {})[str(m)] = min(full, key=lambda k: sum(per[k].values()))
     return kinds
 

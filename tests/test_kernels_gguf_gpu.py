@@ -69,7 +69,7 @@ def close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1.6e-2, rel: float
 
 
 def dispatch_rel(qt: QType, m: int) -> float:
-    """What the dispatcher's path may miss by: the integer-dot GEMV rounds activations to int8."""
+    """What the dispatcher's path may miss by: the int8-activation GEMVs round activations to int8."""
     return 1.5e-2 if qt.name in gguf_config.IDOT_TYPES and m <= gguf_config.IDOT_MAX_M else 4e-3
 
 
@@ -143,6 +143,41 @@ def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
         graph.replay()
         torch.cuda.synchronize()
         close(out, ref)
+
+
+@pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q6_K, QType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
+    """gguf_gemv_wide with int8 activations (dp4a): on activations int8 represents exactly it equals
+    x @ W^T to fp32 accuracy (odd N, K cut inside a tile, split-K, 16 rows a thread, even shapes),
+    and on random activations it is int8-close; replayed in a CUDA graph it gives the same."""
+    from test_kernels_gguf_interpret import int8_exact
+
+    bm = gguf_gemv_wide.bm_for(m)
+    cases = (((1029, k_for(qt, big=True) // 32 * 32), (dict(bn=64, ns=16, split_k=3, num_warps=4),
+                                                        dict(bn=32, ns=4, split_k=16, num_warps=2))),
+             ((512, 2048), (dict(bn=256, ns=8, split_k=2, num_warps=4), dict(bn=128, ns=8, split_k=1, num_warps=4))))
+    for (n, k), cfgs in cases:
+        raw = blocks(qt, n, k, seed=20 + m)
+        p = pack(raw.to(CUDA), qt, n, k)
+        w = reference(raw, qt, n, k)
+        x = int8_exact(m, k, torch.Generator().manual_seed(m)).to(CUDA)
+        ref = x.float() @ w.t()
+        for cfg in cfgs:
+            out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.float32)
+            gguf_gemv_wide.gemv(x, p, None, out, bm=bm, int8=True, **cfg)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        xr = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+        gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, **cfgs[0])
+        close(out, xr.float() @ w.t(), rel=1.5e-2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, **cfgs[0])
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        close(out, xr.float() @ w.t(), rel=1.5e-2)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

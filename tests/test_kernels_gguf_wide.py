@@ -31,6 +31,7 @@ TYPES = list(K)
 F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
 # (rows m, BN, NS, BM, split_k): even and uneven tiles, split-K 3 over fewer tiles than splits
 CASES = [(1, 16, 8, 1, 1), (1, 8, 2, 1, 3), (2, 16, 16, 2, 2), (6, 8, 2, 4, 5)]
+INT8_TYPES = [QType.Q4_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
 
 
 def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -66,6 +67,17 @@ def _run_cases(out_path: str) -> None:
             gguf_gemv_wide.gemv(x[:m], p, b, out, bn=bn, ns=ns, bm=bm, split_k=split)
             outs[(m, bn, ns, bm, split)] = (out, b is not None)
         res[qt.name] = {"raw": raw, "x": x, "bias": bias, "outs": outs}
+        if qt in INT8_TYPES:  # int8 activations: exact on activations int8 represents, close on random ones
+            from test_kernels_gguf_interpret import int8_exact
+
+            xe = int8_exact(6, K[qt], g)
+            i8 = {}
+            for m, bn, ns, bm, split in CASES:
+                for name, xin in (("exact", xe), ("random", x)):
+                    out = torch.full((m, N), float("nan"))
+                    gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, split_k=split, int8=True)
+                    i8[(name, m, bn, ns, bm, split)] = out
+            res[qt.name].update(xe=xe, int8=i8)
     torch.save(res, out_path)
 
 
@@ -92,6 +104,23 @@ def test_streaming_gemv_matches_dequantize_then_matmul(results, qtype):
         ref = x[:m] @ w.t() + (r["bias"] if has_bias else 0.0)
         assert not out.isnan().any()  # every output row and column written
         _close(out, ref)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_streaming_gemv_int8_activations(results, qtype):
+    """With int8 activations (dp4a): x @ W^T to fp32 accuracy where int8 per sub-block represents x
+    exactly (this checks every index, byte order and scale), and within int8 rounding elsewhere."""
+    r = results[qtype.name]
+    w = dequantize(r["raw"], qtype, (N, K[qtype]))
+    assert len(r["int8"]) == 2 * len(CASES)
+    for (name, m, *_), out in r["int8"].items():
+        xin = (r["xe"] if name == "exact" else r["x"])[:m].float()
+        ref = xin @ w.t() + r["bias"]
+        assert not out.isnan().any()
+        if name == "exact":
+            _close(out, ref)
+        else:  # per-sub-block absmax int8: ~0.5% of a dot product's magnitude
+            assert ((out - ref).norm() / (xin @ w.t()).norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

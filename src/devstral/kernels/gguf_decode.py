@@ -150,10 +150,37 @@ def _subblock_fast(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n, j, r, ok, s_
     return c1 * f + c0
 
 
+@triton.jit
+def dp4a(a, b, c, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """c + sum over the four bytes of a * b (b signed; a unsigned unless A_SIGNED)."""
+    if ASM:
+        if A_SIGNED:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    for i in tl.static_range(4):
+        ab = (a >> (8 * i)) & 0xFF
+        if A_SIGNED:
+            ab = (ab ^ 0x80) - 0x80
+        bb = (((b >> (8 * i)) & 0xFF) ^ 0x80) - 0x80
+        c += ab * bb
+    return c
+
+
+@triton.jit
+def spread_pairs(t):
+    """2-bit fields at bits 0, 4, 8, 12 of t -> bits 4, 12, 20, 28 (the top bits of four 6-bit bytes)."""
+    t = t & 0x3333
+    t = (t | (t << 8)) & 0x00330033
+    t = (t | (t << 4)) & 0x03030303
+    return t << 4
+
+
 def qt_code(qtype) -> int:
     from gguf import GGMLQuantizationType as QType
 
     return {QType.Q4_K: 0, QType.Q5_K: 1, QType.Q6_K: 2, QType.Q8_0: 3}[QType(qtype)]
 
 
-__all__ = ["GEOMETRY", "load_words", "qt_code", "slice_f", "sub_scales", "subblock_values", "triton"]
+__all__ = ["GEOMETRY", "dp4a", "load_words", "qt_code", "spread_pairs", "slice_f", "sub_scales", "subblock_values", "triton"]

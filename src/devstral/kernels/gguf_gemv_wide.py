@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
+from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code, spread_pairs
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
@@ -213,10 +213,94 @@ def _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS: tl.constexpr, WPS: tl.constex
 
 @triton.jit
 def _row_dot(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
-             WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+             WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr = False):
+    if INT8:
+        return _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT, NS, WPS, EVEN, ASM)
     if QT == 0:
         return _row_dot_q4k(words, one, xp, x_ok, c1, c0, NS, WPS, EVEN)
     return _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT, E, NS, WPS, EVEN, ASM)
+
+
+@triton.jit
+def _int8_bits(x, inv):
+    """round(x * inv) as the low byte of an int32 (two's complement): adding 1.5 * 2^23 leaves the
+    rounded integer in the low mantissa bits (one FFMA; no float->int conversion, a slow instruction)."""
+    return (x * inv + 12582912.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _pack4(a, b, c, d, ASM: tl.constexpr):
+    """The low bytes of a, b, c, d as one word (a in byte 0): three PRMTs."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1; prmt.b32 t0, $1, $2, 0x0040; prmt.b32 t1, $3, $4, 0x0040; "
+            "prmt.b32 $0, t0, t1, 0x5410; }", "=r,r,r,r,r", [a, b, c, d], dtype=tl.int32, is_pure=True, pack=1)
+    return (a & 0xFF) | ((b & 0xFF) << 8) | ((c & 0xFF) << 16) | (d << 24)
+
+
+@triton.jit
+def _x_int8(x0, x1, x2, x3, amax):
+    """The four slices' int8 bits (see _int8_bits) at the sub-block scale amax / 127."""
+    inv = (127.0 / tl.maximum(amax, 1e-30))[:, :, None]  # all-zero sub-blocks stay zero
+    return _int8_bits(x0, inv), _int8_bits(x1, inv), _int8_bits(x2, inv), _int8_bits(x3, inv)
+
+
+@triton.jit
+def _absmax4(x0, x1, x2, x3):
+    return tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+
+
+@triton.jit
+def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr,
+                  EVEN: tl.constexpr, ASM: tl.constexpr):
+    """The sub-block sums with int8 activations and dp4a: [BN, NS].
+
+    Each thread already holds its sub-blocks' activations (the [1, NS, WPS] slices), so it quantizes
+    them itself, per sub-block (absmax / 127, as llama.cpp's q8_1), once for its R rows. Then a word
+    of eight nibbles is two dp4a operands (w & 0x0F0F0F0F holds value positions 0, 2, 4, 6;
+    (w >> 4) & 0x0F0F0F0F positions 1, 3, 5, 7): five instructions per eight weights where the float
+    decode needs about twenty. The activations' bytes are packed in the same value order. c1 is
+    _scales' (Q4_K 2^7 d sc, Q6_K 2^6 d sc, Q8_0 2^8 d); the power of two is folded into the
+    activation scale. Q4_K's min term uses the exact float sum of the sub-block's activations; Q6_K's
+    offset (levels stored as q + 32) the integer sum of the int8 levels."""
+    x0 = _x_slice(xp, x_ok, NS, WPS, EVEN)
+    x1 = _x_slice(xp + WPS, x_ok, NS, WPS, EVEN)
+    x2 = _x_slice(xp + 2 * WPS, x_ok, NS, WPS, EVEN)
+    x3 = _x_slice(xp + 3 * WPS, x_ok, NS, WPS, EVEN)
+    zero = tl.zeros(words.shape, dtype=tl.int32)
+    if QT == 3:  # Q8_0: the word's four bytes are signed levels of value positions 0..3
+        amax = tl.max(_absmax4(x0, x1, x2, x3), axis=2)  # [1, NS]
+        b0, b1, b2, b3 = _x_int8(x0, x1, x2, x3, amax)
+        s = dp4a(words, tl.broadcast_to(_pack4(b0, b1, b2, b3, ASM), words.shape), zero, True, ASM)
+        res = (c1 * (amax * (1.0 / (127.0 * 256.0)))) * tl.sum(s, axis=2).to(tl.float32)
+    else:
+        x4 = _x_slice(xp + 4 * WPS, x_ok, NS, WPS, EVEN)
+        x5 = _x_slice(xp + 5 * WPS, x_ok, NS, WPS, EVEN)
+        x6 = _x_slice(xp + 6 * WPS, x_ok, NS, WPS, EVEN)
+        x7 = _x_slice(xp + 7 * WPS, x_ok, NS, WPS, EVEN)
+        amax = tl.max(tl.maximum(_absmax4(x0, x1, x2, x3), _absmax4(x4, x5, x6, x7)), axis=2)
+        b0, b1, b2, b3 = _x_int8(x0, x1, x2, x3, amax)
+        b4, b5, b6, b7 = _x_int8(x4, x5, x6, x7, amax)
+        x_lo = tl.broadcast_to(_pack4(b0, b2, b4, b6, ASM), words.shape)
+        x_hi = tl.broadcast_to(_pack4(b1, b3, b5, b7, ASM), words.shape)
+        w_lo = words & 0x0F0F0F0F
+        w_hi = (words >> 4) & 0x0F0F0F0F
+        if QT == 2:  # Q6_K: the two high bits of each level into bits 4..5 of its byte
+            w_lo = w_lo | spread_pairs(hi)
+            w_hi = w_hi | spread_pairs(hi >> 2)
+        s = dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, False, ASM), False, ASM)
+        isum = tl.sum(s, axis=2).to(tl.float32)  # [BN, NS]
+        if QT == 2:
+            # the sub-block's int8 levels summed (each b is 0x4B400000 + level)
+            lv = ((b0 - 0x4B400000) + (b1 - 0x4B400000)) + ((b2 - 0x4B400000) + (b3 - 0x4B400000))
+            lv += ((b4 - 0x4B400000) + (b5 - 0x4B400000)) + ((b6 - 0x4B400000) + (b7 - 0x4B400000))
+            qsum = tl.sum(lv, axis=2).to(tl.float32)
+            res = (c1 * (amax * (1.0 / (127.0 * 64.0)))) * (isum - 32.0 * qsum)
+        else:
+            # Q4_K: weight = d sc q - dmin mn; c1 = 2^7 d sc, c0 = -dmin mn
+            xsum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=2)
+            res = (c1 * (amax * (1.0 / (127.0 * 128.0)))) * isum + c0 * xsum
+    return res
 
 
 @triton.jit
@@ -241,7 +325,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+                 INT8: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -281,7 +366,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         sn_ok = row_ok & (tn * NS + jn2 < n_sub)
         d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
                                              QT, SB, EVEN)
-        if QT == 3:
+        if QT == 3 and not INT8:
             words = words ^ XOR_SIGN_BYTES
         w3 = tl.reshape(words, (BN, NS, WPS))
         h3 = tl.reshape(hi, (BN, NS, WPS))
@@ -289,12 +374,12 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         k0 = t * (NS * SB)
         x_ok = (k0 + x_in) < K
         xp = xp0 + k0
-        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM)
+        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
         if BM > 1:
-            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
         if BM > 2:
-            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM)
-            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM)
+            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
         words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
     cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
@@ -312,11 +397,19 @@ def bm_for(m: int) -> int:
     return 1 if m == 1 else (2 if m == 2 else MAX_BM)
 
 
+INT8_TYPES = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (QT codes): the types with an int8-activation row dot
+
+
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
-         bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
-    """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program)."""
+         bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1,
+         int8: bool = False) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
+    int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
+    (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls)."""
     m, k = x.shape
     qt = qt_code(p.qtype)
+    if int8 and qt not in INT8_TYPES:
+        raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
     split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
@@ -328,7 +421,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-        ASM=os.environ.get("TRITON_INTERPRET") != "1",
+        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8,
         num_warps=num_warps, num_stages=num_stages)
     return out
 

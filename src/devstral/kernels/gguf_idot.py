@@ -31,37 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, qt_code
+from devstral.kernels.gguf_decode import GEOMETRY, dp4a, qt_code, spread_pairs
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
-
-
-@triton.jit
-def _dp4a(a, b, c, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
-    """c + sum over the four bytes of a * b (b signed; a unsigned unless A_SIGNED)."""
-    if ASM:
-        if A_SIGNED:
-            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    for i in tl.static_range(4):
-        ab = (a >> (8 * i)) & 0xFF
-        if A_SIGNED:
-            ab = (ab ^ 0x80) - 0x80
-        bb = (((b >> (8 * i)) & 0xFF) ^ 0x80) - 0x80
-        c += ab * bb
-    return c
-
-
-@triton.jit
-def _spread_pairs(t):
-    """2-bit fields at bits 0, 4, 8, 12 of t -> bits 4, 12, 20, 28 (the top bits of four 6-bit bytes)."""
-    t = t & 0x3333
-    t = (t | (t << 8)) & 0x00330033
-    t = (t | (t << 4)) & 0x03030303
-    return t << 4
 
 
 @triton.jit
@@ -119,18 +92,18 @@ def _idot_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
             w_lo = words & 0x0F0F0F0F
             w_hi = (words >> 4) & 0x0F0F0F0F
             if QT == 2:
-                w_lo = w_lo | _spread_pairs(hi)
-                w_hi = w_hi | _spread_pairs(hi >> 2)
+                w_lo = w_lo | spread_pairs(hi)
+                w_hi = w_hi | spread_pairs(hi >> 2)
             w_lo = tl.broadcast_to(w_lo[None, :, :], (BM, BN, NS * WPS))
             w_hi = tl.broadcast_to(w_hi[None, :, :], (BM, BN, NS * WPS))
             x_lo = tl.broadcast_to(x_lo, (BM, BN, NS * WPS))
             x_hi = tl.broadcast_to(x_hi, (BM, BN, NS * WPS))
-            s = _dp4a(w_lo, x_lo, tl.zeros((BM, BN, NS * WPS), dtype=tl.int32), False, ASM)
-            s = _dp4a(w_hi, x_hi, s, False, ASM)
+            s = dp4a(w_lo, x_lo, tl.zeros((BM, BN, NS * WPS), dtype=tl.int32), False, ASM)
+            s = dp4a(w_hi, x_hi, s, False, ASM)
         else:
             wb = tl.broadcast_to(words[None, :, :], (BM, BN, NS * WPS))
             xb8 = tl.broadcast_to(tl.reshape(xw, (BM, 1, NS * WPS)), (BM, BN, NS * WPS))
-            s = _dp4a(wb, xb8, tl.zeros((BM, BN, NS * WPS), dtype=tl.int32), True, ASM)
+            s = dp4a(wb, xb8, tl.zeros((BM, BN, NS * WPS), dtype=tl.int32), True, ASM)
         isum = tl.sum(tl.reshape(s, (BM, BN, NS, WPS)), axis=3).to(tl.float32)  # [BM, BN, NS]
         # scales
         j = t * NS + jn

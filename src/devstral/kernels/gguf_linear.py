@@ -1,5 +1,5 @@
-"""y = x @ W^T + b for a planar GGUF weight on CUDA: picks the streaming GEMV, the integer-dot GEMV
-(Q4_K, Q6_K, Q8_0 at M <= 8), the float GEMV, the tile GEMM or dequantize + cuBLAS (gguf_config.gguf_plan).
+"""y = x @ W^T + b for a planar GGUF weight on CUDA: picks the streaming GEMV (float or int8
+activations), the integer-dot GEMV (Q4_K, Q6_K, Q8_0 at M <= 8), the float GEMV, the tile GEMM or dequantize + cuBLAS (gguf_config.gguf_plan).
 
 The dequantize path writes bands of rows into one bf16 scratch buffer per device, shared by every
 layer (layers run one after another), capped at DEVSTRAL_DEQUANT_SCRATCH_MB (default 512 MiB: a
@@ -66,8 +66,8 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> 
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if kind == "wide":
-            gguf_gemv_wide.gemv(x2, p, bias, out, **cfg)
+        if kind in ("wide", "wide_i8"):
+            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind == "wide_i8", **cfg)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)
         elif kind == "gemv":
