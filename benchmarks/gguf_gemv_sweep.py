@@ -40,12 +40,14 @@ from devstral.kernels.gguf_pack import pack  # noqa: E402
 from devstral.quant import QType  # noqa: E402
 from devstral.quant.layout import block_info  # noqa: E402
 
-SHAPES = {"attn_q": (4096, 5120), "attn_kv": (1024, 5120), "attn_o": (5120, 4096),
-          "ffn_gate_up": (32768, 5120), "ffn_down": (5120, 32768), "output": (131072, 5120)}
-# what a Q4_K_M file holds: Q4_K everywhere but attn_v / half of ffn_down / the head (Q6_K)
-TYPE_SHAPES = {"Q4_K": ["attn_q", "attn_kv", "attn_o", "ffn_gate_up", "ffn_down"],
+# the matmuls of a decode step as the engine runs them: q/k/v fused into one weight when they share a
+# type, else q/k fused and v alone; gate/up fused (model/transformer.fused_projection)
+SHAPES = {"attn_qkv": (6144, 5120), "attn_qk": (5120, 5120), "attn_kv": (1024, 5120), "attn_o": (5120, 4096),
+          "ffn_gate_up": (65536, 5120), "ffn_down": (5120, 32768), "output": (131072, 5120)}
+# what a Q4_K_M file holds: Q4_K everywhere but attn_v / ffn_down in about half the layers / the head (Q6_K)
+TYPE_SHAPES = {"Q4_K": ["attn_qkv", "attn_qk", "attn_o", "ffn_gate_up", "ffn_down"],
                "Q6_K": ["attn_kv", "ffn_down", "output"],
-               "Q8_0": list(SHAPES)}
+               "Q8_0": ["attn_qkv", "attn_o", "ffn_gate_up", "ffn_down", "output"]}
 MS = (1, 2, 4, 8)
 # streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
 # 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
@@ -261,10 +263,10 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 
     mixes = {
         # Q4_K_M (llama.cpp's rule): q, k, o, gate, up Q4_K; v Q6_K; ffn_down Q6_K in about half the layers
-        "Q4_K_M": [("Q4_K", "attn_q", 1), ("Q4_K", "attn_kv", 1), ("Q6_K", "attn_kv", 1), ("Q4_K", "attn_o", 1),
-                   ("Q4_K", "ffn_gate_up", 2), ("Q4_K", "ffn_down", 0.5), ("Q6_K", "ffn_down", 0.5)],
-        "Q8_0": [("Q8_0", "attn_q", 1), ("Q8_0", "attn_kv", 2), ("Q8_0", "attn_o", 1), ("Q8_0", "ffn_gate_up", 2),
-                 ("Q8_0", "ffn_down", 1)],
+        "Q4_K_M": [("Q4_K", "attn_qkv", 0.5), ("Q4_K", "attn_qk", 0.5), ("Q6_K", "attn_kv", 0.5),
+                   ("Q4_K", "attn_o", 1), ("Q4_K", "ffn_gate_up", 1), ("Q4_K", "ffn_down", 0.5),
+                   ("Q6_K", "ffn_down", 0.5)],
+        "Q8_0": [("Q8_0", "attn_qkv", 1), ("Q8_0", "attn_o", 1), ("Q8_0", "ffn_gate_up", 1), ("Q8_0", "ffn_down", 1)],
     }
     heads = {"Q4_K_M": ("Q6_K", "output"), "Q8_0": ("Q8_0", "output")}
     peer = {}
@@ -328,8 +330,11 @@ def main() -> None:
     rows = sweep(args, groups(), sms, False, t0, copy_gbps)
     best = winners(rows)
     device = torch.cuda.get_device_name(CUDA)
-    decode = {key: dict(kind=r["kind"], **r["config"]) for key, r in best.items()}
     table = gguf_config.tuned_table(device)
+    # shapes measured here replace their entries; others (unfused q, gate, up: LoRA-wrapped or other
+    # models) keep the earlier measurement
+    decode = {**table.get("gguf_decode", {}),
+              **{key: dict(kind=r["kind"], **r["config"]) for key, r in best.items()}}
     import triton
 
     result = {

@@ -361,6 +361,19 @@ def test_gguf_model_on_cuda_matches_cpu_and_stays_near_file_size(tmp_path):
     gpu = llm.logits(ids).cpu()
     assert ((gpu - cpu).norm() / cpu.norm()).item() < 0.03  # bf16 activations vs fp32
     assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item() > 0.9
+    # q/k/v (or q/k) and gate/up as one planar weight each: same logits, no more memory
+    torch.cuda.synchronize()
+    loaded = torch.cuda.memory_allocated()
+    llm.model.fuse_projections()
+    layers = llm.model.model.layers
+    assert all(b.mlp.gate_up is not None and (b.self_attn.qkv or b.self_attn.qk) for b in layers)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= loaded + (1 << 20)
+    assert sum(m.nbytes() for m in llm.model.modules() if isinstance(m, GGUFWeight)) == quant_bytes
+    with torch.no_grad():
+        fused = llm.logits(ids).cpu()
+    assert ((fused - gpu).norm() / gpu.norm()).item() < 1e-2
+    assert (fused.argmax(-1) == gpu.argmax(-1)).float().mean().item() > 0.97
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_k", "fp8"])

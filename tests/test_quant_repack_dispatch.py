@@ -30,6 +30,30 @@ def test_repack_round_trips_every_byte(qtype, n, k):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_row_concatenation_and_row_slices_give_back_every_byte(qtype):
+    """q/k/v or gate/up fused into one planar weight (concat_rows): each member's row slice of it is
+    exactly its own weight, also over a copy of the buffer (rebind, as after a device move), and a
+    slice's bytes are its own rows only."""
+    from devstral.kernels.gguf_pack import concat_rows
+
+    k = 512
+    g = torch.Generator().manual_seed(7)
+    raws = [torch.randint(0, 256, (n, row_bytes(qtype, k)), dtype=torch.uint8, generator=g) for n in (5, 3, 9)]
+    parts = [pack(r, qtype, r.shape[0], k) for r in raws]
+    fused = concat_rows(parts)
+    assert fused.n == 17 and torch.equal(unpack(fused), torch.cat(raws))
+    row = 0
+    for raw, p in zip(raws, parts, strict=True):
+        s = fused.row_slice(row, row + p.n)
+        assert torch.equal(unpack(s), raw)
+        assert torch.equal(unpack(s.rebind(fused.buf.clone())), raw)
+        assert s.nbytes() == sum(a.numel() * a.element_size() for a in p.arrays.values())
+        row += p.n
+    with pytest.raises(ValueError):
+        concat_rows([parts[0], pack(raws[1][:, :row_bytes(qtype, 256)].contiguous(), qtype, 3, 256)])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_repacked_weights_stay_within_the_memory_budget(qtype):
     for n, k in DEVSTRAL_SHAPES:
         ratio = packed_nbytes(qtype, n, k) / (n * row_bytes(qtype, k))

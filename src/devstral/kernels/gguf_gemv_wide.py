@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code, spread_pairs
+from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
@@ -251,6 +251,27 @@ def _absmax4(x0, x1, x2, x3):
 
 
 @triton.jit
+def _q6k_high_pairs(hi, ASM: tl.constexpr):
+    """Q6_K's high bits as the bits 4..5 of each byte of the two dp4a operands (value positions 0, 2,
+    4, 6 and 1, 3, 5, 7). hi holds value s's two bits at 2s..2s+1: bytes B0 = values 0-3, B1 = 4-7.
+    One PRMT makes [B0, B0, B1, B1]; then each byte needs its field at bits 4..5, which is a shift
+    of the whole word by +4 or 0 (even values) and +2 or -2 (odd values), alternating by byte: two
+    shifted copies merged under a constant mask (one LOP3). About 7 instructions for both operands
+    where spreading the pairs bit by bit takes 14."""
+    if ASM:
+        u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x1100;", "=r,r", [hi], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        b0 = hi & 0xFF
+        b1 = (hi >> 8) & 0xFF
+        u = b0 | (b0 << 8) | (b1 << 16) | (b1 << 24)
+    sel = 0x00300030  # bytes 0 and 2 take the first copy, bytes 1 and 3 the second
+    h_lo = ((u << 4) & sel) | (u & (0x30303030 ^ sel))
+    h_hi = ((u << 2) & sel) | ((u >> 2) & (0x30303030 ^ sel))
+    return h_lo, h_hi
+
+
+@triton.jit
 def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr,
                   EVEN: tl.constexpr, ASM: tl.constexpr):
     """The sub-block sums with int8 activations and dp4a: [BN, NS].
@@ -286,8 +307,9 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
         w_lo = words & 0x0F0F0F0F
         w_hi = (words >> 4) & 0x0F0F0F0F
         if QT == 2:  # Q6_K: the two high bits of each level into bits 4..5 of its byte
-            w_lo = w_lo | spread_pairs(hi)
-            w_hi = w_hi | spread_pairs(hi >> 2)
+            h_lo, h_hi = _q6k_high_pairs(hi, ASM)
+            w_lo = w_lo | h_lo
+            w_hi = w_hi | h_hi
         s = dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, False, ASM), False, ASM)
         isum = tl.sum(s, axis=2).to(tl.float32)  # [BN, NS]
         if QT == 2:

@@ -77,20 +77,37 @@ class PackedGGUF:
         self.fmt = FORMATS[self.qtype]
         self.buf = buf
         self.arrays = _views(self.fmt, self.n, self.k, buf)
+        self.rows_of: tuple[int, int] | None = None  # (first row, rows of the whole buffer) for a row slice
 
     @classmethod
     def empty(cls, qtype: QType, n: int, k: int, device: torch.device | str) -> PackedGGUF:
         return cls(qtype, n, k, torch.empty(packed_nbytes(qtype, n, k), dtype=_U8, device=device))
 
+    def row_slice(self, start: int, stop: int) -> PackedGGUF:
+        """Rows start..stop as a weight of their own, sharing this buffer (every field keeps its row
+        stride, which is all the kernels use)."""
+        if self.rows_of is not None:
+            raise ValueError("a row slice of a row slice")
+        out = object.__new__(PackedGGUF)
+        out.qtype, out.n, out.k, out.fmt, out.buf = self.qtype, stop - start, self.k, self.fmt, self.buf
+        out.arrays = {name: a[start:stop] for name, a in self.arrays.items()}
+        out.rows_of = (start, self.n)
+        return out
+
     def rebind(self, buf: torch.Tensor) -> PackedGGUF:
         """The same weight over another buffer (after the module moved to another device)."""
-        return PackedGGUF(self.qtype, self.n, self.k, buf)
+        if self.rows_of is None:
+            return PackedGGUF(self.qtype, self.n, self.k, buf)
+        start, total = self.rows_of
+        return PackedGGUF(self.qtype, total, self.k, buf).row_slice(start, start + self.n)
 
     @property
     def device(self) -> torch.device:
         return self.buf.device
 
     def nbytes(self) -> int:
+        if self.rows_of is not None:
+            return sum(a.numel() * a.element_size() for a in self.arrays.values())
         return self.buf.numel()
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -98,6 +115,18 @@ class PackedGGUF:
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.arrays.get(name)
+
+
+def concat_rows(parts: list[PackedGGUF]) -> PackedGGUF:
+    """One weight holding the rows of several (same type, same K, one device), in order: what lets
+    q/k/v or gate/up run as one launch. The caller drops the parts for row slices of the result."""
+    first = parts[0]
+    if any((p.qtype, p.k, p.device) != (first.qtype, first.k, first.device) for p in parts):
+        raise ValueError("concat_rows: parts differ in type, K or device")
+    out = PackedGGUF.empty(first.qtype, sum(p.n for p in parts), first.k, first.device)
+    for name, arr in out.arrays.items():
+        torch.cat([p[name] for p in parts], dim=0, out=arr)
+    return out
 
 
 def _layout(fmt: PlanarFormat, n: int, k: int) -> tuple[dict[str, int], int]:

@@ -13,7 +13,9 @@ says it beats cuBLAS) and the plain-PyTorch reference everywhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -29,6 +31,7 @@ from devstral.kernels.silu_mul import silu_mul
 from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
+from devstral.quant.linear import fuse_quant
 
 
 class AttentionCache(Protocol):
@@ -70,6 +73,16 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
     return fused
 
 
+def fused_projection(*linears: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Inference: these projections of one input as one matmul -- plain linears through one fused
+    weight, planar GGUF linears of one type through one planar weight (quant.linear.fuse_quant) --
+    or None when their weights cannot be joined. Outputs are concatenated in the given order."""
+    weight = fused_weight(*linears)
+    if weight is not None:
+        return partial(linear, weight=weight)
+    return fuse_quant(*linears)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -79,16 +92,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse(); views shared with q/k/v_proj
+        # set by fuse(): q/k/v as one matmul, or q/k as one when v cannot join (a GGUF Q4_K_M keeps
+        # attn_v in Q6_K in some layers); their weights are views of the fused one
+        self.qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.qk: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def fuse(self) -> None:
-        self.qkv_weight = fused_weight(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv = fused_projection(self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is None:
+            self.qk = fused_projection(self.q_proj, self.k_proj)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_weight is not None and not torch.is_grad_enabled():
-            qkv = linear(x, self.qkv_weight)
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.qkv is not None and not torch.is_grad_enabled():
+            qkv = self.qkv(x)
             return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        if self.qk is not None and not torch.is_grad_enabled():
+            qk = self.qk(x)
+            return qk[..., :nq], qk[..., nq:], run_linear(self.v_proj, x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, q_scale, mask, cache: AttentionCache | None) -> torch.Tensor:
@@ -116,14 +137,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by fuse()
 
     def fuse(self) -> None:
-        self.gate_up_weight = fused_weight(self.gate_proj, self.up_proj)
+        self.gate_up = fused_projection(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return run_linear(self.down_proj, silu_mul(gate, up))

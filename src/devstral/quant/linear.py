@@ -71,6 +71,12 @@ class GGUFWeight(nn.Module):
         else:
             self.register_buffer("raw", raw.reshape(self.n, per_row).to(device), persistent=False)
 
+    def share_rows_of(self, fused, start: int) -> None:
+        """Drop this weight's own planar buffer for rows start.. of `fused` (a PackedGGUF holding this
+        weight's rows among others, see fuse_quant)."""
+        self._packed = fused.row_slice(start, start + self.n)
+        self._buffers["planar"] = fused.buf  # one tensor object for every member: counted once
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self._packed is not None:
@@ -86,6 +92,8 @@ class GGUFWeight(nn.Module):
         return next(self.buffers()).device
 
     def nbytes(self) -> int:
+        if self.mode == "planar":
+            return self._packed.nbytes()  # its own rows only, when it views a fused weight
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def rows(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -157,6 +165,39 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={self.qtype.name}, {self.weight_q.mode}, bias={self.bias is not None}")
+
+
+class PackedProjection:
+    """Several QuantLinears of one input as one planar weight, called like a bias-free linear
+    (inference): q/k/v or gate/up in one kernel launch instead of two or three. Deliberately not an
+    nn.Module: the members keep their modules (names, LoRA, export) and now view its rows."""
+
+    def __init__(self, packed):
+        self.packed = packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from devstral.kernels.gguf_linear import linear
+
+        return linear(x, self.packed)
+
+
+def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
+    """One planar weight for these QuantLinears when they can share one (all planar on one device, one
+    type and K, no bias, not fused already), their rows copied in order; each member then views its
+    rows of it, so memory does not grow. None otherwise."""
+    if not all(type(m) is QuantLinear and m.bias is None and m.weight_q.mode == "planar" for m in linears):
+        return None
+    packs = [m.weight_q.packed for m in linears]
+    if any(p.rows_of is not None for p in packs) or len({(p.qtype, p.k, p.device) for p in packs}) != 1:
+        return None
+    from devstral.kernels.gguf_pack import concat_rows
+
+    fused = concat_rows(packs)
+    row = 0
+    for m, p in zip(linears, packs, strict=True):
+        m.weight_q.share_rows_of(fused, row)
+        row += p.n
+    return PackedProjection(fused)
 
 
 def fallback_notice(model: nn.Module) -> str | None:
