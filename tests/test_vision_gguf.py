@@ -211,7 +211,7 @@ def test_run_gguf_with_mmproj_and_image(files, tmp_path, capsys):
     ckpt, model, exact = files
     image = tmp_path / "shot.png"
     image.write_bytes(png(45, 29, 8))
-    # `--backend auto` on a CPU would pick llama.cpp for a GGUF; an image makes it torch
+    # `--backend auto` on a CPU picks llama.cpp for a GGUF, images included (its libmtmd runs the projector)
     assert main(["run", "--json", "-n", "2", "--temperature", "0", "--model", str(model), "--mmproj", str(exact),
                  "--image", str(image), QUESTION]) == 0
     out = json.loads(capsys.readouterr().out)

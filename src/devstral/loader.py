@@ -144,10 +144,6 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         raise DevstralError(f"--quantize-on-load applies to safetensors models; {path} is a GGUF, already quantized")
     if mmproj is not None and not _is_gguf(path):
         raise DevstralError("--mmproj goes with a GGUF model; a safetensors model carries its own vision encoder")
-    if mmproj is not None and backend == "llama.cpp":
-        raise DevstralError("--mmproj: images run on the torch backend; use --backend torch (or auto)")
-    if mmproj is not None and vision:
-        backend = "torch"  # the vision encoder and the [IMG] embeddings are ours
     tp = None
     from devstral.parallel.launch import wanted
 
@@ -161,6 +157,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         backend, vision = "torch", False  # the text decoder is split; a vision tower is not loaded
     shard = (tp.rank, tp.world) if tp is not None else None
     engine = choose_backend(backend, gguf=_is_gguf(path), device=device, adapter=adapter is not None)
+    if engine == "llama.cpp" and backend == "auto" and vision and _is_gguf(path):
+        engine = _auto_with_images(path, mmproj)
     llama = engine == "llama.cpp"
     dev = torch.device("cpu") if llama else tp.device if tp is not None else resolve_device(device)
     if llama:
@@ -179,10 +177,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         check_gguf(g, cfg)  # our one-line errors for a bad file; then the weights are llama.cpp's alone
         net = LlamaCppModel(g.path, gpu_layers=gpu_layers(device))
         folder = path.parent if path.is_file() else path
-        found = _beside(path, cfg, tokenizer) if vision else None
-        tokenizer.no_images_reason = (
-            f"images with a GGUF run on the torch backend (its vision projector {found.name} is not loaded by "
-            "llama.cpp's): use --backend torch" if found is not None else NO_PROJECTOR)
+        vision_model = _llama_cpp_images(path, mmproj, net, cfg, tokenizer, vision=vision,
+                                         threads=threads or torch.get_num_threads())
     elif _is_gguf(path):
         from devstral.formats.gguf import load_gguf_model
 
@@ -256,7 +252,7 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         from devstral.engine.llamacpp_llm import LlamaCppLLM
 
         return LlamaCppLLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec,
-                           threads=threads or torch.get_num_threads())
+                           threads=threads or torch.get_num_threads(), vision=vision_model)
     return LLM(net, cfg, tokenizer, path=path, sampling=sampling, engine_config=ec, vision=vision_model)
 
 
@@ -318,6 +314,59 @@ def _beside(path: Path, cfg: ModelConfig, tokenizer) -> Path | None:
     if tokenizer.special_id("[IMG]") is None:
         return None
     return find_mmproj(path, cfg.dim)
+
+
+def _auto_with_images(path: Path, mmproj) -> str:
+    """`--backend auto` chose llama.cpp for a GGUF: torch instead when a projector goes with it and this
+    llama-cpp-python has no multimodal library (images keep working, on our encoder)."""
+    from devstral.engine.llamacpp_images import mtmd_unavailable
+
+    if mtmd_unavailable() is None:
+        return "llama.cpp"
+    if mmproj is not None:
+        return "torch"
+    from devstral.formats.gguf_read import parse_header, resolve_gguf_path
+
+    md = parse_header(resolve_gguf_path(path)).metadata
+    dim = md.get(f"{md.get('general.architecture')}.embedding_length")
+    from devstral.formats.gguf_mmproj import find_mmproj
+
+    return "torch" if isinstance(dim, int) and find_mmproj(path, dim) is not None else "llama.cpp"
+
+
+def _llama_cpp_images(path: Path, mmproj, net, cfg: ModelConfig, tokenizer, *, vision: bool, threads: int):
+    """The projector of a GGUF on the llama.cpp backend, run by llama.cpp's libmtmd (--mmproj, or the
+    one found beside the model); None, with the tokenizer saying why, when there is none or it cannot run."""
+    from devstral.engine.llamacpp_images import LlamaCppImages, mtmd_unavailable
+    from devstral.formats.gguf_mmproj import vision_config_from_gguf
+    from devstral.formats.gguf_read import parse_header
+
+    if not vision:
+        return None
+    projector = Path(mmproj).expanduser() if mmproj is not None else None
+    if projector is None:
+        projector = _beside(path, cfg, tokenizer)
+        if projector is None:
+            tokenizer.no_images_reason = NO_PROJECTOR
+            return None
+        print(f"note: vision projector {projector} (found beside the model; --mmproj picks another, "
+              "--no-vision skips it)", file=sys.stderr)
+    if not projector.is_file():
+        raise DevstralError(f"--mmproj: {projector}: no such file")
+    img = tokenizer.special_id("[IMG]")
+    if img is None:
+        raise DevstralError(f"--mmproj: the model's vocabulary has no [IMG] token; {projector} does not go with it")
+    vc = vision_config_from_gguf(parse_header(projector).metadata, text_dim=cfg.dim, image_token_id=img,
+                                 source=str(projector))
+    reason = mtmd_unavailable()
+    if reason is not None:
+        if mmproj is not None:
+            raise DevstralError(f"--mmproj with --backend llama.cpp: {reason}")
+        tokenizer.no_images_reason = reason
+        return None
+    if not _images_enabled(tokenizer, vc):
+        return None
+    return LlamaCppImages(net, projector, threads=threads)
 
 
 def _load_mmproj(mmproj: Path, net, cfg: ModelConfig, tokenizer):

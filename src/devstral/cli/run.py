@@ -65,8 +65,6 @@ def run(
     if image and raw:
         raise DevstralError("--image needs the chat template; it cannot go with --raw")
     images = [file_part(path) for path in image or []]  # a bad file fails before the model loads
-    if images and backend == "auto":
-        backend = "torch"  # images run on our engine (auto would give a GGUF to llama.cpp on a CPU)
     if prompt is None:
         if sys.stdin.isatty():
             raise typer.BadParameter("give a PROMPT argument or pipe one on stdin", param_hint="PROMPT")

@@ -10,6 +10,13 @@ KV cache: one unified llama.cpp cache of `max_context x parallel` cells. Which s
 which tokens, prefix reuse across requests and turns (`llama_memory_seq_cp`), and the least recently
 used eviction of finished requests' cells are `llamacpp_kv.KVSequences`' job. Every running sequence
 fits (each is at most `max_context` long), so there is never a preemption.
+
+Images (llamacpp_images.py): a prompt chunk is either text or the [IMG]/[IMG_BREAK] rows of one image,
+never both (the scheduler cuts chunks at an image's edges). A step decodes its image rows first, as one
+llama_batch of input embeddings (libmtmd's output) for every sequence that has some, then its tokens;
+the sampling rows are always tokens ([IMG_END] ends an image). For the prefix cache an image row's key is
+not its [IMG] id but a number made from the image's digest and the row, so two images of one size never
+share cells.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from devstral.engine.model_runner import ModelRunner
 from devstral.engine.sampling import SamplingParams, sample
 from devstral.engine.sequence import Sequence, Status
 from devstral.errors import DevstralError
+from devstral.prompt.images import PromptImage, images_of
 
 GIB = 1 << 30
 DEFAULT_BATCH_TOKENS = 512  # tokens per step on the CPU, as the torch engine
@@ -82,9 +90,11 @@ class _Batch:
     """A llama_batch over numpy arrays (one sequence id per token), filled with slices, not per-token
     Python loops."""
 
-    def __init__(self, lib: Any, capacity: int):
+    def __init__(self, lib: Any, capacity: int, *, n_embd: int = 0):
+        """n_embd > 0: a batch of input embeddings ([capacity, n_embd] float32) instead of token ids."""
         i32 = ctypes.POINTER(ctypes.c_int32)
         self.token = np.zeros(capacity, np.int32)
+        self.embd = np.zeros((capacity, n_embd), np.float32) if n_embd else None
         self.pos = np.zeros(capacity, np.int32)
         self.n_seq_id = np.ones(capacity, np.int32)
         self.seq_id = np.zeros(capacity, np.int32)
@@ -92,7 +102,9 @@ class _Batch:
         base = self.seq_id.ctypes.data
         self._seq_ptrs = (i32 * capacity)(*(ctypes.cast(base + 4 * i, i32) for i in range(capacity)))
         self.struct = lib.llama_batch(
-            n_tokens=0, token=self.token.ctypes.data_as(i32), embd=None, pos=self.pos.ctypes.data_as(i32),
+            n_tokens=0, token=None if n_embd else self.token.ctypes.data_as(i32),
+            embd=self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if n_embd else None,
+            pos=self.pos.ctypes.data_as(i32),
             n_seq_id=self.n_seq_id.ctypes.data_as(i32), seq_id=self._seq_ptrs,
             logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
         self.n = 0
@@ -112,10 +124,31 @@ class _Batch:
         self.n = n + k
         self.struct.n_tokens = self.n
 
+    def add_embeddings(self, rows: np.ndarray, start: int, seq_id: int, *, logits: bool = False) -> None:
+        """Input embeddings [k, n_embd] at positions start.. of seq_id."""
+        k, n = len(rows), self.n
+        self.embd[n:n + k] = rows
+        self.pos[n:n + k] = np.arange(start, start + k, dtype=np.int32)
+        self.seq_id[n:n + k] = seq_id
+        self.logits[n:n + k] = 1 if logits else 0
+        self.n = n + k
+        self.struct.n_tokens = self.n
+
+
+def image_keys(prompt_ids: list[int], images: list[PromptImage]) -> list[int]:
+    """Prefix-cache keys of a prompt: its ids, with each image row's id replaced by a negative number
+    from the image's digest (40 bits) and the row's offset in the image (20 bits)."""
+    keys = list(prompt_ids)
+    for im in images:
+        base = -1 - (int.from_bytes(im.digest[:5], "little") << 20)
+        keys[im.start:im.end - 1] = range(base, base - (im.length - 1), -1)
+    return keys
+
 
 class LlamaCppEngine:
     def __init__(self, model: LlamaCppModel, cfg: ModelConfig, ec: EngineConfig, *, max_context: int,
-                 threads: int):
+                 threads: int, images: Any = None):
+        """`images`: llamacpp_images.LlamaCppImages for a model with a vision projector."""
         lib = llama_cpp()
         if not model.loaded:
             raise RuntimeError("the llama.cpp model was closed")
@@ -138,6 +171,9 @@ class LlamaCppEngine:
         self.mem = lib.llama_get_memory(self.ctx)
         self.kv = KVSequences(n_ids, int(lib.llama_n_ctx(self.ctx)), self, prefix_caching=ec.prefix_caching)
         self.batch = _Batch(lib, self.batch_tokens)
+        self.images = images
+        self.embd_batch = _Batch(lib, self.batch_tokens, n_embd=cfg.dim) if images is not None else None
+        self.keys: dict[Sequence, list[int]] = {}  # prefix-cache keys of the prompts with images
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.seq_ids: dict[Sequence, int] = {}
@@ -192,11 +228,17 @@ class LlamaCppEngine:
         return int(self.lib.llama_memory_seq_pos_max(self.mem, seq_id))
 
     # ---------------------------------------------------------------- requests
-    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int]) -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int], *,
+            images: list[PromptImage] | None = None) -> Sequence:
+        """`images`: where the prompt's [IMG] tokens get their embeddings (prompt/images.PromptIds)."""
         if len(prompt_ids) + max_tokens > self.max_context:
             raise DevstralError(f"prompt of {len(prompt_ids)} tokens plus {max_tokens} new ones exceeds the "
                                 f"context size {self.max_context}")
-        seq = Sequence(prompt_ids, params, max_tokens, stop_ids)
+        if images and self.images is None:
+            raise DevstralError("this prompt has images but the model has no vision projector")
+        seq = Sequence(prompt_ids, params, max_tokens, stop_ids, images=images)
+        if seq.images:
+            self.keys[seq] = image_keys(seq.token_ids, seq.images)
         self.waiting.append(seq)
         return seq
 
@@ -224,14 +266,24 @@ class LlamaCppEngine:
             return []
         self.batch.clear()
         sampling: list[Sequence] = []
+        image_rows: list[tuple[Sequence, int, PromptImage]] = []
         for seq, n in plan:
             start = seq.num_computed
+            image = self._image_at(seq, start)
+            if image is not None:
+                image_rows.append((seq, n, image))
+                continue
             samples = start + n == seq.num_tokens
             self.batch.add(seq.token_ids[start:start + n], start, self.seq_ids[seq], logits="last" if samples else "none")
             if samples:
                 sampling.append(seq)
         try:
-            self._decode(sum(n for _, n in plan))
+            if not self.kv.make_room(sum(n for _, n in plan)):
+                raise DevstralError("the llama.cpp KV cache is full: lower --parallel or --ctx-size")
+            if image_rows:
+                self._decode_images(image_rows)
+            if self.batch.n:
+                self._decode(self.batch)
         except Exception as e:  # the batched pass failed: every sequence in it ends with the error
             for seq, _ in plan:
                 self._fail(seq, e)
@@ -240,7 +292,7 @@ class LlamaCppEngine:
             start = seq.num_computed
             if start < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - start)
-            self.kv.computed(self.seq_ids[seq], seq.token_ids[start:start + n])
+            self.kv.computed(self.seq_ids[seq], self._keys(seq, start, n))
             seq.num_computed += n
             seq.num_passes += 1
         self.stats.steps += 1
@@ -284,11 +336,43 @@ class LlamaCppEngine:
             extra = min(item[0].num_uncomputed - item[1], budget)
             item[1] += extra
             budget -= extra
-        return plan + [(seq, n) for seq, n in chunks]
+        return plan + [(seq, self._cut_at_images(seq, n)) for seq, n in chunks]
+
+    @staticmethod
+    def _image_at(seq: Sequence, pos: int) -> PromptImage | None:
+        """The image whose embedding rows ([IMG] and [IMG_BREAK], not [IMG_END]) hold position `pos`."""
+        for im in seq.images:
+            if im.start <= pos < im.end - 1:
+                return im
+        return None
+
+    def _cut_at_images(self, seq: Sequence, n: int) -> int:
+        """A chunk from seq.num_computed of at most n tokens that is all text or all one image's rows."""
+        start = seq.num_computed
+        image = self._image_at(seq, start)
+        if image is not None:
+            return min(n, image.end - 1 - start)
+        later = [im.start for im in seq.images if start < im.start < start + n]
+        return min(later) - start if later else n
+
+    def _keys(self, seq: Sequence, start: int, n: int) -> list[int]:
+        keys = self.keys.get(seq)
+        if keys is None or start >= len(keys):
+            return seq.token_ids[start:start + n]
+        return keys[start:start + n] + seq.token_ids[len(keys):start + n]
+
+    def _decode_images(self, rows: list[tuple[Sequence, int, PromptImage]]) -> None:
+        """One llama_decode of input embeddings: each sequence's chunk of its image's rows."""
+        embeddings = self.images.embeddings([im for _, _, im in rows])
+        self.embd_batch.clear()
+        for (seq, n, im), emb in zip(rows, embeddings, strict=True):
+            first = seq.num_computed - im.start
+            self.embd_batch.add_embeddings(emb[first:first + n], seq.num_computed, self.seq_ids[seq])
+        self._decode(self.embd_batch)
 
     def _admit(self) -> Sequence:
         seq = self.waiting.popleft()
-        seq_id, reused = self.kv.acquire(seq.token_ids)
+        seq_id, reused = self.kv.acquire(self.keys.get(seq, seq.token_ids))
         self.seq_ids[seq] = seq_id
         seq.num_computed = reused
         seq.num_cached_prompt_tokens = min(reused, seq.num_prompt_tokens)
@@ -296,14 +380,12 @@ class LlamaCppEngine:
         self.running.append(seq)
         return seq
 
-    def _decode(self, n_tokens: int) -> None:
-        if not self.kv.make_room(n_tokens):
-            raise DevstralError("the llama.cpp KV cache is full: lower --parallel or --ctx-size")
+    def _decode(self, batch: _Batch) -> None:
         llama_errors(clear=True)
-        rc = self.lib.llama_decode(self.ctx, self.batch.struct)
+        rc = self.lib.llama_decode(self.ctx, batch.struct)
         if rc == 1:  # no slot for the batch: llama.cpp restored its cache; free every idle cell and retry
             self.kv.drop_idle()
-            rc = self.lib.llama_decode(self.ctx, self.batch.struct)
+            rc = self.lib.llama_decode(self.ctx, batch.struct)
         if rc == 1:
             raise DevstralError("the llama.cpp KV cache is full: lower --parallel or --ctx-size")
         if rc != 0:
@@ -352,6 +434,7 @@ class LlamaCppEngine:
                 self.kv.drop(seq_id)  # a failed pass may have left part of its batch in the cache
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.keys.pop(seq, None)
         seq.finish(reason)
 
     # ---------------------------------------------------------------- teacher forcing
@@ -364,16 +447,30 @@ class LlamaCppEngine:
             raise DevstralError(f"{len(ids)} tokens do not fit in the llama.cpp KV cache ({self.kv.num_blocks} tokens)")
         out = torch.empty(len(ids), self.cfg.vocab_size, dtype=torch.float32)
         self.kv.make_room(len(ids))
+        images = images_of(ids)
+        if images and self.images is None:
+            raise DevstralError("this prompt has images but the model has no vision projector")
         seq_id = self.kv.scratch()
         try:
-            for start in range(0, len(ids), self.batch_tokens):
-                chunk = list(ids[start:start + self.batch_tokens])
-                self.batch.clear()
-                self.batch.add(chunk, start, seq_id, logits="all")
-                rc = self.lib.llama_decode(self.ctx, self.batch.struct)
+            start = 0
+            while start < len(ids):
+                image = next((im for im in images if im.start <= start < im.end - 1), None)
+                if image is not None:  # a run of the image's embedding rows
+                    end = min(image.end - 1, start + self.batch_tokens)
+                    batch = self.embd_batch
+                    batch.clear()
+                    rows = self.images.embeddings([image])[0]
+                    batch.add_embeddings(rows[start - image.start:end - image.start], start, seq_id, logits=True)
+                else:
+                    end = min([im.start for im in images if im.start > start] + [len(ids), start + self.batch_tokens])
+                    batch = self.batch
+                    batch.clear()
+                    batch.add(list(ids[start:end]), start, seq_id, logits="all")
+                rc = self.lib.llama_decode(self.ctx, batch.struct)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed with code {rc}: {llama_errors(clear=True)}")
-                out[start:start + len(chunk)] = self._logits_rows(len(chunk))
+                out[start:end] = self._logits_rows(end - start)
+                start = end
         finally:
             self.kv.drop(seq_id)
         return out

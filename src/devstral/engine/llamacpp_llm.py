@@ -17,9 +17,11 @@ from devstral.config import ModelConfig
 from devstral.engine.engine import EngineConfig
 from devstral.engine.generate import LLM
 from devstral.engine.llamacpp_engine import GIB, LlamaCppEngine, kv_bytes_per_token, kv_type
+from devstral.engine.llamacpp_images import LlamaCppImages
 from devstral.engine.llamacpp_model import LlamaCppModel
 from devstral.engine.sampling import SamplingParams
 from devstral.errors import DevstralError
+from devstral.prompt.images import keep_images
 from devstral.prompt.tokenizer import Tokenizer
 
 
@@ -52,9 +54,12 @@ class LlamaCppLLM(LLM):
     backend = "llama.cpp"
 
     def __init__(self, model: LlamaCppModel, config: ModelConfig, tokenizer: Tokenizer, *, path: Path | None = None,
-                 sampling: SamplingParams | None = None, engine_config: EngineConfig, threads: int):
+                 sampling: SamplingParams | None = None, engine_config: EngineConfig, threads: int,
+                 vision: LlamaCppImages | None = None):
+        """`vision`: the model's projector in llama.cpp's multimodal library, when it takes images."""
         self.threads = threads
-        super().__init__(model, config, tokenizer, path=path, sampling=sampling, engine_config=engine_config)  # type: ignore[arg-type]
+        super().__init__(model, config, tokenizer, path=path, sampling=sampling, engine_config=engine_config,  # type: ignore[arg-type]
+                         vision=vision)  # type: ignore[arg-type]
 
     def _plan_engine(self) -> None:
         # Logits come back from llama.cpp as float32 rows in host memory; sampling runs there.
@@ -64,10 +69,11 @@ class LlamaCppLLM(LLM):
 
     def _build_engine(self) -> LlamaCppEngine:
         return LlamaCppEngine(self.model, self.config, self.engine_config, max_context=self.max_context,
-                              threads=self.threads)
+                              threads=self.threads, images=self.vision)
 
     def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Full-sequence logits [len(ids), vocab] in float32, computed by llama.cpp from scratch."""
-        ids = torch.as_tensor(ids, dtype=torch.long).tolist()
+        self._check_images(ids)
+        ids = keep_images(ids if isinstance(ids, list) else torch.as_tensor(ids, dtype=torch.long).tolist())
         self._check_ids(ids)
         return self.engine.logits(ids)

@@ -6,7 +6,7 @@ that advertises AMX uses AMX instructions, and a Linux kernel that has not enabl
 kills the process with SIGILL at the first matrix product (upstream llama.cpp PR #26954). Linux
 lists `amx_tile` among a CPU's flags only when the kernel enabled it, so the check costs nothing.
 
-Only token ids and logits cross into llama.cpp: tokenization, prompts and sampling stay ours.
+Only token ids, image pixels and logits cross into llama.cpp: tokenization, prompts and sampling stay ours.
 """
 
 from __future__ import annotations
