@@ -320,9 +320,9 @@ def test_quantize_writes_the_mmproj_and_a_gguf_with_it_sees_images(ckpt, tmp_pat
         for a, b in zip(vision_llm.vision(images), back(images), strict=True):
             corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
             assert corr >= 0.999
-    # an explicit --mmproj runs the torch backend, whose engine injects the image embeddings
-    # (tests/test_vision_gguf.py checks the GGUF path's ids, logits and llama.cpp's reading of the file)
-    gguf_llm = devstral.load(out, mmproj=projector, device="cpu", dtype="fp32")
+    # both backends take the projector (tests/test_vision_gguf.py checks the GGUF path's ids, logits and
+    # llama.cpp's reading of the file; tests/test_llamacpp_vision.py the llama.cpp backend's images)
+    gguf_llm = devstral.load(out, mmproj=projector, device="cpu", dtype="fp32", backend="torch")
     assert gguf_llm.backend == "torch" and gguf_llm.vision is not None
     with pytest.raises(DevstralError, match="--mmproj goes with a GGUF model"):
         devstral.load(ckpt, mmproj=projector)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from devstral.errors import DevstralError
 from devstral.prompt import raw_arguments
-from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_url, why_no_images
+from devstral.prompt.images import MAX_IMAGES, attach_images, image_from_file, image_from_url, why_no_images
 from devstral.prompt.system_prompt import DEFAULT, with_system_prompt
 
 TrainOn = Literal["assistant", "last-assistant"]
@@ -37,8 +38,8 @@ def encode_chat(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str,
 
 
 def encode_for_training(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                        *, train_on: TrainOn = "assistant",
-                        system_prompt: str | None | object = DEFAULT) -> tuple[list[int], list[bool]]:
+                        *, train_on: TrainOn = "assistant", system_prompt: str | None | object = DEFAULT,
+                        image_root: Path | None = None) -> tuple[list[int], list[bool]]:
     """Ids of a whole conversation plus a mask that is True exactly on the tokens to learn.
 
     The mask covers what each assistant turn emits: its content, its tool-call tokens and the EOS
@@ -47,12 +48,14 @@ def encode_for_training(tokenizer, messages: list[dict[str, Any]], tools: list[d
     context but is not learned. Everything else (BOS,
     system prompt, tool definitions, user turns, tool results) is False. The ids are the serving
     encoding of the same conversation, so a fine-tuned model sees at inference what it learned on.
+    Images (user messages' image_url parts) are never learned; `image_root`: the folder that an
+    image_url which is a local path (training data) is relative to. The ids are a PromptIds then.
     """
     if train_on not in ("assistant", "last-assistant"):
         raise DevstralError(f"train_on must be 'assistant' or 'last-assistant', not {train_on!r}")
     weights = _assistant_weights(messages)
     messages = [{k: v for k, v in m.items() if k != "weight"} if isinstance(m, dict) else m for m in messages]
-    ids, segments = _encode_segments(tokenizer, messages, tools, system_prompt, training=True)
+    ids, segments = _encode_segments(tokenizer, messages, tools, system_prompt, training=True, image_root=image_root)
     turns = [i for i, (role, _) in enumerate(segments) if role == "assistant"]
     if len(turns) != len(weights):
         if 0 in weights:  # mistral-common merged turns: a per-turn weight no longer has one place
@@ -80,7 +83,7 @@ def _assistant_weights(messages: list[dict[str, Any]]) -> list[int]:
     return weights
 
 
-def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: bool):
+def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: bool, image_root: Path | None = None):
     """(ids, [(role, ids of that message)]) with "start" for the leading BOS; segments concatenate to ids."""
     from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 
@@ -90,7 +93,7 @@ def _encode_segments(tokenizer, messages, tools, system_prompt, *, training: boo
     messages = with_system_prompt(messages, tokenizer.default_system_prompt, system_prompt,
                                   name=path.parent.name if path is not None else "")
     request = prepare_request(messages, tools, version.value, continue_final=not training,
-                              images_for=None if training else _image_gate(tokenizer))
+                              images_for=_image_gate(tokenizer), image_root=image_root)
     mode = ValidationMode.finetuning if training else ValidationMode.serving
     segments: list[tuple[str, list[int]]] = []
     instruct = _recording_copy(mistral.instruct_tokenizer, segments)
@@ -154,7 +157,8 @@ _STRICT_ID_VERSIONS = ("v3", "v7", "v11")
 
 
 def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, version: str, *,
-                    continue_final: bool = False, images_for: str | None = "images are not supported here"):
+                    continue_final: bool = False, images_for: str | None = "images are not supported here",
+                    image_root: Path | None = None):
     """Check an OpenAI-shaped request and turn it into mistral-common's ChatCompletionRequest.
 
     `continue_final`: a last assistant message with text is a prefill that the answer continues
@@ -170,6 +174,7 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     `image_url` parts of user messages are decoded and checked here (prompt/images.py) and handed to
     mistral-common as images, so it never opens a URL itself; `images_for` is None when the model
     takes images, else the reason it does not (which a request with an image is refused with).
+    `image_root` (training data only): image_url values that are local paths are read relative to it.
     """
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -182,7 +187,7 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     images: dict[tuple[int, int], Any] = {}  # (message, part) -> checked PIL image
     for i, message in enumerate(messages):
         message = _check_message(i, message)
-        images |= message_images(i, message, images_for, len(images))
+        images |= message_images(i, message, images_for, len(images), image_root=image_root)
         role = message["role"]
         if role == "assistant" and message.get("tool_calls"):
             calls = []
@@ -219,9 +224,11 @@ def prepare_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     return request
 
 
-def message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int) -> dict[tuple[int, int], Any]:
+def message_images(i: int, message: dict[str, Any], images_for: str | None, seen: int, *,
+                   image_root: Path | None = None) -> dict[tuple[int, int], Any]:
     """The checked images of message i's image_url parts; errors name the message and the part.
-    `images_for` is None when the model takes images, else why it does not; `seen`: images before it."""
+    `images_for` is None when the model takes images, else why it does not; `seen`: images before it;
+    `image_root`: local paths (a fine-tuning JSONL's) are allowed, relative to this folder."""
     content = message.get("content")
     found = {}
     for k, part in enumerate(content if isinstance(content, list) else []):
@@ -238,8 +245,24 @@ def message_images(i: int, message: dict[str, Any], images_for: str | None, seen
             raise DevstralError(f"{where}: more than {MAX_IMAGES} images in one request")
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        found[(i, k)] = image_from_url(url, where)
+        if image_root is not None and isinstance(url, str) and url.split(":", 1)[0].lower() in ("http", "https"):
+            raise DevstralError(f"{where}: remote image URLs are not fetched in training data (no network use): "
+                                "download the image and give its path, relative to the JSONL file")
+        found[(i, k)] = (image_from_local(url, image_root, where) if image_root is not None and _is_local(url)
+                         else image_from_url(url, where))
     return found
+
+
+def _is_local(url: Any) -> bool:
+    return isinstance(url, str) and bool(url) and not url.startswith("data:") and \
+        url.split(":", 1)[0].lower() not in ("http", "https")
+
+
+def image_from_local(url: str, root: Path, where: str):
+    """An image_url that names a file (absolute, or relative to `root`; `file://` allowed)."""
+    path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
+    path = path if path.is_absolute() else root / path
+    return image_from_file(path, f"{where}: {path}")
 
 
 def _use_checked_images(request, images: dict[tuple[int, int], Any]) -> None:

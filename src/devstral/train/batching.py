@@ -10,11 +10,12 @@ Three layouts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from devstral.kernels.varlen_attention import Documents
+from devstral.prompt.images import PromptImage
 from devstral.train.data import IGNORE, Example
 
 
@@ -25,6 +26,7 @@ class Batch:
     positions: torch.Tensor  # [B, T] long
     attn_mask: torch.Tensor | None = None  # [B, 1, T, T] bool: a caller's own mask (collate sets documents)
     documents: Documents | None = None  # lengths of the examples in each row (padding: one more)
+    images: list[tuple[int, PromptImage]] = field(default_factory=list)  # (flat B*T index of its first token, image)
 
     @property
     def n_label_tokens(self) -> int:
@@ -37,7 +39,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         mask = self.attn_mask.to(device, non_blocking=True) if self.attn_mask is not None else None
         return Batch(self.tokens.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.positions.to(device, non_blocking=True), mask, self.documents)
+                     self.positions.to(device, non_blocking=True), mask, self.documents, self.images)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def collate(examples: list[Example], rows: list[list[int]], plan: BatchPlan) -> 
     labels = torch.full((B, width), IGNORE, dtype=torch.long)
     positions = torch.zeros((B, width), dtype=torch.long)
     lengths: list[int] = []
+    images: list[tuple[int, PromptImage]] = []
     for b, row in enumerate(rows):
         at = 0
         for i in row:
@@ -93,6 +96,7 @@ def collate(examples: list[Example], rows: list[list[int]], plan: BatchPlan) -> 
             tokens[b, at:at + n] = torch.tensor(ex.ids)
             labels[b, at:at + n] = torch.tensor(ex.labels)
             positions[b, at:at + n] = torch.arange(n)
+            images += [(b * width + at + im.start, im) for im in ex.images]
             lengths.append(n)
             at += n
         # Padding continues the last positions; it is never learned and never attended to by real tokens.
@@ -102,4 +106,4 @@ def collate(examples: list[Example], rows: list[list[int]], plan: BatchPlan) -> 
                 lengths.append(width - at)  # padding of a packed row: a document of its own
             else:
                 lengths[-1] += width - at  # one example per row: the padding follows it causally
-    return Batch(tokens, labels, positions, None, Documents(tuple(lengths)))
+    return Batch(tokens, labels, positions, None, Documents(tuple(lengths)), images)

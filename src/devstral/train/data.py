@@ -4,7 +4,10 @@ Accepted line shapes:
 - `{"messages": [...], "tools": [...]}`: OpenAI-shaped chat, as `devstral agent` writes trajectories;
 - `{"prompt": "...", "completion": "..."}`: one user turn and one assistant turn;
 - `{"text": "..."}`: raw text (BOS + text + EOS), every token learned.
-Chat shapes go through `prompt.chat.encode_for_training`, the same encoder serving uses.
+Chat shapes go through `prompt.chat.encode_for_training`, the same encoder serving uses. User
+messages may hold OpenAI `image_url` parts: data URLs, or paths of image files relative to the JSONL
+file (for a model with a vision encoder); an example then carries its images (prompt/images.PromptImage:
+where its [IMG] tokens are, mistral-common's pixels), which are never learned.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from devstral.errors import DevstralError
+from devstral.prompt.images import PromptImage, images_of
 
 IGNORE = -100
 
@@ -28,6 +32,7 @@ class Example:
     ids: list[int]
     labels: list[int]
     line: int
+    images: list[PromptImage] = field(default_factory=list)  # where [IMG] embeddings go (start in ids)
 
     @property
     def n_labels(self) -> int:
@@ -74,8 +79,10 @@ def _check_tool_calls(messages: list[Any], tools: Any) -> None:
                                     f"(tools given: {have})")
 
 
-def encode_record(record: Any, tokenizer, *, train_on: str = "assistant") -> tuple[list[int], list[int]]:
-    """One parsed JSON line -> (ids, labels). Raises DevstralError describing what is wrong."""
+def encode_record(record: Any, tokenizer, *, train_on: str = "assistant",
+                  image_root: Path | None = None) -> tuple[list[int], list[int]]:
+    """One parsed JSON line -> (ids, labels); the ids are a PromptIds when the line has images (paths
+    relative to `image_root`). Raises DevstralError describing what is wrong."""
     from devstral.prompt.chat import encode_for_training
 
     if not isinstance(record, dict):
@@ -85,7 +92,9 @@ def encode_record(record: Any, tokenizer, *, train_on: str = "assistant") -> tup
         if not isinstance(messages, list) or not messages:
             raise DevstralError("'messages' must be a non-empty list")
         _check_tool_calls(messages, tools)
-        ids, mask = encode_for_training(tokenizer, messages, tools or None, train_on=train_on)
+        ids, mask = encode_for_training(tokenizer, messages, tools or None, train_on=train_on, image_root=image_root)
+        if images_of(ids):
+            return ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
     elif "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
@@ -121,25 +130,28 @@ def _parse_line(raw: bytes, *, first: bool) -> Any:
 # pretraining-sized file (about 0.5M tokens/s per core), and lines are independent.
 PARALLEL_BYTES = 16 << 20
 _TOKENIZER = None  # the parent's tokenizer, inherited by forked workers
+_IMAGE_ROOT: Path | None = None  # the JSONL file's folder: image paths are relative to it
 
 
 def _encode_lines(lines: list[tuple[int, bytes]], train_on: str):
-    """(lineno, ids, labels) per line as compact int arrays, or (lineno, None, error message)."""
+    """(lineno, ids, labels, images) per line, ids and labels as compact int arrays, or
+    (lineno, None, error message, None)."""
     for lineno, raw in lines:
         try:
-            ids, labels = encode_record(_parse_line(raw, first=lineno == 1), _TOKENIZER, train_on=train_on)
-            yield lineno, array("i", ids), array("i", labels)
+            ids, labels = encode_record(_parse_line(raw, first=lineno == 1), _TOKENIZER, train_on=train_on,
+                                        image_root=_IMAGE_ROOT)
+            yield lineno, array("i", ids), array("i", labels), images_of(ids)
         except DevstralError as e:
-            yield lineno, None, str(e)
+            yield lineno, None, str(e), None
 
 
-def _encode_chunk(chunk: list[tuple[int, bytes]], train_on: str) -> list[tuple[int, Any, Any]]:
+def _encode_chunk(chunk: list[tuple[int, bytes]], train_on: str) -> list[tuple[int, Any, Any, Any]]:
     return list(_encode_lines(chunk, train_on))
 
 
-def _encoded(lines: list[tuple[int, bytes]], tokenizer, train_on: str, workers: int):
-    global _TOKENIZER
-    _TOKENIZER = tokenizer
+def _encoded(lines: list[tuple[int, bytes]], tokenizer, train_on: str, workers: int, image_root: Path):
+    global _TOKENIZER, _IMAGE_ROOT
+    _TOKENIZER, _IMAGE_ROOT = tokenizer, image_root
     try:
         if workers <= 1:
             yield from _encode_lines(lines, train_on)
@@ -154,7 +166,7 @@ def _encoded(lines: list[tuple[int, bytes]], tokenizer, train_on: str, workers: 
             for done in pool.map(_encode_chunk, chunks, [train_on] * len(chunks)):
                 yield from done
     finally:
-        _TOKENIZER = None
+        _TOKENIZER, _IMAGE_ROOT = None, None
 
 
 def _auto_workers(n_bytes: int) -> int:
@@ -177,7 +189,7 @@ def load_examples(path: Path, tokenizer, *, max_seq_len: int, train_on: str = "a
         lines = [(lineno, raw) for lineno, raw in enumerate(f, 1) if raw.strip()]
     stats.lines = len(lines)
     n_workers = workers if workers is not None else _auto_workers(path.stat().st_size)
-    for lineno, ids, labels in _encoded(lines, tokenizer, train_on, n_workers):
+    for lineno, ids, labels, images in _encoded(lines, tokenizer, train_on, n_workers, path.parent):
         if ids is None:
             if not skip_invalid:
                 raise DevstralError(f"{path}:{lineno}: {labels}")
@@ -188,9 +200,12 @@ def load_examples(path: Path, tokenizer, *, max_seq_len: int, train_on: str = "a
             if not truncate:
                 stats.skipped["too long"] += 1
                 continue
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            # an image is kept whole or not at all: a cut inside one moves to before it
+            cut = min([max_seq_len] + [im.start for im in images if im.end > max_seq_len])
+            ids, labels = ids[:cut], labels[:cut]
+            images = [im for im in images if im.end <= cut]
             stats.truncated += 1
-        ex = Example(ids, labels, lineno)
+        ex = Example(ids, labels, lineno, images)
         # Labels are shifted at loss time: a label on position 0 is never predicted.
         if sum(1 for t in labels[1:] if t != IGNORE) == 0:
             stats.skipped["no assistant tokens"] += 1

@@ -20,9 +20,12 @@ from devstral.train.data import IGNORE
 CHUNK = 1024
 
 
-def summed_loss(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of token losses as a scalar tensor, number of learned tokens)."""
-    h = model.hidden_states(batch.tokens, batch.positions, attn_mask=batch.attn_mask, documents=batch.documents)
+def summed_loss(model: Transformer, batch: Batch, *,
+                inject: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of token losses as a scalar tensor, number of learned tokens). `inject`: the [IMG] rows'
+    embeddings (train/images.py)."""
+    h = model.hidden_states(batch.tokens, batch.positions, attn_mask=batch.attn_mask, documents=batch.documents,
+                            inject=inject)
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
     h = h[:, :-1][keep]

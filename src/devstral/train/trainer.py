@@ -62,7 +62,8 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def evaluate(model, examples: list[Example], plan: BatchPlan, device: torch.device) -> float:
+def evaluate(model, examples: list[Example], plan: BatchPlan, device: torch.device, images=None) -> float:
+    """Mean loss per learned token; `images` (train/images.TrainingImages) embeds the examples' images."""
     from devstral.train.loss import summed_loss
 
     was_training = model.training
@@ -72,7 +73,7 @@ def evaluate(model, examples: list[Example], plan: BatchPlan, device: torch.devi
         for rows in micro_batches(examples, plan, list(range(len(examples)))):
             batch = collate(examples, rows, plan).to(device)
             with _autocast(device):
-                loss, n = summed_loss(model, batch)
+                loss, n = summed_loss(model, batch, inject=images.inject(batch) if images is not None else None)
             total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -193,6 +194,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                             "it trains applies to the 16-bit model: run it with --model <16-bit folder> --adapter)")
     mcfg = ModelConfig.from_dir(model_path)
     tokenizer = load_tokenizer(model_path)
+    vision_config = _enable_images(model_path, mcfg, tokenizer)  # image parts in the data need it
     device = group.device if group is not None else resolve_device(cfg.device)
 
     examples, stats = load_examples(Path(cfg.data), tokenizer, max_seq_len=cfg.max_seq_len,
@@ -224,6 +226,15 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     dtype = torch.bfloat16 if device.type == "cuda" and not cfg.full else torch.float32
     model = load_base(model_path, mcfg, device=device, dtype=dtype, nf4_targets=targets if cfg.qlora else None,
                       double_quant=cfg.double_quant)
+    images = None
+    if any(ex.images for ex in (*examples, *eval_examples)):
+        if group is not None:
+            raise DevstralError("training data with images runs in one process (not with --nproc / torchrun)")
+        from devstral.formats.vision_checkpoint import build_vision
+        from devstral.train.images import TrainingImages
+
+        # the tower is frozen; it computes in the base's dtype, as the decoder does
+        images = TrainingImages(build_vision(model_path, mcfg, vision_config, dtype=dtype, device=device))
     if cfg.full:
         params = full_parameters(model)
     else:
@@ -304,7 +315,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             for batch in mine:
                 batch = batch.to(device)
                 with _autocast(device):
-                    loss, _ = summed_loss(model, batch)
+                    loss, _ = summed_loss(model, batch, inject=images.inject(batch) if images is not None else None)
                 objective = loss * (scale / n_learned)
                 if cfg.router_aux_loss > 0:
                     objective = objective + scale * cfg.router_aux_loss * router_loss(model) / len(batches)
@@ -343,7 +354,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                     progress.print(f"--max-minutes {cfg.max_minutes:g}: {total_steps} steps "
                                    f"({budget.per_step:.3f} s each)")
             if eval_examples and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-                ev = evaluate(model, eval_examples, plan, device)
+                ev = evaluate(model, eval_examples, plan, device, images)
                 metrics.write({"step": done, "eval_loss": ev})
                 progress.print(f"step {done}: eval loss {ev:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
@@ -367,7 +378,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         masters.release()  # the model's LoRA weights are the fp32 masters again: eval and the adapter use them
 
     if eval_examples:
-        result.eval_loss = evaluate(model, eval_examples, plan, device)
+        result.eval_loss = evaluate(model, eval_examples, plan, device, images)
         metrics.write({"step": total_steps, "eval_loss": result.eval_loss})
         if leader:
             print(f"eval loss {result.eval_loss:.4f}", file=sys.stderr)
@@ -400,6 +411,18 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path)
             print(f"gguf: {gguf}", file=sys.stderr)
     return result
+
+
+def _enable_images(model_path: Path, mcfg, tokenizer):
+    """The model's VisionConfig when it has a vision tower (the tokenizer then encodes image parts as
+    serving does), else None (an image in the data is then a one-line error naming its line)."""
+    from devstral.formats.vision_checkpoint import has_vision_tensors, vision_config_of
+
+    vc = vision_config_of(model_path, mcfg)
+    if vc is None or not has_vision_tensors(model_path) or not hasattr(tokenizer, "enable_images"):
+        return None
+    tokenizer.enable_images(vc)
+    return vc
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
