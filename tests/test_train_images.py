@@ -163,3 +163,60 @@ def test_truncation_never_cuts_an_image(ckpt, tmp_path):
     cut = _examples(ckpt, data, max_seq_len=image.start + 3)[0]
     assert cut.images == [] and cut.ids == whole.ids[:image.start]
     assert any(label != IGNORE for label in cut.labels)
+
+
+def test_train_projector_saves_it_as_peft_modules_to_save(ckpt, tmp_path):
+    """--train-projector: the projector learns (the tower does not); the adapter holds it as PEFT saves a
+    modules_to_save module, which PEFT's own loader puts into transformers' Mistral3 projector; `load
+    --adapter` and the mmproj export use the trained weights."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from safetensors.torch import load_file
+    from transformers import Mistral3ForConditionalGeneration
+
+    from devstral.formats.gguf_mmproj import export_mmproj, load_mmproj
+    from devstral.formats.peft import read_projector
+    from devstral.train.config import TrainConfig
+    from devstral.train.trainer import finetune
+
+    (tmp_path / "a.png").write_bytes(png(37, 29, 8))
+    data = _write(tmp_path / "d.jsonl", [{"messages": _conversation("a.png", "Stripes and dots.")}])
+    out = tmp_path / "out"
+    finetune(TrainConfig(model=str(ckpt), data=str(data), output=str(out), max_steps=3, lr=1e-2, device="cpu",
+                         progress=False, lora_r=4, target="q,v", train_projector=True))
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["multi_modal_projector"]
+    trained = read_projector(out)
+    base = devstral.load(ckpt, dtype="fp32", device="cpu", backend="torch", max_context=256)
+    before = dict(base.vision.multi_modal_projector.named_parameters())
+    assert set(trained) == set(before)
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in saved
+
+    hf = Mistral3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["multi_modal_projector"]))
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(out)))
+    assert not [k for k in result.unexpected_keys if "multi_modal_projector" in k]
+    theirs = peft_model.base_model.model.model.multi_modal_projector.modules_to_save["default"]
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0)
+
+    tuned = devstral.load(ckpt, adapter=out, dtype="fp32", device="cpu", backend="torch", max_context=256)
+    for name, p in tuned.vision.multi_modal_projector.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0)
+    mmproj = export_mmproj(ckpt, tmp_path / "mmproj.gguf", ftype="F32", projector=trained)
+    back = load_mmproj(mmproj, text_dim=tuned.config.dim, image_token_id=10, dtype=torch.float32,
+                       device=torch.device("cpu"))
+    for name, p in back.multi_modal_projector.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0)
+
+
+def test_train_projector_without_images_is_refused(ckpt, tmp_path):
+    from devstral.train.config import TrainConfig
+    from devstral.train.trainer import finetune
+
+    data = _write(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    with pytest.raises(DevstralError, match="--train-projector: no example has an image"):
+        finetune(TrainConfig(model=str(ckpt), data=str(data), output=str(tmp_path / "o"), max_steps=1,
+                             device="cpu", progress=False, train_projector=True))

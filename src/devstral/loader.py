@@ -221,6 +221,9 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         from devstral.formats.peft import apply_adapter
 
         apply_adapter(net, Path(adapter))
+        from devstral.formats.peft import apply_projector
+
+        apply_projector(vision_model, Path(adapter))  # a projector trained with the LoRA (--train-projector)
     if max_context is not None and max_context <= 0:
         raise DevstralError(f"--ctx-size must be positive, got {max_context}")
     if max_context is not None:

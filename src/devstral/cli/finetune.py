@@ -35,6 +35,9 @@ def finetune(
     qlora: bool = typer.Option(None, "--qlora/--no-qlora", help="Keep the base weights in 4-bit NF4."),
     full: bool = typer.Option(None, "--full/--no-full", help="Train every weight (fp32 master weights); "
                               "OUTPUT becomes a model folder instead of an adapter."),
+    train_projector: bool = typer.Option(None, "--train-projector/--no-train-projector",
+                                         help="Data with images: train the vision projector too (fp32; the tower "
+                                              "stays frozen); saved in the adapter as PEFT modules_to_save."),
     double_quant: bool = typer.Option(None, "--double-quant/--no-double-quant",
                                       help="QLoRA: 8-bit quantize the NF4 block scales (default on)."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),

@@ -213,11 +213,12 @@ def write_mmproj(vision: VisionModel, path: str | os.PathLike, *, img_break: tor
 
 
 def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", name: str | None = None,
-                  embeddings_from: Path | None = None) -> Path | None:
+                  embeddings_from: Path | None = None, projector: dict[str, torch.Tensor] | None = None) -> Path | None:
     """The mmproj GGUF of a multimodal safetensors folder (None when it has no vision tower): what
     `devstral quantize` and `finetune --gguf` write beside the model's GGUF, for llama.cpp's --mmproj
     and ours. `embeddings_from`: the (fine-tuned) folder whose [IMG_BREAK] embedding to store, when
-    the vision tower comes from its base."""
+    the vision tower comes from its base; `projector`: trained projector weights (names inside
+    multi_modal_projector) that replace the folder's."""
     from safetensors import safe_open
 
     from devstral.config import ModelConfig
@@ -233,6 +234,8 @@ def export_mmproj(folder: Path, out: str | os.PathLike, *, ftype: str = "F16", n
     if vc is None or not has_vision_tensors(folder):
         return None
     vision = build_vision(folder, cfg, vc, dtype=torch.float32, device=torch.device("cpu"))
+    if projector:
+        vision.multi_modal_projector.load_state_dict({k: v.float() for k, v in projector.items()})
     img_break = None
     row = load_tokenizer(folder).special_id("[IMG_BREAK]")
     layout, files = weight_files(Path(embeddings_from) if embeddings_from is not None else folder)

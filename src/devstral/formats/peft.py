@@ -4,6 +4,10 @@ Keys are PEFT's for MistralForCausalLM with the adapter name stripped, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A [r, in], B [out, r]).
 `apply_adapter` wraps a loaded model for inference without merging; `merged_state` adds the updates to
 the original 16-bit weights read back from disk.
+
+A vision projector trained beside the LoRA (`finetune --train-projector`) is saved as PEFT saves a
+`modules_to_save` module: its whole weights under `base_model.model.model.multi_modal_projector.*`
+(Mistral3ForConditionalGeneration's path), with "multi_modal_projector" in `modules_to_save`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<which>lora_[AB])(?:\.[^.]+)?\.weight$")
+PROJECTOR = "multi_modal_projector"
+_PROJECTOR_KEY = re.compile(r"^(?:base_model\.model\.)?model\.multi_modal_projector\.(?:modules_to_save\.[^.]+\.)?"
+                            r"(?P<name>.+)$")
 
 
 @dataclass
@@ -36,6 +43,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
+    modules_to_save: list[str] | None = None  # [PROJECTOR] when the vision projector trained
 
     def to_peft_json(self) -> dict[str, Any]:
         """Every field PEFT writes for a plain LoRA on a causal LM, with its defaults."""
@@ -45,7 +53,7 @@ class AdapterConfig:
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
             "lora_alpha": self.lora_alpha, "lora_bias": False, "lora_dropout": self.lora_dropout,
-            "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+            "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": self.modules_to_save,
             "peft_type": "LORA", "r": self.r, "rank_pattern": {}, "revision": None,
             "target_modules": sorted(self.target_modules), "task_type": "CAUSAL_LM",
             "trainable_token_indices": None, "use_dora": False, "use_rslora": self.use_rslora,
@@ -84,9 +92,12 @@ class AdapterConfig:
             targets = [targets]
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise DevstralError(f"{path}: target_modules must be a list of module names")
+        saved = d.get("modules_to_save") or None
+        if saved is not None and (not isinstance(saved, list) or [m for m in saved if m != PROJECTOR]):
+            raise DevstralError(f"{path}: modules_to_save {saved!r} is not supported (only {PROJECTOR!r})")
         return cls(r=values["r"], lora_alpha=values["lora_alpha"], target_modules=list(targets),
                    lora_dropout=values["lora_dropout"], use_rslora=d.get("use_rslora") is True,
-                   base_model_name_or_path=d.get("base_model_name_or_path"))
+                   base_model_name_or_path=d.get("base_model_name_or_path"), modules_to_save=saved)
 
 
 def peft_key(module_name: str, which: str) -> str:
@@ -94,16 +105,20 @@ def peft_key(module_name: str, which: str) -> str:
     return f"{PREFIX}{module_name}.{which}.weight"
 
 
-def save_adapter(model: nn.Module, folder: Path, config: AdapterConfig) -> None:
+def save_adapter(model: nn.Module, folder: Path, config: AdapterConfig, *,
+                 projector: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter atomically (each file to a temp name in the folder, then renamed)."""
 
     from devstral.model.lora import lora_state
 
-    save_adapter_state(lora_state(model), folder, config)
+    save_adapter_state(lora_state(model), folder, config, projector=projector)
 
 
-def save_adapter_state(state: dict[str, torch.Tensor], folder: Path, config: AdapterConfig) -> None:
-    """The same from lora_state()'s dict ('<module>.lora_A.weight' -> tensor), e.g. gathered from FSDP shards."""
+def save_adapter_state(state: dict[str, torch.Tensor], folder: Path, config: AdapterConfig, *,
+                       projector: dict[str, torch.Tensor] | None = None) -> None:
+    """The same from lora_state()'s dict ('<module>.lora_A.weight' -> tensor), e.g. gathered from FSDP shards.
+    `projector`: a trained vision projector's state dict (our names, which are HF's), saved as PEFT's
+    modules_to_save."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +128,9 @@ def save_adapter_state(state: dict[str, torch.Tensor], folder: Path, config: Ada
         tensors[peft_key(module, which)] = t.detach().float().cpu().contiguous()
     if not tensors:
         raise DevstralError("the model has no LoRA layers to save")
+    if projector:
+        config.modules_to_save = [PROJECTOR]
+        tensors |= {f"{PREFIX}model.{PROJECTOR}.{k}": t.detach().float().cpu().contiguous() for k, t in projector.items()}
     _atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_json(), indent=2, sort_keys=True)
     _atomic(folder / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
@@ -148,6 +166,8 @@ def read_adapter(folder: Path) -> tuple[AdapterConfig, dict[str, dict[str, torch
         raise DevstralError(f"{weights}: corrupt or unreadable safetensors file: {e}") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
+        if _PROJECTOR_KEY.match(key):
+            continue  # read_projector's
         m = _KEY.match(key)
         if m is None:
             raise DevstralError(f"{weights}: tensor {key} is not a LoRA A/B weight (only plain LoRA is supported)")
@@ -163,6 +183,51 @@ def read_adapter(folder: Path) -> tuple[AdapterConfig, dict[str, dict[str, torch
     if not pairs:
         raise DevstralError(f"{weights}: the adapter holds no tensors")
     return cfg, pairs
+
+
+def read_projector(folder: Path) -> dict[str, torch.Tensor]:
+    """A trained vision projector saved with the adapter ({name inside multi_modal_projector: tensor}),
+    or {} when the adapter has none."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / WEIGHTS_NAME
+    out = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+            m = _PROJECTOR_KEY.match(key)
+            if m:
+                out[m["name"]] = f.get_tensor(key)
+                check_finite(out[m["name"]], key, weights)
+    return out
+
+
+def apply_projector(vision: nn.Module | None, folder: Path) -> bool:
+    """Put an adapter's trained projector into a loaded vision model; False when there is none (or no
+    vision model to take it). One line naming the tensor for a projector that does not fit this model."""
+    state = read_projector(folder)
+    if not state:
+        return False
+    weights = Path(folder) / WEIGHTS_NAME
+    if vision is None:  # text only (--no-vision, a text model): nothing to put it in, and nothing needs it
+        import sys
+
+        print(f"note: {weights} holds a trained vision projector; no vision encoder is loaded, so it is not used",
+              file=sys.stderr)
+        return False
+    target = vision.multi_modal_projector
+    own = dict(target.named_parameters())
+    for name, tensor in state.items():
+        if name not in own or tuple(own[name].shape) != tuple(tensor.shape):
+            shape = list(own[name].shape) if name in own else None
+            raise DevstralError(f"{weights}: projector tensor {name} {list(tensor.shape)} does not fit this model's "
+                                f"projector ({shape or 'no such tensor'})")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise DevstralError(f"{weights}: projector tensor {missing[0]} is missing")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+    return True
 
 
 def _check_shapes(weights: Path, module: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor, r: int) -> None:

@@ -30,6 +30,7 @@ class TrainConfig:
     target: str = "all-linear"
     qlora: bool = False
     full: bool = False  # full-parameter training: every weight learns, the output is a model folder
+    train_projector: bool = False  # images in the data: the vision projector learns too (the tower stays frozen)
     double_quant: bool = True
     epochs: float | None = None
     max_steps: int | None = None
@@ -121,6 +122,8 @@ class TrainConfig:
         if self.nproc > 1 and self.grad_accum % self.nproc:
             raise DevstralError(f"--grad-accum ({self.grad_accum}) must be a multiple of --nproc ({self.nproc}): "
                                 "each process takes the same number of micro-batches per step")
+        if self.train_projector and (self.full or self.nproc > 1):
+            raise DevstralError("--train-projector goes with LoRA / QLoRA in one process (not --full or --nproc)")
         if self.max_grad_norm < 0:
             raise DevstralError("--max-grad-norm must be >= 0 (0 turns clipping off)")
 

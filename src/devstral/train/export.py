@@ -70,10 +70,13 @@ def write_merged(base: Path, adapter: Path, dest: Path, *, dtype: torch.dtype = 
     return dest
 
 
-def export_gguf(model_dir: Path, out: Path, quant_type: str, *, base: Path | None = None) -> Path:
+def export_gguf(model_dir: Path, out: Path, quant_type: str, *, base: Path | None = None,
+                projector_from: Path | None = None) -> Path:
     """Hand the merged folder to the GGUF exporter (formats/gguf.py); it checks the type name. When the
     base model has a vision tower (fine-tuning trains the text decoder only), its projector is written
-    beside as mmproj-OUT (F16), with the trained model's [IMG_BREAK] embedding: what `quantize` does."""
+    beside as mmproj-OUT (F16), with the trained model's [IMG_BREAK] embedding: what `quantize` does.
+    `projector_from`: an adapter folder holding a trained projector (--train-projector), used instead
+    of the base's."""
     import sys
 
     from devstral.formats.gguf import export_gguf as write_gguf
@@ -81,7 +84,11 @@ def export_gguf(model_dir: Path, out: Path, quant_type: str, *, base: Path | Non
 
     path = Path(write_gguf(model_dir, out, quant_type))
     if base is not None:
-        projector = export_mmproj(Path(base), path.with_name(f"mmproj-{path.name}"), embeddings_from=model_dir)
+        from devstral.formats.peft import read_projector
+
+        trained = read_projector(projector_from) if projector_from is not None else None
+        projector = export_mmproj(Path(base), path.with_name(f"mmproj-{path.name}"), embeddings_from=model_dir,
+                                  projector=trained or None)
         if projector is not None:
             print(f"gguf vision projector: {projector}", file=sys.stderr)
     return path

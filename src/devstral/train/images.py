@@ -19,12 +19,21 @@ class TrainingImages:
     def __init__(self, vision: VisionModel, *, train_projector: bool = False):
         self.vision, self.train_projector = vision, train_projector
         vision.requires_grad_(False)
-        if train_projector:
-            vision.multi_modal_projector.requires_grad_(True)
+        if train_projector:  # fp32 weights for AdamW (autocast runs its matmuls in bf16 on CUDA)
+            vision.multi_modal_projector.float().requires_grad_(True)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """What trains here: the projector's weights with --train-projector, else nothing."""
         return list(self.vision.multi_modal_projector.parameters()) if self.train_projector else []
+
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        """The projector's weights (names inside multi_modal_projector), on the CPU in fp32."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.vision.multi_modal_projector.state_dict().items()}
+
+    def load_projector(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.vision.multi_modal_projector.named_parameters():
+                p.copy_(state[name])
 
     def inject(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(flat B*T rows of every [IMG] token of the batch, their embeddings), or None without images."""

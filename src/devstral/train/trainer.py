@@ -234,7 +234,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         from devstral.train.images import TrainingImages
 
         # the tower is frozen; it computes in the base's dtype, as the decoder does
-        images = TrainingImages(build_vision(model_path, mcfg, vision_config, dtype=dtype, device=device))
+        images = TrainingImages(build_vision(model_path, mcfg, vision_config, dtype=dtype, device=device),
+                                train_projector=cfg.train_projector)
+    elif cfg.train_projector:
+        raise DevstralError("--train-projector: no example has an image (the projector would learn nothing)")
     if cfg.full:
         params = full_parameters(model)
     else:
@@ -257,7 +260,10 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             for name, m in lora_modules(model).items():
                 m.lora_A.weight.copy_(state["lora"][f"{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(state["lora"][f"{name}.lora_B.weight"])
-    n_trainable = sum(p.numel() for p in params)
+    projector = images.parameters() if images is not None else []  # fp32, stepped as they are (no masters)
+    if state is not None and projector:
+        images.load_projector(state["projector"])
+    n_trainable = sum(p.numel() for p in params) + sum(p.numel() for p in projector)
     masters = None
     if not cfg.full and _lora_dtype(cfg, device, group) != torch.float32:
         from devstral.train.master_weights import MasterWeights
@@ -267,6 +273,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         fsdp.shard(model, group)
         params = trainable_parameters(model)
     updated = masters.masters if masters is not None else params  # what the optimizer steps and clips
+    updated = [*updated, *projector]
     optimizer = torch.optim.AdamW(updated, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda" and group is None)
     if state is not None:
@@ -290,6 +297,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                    f"{n_trainable / 1e6:,.2f}M trainable"
                    + (" (base in NF4)" if cfg.qlora or bnb is not None else "")
                    + ("; LoRA weights bf16, fp32 masters in the optimizer" if masters is not None else "")
+                   + (f"; vision projector {sum(p.numel() for p in projector) / 1e6:,.2f}M" if projector else "")
                    + (f"; resuming at step {start_step}" if state is not None else ""))
 
     stream = micro_batch_stream(examples, plan, cfg.seed, skip=micro_done)
@@ -367,6 +375,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                     save_checkpoint(out, {
                         "step": done, "micro_batches": micro_done, "rng": rng_state(),
                         **({"weights": weights_state(model)} if cfg.full else {"lora": lora}),
+                        **({"projector": images.projector_state()} if projector else {}),
                         "optimizer": optim, "config": cfg.as_dict(), "data_sha256": fingerprint,
                         "total_steps": total_steps})
     except torch.OutOfMemoryError:
@@ -394,7 +403,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
     elif cfg.full:
         save_model_folder(model, model_path, out)
     else:
-        save_adapter(model, out, adapter)
+        save_adapter(model, out, adapter, projector=images.projector_state() if projector else None)
     plot_loss(metrics.records(), out / "loss.png")
     del model, optimizer
     if cfg.full:  # OUTPUT is already a whole model: nothing to merge
@@ -408,7 +417,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         merged = write_merged(model_path, out, out / "merged")
         print(f"merged model: {merged}", file=sys.stderr)
         if cfg.gguf:
-            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path)
+            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path,
+                               projector_from=out if cfg.train_projector else None)
             print(f"gguf: {gguf}", file=sys.stderr)
     return result
 
@@ -452,13 +462,14 @@ def _checkpoint_lora(model, masters) -> dict[str, torch.Tensor]:
 
 _MUST_MATCH = ("model", "data", "lora_r", "lora_alpha", "rslora", "target", "qlora", "seed", "batch_size",
                "grad_accum", "batch_tokens", "max_seq_len", "packing", "train_on", "lr", "schedule",
-               "warmup_steps", "lora_dropout", "full")
+               "warmup_steps", "lora_dropout", "full", "train_projector")
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig, fingerprint: str, total_steps: int) -> None:
     saved = state.get("config", {})
     for key in _MUST_MATCH:
-        if saved.get(key, False if key == "full" else None) != getattr(cfg, key):  # "full" came later
+        # "full" and "train_projector" came later: older checkpoints have neither
+        if saved.get(key, False if key in ("full", "train_projector") else None) != getattr(cfg, key):
             raise DevstralError(f"--resume: {key.replace('_', '-')} was {saved.get(key)!r} in the checkpointed run "
                                 f"but is {getattr(cfg, key)!r} now")
     if state.get("data_sha256") != fingerprint:
