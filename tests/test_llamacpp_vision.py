@@ -177,7 +177,7 @@ def test_projector_found_beside_the_model_and_auto_keeps_llama_cpp(files, capfd)
     llm = _load(files[1])
     assert "note: vision projector" in capfd.readouterr().err
     assert llm.backend == "llama.cpp" and llm.vision is not None
-    auto = devstral.load(files[1], device="cpu", max_context=128, threads=2)
+    auto = devstral.load(files[1], device="cpu", max_context=128, threads=2)  # --device cpu: no CUDA in the choice
     assert auto.backend == "llama.cpp" and auto.vision is not None
     ids = llm.tokenizer.encode_chat(ask(png(24, 16, 5)), system_prompt=None)
     assert list(ids) == mistral_common_encoding(files[0], ask(png(24, 16, 5))).tokens

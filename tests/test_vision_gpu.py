@@ -94,7 +94,8 @@ def ckpt(tmp_path_factory):
 def test_engine_image_prefill_matches_the_uncached_forward(ckpt):
     """fp32 on CUDA: greedy tokens through the paged engine (image tokens cut across prefill chunks)
     equal greedy decoding by full forwards without a cache."""
-    llm = devstral.load(ckpt, device="cuda", dtype="fp32", max_context=512, max_batched_tokens=16)
+    llm = devstral.load(ckpt, device="cuda", dtype="fp32", kv_cache_dtype="fp32", max_context=512,
+                        max_batched_tokens=16)
     ids = llm.tokenizer.encode_chat(ask(png(45, 29, 3)), system_prompt=None)
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=4))
     seq = list(ids)
