@@ -80,11 +80,16 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     for kind, tile_set in (("wide", WIDE_TILES), ("wide_i8", WIDE_I8_TILES)):
         if kind == "wide_i8" and qtype not in I8_TYPES:
             continue
-        for bn, warps in tile_set[bm]:
-            tiles = -(-n // bn) * -(-m // bm)
-            s0 = gguf_config.split_k(tiles, k // (sb * ns), sms)
-            for s in sorted({max(1, s0 // 2), s0, min(32, s0 * 2)}):
-                out.append((kind, dict(bn=bn, ns=ns, bm=bm, split_k=s, num_warps=warps)))
+        # Q6_K sub-blocks are 16 weights: 16 of them make a row's tile one 128-byte line, as 8 do for the others
+        for tile_ns in ((ns, 16) if qtype == "Q6_K" and kind == "wide_i8" else (ns,)):
+            for bn, warps in tile_set[bm]:
+                if tile_ns == 16 and bn < 64:
+                    continue
+                bn_t = bn // (tile_ns // ns)  # the same words per thread
+                tiles = -(-n // bn_t) * -(-m // bm)
+                steps = k // (sb * tile_ns)
+                for s in split_candidates(tiles, steps, sms, m if kind == "wide_i8" else 0):
+                    out.append((kind, dict(bn=bn_t, ns=tile_ns, bm=bm, split_k=s, num_warps=warps)))
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -102,6 +107,21 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
                    num_warps=4)
     out.append(("idot", dict(hit, bm=ibm)))
     return out
+
+
+def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
+    """split-K counts to time: the rule's (about two programs per SM) halved and doubled, and at one
+    activation row also counts that make the grid close to whole waves of 2-4 resident programs per
+    SM (a grid of 1.6 waves leaves 40% of the SMs idle in its second wave: measured with ncu on the
+    Q6_K ffn_down at split 32)."""
+    s0 = gguf_config.split_k(tiles, k_steps, sms)
+    cands = {max(1, s0 // 2), s0, min(32, s0 * 2)}
+    if m == 1:
+        for per_sm in (2, 3, 4, 6):
+            s = round(per_sm * sms / tiles)
+            if 1 <= s <= 48 and k_steps // s >= 2:
+                cands.add(s)
+    return sorted(cands)
 
 
 KERNELS = {"wide": gguf_gemv_wide.gemv, "wide_i8": functools.partial(gguf_gemv_wide.gemv, int8=True),
