@@ -311,7 +311,7 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 
 def warm_compile(args, workers: int) -> float:
     t = time.time()
-    cmd = [sys.executable, __file__, "--dry-run"]
+    cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms]
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -327,9 +327,11 @@ def warm_compile(args, workers: int) -> float:
 
 
 def main() -> None:
+    global MS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--ms", default="1,2,4,8", help="activation rows to measure, comma-separated")
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
@@ -337,6 +339,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
+    MS = tuple(int(v) for v in args.ms.split(","))
     t0 = time.time()
     sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     if args.dry_run:  # a compile worker: run its share of the groups once
