@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     cap = min(1.0, args.cap_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(cap, dev)

@@ -21,7 +21,7 @@ def test_fused_projections_keep_the_logits_and_share_the_weights(tmp_path):
     for block in llm.model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         assert attn.qkv is not None and mlp.gate_up is not None
-        fused = attn.qkv.keywords["weight"]
+        fused = attn.qkv.keywords["weight"]  # functools.partial of the one matmul
         assert attn.q_proj.weight.data_ptr() == fused.data_ptr()  # a view, not a copy
         assert attn.v_proj.weight.data_ptr() == fused[-attn.v_proj.weight.shape[0]:].data_ptr()
     assert sum(p.numel() for p in llm.model.parameters()) == params

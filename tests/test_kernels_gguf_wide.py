@@ -87,7 +87,9 @@ def _run_cases(out_path: str) -> None:
     xf = torch.randn(2, 256, generator=g).to(torch.bfloat16)
     alone = [m(xf).float() for m in mods]
     proj = ql.fuse_quant(*mods)
-    res["fuse"] = {"raws": raws, "x": xf, "alone": alone, "fused": proj(xf).float(),
+    x_big = torch.randn(9, 256, generator=g).to(torch.bfloat16)  # past the decode sizes: per member
+    res["fuse"] = {"raws": raws, "x": xf, "alone": alone, "fused": torch.cat(proj(xf), dim=-1).float(),
+                   "x_big": x_big, "big": [o.float() for o in proj(x_big)],
                    "after": [m(xf).float() for m in mods],
                    "shared": all(m.weight_q.planar is proj.packed.buf for m in mods)}
     torch.save(res, out_path)
@@ -149,6 +151,10 @@ def test_fused_projection_is_its_members_side_by_side(results):
     for alone, after, ref in zip(r["alone"], r["after"], refs, strict=True):
         near(alone, ref)
         torch.testing.assert_close(after, alone, rtol=0, atol=0)  # the same rows, the same kernel
+    xb = r["x_big"].float()
+    assert [o.shape[-1] for o in r["big"]] == [raw.shape[0] for raw in r["raws"]]
+    for out, raw in zip(r["big"], r["raws"], strict=True):
+        near(out, xb @ dequantize(raw, QType.Q4_K, (raw.shape[0], 256)).t())
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -29,8 +29,6 @@ ROOT = Path(__file__).parents[1]
 def test_table_is_what_the_h200_measurement_says():
     result = json.loads((ROOT / "benchmarks/results/train_kernels_h200.json").read_text())
     assert tb.winners(result) == tb.MEASURED
-    assert tb.MEASURED["rope"] == "liger" and tb.MEASURED["fused_linear_ce"] == "liger"
-    assert tb.MEASURED["rms_norm"] == "ours" and tb.MEASURED["silu_mul"] == "ours"
 
 
 def test_winners_keep_ours_on_a_tie_and_without_a_liger_figure():

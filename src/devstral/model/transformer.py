@@ -73,13 +73,20 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
     return fused
 
 
-def fused_projection(*linears: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+Projection = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def _split_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    return linear(x, weight).split(sizes, dim=-1)
+
+
+def fused_projection(*linears: nn.Module) -> Projection | None:
     """Inference: these projections of one input as one matmul -- plain linears through one fused
     weight, planar GGUF linears of one type through one planar weight (quant.linear.fuse_quant) --
-    or None when their weights cannot be joined. Outputs are concatenated in the given order."""
+    or None when their weights cannot be joined. Returns one output per projection, in order."""
     weight = fused_weight(*linears)
     if weight is not None:
-        return partial(linear, weight=weight)
+        return partial(_split_linear, weight=weight, sizes=[m.weight.shape[0] for m in linears])
     return fuse_quant(*linears)
 
 
@@ -94,8 +101,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # set by fuse(): q/k/v as one matmul, or q/k as one when v cannot join (a GGUF Q4_K_M keeps
         # attn_v in Q6_K in some layers); their weights are views of the fused one
-        self.qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.qk: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.qkv: Projection | None = None
+        self.qk: Projection | None = None
 
     def fuse(self) -> None:
         self.qkv = fused_projection(self.q_proj, self.k_proj, self.v_proj)
@@ -103,13 +110,12 @@ class Attention(nn.Module):
             self.qk = fused_projection(self.q_proj, self.k_proj)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.qkv is not None and not torch.is_grad_enabled():
-            qkv = self.qkv(x)
-            return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+            q, k, v = self.qkv(x)
+            return q, k, v
         if self.qk is not None and not torch.is_grad_enabled():
-            qk = self.qk(x)
-            return qk[..., :nq], qk[..., nq:], run_linear(self.v_proj, x)
+            q, k = self.qk(x)
+            return q, k, run_linear(self.v_proj, x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, q_scale, mask, cache: AttentionCache | None) -> torch.Tensor:
@@ -137,14 +143,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by fuse()
+        self.gate_up: Projection | None = None  # set by fuse()
 
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return run_linear(self.down_proj, silu_mul(gate, up))

@@ -168,17 +168,24 @@ class QuantLinear(nn.Module):
 
 
 class PackedProjection:
-    """Several QuantLinears of one input as one planar weight, called like a bias-free linear
-    (inference): q/k/v or gate/up in one kernel launch instead of two or three. Deliberately not an
-    nn.Module: the members keep their modules (names, LoRA, export) and now view its rows."""
+    """Several QuantLinears of one input as one planar weight (inference): at decode sizes q/k/v or
+    gate/up run as one kernel launch instead of two or three; larger batches run each member's rows
+    on their own, because those paths dequantize a band of rows into a bounded scratch and a fused
+    weight too large for one band would cost a copy of the output. Returns one output per member.
+    Deliberately not an nn.Module: the members keep their modules (names, LoRA, export) and view
+    its rows."""
 
-    def __init__(self, packed):
-        self.packed = packed
+    FUSED_MAX_ROWS = 8  # the decode GEMVs' range (kernels/gguf_config.DECODE_MS)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, packed, parts):
+        self.packed, self.parts = packed, parts
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from devstral.kernels.gguf_linear import linear
 
-        return linear(x, self.packed)
+        if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS:
+            return tuple(linear(x, p) for p in self.parts)
+        return linear(x, self.packed).split([p.n for p in self.parts], dim=-1)
 
 
 def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
@@ -197,7 +204,7 @@ def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
     for m, p in zip(linears, packs, strict=True):
         m.weight_q.share_rows_of(fused, row)
         row += p.n
-    return PackedProjection(fused)
+    return PackedProjection(fused, [m.weight_q.packed for m in linears])
 
 
 def fallback_notice(model: nn.Module) -> str | None:
