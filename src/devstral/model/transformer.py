@@ -31,6 +31,7 @@ from devstral.kernels.silu_mul import silu_mul
 from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
+from devstral.model.tiled_mlp import checkpoint_contexts, tiled_rows, worth_tiling
 from devstral.quant.linear import fuse_quant
 
 
@@ -130,7 +131,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). In training, `tile_tokens` runs it in tiles of that many tokens
+    (model/tiled_mlp.py): the hidden_dim-wide intermediates exist for one tile at a time."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -138,11 +140,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by fuse()
+        self.tile_tokens: int | None = None  # set by Transformer.tile_mlp()
 
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if worth_tiling(x, self.tile_tokens) and self._tileable():
+            return tiled_rows(self._swiglu, x, self.tile_tokens, [p for p in self.parameters() if p.requires_grad])
+        return self._swiglu(x)
+
+    def _tileable(self) -> bool:
+        # a tile's forward runs again in backward: a dropout mask drawn there would differ from the forward's
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.modules())
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
@@ -225,7 +237,8 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 with offload.saving(x) if offload is not None else nullcontext():
-                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False,
+                                   context_fn=checkpoint_contexts)
             else:
                 x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
@@ -238,6 +251,12 @@ class Transformer(nn.Module):
         needs logits only where a sequence samples its next token)."""
         h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask, inject=inject)
         return run_linear(self.lm_head, h if select is None else h[:, select])
+
+    def tile_mlp(self, tokens: int | None) -> None:
+        """Train the dense MLPs in tiles of `tokens` tokens (None or 0: whole sequences)."""
+        for block in self.model.layers:
+            if isinstance(block.ffn, MLP):
+                block.ffn.tile_tokens = tokens or None
 
     def fuse_projections(self) -> None:
         """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""
