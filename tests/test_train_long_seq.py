@@ -23,6 +23,7 @@ from devstral.train.offload import (
     _cgroup_room,
     _meminfo_available,
     host_budget,
+    longest_sequence,
     plan_offload,
 )
 
@@ -165,6 +166,22 @@ def test_checkpoint_rerun_skips_the_mlp_matmuls(monkeypatch):
     assert not tiled_mlp.is_recomputing()
 
 
+@pytest.mark.parametrize("group", [2, 3])
+def test_layers_per_checkpoint_same_loss_and_grads(group):
+    """Two or three layers per checkpoint (3 layers: segments of 2 + 1, or one of 3), offloaded, tiled."""
+    model, params = _setup(dtype=torch.float64)
+    model.gradient_checkpointing = True
+    batch = _batch(11)
+    want_loss, want = _step(model, params, batch)
+    model.checkpoint_layers = group
+    model.tile_mlp(6)
+    offload = model.activation_offload = ActivationOffload(torch.device("cpu"))
+    loss, got = _step(model, params, batch)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    _close(got, want, rtol=1e-10, atol=1e-13)
+    assert offload.offloaded == -(-3 // group)  # one input per checkpointed segment
+
+
 def test_mlp_with_dropout_is_not_tiled():
     cfg = _cfg()
     torch.manual_seed(0)
@@ -193,6 +210,30 @@ def test_placement_plan_and_budget():
     assert _cgroup_room("1000\n", "400\n") == 600
 
 
+def test_longest_sequence_split_between_gpu_and_host():
+    mib = 2**20
+    # the host takes all 4 checkpoints of 1 MiB per 1k tokens: the GPU's 100 MiB working set binds
+    got = longest_sequence(gpu_free=110 * mib, host_budget=1 << 40, fixed=10 * mib, per_token=mib / 1000,
+                           checkpoints=4, checkpoint_per_token=1024, slab_bytes=mib)
+    assert (got["gpu_checkpoints"], got["binding"]) == (0, "gpu") and got["tokens"] == 100_000
+    # a host of 40 MiB: all 4 on it fit 10240 tokens (host binds); 1 on the GPU 13312 (3 x 13 slabs); 2 on it
+    # 20480; 3 on it 25447, where the GPU's 100 MiB bind (1048.576 + 3 x 1024 bytes a token); 4 on it 20382
+    got = longest_sequence(gpu_free=110 * mib, host_budget=40 * mib, fixed=10 * mib, per_token=mib / 1000,
+                           checkpoints=4, checkpoint_per_token=1024, slab_bytes=mib)
+    assert (got["gpu_checkpoints"], got["binding"], got["tokens"]) == (3, "gpu", 25447)
+    # a GPU with no room for any checkpoint (11000 bytes at 1 a token): all on the host, which binds at 10240
+    got_host = longest_sequence(gpu_free=11000, host_budget=40 * mib, fixed=0, per_token=1, checkpoints=4,
+                                checkpoint_per_token=1024, slab_bytes=mib)
+    assert (got_host["gpu_checkpoints"], got_host["binding"], got_host["tokens"]) == (0, "host", 10240)
+    assert got["host_bytes"] <= 40 * mib and got["gpu_bytes"] <= 110 * mib
+    # brute force over every token count: no longer sequence fits any split
+    t = got["tokens"] + 1
+    for k in range(5):
+        gpu = 10 * mib + t * mib / 1000 + k * 1024 * t
+        host = (4 - k) * -(-1024 * t // mib) * mib
+        assert gpu > 110 * mib or host > 40 * mib
+
+
 def test_train_config_tile_defaults_and_bad_values():
     cfg = TrainConfig(model="m", data="d", output="o")
     cfg.validate()
@@ -200,8 +241,9 @@ def test_train_config_tile_defaults_and_bad_values():
     cfg = TrainConfig(model="m", data="d", output="o", offload_activations=True)
     cfg.validate()
     assert cfg.mlp_tile_tokens() == MLP_TILE
-    for bad in (dict(mlp_tile=-1), dict(offload_host_gib=-2.0), dict(offload_host_gib=float("nan"))):
-        with pytest.raises(DevstralError, match="--mlp-tile|--offload-host-gib"):
+    for bad in (dict(mlp_tile=-1), dict(offload_host_gib=-2.0), dict(offload_host_gib=float("nan")),
+                dict(checkpoint_layers=0)):
+        with pytest.raises(DevstralError, match="--mlp-tile|--offload-host-gib|--checkpoint-layers"):
             TrainConfig(model="m", data="d", output="o", **bad).validate()
 
 

@@ -11,7 +11,8 @@ untiled branch's; only the sums over tokens of the weight gradients are split in
 
 Under gradient checkpointing the block's recomputation (train: the checkpoint's second forward) does not
 need the branch's output, only what it saves (its input), so there it skips the matmuls
-(`recomputing()`); the tiles' forward in backward is then the only recomputation, and a checkpointed
+(`recomputing()`; in a checkpoint of several layers only in the last one, whose output nothing in the
+rerun uses: `output_needed()`); the tiles' forward in backward is then the only recomputation, and a checkpointed
 step does the same matmul work as with the untiled branch.
 """
 
@@ -31,6 +32,17 @@ def recomputing():
     """The block runs again to rebuild what backward saved (torch.utils.checkpoint's recomputation)."""
     before = getattr(_local, "on", False)
     _local.on = True
+    try:
+        yield
+    finally:
+        _local.on = before
+
+
+@contextlib.contextmanager
+def output_needed():
+    """A block whose output the rerun needs (a checkpoint of several layers: all but the last)."""
+    before = getattr(_local, "on", False)
+    _local.on = False
     try:
         yield
     finally:

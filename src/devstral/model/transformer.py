@@ -31,7 +31,7 @@ from devstral.kernels.silu_mul import silu_mul
 from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
-from devstral.model.tiled_mlp import checkpoint_contexts, tiled_rows, worth_tiling
+from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
 from devstral.quant.linear import fuse_quant
 
 
@@ -183,6 +183,14 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
+def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache):
+    for i, block in enumerate(blocks):
+        # in a checkpoint's rerun only the last block's MLP output is unused (model/tiled_mlp.py)
+        with output_needed() if i < len(blocks) - 1 else nullcontext():
+            x = block(x, cos, sin, q_scale, mask, cache)
+    return x
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -200,6 +208,9 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
         self.activation_offload = None  # train/offload.py: checkpointed layer inputs kept in CPU memory
+        # Layers per checkpoint: 1 keeps every layer's input; 2 keeps every other one and recomputes two layers
+        # at once in backward (the same arithmetic: half the checkpoints, one more layer's activations live)
+        self.checkpoint_layers = 1
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -234,13 +245,15 @@ class Transformer(nn.Module):
         offload = self.activation_offload if self.gradient_checkpointing and self.training else None
         if offload is not None:
             offload.begin()
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+        layers = self.model.layers
+        if self.gradient_checkpointing and self.training:
+            step = max(1, self.checkpoint_layers)
+            for at in range(0, len(layers), step):
                 with offload.saving(x) if offload is not None else nullcontext():
-                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False,
-                                   context_fn=checkpoint_contexts)
-            else:
-                x = block(x, cos, sin, q_scale, mask, cache)
+                    x = checkpoint(_run_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask, cache,
+                                   use_reentrant=False, context_fn=checkpoint_contexts)
+        else:
+            x = _run_blocks(layers, x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,

@@ -50,6 +50,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory (implies checkpointing)
     offload_host_gib: float | None = None  # host memory the offload may pin; None: available less a reserve
+    checkpoint_layers: int = 1  # decoder layers per gradient checkpoint (2: half the checkpoints kept)
     mlp_tile: int | None = None  # MLP trained in tiles of this many tokens; None: 4096 with checkpointing, 0: off
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -124,6 +125,8 @@ class TrainConfig:
         if self.offload_host_gib is not None and not (math.isfinite(self.offload_host_gib)
                                                       and self.offload_host_gib >= 0):
             raise DevstralError(f"--offload-host-gib must be a number >= 0, got {self.offload_host_gib}")
+        if self.checkpoint_layers <= 0:
+            raise DevstralError(f"--checkpoint-layers must be a positive number of layers, got {self.checkpoint_layers}")
         if self.mlp_tile is not None and self.mlp_tile < 0:
             raise DevstralError(f"--mlp-tile must be >= 0 tokens (0 = off), got {self.mlp_tile}")
         if self.ollama and not self.gguf:

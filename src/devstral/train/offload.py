@@ -89,6 +89,28 @@ def plan_offload(layer_bytes: list[int], budget: int, slab_bytes: int = SLAB_BYT
     return out
 
 
+def longest_sequence(*, gpu_free: float, host_budget: int, fixed: float, per_token: float, checkpoints: int,
+                     checkpoint_per_token: int, slab_bytes: int = SLAB_BYTES) -> dict:
+    """The longest sequence whose step fits: on the GPU the working set (`fixed` + `per_token` x T bytes,
+    measured) plus the checkpoints kept there; in the host budget the other checkpoints, in whole slabs
+    (`checkpoints` of them per step, `checkpoint_per_token` x T bytes each). Tries every split, as
+    ActivationOffload makes it (the first checkpoints to the host), and returns the best: tokens, how many
+    checkpoints stay on the GPU, which memory binds (the one that the best split fills), and both usages."""
+    best = {"tokens": 0, "gpu_checkpoints": checkpoints, "binding": "gpu"}
+    slabs = host_budget // slab_bytes
+    for on_gpu in range(checkpoints + 1):
+        gpu_tokens = max(0.0, gpu_free - fixed) / (per_token + on_gpu * checkpoint_per_token)
+        on_host = checkpoints - on_gpu
+        host_tokens = float("inf") if on_host == 0 else (slabs // on_host) * slab_bytes / checkpoint_per_token
+        tokens = int(min(gpu_tokens, host_tokens))
+        if tokens > best["tokens"]:
+            best = {"tokens": tokens, "gpu_checkpoints": on_gpu, "binding": "gpu" if gpu_tokens <= host_tokens else "host"}
+    t, k = best["tokens"], best["gpu_checkpoints"]
+    best["gpu_bytes"] = fixed + per_token * t + k * checkpoint_per_token * t
+    best["host_bytes"] = (checkpoints - k) * -(-checkpoint_per_token * t // slab_bytes) * slab_bytes
+    return best
+
+
 class _Saved:
     """One offloaded layer input: its slabs, and the events that order the copies."""
 

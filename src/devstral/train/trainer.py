@@ -89,6 +89,8 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
         hints.append("--offload-activations (layer inputs in CPU memory)")
     elif cfg.offload_host_gib is not None:
         hints.append(f"a larger --offload-host-gib (now {cfg.offload_host_gib:g})")
+    if cfg.grad_checkpointing and cfg.checkpoint_layers == 1:
+        hints.append("--checkpoint-layers 2 (half the layer inputs kept)")
     if cfg.mlp_tile_tokens() == 0 or cfg.mlp_tile_tokens() > 1024:
         hints.append(f"a smaller --mlp-tile (now {cfg.mlp_tile_tokens()}; 0 = off)")
     if cfg.batch_tokens:
@@ -236,6 +238,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         params = trainable_parameters(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.tile_mlp(cfg.mlp_tile_tokens())
+    model.checkpoint_layers = cfg.checkpoint_layers
     if cfg.offload_activations:
         from devstral.train.offload import ActivationOffload
 
