@@ -220,7 +220,7 @@ def test_longest_sequence_split_between_gpu_and_host():
     # 20480; 3 on it 25447, where the GPU's 100 MiB bind (1048.576 + 3 x 1024 bytes a token); 4 on it 20382
     got = longest_sequence(gpu_free=110 * mib, host_budget=40 * mib, fixed=10 * mib, per_token=mib / 1000,
                            checkpoints=4, checkpoint_per_token=1024, slab_bytes=mib)
-    assert (got["gpu_checkpoints"], got["binding"], got["tokens"]) == (3, "gpu", 25447)
+    assert (got["gpu_checkpoints"], got["binding"], got["tokens"]) == (3, "gpu+host", 25447)
     # a GPU with no room for any checkpoint (11000 bytes at 1 a token): all on the host, which binds at 10240
     got_host = longest_sequence(gpu_free=11000, host_budget=40 * mib, fixed=0, per_token=1, checkpoints=4,
                                 checkpoint_per_token=1024, slab_bytes=mib)
@@ -284,3 +284,44 @@ def test_gpu_tiled_mlp_bf16_same_grads_and_less_memory():
     assert rel(got, want) <= 3 * noise + 2e-3, (rel(got, want), noise)
     # untiled, backward holds gate, up, their product and gradients of all 16384 tokens: >= 4 x 16 KB per token
     assert tiled_peak <= plain_peak - 3 * 16384 * cfg.hidden_dim * 2, (tiled_peak, plain_peak)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_in_small_slabs_with_a_partial_host_budget():
+    """CUDA: layer inputs split over several pinned slabs, the host budget taking 3 of 6, tiled MLP, two
+    layers per checkpoint for the last case: loss bit for bit, gradients within the run-to-run noise of flash
+    attention's backward (measured as in test_train_offload.py)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    cfg = ModelConfig(arch="mistral", dim=512, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=2048,
+                      vocab_size=4096, rope_theta=1e6, max_position_embeddings=65536, norm_eps=1e-5)
+    from devstral.model.rope import Rotary
+
+    model, params = _setup(cfg, torch.bfloat16, "cuda", lora_dtype=torch.float32)
+    model.rotary = Rotary(cfg).cuda()
+    model.gradient_checkpointing = True
+    model.tile_mlp(1024)
+    batch = _batch(4000, rows=2, device="cuda", vocab=4096)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _step(model, params, batch)
+
+    def rel(xs, ys):
+        return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(xs, ys, strict=True))
+
+    want_loss, want = step()
+    noise = rel(step()[1], want)
+    layer_bytes = 2 * 4000 * cfg.dim * 2  # 8 MB: 8 slabs of 1 MiB (the last one partial)
+    slabs = -(-layer_bytes // (1 << 20))
+    offload = model.activation_offload = ActivationOffload(torch.device("cuda"), host_budget_bytes=3 * slabs << 20,
+                                                           slab_bytes=1 << 20)
+    for _ in range(2):  # the second step reuses the pinned slabs
+        loss, got = step()
+        assert torch.equal(loss, want_loss)
+        assert rel(got, want) <= 3 * noise + 1e-4, (rel(got, want), noise)
+    assert (offload.offloaded, offload.kept) == (6, 6) and offload.host_bytes == 3 * slabs << 20
+    model.checkpoint_layers = 2
+    loss, got = step()
+    assert torch.equal(loss, want_loss)
+    assert rel(got, want) <= 3 * noise + 1e-4, (rel(got, want), noise)

@@ -95,7 +95,9 @@ def longest_sequence(*, gpu_free: float, host_budget: int, fixed: float, per_tok
     measured) plus the checkpoints kept there; in the host budget the other checkpoints, in whole slabs
     (`checkpoints` of them per step, `checkpoint_per_token` x T bytes each). Tries every split, as
     ActivationOffload makes it (the first checkpoints to the host), and returns the best: tokens, how many
-    checkpoints stay on the GPU, which memory binds (the one that the best split fills), and both usages."""
+    checkpoints stay on the GPU, which memory binds ("gpu": the GPU alone, the host has room; "host": the
+    host is full and the GPU has room; "gpu+host": the host is full and the checkpoints it cannot take fill
+    the GPU), and both usages."""
     best = {"tokens": 0, "gpu_checkpoints": checkpoints, "binding": "gpu"}
     slabs = host_budget // slab_bytes
     for on_gpu in range(checkpoints + 1):
@@ -104,7 +106,8 @@ def longest_sequence(*, gpu_free: float, host_budget: int, fixed: float, per_tok
         host_tokens = float("inf") if on_host == 0 else (slabs // on_host) * slab_bytes / checkpoint_per_token
         tokens = int(min(gpu_tokens, host_tokens))
         if tokens > best["tokens"]:
-            best = {"tokens": tokens, "gpu_checkpoints": on_gpu, "binding": "gpu" if gpu_tokens <= host_tokens else "host"}
+            binding = "host" if host_tokens < gpu_tokens else "gpu+host" if on_gpu else "gpu"
+            best = {"tokens": tokens, "gpu_checkpoints": on_gpu, "binding": binding}
     t, k = best["tokens"], best["gpu_checkpoints"]
     best["gpu_bytes"] = fixed + per_token * t + k * checkpoint_per_token * t
     best["host_bytes"] = (checkpoints - k) * -(-checkpoint_per_token * t // slab_bytes) * slab_bytes
