@@ -8,9 +8,17 @@ per-layer figures carry to 40 layers (the JSON says how it was run and extrapola
 Measured per run (median of the timed steps, each synchronised): tokens/s, and peak memory above the
 memory held before the step (weights, LoRA, optimizer state): the activation memory the issue's
 targets are about. Runs: ours LoRA, HF+PEFT LoRA, ours QLoRA (NF4 base), HF+PEFT QLoRA (bitsandbytes'
-Linear4bit, when bitsandbytes has a CUDA build here), and at a long sequence ours with
---offload-activations against HF+PEFT (activation bytes per token -> the longest sequence that would fit
-the full 40-layer model on this GPU). Physical limit: the matmul FLOP roofline at the measured bf16 rate.
+Linear4bit, when bitsandbytes has a CUDA build here). Physical limit: the matmul FLOP roofline at the
+measured bf16 rate.
+
+Longest sequence (issue 16's 8x target): ours with --offload-activations and the tiled MLP at two lengths
+(--long-seq and twice it), with 1 and 2 layers per checkpoint, and HF+PEFT at half and all of --long-seq:
+activation bytes = fixed + per-token x tokens through each pair. For the full 40 layers on this GPU
+(memory the process can have, less the 40-layer weights and LoRA state, less SAFETY_GIB) and this host
+(the offload's budget: available host memory less a tenth), `longest_sequence()` finds the length and the
+split of layer inputs between host and GPU, and says which memory binds; HF+PEFT keeps every layer's
+input on the GPU. Then one step of ours at that length (the 1 or 2 layers of one checkpoint, beside a
+ballast for what the other layers hold) checks it, when its estimated time fits --budget-s.
 
     python benchmarks/finetune.py                       # GPU: JSON to $OUT/finetune.json or benchmarks/results/
     python benchmarks/finetune.py --layers 40 --skip-qlora-hf --skip-long
