@@ -374,3 +374,16 @@ def test_finetune_tiled_resumes_exactly_and_follows_the_untiled_curve(tiny_hf, t
     straight = losses(tmp_path / "straight")
     assert len(straight) == 4 and losses(tmp_path / "stopped") == straight
     assert straight == pytest.approx(losses(tmp_path / "untiled"), rel=1e-5)
+
+
+def test_oom_message_names_the_long_sequence_knobs():
+    from devstral.train.trainer import _oom_message
+
+    cfg = TrainConfig(model="m", data="d", output="o", offload_activations=True, offload_host_gib=20.0)
+    cfg.validate()
+    msg = _oom_message(cfg, step=0)
+    assert "--checkpoint-layers 2" in msg and "a smaller --mlp-tile (now 4096)" in msg
+    assert "a larger --offload-host-gib (now 20)" in msg
+    cfg = TrainConfig(model="m", data="d", output="o", grad_checkpointing=True, mlp_tile=0)
+    cfg.validate()
+    assert "--mlp-tile 4096" in _oom_message(cfg, step=0)

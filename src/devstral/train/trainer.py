@@ -91,8 +91,11 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
         hints.append(f"a larger --offload-host-gib (now {cfg.offload_host_gib:g})")
     if cfg.grad_checkpointing and cfg.checkpoint_layers == 1:
         hints.append("--checkpoint-layers 2 (half the layer inputs kept)")
-    if cfg.mlp_tile_tokens() == 0 or cfg.mlp_tile_tokens() > 1024:
-        hints.append(f"a smaller --mlp-tile (now {cfg.mlp_tile_tokens()}; 0 = off)")
+    tile = cfg.mlp_tile_tokens()
+    if tile == 0:
+        hints.append("--mlp-tile 4096 (the MLP trained in tiles of tokens)")
+    elif tile > 1024:
+        hints.append(f"a smaller --mlp-tile (now {tile})")
     if cfg.batch_tokens:
         hints.append(f"a smaller --batch-tokens (now {cfg.batch_tokens})")
     elif cfg.batch_size > 1:
