@@ -387,3 +387,28 @@ def test_oom_message_names_the_long_sequence_knobs():
     cfg = TrainConfig(model="m", data="d", output="o", grad_checkpointing=True, mlp_tile=0)
     cfg.validate()
     assert "--mlp-tile 4096" in _oom_message(cfg, step=0)
+
+
+def test_long_inputs_leave_liger_for_the_fixed_chunk_head(monkeypatch):
+    """Liger's logits chunk grows with the rows (next_pow2(rows / ceil(V / D)) x V); past the cap ours runs,
+    whose chunk is fixed. Oracle for the loss: F.cross_entropy on the full logits."""
+    import devstral.kernels.liger as liger
+    from devstral.kernels import fused_linear_ce as fce
+
+    assert fce.liger_chunk_bytes(8192, 5120, 131072, 2) == fce.LIGER_MAX_CHUNK_BYTES  # 512 rows
+    assert fce.liger_chunk_bytes(16384, 5120, 131072, 2) == 2 * fce.LIGER_MAX_CHUNK_BYTES
+    assert fce.liger_chunk_bytes(2048, 5120, 131072, 2) == 128 * 131072 * 2  # 79 rows -> 128
+    calls = []
+    monkeypatch.setattr(fce, "use_liger", lambda op, t: True)
+    monkeypatch.setattr(liger, "liger_linear_cross_entropy", lambda h, w, t, i: calls.append(h.shape[0]) or
+                        torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum", ignore_index=i))
+    h, w = torch.randn(600, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
+    t = torch.randint(0, 64, (600,))
+    want = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+    assert fce.liger_chunk_bytes(600, 8, 64, 8) == 128 * 64 * 8  # 75 rows -> 128
+    monkeypatch.setattr(fce, "LIGER_MAX_CHUNK_BYTES", 128 * 64 * 8)
+    torch.testing.assert_close(fce.linear_cross_entropy(h, w, t), want)
+    assert calls == [600]
+    monkeypatch.setattr(fce, "LIGER_MAX_CHUNK_BYTES", 64 * 64 * 8)
+    torch.testing.assert_close(fce.linear_cross_entropy(h, w, t).double(), want, rtol=1e-6, atol=0)  # fp32 sum
+    assert calls == [600]  # ours this time
