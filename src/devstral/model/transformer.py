@@ -253,7 +253,8 @@ class Transformer(nn.Module):
                     x = checkpoint(_run_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask, cache,
                                    use_reentrant=False, context_fn=checkpoint_contexts)
         else:
-            x = _run_blocks(layers, x, cos, sin, q_scale, mask, cache)
+            for block in layers:
+                x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
