@@ -8,9 +8,17 @@ per-layer figures carry to 40 layers (the JSON says how it was run and extrapola
 Measured per run (median of the timed steps, each synchronised): tokens/s, and peak memory above the
 memory held before the step (weights, LoRA, optimizer state): the activation memory the issue's
 targets are about. Runs: ours LoRA, HF+PEFT LoRA, ours QLoRA (NF4 base), HF+PEFT QLoRA (bitsandbytes'
-Linear4bit, when bitsandbytes has a CUDA build here), and at a long sequence ours with
---offload-activations against HF+PEFT (activation bytes per token -> the longest sequence that would fit
-the full 40-layer model on this GPU). Physical limit: the matmul FLOP roofline at the measured bf16 rate.
+Linear4bit, when bitsandbytes has a CUDA build here). Physical limit: the matmul FLOP roofline at the
+measured bf16 rate.
+
+Longest sequence (issue 16's 8x target): ours with --offload-activations and the tiled MLP at two lengths
+(--long-seq and twice it), with 1 and 2 layers per checkpoint, and HF+PEFT at half and all of --long-seq:
+activation bytes = fixed + per-token x tokens through each pair. For the full 40 layers on this GPU
+(memory the process can have, less the 40-layer weights and LoRA state, less SAFETY_GIB) and this host
+(the offload's budget: available host memory less a tenth), `longest_sequence()` finds the length and the
+split of layer inputs between host and GPU, and says which memory binds; HF+PEFT keeps every layer's
+input on the GPU. Then one step of ours at that length (the 1 or 2 layers of one checkpoint, beside a
+ballast for what the other layers hold) checks it, when its estimated time fits --budget-s.
 
     python benchmarks/finetune.py                       # GPU: JSON to $OUT/finetune.json or benchmarks/results/
     python benchmarks/finetune.py --layers 40 --skip-qlora-hf --skip-long
@@ -35,12 +43,13 @@ SMALL = dict(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidd
 QUICK = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=1024)
 H200_BF16_TFLOPS = 790.0  # dense bf16 matmul rate measured on the H200 in this workplace (8192^3)
 GIB = 2**30
+SAFETY_GIB = 1.0  # GPU memory left unplanned in the longest-sequence figures (allocator slack), ours and PEFT's
 
 
-def model_config(shape: dict):
+def model_config(shape: dict, max_positions: int = 262144):
     from devstral.config import ModelConfig
 
-    return ModelConfig(arch="mistral", rope_theta=1e9, max_position_embeddings=262144, norm_eps=1e-5, **shape)
+    return ModelConfig(arch="mistral", rope_theta=1e9, max_position_embeddings=max_positions, norm_eps=1e-5, **shape)
 
 
 def _reset(device: torch.device) -> None:
@@ -49,6 +58,10 @@ def _reset(device: torch.device) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # pinned host blocks freed by an offload go back to the OS, so that the next run's host budget sees them
+        empty_host = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+        if empty_host is not None:
+            empty_host()
 
 
 def _autocast(device: torch.device):
@@ -102,17 +115,23 @@ def _build_ours(cfg, device, dtype, qlora: bool):
 
 
 def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps: int, *, qlora=False,
-               offload=False, lora_bf16=False) -> dict:
+               offload=False, lora_bf16=False, mlp_tile: int | None = None, checkpoint_layers: int = 1,
+               hold_gib: float | None = None) -> dict:
+    """One configuration of our trainer's step. `mlp_tile` and `checkpoint_layers` as --mlp-tile and
+    --checkpoint-layers; `hold_gib`: a ballast makes the memory held before the step this much (the check
+    that a predicted length fits beside what the full model would hold)."""
     from devstral.kernels.varlen_attention import Documents
     from devstral.model.lora import inject_lora, parse_targets, trainable_parameters
     from devstral.train.batching import Batch
     from devstral.train.loss import summed_loss
 
-    cfg = model_config(shape)
+    cfg = model_config(shape, max(262144, seq))
     _reset(device)
     model = _build_ours(cfg, device, dtype, qlora)
     inject_lora(model, parse_targets("all-linear"), r=r, alpha=r, seed=0)
     model.gradient_checkpointing = True
+    model.tile_mlp(mlp_tile)
+    model.checkpoint_layers = checkpoint_layers
     if offload:
         from devstral.train.offload import ActivationOffload
 
@@ -142,9 +161,20 @@ def bench_ours(shape: dict, seq: int, r: int, device, dtype, warmup: int, steps:
             masters.push()
         return float(loss.detach()) / n
 
+    ballast = None
+    if hold_gib is not None and device.type == "cuda":  # (this slice's optimizer state, made in the step, is
+        _reset(device)                                     # already in hold_gib: counted twice, on the safe side)
+        extra = int(hold_gib * GIB) - torch.cuda.memory_allocated()
+        ballast = torch.empty(max(0, extra), dtype=torch.uint8, device=device)
+        warmup = 0
     out = timed(step, device, warmup, steps)
+    del ballast
     out |= {"tokens_per_s": seq / out["step_s_median"], "trainable_params": sum(p.numel() for p in params),
-            "layer_weight_gib": _module_gib(model.model.layers[0]) - _lora_gib(model.model.layers[0])}
+            "layer_weight_gib": _module_gib(model.model.layers[0]) - _lora_gib(model.model.layers[0]),
+            "mlp_tile": mlp_tile, "checkpoint_layers": checkpoint_layers}
+    if model.activation_offload is not None:
+        out |= {"offload_host_gib": model.activation_offload.host_bytes / GIB,
+                "offloaded_inputs": model.activation_offload.offloaded, "kept_on_gpu": model.activation_offload.kept}
     return out
 
 
@@ -234,14 +264,111 @@ def flop_roofline(shape: dict, seq: int, device: torch.device) -> dict:
     return out
 
 
-def longest_sequence(per_token_gib: float | None, layers_run: int, extra_per_layer_token_gib: float,
-                     weights_40_gib: float, total_gib: float) -> int | None:
-    """Tokens of one sequence whose activations fit beside the 40-layer weights. Each layer beyond the
-    ones run adds only its checkpointed input (nothing on the GPU when it is offloaded); the rest of the
-    measured per-token activation (one layer's recompute, the head) does not grow with layers."""
-    if not per_token_gib:
+def fit_per_token(runs: dict, names: list[tuple[str, int]]) -> dict | None:
+    """Activation peak = fixed + per_token x tokens, through the runs at two lengths (bytes)."""
+    (n1, t1), (n2, t2) = names
+    r1, r2 = runs.get(n1, {}), runs.get(n2, {})
+    if "activation_peak_gib" not in r1 or "activation_peak_gib" not in r2:
         return None
-    return int((total_gib - weights_40_gib) / (per_token_gib + (40 - layers_run) * extra_per_layer_token_gib))
+    a1, a2 = r1["activation_peak_gib"] * GIB, r2["activation_peak_gib"] * GIB
+    per_token = (a2 - a1) / (t2 - t1)
+    return {"per_token_bytes": per_token, "fixed_bytes": a1 - per_token * t1, "lengths": [t1, t2],
+            "step_s": [r1["step_s_median"], r2["step_s_median"]]}
+
+
+def step_seconds(fit: dict, layers_run: int, layers: int, tokens: int) -> float:
+    """A step's time at `tokens` for `layers` layers, from the two measured lengths: a t + b t^2 per layer
+    (projections and attention), the measured step being `layers_run` layers."""
+    (t1, t2), (s1, s2) = fit["lengths"], fit["step_s"]
+    b = max(0.0, (s2 / t2 - s1 / t1) / (t2 - t1))
+    a = max(0.0, s1 / t1 - b * t1)
+    return (a * tokens + b * tokens * tokens) * max(layers, 1) / layers_run
+
+
+def longest(result: dict, runs: dict, shape: dict, long_runs: dict, peft_long: list, lora_bf16: bool, args,
+            t_start: float) -> dict:
+    """The longest sequence one step of the full 40-layer model trains on this GPU (and this host), ours and
+    HF+PEFT's, from the per-token activation bytes measured at two lengths; then, time allowing, one step of
+    ours at that length, with a ballast standing for what the other layers would hold, as a check."""
+    from devstral.train.offload import longest_sequence
+
+    layers = shape["n_layers"]
+    lora = runs.get("devstral_lora", {})
+    if "held_gib" not in lora:
+        return {}
+    mem = result["long_memory"]
+    per_param = (2 + 4 + 8 + 4) if lora_bf16 else (4 + 8 + 4)  # weight (+ fp32 master), Adam moments, master grad
+    per_layer = lora["layer_weight_gib"] * GIB + lora["trainable_params"] / layers * per_param
+    weights_40 = lora["held_gib"] * GIB + (40 - layers) * per_layer
+    gpu_free = mem["gpu_usable_gib"] * GIB - weights_40 - SAFETY_GIB * GIB
+    host = int(mem["host_budget_gib"] * GIB)
+    layer_input = shape["dim"] * 2  # bf16 bytes per token of one checkpoint
+    out: dict = {"weights_40_layers_gib": weights_40 / GIB, "gpu_free_for_activations_gib": gpu_free / GIB,
+                 "host_budget_gib": host / GIB, "safety_gib": SAFETY_GIB}
+    plans = {}
+    for group, names in long_runs.items():
+        fit = fit_per_token(runs, names)
+        if fit is None:
+            continue
+        plan = longest_sequence(gpu_free=gpu_free, host_budget=host, fixed=fit["fixed_bytes"],
+                                per_token=fit["per_token_bytes"], checkpoints=-(-40 // group),
+                                checkpoint_per_token=layer_input)
+        plans[group] = {**fit, "per_token_kb": fit["per_token_bytes"] / 1e3, "fixed_gib": fit["fixed_bytes"] / GIB,
+                        **plan, "gpu_gib": plan["gpu_bytes"] / GIB, "host_gib": plan["host_bytes"] / GIB}
+    out["ours_by_layers_per_checkpoint"] = plans
+    untiled = runs.get("devstral_lora_long_untiled", {})
+    if "activation_peak_gib" in untiled:
+        out["untiled_kb_per_token_at_long_seq"] = untiled["activation_peak_gib"] * GIB / args.long_seq / 1e3
+    peft_fit = fit_per_token(runs, peft_long) if len(peft_long) == 2 else None
+    if peft_fit is not None:  # HF keeps every layer's checkpoint on the GPU: 32 more layers, 32 more per token
+        per_token = peft_fit["per_token_bytes"] + (40 - layers) * layer_input
+        out["peft"] = {**peft_fit, "per_token_kb_40_layers": per_token / 1e3,
+                       "tokens": int(max(0.0, gpu_free - peft_fit["fixed_bytes"]) / per_token), "binding": "gpu"}
+    if not plans:
+        return {"longest": out}
+    group = max(plans, key=lambda g: plans[g]["tokens"])
+    best = plans[group]
+    summary = {"longest": out, "longest_seq_ours_40_layers": best["tokens"],
+               "longest_seq_ours_layers_per_checkpoint": group, "longest_seq_binding": best["binding"],
+               "longest_seq_peft_40_layers": out.get("peft", {}).get("tokens")}
+    if summary["longest_seq_peft_40_layers"]:
+        summary["longest_seq_ratio"] = best["tokens"] / summary["longest_seq_peft_40_layers"]
+    # the check: one step of `group` layers (one checkpoint's recompute) at the predicted length, beside a
+    # ballast for what the other layers would hold; the longest prediction whose step fits the time budget
+    left = args.budget_s - (time.perf_counter() - t_start)
+    check: dict = {}
+    for g in sorted(plans, key=lambda g: -plans[g]["tokens"]):
+        plan = plans[g]
+        tokens = plan["tokens"] // 64 * 64
+        estimate = step_seconds(plan, layers, g, tokens) * 1.3
+        check = {"layers_per_checkpoint": g, "headline": g == group, "tokens": tokens, "layers": g,
+                 "held_gib": (weights_40 + plan["gpu_checkpoints"] * layer_input * tokens) / GIB,
+                 "estimated_s": estimate}
+        if args.skip_check or estimate > left:
+            check["skipped"] = "--skip-check" if args.skip_check else f"estimated {estimate:.0f} s > {left:.0f} s left"
+            continue
+        device = torch.device("cuda")
+        r = _guarded(bench_ours, dict(shape, n_layers=g), tokens, args.r, device, torch.bfloat16, 0, 1,
+                     offload=True, lora_bf16=lora_bf16, mlp_tile=_mlp_tile(), checkpoint_layers=g,
+                     hold_gib=check["held_gib"])
+        try:
+            _reset(device)
+        except RuntimeError as e:  # a CUDA error in the step stays sticky: record it, the JSON is still written
+            r.setdefault("error", f"after the step: {str(e).splitlines()[0][:300]}")
+        check |= {"fits": "error" not in r, **{k: r[k] for k in ("error", "peak_gib", "activation_peak_gib",
+                                                                 "step_s_median", "offload_host_gib") if k in r}}
+        check["gpu_usable_gib"] = result["long_memory"]["gpu_usable_gib"]
+        break
+    summary["longest"]["check"] = check
+    print(f"longest: ours {best['tokens']} tokens ({group} layer(s)/checkpoint, {best['binding']} binds), "
+          f"PEFT {summary['longest_seq_peft_40_layers']}; check: {check}", file=sys.stderr)
+    return summary
+
+
+def _mlp_tile() -> int:
+    from devstral.train.config import MLP_TILE
+
+    return MLP_TILE
 
 
 def machine(device: torch.device) -> dict:
@@ -266,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-qlora-hf", action="store_true")
     ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--skip-check", action="store_true", help="no step at the predicted longest length")
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="the check step runs only when its estimated time fits what is left of this")
     ap.add_argument("--lora-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                     help="our LoRA weights: auto = bf16 with fp32 masters on CUDA (the trainer's default), fp32 on CPU")
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU, a smoke test of this script")
@@ -324,11 +454,35 @@ def main(argv: list[str] | None = None) -> int:
         lora_bf16=lora_bf16)
     if not args.skip_hf and not args.skip_qlora_hf and device.type == "cuda":
         run("hf_peft_qlora", bench_hf, shape, seq, args.r, device, dtype, warmup, steps, qlora=True)
+    long_runs: dict[int, list[tuple[str, int]]] = {}
+    peft_long: list[tuple[str, int]] = []
     if not args.skip_long:
-        run("devstral_lora_long_offload", bench_ours, shape, long_seq, args.r, device, dtype, 1, 2, offload=True,
+        from devstral.train.config import MLP_TILE
+        from devstral.train.offload import host_budget, host_memory_available
+
+        _reset(device)
+        # what the 40-layer extrapolation may use: the GPU as this process can have it, and the host budget the
+        # offload would take (measured now, with no model of the long runs pinned yet)
+        gpu_usable = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() if device.type == "cuda" else 0
+        host_available = host_memory_available()
+        result["long_memory"] = {"gpu_usable_gib": gpu_usable / GIB, "host_available_gib":
+                                 None if host_available is None else host_available / GIB,
+                                 "host_budget_gib": host_budget(host_available) / GIB}
+        tile = 32 if args.quick else MLP_TILE
+        for group in (1, 2):
+            long_runs[group] = []
+            for n in (long_seq, 2 * long_seq):
+                name = f"devstral_lora_long_g{group}_{n}"
+                run(name, bench_ours, shape, n, args.r, device, dtype, 1, 2, offload=True, lora_bf16=lora_bf16,
+                    mlp_tile=tile, checkpoint_layers=group)
+                long_runs[group].append((name, n))
+        # as before this issue (offloaded, untiled): the per-token figure the tiling cuts
+        run("devstral_lora_long_untiled", bench_ours, shape, long_seq, args.r, device, dtype, 1, 1, offload=True,
             lora_bf16=lora_bf16)
         if not args.skip_hf:
-            run("hf_peft_lora_long", bench_hf, shape, long_seq, args.r, device, dtype, 1, 2)
+            for n in (long_seq // 2, long_seq):
+                run(f"hf_peft_lora_long_{n}", bench_hf, shape, n, args.r, device, dtype, 1, 1)
+                peft_long.append((f"hf_peft_lora_long_{n}", n))
 
     summary = result["summary"] = {}
 
@@ -347,20 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     layers = shape["n_layers"]
     if "peak_gib" in q:  # the 40-layer QLoRA peak: this run's peak plus the other layers' NF4 weights
         summary["qlora_40_layer_peak_gib_extrapolated"] = q["peak_gib"] + (40 - layers) * q["layer_weight_gib"]
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory / GIB
-        lora = runs.get("devstral_lora", {})
-        weights_40 = (lora.get("held_gib", 0) + (40 - layers) * lora.get("layer_weight_gib", 0)) if lora else 0
-        layer_input = shape["dim"] * 2 / GIB  # bf16 bytes per token of one checkpointed layer input
-        for name, key, extra in (("devstral_lora_long_offload", "longest_seq_ours_40_layers", 0.0),
-                                 ("hf_peft_lora_long", "longest_seq_peft_40_layers", layer_input)):
-            r = runs.get(name, {})
-            per_token = r.get("activation_peak_gib", 0) / long_seq if "activation_peak_gib" in r else None
-            summary[key] = longest_sequence(per_token, layers, extra, weights_40, total)
-        # offloaded inputs live in pinned host memory: 40 layers x dim x 2 bytes per token
-        summary["offload_host_gib_per_1k_tokens_40_layers"] = 40 * layer_input * 1024
-        if summary.get("longest_seq_ours_40_layers") and summary.get("longest_seq_peft_40_layers"):
-            summary["longest_seq_ratio"] = summary["longest_seq_ours_40_layers"] / summary["longest_seq_peft_40_layers"]
+    if device.type == "cuda" and long_runs:
+        summary |= longest(result, runs, shape, long_runs, peft_long, lora_bf16, args, t_start)
+
     roof = flop_roofline(shape, seq, device)
     result["roofline"] = roof
     if "roofline_tokens_per_s" in roof:

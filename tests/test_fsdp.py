@@ -53,6 +53,17 @@ def test_fsdp2_lora_matches_one_process_and_resumes(setup):
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_fsdp2_with_the_tiled_mlp_matches_one_process(setup):
+    """The MLP in tiles of 4 tokens under checkpointing (model/tiled_mlp.py returns the LoRA gradients from its
+    own backward): 2 FSDP ranks give the one-process losses, which follow the untiled run's."""
+    root, ck, data = setup
+    plain = finetune(config(root, ck, data, "plain")).losses
+    one = finetune(config(root, ck, data, "tiled1", grad_checkpointing=True, mlp_tile=4)).losses
+    two = finetune(config(root, ck, data, "tiled2", grad_checkpointing=True, mlp_tile=4, nproc=2)).losses
+    assert two == pytest.approx(one, rel=1e-6, abs=1e-6)
+    assert one == pytest.approx(plain, rel=1e-6)
+
+
 def test_nproc_must_divide_grad_accum(setup):
     root, ck, data = setup
     with pytest.raises(DevstralError, match=r"--grad-accum \(3\) must be a multiple of --nproc \(2\)"):

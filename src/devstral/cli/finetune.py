@@ -61,6 +61,14 @@ def finetune(
     offload_activations: bool = typer.Option(None, "--offload-activations/--no-offload-activations",
                                              help="Keep the checkpointed layer inputs in pinned CPU memory (async "
                                                   "copies) for long sequences; implies --grad-checkpointing."),
+    offload_host_gib: float = typer.Option(None, "--offload-host-gib",
+                                           help="Host memory --offload-activations may pin (default: what is "
+                                                "available less a tenth); layer inputs beyond it stay on the GPU."),
+    checkpoint_layers: int = typer.Option(None, "--checkpoint-layers",
+                                          help="Decoder layers per gradient checkpoint (default 1); 2 keeps half "
+                                               "as many layer inputs for one more layer recomputed at a time."),
+    mlp_tile: int = typer.Option(None, "--mlp-tile", help="Train the MLP in tiles of N tokens so its wide "
+                                 "intermediates exist one tile at a time (default 4096 with checkpointing; 0 = off)."),
     max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm (default 1; 0 = off)."),
     seed: int = typer.Option(None, "--seed", help="Seed for data order, LoRA init and dropout (default 0)."),
     save_every: int = typer.Option(None, "--save-every", help="Write a resumable checkpoint every N steps."),

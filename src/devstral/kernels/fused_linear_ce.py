@@ -8,7 +8,11 @@ matmuls per chunk (three when W trains) instead of the four of checkpointed chun
 kept for backward is dh, the size of h, never a logits chunk. The same scheme as Liger-Kernel's
 FusedLinearCrossEntropy, written here in PyTorch so it runs (and is tested) on any device; the matmuls,
 which are nearly all the work, go to cuBLAS on a GPU. Where Liger-Kernel is installed and runs (CUDA),
-its version is used instead: it measured faster and leaner on the H200 (kernels/train_backends.py).
+its version is used instead: it measured faster and leaner on the H200 (kernels/train_backends.py),
+up to the length where its logits chunk, which grows with the rows (next_pow2(rows / ceil(vocab / dim))
+rows: 32768 x 131072 in bf16 = 8 GiB, 20 KB a token, at 500k tokens), would pass LIGER_MAX_CHUNK_BYTES;
+beyond it ours runs, whose chunk is fixed: at those lengths the head is a small part of a step, and its
+memory per token is what limits the longest sequence.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from devstral.kernels.train_backends import use_liger
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 512 rows at a 131k vocabulary
+
+
+LIGER_MAX_CHUNK_BYTES = 128 << 20  # Liger's chunk at 8192 rows of 5120 -> 131072 in bf16
+
+
+def liger_chunk_bytes(rows: int, dim: int, vocab: int, itemsize: int) -> int:
+    """Bytes of the logits chunk Liger's fused linear cross-entropy materializes for `rows` inputs."""
+    inc = -(-vocab // dim)
+    return (1 << max(0, (-(-rows // inc) - 1).bit_length())) * vocab * itemsize
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -80,7 +93,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     grad = torch.is_grad_enabled()
     rows = chunk or chunk_rows(weight.shape[0])
     with torch.autocast(dev, enabled=False):
-        if chunk is None and h.shape[0] and use_liger("fused_linear_ce", h):
+        if (chunk is None and h.shape[0] and use_liger("fused_linear_ce", h)
+                and liger_chunk_bytes(h.shape[0], h.shape[1], weight.shape[0], h.element_size()) <= LIGER_MAX_CHUNK_BYTES):
             from devstral.kernels.liger import liger_linear_cross_entropy  # faster and leaner on the H200
 
             return liger_linear_cross_entropy(h, weight, targets, ignore_index)

@@ -31,6 +31,7 @@ from devstral.kernels.silu_mul import silu_mul
 from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
+from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
 from devstral.quant.linear import fuse_quant
 
 
@@ -136,7 +137,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). In training, `tile_tokens` runs it in tiles of that many tokens
+    (model/tiled_mlp.py): the hidden_dim-wide intermediates exist for one tile at a time."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -144,11 +146,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.gate_up: Projection | None = None  # set by fuse()
+        self.tile_tokens: int | None = None  # set by Transformer.tile_mlp()
 
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if worth_tiling(x, self.tile_tokens) and self._tileable():
+            return tiled_rows(self._swiglu, x, self.tile_tokens, [p for p in self.parameters() if p.requires_grad])
+        return self._swiglu(x)
+
+    def _tileable(self) -> bool:
+        # a tile's forward runs again in backward: a dropout mask drawn there would differ from the forward's
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.modules())
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
             gate, up = self.gate_up(x)
         else:
@@ -177,6 +189,14 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
+def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache):
+    for i, block in enumerate(blocks):
+        # in a checkpoint's rerun only the last block's MLP output is unused (model/tiled_mlp.py)
+        with output_needed() if i < len(blocks) - 1 else nullcontext():
+            x = block(x, cos, sin, q_scale, mask, cache)
+    return x
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -194,6 +214,9 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
         self.activation_offload = None  # train/offload.py: checkpointed layer inputs kept in CPU memory
+        # Layers per checkpoint: 1 keeps every layer's input; 2 keeps every other one and recomputes two layers
+        # at once in backward (the same arithmetic: half the checkpoints, one more layer's activations live)
+        self.checkpoint_layers = 1
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -228,11 +251,15 @@ class Transformer(nn.Module):
         offload = self.activation_offload if self.gradient_checkpointing and self.training else None
         if offload is not None:
             offload.begin()
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+        layers = self.model.layers
+        if self.gradient_checkpointing and self.training:
+            step = max(1, self.checkpoint_layers)
+            for at in range(0, len(layers), step):
                 with offload.saving(x) if offload is not None else nullcontext():
-                    x = checkpoint(block, x, cos, sin, q_scale, mask, cache, use_reentrant=False)
-            else:
+                    x = checkpoint(_run_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask, cache,
+                                   use_reentrant=False, context_fn=checkpoint_contexts)
+        else:
+            for block in layers:
                 x = block(x, cos, sin, q_scale, mask, cache)
         return self.model.norm(x)
 
@@ -244,6 +271,12 @@ class Transformer(nn.Module):
         needs logits only where a sequence samples its next token)."""
         h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask, inject=inject)
         return run_linear(self.lm_head, h if select is None else h[:, select])
+
+    def tile_mlp(self, tokens: int | None) -> None:
+        """Train the dense MLPs in tiles of `tokens` tokens (None or 0: whole sequences)."""
+        for block in self.model.layers:
+            if isinstance(block.ffn, MLP):
+                block.ffn.tile_tokens = tokens or None
 
     def fuse_projections(self) -> None:
         """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""

@@ -14,6 +14,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 LORA_DTYPES = ("auto", "bf16", "fp32")
 TRAIN_ON = {"all-assistant": "assistant", "assistant": "assistant", "last-assistant": "last-assistant"}
 
+MLP_TILE = 4096  # tokens: 1.5 GiB of 32768-wide intermediates in bf16, and matmuls still large
+
 
 @dataclass
 class TrainConfig:
@@ -48,6 +50,9 @@ class TrainConfig:
     train_on: str = "all-assistant"
     grad_checkpointing: bool = False
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory (implies checkpointing)
+    offload_host_gib: float | None = None  # host memory the offload may pin; None: available less a reserve
+    checkpoint_layers: int = 1  # decoder layers per gradient checkpoint (2: half the checkpoints kept)
+    mlp_tile: int | None = None  # MLP trained in tiles of this many tokens; None: 4096 with checkpointing, 0: off
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0
@@ -61,6 +66,13 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None  # CPU threads for torch; None: the physical core count
     nproc: int = 1  # processes (GPUs) training together under FSDP2 (parallel/fsdp.py); torchrun sets it too
+
+    def mlp_tile_tokens(self) -> int:
+        """The MLP's token tile: --mlp-tile, else 4096 under checkpointing (no extra work there) and off
+        without it (where a tile's forward would run a second time)."""
+        if self.mlp_tile is not None:
+            return self.mlp_tile
+        return MLP_TILE if self.grad_checkpointing else 0
 
     def validate(self) -> None:
         for name in ("model", "data", "output"):
@@ -111,6 +123,13 @@ class TrainConfig:
             raise DevstralError("--save-every and --eval-every must be >= 0")
         if self.offload_activations:  # what it offloads are the checkpoints
             self.grad_checkpointing = True
+        if self.offload_host_gib is not None and not (math.isfinite(self.offload_host_gib)
+                                                      and self.offload_host_gib >= 0):
+            raise DevstralError(f"--offload-host-gib must be a number >= 0, got {self.offload_host_gib}")
+        if self.checkpoint_layers <= 0:
+            raise DevstralError(f"--checkpoint-layers must be a positive number of layers, got {self.checkpoint_layers}")
+        if self.mlp_tile is not None and self.mlp_tile < 0:
+            raise DevstralError(f"--mlp-tile must be >= 0 tokens (0 = off), got {self.mlp_tile}")
         if self.ollama and not self.gguf:
             self.gguf = "Q8_0"
         if self.threads is not None and self.threads <= 0:

@@ -88,6 +88,15 @@ def _oom_message(cfg: TrainConfig, step: int) -> str:
         hints.append("--grad-checkpointing")
     if not cfg.offload_activations:
         hints.append("--offload-activations (layer inputs in CPU memory)")
+    elif cfg.offload_host_gib is not None:
+        hints.append(f"a larger --offload-host-gib (now {cfg.offload_host_gib:g})")
+    if cfg.grad_checkpointing and cfg.checkpoint_layers == 1:
+        hints.append("--checkpoint-layers 2 (half the layer inputs kept)")
+    tile = cfg.mlp_tile_tokens()
+    if tile == 0:
+        hints.append("--mlp-tile 4096 (the MLP trained in tiles of tokens)")
+    elif tile > 1024:
+        hints.append(f"a smaller --mlp-tile (now {tile})")
     if cfg.batch_tokens:
         hints.append(f"a smaller --batch-tokens (now {cfg.batch_tokens})")
     elif cfg.batch_size > 1:
@@ -245,10 +254,13 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                     dtype=torch.float32, seed=cfg.seed)
         params = trainable_parameters(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
+    model.tile_mlp(cfg.mlp_tile_tokens())
+    model.checkpoint_layers = cfg.checkpoint_layers
     if cfg.offload_activations:
         from devstral.train.offload import ActivationOffload
 
-        model.activation_offload = ActivationOffload(device)
+        host = None if cfg.offload_host_gib is None else int(cfg.offload_host_gib * 2**30)
+        model.activation_offload = ActivationOffload(device, host_budget_bytes=host)
     for p in params:
         p.requires_grad_(True)
 
