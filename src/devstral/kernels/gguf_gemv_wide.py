@@ -477,3 +477,12 @@ def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) 
     fx = torch.einsum("nju,mju->mnj", f.reshape(p.n, n_sub, sub), xf)
     y = (fx * c1[None] + xf.sum(-1)[:, None, :] * c0[None]).sum(-1)
     return y if bias is None else y + bias.float()
+
+
+# The loop's device functions under public names, for kernels built on this frame with their own grid
+# and epilogue (moe_gemv.py's routed experts): one tile's words and raw scales, the scales decoded, and
+# the per-sub-block dot of one activation row.
+load_tile_words = _load_words
+load_tile_scales = _load_scales
+tile_scales = _scales
+row_dot = _row_dot

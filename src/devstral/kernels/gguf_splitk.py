@@ -39,6 +39,27 @@ def _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS: tl.
 
 
 @triton.jit
+def split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, pid_k, split_k):
+    """Deposit this split's partial tile (acc: fp32 [BN, BM], as store_output's) and return (the sum of
+    all splits' partials in split order, whether this program arrived last). Only the last program's sum
+    is complete; it has re-armed the tile's counter. Kernels with their own epilogue (moe_gemv.py's
+    SwiGLU) store the sum themselves."""
+    mask = (rows < N)[:, None] & (cols < M)[None, :]
+    ws = ws_ptr + cols[None, :].to(tl.int64) * N + rows[:, None]
+    split_stride = M * N  # int32: workspace() keeps SPLIT_K * M * N below 2^31 (and M may be the constant 1)
+    tl.store(ws + pid_k * split_stride, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
+    arrived = tl.atomic_add(cnt_ptr + tile_id, 1)
+    last = arrived == split_k - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for k in range(split_k):  # fixed order: the same sum whichever split finished last
+            total += tl.load(ws + k * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(cnt_ptr + tile_id, 0)
+    return total, last
+
+
+@triton.jit
 def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, split_k,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """acc: fp32 [BN, BM], output features `rows` x activation rows `cols`; out is [M, N] (row stride s_om).
@@ -49,17 +70,9 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
     if not SPLIT:
         _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
     else:
-        ws = ws_ptr + cols[None, :].to(tl.int64) * N + rows[:, None]
-        split_stride = M * N  # int32: workspace() keeps SPLIT_K * M * N below 2^31 (and M may be the constant 1)
-        tl.store(ws + pid_k * split_stride, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1)
-        if arrived == split_k - 1:
-            total = tl.zeros_like(acc)
-            for k in range(split_k):  # fixed order: the same sum whichever split finished last
-                total += tl.load(ws + k * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        total, last = split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, pid_k, split_k)
+        if last:
             _store_tile(total, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
-            tl.store(cnt_ptr + tile_id, 0)
 
 
 def usable_split(split_k: int, tiles: int, m: int, n: int) -> int:
@@ -76,4 +89,4 @@ def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tenso
     return torch.empty(split_k * m * n, dtype=torch.float32, device=device)
 
 
-__all__ = ["MAX_TILES", "counters", "store_output", "triton", "usable_split", "workspace"]
+__all__ = ["MAX_TILES", "counters", "split_sum", "store_output", "triton", "usable_split", "workspace"]

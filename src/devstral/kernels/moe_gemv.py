@@ -3,51 +3,151 @@ projection, reading only the selected experts' rows. No loop over experts on the
 (the expert of a pair is read from device memory inside the kernel), so it runs in a CUDA graph.
 
 Weights are the experts of one projection stacked along rows, [E * N, K]: bf16, or GGUF Q4_K / Q5_K /
-Q6_K / Q8_0 in the planar layout (gguf_pack.py), decoded with the dense GEMV's helpers (gguf_decode.py,
-gguf_gemv.py): two integer ops and one FMA per weight. Two launches per layer:
+Q6_K / Q8_0 in the planar layout (gguf_pack.py). The GGUF kernels are the streaming GEMV's frame
+(gguf_gemv_wide.py: its tile loads, scale decoding and row dot, imported, not copied) with the
+expert's first row as a per-program base pointer: a thread owns whole 16-byte sub-blocks of a few
+rows, the next tile's words and scales are in flight while this one is computed, and shapes that tile
+evenly run without masks. Two launches per layer:
 
-  gate_up  program (pair p, row tile): h[p] = silu(G_e x_t) * (U_e x_t), e = ids[p], t = p // top_k
-           (without U: G_e x_t alone, for gate and up of different types)
-  down     program (token t, row tile): out[t] = sum over its k pairs of w[p] * (D_e h[p]), in x's dtype
+  gate_up  program (pair p, row tile, K split): h[p] = silu(G_e x_t) * (U_e x_t), e = ids[p],
+           t = p // top_k; gate and up tiles are streamed side by side (without U: G_e x_t alone, for
+           gate and up of different types). With K split, the gate and up partials meet in
+           gguf_splitk's workspace and the last program applies the SwiGLU.
+  down     program (token t, row tile, split s): s runs over top_k * SPLIT_K, (slot j, K range);
+           each partial is w[t, j] * (D_e h[t * top_k + j]) over its K range, and the split-K epilogue
+           (gguf_splitk.py: last arrival sums in fixed order) also mixes the token's k experts.
+           Mixtral's down has N = 4096 rows: 32 row tiles per token, so the splits are what fill
+           132 SMs at one token.
 
-Grid: (pair or token, row tile), the first axis fastest: the programs in flight at one time all work
-on one row tile, so an expert's tile fetched for one token serves the other tokens routed there from
-L2 (no sort needed). Expert ids and router weights are read as `topk` returned them (int64, fp32).
+Grid axis 0 is the pair (or token), the fastest-varying: the programs in flight at one time work on
+one row tile, so an expert's tile fetched for one token serves the other tokens routed there from L2
+(no sort needed). Expert ids and router weights are read as `topk` returned them (int64, fp32).
+Launch constants: `plan()` (heuristic: programs for about two per SM, as the dense GEMV), unless
+`TUNED` holds a measured entry for the shape (benchmarks/moe_gpu.py times candidates).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, load_words, qt_code, sub_scales
-from devstral.kernels.gguf_gemv import _dot_subblocks, _x_sums, field_args
+from devstral.kernels import gguf_gemv_wide as wide
+from devstral.kernels.gguf_config import split_k as split_for
+from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
+from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
+from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, store_output, usable_split, workspace
+
+NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
+# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=); rows = pairs for
+# gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py fills it from its timings.
+TUNED: dict[str, dict] = {}
 
 
 @triton.jit
-def _gguf_rows_dot(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, x0, K, s_q, s_qh, s_sc, s_d, one,
-                   QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
-                   NS: tl.constexpr):
-    """[BN] fp32: rows n2 ([BN, 1], absolute rows of the stack) of a planar GGUF weight times x0[:K]."""
-    c = tl.arange(0, NS * WPS)[None, :]
-    jn = tl.arange(0, NS)[None, :]
+def _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t, c, jn2, n_sub, s_q, s_qh, s_sc, s_d, QT: tl.constexpr,
+                SB: tl.constexpr, WPS: tl.constexpr, NS: tl.constexpr, EVEN: tl.constexpr):
+    """Tile t's words [BN, NS * WPS] and raw scales [BN, NS] of rows n2 (relative to the expert's base)."""
+    words, hi = wide.load_tile_words(q, qh, n2, t * NS * WPS + c, row_ok & (t * NS * WPS + c < n_sub * WPS),
+                                     s_q, s_qh, QT, EVEN)
+    f_d, f_sc, f_dm, f_mn = wide.load_tile_scales(sc, mn, d, dm, n2, t * NS + jn2, row_ok & (t * NS + jn2 < n_sub),
+                                                  s_sc, s_d, QT, SB, EVEN)
+    return words, hi, f_d, f_sc, f_dm, f_mn
+
+
+@triton.jit
+def _tile_dot(words, hi, f_d, f_sc, f_dm, f_mn, one, xp, x_ok, BN: tl.constexpr, QT: tl.constexpr,
+              E: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """One tile's per-sub-block sums [BN, NS] against one activation row (the dense GEMV's row dot)."""
+    if QT == 3:
+        words = words ^ XOR_SIGN_BYTES
+    c1, c0 = wide.tile_scales(f_d, f_sc, f_dm, f_mn, QT)
+    return wide.row_dot(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), one, xp, x_ok, c1, c0,
+                        QT, E, NS, WPS, EVEN_K, ASM)
+
+
+@triton.jit
+def _k_range(K, pid_k, SPLIT_K, SB: tl.constexpr, NS: tl.constexpr):
     n_sub = K // SB
-    xw = x0 + (c // WPS) * SB + c % WPS
-    acc = tl.zeros((BN, NS), dtype=tl.float32)
-    for t in range(0, tl.cdiv(n_sub, NS)):
-        w_idx = t * (NS * WPS) + c
-        c_ok = w_idx < n_sub * WPS
-        words, hi = load_words(q_ptr, qh_ptr, n2, w_idx, row_ok & c_ok, s_q, s_qh, QT)
-        words = tl.reshape(words, (BN, NS, WPS))
-        hi = tl.reshape(hi, (BN, NS, WPS))
-        j = t * NS + jn
-        c1, c0 = sub_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j, row_ok & (j < n_sub), s_sc, s_d, QT, SB)
+    n_tiles = tl.cdiv(n_sub, NS)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    return n_sub, n_tiles, t_lo, tl.minimum(t_lo + per_split, n_tiles)
+
+
+@triton.jit
+def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
+                         aq, aqh, asc, amn, ad, adm, bq, bqh, bsc, bmn, bd, bdm,
+                         P, N, K, s_xm, s_hm, as_q, as_qh, as_sc, as_d, bs_q, bs_qh, bs_sc, bs_d, one, SPLIT_K,
+                         TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
+                         WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+                         SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    r0 = tl.load(ids_ptr + p).to(tl.int64) * N  # the expert's first row in the stack
+    aq, aqh, asc, amn, ad, adm = aq + r0 * as_q, aqh + r0 * as_qh, asc + r0 * as_sc, amn + r0 * as_sc, \
+        ad + r0 * as_d, adm + r0 * as_d
+    if GLU:
+        bq, bqh, bsc, bmn, bd, bdm = bq + r0 * bs_q, bqh + r0 * bs_qh, bsc + r0 * bs_sc, bmn + r0 * bs_sc, \
+            bd + r0 * bs_d, bdm + r0 * bs_d
+    local = pid_n * BN + tl.arange(0, BN)
+    n2 = local[:, None]
+    row_ok = n2 < N
+    c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
+    jn2 = tl.arange(0, NS)[None, :]
+    n_sub, n_tiles, t_lo, t_hi = _k_range(K, pid_k, SPLIT_K, SB, NS)
+    EVEN: tl.constexpr = EVEN_N and EVEN_K
+    xp0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm + (c // WPS) * SB + c % WPS
+    x_in = (c // WPS) * SB
+    acc_a = tl.zeros((BN, NS), dtype=tl.float32)
+    acc_b = tl.zeros((BN, NS), dtype=tl.float32)
+    # prologue: the first tile (an empty split loads a valid tile and skips the loop)
+    t0 = tl.minimum(t_lo, n_tiles - 1)
+    wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t0, c, jn2, n_sub,
+                                          as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
+    if GLU:
+        wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t0, c, jn2, n_sub,
+                                              bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
+    for t in range(t_lo, t_hi):
+        # the next tile's loads (gate's and up's) go out before this one is computed
+        tn = tl.minimum(t + 1, t_hi - 1)
+        wa_n, ha_n, da_n, sa_n, dma_n, ma_n = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, tn, c, jn2, n_sub,
+                                                          as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
+        if GLU:
+            wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c, jn2,
+                                                              n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
         k0 = t * (NS * SB)
-        x_ok = (k0 + tl.arange(0, NS * SB)) < K
-        acc += c1 * _dot_subblocks(words, hi, one, xw + k0, c_ok, NS, WPS, E, QT) + c0 * _x_sums(x0 + k0, x_ok, NS, SB)
-    return tl.sum(acc, axis=1)
+        x_ok = (k0 + x_in) < K
+        acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM)
+        if GLU:
+            acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM)
+            wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
+        wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
+    a = tl.sum(acc_a, axis=1)
+    b = tl.sum(acc_b, axis=1)
+    ok = local < N
+    if SPLIT:
+        # gate and up as two workspace columns (2p, 2p + 1): one counter, the last split has both sums
+        which = tl.arange(0, 2)[None, :]
+        total, last = split_sum(tl.where(which == 0, a[:, None], b[:, None]), local, 2 * p + tl.arange(0, 2), N,
+                                2 * P, ws_ptr, cnt_ptr, p * tl.num_programs(1) + pid_n, pid_k, SPLIT_K)
+        if last:
+            a = tl.sum(tl.where(which == 0, total, 0.0), axis=1)
+            b = tl.sum(tl.where(which == 1, total, 0.0), axis=1)
+            _store_rows(h_ptr, p, s_hm, local, ok, _glu(a, b, GLU))
+    else:
+        _store_rows(h_ptr, p, s_hm, local, ok, _glu(a, b, GLU))
+
+
+@triton.jit
+def _glu(a, b, GLU: tl.constexpr):
+    if GLU:
+        return a / (1.0 + tl.exp(-a)) * b
+    return a
 
 
 @triton.jit
@@ -56,42 +156,40 @@ def _store_rows(out_ptr, row, s_om, local, ok, val):
 
 
 @triton.jit
-def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr,
-                         aq, aqh, asc, amn, ad, adm, bq, bqh, bsc, bmn, bd, bdm,
-                         N, K, s_xm, s_hm, as_q, as_qh, as_sc, as_d, bs_q, bs_qh, bs_sc, bs_d, one,
-                         TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
-                         WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
-    p = tl.program_id(0)
-    e = tl.load(ids_ptr + p).to(tl.int64)
-    x0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm
-    local = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = local < N
-    n2 = (e * N + local)[:, None]
-    a = _gguf_rows_dot(aq, aqh, asc, amn, ad, adm, n2, ok[:, None], x0, K, as_q, as_qh, as_sc, as_d, one,
-                       QT, SB, WPS, E, BN, NS)
-    if GLU:
-        b = _gguf_rows_dot(bq, bqh, bsc, bmn, bd, bdm, n2, ok[:, None], x0, K, bs_q, bs_qh, bs_sc, bs_d, one,
-                           QT, SB, WPS, E, BN, NS)
-        a = a / (1.0 + tl.exp(-a)) * b
-    _store_rows(h_ptr, p, s_hm, local, ok, a)
-
-
-@triton.jit
-def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, q, qh, sc, mn, d, dm, N, K, s_hm, s_om, s_q, s_qh, s_sc, s_d,
-                      one, TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
-                      E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
+def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc, mn, d, dm,
+                      T, N, K, s_hm, s_om, s_q, s_qh, s_sc, s_d, one, SPLIT_K,
+                      TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
+                      E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
+                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
     t = tl.program_id(0)
-    local = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = local < N
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        p = t * TOPK + j
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        n2 = (e * N + local)[:, None]
-        y = _gguf_rows_dot(q, qh, sc, mn, d, dm, n2, ok[:, None], h_ptr + p.to(tl.int64) * s_hm, K,
-                           s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS)
-        acc += tl.load(w_ptr + p).to(tl.float32) * y
-    _store_rows(out_ptr, t, s_om, local, ok, acc)
+    pid_n = tl.program_id(1)
+    s = tl.program_id(2)  # (slot j, K split)
+    p = t * TOPK + s // SPLIT_K
+    r0 = tl.load(ids_ptr + p).to(tl.int64) * N
+    q, qh, sc, mn, d, dm = q + r0 * s_q, qh + r0 * s_qh, sc + r0 * s_sc, mn + r0 * s_sc, d + r0 * s_d, dm + r0 * s_d
+    local = pid_n * BN + tl.arange(0, BN)
+    n2 = local[:, None]
+    row_ok = n2 < N
+    c = tl.arange(0, NS * WPS)[None, :]
+    jn2 = tl.arange(0, NS)[None, :]
+    n_sub, n_tiles, t_lo, t_hi = _k_range(K, s % SPLIT_K, SPLIT_K, SB, NS)
+    EVEN: tl.constexpr = EVEN_N and EVEN_K
+    xp0 = h_ptr + p.to(tl.int64) * s_hm + (c // WPS) * SB + c % WPS
+    x_in = (c // WPS) * SB
+    acc = tl.zeros((BN, NS), dtype=tl.float32)
+    t0 = tl.minimum(t_lo, n_tiles - 1)
+    w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, jn2, n_sub, s_q, s_qh, s_sc, s_d,
+                                           QT, SB, WPS, NS, EVEN)
+    for kt in range(t_lo, t_hi):
+        tn = tl.minimum(kt + 1, t_hi - 1)
+        w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
+                                                           s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
+        k0 = kt * (NS * SB)
+        acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K, ASM)
+        w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
+    y = tl.load(w_ptr + p).to(tl.float32) * tl.sum(acc, axis=1)
+    store_output(y[:, None], local, t + tl.arange(0, 1), N, T, out_ptr, s_om, out_ptr, ws_ptr, cnt_ptr,
+                 t * tl.num_programs(1) + pid_n, s, TOPK * SPLIT_K, False, SPLIT)
 
 
 @triton.jit
@@ -139,41 +237,63 @@ def _dense_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om,
 
 
 def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
-    """Rows per program: the widest tile that still puts about four programs on every SM."""
+    """Rows per program for the bf16 kernels: the widest tile that still puts about four programs on
+    every SM."""
     bn = widest
     while bn > 8 and programs * triton.cdiv(n, bn) < 4 * sms:
         bn //= 2
     return bn
 
 
-def _gguf_tile(p: PackedGGUF, n: int, programs: int, sms: int) -> dict:
-    """Launch constants for n rows per expert of p."""
+def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int) -> dict:
+    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=).
+
+    `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry in TUNED
+    wins; else the dense GEMV's rule: 8 weight rows per thread (BN 128 over 4 warps; gate_up streams
+    two weights, so BN 64 keeps the same bytes in flight per thread without spilling), BN no wider
+    than N needs, and K split until about two programs per SM (down's top_k slots count as splits)."""
+    hit = TUNED.get(f"{kind}|{qtype}|{rows}|{n}|{k}")
+    if hit is not None:
+        return dict(hit)
+    bn = 64 if kind == "gate_up" else 128
+    while bn > 16 and bn >= 2 * n:
+        bn //= 2
+    sb = 16 if qtype == "Q6_K" else 32
+    slots = top_k if kind == "down" else 1
+    split = split_for(rows * triton.cdiv(n, bn) * slots, k // (sb * NS), sms)
+    return dict(bn=bn, split_k=split, num_warps=4)
+
+
+def _asm() -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX only when compiled
+
+
+def _geometry(p: PackedGGUF, k: int, bn: int, n: int) -> dict:
     qt = qt_code(p.qtype)
     sb, wps, e = GEOMETRY[qt]
-    bn = _block_rows(n, programs, sms, 64)
-    # 256 weights of a row per iteration, as the dense GEMV; narrow tiles take more of each row so
-    # that a program still loads 16 bytes per thread per row (512 words for 4 warps)
-    ns = 16 if qt == 2 else 8
-    while bn * ns * wps < 512 and (2 * ns) * sb <= p.k:
-        ns *= 2
-    return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns)
+    return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=NS, EVEN_N=n % bn == 0, EVEN_K=k % (NS * sb) == 0, ASM=_asm())
 
 
 def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n: int, top_k: int,
-            sms: int = 132) -> torch.Tensor:
+            sms: int = 132, config: dict | None = None) -> torch.Tensor:
     """h[p, :n] = silu(gate_e x_t) * (up_e x_t) for every pair p (e = ids[p], t = p // top_k); with up
-    None, gate_e x_t. gate/up: [E * n, K] bf16 tensors or PackedGGUF of E * n rows; ids: contiguous."""
+    None, gate_e x_t. gate/up: [E * n, K] bf16 tensors or PackedGGUF of E * n rows; ids: contiguous.
+    config: GGUF launch constants (plan()'s dict) instead of the plan."""
     pairs, k = ids.numel(), x.shape[1]
     if pairs == 0:
         return h
     glu = up is not None
     if isinstance(gate, PackedGGUF):
-        tile = _gguf_tile(gate, n, pairs, sms)
+        cfg = config or plan("gate_up", gate.qtype.name, pairs, n, k, top_k, sms)
+        bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
+        split = usable_split(cfg["split_k"], pairs * tiles, 2 * pairs, n)
+        ws = workspace(split, 2 * pairs, n, x.device)
         a_fields, a_strides = field_args(gate)
         b_fields, b_strides = field_args(up) if glu else (a_fields, a_strides)
-        _gguf_gate_up_kernel[(pairs, triton.cdiv(n, tile["BN"]))](
-            x, h, ids, *a_fields, *b_fields, n, k, x.stride(0), h.stride(0), *a_strides, *b_strides,
-            ONE_F32_BITS.value, TOPK=top_k, GLU=glu, **tile, num_warps=4, num_stages=1)
+        _gguf_gate_up_kernel[(pairs, tiles, split)](
+            x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
+            *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
+            **_geometry(gate, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -183,20 +303,31 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
 
 
 def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *, n: int, top_k: int,
-         sms: int = 132) -> torch.Tensor:
+         sms: int = 132, config: dict | None = None) -> torch.Tensor:
     """out[t, :n] = sum over j < top_k of weights[t, j] * (w_e h[t * top_k + j]), e = ids[t, j]."""
     tokens, k = out.shape[0], h.shape[1]
     if tokens == 0:
         return out
     if isinstance(w, PackedGGUF):
-        tile = _gguf_tile(w, n, tokens, sms)
+        cfg = config or plan("down", w.qtype.name, tokens, n, k, top_k, sms)
+        bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
+        # counters: one per (token, row tile); more tokens than they cover run as several launches
+        step = max(1, MAX_TILES // tiles)
         fields, strides = field_args(w)
-        _gguf_down_kernel[(tokens, triton.cdiv(n, tile["BN"]))](
-            h, out, ids, weights, *fields, n, k, h.stride(0), out.stride(0), *strides, ONE_F32_BITS.value,
-            TOPK=top_k, **tile, num_warps=4, num_stages=1)
+        for t0 in range(0, tokens, step):
+            t1 = min(tokens, t0 + step)
+            split = cfg["split_k"]
+            if usable_split(split * top_k, (t1 - t0) * tiles, t1 - t0, n) != split * top_k:
+                split = 1  # the workspace's int32 offsets: one split per slot
+            ws = workspace(split * top_k, t1 - t0, n, out.device)
+            _gguf_down_kernel[(t1 - t0, tiles, split * top_k)](
+                h[t0 * top_k:], out[t0:], ids[t0:], weights[t0:], ws, counters(out.device), *fields,
+                t1 - t0, n, k, h.stride(0), out.stride(0), *strides, ONE_F32_BITS.value, split, TOPK=top_k,
+                SPLIT=split * top_k > 1, **_geometry(w, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
     else:
         bn = _block_rows(n, tokens, sms, 32)
         _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
             h, out, ids, weights, w, n, k, h.stride(0), out.stride(0), TOPK=top_k, BN=bn, BK=256,
             num_warps=4, num_stages=2)
     return out
+
