@@ -107,6 +107,7 @@ def _run_cases(out_path: str) -> None:
         deq = [dequantize(r, QType.Q6_K, (n, k)) for r in raws]
         ref = torch.stack([sum(w[t, j] * (h[2 * t + j] @ deq[ids[t, j]].T) for j in range(2)) for t in range(2)])
         res["narrow_long_rows"] = (y, ref)
+        res["router"] = _router_cases(g)
         # split K (2 tiles of K over 3 splits: one empty), two tile widths, gate and up fused (SwiGLU
         # after the splits meet) and apart, against dequantize
         res["splits"] = _split_cases(g)
@@ -139,6 +140,27 @@ def _run_cases(out_path: str) -> None:
     # 20 tokens: 40 pairs, the routed GEMV; 47: 94 pairs, sorted prefill
     res["model"] = ({n: llm.logits(p) for n, p in prompts.items()}, ref, graph_safe(llm.model))
     torch.save(res, out_path)
+
+
+ROUTER_CASES = [(1, 100, 8, 2), (3, 1000, 8, 2), (2, 1000, 5, 3), (4, 64, 16, 1)]  # tokens, D, E, top_k
+
+
+def _router_cases(g) -> dict:
+    """The one-launch router against MoE.route (matmul, softmax, top-k, renormalise): D in one tile and
+    in masked splits, E not a power of two, k of 1..3."""
+    from devstral.config import ModelConfig
+    from devstral.kernels.moe_router import route
+    from devstral.model.moe import MoE
+
+    out = {}
+    for t, d, e, k in ROUTER_CASES:
+        cfg = ModelConfig(arch="mistral", dim=d, hidden_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=d,
+                          vocab_size=8, n_experts=e, n_experts_per_tok=k)
+        moe = MoE(cfg).eval().requires_grad_(False)
+        moe.gate.weight.copy_(torch.randn(e, d, generator=g))
+        x = torch.randn(t, d, generator=g)
+        out[(t, d, e, k)] = (route(x, moe.gate.weight, k), moe.route(x)[1:])
+    return out
 
 
 def _split_cases(g) -> dict:
@@ -217,6 +239,14 @@ def test_split_k_and_tile_widths_match_dequantize(results, case):
     got, ref = results["splits"][case]
     assert not got.isnan().any()  # every pair's (token's) rows written
     assert _rel(got, ref) < _tolerance(QType.Q6_K if case[0] == "down" else QType.Q4_K)
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "t{}_d{}_e{}_k{}".format(*c))
+def test_the_router_kernel_matches_route(results, case):
+    (ids, weights), (ref_ids, ref_weights) = results["router"][case]
+    assert ids.dtype == ref_ids.dtype and weights.dtype == ref_weights.dtype
+    assert torch.equal(ids, ref_ids)  # random logits: no ties, so the order of the top k is defined
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
 def test_narrow_tiles_over_long_rows(results):

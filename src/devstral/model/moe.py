@@ -72,11 +72,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.stack is not None and use_triton(x2) and not (self.training and torch.is_grad_enabled()):
+            if type(self.gate) is nn.Linear and self.gate.bias is None:
+                from devstral.kernels.moe_router import route
+
+                # one launch for what route() does in six (the logits are not kept: no balancing loss here)
+                experts, weights = route(x2, self.gate.weight, self.top_k)
+            else:
+                _, experts, weights = self.route(x2)
+            return self.stack.forward(x2, experts, weights).reshape(shape)
         logits, experts, weights = self.route(x2)
         if self.training and torch.is_grad_enabled():
             self.router_logits = logits
-        if self.stack is not None and use_triton(x2) and not (self.training and torch.is_grad_enabled()):
-            return self.stack.forward(x2, experts, weights).reshape(shape)
         out = torch.zeros_like(x2)
         for e, expert in enumerate(self.experts):
             token, slot = torch.nonzero(experts == e, as_tuple=True)
