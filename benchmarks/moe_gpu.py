@@ -13,9 +13,15 @@
 2. llama.cpp: `llama-bench -ngl 99 -fa 1` prefill at --prompts tokens and decode of --new-tokens from an
    empty cache; its median over -r runs (samples_ts). It runs first, in its own process, so the two never
    share GPU memory.
-3. Ours on the same file (weights kept quantized, experts stacked, decode in CUDA graphs): decode of
+3. The routed-expert kernels alone at the shape (moe_gpu_parts.py): gate+up (Q4_K) and down (Q4_K,
+   Q6_K) at 1, 2, 4 and 8 tokens, per call us, GB/s and % of copy for every candidate launch config;
+   the fastest per size goes into moe_gemv.TUNED for step 4 (and into the JSON, to commit as a table).
+   The dense streaming GEMV over the same bytes as one token's gate+up is the yardstick; the router
+   kernel is timed against MoE.route's six launches, both inside a CUDA graph.
+4. Ours on the same file (weights kept quantized, experts stacked, decode in CUDA graphs): decode of
    --new-tokens after a 16-token prompt (as tg128 starts from an empty cache), prefill of each --prompts
-   length; medians of --runs.
+   length; medians of --runs. Then one decode step taken apart (profiler): launches and GPU time per
+   kind of kernel, the bytes each part reads, GPU busy time against the step's wall time.
 Physical limits: decode reads every tensor but the token embedding once per token, of the experts only
 the top-k chosen (k/E of the expert bytes), at the copy bandwidth measured in the same run; prefill at
 2 FLOPs per active weight per token (+ causal attention) at the bf16 matmul rate measured in the same run.
@@ -42,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import NullTokenizer, measure_bandwidth  # noqa: E402
 from gpu_engine import matmul_tflops, prompt, run  # noqa: E402
+from moe_gpu_parts import expert_kernels, router, step_breakdown  # noqa: E402
 
 SHAPES = {  # Mixtral 8x7B (its config.json), and a tiny one for the smoke test
     "mixtral-8x7b": dict(dim=4096, hidden=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000,
@@ -168,7 +175,7 @@ def llama_bench(binary: Path, gguf_path: Path, prompts: list[int], new_tokens: i
     return out
 
 
-def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: int, runs: int) -> dict:
+def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: int, runs: int, s: dict) -> dict:
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.formats.gguf_model import load_gguf_model
@@ -190,6 +197,8 @@ def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: 
     r = [run(engine, [prompt(16, cfg.vocab_size, 10 + i)], new_tokens) for i in range(runs)]
     res[f"decode_{new_tokens}"] = {"tok_s": statistics.median(x["decode_tok_s"] for x in r),
                                    "runs": [x["decode_tok_s"] for x in r]}
+    if device.type == "cuda":
+        res["decode_step"] = step_breakdown(engine, run, prompt(16, cfg.vocab_size, 7), gguf_path, s)
     for n in prompts:
         run(engine, [prompt(n, cfg.vocab_size, 50 + n)], 1)  # warm-up at this size (prefill kernels, scratch)
         r = [run(engine, [prompt(n, cfg.vocab_size, 100 + n + i)], 1) for i in range(runs)]
@@ -211,6 +220,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--no-kernels", action="store_true", help="skip timing the expert kernels alone (and so "
+                    "the end-to-end run uses moe_gemv.plan()'s launch configs)")
     a = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device(a.device)
@@ -249,7 +260,12 @@ def main() -> None:
     if a.llama_bench:
         out["llamacpp"] = llama_bench(a.llama_bench, path, prompts, a.new_tokens, a.runs)
         save()
-    res = ours(path, device, prompts, a.new_tokens, a.runs)
+    if device.type == "cuda" and not a.no_kernels:
+        out["expert_kernels"] = expert_kernels(s, device, out["measured_copy_gb_s"])
+        out["router"] = router(s, device, s["layers"])
+        torch.cuda.empty_cache()  # the kernels' random weights, before the model loads
+        save()
+    res = ours(path, device, prompts, a.new_tokens, a.runs, s)
     cfg = res.pop("_cfg")
     out["ours"] = res
     limits(out, s, cfg, prompts)

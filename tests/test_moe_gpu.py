@@ -82,23 +82,72 @@ def test_grouped_experts_match_the_reference_moe(mix, record_property):
     assert moe_experts._grouped_mm_refused is None  # bf16 prefill ran torch's grouped GEMM
 
 
+def test_every_candidate_launch_config_matches_the_reference():
+    """The configs benchmarks/moe_gpu.py may put in moe_gemv.TUNED (and so run end to end) at 1..8 tokens."""
+    from devstral.kernels import moe_gemv
+
+    moe, stack = _case("q4_k_m", seed=5)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    with torch.no_grad():
+        for t in (1, 2, 8):
+            x = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
+            _, experts, weights = moe.route(x.float())
+            ids = experts.contiguous()
+            h_ref = torch.stack([torch.nn.functional.silu(x[i // TOP_K].float() @ moe.experts[e].w1.weight.T)
+                                 * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
+                                 for i, e in enumerate(ids.reshape(-1).tolist())])
+            for cfg in moe_gemv.candidates("gate_up"):
+                h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
+                moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
+                assert rel(h, h_ref) < 1e-2, (t, cfg)  # bf16 output
+            h = h_ref.to(torch.bfloat16)
+            y_ref = sum(weights[:, j, None] * torch.stack([h[i * TOP_K + j].float() @ moe.experts[e].w2.weight.T
+                                                           for i, e in enumerate(ids[:, j].tolist())])
+                        for j in range(TOP_K))
+            for cfg in moe_gemv.candidates("down"):
+                y = torch.full((t, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
+                moe_gemv.down(h, stack.down, y, ids, weights, n=DIM, top_k=TOP_K, config=cfg)
+                assert rel(y, y_ref) < 1e-2, (t, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_router_kernel_matches_route(dtype):
+    """Mixtral's router shape (E 8, D 4096, k 2) and a wider one (E 60, k 4), 1..300 tokens."""
+    from devstral.kernels.moe_router import route
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    for n_experts, k, t in ((8, 2, 1), (8, 2, 300), (60, 4, 7)):
+        w = torch.randn(n_experts, 4096, device="cuda", generator=g).to(dtype)
+        x = torch.randn(t, 4096, device="cuda", generator=g).to(dtype)
+        ids, weights = route(x, w, k)
+        probs = torch.softmax(x.double() @ w.double().T, dim=-1)
+        ref_w, ref_ids = probs.topk(k, dim=-1)
+        # fp32 sums in another order: ids may differ only where two logits are within rounding
+        same = (ids == ref_ids).all(dim=-1)
+        assert same.float().mean() > 0.99
+        torch.testing.assert_close(weights[same].double(), (ref_w / ref_w.sum(-1, keepdim=True))[same],
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mix", ["q4_k_m", None])
 def test_the_decode_path_replays_in_a_cuda_graph(mix):
     moe, stack = _case(mix, seed=3)
     g = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(5, DIM, device="cuda", generator=g).to(torch.bfloat16)
+    from devstral.kernels.moe_router import route
+
+    router = moe.gate.weight.to(torch.bfloat16)
     with torch.no_grad():
-        _, experts, weights = moe.route(x.float())
-        eager = stack.forward(x, experts, weights)  # warm-up: compiled before capture
+        eager = stack.forward(x, *route(x, router, TOP_K))  # warm-up: compiled before capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            experts, weights = route(x, router, TOP_K)
             out = stack.forward(x, experts, weights)
         x.copy_(torch.randn(5, DIM, device="cuda", generator=g))  # new tokens, new routing
-        _, e2, w2 = moe.route(x.float())
-        experts.copy_(e2)
-        weights.copy_(w2)
         graph.replay()
-        assert torch.equal(out, stack.forward(x, experts, weights))
+        e2, w2 = route(x, router, TOP_K)
+        assert torch.equal(experts, e2) and torch.equal(weights, w2)
+        assert torch.equal(out, stack.forward(x, e2, w2))
         assert not torch.equal(out, eager)
 
 

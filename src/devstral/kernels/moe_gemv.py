@@ -264,6 +264,14 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int)
     return dict(bn=bn, split_k=split, num_warps=4)
 
 
+def candidates(kind: str) -> list[dict]:
+    """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
+    tile widths around the plan's, K split 1-8 (down: per slot)."""
+    widths = (32, 64) if kind == "gate_up" else (64, 128)
+    splits = (1, 2, 4) if kind == "gate_up" else (1, 2, 4, 8)
+    return [dict(bn=bn, split_k=s, num_warps=4) for bn in widths for s in splits]
+
+
 def _asm() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX only when compiled
 
