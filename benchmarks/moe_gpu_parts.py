@@ -94,8 +94,8 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                     moe_gemv.down(hid, w, y, ids, wts, n=d, top_k=k, sms=sms, config=cfg)
             base = "gate_up" if kind == "gate_up" else "down"
             n, kk = (h, d) if base == "gate_up" else (d, h)
-            planned = moe_gemv.plan(base, qtype, rows, n, kk, k, sms)
-            configs = moe_gemv.candidates(base)
+            planned = moe_gemv.plan(base, qtype, rows, n, kk, k, sms, device)
+            configs = moe_gemv.candidates(base, qtype)
             if planned not in configs:
                 configs = [planned, *configs]
             timed = []

@@ -96,18 +96,19 @@ def test_every_candidate_launch_config_matches_the_reference():
             h_ref = torch.stack([torch.nn.functional.silu(x[i // TOP_K].float() @ moe.experts[e].w1.weight.T)
                                  * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
                                  for i, e in enumerate(ids.reshape(-1).tolist())])
-            for cfg in moe_gemv.candidates("gate_up"):
+            for cfg in moe_gemv.candidates("gate_up", "Q4_K"):
                 h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
                 moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
-                assert rel(h, h_ref) < 1e-2, (t, cfg)  # bf16 output
+                # bf16 output; int8 activations add ~0.3% a matmul (as llama.cpp's)
+                assert rel(h, h_ref) < (2e-2 if cfg["int8"] else 1e-2), (t, cfg)
             h = h_ref.to(torch.bfloat16)
             y_ref = sum(weights[:, j, None] * torch.stack([h[i * TOP_K + j].float() @ moe.experts[e].w2.weight.T
                                                            for i, e in enumerate(ids[:, j].tolist())])
                         for j in range(TOP_K))
-            for cfg in moe_gemv.candidates("down"):
+            for cfg in moe_gemv.candidates("down", "Q6_K"):
                 y = torch.full((t, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
                 moe_gemv.down(h, stack.down, y, ids, weights, n=DIM, top_k=TOP_K, config=cfg)
-                assert rel(y, y_ref) < 1e-2, (t, cfg)
+                assert rel(y, y_ref) < (2e-2 if cfg["int8"] else 1e-2), (t, cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -109,7 +109,7 @@ def _run_cases(out_path: str) -> None:
         res["narrow_long_rows"] = (y, ref)
         res["router"] = _router_cases(g)
         # split K (2 tiles of K over 3 splits: one empty), two tile widths, gate and up fused (SwiGLU
-        # after the splits meet) and apart, against dequantize
+        # after the splits meet) and apart, float and int8 activations, against dequantize
         res["splits"] = _split_cases(g)
         # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
         dim, hidden = 72, 40
@@ -163,6 +163,14 @@ def _router_cases(g) -> dict:
     return out
 
 
+def _int8_exact(rows: int, k: int, g) -> torch.Tensor:
+    """Activations the int8 row dot represents exactly: levels / 128 with 127 / 128 in every 16 (so each
+    sub-block's absmax / 127 is 1 / 128): its results then differ from fp32 only by rounding."""
+    x = torch.randint(-127, 128, (rows, k), generator=g).float()
+    x[:, ::16] = 127.0
+    return x / 128.0
+
+
 def _split_cases(g) -> dict:
     from devstral.kernels import moe_gemv
     from devstral.kernels.gguf_pack import pack
@@ -177,28 +185,30 @@ def _split_cases(g) -> dict:
         raws = [random_blocks(qt, n, k, g) for _ in range(E)]
         stacks[name] = stack_packed([pack(r, qt, n, k) for r in raws])
         deq[name] = [dequantize(r, qt, (n, k)) for r in raws]
-    x = torch.randn(tokens, dim, generator=g)
+    x = _int8_exact(tokens, dim, g)
     ids = torch.tensor([[3, 1], [1, 0]])
     w = torch.rand(tokens, TOP_K, generator=g)
     pairs = [(t, int(ids[t, j])) for t in range(tokens) for j in range(TOP_K)]
     gate_ref = torch.stack([x[t] @ deq["gate"][e].T for t, e in pairs])
     up_ref = torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])
     out = {}
-    for cfg in ({"bn": 32, "split_k": 3, "num_warps": 4}, {"bn": 64, "split_k": 2, "num_warps": 4}):
+    for cfg in ({"bn": 32, "split_k": 3, "num_warps": 4}, {"bn": 64, "split_k": 2, "num_warps": 4},
+                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}):
         h = moe_gemv.gate_up(x, stacks["gate"], stacks["up"], torch.full((len(pairs), hidden), float("nan")), ids,
                              n=hidden, top_k=TOP_K, config=cfg)
-        out[("gate_up", cfg["bn"])] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
+        out[("gate_up", cfg["bn"], cfg.get("int8", False))] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
     cfg = {"bn": 64, "split_k": 3, "num_warps": 4}
     gate = moe_gemv.gate_up(x, stacks["gate"], None, torch.full((len(pairs), hidden), float("nan")), ids,
                             n=hidden, top_k=TOP_K, config=cfg)
-    out[("gate", 64)] = (gate, gate_ref)
-    h = torch.randn(len(pairs), hidden, generator=g)
+    out[("gate", 64, False)] = (gate, gate_ref)
+    h = _int8_exact(len(pairs), hidden, g)
     down_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
                             for t in range(tokens)])
-    for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4}):
+    for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4},
+                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}):
         y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
                           config=cfg)
-        out[("down", cfg["bn"])] = (y, down_ref)
+        out[("down", cfg["bn"], cfg.get("int8", False))] = (y, down_ref)
     return out
 
 
@@ -233,8 +243,9 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
     assert _rel(got, ref) < _tolerance(*MIXES[mix][:3])
 
 
-@pytest.mark.parametrize("case", [("gate_up", 32), ("gate_up", 64), ("gate", 64), ("down", 64), ("down", 128)],
-                         ids=lambda c: f"{c[0]}_bn{c[1]}")
+@pytest.mark.parametrize("case", [("gate_up", 32, False), ("gate_up", 64, False), ("gate_up", 64, True),
+                                  ("gate", 64, False), ("down", 64, False), ("down", 128, False), ("down", 64, True)],
+                         ids=lambda c: f"{c[0]}_bn{c[1]}" + ("_int8" if c[2] else ""))
 def test_split_k_and_tile_widths_match_dequantize(results, case):
     got, ref = results["splits"][case]
     assert not got.isnan().any()  # every pair's (token's) rows written

@@ -60,13 +60,15 @@ def _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t, c, jn2, n_sub, s_q, s_qh, s
 
 @triton.jit
 def _tile_dot(words, hi, f_d, f_sc, f_dm, f_mn, one, xp, x_ok, BN: tl.constexpr, QT: tl.constexpr,
-              E: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
-    """One tile's per-sub-block sums [BN, NS] against one activation row (the dense GEMV's row dot)."""
-    if QT == 3:
+              E: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+              INT8: tl.constexpr):
+    """One tile's per-sub-block sums [BN, NS] against one activation row (the dense GEMV's row dot;
+    INT8: its int8-activation dp4a variant)."""
+    if QT == 3 and not INT8:
         words = words ^ XOR_SIGN_BYTES
     c1, c0 = wide.tile_scales(f_d, f_sc, f_dm, f_mn, QT)
     return wide.row_dot(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), one, xp, x_ok, c1, c0,
-                        QT, E, NS, WPS, EVEN_K, ASM)
+                        QT, E, NS, WPS, EVEN_K, ASM, INT8)
 
 
 @triton.jit
@@ -84,7 +86,8 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                          P, N, K, s_xm, s_hm, as_q, as_qh, as_sc, as_d, bs_q, bs_qh, bs_sc, bs_d, one, SPLIT_K,
                          TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
                          WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-                         SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                         SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+                         INT8: tl.constexpr):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -122,9 +125,9 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                                                               n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
         k0 = t * (NS * SB)
         x_ok = (k0 + x_in) < K
-        acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM)
+        acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
         if GLU:
-            acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM)
+            acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
             wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
         wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
     a = tl.sum(acc_a, axis=1)
@@ -160,7 +163,7 @@ def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc
                       T, N, K, s_hm, s_om, s_q, s_qh, s_sc, s_d, one, SPLIT_K,
                       TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
                       E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
-                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)  # (slot j, K split)
@@ -185,7 +188,8 @@ def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc
         w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
                                                            s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
         k0 = kt * (NS * SB)
-        acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K, ASM)
+        acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K, ASM,
+                         INT8)
         w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
     y = tl.load(w_ptr + p).to(tl.float32) * tl.sum(acc, axis=1)
     store_output(y[:, None], local, t + tl.arange(0, 1), N, T, out_ptr, s_om, out_ptr, ws_ptr, cnt_ptr,
@@ -245,31 +249,60 @@ def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
     return bn
 
 
-def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int) -> dict:
-    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=).
+def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
+         device: torch.device | None = None) -> dict:
+    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=).
 
     `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry in TUNED
     wins; else the dense GEMV's rule: 8 weight rows per thread (BN 128 over 4 warps; gate_up streams
     two weights, so BN 64 keeps the same bytes in flight per thread without spilling), BN no wider
-    than N needs, and K split until about two programs per SM (down's top_k slots count as splits)."""
+    than N needs, and K split until about two programs per SM (down's top_k slots count as splits).
+    int8 activations (the streaming GEMV's dp4a row dot) where the device's tuned table says that
+    variant wins the dense GEMV at one activation row, which is what each program here multiplies."""
     hit = TUNED.get(f"{kind}|{qtype}|{rows}|{n}|{k}")
     if hit is not None:
-        return dict(hit)
+        return {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
     bn = 64 if kind == "gate_up" else 128
     while bn > 16 and bn >= 2 * n:
         bn //= 2
     sb = 16 if qtype == "Q6_K" else 32
     slots = top_k if kind == "down" else 1
     split = split_for(rows * triton.cdiv(n, bn) * slots, k // (sb * NS), sms)
-    return dict(bn=bn, split_k=split, num_warps=4)
+    return dict(bn=bn, split_k=split, num_warps=4, int8=int8_allowed(qtype) and _int8_measured(qtype, device))
 
 
-def candidates(kind: str) -> list[dict]:
+def int8_allowed(qtype: str) -> bool:
+    """Types with an int8-activation row dot, unless DEVSTRAL_GGUF_FLOAT_GEMV asks for the float ones."""
+    from devstral.kernels.gguf_config import IDOT_TYPES
+
+    return qtype in IDOT_TYPES and not os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")
+
+
+def _int8_measured(qtype: str, device: torch.device | None) -> bool:
+    from devstral.kernels.gguf_config import device_name, measured_kind, tuned_table
+
+    if device is None or device.type != "cuda":
+        return False
+    return measured_kind(tuned_table(device_name(device)), qtype, 1) == "wide_i8"
+
+
+def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
-    tile widths around the plan's, K split 1-8 (down: per slot)."""
+    tile widths around the plan's, K split 1-2 (down: 1-8 per slot), float and int8 activations."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
-    splits = (1, 2, 4) if kind == "gate_up" else (1, 2, 4, 8)
-    return [dict(bn=bn, split_k=s, num_warps=4) for bn in widths for s in splits]
+    splits = (1, 2) if kind == "gate_up" else (1, 2, 4, 8)
+    int8 = (False, True) if int8_allowed(qtype) else (False,)
+    return [dict(bn=bn, split_k=s, num_warps=4, int8=i) for i in int8 for bn in widths for s in splits]
+
+
+def _int8(cfg: dict, p: PackedGGUF) -> bool:
+    from devstral.kernels.gguf_config import IDOT_TYPES
+
+    if not cfg.get("int8"):
+        return False
+    if p.qtype.name not in IDOT_TYPES:
+        raise ValueError(f"no int8-activation expert GEMV for {p.qtype.name}")
+    return int8_allowed(p.qtype.name)
 
 
 def _asm() -> bool:
@@ -292,7 +325,7 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         return h
     glu = up is not None
     if isinstance(gate, PackedGGUF):
-        cfg = config or plan("gate_up", gate.qtype.name, pairs, n, k, top_k, sms)
+        cfg = config or plan("gate_up", gate.qtype.name, pairs, n, k, top_k, sms, x.device)
         bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
         split = usable_split(cfg["split_k"], pairs * tiles, 2 * pairs, n)
         ws = workspace(split, 2 * pairs, n, x.device)
@@ -301,7 +334,7 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         _gguf_gate_up_kernel[(pairs, tiles, split)](
             x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
-            **_geometry(gate, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
+            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -317,7 +350,7 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
     if tokens == 0:
         return out
     if isinstance(w, PackedGGUF):
-        cfg = config or plan("down", w.qtype.name, tokens, n, k, top_k, sms)
+        cfg = config or plan("down", w.qtype.name, tokens, n, k, top_k, sms, out.device)
         bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
         # counters: one per (token, row tile); more tokens than they cover run as several launches
         step = max(1, MAX_TILES // tiles)
@@ -331,7 +364,8 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
             _gguf_down_kernel[(t1 - t0, tiles, split * top_k)](
                 h[t0 * top_k:], out[t0:], ids[t0:], weights[t0:], ws, counters(out.device), *fields,
                 t1 - t0, n, k, h.stride(0), out.stride(0), *strides, ONE_F32_BITS.value, split, TOPK=top_k,
-                SPLIT=split * top_k > 1, **_geometry(w, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
+                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n), num_warps=cfg["num_warps"],
+                num_stages=1)
     else:
         bn = _block_rows(n, tokens, sms, 32)
         _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
