@@ -288,11 +288,15 @@ def _int8_measured(qtype: str, device: torch.device | None) -> bool:
 
 def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
-    tile widths around the plan's, K split 1-2 (down: 1-8 per slot), float and int8 activations."""
+    tile widths around the plan's, K split 1-2 (down: 1-8 per slot); int8 activations at every width
+    where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width
+    (each width x split-or-not x int8 is one more compilation)."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
     splits = (1, 2) if kind == "gate_up" else (1, 2, 4, 8)
-    int8 = (False, True) if int8_allowed(qtype) else (False,)
-    return [dict(bn=bn, split_k=s, num_warps=4, int8=i) for i in int8 for bn in widths for s in splits]
+    out = [dict(bn=widths[-1], split_k=s, num_warps=4, int8=False) for s in splits]
+    if int8_allowed(qtype):
+        out += [dict(bn=bn, split_k=s, num_warps=4, int8=True) for bn in widths for s in splits]
+    return out
 
 
 def _int8(cfg: dict, p: PackedGGUF) -> bool:
