@@ -99,13 +99,17 @@ class ExpertStack:
     def quantized(self) -> bool:
         return isinstance(self.gate, PackedGGUF)
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], experts/weights [T, k] -> the weighted expert mix [T, D] in x's dtype."""
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D], experts/weights [T, k] -> the weighted expert mix [T, D] in x's dtype (plus residual
+        [T, D] when given)."""
         if experts.numel() <= DECODE_MAX_PAIRS or _routed_only or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return self.decode(x, experts, weights)
-        return self.prefill(x, experts, weights)
+            return self.decode(x, experts, weights, residual)
+        y = self.prefill(x, experts, weights)
+        return y if residual is None else residual + y
 
-    def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
         from devstral.kernels import moe_gemv
         from devstral.kernels.silu_mul import silu_mul
 
@@ -122,7 +126,8 @@ class ExpertStack:
         else:
             moe_gemv.gate_up(x, self.gate, self.up, h, ids, n=self.hidden, top_k=k, sms=sms)
         out = torch.empty(t, self.dim, dtype=x.dtype, device=x.device)
-        return moe_gemv.down(h, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms)
+        residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+        return moe_gemv.down(h, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms, residual=residual)
 
     def prefill(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from devstral.kernels.silu_mul import silu_mul

@@ -15,7 +15,8 @@ evenly run without masks. Two launches per layer:
            gguf_splitk's workspace and the last program applies the SwiGLU.
   down     program (token t, row tile, split s): s runs over top_k * SPLIT_K, (slot j, K range);
            each partial is w[t, j] * (D_e h[t * top_k + j]) over its K range, and the split-K epilogue
-           (gguf_splitk.py: last arrival sums in fixed order) also mixes the token's k experts.
+           (gguf_splitk.py: last arrival sums in fixed order) also mixes the token's k experts and adds
+           the decoder layer's residual (one rounding, one launch fewer).
            Mixtral's down has N = 4096 rows: 32 row tiles per token, so the splits are what fill
            132 SMs at one token.
 
@@ -39,7 +40,7 @@ from devstral.kernels.gguf_config import split_k as split_for
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, store_output, usable_split, workspace
+from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_split, workspace
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
 # measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=); rows = pairs for
@@ -159,8 +160,8 @@ def _store_rows(out_ptr, row, s_om, local, ok, val):
 
 
 @triton.jit
-def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc, mn, d, dm,
-                      T, N, K, s_hm, s_om, s_q, s_qh, s_sc, s_d, one, SPLIT_K,
+def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc, mn, d, dm,
+                      T, N, K, s_hm, s_om, s_rm, s_q, s_qh, s_sc, s_d, one, SPLIT_K, RES: tl.constexpr,
                       TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
                       E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr):
@@ -192,8 +193,23 @@ def _gguf_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, q, qh, sc
                          INT8)
         w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
     y = tl.load(w_ptr + p).to(tl.float32) * tl.sum(acc, axis=1)
-    store_output(y[:, None], local, t + tl.arange(0, 1), N, T, out_ptr, s_om, out_ptr, ws_ptr, cnt_ptr,
-                 t * tl.num_programs(1) + pid_n, s, TOPK * SPLIT_K, False, SPLIT)
+    ok = local < N
+    if SPLIT:
+        total, last = split_sum(y[:, None], local, t + tl.arange(0, 1), N, T, ws_ptr, cnt_ptr,
+                                t * tl.num_programs(1) + pid_n, s, TOPK * SPLIT_K)
+        if last:
+            _store_rows(out_ptr, t, s_om, local, ok, _plus_residual(tl.sum(total, axis=1), res_ptr, t, s_rm, local, ok,
+                                                                     RES))
+    else:
+        _store_rows(out_ptr, t, s_om, local, ok, _plus_residual(y, res_ptr, t, s_rm, local, ok, RES))
+
+
+@triton.jit
+def _plus_residual(y, res_ptr, t, s_rm, local, ok, RES: tl.constexpr):
+    """The layer's residual added in fp32 before the one rounding to the output dtype."""
+    if RES:
+        y += tl.load(res_ptr + t.to(tl.int64) * s_rm + local, mask=ok, other=0.0).to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -226,7 +242,7 @@ def _dense_gate_up_kernel(x_ptr, h_ptr, ids_ptr, a_ptr, b_ptr, N, K, s_xm, s_hm,
 
 
 @triton.jit
-def _dense_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om,
+def _dense_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om, s_rm, RES: tl.constexpr,
                        TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     t = tl.program_id(0)
     local = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -237,7 +253,7 @@ def _dense_down_kernel(h_ptr, out_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om,
         e = tl.load(ids_ptr + p).to(tl.int64)
         y = _dense_rows_dot(d_ptr, (e * N + local)[:, None], ok[:, None], h_ptr + p.to(tl.int64) * s_hm, K, BN, BK)
         acc += tl.load(w_ptr + p).to(tl.float32) * y
-    _store_rows(out_ptr, t, s_om, local, ok, acc)
+    _store_rows(out_ptr, t, s_om, local, ok, _plus_residual(acc, res_ptr, t, s_rm, local, ok, RES))
 
 
 def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
@@ -348,8 +364,10 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
 
 
 def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *, n: int, top_k: int,
-         sms: int = 132, config: dict | None = None) -> torch.Tensor:
-    """out[t, :n] = sum over j < top_k of weights[t, j] * (w_e h[t * top_k + j]), e = ids[t, j]."""
+         sms: int = 132, config: dict | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t, :n] = sum over j < top_k of weights[t, j] * (w_e h[t * top_k + j]), e = ids[t, j]; plus
+    residual[t] when given (the decoder layer's skip connection, added before the rounding: one launch
+    fewer per layer)."""
     tokens, k = out.shape[0], h.shape[1]
     if tokens == 0:
         return out
@@ -365,15 +383,18 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
             if usable_split(split * top_k, (t1 - t0) * tiles, t1 - t0, n) != split * top_k:
                 split = 1  # the workspace's int32 offsets: one split per slot
             ws = workspace(split * top_k, t1 - t0, n, out.device)
+            res = residual[t0:] if residual is not None else out[t0:]
             _gguf_down_kernel[(t1 - t0, tiles, split * top_k)](
-                h[t0 * top_k:], out[t0:], ids[t0:], weights[t0:], ws, counters(out.device), *fields,
-                t1 - t0, n, k, h.stride(0), out.stride(0), *strides, ONE_F32_BITS.value, split, TOPK=top_k,
+                h[t0 * top_k:], out[t0:], res, ids[t0:], weights[t0:], ws, counters(out.device), *fields,
+                t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
+                RES=residual is not None, TOPK=top_k,
                 SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n), num_warps=cfg["num_warps"],
                 num_stages=1)
     else:
         bn = _block_rows(n, tokens, sms, 32)
+        res = residual if residual is not None else out
         _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
-            h, out, ids, weights, w, n, k, h.stride(0), out.stride(0), TOPK=top_k, BN=bn, BK=256,
-            num_warps=4, num_stages=2)
+            h, out, res, ids, weights, w, n, k, h.stride(0), out.stride(0), res.stride(0), RES=residual is not None,
+            TOPK=top_k, BN=bn, BK=256, num_warps=4, num_stages=2)
     return out
 

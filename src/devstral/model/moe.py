@@ -69,9 +69,12 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, experts, weights / weights.sum(dim=-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert mix for x [..., D]; plus residual (same shape) when given: the decoder layer's skip
+        connection, which the stacked path adds inside its last kernel."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        res2 = None if residual is None else residual.reshape(-1, shape[-1])
         if self.stack is not None and use_triton(x2) and not (self.training and torch.is_grad_enabled()):
             if type(self.gate) is nn.Linear and self.gate.bias is None:
                 from devstral.kernels.moe_router import route
@@ -80,7 +83,7 @@ class MoE(nn.Module):
                 experts, weights = route(x2, self.gate.weight, self.top_k)
             else:
                 _, experts, weights = self.route(x2)
-            return self.stack.forward(x2, experts, weights).reshape(shape)
+            return self.stack.forward(x2, experts, weights, res2).reshape(shape)
         logits, experts, weights = self.route(x2)
         if self.training and torch.is_grad_enabled():
             self.router_logits = logits
@@ -90,7 +93,8 @@ class MoE(nn.Module):
             if token.numel():
                 y = expert(x2[token]) * weights[token, slot, None].to(x2.dtype)
                 out.index_add_(0, token, y)
-        return out.reshape(shape)
+        out = out.reshape(shape)
+        return out if residual is None else residual + out
 
 
 def graph_safe(model: nn.Module) -> bool:

@@ -186,7 +186,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, q_scale, mask, cache):
         h = self.self_attn(self.input_layernorm(x), cos, sin, q_scale, mask, cache)
         h, x = self.post_attention_layernorm.add_and_norm(x, h)
-        return x + self.ffn(h)
+        if hasattr(self, "block_sparse_moe"):
+            return self.block_sparse_moe(h, residual=x)  # the skip connection inside its last kernel
+        return x + self.mlp(h)
 
 
 def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache):
