@@ -90,8 +90,8 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                 nbytes = distinct * _expert_bytes(w, d)
                 rows, qtype = t, w.qtype.name
 
-                def call(cfg, w=w, hid=hid, y=y, ids=ids, wts=wts):
-                    moe_gemv.down(hid, w, y, ids, wts, n=d, top_k=k, sms=sms, config=cfg)
+                def call(cfg, w=w, hid=hid, y=y, ids=ids, wts=wts, x=x):  # x: the layer's residual
+                    moe_gemv.down(hid, w, y, ids, wts, n=d, top_k=k, sms=sms, config=cfg, residual=x)
             base = "gate_up" if kind == "gate_up" else "down"
             n, kk = (h, d) if base == "gate_up" else (d, h)
             planned = moe_gemv.plan(base, qtype, rows, n, kk, k, sms, device)
