@@ -7,7 +7,8 @@ Q6_K / Q8_0 in the planar layout (gguf_pack.py). The GGUF kernels are the stream
 (gguf_gemv_wide.py: its tile loads, scale decoding and row dot, imported, not copied) with the
 expert's first row as a per-program base pointer: a thread owns whole 16-byte sub-blocks of a few
 rows, the next tile's words and scales are in flight while this one is computed, and shapes that tile
-evenly run without masks. Two launches per layer:
+evenly run without masks; Q4_K/Q6_K/Q8_0 may take its int8-activation (dp4a) row dot. Two launches
+per layer:
 
   gate_up  program (pair p, row tile, K split): h[p] = silu(G_e x_t) * (U_e x_t), e = ids[p],
            t = p // top_k; gate and up tiles are streamed side by side (without U: G_e x_t alone, for
@@ -43,7 +44,7 @@ from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_split, workspace
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
-# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=); rows = pairs for
+# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=); rows = pairs for
 # gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py fills it from its timings.
 TUNED: dict[str, dict] = {}
 
