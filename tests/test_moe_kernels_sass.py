@@ -44,11 +44,11 @@ def _count(kind: str, qtype: str, bn: int, int8: bool) -> dict:
         fn, weights, const["GLU"] = _gguf_gate_up_kernel, 2 * bn * 8 * sb, True
         aligned = ["N", "K", "s_xm", "s_hm", "as_q", "as_qh", "as_sc", "bs_q", "bs_qh", "bs_sc"]
     else:
-        ints = ("T", "N", "K", "s_hm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K")
-        sig = {"h_ptr": "*bf16", "out_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*fp32", "ws_ptr": "*fp32",
-               "cnt_ptr": "*i32", **_fields("", qh_t, sc_t), **dict.fromkeys(ints, "i32")}
-        fn, weights = _gguf_down_kernel, bn * 8 * sb
-        aligned = ["N", "K", "s_hm", "s_om", "s_q", "s_qh", "s_sc"]
+        ints = ("T", "N", "K", "s_hm", "s_om", "s_rm", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K")
+        sig = {"h_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*fp32",
+               "ws_ptr": "*fp32", "cnt_ptr": "*i32", **_fields("", qh_t, sc_t), **dict.fromkeys(ints, "i32")}
+        fn, weights, const["RES"] = _gguf_down_kernel, bn * 8 * sb, True  # the residual, as the model runs it
+        aligned = ["N", "K", "s_hm", "s_om", "s_rm", "s_q", "s_qh", "s_sc"]
     # what the launcher specializes at Mixtral's shapes: aligned pointers, strides and sizes divisible by 16
     div16 = [n for n, t in sig.items() if t.startswith("*")] + aligned
     st = sass_stats.loop_stats(sass_stats.compile_sass(fn, sig, const, div16=div16, num_warps=4))
