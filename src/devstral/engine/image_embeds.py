@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from devstral.model.vision import VisionModel
-from devstral.prompt.images import PromptImage
+from devstral.prompt.images import PromptImage, take_from_cache
 
 
 class ImageEmbedder:
@@ -37,13 +37,7 @@ class ImageEmbedder:
                                      f"{im.num_embeddings} [IMG] tokens")
                 self.cache[im.digest] = emb
             self.encoded_images += len(missing)
-        out = []
-        for im in images:
-            self.cache.move_to_end(im.digest)
-            out.append(self.cache[im.digest])
-        while len(self.cache) > max(self.capacity, len(images)):
-            self.cache.popitem(last=False)
-        return out
+        return take_from_cache(self.cache, images, self.capacity)
 
     def injection(self, spans: list[tuple[int, int, int, list[PromptImage]]],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from devstral.engine.llamacpp_model import LlamaCppModel, llama_errors
 from devstral.errors import DevstralError
-from devstral.prompt.images import PromptImage
+from devstral.prompt.images import PromptImage, take_from_cache
 
 # mistral-common's normalization (tokens/tokenizers/image.py), inverted to recover the resized pixels
 _MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), dtype=np.float64)[:, None, None]
@@ -125,13 +125,7 @@ class LlamaCppImages:
             if im.digest not in self.cache:
                 self.cache[im.digest] = self._encode(im)
                 self.encoded_images += 1
-        out = []
-        for im in images:
-            self.cache.move_to_end(im.digest)
-            out.append(self.cache[im.digest])
-        while len(self.cache) > max(self.capacity, len(images)):
-            self.cache.popitem(last=False)
-        return out
+        return take_from_cache(self.cache, images, self.capacity)
 
     def _encode(self, image: PromptImage) -> np.ndarray:
         if self.ctx is None:

@@ -28,25 +28,23 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
+def _recomputing_set(on: bool):
+    before = getattr(_local, "on", False)
+    _local.on = on
+    try:
+        yield
+    finally:
+        _local.on = before
+
+
 def recomputing():
     """The block runs again to rebuild what backward saved (torch.utils.checkpoint's recomputation)."""
-    before = getattr(_local, "on", False)
-    _local.on = True
-    try:
-        yield
-    finally:
-        _local.on = before
+    return _recomputing_set(True)
 
 
-@contextlib.contextmanager
 def output_needed():
     """A block whose output the rerun needs (a checkpoint of several layers: all but the last)."""
-    before = getattr(_local, "on", False)
-    _local.on = False
-    try:
-        yield
-    finally:
-        _local.on = before
+    return _recomputing_set(False)
 
 
 def is_recomputing() -> bool:

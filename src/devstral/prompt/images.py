@@ -217,3 +217,15 @@ def attach_images(ids: list[int], pixels: list[np.ndarray], tokens: ImageTokens)
     if len(images) != len(pixels):
         raise RuntimeError(f"found {len(images)} image token runs for {len(pixels)} images")
     return PromptIds(ids, images)
+
+
+def take_from_cache(cache, images: list[PromptImage], capacity: int) -> list:
+    """The cached entries of these images (keyed by digest, all present), in order; marks them most
+    recently used and drops the least recently used beyond `capacity` (never one of these images)."""
+    out = []
+    for im in images:
+        cache.move_to_end(im.digest)
+        out.append(cache[im.digest])
+    while len(cache) > max(capacity, len(images)):
+        cache.popitem(last=False)
+    return out
