@@ -55,6 +55,11 @@ WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)),
 # the same GEMV with int8 activations (dp4a) keeps fewer registers per row: 16 rows a thread fit at BM = 1
 WIDE_I8_TILES = {1: ((128, 4), (256, 4), (256, 8)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
 I8_TYPES = ("Q4_K", "Q6_K", "Q8_0")
+# software-pipelined variants (num_stages > 1: tiles through shared memory by cp.async, no register
+# prefetch, 78-146 registers where the register-prefetch loop takes 123-238: counted offline) at one
+# activation row, where decode spends its time; their tiles (BN, num_warps)
+PIPE_STAGES = (3, 4)
+PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
 F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
@@ -82,14 +87,20 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
             continue
         # Q6_K sub-blocks are 16 weights: 16 of them make a row's tile one 128-byte line, as 8 do for the others
         for tile_ns in ((ns, 16) if qtype == "Q6_K" and kind == "wide_i8" else (ns,)):
-            for bn, warps in tile_set[bm]:
+            shapes = [(bn, warps, 1) for bn, warps in tile_set[bm]]
+            if m == 1:
+                shapes += [(bn, warps, st) for bn, warps in PIPE_TILES for st in PIPE_STAGES]
+            for bn, warps, stages in shapes:
                 if tile_ns == 16 and bn < 64:
                     continue
                 bn_t = bn // (tile_ns // ns)  # the same words per thread
                 tiles = -(-n // bn_t) * -(-m // bm)
                 steps = k // (sb * tile_ns)
                 for s in split_candidates(tiles, steps, sms, m if kind == "wide_i8" else 0):
-                    out.append((kind, dict(bn=bn_t, ns=tile_ns, bm=bm, split_k=s, num_warps=warps)))
+                    if stages > 1 and steps // s < stages:
+                        continue  # fewer tiles per program than the pipeline is deep
+                    cfg = dict(bn=bn_t, ns=tile_ns, bm=bm, split_k=s, num_warps=warps)
+                    out.append((kind, cfg if stages == 1 else dict(cfg, num_stages=stages)))
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -165,8 +176,8 @@ def time_us(fn, flush: torch.Tensor, reps: int) -> float:
 def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tuple:
     """What makes Triton compile anew: the constexprs, and the integer arguments it specializes
     (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
-    return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg["split_k"] > 1,
-            k % 4096, n % 256)
+    return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg.get("num_stages", 1),
+            cfg["split_k"] > 1, k % 4096, n % 256)
 
 
 def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, copy_gbps: float,

@@ -122,8 +122,10 @@ def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
     1-8 activation rows (tiles of 1, 2, 4; masked rows), and replayed in a CUDA graph."""
     bm = gguf_gemv_wide.bm_for(m)
     cases = (((1029, k_for(qt, big=True)), (dict(bn=64, ns=16, split_k=3, num_warps=4),  # K-quants: K cut
-                                             dict(bn=32, ns=4, split_k=16, num_warps=2))),
-             ((512, 2048), (dict(bn=128, ns=8, split_k=2, num_warps=4),)))
+                                             dict(bn=32, ns=4, split_k=16, num_warps=2),
+                                             dict(bn=64, ns=8, split_k=3, num_warps=4, num_stages=3))),
+             ((512, 2048), (dict(bn=128, ns=8, split_k=2, num_warps=4), dict(bn=128, ns=8, split_k=1, num_warps=8,
+                                                                            num_stages=4))))
     for (n, k), cfgs in cases:
         raw = blocks(qt, n, k, seed=m)
         p = pack(raw.to(CUDA), qt, n, k)
@@ -155,8 +157,11 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
 
     bm = gguf_gemv_wide.bm_for(m)
     cases = (((1029, k_for(qt, big=True) // 32 * 32), (dict(bn=64, ns=16, split_k=3, num_warps=4),
-                                                        dict(bn=32, ns=4, split_k=16, num_warps=2))),
-             ((512, 2048), (dict(bn=256, ns=8, split_k=2, num_warps=4), dict(bn=128, ns=8, split_k=1, num_warps=4))))
+                                                        dict(bn=32, ns=4, split_k=16, num_warps=2),
+                                                        dict(bn=64, ns=8, split_k=3, num_warps=4, num_stages=3))),
+             ((512, 2048), (dict(bn=256, ns=8, split_k=2, num_warps=4), dict(bn=128, ns=8, split_k=1, num_warps=4),
+                            dict(bn=256, ns=8, split_k=2, num_warps=8, num_stages=4),
+                            dict(bn=128, ns=8, split_k=1, num_warps=4, num_stages=3))))
     for (n, k), cfgs in cases:
         raw = blocks(qt, n, k, seed=20 + m)
         p = pack(raw.to(CUDA), qt, n, k)

@@ -29,8 +29,10 @@ N = 13
 K = {QType.Q4_K: 768, QType.Q5_K: 768, QType.Q6_K: 512, QType.Q8_0: 416}
 TYPES = list(K)
 F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
-# (rows m, BN, NS, BM, split_k): even and uneven tiles, split-K 3 over fewer tiles than splits
-CASES = [(1, 16, 8, 1, 1), (1, 8, 2, 1, 3), (2, 16, 16, 2, 2), (6, 8, 2, 4, 5)]
+# (rows m, BN, NS, BM, split_k, num_stages): even and uneven tiles, split-K 3 over fewer tiles than splits;
+# num_stages > 1 is the software-pipelined loop (its own branch of the kernel)
+CASES = [(1, 16, 8, 1, 1, 1), (1, 8, 2, 1, 3, 1), (2, 16, 16, 2, 2, 1), (6, 8, 2, 4, 5, 1), (1, 8, 2, 1, 2, 3),
+         (3, 16, 4, 4, 1, 2)]
 INT8_TYPES = [QType.Q4_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
 
 
@@ -61,22 +63,23 @@ def _run_cases(out_path: str) -> None:
         raw, x, bias = _inputs(qt, g)
         p = pack(raw, qt, N, K[qt])
         outs = {}
-        for m, bn, ns, bm, split in CASES:
+        for m, bn, ns, bm, split, stages in CASES:
             out = torch.full((m, N), float("nan"))
             b = bias if split != 1 or m == 1 else None
-            gguf_gemv_wide.gemv(x[:m], p, b, out, bn=bn, ns=ns, bm=bm, split_k=split)
-            outs[(m, bn, ns, bm, split)] = (out, b is not None)
+            gguf_gemv_wide.gemv(x[:m], p, b, out, bn=bn, ns=ns, bm=bm, split_k=split, num_stages=stages)
+            outs[(m, bn, ns, bm, split, stages)] = (out, b is not None)
         res[qt.name] = {"raw": raw, "x": x, "bias": bias, "outs": outs}
         if qt in INT8_TYPES:  # int8 activations: exact on activations int8 represents, close on random ones
             from test_kernels_gguf_interpret import int8_exact
 
             xe = int8_exact(6, K[qt], g)
             i8 = {}
-            for m, bn, ns, bm, split in CASES:
+            for m, bn, ns, bm, split, stages in CASES:
                 for name, xin in (("exact", xe), ("random", x)):
                     out = torch.full((m, N), float("nan"))
-                    gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, split_k=split, int8=True)
-                    i8[(name, m, bn, ns, bm, split)] = out
+                    gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, split_k=split, int8=True,
+                                        num_stages=stages)
+                    i8[(name, m, bn, ns, bm, split, stages)] = out
             res[qt.name].update(xe=xe, int8=i8)
     # q/k/v-style fusion (quant.linear.fuse_quant): planar QuantLinears on the CPU, as on CUDA
     import devstral.quant.linear as ql
@@ -192,13 +195,16 @@ def _sass_counts() -> dict:
                **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
         bn, ns = 128, 8
         const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
-                     EVEN_K=True, ASM=True, INT8=int8)
+                     EVEN_K=True, ASM=True, INT8=int8, STAGES=1)
         # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
         div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
-        st = sass_stats.loop_stats(sass_stats.compile_sass(_wide_kernel, sig, const, div16=div16, num_warps=4))
-        out[name + ("_int8" if int8 else "")] = {
-                     "per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
-                     "ldg": st.ops["LDG"], "ops": dict(st.ops.most_common(12))}
+        for stages in (1, 3) if int8 else (1,):
+            sass = sass_stats.compile_sass(_wide_kernel, sig, dict(const, STAGES=stages), div16=div16, num_warps=4,
+                                           num_stages=stages)
+            st = sass_stats.loop_stats(sass)
+            out[name + ("_int8" if int8 else "") + ("_pipelined" if stages > 1 else "")] = {
+                "per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
+                "ldg": st.ops["LDG"], "async_copies": sass.count("LDGSTS"), "ops": dict(st.ops.most_common(12))}
     return out
 
 
@@ -223,6 +229,16 @@ def test_streaming_gemv_instructions_per_weight_on_sm90(sass_counts, name, int8)
     assert not st["spilled"]
     assert st["ldg"] <= 64  # vector loads: 16-byte words, 8-byte activations
     assert st["per_weight"] < (SASS_BOUNDS_INT8 if int8 else SASS_BOUNDS)[name], st
+
+
+@pytest.mark.parametrize("name", list(SASS_BOUNDS_INT8))
+def test_pipelined_gemv_streams_tiles_through_shared_memory(sass_counts, name):
+    """num_stages > 1: the tiles' words go to shared memory by cp.async (LDGSTS), not through registers,
+    and the loop keeps the register-prefetch loop's instructions per weight."""
+    st = sass_counts[name + "_int8_pipelined"]
+    assert not st["spilled"]
+    assert st["async_copies"] >= 2 * 8  # the words of two stages at least, 16 bytes a copy
+    assert st["per_weight"] < SASS_BOUNDS_INT8[name] * 1.06, st
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ def _split_cases(g) -> dict:
     up_ref = torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])
     out = {}
     for cfg in ({"bn": 32, "split_k": 3, "num_warps": 4}, {"bn": 64, "split_k": 2, "num_warps": 4},
-                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}):
+                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
+                {"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "num_stages": 3}):  # the pipelined loop
         h = moe_gemv.gate_up(x, stacks["gate"], stacks["up"], torch.full((len(pairs), hidden), float("nan")), ids,
                              n=hidden, top_k=TOP_K, config=cfg)
         out[("gate_up", cfg["bn"], cfg.get("int8", False))] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
@@ -205,7 +206,8 @@ def _split_cases(g) -> dict:
     down_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
                             for t in range(tokens)])
     for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4},
-                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}):
+                {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
+                {"bn": 32, "split_k": 2, "num_warps": 4, "num_stages": 2}):  # the pipelined loop
         y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
                           config=cfg)
         out[("down", cfg["bn"], cfg.get("int8", False))] = (y, down_ref)
@@ -244,7 +246,8 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
 
 
 @pytest.mark.parametrize("case", [("gate_up", 32, False), ("gate_up", 64, False), ("gate_up", 64, True),
-                                  ("gate", 64, False), ("down", 64, False), ("down", 128, False), ("down", 64, True)],
+                                  ("gate_up", 16, True), ("gate", 64, False), ("down", 64, False),
+                                  ("down", 128, False), ("down", 64, True), ("down", 32, False)],
                          ids=lambda c: f"{c[0]}_bn{c[1]}" + ("_int8" if c[2] else ""))
 def test_split_k_and_tile_widths_match_dequantize(results, case):
     got, ref = results["splits"][case]

@@ -35,7 +35,7 @@ def _count(kind: str, qtype: str, bn: int, int8: bool) -> dict:
 
     qt, sb, wps, e, sc_t, qh_t = TYPES[qtype]
     const = dict(TOPK=2, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=8, SPLIT=True, EVEN_N=True, EVEN_K=True, ASM=True,
-                 INT8=int8)
+                 INT8=int8, STAGES=1)
     if kind == "gate_up":
         ints = ("P", "N", "K", "s_xm", "s_hm", "as_q", "as_qh", "as_sc", "as_d", "bs_q", "bs_qh", "bs_sc", "bs_d",
                 "one", "SPLIT_K")

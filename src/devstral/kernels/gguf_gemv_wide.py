@@ -343,12 +343,34 @@ def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.c
 
 
 @triton.jit
+def _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0, M, K, one,
+          QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
+          NS: tl.constexpr, BM: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr):
+    """One tile's row dots added into the BM accumulators."""
+    if QT == 3 and not INT8:
+        words = words ^ XOR_SIGN_BYTES
+    w3 = tl.reshape(words, (BN, NS, WPS))
+    h3 = tl.reshape(hi, (BN, NS, WPS))
+    c1, c0 = _scales(d, sc, dm, mn, QT)
+    k0 = t * (NS * SB)
+    x_ok = (k0 + x_in) < K
+    xp = xp0 + k0
+    acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+    if BM > 1:
+        acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+    if BM > 2:
+        acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+        acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                 INT8: tl.constexpr = False):
+                 INT8: tl.constexpr = False, STAGES: tl.constexpr = 1):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -367,42 +389,43 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     # activation of word c, value position s: x[m, k0 + (c // WPS) * SB + s * WPS + c % WPS]
     xp0 = x_ptr + m0 * s_xm + (c // WPS) * SB + c % WPS
     x_in = (c // WPS) * SB  # offset of the word's sub-block inside the tile (for the K mask)
+    # four accumulators whatever BM: the unused ones are never added to and compile away
     acc0 = tl.zeros((BN, NS), dtype=tl.float32)
-    if BM > 1:
-        acc1 = tl.zeros((BN, NS), dtype=tl.float32)
-    if BM > 2:
-        acc2 = tl.zeros((BN, NS), dtype=tl.float32)
-        acc3 = tl.zeros((BN, NS), dtype=tl.float32)
-    # prologue: the first tile's loads (an empty split loads a valid tile and skips the loop)
-    t0 = tl.minimum(t_lo, n_tiles - 1)
-    w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
-    words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
-    s_ok = row_ok & (t0 * NS + jn2 < n_sub)
-    d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
-    for t in range(t_lo, t_hi):
-        # the next tile's loads go out before this tile is computed (clamped: the last iteration
-        # reloads its own tile, same addresses, no mask needed)
-        tn = tl.minimum(t + 1, t_hi - 1)
-        wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
-        words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN)
-        sn_ok = row_ok & (tn * NS + jn2 < n_sub)
-        d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
-                                             QT, SB, EVEN)
-        if QT == 3 and not INT8:
-            words = words ^ XOR_SIGN_BYTES
-        w3 = tl.reshape(words, (BN, NS, WPS))
-        h3 = tl.reshape(hi, (BN, NS, WPS))
-        c1, c0 = _scales(d, sc, dm, mn, QT)
-        k0 = t * (NS * SB)
-        x_ok = (k0 + x_in) < K
-        xp = xp0 + k0
-        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
-        if BM > 1:
-            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
-        if BM > 2:
-            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
-            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
-        words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
+    acc1 = tl.zeros((BN, NS), dtype=tl.float32)
+    acc2 = tl.zeros((BN, NS), dtype=tl.float32)
+    acc3 = tl.zeros((BN, NS), dtype=tl.float32)
+    if STAGES > 1:
+        # Triton's software pipeliner: each tile's words, scales and activations go to shared memory
+        # by cp.async STAGES - 1 tiles ahead. The bytes in flight then cost no registers (the
+        # register-prefetch loop below holds two tiles in registers: 145-255 of them at 8-16 rows a
+        # thread, one to three warps per scheduler), so a CTA keeps ~2-3x more of DRAM's latency covered.
+        for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+            w_ok = row_ok & (t * NS * WPS + c < n_sub * WPS)
+            words, hi = _load_words(q_ptr, qh_ptr, n2, t * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
+            s_ok = row_ok & (t * NS + jn2 < n_sub)
+            d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t * NS + jn2, s_ok, s_sc, s_d, QT, SB,
+                                         EVEN)
+            acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
+                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8)
+    else:
+        # prologue: the first tile's loads (an empty split loads a valid tile and skips the loop)
+        t0 = tl.minimum(t_lo, n_tiles - 1)
+        w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
+        words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
+        s_ok = row_ok & (t0 * NS + jn2 < n_sub)
+        d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
+        for t in range(t_lo, t_hi):
+            # the next tile's loads go out before this tile is computed (clamped: the last iteration
+            # reloads its own tile, same addresses, no mask needed)
+            tn = tl.minimum(t + 1, t_hi - 1)
+            wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
+            words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN)
+            sn_ok = row_ok & (tn * NS + jn2 < n_sub)
+            d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
+                                                 QT, SB, EVEN)
+            acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
+                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8)
+            words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
     cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
     res = tl.where(which == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
@@ -427,7 +450,9 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
          int8: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
-    (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls)."""
+    (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls).
+    num_stages 1: the next tile prefetched into registers; 2 or more: tiles pipelined through shared
+    memory (cp.async), num_stages - 1 of them in flight."""
     m, k = x.shape
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -443,7 +468,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8, STAGES=num_stages,
         num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -89,7 +89,7 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                          TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
                          WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                         INT8: tl.constexpr):
+                         INT8: tl.constexpr, STAGES: tl.constexpr):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -110,28 +110,44 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
     x_in = (c // WPS) * SB
     acc_a = tl.zeros((BN, NS), dtype=tl.float32)
     acc_b = tl.zeros((BN, NS), dtype=tl.float32)
-    # prologue: the first tile (an empty split loads a valid tile and skips the loop)
-    t0 = tl.minimum(t_lo, n_tiles - 1)
-    wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t0, c, jn2, n_sub,
-                                          as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
-    if GLU:
-        wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t0, c, jn2, n_sub,
-                                              bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
-    for t in range(t_lo, t_hi):
-        # the next tile's loads (gate's and up's) go out before this one is computed
-        tn = tl.minimum(t + 1, t_hi - 1)
-        wa_n, ha_n, da_n, sa_n, dma_n, ma_n = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, tn, c, jn2, n_sub,
-                                                          as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
+    if STAGES > 1:
+        # tiles pipelined through shared memory by cp.async (gguf_gemv_wide.py's num_stages > 1 loop)
+        for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+            k0 = t * (NS * SB)
+            x_ok = (k0 + x_in) < K
+            wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t, c, jn2, n_sub,
+                                                  as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
+            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+            if GLU:
+                wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t, c, jn2, n_sub,
+                                                      bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
+                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM,
+                                   INT8)
+    else:
+        # prologue: the first tile (an empty split loads a valid tile and skips the loop)
+        t0 = tl.minimum(t_lo, n_tiles - 1)
+        wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t0, c, jn2, n_sub,
+                                              as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
         if GLU:
-            wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c, jn2,
-                                                              n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
-        k0 = t * (NS * SB)
-        x_ok = (k0 + x_in) < K
-        acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
-        if GLU:
-            acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
-            wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
-        wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
+            wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t0, c, jn2, n_sub,
+                                                  bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
+        for t in range(t_lo, t_hi):
+            # the next tile's loads (gate's and up's) go out before this one is computed
+            tn = tl.minimum(t + 1, t_hi - 1)
+            wa_n, ha_n, da_n, sa_n, dma_n, ma_n = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, tn, c, jn2,
+                                                              n_sub, as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
+            if GLU:
+                wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c, jn2,
+                                                                  n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS,
+                                                                  EVEN)
+            k0 = t * (NS * SB)
+            x_ok = (k0 + x_in) < K
+            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+            if GLU:
+                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM,
+                                   INT8)
+                wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
+            wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
     a = tl.sum(acc_a, axis=1)
     b = tl.sum(acc_b, axis=1)
     ok = local < N
@@ -165,7 +181,8 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
                       T, N, K, s_hm, s_om, s_rm, s_q, s_qh, s_sc, s_d, one, SPLIT_K, RES: tl.constexpr,
                       TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
                       E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
-                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr):
+                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
+                      STAGES: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)  # (slot j, K split)
@@ -182,17 +199,25 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
     xp0 = h_ptr + p.to(tl.int64) * s_hm + (c // WPS) * SB + c % WPS
     x_in = (c // WPS) * SB
     acc = tl.zeros((BN, NS), dtype=tl.float32)
-    t0 = tl.minimum(t_lo, n_tiles - 1)
-    w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, jn2, n_sub, s_q, s_qh, s_sc, s_d,
-                                           QT, SB, WPS, NS, EVEN)
-    for kt in range(t_lo, t_hi):
-        tn = tl.minimum(kt + 1, t_hi - 1)
-        w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
-                                                           s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
-        k0 = kt * (NS * SB)
-        acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K, ASM,
-                         INT8)
-        w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
+    if STAGES > 1:
+        for kt in tl.range(t_lo, t_hi, num_stages=STAGES):
+            w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, kt, c, jn2, n_sub, s_q, s_qh,
+                                                   s_sc, s_d, QT, SB, WPS, NS, EVEN)
+            k0 = kt * (NS * SB)
+            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K,
+                             ASM, INT8)
+    else:
+        t0 = tl.minimum(t_lo, n_tiles - 1)
+        w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, jn2, n_sub, s_q, s_qh, s_sc,
+                                               s_d, QT, SB, WPS, NS, EVEN)
+        for kt in range(t_lo, t_hi):
+            tn = tl.minimum(kt + 1, t_hi - 1)
+            w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
+                                                               s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
+            k0 = kt * (NS * SB)
+            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K,
+                             ASM, INT8)
+            w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
     y = tl.load(w_ptr + p).to(tl.float32) * tl.sum(acc, axis=1)
     ok = local < N
     if SPLIT:
@@ -306,13 +331,17 @@ def _int8_measured(qtype: str, device: torch.device | None) -> bool:
 def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
     tile widths around the plan's, K split 1-2 (down: 1-8 per slot); int8 activations at every width
-    where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width
-    (each width x split-or-not x int8 is one more compilation)."""
+    where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width,
+    and the pipelined loop (num_stages 3) at 64 and 128 rows (each width x split-or-not x int8 x stages is
+    one more compilation)."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
     splits = (1, 2) if kind == "gate_up" else (1, 2, 4, 8)
     out = [dict(bn=widths[-1], split_k=s, num_warps=4, int8=False) for s in splits]
     if int8_allowed(qtype):
         out += [dict(bn=bn, split_k=s, num_warps=4, int8=True) for bn in widths for s in splits]
+    # the software-pipelined loop (tiles through shared memory, fewer registers: wider tiles fit)
+    out += [dict(bn=bn, split_k=s, num_warps=4, int8=int8_allowed(qtype), num_stages=3)
+            for bn in (64, 128) for s in splits]
     return out
 
 
@@ -324,6 +353,11 @@ def _int8(cfg: dict, p: PackedGGUF) -> bool:
     if p.qtype.name not in IDOT_TYPES:
         raise ValueError(f"no int8-activation expert GEMV for {p.qtype.name}")
     return int8_allowed(p.qtype.name)
+
+
+def _stages(cfg: dict) -> int:
+    """1: the next tile prefetched into registers; more: tiles pipelined through shared memory."""
+    return cfg.get("num_stages", 1)
 
 
 def _asm() -> bool:
@@ -355,7 +389,8 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         _gguf_gate_up_kernel[(pairs, tiles, split)](
             x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
-            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n), num_warps=cfg["num_warps"], num_stages=1)
+            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n), STAGES=_stages(cfg), num_warps=cfg["num_warps"],
+            num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -389,8 +424,8 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
                 h[t0 * top_k:], out[t0:], res, ids[t0:], weights[t0:], ws, counters(out.device), *fields,
                 t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
                 RES=residual is not None, TOPK=top_k,
-                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n), num_warps=cfg["num_warps"],
-                num_stages=1)
+                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n), STAGES=_stages(cfg),
+                num_warps=cfg["num_warps"], num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, tokens, sms, 32)
         res = residual if residual is not None else out
