@@ -54,11 +54,16 @@ MS = (1, 2, 4, 8)
 WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)), 4: ((64, 4), (32, 4), (64, 8))}
 # the same GEMV with int8 activations (dp4a) keeps fewer registers per row: 16 rows a thread fit at BM = 1
 WIDE_I8_TILES = {1: ((128, 4), (256, 4), (256, 8)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
+# with the activations quantized beforehand (gguf_xq.py: fewer registers, no per-thread quantization to amortize)
+WIDE_XQ_TILES = {1: ((64, 4), (128, 4), (256, 4)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
 I8_TYPES = ("Q4_K", "Q6_K", "Q8_0")
 # software-pipelined variants (num_stages > 1: tiles through shared memory by cp.async, no register
 # prefetch, 78-146 registers where the register-prefetch loop takes 123-238: counted offline) at one
 # activation row, where decode spends its time; their tiles (BN, num_warps)
 PIPE_STAGES = (3, 4)
+# --wider-tiles: also twice the sub-blocks per row and tile (a warp then reads 256-512 contiguous bytes of
+# a row per load, not 128), at half the rows
+WIDER_TILES = False
 PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
 F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
@@ -82,11 +87,12 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     ns = 8
     bm = gguf_gemv_wide.bm_for(m)
     sb = 16 if qtype == "Q6_K" else 32
-    for kind, tile_set in (("wide", WIDE_TILES), ("wide_i8", WIDE_I8_TILES)):
-        if kind == "wide_i8" and qtype not in I8_TYPES:
+    for kind, tile_set in (("wide", WIDE_TILES), ("wide_i8", WIDE_I8_TILES), ("wide_xq", WIDE_XQ_TILES)):
+        if kind in ("wide_i8", "wide_xq") and qtype not in I8_TYPES:
             continue
         # Q6_K sub-blocks are 16 weights: 16 of them make a row's tile one 128-byte line, as 8 do for the others
-        for tile_ns in ((ns, 16) if qtype == "Q6_K" and kind == "wide_i8" else (ns,)):
+        tile_set_ns = (ns, 16) if qtype == "Q6_K" and kind != "wide" else (ns,)
+        for tile_ns in sorted(set(tile_set_ns) | ({2 * v for v in tile_set_ns} if WIDER_TILES else set())):
             shapes = [(bn, warps, 1) for bn, warps in tile_set[bm]]
             if m == 1:
                 shapes += [(bn, warps, st) for bn, warps in PIPE_TILES for st in PIPE_STAGES]
@@ -96,7 +102,7 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
                 bn_t = bn // (tile_ns // ns)  # the same words per thread
                 tiles = -(-n // bn_t) * -(-m // bm)
                 steps = k // (sb * tile_ns)
-                for s in split_candidates(tiles, steps, sms, m if kind == "wide_i8" else 0):
+                for s in split_candidates(tiles, steps, sms, m if kind != "wide" else 0):
                     if stages > 1 and steps // s < stages:
                         continue  # fewer tiles per program than the pipeline is deep
                     cfg = dict(bn=bn_t, ns=tile_ns, bm=bm, split_k=s, num_warps=warps)
@@ -136,6 +142,8 @@ def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
 
 
 KERNELS = {"wide": gguf_gemv_wide.gemv, "wide_i8": functools.partial(gguf_gemv_wide.gemv, int8=True),
+           # timed with its quantization launch (gguf_xq.quantize), as the model runs it
+           "wide_xq": functools.partial(gguf_gemv_wide.gemv, int8=True, xq=True),
            "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv}
 
 
@@ -267,7 +275,7 @@ def measured_kinds(rows: list[dict], table: dict) -> dict:
                     shape = per.setdefault(r["kind"], {})
                     shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
             full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
-            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide", "wide_i8"):
+            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide", "wide_i8", "wide_xq"):
                 kinds.setdefault(qtype, {})[str(m)] = min(full, key=lambda k: sum(per[k].values()))
     return kinds
 
@@ -322,7 +330,8 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 
 def warm_compile(args, workers: int) -> float:
     t = time.time()
-    cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms]
+    cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only] + (
+        ["--wider-tiles"] if args.wider_tiles else [])
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -343,6 +352,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--ms", default="1,2,4,8", help="activation rows to measure, comma-separated")
+    ap.add_argument("--only", default="", help="type:shape pairs to measure, comma-separated (default: all)")
+    ap.add_argument("--wider-tiles", action="store_true", help="also time tiles of twice the sub-blocks per row")
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
@@ -351,17 +362,21 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
+    global WIDER_TILES
+    WIDER_TILES = args.wider_tiles
+    only = {tuple(v.split(":")) for v in args.only.split(",") if v}
+    work = [g for g in groups() if not only or g in only]
     t0 = time.time()
     sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     if args.dry_run:  # a compile worker: run its share of the groups once
         i, n = (int(v) for v in args.shard.split("/"))
-        sweep(args, groups(), sms, True, t0, 1.0, (i, n))
+        sweep(args, work, sms, True, t0, 1.0, (i, n))
         return
     compile_s = warm_compile(args, args.compile_workers) if args.compile_workers > 1 else 0.0
     copy_gbps = measure_copy()
     print(f"{torch.cuda.get_device_name(CUDA)}: copy {copy_gbps:.0f} GB/s (read + write); compile {compile_s:.0f} s",
           flush=True)
-    rows = sweep(args, groups(), sms, False, t0, copy_gbps)
+    rows = sweep(args, work, sms, False, t0, copy_gbps)
     best = winners(rows)
     device = torch.cuda.get_device_name(CUDA)
     table = gguf_config.tuned_table(device)

@@ -169,20 +169,36 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
         x = int8_exact(m, k, torch.Generator().manual_seed(m)).to(CUDA)
         ref = x.float() @ w.t()
         for cfg in cfgs:
-            out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.float32)
-            gguf_gemv_wide.gemv(x, p, None, out, bm=bm, int8=True, **cfg)
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            for xq in (False, True):  # quantized in the threads / once beforehand (gguf_xq)
+                out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.float32)
+                gguf_gemv_wide.gemv(x, p, None, out, bm=bm, int8=True, xq=xq, **cfg)
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         xr = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
-        out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
-        gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, **cfgs[0])
-        close(out, xr.float() @ w.t(), rel=1.5e-2)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, **cfgs[0])
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        close(out, xr.float() @ w.t(), rel=1.5e-2)
+        for xq in (False, True):
+            out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+            gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, xq=xq, **cfgs[0])
+            close(out, xr.float() @ w.t(), rel=1.5e-2)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                gguf_gemv_wide.gemv(xr, p, None, out, bm=bm, int8=True, xq=xq, **cfgs[0])
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            close(out, xr.float() @ w.t(), rel=1.5e-2)
+
+
+def test_activation_quantization_on_the_gpu():
+    """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
+    from devstral.kernels import gguf_xq
+
+    x = torch.randn(5, 4096 + 96, device=CUDA, dtype=torch.bfloat16) * 4
+    x[2, 64:96] = 0
+    for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4):
+        got, ref = gguf_xq.quantize(x, layout).cpu(), gguf_xq.reference(x.cpu(), layout)
+        assert torch.equal(got[..., 8], ref[..., 8])
+        assert ((got[..., :8] != ref[..., :8]).float().mean() < 0.01).item()
+        torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-5,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

@@ -76,11 +76,18 @@ def _run_cases(out_path: str) -> None:
             i8 = {}
             for m, bn, ns, bm, split, stages in CASES:
                 for name, xin in (("exact", xe), ("random", x)):
-                    out = torch.full((m, N), float("nan"))
-                    gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, split_k=split, int8=True,
-                                        num_stages=stages)
-                    i8[(name, m, bn, ns, bm, split, stages)] = out
+                    for xq in (False, True):  # quantized in the kernel's threads / once by gguf_xq
+                        out = torch.full((m, N), float("nan"))
+                        gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, split_k=split, int8=True,
+                                            num_stages=stages, xq=xq)
+                        i8[(name, xq, m, bn, ns, bm, split, stages)] = out
             res[qt.name].update(xe=xe, int8=i8)
+    # the activation quantization kernel (gguf_xq.py) against its PyTorch twin, both layouts
+    from devstral.kernels import gguf_xq
+
+    xz = (torch.randn(3, 320, generator=g) * 3).to(torch.bfloat16)
+    xz[1, 32:64] = 0  # an all-zero block
+    res["xq"] = {"x": xz, **{layout: gguf_xq.quantize(xz, layout) for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4)}}
     # q/k/v-style fusion (quant.linear.fuse_quant): planar QuantLinears on the CPU, as on CUDA
     import devstral.quant.linear as ql
 
@@ -129,8 +136,8 @@ def test_streaming_gemv_int8_activations(results, qtype):
     exactly (this checks every index, byte order and scale), and within int8 rounding elsewhere."""
     r = results[qtype.name]
     w = dequantize(r["raw"], qtype, (N, K[qtype]))
-    assert len(r["int8"]) == 2 * len(CASES)
-    for (name, m, *_), out in r["int8"].items():
+    assert len(r["int8"]) == 4 * len(CASES)
+    for (name, _, m, *_), out in r["int8"].items():
         xin = (r["xe"] if name == "exact" else r["x"])[:m].float()
         ref = xin @ w.t() + r["bias"]
         assert not out.isnan().any()
@@ -138,6 +145,52 @@ def test_streaming_gemv_int8_activations(results, qtype):
             _close(out, ref)
         else:  # per-sub-block absmax int8: ~0.5% of a dot product's magnitude
             assert ((out - ref).norm() / (xin @ w.t()).norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["stride8", "stride4"])
+def test_activation_quantization_kernel_matches_its_twin(results, layout):
+    from devstral.kernels import gguf_xq
+
+    x, got = results["xq"]["x"], results["xq"][layout]
+    ref = gguf_xq.reference(x, layout)
+    assert torch.equal(got[..., 8], ref[..., 8])  # the scales
+    # levels: equal but for rounding ties (x * 127 / absmax at k + 1/2: the kernel's one-rounding
+    # multiply-add and the twin's two roundings may part there), never by more than one
+    diff = _levels(got, layout) - _levels(ref, layout)
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
+    assert torch.equal(got[..., 10:] - ref[..., 10:], diff.reshape(*diff.shape[:2], 2, 16).sum(-1).to(torch.int32))
+    torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-6, atol=1e-5)
+
+
+def _levels(xq: torch.Tensor, layout: int) -> torch.Tensor:
+    """The int8 levels [.., blocks, 32] of gguf_xq's words, read by the documented byte order."""
+    raw = xq[..., :8].to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(*xq.shape[:-1], 32, dtype=torch.int64)
+    for w in range(8):
+        for a in range(4):
+            byte = (raw[..., w] >> (8 * a)) & 0xFF
+            v = 8 * a + w if layout == 0 else 16 * (w // 4) + 4 * a + w % 4
+            out[..., v] = torch.where(byte >= 128, byte - 256, byte)
+    return out
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["stride8", "stride4"])
+def test_activation_quantization_layout(layout):
+    """gguf_xq.reference, read back independently: levels round(x * 127 / absmax) per 32 values in the
+    documented byte order, the scale, the exact sum and the levels' sums per half."""
+    from devstral.kernels import gguf_xq
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, generator=g) * 5
+    x[0, 32:64] = 0
+    xq = gguf_xq.reference(x, layout)
+    blocks = x.reshape(2, 3, 32)
+    amax = blocks.abs().amax(-1)
+    levels = torch.round(blocks * 127 / amax.clamp_min(1e-30)[..., None]).to(torch.int64)
+    assert torch.equal(_levels(xq, layout), levels)
+    torch.testing.assert_close(xq[..., 8].view(torch.float32), amax / 127)
+    torch.testing.assert_close(xq[..., 9].view(torch.float32), blocks.sum(-1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(xq[..., 10:].to(torch.int64), levels.reshape(2, 3, 2, 16).sum(-1))
 
 
 def test_fused_projection_is_its_members_side_by_side(results):
@@ -195,14 +248,15 @@ def _sass_counts() -> dict:
                **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
         bn, ns = 128, 8
         const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
-                     EVEN_K=True, ASM=True, INT8=int8, STAGES=1)
+                     EVEN_K=True, ASM=True, INT8=int8, STAGES=1, XQ=False)
         # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
         div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
-        for stages in (1, 3) if int8 else (1,):
-            sass = sass_stats.compile_sass(_wide_kernel, sig, dict(const, STAGES=stages), div16=div16, num_warps=4,
-                                           num_stages=stages)
+        for stages, xq in ((1, False), (3, False), (1, True)) if int8 else ((1, False),):
+            sig_x = dict(sig, x_ptr="*i32") if xq else sig  # gguf_xq's int32 words
+            sass = sass_stats.compile_sass(_wide_kernel, sig_x, dict(const, STAGES=stages, XQ=xq), div16=div16,
+                                           num_warps=4, num_stages=stages)
             st = sass_stats.loop_stats(sass)
-            out[name + ("_int8" if int8 else "") + ("_pipelined" if stages > 1 else "")] = {
+            out[name + ("_int8" if int8 else "") + ("_pipelined" if stages > 1 else "") + ("_xq" if xq else "")] = {
                 "per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
                 "ldg": st.ops["LDG"], "async_copies": sass.count("LDGSTS"), "ops": dict(st.ops.most_common(12))}
     return out
@@ -229,6 +283,19 @@ def test_streaming_gemv_instructions_per_weight_on_sm90(sass_counts, name, int8)
     assert not st["spilled"]
     assert st["ldg"] <= 64  # vector loads: 16-byte words, 8-byte activations
     assert st["per_weight"] < (SASS_BOUNDS_INT8 if int8 else SASS_BOUNDS)[name], st
+
+
+# with the activations quantized beforehand (gguf_xq.py), counted when written: Q4_K 1.63, Q6_K 3.38, Q8_0 1.03
+SASS_BOUNDS_XQ = {"Q4_K": 1.8, "Q6_K": 3.6, "Q8_0": 1.15}
+
+
+@pytest.mark.parametrize("name", list(SASS_BOUNDS_XQ))
+def test_gemv_on_prequantized_activations_drops_the_per_thread_quantization(sass_counts, name):
+    """xq: the loop only loads the packed int8 activations: about 30% (Q4_K) to 45% (Q6_K) fewer
+    instructions per weight than quantizing them in every thread."""
+    st = sass_counts[name + "_int8_xq"]
+    assert not st["spilled"]
+    assert st["per_weight"] < SASS_BOUNDS_XQ[name] < sass_counts[name + "_int8"]["per_weight"], st
 
 
 @pytest.mark.parametrize("name", list(SASS_BOUNDS_INT8))

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import gguf_xq
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
@@ -326,6 +327,48 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
 
 
 @triton.jit
+def _row_dot_xq(words, hi, xq, t, row_ok, K, c1, c0, QT: tl.constexpr, SB: tl.constexpr, NS: tl.constexpr,
+                WPS: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """The sub-block sums [BN, NS] against activations quantized beforehand (gguf_xq.py: int8 bytes
+    already in the dp4a operands' order, the block's scale and sums): the int8 row dot without its
+    per-thread quantization. xq: this activation row's first block; row_ok: the row exists."""
+    jn = t * NS + tl.arange(0, NS)  # the tile's sub-blocks
+    if QT == 2:  # sub-blocks of 16: two to an activation block of 32
+        bp = xq + (jn // 2) * 12
+        wp = bp + 4 * (jn % 2)
+    else:
+        bp = xq + jn * 12
+        wp = bp
+    if EVEN_K:
+        ok = row_ok & (jn >= 0)
+    else:
+        ok = row_ok & (jn * SB < K)
+    wi = tl.arange(0, WPS)[None, None, :]
+    w3 = wp[None, :, None] + wi
+    ok3 = ok[None, :, None]
+    xs = tl.load(bp + 8, mask=ok, other=0).to(tl.float32, bitcast=True)[None, :]
+    zero = tl.zeros(words.shape, dtype=tl.int32)
+    if QT == 3:
+        xw = tl.broadcast_to(tl.load(w3, mask=ok3, other=0), words.shape)
+        isum = tl.sum(dp4a(words, xw, zero, True, ASM), axis=2).to(tl.float32)
+        return (c1 * (xs * (1.0 / 256.0))) * isum
+    x_lo = tl.broadcast_to(tl.load(w3, mask=ok3, other=0), words.shape)
+    x_hi = tl.broadcast_to(tl.load(w3 + WPS, mask=ok3, other=0), words.shape)  # Q4_K 4-7, Q6_K 2-3
+    w_lo = words & 0x0F0F0F0F
+    w_hi = (words >> 4) & 0x0F0F0F0F
+    if QT == 2:
+        h_lo, h_hi = _q6k_high_pairs(hi, ASM)
+        w_lo = w_lo | h_lo
+        w_hi = w_hi | h_hi
+    isum = tl.sum(dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, False, ASM), False, ASM), axis=2).to(tl.float32)
+    if QT == 2:
+        lsum = tl.load(bp + 10 + jn % 2, mask=ok, other=0).to(tl.float32)[None, :]
+        return (c1 * (xs * (1.0 / 64.0))) * (isum - 32.0 * lsum)
+    xsum = tl.load(bp + 9, mask=ok, other=0).to(tl.float32, bitcast=True)[None, :]
+    return (c1 * (xs * (1.0 / 128.0))) * isum + c0 * xsum
+
+
+@triton.jit
 def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.constexpr, NS: tl.constexpr,
                      WPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
     """sum over each sub-block of the weights times x (one activation row): [BN, NS].
@@ -345,22 +388,33 @@ def _row_dot_generic(words, hi, one, xp, x_ok, c1, c0, QT: tl.constexpr, E: tl.c
 @triton.jit
 def _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0, M, K, one,
           QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
-          NS: tl.constexpr, BM: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr):
-    """One tile's row dots added into the BM accumulators."""
+          NS: tl.constexpr, BM: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
+          XQ: tl.constexpr):
+    """One tile's row dots added into the BM accumulators (XQ: xp0 is the first row's quantized blocks)."""
     if QT == 3 and not INT8:
         words = words ^ XOR_SIGN_BYTES
     w3 = tl.reshape(words, (BN, NS, WPS))
     h3 = tl.reshape(hi, (BN, NS, WPS))
     c1, c0 = _scales(d, sc, dm, mn, QT)
-    k0 = t * (NS * SB)
-    x_ok = (k0 + x_in) < K
-    xp = xp0 + k0
-    acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
-    if BM > 1:
-        acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
-    if BM > 2:
-        acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
-        acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+    if XQ:
+        acc0 += _row_dot_xq(w3, h3, xp0, t, m0 < M, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
+        if BM > 1:
+            acc1 += _row_dot_xq(w3, h3, xp0 + s_xm, t, m0 + 1 < M, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
+        if BM > 2:
+            acc2 += _row_dot_xq(w3, h3, xp0 + 2 * s_xm, t, m0 + 2 < M, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
+            acc3 += _row_dot_xq(w3, h3, xp0 + 3 * s_xm, t, m0 + 3 < M, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
+    else:
+        k0 = t * (NS * SB)
+        x_ok = (k0 + x_in) < K
+        xp = xp0 + k0
+        acc0 += _row_dot(w3, h3, one, xp, x_ok & (m0 < M), c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+        if BM > 1:
+            acc1 += _row_dot(w3, h3, one, xp + s_xm, x_ok & (m0 + 1 < M), c1, c0, QT, E, NS, WPS, False, ASM, INT8)
+        if BM > 2:
+            acc2 += _row_dot(w3, h3, one, xp + 2 * s_xm, x_ok & (m0 + 2 < M), c1, c0, QT, E, NS, WPS, False, ASM,
+                             INT8)
+            acc3 += _row_dot(w3, h3, one, xp + 3 * s_xm, x_ok & (m0 + 3 < M), c1, c0, QT, E, NS, WPS, False, ASM,
+                             INT8)
     return acc0, acc1, acc2, acc3
 
 
@@ -370,7 +424,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                 INT8: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                 INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                 XQ: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -387,7 +442,10 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     EVEN: tl.constexpr = EVEN_N and EVEN_K
     m0 = pid_m * BM
     # activation of word c, value position s: x[m, k0 + (c // WPS) * SB + s * WPS + c % WPS]
-    xp0 = x_ptr + m0 * s_xm + (c // WPS) * SB + c % WPS
+    if XQ:
+        xp0 = x_ptr + m0 * s_xm  # the quantized blocks of row m0 (gguf_xq.py)
+    else:
+        xp0 = x_ptr + m0 * s_xm + (c // WPS) * SB + c % WPS
     x_in = (c // WPS) * SB  # offset of the word's sub-block inside the tile (for the K mask)
     # four accumulators whatever BM: the unused ones are never added to and compile away
     acc0 = tl.zeros((BN, NS), dtype=tl.float32)
@@ -406,7 +464,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
             d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t * NS + jn2, s_ok, s_sc, s_d, QT, SB,
                                          EVEN)
             acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
-                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8)
+                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
     else:
         # prologue: the first tile's loads (an empty split loads a valid tile and skips the loop)
         t0 = tl.minimum(t_lo, n_tiles - 1)
@@ -424,7 +482,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
             d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
                                                  QT, SB, EVEN)
             acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
-                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8)
+                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
             words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
     cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
@@ -447,16 +505,20 @@ INT8_TYPES = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (QT codes): the types with an int8-ac
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1,
-         int8: bool = False) -> torch.Tensor:
+         int8: bool = False, xq: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls).
     num_stages 1: the next tile prefetched into registers; 2 or more: tiles pipelined through shared
-    memory (cp.async), num_stages - 1 of them in flight."""
+    memory (cp.async), num_stages - 1 of them in flight.
+    xq (with int8): the activations quantized once by gguf_xq.quantize (one more launch) instead of in
+    every thread."""
     m, k = x.shape
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
         raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
+    xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt)) if xq else x
+    s_xin = xin.stride(0)
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
     split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
@@ -464,11 +526,11 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     _wide_kernel[(tiles_n, split_k, tiles_m)](
-        x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
-        m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
+        xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
+        m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8, STAGES=num_stages,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq,
         num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -325,7 +325,7 @@ def _int8_measured(qtype: str, device: torch.device | None) -> bool:
 
     if device is None or device.type != "cuda":
         return False
-    return measured_kind(tuned_table(device_name(device)), qtype, 1) == "wide_i8"
+    return measured_kind(tuned_table(device_name(device)), qtype, 1) in ("wide_i8", "wide_xq")
 
 
 def candidates(kind: str, qtype: str) -> list[dict]:
