@@ -15,7 +15,8 @@
    share GPU memory.
 3. The routed-expert kernels alone at the shape (moe_gpu_parts.py): gate+up (Q4_K) and down (Q4_K,
    Q6_K) at 1, 2, 4 and 8 tokens, per call us, GB/s and % of copy for every candidate launch config;
-   the fastest per size goes into moe_gemv.TUNED for step 4 (and into the JSON, to commit as a table).
+   the fastest per size goes into moe_gemv.TUNED for step 4 and into the JSON's "tuned": copy that to the
+   device's table (kernels/tuned/<device>.json, key "moe_experts"), which moe_gemv.plan reads in every run.
    The dense streaming GEMV over the same bytes as one token's gate+up is the yardstick; the router
    kernel is timed against MoE.route's six launches, both inside a CUDA graph.
 4. Ours on the same file (weights kept quantized, experts stacked, decode in CUDA graphs): decode of

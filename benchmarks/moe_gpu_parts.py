@@ -103,10 +103,10 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                 us = _time(lambda cfg=cfg: call(cfg), flush, reps)
                 timed.append({**cfg, "us": round(us, 2)})
             best = min(timed, key=lambda r: r["us"])
-            plan_us = next(r["us"] for r in timed if all(r[key] == planned[key] for key in planned))
+            plan_us = next(r["us"] for r in timed if {**r, "us": None} == {**planned, "us": None})
             limit_us = nbytes / (copy_gb_s * 1e3)
             row[kind] = {"bytes": nbytes, "plan": planned, "plan_us": plan_us,
-                         "best": {key: best[key] for key in planned}, "us": best["us"],
+                         "best": {key: v for key, v in best.items() if key != "us"}, "us": best["us"],
                          "GB_s": round(nbytes / best["us"] / 1e3, 1),
                          "pct_of_copy": round(100 * limit_us / best["us"], 1),
                          "copy_limit_us": round(limit_us, 2), "all": timed}

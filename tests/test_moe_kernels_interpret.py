@@ -194,7 +194,8 @@ def _split_cases(g) -> dict:
     out = {}
     for cfg in ({"bn": 32, "split_k": 3, "num_warps": 4}, {"bn": 64, "split_k": 2, "num_warps": 4},
                 {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
-                {"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "num_stages": 3}):  # the pipelined loop
+                {"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "num_stages": 3},  # the pipelined loop
+                {"bn": 8, "split_k": 2, "num_warps": 4, "int8": True, "ns": 16}):  # 16 sub-blocks a row and tile
         h = moe_gemv.gate_up(x, stacks["gate"], stacks["up"], torch.full((len(pairs), hidden), float("nan")), ids,
                              n=hidden, top_k=TOP_K, config=cfg)
         out[("gate_up", cfg["bn"], cfg.get("int8", False))] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
@@ -207,7 +208,8 @@ def _split_cases(g) -> dict:
                             for t in range(tokens)])
     for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4},
                 {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
-                {"bn": 32, "split_k": 2, "num_warps": 4, "num_stages": 2}):  # the pipelined loop
+                {"bn": 32, "split_k": 2, "num_warps": 4, "num_stages": 2},  # the pipelined loop
+                {"bn": 16, "split_k": 3, "num_warps": 4, "ns": 16, "num_stages": 3}):
         y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
                           config=cfg)
         out[("down", cfg["bn"], cfg.get("int8", False))] = (y, down_ref)
@@ -246,8 +248,9 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
 
 
 @pytest.mark.parametrize("case", [("gate_up", 32, False), ("gate_up", 64, False), ("gate_up", 64, True),
-                                  ("gate_up", 16, True), ("gate", 64, False), ("down", 64, False),
-                                  ("down", 128, False), ("down", 64, True), ("down", 32, False)],
+                                  ("gate_up", 16, True), ("gate_up", 8, True), ("gate", 64, False),
+                                  ("down", 64, False), ("down", 128, False), ("down", 64, True), ("down", 32, False),
+                                  ("down", 16, False)],
                          ids=lambda c: f"{c[0]}_bn{c[1]}" + ("_int8" if c[2] else ""))
 def test_split_k_and_tile_widths_match_dequantize(results, case):
     got, ref = results["splits"][case]
@@ -283,3 +286,20 @@ def test_a_fused_mixtral_gives_the_reference_logits_and_is_graph_safe(results):
 
 if __name__ == "__main__":
     _run_cases(sys.argv[1])
+
+
+def test_plan_takes_the_committed_measurement_for_the_device(monkeypatch):
+    """moe_gemv.plan: a benchmark's entry (TUNED) first, then the device's tuned table ("moe_experts", what
+    benchmarks/moe_gpu.py measured), then the rule; none of it on a CPU."""
+    from devstral.kernels import gguf_config, moe_gemv
+
+    key = "gate_up|Q4_K|2|14336|4096"
+    measured = {"bn": 32, "split_k": 2, "num_warps": 4, "int8": False, "ns": 16, "num_stages": 3}
+    monkeypatch.setattr(gguf_config, "device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(gguf_config, "tuned_table", lambda name: {"moe_experts": {key: measured}})
+    cuda = torch.device("cuda")
+    assert moe_gemv.plan("gate_up", "Q4_K", 2, 14336, 4096, 2, 132, cuda) == measured
+    monkeypatch.setitem(moe_gemv.TUNED, key, {"bn": 64, "split_k": 1, "num_warps": 4, "int8": False})
+    assert moe_gemv.plan("gate_up", "Q4_K", 2, 14336, 4096, 2, 132, cuda)["bn"] == 64
+    ruled = moe_gemv.plan("gate_up", "Q4_K", 4, 14336, 4096, 2, 132, torch.device("cpu"))
+    assert "ns" not in ruled and ruled["bn"] == 64

@@ -295,13 +295,17 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
          device: torch.device | None = None) -> dict:
     """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=).
 
-    `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry in TUNED
-    wins; else the dense GEMV's rule: 8 weight rows per thread (BN 128 over 4 warps; gate_up streams
+    `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry wins: TUNED
+    (set by a benchmark in this process), then the device's tuned table ("moe_experts", what
+    benchmarks/moe_gpu.py measured and a run committed); else the dense GEMV's rule: 8 weight rows per thread (BN 128 over 4 warps; gate_up streams
     two weights, so BN 64 keeps the same bytes in flight per thread without spilling), BN no wider
     than N needs, and K split until about two programs per SM (down's top_k slots count as splits).
     int8 activations (the streaming GEMV's dp4a row dot) where the device's tuned table says that
     variant wins the dense GEMV at one activation row, which is what each program here multiplies."""
-    hit = TUNED.get(f"{kind}|{qtype}|{rows}|{n}|{k}")
+    key = f"{kind}|{qtype}|{rows}|{n}|{k}"
+    hit = TUNED.get(key)
+    if hit is None:
+        hit = _measured(device).get(key)
     if hit is not None:
         return {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
     bn = 64 if kind == "gate_up" else 128
@@ -311,6 +315,14 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
     slots = top_k if kind == "down" else 1
     split = split_for(rows * triton.cdiv(n, bn) * slots, k // (sb * NS), sms)
     return dict(bn=bn, split_k=split, num_warps=4, int8=int8_allowed(qtype) and _int8_measured(qtype, device))
+
+
+def _measured(device: torch.device | None) -> dict:
+    from devstral.kernels.gguf_config import device_name, tuned_table
+
+    if device is None or device.type != "cuda":
+        return {}
+    return tuned_table(device_name(device)).get("moe_experts", {})
 
 
 def int8_allowed(qtype: str) -> bool:
@@ -342,6 +354,10 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     # the software-pipelined loop (tiles through shared memory, fewer registers: wider tiles fit)
     out += [dict(bn=bn, split_k=s, num_warps=4, int8=int8_allowed(qtype), num_stages=3)
             for bn in (64, 128) for s in splits]
+    # tiles of twice the sub-blocks a row at half the rows (a warp reads 256 contiguous bytes of a row per
+    # load: on the dense GEMV this took Q4_K gate/up from 68 to 74 % of copy bandwidth)
+    out += [dict(bn=widths[-1] // 2, split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=st)
+            for s in splits for st in (1, 3)]
     return out
 
 
@@ -364,10 +380,10 @@ def _asm() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX only when compiled
 
 
-def _geometry(p: PackedGGUF, k: int, bn: int, n: int) -> dict:
+def _geometry(p: PackedGGUF, k: int, bn: int, n: int, ns: int = NS) -> dict:
     qt = qt_code(p.qtype)
     sb, wps, e = GEOMETRY[qt]
-    return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=NS, EVEN_N=n % bn == 0, EVEN_K=k % (NS * sb) == 0, ASM=_asm())
+    return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, EVEN_N=n % bn == 0, EVEN_K=k % (ns * sb) == 0, ASM=_asm())
 
 
 def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n: int, top_k: int,
@@ -389,7 +405,7 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         _gguf_gate_up_kernel[(pairs, tiles, split)](
             x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
-            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n), STAGES=_stages(cfg), num_warps=cfg["num_warps"],
+            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg), num_warps=cfg["num_warps"],
             num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, pairs, sms, 32)
@@ -424,7 +440,8 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
                 h[t0 * top_k:], out[t0:], res, ids[t0:], weights[t0:], ws, counters(out.device), *fields,
                 t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
                 RES=residual is not None, TOPK=top_k,
-                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n), STAGES=_stages(cfg),
+                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n, cfg.get("ns", NS)),
+                STAGES=_stages(cfg),
                 num_warps=cfg["num_warps"], num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, tokens, sms, 32)
