@@ -10,8 +10,11 @@ kernels/gguf_config.py reads; the merged tuned table is written next to the JSON
 Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on the same GPU
 (benchmarks/results/llamacpp_h200.json) and with the bandwidth limit.
 
-Timing: CUDA events around each call, L2 flushed before each (a 256 MiB write), median of --reps
-(>= 20). Triton compiles in --compile-workers processes first (Triton's disk cache then serves the
+Timing: CUDA events around each call, replayed from a CUDA graph as the engine runs decode (--eager:
+plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
+before each (a 256 MiB write), median of --reps (>= 20). --wider-tiles adds tiles of twice the
+sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200); --only limits the
+run to type:shape pairs. Triton compiles in --compile-workers processes first (Triton's disk cache then serves the
 sweep); --budget-s bounds the whole run. JSON: $OUT/gguf_gemv_sweep.json when OUT is set, else
 benchmarks/results/.
 
@@ -167,15 +170,28 @@ def measure_copy() -> float:
     return 2 * (1 << 30) / (statistics.median(times[2:]) * 1e-3) / 1e9
 
 
-def time_us(fn, flush: torch.Tensor, reps: int) -> float:
-    """Median microseconds of fn() over reps calls, each after an L2 flush, each timed by CUDA events."""
+def time_us(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
+    """Median microseconds of fn() over reps calls, each after an L2 flush, each timed by CUDA events.
+
+    graph: fn is captured once into a CUDA graph and the graph replayed, as the engine runs decode, so
+    a candidate of two launches (wide_xq: quantize, then GEMV) is not charged the host's launch latency
+    between them. A capture that fails falls back to eager calls."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     fn()
+    run = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        except RuntimeError:
+            run = fn
     for i in range(reps):
         flush.fill_(i & 0xFF)
         starts[i].record()
-        fn()
+        run()
         ends[i].record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) * 1000 for s, e in zip(starts, ends, strict=True))
@@ -229,7 +245,7 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                         continue
                     torch.cuda.synchronize()
                     rel = float((out.float() - ref).norm() / ref.norm())
-                    us = time_us(fn, flush, args.reps)
+                    us = time_us(fn, flush, args.reps, graph=not args.eager)
                 except Exception as e:  # a config the GPU refuses (registers, shared memory) is reported
                     if dry:
                         continue
@@ -354,6 +370,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,2,4,8", help="activation rows to measure, comma-separated")
     ap.add_argument("--only", default="", help="type:shape pairs to measure, comma-separated (default: all)")
     ap.add_argument("--wider-tiles", action="store_true", help="also time tiles of twice the sub-blocks per row")
+    ap.add_argument("--eager", action="store_true", help="time eager calls, not CUDA-graph replays")
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
@@ -390,7 +407,8 @@ def main() -> None:
         "benchmark": "gguf_gemv_sweep", "device": device, "sms": sms, "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_GBps": round(copy_gbps, 1), "reps": args.reps,
-        "timing": "CUDA events per call, L2 flushed before each, median", "compile_s": round(compile_s, 1),
+        "timing": ("CUDA events per call" if args.eager else "CUDA events per CUDA-graph replay of the call")
+                  + ", L2 flushed before each, median", "compile_s": round(compile_s, 1),
         "elapsed_s": round(time.time() - t0, 1),
         "decode_estimate": decode_estimate(best, copy_gbps), "summary": summary(rows, best),
         "wrong": [r for r in rows if "us" in r and not r["ok"]], "errors": [r for r in rows if "error" in r],
