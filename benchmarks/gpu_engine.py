@@ -8,7 +8,8 @@ history in the prefix cache. transformers' `generate` runs on the same weights i
                                   # the same targets on a GGUF's quantized weights (issue 11), plus the
                                   # GPU memory of the loaded weights against the file's tensor bytes
 
-Each figure is the median of --runs runs. Rooflines: decode reads every weight but the embedding
+On a GPU one batch-1 decode step is also taken apart (step_profile.py: kernels by kind, their GPU time,
+launch gaps; `--skip step` leaves it out). Each figure is the median of --runs runs. Rooflines: decode reads every weight but the embedding
 table once per step, plus the KV cache of the context; prefill is counted at 2 FLOPs per weight
 per token plus the attention's 4·T·ctx·heads·head_dim per layer, against the bf16 matmul rate
 measured in the same run.
@@ -36,6 +37,7 @@ from devstral.engine.engine import EngineConfig  # noqa: E402
 from devstral.engine.generate import LLM  # noqa: E402
 from devstral.engine.sampling import SamplingParams  # noqa: E402
 from devstral.kernels.kv_format import bytes_per_token  # noqa: E402
+from step_profile import step_breakdown  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -118,7 +120,7 @@ def main() -> None:
     ap.add_argument("--speculative", default="off", choices=["off", "lookup"],
                     help="off (default) measures plain decode; random weights make lookup's drafts meaningless")
     ap.add_argument("--gguf", type=Path, help="measure this GGUF's weights (kept quantized) instead of random bf16")
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: long,streams,agent")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out: step,long,streams,agent")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.shape == "tiny":  # a smoke test of the script itself
@@ -159,6 +161,11 @@ def main() -> None:
     r = [run(engine, [prompt(512, cfg.vocab_size, 10 + i)], a.new_tokens) for i in range(a.runs)]
     res["decode_b1_ctx512"] = {"tok_s": median([x["decode_tok_s"] for x in r]), "runs": [x["decode_tok_s"] for x in r],
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2)}
+    if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
+        try:
+            res["decode_step"] = step_breakdown(engine, run, prompt(16, cfg.vocab_size, 7), cfg.n_layers, a.gguf)
+        except Exception as e:  # the profiler is an aid: a failure there must not lose the run's figures
+            res["decode_step"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     # 2. prefill at 8k, and 3. at the long context, followed by decode there
     for name, n in (("8k", 8192), ("long", a.long)):
         if n + a.new_tokens > engine.max_context or (name == "long" and "long" in skip):

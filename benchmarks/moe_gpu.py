@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import NullTokenizer, measure_bandwidth  # noqa: E402
 from gpu_engine import matmul_tflops, prompt, run  # noqa: E402
-from moe_gpu_parts import expert_kernels, router, step_breakdown  # noqa: E402
+from moe_gpu_parts import expert_kernels, router  # noqa: E402
+from step_profile import step_breakdown  # noqa: E402
 
 SHAPES = {  # Mixtral 8x7B (its config.json), and a tiny one for the smoke test
     "mixtral-8x7b": dict(dim=4096, hidden=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000,
@@ -199,7 +200,8 @@ def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: 
     res[f"decode_{new_tokens}"] = {"tok_s": statistics.median(x["decode_tok_s"] for x in r),
                                    "runs": [x["decode_tok_s"] for x in r]}
     if device.type == "cuda":
-        res["decode_step"] = _recorded(step_breakdown, engine, run, prompt(16, cfg.vocab_size, 7), gguf_path, s)
+        res["decode_step"] = _recorded(step_breakdown, engine, run, prompt(16, cfg.vocab_size, 7), s["layers"],
+                                       gguf_path, s["top_k"], s["experts"])
     for n in prompts:
         run(engine, [prompt(n, cfg.vocab_size, 50 + n)], 1)  # warm-up at this size (prefill kernels, scratch)
         r = [run(engine, [prompt(n, cfg.vocab_size, 100 + n + i)], 1) for i in range(runs)]
