@@ -187,6 +187,37 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
             close(out, xr.float() @ w.t(), rel=1.5e-2)
 
 
+@pytest.mark.parametrize("xq", [False, True], ids=["i8", "xq"])
+def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatch, xq):
+    """DEVSTRAL_PDL=1 (kernels/pdl.py): RMSNorm -> (quantize ->) GEMV launched as programmatic dependents
+    give the outputs of the plain launches, eagerly and replayed from a CUDA graph."""
+    from devstral.kernels.rms_norm_triton import rms_norm_triton
+
+    n, k = 1536, 2048
+    raw = blocks(QType.Q4_K, n, k, seed=5)
+    p = pack(raw.to(CUDA), QType.Q4_K, n, k)
+    x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
+    w = torch.rand(k, device=CUDA, dtype=torch.bfloat16) + 0.5
+    cfg = dict(bn=128, ns=8, bm=1, split_k=2, num_warps=4)
+
+    def step(out):
+        gguf_gemv_wide.gemv(rms_norm_triton(x, w, 1e-5), p, None, out, int8=True, xq=xq, **cfg)
+        return out
+
+    ref = step(torch.empty(1, n, device=CUDA, dtype=torch.bfloat16)).clone()
+    monkeypatch.setenv("DEVSTRAL_PDL", "1")
+    out = torch.empty(1, n, device=CUDA, dtype=torch.bfloat16)
+    torch.testing.assert_close(step(out), ref, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_activation_quantization_on_the_gpu():
     """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
     from devstral.kernels import gguf_xq

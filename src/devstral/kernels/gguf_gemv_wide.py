@@ -36,8 +36,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
-from devstral.kernels import gguf_xq
+from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
@@ -425,7 +426,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False):
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -453,6 +454,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     acc2 = tl.zeros((BN, NS), dtype=tl.float32)
     acc3 = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
+        if PDL:  # the pipeline's prologue reads activations too: wait for the kernel before first
+            gdc_wait()
         # Triton's software pipeliner: each tile's words, scales and activations go to shared memory
         # by cp.async STAGES - 1 tiles ahead. The bytes in flight then cost no registers (the
         # register-prefetch loop below holds two tiles in registers: 145-255 of them at 8-16 rows a
@@ -472,6 +475,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
         s_ok = row_ok & (t0 * NS + jn2 < n_sub)
         d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
+        if PDL:  # the first tile's weights are on their way; the activations come from the kernel before
+            gdc_wait()
         for t in range(t_lo, t_hi):
             # the next tile's loads go out before this tile is computed (clamped: the last iteration
             # reloads its own tile, same addresses, no mask needed)
@@ -518,6 +523,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     if int8 and qt not in INT8_TYPES:
         raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
     xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt)) if xq else x
+    on = pdl.enabled(x.device)
     s_xin = xin.stride(0)
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
@@ -530,8 +536,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq,
-        num_warps=num_warps, num_stages=num_stages)
+        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     return out
 
 

@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from devstral.kernels import pdl
 
 BLOCK = 32  # values per scale
 WORDS = 12  # int32 words per block of 32
@@ -31,7 +34,11 @@ BLOCKS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr):
+def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # launched as a dependent of the kernel before, and the GEMV after may start (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     m = tl.program_id(0)
     b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # the blocks of 32 of this program
     n_blocks = K // 32
@@ -72,8 +79,9 @@ def quantize(x: torch.Tensor, layout: int) -> torch.Tensor:
     out = torch.empty(m, k // BLOCK, WORDS, dtype=torch.int32, device=x.device)
     if m:
         grid = (m, triton.cdiv(k // BLOCK, BLOCKS_PER_PROGRAM))
-        _quantize_kernel[grid](x, out, k, x.stride(0), out.stride(0), LAYOUT=layout, BLOCKS=BLOCKS_PER_PROGRAM,
-                               num_warps=4)
+        on = pdl.enabled(x.device)
+        _quantize_kernel[grid](x, out, k, x.stride(0), out.stride(0), LAYOUT=layout, BLOCKS=BLOCKS_PER_PROGRAM, PDL=on,
+                               num_warps=4, launch_pdl=on)
     return out
 
 

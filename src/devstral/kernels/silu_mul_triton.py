@@ -10,14 +10,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
+from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
 
 BLOCK = 2048
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr,
+                     TRIGGER: tl.constexpr = False):
+    if TRIGGER:  # the down projection's GEMV may start now (kernels/pdl.py)
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -48,5 +53,5 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, block: int = BLOCK,
         return out
     grid = (g2.shape[0], triton.cdiv(n, block))
     kernels_for(gate, __name__)._silu_mul_kernel[grid](g2, u2, out, n, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                      num_warps=num_warps)
+                                                      TRIGGER=pdl.enabled(gate.device), num_warps=num_warps)
     return out

@@ -1,0 +1,32 @@
+"""Programmatic dependent launch (Hopper and later), opt-in with DEVSTRAL_PDL=1.
+
+At batch 1 a decode step is ~400 kernels, and a small GEMV (q/k/v, o: 12-18 MB) spends a good part of
+its 12-18 us starting up: launch, then DRAM latency before the first tile arrives. With programmatic
+dependent launch the GEMV (launched with the attribute) may start while the kernel before it still runs,
+issue its first weight loads -- weights do not depend on that kernel -- and wait (griddepcontrol.wait)
+only before it reads the activations. The kernels that feed GEMVs (RMSNorm, SwiGLU, the activation
+quantization) signal early (griddepcontrol.launch_dependents) so the GEMV can be scheduled beside them.
+Both instructions are no-ops where the launch has no such dependency. Off by default until the H200
+measures it (benchmarks/gpu_engine.py with and without the variable); under Triton's interpreter and
+before sm_90 it is always off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def enabled(device: torch.device) -> bool:
+    if os.environ.get("DEVSTRAL_PDL") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
