@@ -46,11 +46,16 @@ from devstral.quant.layout import block_info  # noqa: E402
 # the matmuls of a decode step as the engine runs them: q/k/v fused into one weight when they share a
 # type, else q/k fused and v alone; gate/up fused (model/transformer.fused_projection)
 SHAPES = {"attn_qkv": (6144, 5120), "attn_qk": (5120, 5120), "attn_kv": (1024, 5120), "attn_o": (5120, 4096),
-          "ffn_gate_up": (65536, 5120), "ffn_down": (5120, 32768), "output": (131072, 5120)}
+          "ffn_gate_up": (65536, 5120), "ffn_down": (5120, 32768), "output": (131072, 5120),
+          # Mixtral 8x7B's dense matrices (its experts run kernels/moe_gemv.py): q and o, k and v fused,
+          # the head (a llama.cpp Q4_K_M keeps attn_output in Q5_K and attn_k/attn_v in Q8_0 there)
+          "mixtral_attn_q": (4096, 4096), "mixtral_attn_o": (4096, 4096), "mixtral_attn_kv": (2048, 4096),
+          "mixtral_output": (32000, 4096)}
 # what a Q4_K_M file holds: Q4_K everywhere but attn_v / ffn_down in about half the layers / the head (Q6_K)
-TYPE_SHAPES = {"Q4_K": ["attn_qkv", "attn_qk", "attn_o", "ffn_gate_up", "ffn_down"],
-               "Q6_K": ["attn_kv", "ffn_down", "output"],
-               "Q8_0": ["attn_qkv", "attn_o", "ffn_gate_up", "ffn_down", "output"]}
+TYPE_SHAPES = {"Q4_K": ["attn_qkv", "attn_qk", "attn_o", "ffn_gate_up", "ffn_down", "mixtral_attn_q"],
+               "Q6_K": ["attn_kv", "ffn_down", "output", "mixtral_output"],
+               "Q8_0": ["attn_qkv", "attn_o", "ffn_gate_up", "ffn_down", "output", "mixtral_attn_kv"],
+               "Q5_K": ["mixtral_attn_o"]}
 MS = (1, 2, 4, 8)
 # streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
 # 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
@@ -68,7 +73,7 @@ PIPE_STAGES = (3, 4)
 # a row per load, not 128), at half the rows
 WIDER_TILES = False
 PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
-F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
+F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
 PEER = Path(__file__).parent / "results" / "llamacpp_h200.json"
@@ -118,6 +123,8 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
         hit = dict(bn=64 if gbm == 1 else 32, ns=gguf_config.GEMV_NS[qtype], bm=gbm,
                    split_k=gguf_config.split_k(tiles, k // (sb * gguf_config.GEMV_NS[qtype]), sms), num_warps=4)
     out.append(("gemv", dict(hit, bm=gbm)))
+    if qtype not in gguf_config.IDOT_TYPES:
+        return out
     ibm = gguf_config.idot_bm(m)
     hit = table.get("gguf_idot", {}).get(f"{qtype}|{ibm}|{n}|{k}")
     if hit is None:
