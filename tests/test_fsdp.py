@@ -31,6 +31,9 @@ def setup(tmp_path_factory):
     return root, ck, data
 
 
+ADAM_ROUNDING = 2e-4  # adapter weights of two runs whose gradients differ only in summation order
+
+
 def config(root, ck, data, out: str, **kw) -> TrainConfig:
     kw = {"device": "cpu", "grad_accum": 2, **kw}
     return TrainConfig(model=str(ck), data=str(data), output=str(root / out), max_steps=3, lr=1e-2,
@@ -45,12 +48,16 @@ def test_fsdp2_lora_matches_one_process_and_resumes(setup):
     a = load_file(root / "one" / "adapter_model.safetensors")
     b = load_file(root / "two" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # the ranks' gradients are summed in another order (~1e-7 relative); Adam divides by sqrt(v) + eps, so
+    # a weight whose gradient is near zero can carry that to ~1e-5 after three steps (seen: 2.5e-5 in one
+    # tensor, in a fresh environment; 1e-6 had held before). A rank's gradient lost or counted twice moves the
+    # adapter by about lr = 1e-2.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= ADAM_ROUNDING
     # the checkpoint of step 2 (rank 0 wrote it, gathered from both ranks' shards) resumes to the same end
     resumed = finetune(config(root, ck, data, "two", nproc=2, save_every=2, resume=True)).losses
     assert resumed == pytest.approx(one[2:], rel=1e-6, abs=1e-6)
     c = load_file(root / "two" / "adapter_model.safetensors")
-    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= ADAM_ROUNDING
 
 
 def test_fsdp2_with_the_tiled_mlp_matches_one_process(setup):
