@@ -13,7 +13,8 @@ Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on t
 Timing: CUDA events around each call, replayed from a CUDA graph as the engine runs decode (--eager:
 plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
 before each (a 256 MiB write), median of --reps (>= 20). --wider-tiles adds tiles of twice the
-sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200); --only limits the
+sub-blocks a row (2x won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200; --wider-tiles 2,4 adds
+4x too); --only limits the
 run to type:shape pairs. Triton compiles in --compile-workers processes first (Triton's disk cache then serves the
 sweep); --budget-s bounds the whole run. JSON: $OUT/gguf_gemv_sweep.json when OUT is set, else
 benchmarks/results/.
@@ -69,9 +70,9 @@ I8_TYPES = ("Q4_K", "Q6_K", "Q8_0")
 # prefetch, 78-146 registers where the register-prefetch loop takes 123-238: counted offline) at one
 # activation row, where decode spends its time; their tiles (BN, num_warps)
 PIPE_STAGES = (3, 4)
-# --wider-tiles: also twice the sub-blocks per row and tile (a warp then reads 256-512 contiguous bytes of
-# a row per load, not 128), at half the rows
-WIDER_TILES = False
+# --wider-tiles F,..: also F times the sub-blocks per row and tile (a warp then reads 256-512 contiguous
+# bytes of a row per load, not 128), at 1/F the rows
+WIDER_TILES: tuple[int, ...] = ()
 PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
 F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
@@ -100,7 +101,7 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
             continue
         # Q6_K sub-blocks are 16 weights: 16 of them make a row's tile one 128-byte line, as 8 do for the others
         tile_set_ns = (ns, 16) if qtype == "Q6_K" and kind != "wide" else (ns,)
-        for tile_ns in sorted(set(tile_set_ns) | ({2 * v for v in tile_set_ns} if WIDER_TILES else set())):
+        for tile_ns in sorted(set(tile_set_ns) | {f * v for v in tile_set_ns for f in WIDER_TILES}):
             shapes = [(bn, warps, 1) for bn, warps in tile_set[bm]]
             if m == 1:
                 shapes += [(bn, warps, st) for bn, warps in PIPE_TILES for st in PIPE_STAGES]
@@ -353,8 +354,8 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 
 def warm_compile(args, workers: int) -> float:
     t = time.time()
-    cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only] + (
-        ["--wider-tiles"] if args.wider_tiles else [])
+    cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only,
+           f"--wider-tiles={args.wider_tiles}"]
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -376,7 +377,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--ms", default="1,2,4,8", help="activation rows to measure, comma-separated")
     ap.add_argument("--only", default="", help="type:shape pairs to measure, comma-separated (default: all)")
-    ap.add_argument("--wider-tiles", action="store_true", help="also time tiles of twice the sub-blocks per row")
+    ap.add_argument("--wider-tiles", nargs="?", const="2", default="",
+                    help="also time tiles of F times the sub-blocks per row (factors, comma-separated; bare: 2)")
     ap.add_argument("--eager", action="store_true", help="time eager calls, not CUDA-graph replays")
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -387,7 +389,7 @@ def main() -> None:
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
     global WIDER_TILES
-    WIDER_TILES = args.wider_tiles
+    WIDER_TILES = tuple(int(v) for v in args.wider_tiles.split(",") if v)
     only = {tuple(v.split(":")) for v in args.only.split(",") if v}
     work = [g for g in groups() if not only or g in only]
     t0 = time.time()
