@@ -13,11 +13,10 @@ Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on t
 Timing: CUDA events around each call, replayed from a CUDA graph as the engine runs decode (--eager:
 plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
 before each (a 256 MiB write), median of --reps (>= 20). --wider-tiles adds tiles of twice the
-sub-blocks a row (2x won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200; --wider-tiles 2,4 adds
-4x too); --only limits the
-run to type:shape pairs. Triton compiles in --compile-workers processes first (Triton's disk cache then serves the
-sweep); --budget-s bounds the whole run. JSON: $OUT/gguf_gemv_sweep.json when OUT is set, else
-benchmarks/results/.
+sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200); --wider-tiles 2,4
+adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
+processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
+$OUT/gguf_gemv_sweep.json when OUT is set, else benchmarks/results/.
 
     python benchmarks/gguf_gemv_sweep.py [--budget-s 150] [--reps 25]
 """
