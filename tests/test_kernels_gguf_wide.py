@@ -82,6 +82,17 @@ def _run_cases(out_path: str) -> None:
                                             num_stages=stages, xq=xq)
                         i8[(name, xq, m, bn, ns, bm, split, stages)] = out
             res[qt.name].update(xe=xe, int8=i8)
+    # the dispatcher (gguf_linear.linear) running a tuned table's wide_xq entry, pipelined, end to end
+    from devstral.kernels import gguf_config, gguf_linear
+
+    raw = random_blocks(QType.Q4_K, N, K[QType.Q4_K], g)
+    plan = gguf_config.gguf_plan
+    gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=16, ns=8, bm=1, split_k=2, num_warps=4,
+                                                              num_stages=2))
+    xd = torch.randn(1, K[QType.Q4_K], generator=g).to(torch.bfloat16)
+    res["dispatch_xq"] = {"raw": raw, "x": xd,
+                          "out": gguf_linear.linear(xd.float(), pack(raw, QType.Q4_K, N, K[QType.Q4_K]))}
+    gguf_config.gguf_plan = plan
     # the activation quantization kernel (gguf_xq.py) against its PyTorch twin, both layouts
     from devstral.kernels import gguf_xq
 
@@ -160,6 +171,12 @@ def test_activation_quantization_kernel_matches_its_twin(results, layout):
     assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
     assert torch.equal(got[..., 10:] - ref[..., 10:], diff.reshape(*diff.shape[:2], 2, 16).sum(-1).to(torch.int32))
     torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-6, atol=1e-5)
+
+
+def test_the_dispatcher_runs_a_wide_xq_entry(results):
+    r = results["dispatch_xq"]
+    ref = r["x"].float() @ dequantize(r["raw"], QType.Q4_K, (N, K[QType.Q4_K])).t()
+    assert ((r["out"].float() - ref).norm() / ref.norm()).item() < 2e-2  # int8 activations
 
 
 def _levels(xq: torch.Tensor, layout: int) -> torch.Tensor:

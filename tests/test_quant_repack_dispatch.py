@@ -148,7 +148,9 @@ def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkey
              "gguf_decode": {
                  "Q4_K|1|4096|5120": {"kind": "wide", "bn": 128, "ns": 8, "bm": 1, "split_k": 2, "num_warps": 4},
                  "Q4_K|4|4096|5120": {"kind": "idot", "bn": 32, "ns": 4, "bm": 4, "split_k": 4, "num_warps": 4},
-                 "Q4_K|8|4096|5120": {"kind": "wide", "bn": 64, "ns": 8, "bm": 4, "split_k": 1, "num_warps": 8}}}
+                 "Q4_K|8|4096|5120": {"kind": "wide", "bn": 64, "ns": 8, "bm": 4, "split_k": 1, "num_warps": 8},
+                 "Q4_K|1|1024|4096": {"kind": "wide_xq", "bn": 64, "ns": 16, "bm": 1, "split_k": 3, "num_warps": 4,
+                                      "num_stages": 3}}}
     (tmp_path / "t.json").write_text(__import__("json").dumps(table))
     monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
     monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
@@ -164,9 +166,12 @@ def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkey
         assert plan[5][0] == "wide" and plan[5][1]["bm"] == 4 and plan[8][1]["num_warps"] == 8
         assert plan[9][0] == "gemm"
         assert gguf_config.gguf_plan("Q4_K", 1, 1024, 5120, dev)[0] == "gemv"  # another shape
+        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev) == (
+            "wide_xq", {"bn": 64, "ns": 16, "bm": 1, "split_k": 3, "num_warps": 4, "num_stages": 3})
         monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")  # int8 activations refused: the float path
         kind, cfg = gguf_config.gguf_plan("Q4_K", 4, 4096, 5120, dev)
         assert kind == "wide" and cfg["bm"] == 4
+        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev)[0] == "wide"
     finally:
         gguf_config.tuned_table.cache_clear()
 
