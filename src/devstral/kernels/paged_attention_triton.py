@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
+from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
@@ -177,7 +179,9 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
-                         FOLD_V_SCALE: tl.constexpr):
+                         FOLD_V_SCALE: tl.constexpr, TRIGGER: tl.constexpr = False):
+    if TRIGGER:  # the o projection's GEMV may start now (kernels/pdl.py)
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -228,7 +232,9 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, TRIGGER: tl.constexpr = False):
+    if TRIGGER:  # the o projection's GEMV may start now (kernels/pdl.py)
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + b)
@@ -280,7 +286,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        num_warps=4 if block_s * D <= 8192 else 8)
+        TRIGGER=pdl.enabled(q.device), num_warps=4 if block_s * D <= 8192 else 8)
     return out
 
 
@@ -314,7 +320,7 @@ class _Launch:
         self.tail = (scale * LOG2E, window or 0)
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
-        self.constexprs = dict(GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
+        self.constexprs = dict(TRIGGER=pdl.enabled(q.device), GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
                                PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps,

@@ -5,7 +5,8 @@ its 12-18 us starting up: launch, then DRAM latency before the first tile arrive
 dependent launch the GEMV (launched with the attribute) may start while the kernel before it still runs,
 issue its first weight loads -- weights do not depend on that kernel -- and wait (griddepcontrol.wait)
 only before it reads the activations. The kernels that feed GEMVs (RMSNorm, SwiGLU, the activation
-quantization) signal early (griddepcontrol.launch_dependents) so the GEMV can be scheduled beside them.
+quantization, decode attention, a GEMV followed by another on the same input) signal early
+(griddepcontrol.launch_dependents) so the GEMV can be scheduled beside them.
 Both instructions are no-ops where the launch has no such dependency. Off by default until the H200
 measures it (benchmarks/gpu_engine.py with and without the variable); under Triton's interpreter and
 before sm_90 it is always off.
