@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from devstral.kernels import pdl
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 BLOCK = 32  # values per scale
 WORDS = 12  # int32 words per block of 32

@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
+from devstral.kernels.pdl import gdc_launch_dependents
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128

@@ -19,6 +19,11 @@ import os
 
 import torch
 
+try:  # Triton >= 3.3; with an older one PDL stays off and the kernels never reach these names
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
@@ -26,8 +31,11 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def enabled(device: torch.device) -> bool:
-    if os.environ.get("DEVSTRAL_PDL") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("DEVSTRAL_PDL") != "1" or os.environ.get("TRITON_INTERPRET") == "1" or gdc_wait is None:
         return False
     if device.type != "cuda":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+__all__ = ["enabled", "gdc_launch_dependents", "gdc_wait"]

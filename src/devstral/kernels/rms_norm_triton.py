@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
+from devstral.kernels.pdl import gdc_launch_dependents
 
 MAX_DIM = 32768  # a row in registers; wider rows take the reference
 
