@@ -10,15 +10,22 @@ and layout conversions. Here:
 * Words are loaded 2-D, [BN rows, NS*WPS words] (a row's words one contiguous run: 16-byte loads,
   a warp reading whole 128-byte row segments), and viewed as [BN, NS sub-blocks, WPS words]; the
   activations as [1, NS, WPS] in the same layout, so they broadcast over rows for free. A thread
-  owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN / (4 * num_warps)
-  rows; the per-sub-block sums stay in the thread. Only the scales ([BN, NS], a few bytes per row)
+  owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN * NS * WPS /
+  (128 * num_warps) rows; the per-sub-block sums stay in the thread. NS of 16-32 (a warp reading
+  256-512 contiguous bytes of a row) measured faster than 8 for the big Q4_K/Q6_K matrices. Only the scales ([BN, NS], a few bytes per row)
   change layout once per tile.
 * Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
   Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
   partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
   activations are loaded and converted once per thread and reused over its R rows.
 * The next tile's words and scales are loaded before this tile is computed (register double
-  buffering), so each thread has two tiles of loads in flight while it computes.
+  buffering), so each thread has two tiles of loads in flight while it computes; or, with
+  num_stages > 1, Triton's software pipeline carries the tiles through shared memory (cp.async), which
+  costs no registers for the bytes in flight.
+* int8=True: activations as int8 per sub-block and dp4a on the weights (_row_dot_int8), quantized by
+  each thread for its rows, or (xq=True) once beforehand by gguf_xq.py (_row_dot_xq).
+* DEVSTRAL_PDL=1 (kernels/pdl.py): launched as a programmatic dependent, the first tile's weight loads
+  go out before the wait for the kernel that produced the activations.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
   of gguf_splitk.py.
