@@ -189,11 +189,20 @@ def time_us(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
     run = fn
     if graph:
         try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
+            # capture by hand on a side stream: torch.cuda.graph() also runs gc.collect() and
+            # empty_cache() on entry, which over a thousand candidates costs tens of seconds
+            g, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                g.capture_begin()
+                try:
+                    fn()
+                finally:
+                    g.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
             run = g.replay
         except RuntimeError:
+            torch.cuda.synchronize()
             run = fn
     for i in range(reps):
         flush.fill_(i & 0xFF)
