@@ -98,7 +98,9 @@ def test_non_streaming_client_leaving_is_cancelled_too():
     body = json.dumps({"model": "tiny", "prompt": "x", "raw": True, "stream": False,
                        "options": {"num_predict": 250}}).encode()
     host, port = server.url.removeprefix("http://").split(":")
-    with forced_output([1100] * 300), socket.create_connection((host, int(port))) as sock:  # no early EOS
+    # no early EOS, and 250 tokens take >= 1.25 s: the server polls for the disconnect every 0.25 s, and the
+    # tiny model alone can finish 250 tokens within one poll
+    with forced_output([1100] * 300, delay_s=0.005), socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 10

@@ -125,8 +125,9 @@ def fuzz_target() -> Live:
 
 
 @contextmanager
-def forced_output(token_ids: list[int]):
-    """Make every sampler created inside the block emit `token_ids`, then EOS.
+def forced_output(token_ids: list[int], delay_s: float = 0.0):
+    """Make every sampler created inside the block emit `token_ids`, then EOS (delay_s: a slower model,
+    for tests that must act while a generation is still running).
 
     The model still runs; only the choice of token is replaced, so the server's whole production
     path (detokenizing, tool-call parsing, chunking, JSON shapes) is what is under test. Where a
@@ -141,6 +142,8 @@ def forced_output(token_ids: list[int]):
     def pick(logits: Any, params: Any, history: list[int]) -> int:
         _, ids = scripts.setdefault(id(history), (history, iter(token_ids)))
         token = next(ids, eos)
+        if delay_s:
+            time.sleep(delay_s)
         if token < logits.shape[-1] and logits[token] == float("-inf"):  # masked out by a grammar
             return int(logits.argmax())
         return token
