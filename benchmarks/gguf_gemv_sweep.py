@@ -1,8 +1,10 @@
-"""Decode GEMV sweep for GGUF weights (Q4_K, Q6_K, Q8_0) at Devstral Small's shapes, M in {1, 2, 4, 8}.
+"""Decode GEMV sweep for GGUF weights (Q4_K, Q5_K, Q6_K, Q8_0) at Devstral Small's shapes and Mixtral's
+dense ones, M in {1, 2, 4, 8}.
 
 For each (type, shape, M) it times every candidate -- the streaming GEMV (kernels/gguf_gemv_wide.py)
-over a few tile shapes and split-K counts, with float and with int8 activations ("wide_i8"), the float GEMV and the integer-dot GEMV at their current
-tuned configs -- checks each output against the exactly dequantized weight times x (fp32), and
+over tile shapes, split-K counts and (at one row) pipeline depths, with float activations, with int8
+ones quantized in its threads ("wide_i8") or once beforehand ("wide_xq"), then the float GEMV and the
+integer-dot GEMV at their current tuned configs -- checks each output against the exactly dequantized weight times x (fp32), and
 reports microseconds, effective GB/s (bytes of quantized weights read / time) and % of the measured
 copy bandwidth (the physical limit). Winners become the "gguf_decode" table that
 kernels/gguf_config.py reads; the merged tuned table is written next to the JSON
@@ -96,7 +98,7 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     bm = gguf_gemv_wide.bm_for(m)
     sb = 16 if qtype == "Q6_K" else 32
     for kind, tile_set in (("wide", WIDE_TILES), ("wide_i8", WIDE_I8_TILES), ("wide_xq", WIDE_XQ_TILES)):
-        if kind in ("wide_i8", "wide_xq") and qtype not in I8_TYPES:
+        if kind in gguf_config.WIDE_INT8_KINDS and qtype not in I8_TYPES:
             continue
         # Q6_K sub-blocks are 16 weights: 16 of them make a row's tile one 128-byte line, as 8 do for the others
         tile_set_ns = (ns, 16) if qtype == "Q6_K" and kind != "wide" else (ns,)
@@ -307,7 +309,8 @@ def measured_kinds(rows: list[dict], table: dict) -> dict:
                     shape = per.setdefault(r["kind"], {})
                     shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
             full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
-            if full and kinds.get(qtype, {}).get(str(m), "gemv") in ("gemv", "idot", "wide", "wide_i8", "wide_xq"):
+            streaming = ("gemv", "idot", "wide", *gguf_config.WIDE_INT8_KINDS)
+            if full and kinds.get(qtype, {}).get(str(m), "gemv") in streaming:
                 kinds.setdefault(qtype, {})[str(m)] = min(full, key=lambda k: sum(per[k].values()))
     return kinds
 

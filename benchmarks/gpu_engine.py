@@ -9,10 +9,10 @@ history in the prefix cache. transformers' `generate` runs on the same weights i
                                   # GPU memory of the loaded weights against the file's tensor bytes
 
 On a GPU one batch-1 decode step is also taken apart (step_profile.py: kernels by kind, their GPU time,
-launch gaps; `--skip step` leaves it out). Each figure is the median of --runs runs. Rooflines: decode reads every weight but the embedding
-table once per step, plus the KV cache of the context; prefill is counted at 2 FLOPs per weight
-per token plus the attention's 4·T·ctx·heads·head_dim per layer, against the bf16 matmul rate
-measured in the same run.
+launch gaps; `--skip step` leaves it out). Each figure is the median of --runs runs. Rooflines: decode
+reads every weight but the embedding table once per step, plus the KV cache of the context; prefill is
+counted at 2 FLOPs per weight per token plus the attention's 4·T·ctx·heads·head_dim per layer, against
+the bf16 matmul rate measured in the same run.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
     from devstral.formats.gguf_read import GGUFFile
 
     g = GGUFFile(gguf_path)
-    nbytes = {"experts": 0, "ffn": 0, "attention_weights": 0, "router": 0, "output": 0, "norms": 0}
+    nbytes = {"experts": 0, "ffn": 0, "attention_weights": 0, "router": 0, "output": 0, "norms": 0, "other": 0}
     for name in g.tensor_names:
         n = int(g.info(name).nbytes)
         if name == "token_embd.weight":
@@ -67,7 +67,7 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
         elif name == "output.weight":
             nbytes["output"] += n
         else:
-            nbytes["norms"] += n
+            nbytes["other"] += n
     return {k: v for k, v in nbytes.items() if v}
 
 

@@ -40,6 +40,7 @@ IDOT_MAX_M = 8
 IDOT_NS = {"Q4_K": 8, "Q6_K": 16, "Q8_0": 4}
 # paths that quantize the activations to int8 (DEVSTRAL_GGUF_FLOAT_GEMV=1 turns them into the float ones)
 INT8_KINDS = ("idot", "wide_i8", "wide_xq")
+WIDE_INT8_KINDS = ("wide_i8", "wide_xq")  # the streaming GEMV with int8 activations (in-kernel / gguf_xq)
 # the streaming GEMV (gguf_gemv_wide.py): types it is the default for without a measured table, the
 # batch sizes the sweep measures (others use the next measured one up)
 WIDE_DEFAULT_TYPES = ("Q4_K", "Q8_0")
@@ -159,9 +160,9 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
     if hit:
         return _decode_plan(hit, qtype, m, n, k, sms)
     kind = measured_kind(table, qtype, m) or default_kind(qtype, m, limits)
-    if kind in ("wide_i8", "wide_xq") and (qtype not in IDOT_TYPES or os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")):
+    if kind in WIDE_INT8_KINDS and (qtype not in IDOT_TYPES or os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")):
         kind = "wide"
-    if kind in ("wide_i8", "wide_xq"):
+    if kind in WIDE_INT8_KINDS:
         return kind, wide_config(qtype, m, n, k, sms)
     if kind == "wide":
         return "wide", wide_config(qtype, m, n, k, sms)

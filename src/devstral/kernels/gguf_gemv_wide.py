@@ -12,8 +12,8 @@ and layout conversions. Here:
   activations as [1, NS, WPS] in the same layout, so they broadcast over rows for free. A thread
   owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN * NS * WPS /
   (128 * num_warps) rows; the per-sub-block sums stay in the thread. NS of 16-32 (a warp reading
-  256-512 contiguous bytes of a row) measured faster than 8 for the big Q4_K/Q6_K matrices. Only the scales ([BN, NS], a few bytes per row)
-  change layout once per tile.
+  256-512 contiguous bytes of a row) measured faster than 8 for the big Q4_K/Q6_K matrices. Only the
+  scales ([BN, NS], a few bytes per row) change layout once per tile.
 * Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
   Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
   partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The

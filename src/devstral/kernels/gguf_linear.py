@@ -66,7 +66,7 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> 
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if kind in ("wide", "wide_i8", "wide_xq"):
+        if kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
             gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", **cfg)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)

@@ -297,10 +297,10 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
 
     `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry wins: TUNED
     (set by a benchmark in this process), then the device's tuned table ("moe_experts", what
-    benchmarks/moe_gpu.py measured and a run committed); else the dense GEMV's rule: 8 weight rows per thread (BN 128 over 4 warps; gate_up streams
-    two weights, so BN 64 keeps the same bytes in flight per thread without spilling), BN no wider
-    than N needs, and K split until about two programs per SM (down's top_k slots count as splits).
-    int8 activations (the streaming GEMV's dp4a row dot) where the device's tuned table says that
+    benchmarks/moe_gpu.py measured and a run committed); else the dense GEMV's rule: 8 weight rows per
+    thread (BN 128 over 4 warps; gate_up streams two weights, so BN 64 keeps the same bytes in flight
+    per thread without spilling), BN no wider than N needs, and K split until about two programs per
+    SM (down's top_k slots count as splits). int8 activations (the streaming GEMV's dp4a row dot) where the device's tuned table says that
     variant wins the dense GEMV at one activation row, which is what each program here multiplies."""
     key = f"{kind}|{qtype}|{rows}|{n}|{k}"
     hit = TUNED.get(key)
@@ -333,11 +333,11 @@ def int8_allowed(qtype: str) -> bool:
 
 
 def _int8_measured(qtype: str, device: torch.device | None) -> bool:
-    from devstral.kernels.gguf_config import device_name, measured_kind, tuned_table
+    from devstral.kernels.gguf_config import WIDE_INT8_KINDS, device_name, measured_kind, tuned_table
 
     if device is None or device.type != "cuda":
         return False
-    return measured_kind(tuned_table(device_name(device)), qtype, 1) in ("wide_i8", "wide_xq")
+    return measured_kind(tuned_table(device_name(device)), qtype, 1) in WIDE_INT8_KINDS
 
 
 def candidates(kind: str, qtype: str) -> list[dict]:
@@ -405,8 +405,8 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         _gguf_gate_up_kernel[(pairs, tiles, split)](
             x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
-            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg), num_warps=cfg["num_warps"],
-            num_stages=_stages(cfg))
+            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg),
+            num_warps=cfg["num_warps"], num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -441,8 +441,7 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
                 t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
                 RES=residual is not None, TOPK=top_k,
                 SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n, cfg.get("ns", NS)),
-                STAGES=_stages(cfg),
-                num_warps=cfg["num_warps"], num_stages=_stages(cfg))
+                STAGES=_stages(cfg), num_warps=cfg["num_warps"], num_stages=_stages(cfg))
     else:
         bn = _block_rows(n, tokens, sms, 32)
         res = residual if residual is not None else out

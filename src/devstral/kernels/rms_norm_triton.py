@@ -63,7 +63,8 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
     block = triton.next_power_of_2(n)
     kernels_for(x, __name__)._rms_norm_kernel[(x2.shape[0],)](
         x2, x2.stride(0), d2, d2.stride(0), weight.contiguous(), out, res if res is not None else out, n, eps,
-        HAS_DELTA=delta is not None, BLOCK=block, TRIGGER=pdl.enabled(x.device), num_warps=num_warps or _num_warps(block))
+        HAS_DELTA=delta is not None, BLOCK=block, TRIGGER=pdl.enabled(x.device),
+        num_warps=num_warps or _num_warps(block))
     return out, res
 
 
