@@ -14,7 +14,7 @@ Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on t
 
 Timing: CUDA events around each call, replayed from a CUDA graph as the engine runs decode (--eager:
 plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
-before each (a 256 MiB write), median of --reps (>= 20). --wider-tiles adds tiles of twice the
+before each (a 256 MiB read), median of --reps (>= 20). --wider-tiles adds tiles of twice the
 sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200); --wider-tiles 2,4
 adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
 processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
@@ -75,6 +75,12 @@ PIPE_STAGES = (3, 4)
 # bytes of a row per load, not 128), at 1/F the rows
 WIDER_TILES: tuple[int, ...] = ()
 PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
+# small matrices (q/k/v, o: K <= 8192) at one activation row: a pipeline as deep as the program's tiles,
+# so that every load of a program is issued at once. Their time is mostly DRAM round trips (launch, the
+# first tile, each later tile of a register-prefetch loop, split-K's two), not bytes: 12-14 us for
+# 4-18 MB whatever the tile (ncu: 11-30% of DRAM bandwidth, 0.7-0.9 waves).
+DEEP_TILES = ((16, 4), (32, 4), (64, 4))
+DEEP_MAX_K = 8192
 F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
@@ -117,6 +123,8 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
                         continue  # fewer tiles per program than the pipeline is deep
                     cfg = dict(bn=bn_t, ns=tile_ns, bm=bm, split_k=s, num_warps=warps)
                     out.append((kind, cfg if stages == 1 else dict(cfg, num_stages=stages)))
+        if m == 1 and k <= DEEP_MAX_K and kind != "wide":
+            out += deep_candidates(kind, n, k, sb)
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -138,6 +146,19 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
     return out
 
 
+def deep_candidates(kind: str, n: int, k: int, sb: int) -> list[tuple[str, dict]]:
+    """Configs whose pipeline holds all of a program's tiles (see DEEP_TILES)."""
+    out = []
+    for tile_ns in (16, 32):
+        steps = k // (sb * tile_ns)
+        for bn, warps in DEEP_TILES:
+            for s in (1, 2, 4):
+                per = -(-steps // s)
+                if 2 <= per <= 12 and bn <= n:
+                    out.append((kind, dict(bn=bn, ns=tile_ns, bm=1, split_k=s, num_warps=warps, num_stages=per + 1)))
+    return out
+
+
 def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
     """split-K counts to time: the rule's (about two programs per SM) halved and doubled, and at one
     activation row also counts that make the grid close to whole waves of 2-4 resident programs per
@@ -147,9 +168,10 @@ def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
     cands = {max(1, s0 // 2), s0, min(32, s0 * 2)}
     if m == 1:
         for per_sm in (2, 3, 4, 6):
-            s = round(per_sm * sms / tiles)
-            if 1 <= s <= 48 and k_steps // s >= 2:
-                cands.add(s)
+            # rounded down too: one program more than the slots makes a second wave of one program
+            for s in {round(per_sm * sms / tiles), per_sm * sms // tiles}:
+                if 1 <= s <= 48 and k_steps // s >= 2:
+                    cands.add(s)
     return sorted(cands)
 
 
@@ -207,7 +229,9 @@ def time_us(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
             torch.cuda.synchronize()
             run = fn
     for i in range(reps):
-        flush.fill_(i & 0xFF)
+        # a read, not a write: a written buffer leaves L2 full of dirty lines whose write-back the
+        # measured kernel would pay (up to 50 MB: ~12 us at 4 TB/s). In the engine L2 holds clean lines.
+        flush.max()
         starts[i].record()
         run()
         ends[i].record()

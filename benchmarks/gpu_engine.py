@@ -36,6 +36,7 @@ from devstral.config import ModelConfig  # noqa: E402
 from devstral.engine.engine import EngineConfig  # noqa: E402
 from devstral.engine.generate import LLM  # noqa: E402
 from devstral.engine.sampling import SamplingParams  # noqa: E402
+from devstral.kernels import pdl  # noqa: E402
 from devstral.kernels.kv_format import bytes_per_token  # noqa: E402
 from step_profile import step_breakdown  # noqa: E402
 
@@ -214,7 +215,8 @@ def finish(a, cfg, dtype, engine, device, bandwidth, tflops, read_per_step, setu
     out = {
         "benchmark": "gpu_engine", "shape": a.shape if a.gguf is None else f"gguf:{a.gguf.name}",
         "weights_memory": memory, "params": cfg.n_params, "dtype": str(dtype).removeprefix("torch."),
-        "kv_cache": engine.kind, "speculative": a.speculative, "cuda_graphs": engine.runner.graphs is not None, "runs": a.runs,
+        "kv_cache": engine.kind, "speculative": a.speculative, "cuda_graphs": engine.runner.graphs is not None,
+        "dependent_launch": pdl.enabled(device), "runs": a.runs,
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
                     "host_cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -8,6 +8,8 @@ difference is launch gaps and the host's own work per step.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +30,8 @@ def _kind(name: str) -> str:
     return next((kind for frag, kind in KINDS if frag.lower() in low), "other")
 
 
-def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float]:
-    """{kernel name: (count, GPU us)} over one generation, and its decode wall time (s)."""
+def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict]:
+    """{kernel name: (count, GPU us)} over one generation, its decode wall time (s), and _by_grid."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -41,7 +43,29 @@ def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict,
             a = acc.setdefault(ev.name, [0, 0.0])
             a[0] += 1
             a[1] += ev.time_range.elapsed_us()
-    return acc, r["decode_s"]
+    return acc, r["decode_s"], _by_grid(prof)
+
+
+GRID_KINDS = ("dense_gemv", "experts_gate_up", "experts_down", "attention")
+
+
+def _by_grid(prof) -> dict:
+    """{kernel @ grid: (count, GPU us)} for the matmul and attention kernels: the trace's launch grid
+    tells the matrices apart (one config per shape), which the kernel name alone does not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    acc: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") != "kernel" or _kind(e.get("name", "")) not in GRID_KINDS:
+            continue
+        args = e.get("args", {})
+        key = f"{e['name'][:40]} grid={args.get('grid')} regs={args.get('registers per thread')}"
+        a = acc.setdefault(key, [0, 0.0])
+        a[0] += 1
+        a[1] += float(e.get("dur", 0.0))
+    return acc
 
 
 def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
@@ -74,8 +98,8 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
 def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: Path | None = None,
                    top_k: int = 1, experts: int = 1, steps: int = 16) -> dict:
     """One decode step (batch 1) by kind of kernel; `run(engine, prompts, new_tokens)` returns decode_s."""
-    one, _ = _kernels(engine, run, prompt_ids, 1)
-    many, decode_s = _kernels(engine, run, prompt_ids, 1 + steps)
+    one, _, grid_one = _kernels(engine, run, prompt_ids, 1)
+    many, decode_s, grid_many = _kernels(engine, run, prompt_ids, 1 + steps)
     parts: dict[str, dict] = {}
     names: dict[str, dict] = {}
     for name, (count, us) in many.items():
@@ -102,4 +126,11 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
         out["bytes_per_step"] = _bytes(gguf_path, top_k, experts)
     out["parts"] = dict(sorted(parts.items(), key=lambda kv: -kv[1]["gpu_us"]))
     out["kernels"] = dict(sorted(names.items(), key=lambda kv: -kv[1]["gpu_us"]))
+    grids = {}
+    for key, (count, us) in grid_many.items():
+        c0, u0 = grid_one.get(key, (0, 0.0))
+        dc, du = (count - c0) / steps, (us - u0) / steps
+        if dc > 0:
+            grids[key] = {"launches": round(dc, 2), "gpu_us": round(du, 1), "us_per_launch": round(du / dc, 2)}
+    out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["gpu_us"]))
     return out

@@ -119,3 +119,18 @@ def test_prefix_cache_on_cuda_gives_cold_logits(ckpts):
     n = int(torch.isnan(warm[:, 0]).sum())
     assert n == 288
     assert rel(warm[n:], cold[n:]) < 2e-2
+
+
+def test_dependent_launch_changes_no_token(ckpts, monkeypatch):
+    """Programmatic dependent launch (kernels/pdl.py, on by default on Hopper) only changes when kernels
+    start: a quantized model's greedy tokens, CUDA graphs on, are those of plain launches."""
+    x = [ids(30 + 11 * i, i) for i in range(3)]
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DEVSTRAL_PDL", flag)
+        llm = devstral.load(ckpts["mistral"], device="cuda", parallel=4, quantize_on_load="q4_k", prefix_caching=False)
+        seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
+        while llm.engine.has_work():
+            llm.engine.step()
+        outs.append([s.token_ids for s in seqs])
+    assert outs[0] == outs[1]

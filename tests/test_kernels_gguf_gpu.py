@@ -204,6 +204,7 @@ def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatc
         gguf_gemv_wide.gemv(rms_norm_triton(x, w, 1e-5), p, None, out, int8=True, xq=xq, **cfg)
         return out
 
+    monkeypatch.setenv("DEVSTRAL_PDL", "0")
     ref = step(torch.empty(1, n, device=CUDA, dtype=torch.bfloat16)).clone()
     monkeypatch.setenv("DEVSTRAL_PDL", "1")
     out = torch.empty(1, n, device=CUDA, dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ and layout conversions. Here:
   costs no registers for the bytes in flight.
 * int8=True: activations as int8 per sub-block and dp4a on the weights (_row_dot_int8), quantized by
   each thread for its rows, or (xq=True) once beforehand by gguf_xq.py (_row_dot_xq).
-* DEVSTRAL_PDL=1 (kernels/pdl.py): launched as a programmatic dependent, the first tile's weight loads
+* Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
   go out before the wait for the kernel that produced the activations.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
@@ -434,8 +434,6 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
                  XQ: tl.constexpr = False, PDL: tl.constexpr = False):
-    if PDL:  # a GEMV after this one (v after q/k: the same input) may start loading its weights now
-        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -498,6 +496,11 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
             acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
                                            M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
             words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
+    if PDL:
+        # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
+        # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
+        # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
+        gdc_launch_dependents()
     cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
     res = tl.where(which == 0, tl.sum(acc0, axis=1)[:, None], 0.0)

@@ -183,20 +183,34 @@ class Block(nn.Module):
     def ffn(self) -> nn.Module:
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
-    def forward(self, x, cos, sin, q_scale, mask, cache):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, q_scale, mask, cache)
+    def forward(self, x, cos, sin, q_scale, mask, cache, delta=None):
+        """The residual stream x, plus `delta` (the block before's FFN output, not yet added) -> (the
+        residual stream after attention, this block's FFN output or None). A dense FFN's skip connection
+        is left to the next norm, which adds it in its own pass (one launch less per layer at decode);
+        a MoE's is inside its last kernel."""
+        if delta is None:
+            normed = self.input_layernorm(x)
+        else:
+            normed, x = self.input_layernorm.add_and_norm(x, delta)
+        h = self.self_attn(normed, cos, sin, q_scale, mask, cache)
         h, x = self.post_attention_layernorm.add_and_norm(x, h)
         if hasattr(self, "block_sparse_moe"):
-            return self.block_sparse_moe(h, residual=x)  # the skip connection inside its last kernel
-        return x + self.mlp(h)
+            return self.block_sparse_moe(h, residual=x), None
+        return x, self.mlp(h)
 
 
-def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache):
+def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache, delta=None):
+    """Blocks in order -> (residual stream, the last block's pending FFN output or None)."""
     for i, block in enumerate(blocks):
         # in a checkpoint's rerun only the last block's MLP output is unused (model/tiled_mlp.py)
         with output_needed() if i < len(blocks) - 1 else nullcontext():
-            x = block(x, cos, sin, q_scale, mask, cache)
-    return x
+            x, delta = block(x, cos, sin, q_scale, mask, cache, delta)
+    return x, delta
+
+
+def _checkpointed_blocks(blocks, x, cos, sin, q_scale, mask, cache):
+    x, delta = _run_blocks(blocks, x, cos, sin, q_scale, mask, cache)
+    return x if delta is None else x + delta
 
 
 class Decoder(nn.Module):
@@ -258,12 +272,14 @@ class Transformer(nn.Module):
             step = max(1, self.checkpoint_layers)
             for at in range(0, len(layers), step):
                 with offload.saving(x) if offload is not None else nullcontext():
-                    x = checkpoint(_run_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask, cache,
-                                   use_reentrant=False, context_fn=checkpoint_contexts)
-        else:
-            for block in layers:
-                x = block(x, cos, sin, q_scale, mask, cache)
-        return self.model.norm(x)
+                    # a checkpoint keeps one tensor per segment: the stream with the last FFN output added
+                    x = checkpoint(_checkpointed_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask,
+                                   cache, use_reentrant=False, context_fn=checkpoint_contexts)
+            return self.model.norm(x)
+        x, delta = _run_blocks(layers, x, cos, sin, q_scale, mask, cache)
+        if delta is None:
+            return self.model.norm(x)
+        return self.model.norm.add_and_norm(x, delta)[0]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                 cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
