@@ -81,6 +81,11 @@ PIPE_TILES = ((64, 4), (128, 4), (128, 8), (256, 8))
 # 4-18 MB whatever the tile (ncu: 11-30% of DRAM bandwidth, 0.7-0.9 waves).
 DEEP_TILES = ((16, 4), (32, 4), (64, 4))
 DEEP_MAX_K = 8192
+# stream-K at one activation row (gguf_gemv_wide.gemv(stream=...)): tiles (BN, NS, num_warps) and programs
+# per SM. A split-K grid rarely fills whole waves (ffn_down: 40 row tiles x 7 = 280 programs for 264
+# slots, ncu: 1.06 waves); stream-K's grid is whole waves by construction.
+STREAM_TILES = ((128, 16, 4), (128, 8, 4), (64, 16, 4), (256, 8, 4))
+STREAM_PER_SM = (1, 2, 3, 4)
 F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
 CUDA = torch.device("cuda")
@@ -98,7 +103,23 @@ def random_gguf(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
     return raw.reshape(n, -1)
 
 
+STREAM_ONLY = False  # --stream-only: the stream-K configs against the tuned table's current entry
+
+
+def stream_candidates(qtype: str, m: int, n: int, k: int) -> list[tuple[str, dict]]:
+    """Stream-K configs, and (to beat) the entry the tuned table holds now for the shape."""
+    kinds = gguf_config.WIDE_INT8_KINDS if qtype in I8_TYPES else ("wide",)
+    out = [(kind, dict(bn=bn, ns=tns, bm=1, num_warps=w, stream=ps)) for kind in kinds for bn, tns, w in STREAM_TILES
+           for ps in STREAM_PER_SM if bn <= n]
+    hit = gguf_config.decode_entry(gguf_config.tuned_table(torch.cuda.get_device_name(CUDA)), qtype, m, n, k)
+    if hit:
+        out.append((hit["kind"], {key: v for key, v in hit.items() if key != "kind"}))
+    return out
+
+
 def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, dict]]:
+    if STREAM_ONLY:
+        return stream_candidates(qtype, m, n, k) if m == 1 else []
     out = []
     ns = 8
     bm = gguf_gemv_wide.bm_for(m)
@@ -125,6 +146,9 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
                     out.append((kind, cfg if stages == 1 else dict(cfg, num_stages=stages)))
         if m == 1 and k <= DEEP_MAX_K and kind != "wide":
             out += deep_candidates(kind, n, k, sb)
+        if m == 1 and kind != "wide":
+            out += [(kind, dict(bn=bn, ns=tns, bm=1, num_warps=w, stream=ps)) for bn, tns, w in STREAM_TILES
+                    for ps in STREAM_PER_SM if bn <= n]
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -243,7 +267,7 @@ def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tup
     """What makes Triton compile anew: the constexprs, and the integer arguments it specializes
     (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
     return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg.get("num_stages", 1),
-            cfg["split_k"] > 1, k % 4096, n % 256)
+            cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, k % 4096, n % 256)
 
 
 def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, copy_gbps: float,
@@ -390,7 +414,7 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 def warm_compile(args, workers: int) -> float:
     t = time.time()
     cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only,
-           f"--wider-tiles={args.wider_tiles}"]
+           f"--wider-tiles={args.wider_tiles}", *(["--stream-only"] if args.stream_only else [])]
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -416,6 +440,8 @@ def main() -> None:
                     help="also time tiles of F times the sub-blocks per row (factors, comma-separated; bare: 2)")
     ap.add_argument("--eager", action="store_true", help="time eager calls, not CUDA-graph replays")
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--stream-only", action="store_true",
+                    help="time only the stream-K configs, against the tuned table's current entry per shape")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -423,8 +449,9 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
-    global WIDER_TILES
+    global WIDER_TILES, STREAM_ONLY
     WIDER_TILES = tuple(int(v) for v in args.wider_tiles.split(",") if v)
+    STREAM_ONLY = args.stream_only
     only = {tuple(v.split(":")) for v in args.only.split(",") if v}
     work = [g for g in groups() if not only or g in only]
     t0 = time.time()

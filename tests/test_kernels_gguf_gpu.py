@@ -187,6 +187,43 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
             close(out, xr.float() @ w.t(), rel=1.5e-2)
 
 
+@pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q6_K, QType.Q8_0], ids=lambda t: t.name)
+def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
+    """Stream-K (gemv(stream=...)): 1-4 programs per SM sharing the row-tile x K-tile units, so runs cross
+    row tiles and several programs add up one tile; float and pre-quantized int8 activations (exact where
+    int8 represents them), 1 and 3 activation rows, odd N; a CUDA graph replays it bit for bit."""
+    from test_kernels_gguf_interpret import int8_exact
+
+    n, k = 1029, k_for(qt, big=True) // 32 * 32
+    raw = blocks(qt, n, k, seed=41)
+    p = pack(raw.to(CUDA), qt, n, k)
+    w = reference(raw, qt, n, k)
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    for m in (1, 3):
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        xe = int8_exact(m, k, torch.Generator().manual_seed(m)).to(CUDA)
+        for per_sm, (bn, ns) in ((1, (64, 16)), (2, (128, 8)), (4, (32, 8))):
+            bm = gguf_gemv_wide.bm_for(m)
+            out = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.bfloat16)
+            gguf_gemv_wide.gemv(x, p, bias, out, bn=bn, ns=ns, bm=bm, stream=per_sm)
+            close(out, x.float() @ w.t() + bias.float())
+            oute = torch.full((m, n), float("nan"), device=CUDA, dtype=torch.float32)
+            gguf_gemv_wide.gemv(xe, p, None, oute, bn=bn, ns=ns, bm=bm, stream=per_sm, int8=True, xq=True)
+            ref = xe.float() @ w.t()
+            torch.testing.assert_close(oute, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    once = torch.empty(1, n, device=CUDA, dtype=torch.float32)
+    gguf_gemv_wide.gemv(xe[:1], p, None, once, bn=128, ns=8, bm=1, stream=2, int8=True, xq=True)
+    graph = torch.cuda.CUDAGraph()
+    out = torch.empty_like(once)
+    with torch.cuda.graph(graph):
+        gguf_gemv_wide.gemv(xe[:1], p, None, out, bn=128, ns=8, bm=1, stream=2, int8=True, xq=True)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, once)
+
+
 @pytest.mark.parametrize("xq", [False, True], ids=["i8", "xq"])
 def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatch, xq):
     """DEVSTRAL_PDL=1 (kernels/pdl.py): RMSNorm -> (quantize ->) GEMV launched as programmatic dependents

@@ -34,6 +34,9 @@ F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.
 CASES = [(1, 16, 8, 1, 1, 1), (1, 8, 2, 1, 3, 1), (2, 16, 16, 2, 2, 1), (6, 8, 2, 4, 5, 1), (1, 8, 2, 1, 2, 3),
          (3, 16, 4, 4, 1, 2)]
 INT8_TYPES = [QType.Q4_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
+# stream-K (rows m, BN, NS, BM, num_stages, programs): runs that cross row tiles, several programs on one
+# tile, more activation-row tiles, the pipelined loop, and more programs than units (capped)
+STREAM_CASES = [(1, 8, 2, 1, 1, 5), (1, 16, 8, 1, 1, 2), (3, 8, 4, 2, 1, 7), (1, 8, 2, 1, 2, 5), (2, 8, 2, 2, 1, 40)]
 
 
 def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -82,6 +85,18 @@ def _run_cases(out_path: str) -> None:
                                             num_stages=stages, xq=xq)
                         i8[(name, xq, m, bn, ns, bm, split, stages)] = out
             res[qt.name].update(xe=xe, int8=i8)
+        stream = {}
+        real_programs = gguf_gemv_wide.stream_programs
+        for m, bn, ns, bm, stages, programs in STREAM_CASES:
+            gguf_gemv_wide.stream_programs = lambda per_sm, units, device, n=programs: min(units, n)
+            for int8 in (False, True) if qt in INT8_TYPES else (False,):
+                xin = res[qt.name]["xe"] if int8 else x
+                out = torch.full((m, N), float("nan"))
+                gguf_gemv_wide.gemv(xin[:m], p, bias, out, bn=bn, ns=ns, bm=bm, num_stages=stages, int8=int8,
+                                    xq=int8, stream=1)
+                stream[(int8, m, bn, ns, bm, stages, programs)] = out
+        gguf_gemv_wide.stream_programs = real_programs
+        res[qt.name]["stream"] = stream
     # the dispatcher (gguf_linear.linear) running a tuned table's wide_xq entry, pipelined, end to end
     from devstral.kernels import gguf_config, gguf_linear
 
@@ -139,6 +154,35 @@ def test_streaming_gemv_matches_dequantize_then_matmul(results, qtype):
         ref = x[:m] @ w.t() + (r["bias"] if has_bias else 0.0)
         assert not out.isnan().any()  # every output row and column written
         _close(out, ref)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_stream_k_gemv_matches_dequantize_then_matmul(results, qtype):
+    """Stream-K (each program an equal run of row-tile x K-tile units, partials of shared tiles added by
+    the last one): every output written once, equal to x @ W^T + b (float activations; int8 ones that
+    int8 represents exactly, quantized once by gguf_xq)."""
+    r = results[qtype.name]
+    w = dequantize(r["raw"], qtype, (N, K[qtype]))
+    assert len(r["stream"]) == len(STREAM_CASES) * (2 if qtype in INT8_TYPES else 1)
+    for (int8, m, *_), out in r["stream"].items():
+        xin = (r["xe"] if int8 else r["x"])[:m].float()
+        assert not out.isnan().any()
+        _close(out, xin @ w.t() + r["bias"])
+
+
+def test_stream_k_shares_bound_the_programs_on_a_tile():
+    """The workspace holds stream_shares partials per tile: never fewer than the programs that touch one."""
+    from devstral.kernels.gguf_gemv_wide import stream_shares
+
+    for units in range(1, 200):
+        for n_tiles in (1, 2, 3, 5, 8, 13):
+            if units % n_tiles:
+                continue
+            for programs in range(1, units + 1):
+                lo = [(g * units) // programs for g in range(programs + 1)]
+                most = max(sum(1 for g in range(programs) if lo[g] < min(lo[g + 1], t + n_tiles) and lo[g + 1] > t)
+                           for t in range(0, units, n_tiles))
+                assert most <= stream_shares(units, programs, n_tiles), (units, n_tiles, programs)
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)

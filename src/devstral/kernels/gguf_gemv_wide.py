@@ -28,7 +28,10 @@ and layout conversions. Here:
   go out before the wait for the kernel that produced the activations.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
-  of gguf_splitk.py.
+  of gguf_splitk.py, or by stream-K (stream=P): P programs per SM, each an equal contiguous run of the
+  (row tile, K-tile) units, so the grid is whole waves whatever the shape; a row tile shared by several
+  programs is summed by the last of them, in program order (gguf_splitk.store_share). On the H200 it
+  won Q6_K ffn_down (50.2 us against 51.5 for the best split) and lost Q4_K ffn_down and gate/up by 1-6%.
 
 `reference()` below is the same computation in PyTorch (the CPU twin the tests compare against
 quant.dequantize + matmul). kernels/sass_stats.py compiles this kernel for sm_90 without a GPU and
@@ -48,7 +51,7 @@ from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MAX_BM = 4  # activation rows per program; more rows run as more programs along grid axis 2
@@ -427,28 +430,19 @@ def _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, 
 
 
 @triton.jit
-def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-                 M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
-                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
-                 BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                 INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False, PDL: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rows = pid_n * BN + tl.arange(0, BN)
+def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q, s_qh,
+              s_sc, s_d, one, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
+              BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+              ASM: tl.constexpr, INT8: tl.constexpr, STAGES: tl.constexpr, XQ: tl.constexpr, WAIT: tl.constexpr):
+    """Output rows `rows` ([BN]) x activation rows m0.. ([BM]) summed over K-tiles t_lo..t_hi-1: fp32 [BN, BM].
+    WAIT: a programmatic dependent waits for the kernel before once its first weights are on their way."""
     n2 = rows[:, None]
     row_ok = n2 < N
     c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
     jn2 = tl.arange(0, NS)[None, :]
     n_sub = K // SB
     n_tiles = tl.cdiv(n_sub, NS)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
-    m0 = pid_m * BM
     # activation of word c, value position s: x[m, k0 + (c // WPS) * SB + s * WPS + c % WPS]
     if XQ:
         xp0 = x_ptr + m0 * s_xm  # the quantized blocks of row m0 (gguf_xq.py)
@@ -461,7 +455,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     acc2 = tl.zeros((BN, NS), dtype=tl.float32)
     acc3 = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
-        if PDL:  # the pipeline's prologue reads activations too: wait for the kernel before first
+        if WAIT:  # the pipeline's prologue reads activations too: wait for the kernel before first
             gdc_wait()
         # Triton's software pipeliner: each tile's words, scales and activations go to shared memory
         # by cp.async STAGES - 1 tiles ahead. The bytes in flight then cost no registers (the
@@ -482,7 +476,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
         s_ok = row_ok & (t0 * NS + jn2 < n_sub)
         d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
-        if PDL:  # the first tile's weights are on their way; the activations come from the kernel before
+        if WAIT:  # the first tile's weights are on their way; the activations come from the kernel before
             gdc_wait()
         for t in range(t_lo, t_hi):
             # the next tile's loads go out before this tile is computed (clamped: the last iteration
@@ -496,12 +490,6 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
             acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
                                            M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
             words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
-    if PDL:
-        # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
-        # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
-        # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
-        gdc_launch_dependents()
-    cols = m0 + tl.arange(0, BM)
     which = tl.arange(0, BM)[None, :]
     res = tl.where(which == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
     if BM > 1:
@@ -509,8 +497,80 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     if BM > 2:
         res = tl.where(which == 2, tl.sum(acc2, axis=1)[:, None], res)
         res = tl.where(which == 3, tl.sum(acc3, axis=1)[:, None], res)
-    store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
+    return res
+
+
+@triton.jit
+def _stream_segment(r, u_lo, u_hi, units, G, g, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr,
+                    mn_ptr, d_ptr, dm_ptr, m0, pid_m, M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
+                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
+                    NS: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                    EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr, STAGES: tl.constexpr,
+                    XQ: tl.constexpr, WAIT: tl.constexpr):
+    """Stream-K: this program's share of row tile r (K-tiles t_lo..t_hi-1 of it), then that tile's output --
+    whole, or a partial that the last of the tile's programs adds up (gguf_splitk.store_share)."""
+    n_tiles = tl.cdiv(K // SB, NS)
+    t_lo = tl.maximum(u_lo - r * n_tiles, 0)
+    t_hi = tl.minimum(u_hi - r * n_tiles, n_tiles)
+    rows = r * BN + tl.arange(0, BN)
+    res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
+                    s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, WAIT)
+    # the programs that share row tile r: the one holding its first unit to the one holding its last
+    g0 = ((r * n_tiles + 1) * G - 1) // units
+    g1 = ((r + 1) * n_tiles * G - 1) // units
+    cols = m0 + tl.arange(0, BM)
+    store_share(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.cdiv(N, BN) + r, g - g0,
+                g1 - g0 + 1, HAS_BIAS)
+
+
+@triton.jit
+def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                 M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
+                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
+                 BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+                 INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    m0 = pid_m * BM
+    n_tiles = tl.cdiv(K // SB, NS)
+    if STREAM:
+        # Stream-K: G programs (a whole number per SM) share the tiles_n x n_tiles units (row tile, K-tile)
+        # in row-tile order, each a contiguous run of equal length (+-1): whole waves by construction,
+        # where a split-K grid of 1.06 waves leaves a second wave of a few programs.
+        G = tl.num_programs(0)
+        units = tl.cdiv(N, BN) * n_tiles
+        u_lo = (pid_n * units) // G
+        u_hi = ((pid_n + 1) * units) // G
+        r0 = u_lo // n_tiles
+        if u_lo < u_hi:
+            _stream_segment(r0, u_lo, u_hi, units, G, pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr,
+                            sc_ptr, mn_ptr, d_ptr, dm_ptr, m0, pid_m, M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
+                            QT, SB, WPS, E, BN, NS, BM, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
+            for r in range(r0 + 1, tl.cdiv(u_hi, n_tiles)):
+                _stream_segment(r, u_lo, u_hi, units, G, pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr,
+                                qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, m0, pid_m, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
+                                s_d, one, QT, SB, WPS, E, BN, NS, BM, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ,
+                                False)
+        if PDL:
+            gdc_launch_dependents()
+    else:
+        per_split = tl.cdiv(n_tiles, SPLIT_K)
+        t_lo = pid_k * per_split
+        t_hi = tl.minimum(t_lo + per_split, n_tiles)
+        rows = pid_n * BN + tl.arange(0, BN)
+        res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
+                        s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
+        if PDL:
+            # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
+            # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
+            # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
+            gdc_launch_dependents()
+        cols = m0 + tl.arange(0, BM)
+        store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
+                     pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 def bm_for(m: int) -> int:
@@ -521,15 +581,17 @@ INT8_TYPES = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (QT codes): the types with an int8-ac
 
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
-         bn: int, ns: int, bm: int, split_k: int, num_warps: int = 4, num_stages: int = 1,
-         int8: bool = False, xq: bool = False) -> torch.Tensor:
+         bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
+         int8: bool = False, xq: bool = False, stream: int = 0) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls).
     num_stages 1: the next tile prefetched into registers; 2 or more: tiles pipelined through shared
     memory (cp.async), num_stages - 1 of them in flight.
     xq (with int8): the activations quantized once by gguf_xq.quantize (one more launch) instead of in
-    every thread."""
+    every thread.
+    stream > 0: stream-K instead of split_k -- stream programs per SM share the row-tile x K-tile units
+    equally (stream_programs)."""
     m, k = x.shape
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -539,18 +601,42 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     s_xin = xin.stride(0)
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
-    split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
-    ws = workspace(split_k, m, p.n, x.device)
+    n_tiles = triton.cdiv(k // sb, ns)
+    if stream:
+        g = stream_programs(stream, tiles_n * n_tiles, x.device)
+        shares = stream_shares(tiles_n * n_tiles, g, n_tiles)
+        grid, split_k = (g, 1, tiles_m), 1
+        stream = usable_split(shares, tiles_n * tiles_m, m, p.n) == shares  # else plain, unsplit
+        ws = workspace(shares if stream else 1, m, p.n, x.device)
+    if not stream:
+        split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
+        grid = (tiles_n, split_k, tiles_m)
+        ws = workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
-    _wide_kernel[(tiles_n, split_k, tiles_m)](
+    _wide_kernel[grid](
         xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
         m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
         ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        STREAM=bool(stream), num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     return out
+
+
+def stream_programs(per_sm: int, units: int, device: torch.device) -> int:
+    """Stream-K grid: per_sm programs on every SM (never more programs than units)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(units, per_sm * sms))
+
+
+def stream_shares(units: int, programs: int, n_tiles: int) -> int:
+    """The most programs that share one row tile (n_tiles units) when `programs` split `units` into
+    contiguous runs of units // programs or one more: the workspace's partials per tile."""
+    run = units // programs
+    if run == 0:
+        return n_tiles
+    return min(programs, -(-n_tiles // run) + 1)
 
 
 def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:

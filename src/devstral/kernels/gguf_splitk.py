@@ -75,6 +75,21 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
             _store_tile(total, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
 
 
+@triton.jit
+def store_share(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, share, shares,
+                HAS_BIAS: tl.constexpr):
+    """store_output for a stream-K program (gguf_gemv_wide.py): its share (0..shares-1) of output tile
+    tile_id, where the number of programs sharing the tile is a runtime value. A tile one program holds
+    whole is stored at once; shared tiles go through split_sum, shares in order."""
+    mask = (rows < N)[:, None] & (cols < M)[None, :]
+    if shares == 1:
+        _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
+    else:
+        total, last = split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, share, shares)
+        if last:
+            _store_tile(total, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
+
+
 def usable_split(split_k: int, tiles: int, m: int, n: int) -> int:
     """split_k, or 1 when the counters or int32 workspace offsets would not cover the launch."""
     if split_k > 1 and (tiles > MAX_TILES or split_k * m * n >= 2**31):
@@ -89,4 +104,5 @@ def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tenso
     return torch.empty(split_k * m * n, dtype=torch.float32, device=device)
 
 
-__all__ = ["MAX_TILES", "counters", "split_sum", "store_output", "triton", "usable_split", "workspace"]
+__all__ = ["MAX_TILES", "counters", "split_sum", "store_output", "store_share", "triton", "usable_split",
+           "workspace"]

@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
 from devstral.kernels.kv_format import FLOAT_KINDS, GROUP, KVLayer
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 KIND_FLOAT, KIND_FP8, KIND_Q8_0, KIND_Q4_0 = 0, 1, 2, 3
 KIND_CODES = {**dict.fromkeys(FLOAT_KINDS, KIND_FLOAT), "fp8": KIND_FP8, "q8_0": KIND_Q8_0, "q4_0": KIND_Q4_0}
@@ -91,7 +93,11 @@ def _store_head_block(x_ptr, x_sh, c_ptr, c_sh, s_ptr, s_sh, n_heads,
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
                      k_st, k_sh, v_st, v_sh, c_sb, c_so, c_sh, s_sb, s_so, s_sh, n_heads,
-                     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, KIND: tl.constexpr):
+                     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, KIND: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py (and waits for the kernel before)
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     if slot >= 0:
@@ -122,9 +128,10 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mappi
         assert head_dim % GROUP == 0
     scales = (layer.k_scale, layer.v_scale) if layer.k_scale is not None else (layer.k, layer.v)
     ss = scales[0].stride()
+    on = pdl.enabled(k.device)
     kernels_for(k, __name__)._store_kv_kernel[(n,)](
         k, v, slot_mapping, layer.k, layer.v, scales[0], scales[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         layer.k.stride(0), layer.k.stride(1), layer.k.stride(2), ss[0], ss[1], ss[2], n_heads,
-        PAGE=page, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(n_heads), KIND=kind, num_warps=4,
-        enable_fp_fusion=False)  # the reference rounds each product before the add (see above)
+        PAGE=page, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(n_heads), KIND=kind, PDL=on, num_warps=4,
+        enable_fp_fusion=False, launch_pdl=on)  # the reference rounds each product before the add (see above)

@@ -27,7 +27,7 @@ from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
-from devstral.kernels.pdl import gdc_launch_dependents
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
@@ -179,9 +179,10 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
-                         FOLD_V_SCALE: tl.constexpr, TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # the o projection's GEMV may start now (kernels/pdl.py)
+                         FOLD_V_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -232,9 +233,10 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # the o projection's GEMV may start now (kernels/pdl.py)
+                         HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + b)
@@ -286,7 +288,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        TRIGGER=pdl.enabled(q.device), num_warps=4 if block_s * D <= 8192 else 8)
+        PDL=pdl.enabled(q.device), num_warps=4 if block_s * D <= 8192 else 8, launch_pdl=pdl.enabled(q.device))
     return out
 
 
@@ -320,7 +322,8 @@ class _Launch:
         self.tail = (scale * LOG2E, window or 0)
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
-        self.constexprs = dict(TRIGGER=pdl.enabled(q.device), GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
+        self.pdl = pdl.enabled(q.device)
+        self.constexprs = dict(PDL=self.pdl, GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
                                PRECISION="ieee" if dot_t == tl.float32 else "tf32", num_warps=cfg.num_warps,
@@ -335,7 +338,7 @@ class _Launch:
         kernel = self.kernels._decode_split_kernel
         if warmup:
             return kernel.warmup(*args, grid=grid, DIRECT=False, **self.constexprs)
-        return kernel[grid](*args, DIRECT=splits == 1, **self.constexprs)
+        return kernel[grid](*args, DIRECT=splits == 1, **self.constexprs, launch_pdl=self.pdl)
 
     def splits(self, max_context: int | None) -> int:
         if self.cfg.splits is not None:

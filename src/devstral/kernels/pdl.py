@@ -1,15 +1,19 @@
 """Programmatic dependent launch (Hopper and later): on by default on sm_90+, DEVSTRAL_PDL=0 turns it off.
 
-At batch 1 a decode step is ~500 kernels, and a small GEMV (q/k/v, o: 12-18 MB) spends a good part of
-its time starting up: launch, then DRAM latency before the first tile arrives. With programmatic
-dependent launch the GEMV (launched with the attribute) may start while the kernel before it still runs,
-issue its first weight loads -- weights do not depend on that kernel -- and wait (griddepcontrol.wait)
-only before it reads the activations. The kernels that feed GEMVs (RMSNorm, SwiGLU, the activation
-quantization, decode attention) signal at their start (griddepcontrol.launch_dependents), a GEMV at the
-end of its loop, so that the next kernel is scheduled beside its last wave and not in slots its own
-later waves need. Both instructions are no-ops where the launch has no such dependency. Measured on the
-H200 (Devstral Small Q4_K_M decode, benchmarks/gpu_engine.py): 167.6 tok/s without, 175.0 with; a GEMV
-that signalled at its start made it 155.5. Under Triton's interpreter and before sm_90 it is always off.
+At batch 1 a decode step is ~570 kernels, most of them small, and each pays a launch and a ramp before
+it does any work. Launched as a programmatic dependent, a kernel may be scheduled while the one before
+it still runs; it waits (griddepcontrol.wait) for that kernel's end, and for its writes to be visible,
+before it touches memory that kernel may have written. Every kernel of the decode chain is launched so:
+RMSNorm, RoPE, the KV store, the decode attention's two passes and SwiGLU wait first thing; the
+activation quantization too; a GEMV first issues its first tile's weight loads (weights are never
+written) and waits before it reads the activations. Each signals its own dependents
+(griddepcontrol.launch_dependents) at its start, a GEMV at the end of its loop: at its start, a GEMV of
+more than one wave let the next kernel's programs take the SM slots its own later waves needed. Nothing
+is written before the wait (split-K workspaces and counters included), so outputs are those of plain
+launches (tests/test_engine_gpu.py compares greedy tokens). Measured on the H200 (Devstral Small
+Q4_K_M decode, benchmarks/gpu_engine.py): 165.1 tok/s without; 155.5 with the GEMVs only, signalling at
+their start; 176.5 with the GEMVs only, signalling at their loop's end; 179.0 with every kernel.
+Under Triton's interpreter and before sm_90 it is always off.
 """
 
 from __future__ import annotations

@@ -14,16 +14,17 @@ import triton.language as tl
 
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
-from devstral.kernels.pdl import gdc_launch_dependents
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MAX_DIM = 32768  # a row in registers; wider rows take the reference
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, out_ptr, res_ptr, n_cols, eps,
-                     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # a GEMV launched after this one may start now (kernels/pdl.py)
+                     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the GEMV after may start loading its weights (and waits for the kernel before)
         gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -61,10 +62,10 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
     if x2.shape[0] == 0:
         return out, res
     block = triton.next_power_of_2(n)
+    on = pdl.enabled(x.device)
     kernels_for(x, __name__)._rms_norm_kernel[(x2.shape[0],)](
         x2, x2.stride(0), d2, d2.stride(0), weight.contiguous(), out, res if res is not None else out, n, eps,
-        HAS_DELTA=delta is not None, BLOCK=block, TRIGGER=pdl.enabled(x.device),
-        num_warps=num_warps or _num_warps(block))
+        HAS_DELTA=delta is not None, BLOCK=block, PDL=on, num_warps=num_warps or _num_warps(block), launch_pdl=on)
     return out, res
 
 

@@ -15,14 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr, k_out_ptr, T, n_heads, n_kv_heads,
                  q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_st, s_sb, s_st, qs_sb, qs_st,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 HAS_Q_SCALE: tl.constexpr):
+                 HAS_Q_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py (and waits for the kernel before)
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -94,11 +99,12 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     cos = _last_contiguous(cos.expand(B, T, D))
     sin = _last_contiguous(sin.expand(B, T, D))
     qs = q_scale.expand(B, T) if q_scale is not None else cos
+    on = pdl.enabled(q.device)
     kernels_for(q, __name__)._rope_kernel[(B * T,)](
         q, k, cos, sin, qs, q_out, k_out, T, H, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), qs.stride(0), qs.stride(1),
         HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(D // 2), BLOCK_H=triton.next_power_of_2(H),
-        BLOCK_HK=triton.next_power_of_2(Hkv), HAS_Q_SCALE=q_scale is not None, num_warps=4,
-        enable_fp_fusion=False)  # round each product as the reference does (module docstring)
+        BLOCK_HK=triton.next_power_of_2(Hkv), HAS_Q_SCALE=q_scale is not None, PDL=on, num_warps=4,
+        enable_fp_fusion=False, launch_pdl=on)  # round each product as the reference does (module docstring)
     return q_out, k_out

@@ -13,16 +13,17 @@ import triton.language as tl
 
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for
-from devstral.kernels.pdl import gdc_launch_dependents
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 BLOCK = 2048
 
 
 @triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr,
-                     TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # the down projection's GEMV may start now (kernels/pdl.py)
+                     PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the down projection's GEMV may start loading its weights (and waits for the kernel before)
         gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -52,6 +53,7 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, block: int = BLOCK,
     if out.numel() == 0:
         return out
     grid = (g2.shape[0], triton.cdiv(n, block))
+    on = pdl.enabled(gate.device)
     kernels_for(gate, __name__)._silu_mul_kernel[grid](g2, u2, out, n, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                      TRIGGER=pdl.enabled(gate.device), num_warps=num_warps)
+                                                      PDL=on, num_warps=num_warps, launch_pdl=on)
     return out
