@@ -14,9 +14,10 @@ Devstral Small Q4_K_M and Q8_0 is compared with llama.cpp's measured decode on t
 
 Timing: CUDA events around each call, replayed from a CUDA graph as the engine runs decode (--eager:
 plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
-before each (a 256 MiB read), median of --reps (>= 20). --wider-tiles adds tiles of twice the
-sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K ffn_down on the H200); --wider-tiles 2,4
-adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
+before each (a 256 MiB read), median of --reps (>= 20). A matrix under 64 MiB is timed as 8 calls on
+distinct copies in one graph, per call (a lone replay's own cost would swamp a 6-9 us GEMV).
+--wider-tiles adds tiles of twice the sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K
+ffn_down on the H200); --wider-tiles 2,4 adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
 processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
 $OUT/gguf_gemv_sweep.json when OUT is set, else benchmarks/results/.
 
@@ -88,6 +89,7 @@ STREAM_TILES = ((128, 16, 4), (128, 8, 4), (64, 16, 4), (256, 8, 4))
 STREAM_PER_SM = (1, 2, 3, 4)
 F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 FLUSH_BYTES = 256 << 20
+RUN, RUN_BYTES = 8, 64 << 20  # matrices under RUN_BYTES are timed as RUN back-to-back calls (see sweep())
 CUDA = torch.device("cuda")
 PEER = Path(__file__).parent / "results" / "llamacpp_h200.json"
 
@@ -295,6 +297,11 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
         p = pack(raw, QType[qtype], n, k)
         wbytes = p.nbytes()
         del raw
+        # a small matrix is timed as a run of calls on distinct copies in one graph, as the engine runs it
+        # between other kernels: one graph replay alone costs a few us of its own, which a 6-9 us GEMV
+        # (q/k/v, o) would be charged in full (the copies are read once each: no L2 reuse within a run)
+        copies = [p] + ([] if dry or wbytes >= RUN_BYTES else
+                        [pack(random_gguf(qtype, n, k, seed=1000 * gi + c), QType[qtype], n, k) for c in range(1, RUN)])
         dense = None if dry else gguf_dequant.dequantize(p, dtype=torch.float32)  # exact
         for m in MS:
             x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
@@ -304,6 +311,10 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                     continue
                 out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
                 fn = lambda kind=kind, cfg=cfg, out=out, x=x, w=p: KERNELS[kind](x, w, None, out, **cfg)  # noqa: E731
+
+                def run(kind=kind, cfg=cfg, out=out, x=x, ws=copies):
+                    for w in ws:
+                        KERNELS[kind](x, w, None, out, **cfg)
                 row = dict(fmt=qtype, shape=shape, n=n, k=k, m=m, kind=kind, config=cfg)
                 try:
                     fn()
@@ -311,7 +322,7 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                         continue
                     torch.cuda.synchronize()
                     rel = float((out.float() - ref).norm() / ref.norm())
-                    us = time_us(fn, flush, args.reps, graph=not args.eager)
+                    us = time_us(run, flush, args.reps, graph=not args.eager) / len(copies)
                 except Exception as e:  # a config the GPU refuses (registers, shared memory) is reported
                     if dry:
                         continue
@@ -328,7 +339,7 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                 if b:
                     print(f"{qtype} {shape:12s} M={m}: {b['kind']:5s} {b['us']:8.2f} us {b['GBps']:7.0f} GB/s "
                           f"({b['pct_of_copy']:.0f}% of copy) {b['config']}", flush=True)
-        del p, dense
+        del p, dense, copies
         torch.cuda.empty_cache()
     return rows
 
