@@ -1,0 +1,157 @@
+"""Programmatic dependent launch (kernels/pdl.py), checked offline: every kernel of the decode chain,
+compiled for sm_90 as a dependent launch, touches no memory the kernel before it may have written until
+griddepcontrol.wait.
+
+A dependent may be scheduled while the kernel before it still runs; the wait is what orders it after
+that kernel's writes. So in each kernel's PTX nothing is stored (st.global, atomics) before the wait,
+and only the GEMV loads anything before it -- its first tile of weights, which no kernel writes. A load
+or store moved above the wait would be a race that shows only now and then on the GPU; here it fails
+in CI. The kernels compile in a subprocess (no interpreter state from other tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+MEMORY_OPS = {"loads": re.compile(r"\bld\.global|\bcp\.async\.(?:ca|cg)"),
+              "stores": re.compile(r"\bst\.global|\batom\.|\bred\.")}
+
+
+def _compile(fn, sig: dict, const: dict, **options) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**sig, **dict.fromkeys(const, "constexpr")}
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "launch_pdl": True, **options})
+    ptx = k.asm["ptx"]
+    at = ptx.find("griddepcontrol.wait")
+    head = ptx[:at] if at >= 0 else ptx
+    return {"waits": ptx.count("griddepcontrol.wait"), "signals": ptx.count("griddepcontrol.launch_dependents"),
+            **{name: len(op.findall(head)) for name, op in MEMORY_OPS.items()}}
+
+
+def _sig(names: str, pointers: dict) -> dict:
+    return {n: pointers.get(n, "i32") for n in names.split()}
+
+
+def _gemv(stream: bool, stages: int) -> dict:
+    from devstral.kernels.gguf_gemv_wide import _wide_kernel
+
+    sig = _sig("x_ptr out_ptr bias_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr M N K s_xm s_om s_q s_qh "
+               "s_sc s_d one SPLIT_K",
+               {"x_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                "q_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
+                "dm_ptr": "*fp16"})
+    const = dict(QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, BM=1, SPLIT=not stream, HAS_BIAS=False, EVEN_N=True,
+                 EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream)
+    return _compile(_wide_kernel, sig, const, num_stages=stages)
+
+
+def _all() -> dict:
+    import triton.language as tl
+
+    from devstral.kernels import (
+        gguf_xq,
+        kv_store_triton,
+        paged_attention_triton,
+        rms_norm_triton,
+        rope_triton,
+        silu_mul_triton,
+    )
+
+    bf16 = "*bf16"
+    out = {}
+    for delta in (False, True):
+        out[f"rms_norm{'_add' if delta else ''}"] = _compile(
+            rms_norm_triton._rms_norm_kernel,
+            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr n_cols eps",
+                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "eps": "fp32"}),
+            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True))
+    out["silu_mul"] = _compile(silu_mul_triton._silu_mul_kernel,
+                               _sig("gate_ptr up_ptr out_ptr n_cols gate_row_stride up_row_stride",
+                                    {"gate_ptr": bf16, "up_ptr": bf16, "out_ptr": bf16}), dict(BLOCK=2048, PDL=True))
+    names = ("q_ptr k_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr T n_heads n_kv_heads q_sb q_st q_sh k_sb k_st "
+             "k_sh c_sb c_st s_sb s_st qs_sb qs_st")
+    out["rope"] = _compile(rope_triton._rope_kernel, _sig(names, dict.fromkeys(names.split()[:7], bf16)),
+                           dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, HAS_Q_SCALE=True, PDL=True),
+                           enable_fp_fusion=False)
+    names = "k_ptr v_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr k_st k_sh v_st v_sh c_sb c_so c_sh s_sb s_so s_sh n_heads"
+    for kind, cache, scale in ((kv_store_triton.KIND_FLOAT, bf16, bf16), (kv_store_triton.KIND_Q8_0, "*i8", "*fp16")):
+        out[f"store_kv_{kind}"] = _compile(
+            kv_store_triton._store_kv_kernel,
+            _sig(names, {"k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64", "kc_ptr": cache, "vc_ptr": cache,
+                         "ks_ptr": scale, "vs_ptr": scale}),
+            dict(PAGE=16, HEAD_DIM=128, BLOCK_H=8, KIND=kind, PDL=True), enable_fp_fusion=False)
+    names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
+             "out_sb out_sh part_out_ptr part_lse_ptr scale_log2e window num_splits n_heads")
+    for direct in (False, True):
+        out[f"decode_split{'_direct' if direct else ''}"] = _compile(
+            paged_attention_triton._decode_split_kernel,
+            _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16,
+                         "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
+                         "part_lse_ptr": "*fp32", "scale_log2e": "fp32"}),
+            dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False, DIRECT=direct,
+                 DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, PDL=True), num_stages=2)
+    out["decode_merge"] = _compile(
+        paged_attention_triton._decode_merge_kernel,
+        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits n_heads",
+             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
+        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, PDL=True))
+    out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
+                               dict(LAYOUT=0, BLOCKS=16, PDL=True))
+    for stream in (False, True):
+        for stages in (1, 3):
+            out[f"gemv{'_stream' if stream else ''}_stages{stages}"] = _gemv(stream, stages)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ptx_stats():
+    from devstral.kernels import pdl, sass_stats
+
+    if not sass_stats.tools_available():
+        pytest.skip("Triton's ptxas not shipped on this platform")
+    if pdl.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol (dependent launch stays off)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = subprocess.run([sys.executable, __file__, "--ptx"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "decode_split",
+         "decode_split_direct", "decode_merge", "quantize"]
+GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
+    """RMSNorm, SwiGLU, RoPE, the KV store, decode attention, the activation quantization: the wait
+    comes first; each also signals its dependents."""
+    st = ptx_stats[name]
+    assert st["waits"] >= 1 and st["signals"] >= 1, st
+    assert st["loads"] == 0 and st["stores"] == 0, st
+
+
+@pytest.mark.parametrize("name", GEMVS)
+def test_gemv_writes_nothing_before_it_waits(ptx_stats, name):
+    """The GEMV may load its first tile of weights before the wait (the register-prefetch loop does),
+    never store: split-K partials, counters and the output all come after it."""
+    st = ptx_stats[name]
+    assert st["waits"] >= 1 and st["signals"] >= 1, st
+    assert st["stores"] == 0, st
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:
+    print(json.dumps(_all()))
