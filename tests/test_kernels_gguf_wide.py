@@ -320,25 +320,7 @@ def _sass_counts() -> dict:
             out[name + ("_int8" if int8 else "") + ("_pipelined" if stages > 1 else "") + ("_xq" if xq else "")] = {
                 "per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
                 "ldg": st.ops["LDG"], "async_copies": sass.count("LDGSTS"), "ops": dict(st.ops.most_common(12))}
-    out["pdl"] = _pdl_order(sig, dict(const, QT=0, SB=32, WPS=4, E=8, INT8=True, STAGES=1, XQ=False, PDL=True))
     return out
-
-
-def _pdl_order(sig: dict, const: dict) -> dict:
-    """With programmatic dependent launch: where griddepcontrol.wait falls in the PTX, against the loads."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from devstral.kernels.gguf_gemv_wide import _wide_kernel
-
-    signature = {**sig, **dict.fromkeys(const, "constexpr")}
-    k = triton.compile(ASTSource(fn=_wide_kernel, signature=signature, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1, "launch_pdl": True})
-    ptx = k.asm["ptx"]
-    head = ptx[:ptx.index("griddepcontrol.wait")]
-    return {"launch_pdl": bool(k.metadata.launch_pdl), "loads_before_wait": head.count("ld.global"),
-            "stores_before_wait": head.count("st.global") + head.count("atom.")}
 
 
 @pytest.fixture(scope="module")
@@ -347,11 +329,7 @@ def sass_counts():
 
     if not sass_stats.tools_available():
         pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.run([sys.executable, __file__, "--sass"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return sass_stats.offline_json(__file__, "--sass")
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
@@ -375,14 +353,6 @@ def test_gemv_on_prequantized_activations_drops_the_per_thread_quantization(sass
     st = sass_counts[name + "_int8_xq"]
     assert not st["spilled"]
     assert st["per_weight"] < SASS_BOUNDS_XQ[name] < sass_counts[name + "_int8"]["per_weight"], st
-
-
-def test_dependent_launch_loads_weights_before_waiting(sass_counts):
-    """DEVSTRAL_PDL (kernels/pdl.py): the GEMV is launched as a programmatic dependent and issues its first
-    tile's weight and scale loads before griddepcontrol.wait; nothing is written before it."""
-    st = sass_counts["pdl"]
-    assert st["launch_pdl"]
-    assert st["loads_before_wait"] >= 8 and st["stores_before_wait"] == 0, st
 
 
 @pytest.mark.parametrize("name", list(SASS_BOUNDS_INT8))

@@ -11,8 +11,6 @@ float / 2.51 int8; down at BN 128 Q4_K 3.65 / 2.34, Q6_K 7.77 / 6.24.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,11 +64,7 @@ def counts():
 
     if not sass_stats.tools_available():
         pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return sass_stats.offline_json(__file__)
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])

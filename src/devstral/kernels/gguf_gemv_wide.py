@@ -602,16 +602,16 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
     n_tiles = triton.cdiv(k // sb, ns)
+    use_stream = False
     if stream:
         g = stream_programs(stream, tiles_n * n_tiles, x.device)
         shares = stream_shares(tiles_n * n_tiles, g, n_tiles)
-        grid, split_k = (g, 1, tiles_m), 1
-        stream = usable_split(shares, tiles_n * tiles_m, m, p.n) == shares  # else plain, unsplit
-        ws = workspace(shares if stream else 1, m, p.n, x.device)
-    if not stream:
+        use_stream = usable_split(shares, tiles_n * tiles_m, m, p.n) == shares  # else the plain launch below
+    if use_stream:
+        grid, split_k, ws = (g, 1, tiles_m), 1, workspace(shares, m, p.n, x.device)
+    else:
         split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
-        grid = (tiles_n, split_k, tiles_m)
-        ws = workspace(split_k, m, p.n, x.device)
+        grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     _wide_kernel[grid](
@@ -620,7 +620,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
         ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
-        STREAM=bool(stream), num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        STREAM=use_stream, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     return out
 
 

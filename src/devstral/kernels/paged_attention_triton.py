@@ -288,7 +288,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        PDL=pdl.enabled(q.device), num_warps=4 if block_s * D <= 8192 else 8, launch_pdl=pdl.enabled(q.device))
+        PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8, launch_pdl=launch.pdl)
     return out
 
 

@@ -34,6 +34,21 @@ def tools_available() -> bool:
     return all(os.access(os.path.join(bindir, t), os.X_OK) for t in ("ptxas", "nvdisasm"))
 
 
+def offline_json(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run `script` (a test file whose __main__ compiles kernels offline and prints one JSON line) in a
+    fresh process with Triton in compiled mode -- no interpreter state from the calling tests -- and
+    return that JSON. A failure raises with the end of the script's stderr."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{os.path.basename(script)} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: int = 4, num_stages: int = 1,
                  arch: int = 90) -> str:
     """SASS text of `fn` compiled for sm_<arch>."""
