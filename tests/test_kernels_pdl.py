@@ -64,6 +64,7 @@ def _all() -> dict:
         kv_store_triton,
         paged_attention_triton,
         rms_norm_triton,
+        rope_kv_store_triton,
         rope_triton,
         silu_mul_triton,
     )
@@ -91,6 +92,15 @@ def _all() -> dict:
             _sig(names, {"k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64", "kc_ptr": cache, "vc_ptr": cache,
                          "ks_ptr": scale, "vs_ptr": scale}),
             dict(PAGE=16, HEAD_DIM=128, BLOCK_H=8, KIND=kind, PDL=True), enable_fp_fusion=False)
+    names = ("q_ptr k_ptr v_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr n_heads "
+             "n_kv_heads q_st q_sh k_st k_sh v_st v_sh c_st s_st qs_st c_sb c_so c_sh s_sb s_so s_sh")
+    for kind, cache, scale in ((kv_store_triton.KIND_FLOAT, bf16, bf16), (kv_store_triton.KIND_Q8_0, "*i8", "*fp16")):
+        out[f"rope_store_kv_{kind}"] = _compile(
+            rope_kv_store_triton._rope_store_kernel,
+            _sig(names, {**dict.fromkeys(names.split()[:8], bf16), "qs_ptr": "*fp32", "slot_ptr": "*i64",
+                         "kc_ptr": cache, "vc_ptr": cache, "ks_ptr": scale, "vs_ptr": scale}),
+            dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True),
+            enable_fp_fusion=False)
     names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
              "out_sb out_sh part_out_ptr part_lse_ptr scale_log2e window num_splits n_heads")
     for direct in (False, True):
@@ -125,14 +135,15 @@ def ptx_stats():
     return sass_stats.offline_json(__file__, "--ptx")
 
 
-SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "decode_split",
+SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
+         "rope_store_kv_2", "decode_split",
          "decode_split_direct", "decode_merge", "quantize"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
 
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
-    """RMSNorm, SwiGLU, RoPE, the KV store, decode attention, the activation quantization: the wait
+    """RMSNorm, SwiGLU, RoPE, the KV store (alone and with RoPE), decode attention, the activation quantization: the wait
     comes first; each also signals its dependents."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st

@@ -1,5 +1,5 @@
-"""The model's attention cache for one engine step: store the batch's new keys/values in the paged
-pool, then attend. The step's tokens are laid out decode rows first (one token per sequence, each a
+"""The model's attention cache for one engine step: rotate the batch's new queries and keys and store
+the keys/values in the paged pool (one kernel on the GPU), then attend. The step's tokens are laid out decode rows first (one token per sequence, each a
 single query over its pages: one batched kernel), then prefill chunks (a run of queries of one
 sequence after its cached prefix: FlashAttention per chunk)."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from devstral.engine.kv_pool import KVPool
-from devstral.kernels.kv_store import store_kv
+from devstral.kernels.kv_store import rope_and_store_kv
 from devstral.kernels.paged_attention import decode_attention, prefill_attention
 
 
@@ -34,10 +34,12 @@ class BatchAttention:
     window: int | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = q[0], k[0], v[0]  # the step is one flat row of tokens: [N, heads, D]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+        # the step is one flat row of tokens: [N, heads, D]
+        q, k, v, cos, sin = q[0], k[0], v[0], cos[0], sin[0]
         kv = self.pool.layers[layer]
-        store_kv(k, v, kv, self.slot_mapping)
+        q, k = rope_and_store_kv(q, k, v, cos, sin, None if q_scale is None else q_scale[0], kv, self.slot_mapping)
         if not self.prefills:
             out = decode_attention(q, kv, self.block_tables, self.context_lens, self.scale, self.window,
                                    max_context=self.max_context)

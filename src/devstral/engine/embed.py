@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from devstral.errors import DevstralError
+from devstral.kernels.rope import apply_rope
 
 POOLING = {"pooling": "mean", "normalized": "l2", "layer": "final hidden states (after the last norm)"}
 BATCH_TOKENS = 4096  # padded tokens per batched forward
@@ -70,7 +71,9 @@ class _Prefix:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+        q, k = apply_rope(q, k, cos, sin, q_scale)
         if layer in self.k:
             k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
         self.k[layer], self.v[layer] = k, v

@@ -45,14 +45,19 @@ def on_interpreter(t: torch.Tensor) -> bool:
 def _interpreted_copy(module_name: str) -> ModuleType:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     spec = importlib.util.find_spec(module_name)
     module = importlib.util.module_from_spec(spec)
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = True
         spec.loader.exec_module(module)
-    for value in vars(module).values():
-        if isinstance(value, InterpretedFunction):
+    for name, value in list(vars(module).items()):
+        if isinstance(value, JITFunction) and value.fn.__module__ != module_name:
+            # a helper imported from another kernel module: its interpreted twin, or the kernel
+            # would call a compiled-mode function from inside the interpreter
+            setattr(module, name, getattr(_interpreted_copy(value.fn.__module__), value.fn.__name__))
+        elif isinstance(value, InterpretedFunction):
             value.run = _patched_while_running(value.run)
     return module
 

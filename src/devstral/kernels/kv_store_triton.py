@@ -34,7 +34,7 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def _store_head_block(x_ptr, x_sh, c_ptr, c_sh, s_ptr, s_sh, n_heads,
+def store_head_block(x_ptr, x_sh, c_ptr, c_sh, s_ptr, s_sh, n_heads,
                       HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, KIND: tl.constexpr):
     """Quantize one token's [n_heads, HEAD_DIM] and store it at one cache slot (pointers already at
     the token and at the slot)."""
@@ -105,9 +105,9 @@ def _store_kv_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
         offset = slot % PAGE
         cache_at = block * c_sb + offset * c_so
         scale_at = block * s_sb + offset * s_so
-        _store_head_block(k_ptr + i * k_st, k_sh, kc_ptr + cache_at, c_sh, ks_ptr + scale_at, s_sh, n_heads,
+        store_head_block(k_ptr + i * k_st, k_sh, kc_ptr + cache_at, c_sh, ks_ptr + scale_at, s_sh, n_heads,
                           HEAD_DIM, BLOCK_H, KIND)
-        _store_head_block(v_ptr + i * v_st, v_sh, vc_ptr + cache_at, c_sh, vs_ptr + scale_at, s_sh, n_heads,
+        store_head_block(v_ptr + i * v_st, v_sh, vc_ptr + cache_at, c_sh, vs_ptr + scale_at, s_sh, n_heads,
                           HEAD_DIM, BLOCK_H, KIND)
 
 

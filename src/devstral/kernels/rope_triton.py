@@ -21,6 +21,41 @@ from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
+def rotate_heads(src, s_h, dst, n_heads, c1, c2, s1, s2, qs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, SCALED: tl.constexpr):
+    """One token's [n_heads, 2 * HALF] rotated into `dst` (contiguous heads): out = x * cos +
+    rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product and sum rounded to dst's dtype;
+    times `qs` (already rounded to that dtype) when SCALED."""
+    T_OUT = dst.dtype.element_ty
+    d = tl.arange(0, BLOCK_HALF)
+    h = tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & (d < HALF)[None, :]
+    at = src + h[:, None] * s_h + d[None, :]
+    x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1 = ((x1 * c1).to(T_OUT).to(tl.float32) - (x2 * s1).to(T_OUT).to(tl.float32)).to(T_OUT)
+    o2 = ((x2 * c2).to(T_OUT).to(tl.float32) + (x1 * s2).to(T_OUT).to(tl.float32)).to(T_OUT)
+    if SCALED:
+        o1 = (o1.to(tl.float32) * qs).to(T_OUT)
+        o2 = (o2.to(tl.float32) * qs).to(T_OUT)
+    out = dst + h[:, None] * 2 * HALF + d[None, :]
+    tl.store(out, o1, mask=mask)
+    tl.store(out + HALF, o2, mask=mask)
+
+
+@triton.jit
+def cos_sin(c_row, s_row, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One position's cos/sin halves in float32, shaped to broadcast over heads."""
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr, k_out_ptr, T, n_heads, n_kv_heads,
                  q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_st, s_sb, s_st, qs_sb, qs_st,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
@@ -31,44 +66,14 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr, k_out_ptr, T
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
-    c_row = cos_ptr + b * c_sb + t * c_st
-    s_row = sin_ptr + b * s_sb + t * s_st
-    c1 = tl.load(c_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(c_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(s_row + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(s_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-
-    # queries: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
-    QT = q_out_ptr.dtype.element_ty
-    h = tl.arange(0, BLOCK_H)
-    mask = (h < n_heads)[:, None] & dmask[None, :]
-    src = q_ptr + b * q_sb + t * q_st + h[:, None] * q_sh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = ((x1 * c1).to(QT).to(tl.float32) - (x2 * s1).to(QT).to(tl.float32)).to(QT)
-    o2 = ((x2 * c2).to(QT).to(tl.float32) + (x1 * s2).to(QT).to(tl.float32)).to(QT)
+    c1, c2, s1, s2 = cos_sin(cos_ptr + b * c_sb + t * c_st, sin_ptr + b * s_sb + t * s_st, HALF, BLOCK_HALF)
+    qs = 1.0
     if HAS_Q_SCALE:
-        qs = tl.load(qs_ptr + b * qs_sb + t * qs_st).to(QT).to(tl.float32)
-        o1 = (o1.to(tl.float32) * qs).to(QT)
-        o2 = (o2.to(tl.float32) * qs).to(QT)
-    dst = q_out_ptr + pid.to(tl.int64) * n_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
-    tl.store(dst, o1, mask=mask)
-    tl.store(dst + HALF, o2, mask=mask)
-
-    # keys
-    KT = k_out_ptr.dtype.element_ty
-    hk = tl.arange(0, BLOCK_HK)
-    kmask = (hk < n_kv_heads)[:, None] & dmask[None, :]
-    src = k_ptr + b * k_sb + t * k_st + hk[:, None] * k_sh + d[None, :]
-    y1 = tl.load(src, mask=kmask, other=0.0).to(tl.float32)
-    y2 = tl.load(src + HALF, mask=kmask, other=0.0).to(tl.float32)
-    p1 = ((y1 * c1).to(KT).to(tl.float32) - (y2 * s1).to(KT).to(tl.float32)).to(KT)
-    p2 = ((y2 * c2).to(KT).to(tl.float32) + (y1 * s2).to(KT).to(tl.float32)).to(KT)
-    dst = k_out_ptr + pid.to(tl.int64) * n_kv_heads * 2 * HALF + hk[:, None] * 2 * HALF + d[None, :]
-    tl.store(dst, p1, mask=kmask)
-    tl.store(dst + HALF, p2, mask=kmask)
+        qs = tl.load(qs_ptr + b * qs_sb + t * qs_st).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    rotate_heads(q_ptr + b * q_sb + t * q_st, q_sh, q_out_ptr + pid.to(tl.int64) * n_heads * 2 * HALF, n_heads,
+                  c1, c2, s1, s2, qs, HALF, BLOCK_HALF, BLOCK_H, HAS_Q_SCALE)
+    rotate_heads(k_ptr + b * k_sb + t * k_st, k_sh, k_out_ptr + pid.to(tl.int64) * n_kv_heads * 2 * HALF,
+                  n_kv_heads, c1, c2, s1, s2, qs, HALF, BLOCK_HALF, BLOCK_HK, False)
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,11 @@ from devstral.quant.linear import fuse_quant
 class AttentionCache(Protocol):
     """What the attention needs at inference (engine/attention.py implements it)."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k/v [B, T, Hkv, D] and attend with q [B, T, H, D] (rotated) -> [B, T, H, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+        """Rotate q [B, T, H, D] and k [B, T, Hkv, D] (`apply_rope`'s arguments), store k/v and attend
+        -> [B, T, H, D]. The cache rotates because on the GPU the rotation and its store of the keys are
+        one kernel."""
         ...
 
 
@@ -125,10 +128,10 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, cos, sin, q_scale)
         if cache is not None:
-            out = cache.attend(self.layer, q, k, v)
-        elif isinstance(mask, Documents):  # training rows: each packed document attends only to itself
+            return run_linear(self.o_proj, cache.attend(self.layer, q, k, v, cos, sin, q_scale).reshape(B, T, -1))
+        q, k = apply_rope(q, k, cos, sin, q_scale)
+        if isinstance(mask, Documents):  # training rows: each packed document attends only to itself
             out = varlen_attention(q, k, v, mask, self.window)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
