@@ -19,7 +19,8 @@ KINDS = (  # kernel name fragment -> part of the step (first match wins)
     ("_router_kernel", "router"), ("_wide_kernel", "dense_gemv"), ("_gemv_kernel", "dense_gemv"),
     ("_idot_kernel", "dense_gemv"), ("_quantize_kernel", "activation_quant"),
     ("_decode_split_kernel", "attention"), ("_decode_merge_kernel", "attention"),
-    ("_rms_norm_kernel", "norms"), ("_rope_kernel", "rope"), ("_store_kv_kernel", "kv_store"),
+    ("_rms_norm_kernel", "norms"), ("_rope_store_kernel", "rope_kv_store"), ("_rope_kernel", "rope"),
+    ("_store_kv_kernel", "kv_store"),
     ("_silu_mul_kernel", "silu_mul"), ("gemv", "cublas_gemv"), ("elementwise", "torch_elementwise"),
     ("reduce", "torch_reduce"), ("topk", "torch_topk"), ("sort", "torch_topk"),
 )
