@@ -121,6 +121,37 @@ def _all() -> dict:
     for stream in (False, True):
         for stages in (1, 3):
             out[f"gemv{'_stream' if stream else ''}_stages{stages}"] = _gemv(stream, stages)
+    out.update(_moe())
+    return out
+
+
+def _moe() -> dict:
+    """The mixture-of-experts decode kernels: the router, and the Q4_K expert gate/up and down."""
+    from devstral.kernels import moe_gemv, moe_router
+
+    out = {"moe_router": _compile(
+        moe_router._router_kernel,
+        _sig("x_ptr w_ptr ids_ptr wt_ptr ws_ptr cnt_ptr T D s_xm s_wm n_split",
+             {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wt_ptr": "*fp32", "ws_ptr": "*fp32",
+              "cnt_ptr": "*i32"}),
+        dict(E=8, BE=8, BD=512, KP=2, TOPK=2, PDL=True))}
+    fields = {"q": "*i32", "qh": "*i32", "sc": "*u8", "mn": "*u8", "d": "*fp16", "dm": "*fp16"}
+    const = dict(TOPK=2, QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, SPLIT=True, EVEN_N=True, EVEN_K=True, ASM=True,
+                 INT8=False, STAGES=1, PDL=True)
+    out["moe_gate_up"] = _compile(
+        moe_gemv._gguf_gate_up_kernel,
+        _sig("x_ptr h_ptr ids_ptr ws_ptr cnt_ptr aq aqh asc amn ad adm bq bqh bsc bmn bd bdm P N K s_xm s_hm as_q "
+             "as_qh as_sc as_d bs_q bs_qh bs_sc bs_d one SPLIT_K",
+             {"x_ptr": "*bf16", "h_ptr": "*bf16", "ids_ptr": "*i64", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+              **{p + f: t for p in "ab" for f, t in fields.items()}}),
+        {**const, "GLU": True})
+    out["moe_down"] = _compile(
+        moe_gemv._gguf_down_kernel,
+        _sig("h_ptr out_ptr res_ptr ids_ptr w_ptr ws_ptr cnt_ptr q qh sc mn d dm T N K s_hm s_om s_rm s_q s_qh s_sc "
+             "s_d one SPLIT_K",
+             {"h_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*fp32",
+              "ws_ptr": "*fp32", "cnt_ptr": "*i32", **fields}),
+        {**const, "RES": True})
     return out
 
 
@@ -138,6 +169,7 @@ def ptx_stats():
 SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split",
          "decode_split_direct", "decode_merge", "quantize"]
+MOE = ["moe_router", "moe_gate_up", "moe_down"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
 
 
@@ -145,6 +177,15 @@ GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_sta
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
     """RMSNorm, SwiGLU, RoPE, the KV store (alone and with RoPE), decode attention, the activation quantization: the wait
     comes first; each also signals its dependents."""
+    st = ptx_stats[name]
+    assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
+    assert st["loads"] == 0 and st["stores"] == 0, st
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_kernels_wait_before_touching_memory(ptx_stats, name):
+    """The router and the expert GEMVs: the expert ids the GEMVs read are the router's output, so
+    nothing is loaded before the wait (no weight prefetch, unlike the dense GEMV)."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["loads"] == 0 and st["stores"] == 0, st

@@ -37,11 +37,13 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import gguf_gemv_wide as wide
+from devstral.kernels import pdl
 from devstral.kernels.gguf_config import split_k as split_for
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_split, workspace
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
 # measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=); rows = pairs for
@@ -89,7 +91,9 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                          TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
                          WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                         INT8: tl.constexpr, STAGES: tl.constexpr):
+                         INT8: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the expert ids come from the router just before, so nothing loads first
+        gdc_wait()
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -148,6 +152,8 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                                    INT8)
                 wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
             wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
+    if PDL:  # at the loop's end, as the dense GEMV: earlier, the next kernel would take this one's SM slots
+        gdc_launch_dependents()
     a = tl.sum(acc_a, axis=1)
     b = tl.sum(acc_b, axis=1)
     ok = local < N
@@ -182,7 +188,9 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
                       TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
                       E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                      STAGES: tl.constexpr):
+                      STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: h and the expert ids come from the kernels just before
+        gdc_wait()
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)  # (slot j, K split)
@@ -218,6 +226,8 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
             acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K,
                              ASM, INT8)
             w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
+    if PDL:
+        gdc_launch_dependents()
     y = tl.load(w_ptr + p).to(tl.float32) * tl.sum(acc, axis=1)
     ok = local < N
     if SPLIT:
@@ -253,7 +263,11 @@ def _dense_rows_dot(w_ptr, n2, row_ok, x0, K, BN: tl.constexpr, BK: tl.constexpr
 
 @triton.jit
 def _dense_gate_up_kernel(x_ptr, h_ptr, ids_ptr, a_ptr, b_ptr, N, K, s_xm, s_hm,
-                          TOPK: tl.constexpr, GLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                          TOPK: tl.constexpr, GLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     x0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm
@@ -269,7 +283,10 @@ def _dense_gate_up_kernel(x_ptr, h_ptr, ids_ptr, a_ptr, b_ptr, N, K, s_xm, s_hm,
 
 @triton.jit
 def _dense_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, d_ptr, N, K, s_hm, s_om, s_rm, RES: tl.constexpr,
-                       TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                       TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     local = tl.program_id(1) * BN + tl.arange(0, BN)
     ok = local < N
@@ -395,6 +412,7 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
     if pairs == 0:
         return h
     glu = up is not None
+    on = pdl.enabled(x.device)
     if isinstance(gate, PackedGGUF):
         cfg = config or plan("gate_up", gate.qtype.name, pairs, n, k, top_k, sms, x.device)
         bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
@@ -406,12 +424,12 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
             x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
             INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg),
-            num_warps=cfg["num_warps"], num_stages=_stages(cfg))
+            PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
             x, h, ids, gate, up if glu else gate, n, k, x.stride(0), h.stride(0), TOPK=top_k, GLU=glu,
-            BN=bn, BK=256, num_warps=4, num_stages=2)
+            BN=bn, BK=256, PDL=on, num_warps=4, num_stages=2, launch_pdl=on)
     return h
 
 
@@ -423,6 +441,7 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
     tokens, k = out.shape[0], h.shape[1]
     if tokens == 0:
         return out
+    on = pdl.enabled(out.device)
     if isinstance(w, PackedGGUF):
         cfg = config or plan("down", w.qtype.name, tokens, n, k, top_k, sms, out.device)
         bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
@@ -441,12 +460,12 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
                 t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
                 RES=residual is not None, TOPK=top_k,
                 SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n, cfg.get("ns", NS)),
-                STAGES=_stages(cfg), num_warps=cfg["num_warps"], num_stages=_stages(cfg))
+                STAGES=_stages(cfg), PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
     else:
         bn = _block_rows(n, tokens, sms, 32)
         res = residual if residual is not None else out
         _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
             h, out, res, ids, weights, w, n, k, h.stride(0), out.stride(0), res.stride(0), RES=residual is not None,
-            TOPK=top_k, BN=bn, BK=256, num_warps=4, num_stages=2)
+            TOPK=top_k, BN=bn, BK=256, PDL=on, num_warps=4, num_stages=2, launch_pdl=on)
     return out
 

@@ -18,14 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import pdl
 from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TILE = 4096  # router weights per program: BE * BD
 
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, ids_ptr, wt_ptr, ws_ptr, cnt_ptr, T, D, s_xm, s_wm, n_split,
-                   E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):
+                   E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py (the norm before writes x)
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     s = tl.program_id(1)
     e = tl.arange(0, BE)
@@ -69,9 +75,11 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> tuple[torch.Tens
     n_split = triton.cdiv(d, bd)
     ws = torch.empty(n_split * t * n_experts, dtype=torch.float32, device=x.device)
     cnt = counters(x.device)
+    on = pdl.enabled(x.device)
     for t0 in range(0, t, MAX_TILES):  # one counter per token
         t1 = min(t, t0 + MAX_TILES)
         _router_kernel[(t1 - t0, n_split)](
             x[t0:], weight, ids[t0:], wts[t0:], ws, cnt, t1 - t0, d, x.stride(0), weight.stride(0), n_split,
-            E=n_experts, BE=be, BD=bd, KP=triton.next_power_of_2(top_k), TOPK=top_k, num_warps=4)
+            E=n_experts, BE=be, BD=bd, KP=triton.next_power_of_2(top_k), TOPK=top_k, PDL=on, num_warps=4,
+            launch_pdl=on)
     return ids, wts

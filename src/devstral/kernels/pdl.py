@@ -5,8 +5,9 @@ it does any work. Launched as a programmatic dependent, a kernel may be schedule
 it still runs; it waits (griddepcontrol.wait) for that kernel's end, and for its writes to be visible,
 before it touches memory that kernel may have written. Every kernel of the decode chain is launched so:
 RMSNorm, RoPE with the KV store, the decode attention's two passes and SwiGLU wait first thing; the
-activation quantization too; a GEMV first issues its first tile's weight loads (weights are never
-written) and waits before it reads the activations. Each signals its own dependents
+activation quantization and the MoE router too. A dense GEMV first issues its first tile's weight loads
+(weights are never written) and waits before it reads the activations; a MoE expert GEMV waits first,
+as its expert ids are the router's output. Each signals its own dependents
 (griddepcontrol.launch_dependents) at its start, a GEMV at the end of its loop: at its start, a GEMV of
 more than one wave let the next kernel's programs take the SM slots its own later waves needed. Nothing
 is written before the wait (split-K workspaces and counters included), so outputs are those of plain
