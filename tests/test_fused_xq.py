@@ -10,7 +10,9 @@ import) with every linear planar as on CUDA and a tuned table that plans wide_xq
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +158,85 @@ def test_fused_quantization_keeps_the_logits(model_runs, m):
     assert sorted(fused["selected_launches"]) == sorted([STRIDE8] * 2 * q4 + [STRIDE4])
 
 
+def _compile(fn, sig: dict, const: dict, num_warps: int) -> tuple[str, str]:
+    """(TTGIR, PTX) of `fn` for sm_90 as the launcher specializes Devstral's shapes: pointers, strides and
+    widths divisible by 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t != "fp32"}
+    src = ASTSource(fn=fn, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return k.asm["ttgir"], k.asm["ptx"]
+
+
+def _first_reduce_layout(ttgir: str) -> str:
+    """The layout (resolved alias) of the first reduction's operand: RMSNorm's sum of squares."""
+    operand = re.search(r"\}\) : \(tensor<[^,]+, (#[\w.]+)>\)", ttgir).group(1)
+    return re.search(rf"^{re.escape(operand)} = (.*)$", ttgir, re.M).group(1)
+
+
+def _compiled() -> dict:
+    """Executed in a subprocess (compiled mode, no GPU): per kernel, what decides its bits."""
+    import triton.language as tl
+
+    from devstral.kernels import gguf_xq, rms_norm_triton, silu_mul_triton
+
+    out = {}
+    bf16 = "*bf16"
+    sig = {"x_ptr": bf16, "x_row_stride": "i32", "delta_ptr": bf16, "delta_row_stride": "i32", "w_ptr": bf16,
+           "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32", "s_xq": "i32", "n_cols": "i32", "eps": "fp32"}
+    for delta in (False, True):
+        for xq in (-1, 0, 1):
+            ir, ptx = _compile(rms_norm_triton._rms_norm_kernel, sig,
+                               dict(HAS_DELTA=delta, BLOCK=8192, XQ=xq, XQ_DTYPE=tl.bfloat16 if xq >= 0 else None),
+                               num_warps=16)
+            out[f"rms_norm_{delta}_{xq}"] = {"reduce": _first_reduce_layout(ir), "ptx": ptx}
+    for layout in (0, 1):
+        sig = {"x_ptr": "*bf16", "out_ptr": "*i32", "K": "i32", "s_xm": "i32", "s_om": "i32"}
+        out[f"quantize_{layout}"] = {"ptx": _compile(gguf_xq._quantize_kernel, sig, dict(LAYOUT=layout, BLOCKS=16),
+                                                     num_warps=4)[1]}
+        sig = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "xq_ptr": "*i32", "n_cols": "i32", "gate_row_stride": "i32",
+               "up_row_stride": "i32", "s_xq": "i32"}
+        out[f"silu_mul_{layout}"] = {"ptx": _compile(silu_mul_triton._silu_mul_xq_kernel, sig,
+                                                     dict(OUT=tl.bfloat16, LAYOUT=layout, BLOCKS=16), num_warps=4)[1]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    from devstral.kernels import sass_stats
+
+    if not sass_stats.tools_available():
+        pytest.skip("Triton's ptxas not shipped on this platform")
+    return sass_stats.offline_json(__file__, "--compile")
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["norm", "add_norm"])
+def test_fused_norm_reduces_its_row_as_the_plain_norm(compiled, delta):
+    """Compiled for sm_90: RMSNorm writing the int8 layout reduces the row's squares in the layout the
+    float RMSNorm does (the order of a float sum follows the layout), so the normed values it quantizes
+    are the float kernel's, bit for bit."""
+    plain = compiled[f"rms_norm_{delta}_-1"]["reduce"]
+    assert compiled[f"rms_norm_{delta}_0"]["reduce"] == plain == compiled[f"rms_norm_{delta}_1"]["reduce"]
+
+
+def test_every_quantizing_kernel_rounds_its_levels_in_one_fma(compiled):
+    """x * inv + 1.5 * 2^23 as one fma.rn in the quantization launch and in the fused RMSNorm and SwiGLU
+    (one rounding in each: the same levels), never as a multiply and an add."""
+    for name, st in compiled.items():
+        if name.startswith("rms_norm") and name.endswith("-1"):
+            continue  # the float norm quantizes nothing
+        ptx = st["ptx"]
+        assert re.search(r"fma\.rn\.f32\s+[^;]*0f4B400000;", ptx), name
+        assert not re.search(r"add(\.rn)?\.f32\s+[^;]*0f4B400000;", ptx), name
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    _run_model(sys.argv[1])
+    if sys.argv[1] == "--compile":
+        print(json.dumps(_compiled()))
+    else:
+        _run_model(sys.argv[1])
