@@ -16,7 +16,9 @@ launch config benchmarks/gguf_gemv_sweep.py measured fastest at the smallest mea
 path when present, else the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
 (benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
 point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
-arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
+arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph. That is
+also what lets the kernel before a wide_xq GEMV write its input already quantized (`xq_layout`, asked
+through quant.linear.input_layout): producer and GEMV reach the same plan independently.
 """
 
 from __future__ import annotations
