@@ -1,22 +1,26 @@
 """The split-KV paged decode kernel against `decode_attention_ref` (gather the pages, dequantize as
 kv_format does, SDPA with the causal/window mask): every KV kind, GQA ratios, sliding windows,
-partial last blocks, scattered block tables, padding rows (context 1), one split or many.
+partial last blocks, scattered block tables, padding rows (context 1), one split or many, scores laid
+out tokens- or heads-major.
 
-CPU: Triton's interpreter. GPU (`-m gpu`): the compiled kernel at Devstral-Small shapes (32 query
-heads over 8 kv heads, head_dim 128) up to 32k contexts, and a CUDA graph captured at one batch and
-replayed with other contexts.
+CPU: Triton's interpreter, plus the PTX that dequantizes the 1-byte kinds on the GPU, run through a
+small emulator of its instructions against `kv_format.dequantize` for every byte. GPU (`-m gpu`): the
+compiled kernel at Devstral-Small shapes (32 query heads over 8 kv heads, head_dim 128) up to 32k
+contexts for every kind, and CUDA graphs captured at one batch and replayed with other contexts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
+from devstral.kernels.kv_format import QUANT_KINDS, KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
 from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
@@ -124,6 +128,100 @@ def test_decode_fp16_queries_over_a_bf16_cache():
           configs=SPLIT3)
 
 
+@pytest.mark.parametrize("tokens_major", [False, True])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "q4_0"])
+def test_scores_in_either_orientation(kind, tokens_major):
+    check(kind, [13, 50], n_heads=8, n_kv_heads=2, head_dim=32, block_size=8,
+          configs=[DecodeConfig(block_n=16, splits=2, tokens_major=tokens_major),
+                   DecodeConfig(block_n=16, splits=1, tokens_major=tokens_major)], seed=21)
+
+
+def _run_ptx(asm: str, word: np.ndarray, n_out: int) -> list[np.ndarray]:
+    """The few PTX instructions the dequantization uses, on uint32 arrays ($0.. are the outputs, the
+    input word follows them)."""
+    regs = {f"${n_out}": word.astype(np.uint32)}
+
+    def value(tok):
+        return np.uint32(int(tok, 0)) if tok[0].isdigit() else regs[tok]
+
+    def f16_bits(byte):
+        e4m3 = torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn)
+        return e4m3.half().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+
+    for stmt in filter(None, (x.strip() for x in asm.strip("{} ").split(";"))):
+        op, rest = stmt.split(None, 1)
+        if op == ".reg":
+            continue
+        if rest.startswith("{"):  # mov.b32 {lo, hi}, x: the two 16-bit halves
+            lo, hi, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()
+            regs[lo], regs[hi] = value(src) & np.uint32(0xFFFF), value(src) >> np.uint32(16)
+            continue
+        dst, *args = (a.strip() for a in rest.split(","))
+        a = [value(x) for x in args]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":  # byte i of the result: byte sel_i of (a[1] << 32 | a[0])
+            pool = (np.uint64(a[1]) << np.uint64(32)) | np.asarray(a[0], np.uint64)
+            r = sum(((pool >> np.uint64(8 * ((int(a[2]) >> 4 * i) & 7))) & np.uint64(0xFF)) << np.uint64(8 * i)
+                    for i in range(4)).astype(np.uint32)
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            r = f16_bits(a[0] & 0xFF) | (f16_bits(a[0] >> 8) << np.uint32(16))
+        elif op == "cvt.f32.f16":
+            r = a[0].astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+        else:
+            raise NotImplementedError(op)
+        regs[dst] = np.asarray(r, np.uint32)
+    return [regs[f"${i}"].view(np.float32) for i in range(n_out)]
+
+
+def _fma(f, scale, bias):
+    """The kernel's fma(f, scale * 2^-8, -bias * scale): both constants rounded to float32 as the
+    kernel computes them, the fma exact (float64 holds f x scale' and the sum), rounded once."""
+    from devstral.kernels import paged_attention_triton as pa
+
+    mul, add = np.float32(scale) * np.float32(pa._BITS_8_15.value), np.float32(scale) * np.float32(-bias)
+    return np.float32(f.astype(np.float64) * np.float64(mul) + np.float64(add))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "q8_0", "q4_0"])
+def test_dequantization_ptx_is_exact(kind):
+    """Every byte in every position of a word, through the kernel's PTX (emulated), gives the float32
+    `kv_format.dequantize` computes (up to the sign of zero), for scales across fp16's range."""
+    from devstral.kernels import paged_attention_triton as pa
+    from devstral.kernels.kv_format import dequantize
+
+    byte = np.arange(256, dtype=np.uint32)
+    scales = [1.0, 6e-8, 65504.0, 0.0137, -3.1e-3] if kind == "q4_0" else [1.0, 6e-8, 65504.0, 0.0137]
+    for pos in range(4):
+        word = byte << np.uint32(8 * pos)
+        if kind == "fp8":
+            got = _run_ptx(pa._E4M3_WORD_ASM.value, word, 4)[pos]
+            want = torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
+            finite = np.isfinite(want)
+            assert np.array_equal(got[finite], want[finite])
+            continue
+        outs = _run_ptx(pa._Q8_0_ASM.value if kind == "q8_0" else pa._Q4_0_ASM.value, word, 4 if kind == "q8_0" else 8)
+        for sc in scales:
+            d = torch.full((256, 1), sc, dtype=torch.float16)
+            if kind == "q8_0":
+                values = torch.from_numpy(byte.astype(np.uint8).view(np.int8)).repeat(32).view(32, 256).T
+                want = dequantize(values.contiguous(), d, "q8_0", torch.float32)[:, 0].numpy()
+                got = _fma(outs[pos], d[0, 0].float().item(), pa._Q8_0_BIAS.value)
+                assert np.array_equal(got, want), (pos, sc)
+            else:
+                packed = torch.from_numpy(byte.astype(np.uint8)).repeat(16).view(16, 256).T.contiguous()
+                values = dequantize(packed, d, "q4_0", torch.float32).numpy()  # [:, j] low nibble, [:, j + 16] high
+                for nibble, col in ((0, 0), (1, 16)):
+                    got = _fma(outs[pos + 4 * nibble], d[0, 0].float().item(), pa._Q4_0_BIAS.value)
+                    assert np.array_equal(got, values[:, col]), (pos, nibble, sc)
+
+
 def test_split_count_fills_the_last_wave_with_the_fewest_splits():
     """num_splits' contract, checked exhaustively on a grid of batches, slots and contexts: the fewest
     splits whose programs fill the last wave to WAVE_EFFICIENCY, else the best fill; never more than
@@ -171,7 +269,7 @@ def test_decode_interpreter_sweep(kind, window, block_size):
 # ---------------------------------------------------------------- GPU
 DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
 GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
-               DecodeConfig(block_n=128, num_warps=8)]  # the benchmark's candidates
+               DecodeConfig(block_n=128, num_warps=8), DecodeConfig(block_n=128)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu
@@ -182,9 +280,17 @@ def test_gpu_decode_batch_of_mixed_contexts(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpu_decode_long_context(kind):
-    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=2)
+    """32k keys: the dequantization's PTX (fp8, q8_0, q4_0) over many tiles, in both orientations."""
+    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(tokens_major=kind not in QUANT_KINDS),
+                                                 DecodeConfig(block_n=128)], device="cuda", seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp8", "q8_0", "q4_0"])
+def test_gpu_decode_fp16_queries_over_quantized_caches(kind):
+    check(kind, [3000, 17, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=6, dtype=torch.float16)
 
 
 @pytest.mark.gpu

@@ -100,7 +100,8 @@ def _all() -> dict:
                          "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
                          "part_lse_ptr": "*fp32", "scale_log2e": "fp32"}),
             dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False, DIRECT=direct,
-                 DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, PDL=True), num_stages=2)
+                 DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1, TOKENS_MAJOR=False, ASM=True,
+                 PDL=True), num_stages=2)
     out["decode_merge"] = _compile(
         paged_attention_triton._decode_merge_kernel,
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits n_heads",
