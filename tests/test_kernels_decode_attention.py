@@ -1,7 +1,8 @@
 """The split-KV paged decode kernel against `decode_attention_ref` (gather the pages, dequantize as
 kv_format does, SDPA with the causal/window mask): every KV kind, GQA ratios, sliding windows,
-partial last blocks, scattered block tables, padding rows (context 1), one split or many, scores laid
-out tokens- or heads-major.
+partial last blocks, scattered block tables, padding rows (context 1), one split or many, the splits
+merged in the same launch (arrival counters) or by a second kernel, scores laid out tokens- or
+heads-major.
 
 CPU: Triton's interpreter, plus the PTX that dequantizes the 1-byte kinds on the GPU, run through a
 small emulator of its instructions against `kv_format.dequantize` for every byte. GPU (`-m gpu`): the
@@ -17,13 +18,19 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
 from devstral.kernels.kv_format import QUANT_KINDS, KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
-from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
+from devstral.kernels.paged_attention_triton import (  # noqa: E402
+    DecodeConfig,
+    arrival_counters,
+    decode_attention_triton,
+)
 
 KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
 # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy deprecates that)
@@ -82,7 +89,7 @@ def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, wind
 
 # ---------------------------------------------------------------- CPU, through the interpreter
 # A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
-SPLIT3 = [DecodeConfig(block_n=16, splits=3)]
+SPLIT3 = [DecodeConfig(block_n=16, splits=3), DecodeConfig(block_n=16, splits=3, fused_merge=False)]
 sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
                            reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
 
@@ -128,12 +135,40 @@ def test_decode_fp16_queries_over_a_bf16_cache():
           configs=SPLIT3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("window", [None, 20])
+def test_fused_merge_with_rows_using_fewer_splits(kind, window):
+    """One launch merges the splits: rows of 1, 9, 17, 40 and 70 keys over 4 splits of whole 16-key
+    tiles use 1, 1, 2, 3 and 4 of them (fewer inside a window); each row's last arriving split
+    merges it, a row with one used split writes its output directly."""
+    check(kind, [1, 9, 17, 40, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, window=window,
+          configs=[DecodeConfig(block_n=16, splits=4)], seed=KINDS.index(kind) + (window or 0))
+
+
 @pytest.mark.parametrize("tokens_major", [False, True])
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "q4_0"])
 def test_scores_in_either_orientation(kind, tokens_major):
     check(kind, [13, 50], n_heads=8, n_kv_heads=2, head_dim=32, block_size=8,
           configs=[DecodeConfig(block_n=16, splits=2, tokens_major=tokens_major),
                    DecodeConfig(block_n=16, splits=1, tokens_major=tokens_major)], seed=21)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), splits=st.integers(2, 6),
+       kind=st.sampled_from(["bf16", "q8_0"]))
+def test_fused_merge_twice_in_a_row_gives_identical_results(lens, splits, kind):
+    """The last split of each group re-arms its counter: a second launch sees zeros and gives the same
+    bits (the merge adds the splits in a fixed order, whichever arrives last); both match the reference."""
+    layer, tables, ctx = filled_cache(kind, lens, 2, 32, 8, torch.bfloat16, "cpu", seed=sum(lens))
+    q = queries(len(lens), 4, 2, 32, torch.bfloat16, "cpu", seed=splits)
+    cfg = DecodeConfig(block_n=16, splits=splits)
+    first = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
+    assert not arrival_counters(torch.device("cpu")).any()
+    second = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
+    assert torch.equal(first, second)
+    assert not arrival_counters(torch.device("cpu")).any()
+    ref = decode_attention_ref(q, layer, tables, ctx, 0.17).float()
+    assert (first.float() - ref).abs().max() <= 2e-2 * max(1.0, ref.abs().max().item())
 
 
 def _run_ptx(asm: str, word: np.ndarray, n_out: int) -> list[np.ndarray]:
@@ -268,8 +303,9 @@ def test_decode_interpreter_sweep(kind, window, block_size):
 
 # ---------------------------------------------------------------- GPU
 DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
-GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
-               DecodeConfig(block_n=128, num_warps=8), DecodeConfig(block_n=128)]  # the benchmark's candidates
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=False), DecodeConfig(block_n=32),
+               DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
+               DecodeConfig(block_n=128)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu
@@ -284,7 +320,8 @@ def test_gpu_decode_batch_of_mixed_contexts(kind):
 def test_gpu_decode_long_context(kind):
     """32k keys: the dequantization's PTX (fp8, q8_0, q4_0) over many tiles, in both orientations."""
     check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(tokens_major=kind not in QUANT_KINDS),
-                                                 DecodeConfig(block_n=128)], device="cuda", seed=2)
+                                                 DecodeConfig(block_n=128), DecodeConfig(fused_merge=False)],
+          device="cuda", seed=2)
 
 
 @pytest.mark.gpu
@@ -300,22 +337,43 @@ def test_gpu_decode_sliding_window(window):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts():
+@pytest.mark.parametrize("kind,fused", [("bf16", True), ("bf16", False), ("q8_0", True)])
+def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused):
     """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
-    comes from max_context alone, so the graph stays valid."""
+    comes from max_context alone, so the graph stays valid; the fused merge's counters are back at zero
+    after every replay (the same contexts replayed twice give the same bits)."""
     dev, bs = "cuda", 16
     lens_a = [2000, 1, 700, 33]
-    layer, tables, lens = filled_cache("bf16", lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
+    layer, tables, lens = filled_cache(kind, lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
     q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
     static_q, static_lens = q.clone(), torch.ones_like(lens)
     max_context = tables.shape[1] * bs
-    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    cfg = DecodeConfig(fused_merge=fused)
+    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context,
+                                      config=cfg)
     for new_lens in ([2000, 1, 700, 33], [1, 1999, 16, 512]):
         static_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         graph.replay()
+        first = out.clone()
+        graph.replay()
         ref = decode_attention_ref(static_q, layer, tables, static_lens, 0.088, None)
         torch.cuda.synchronize()
+        assert torch.equal(first, out)
         assert (out.float() - ref.float()).abs().max().item() < 2e-2
+    assert not arrival_counters(torch.device(dev)).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "q8_0", "q4_0"])
+def test_gpu_fused_merge_in_a_large_batch(kind):
+    """64 rows of mixed contexts (and padding rows) over 8 kv heads: 512 groups count their splits in
+    one launch, many merging at once; the same bits launch after launch."""
+    lens = [1 + (i * 997) % 6000 for i in range(64)]
+    check(kind, lens, **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(splits=7)], device="cuda", seed=8)
+    layer, tables, ctx = filled_cache(kind, lens[:8], 8, 128, 16, torch.bfloat16, "cuda", seed=9)
+    q = queries(8, 32, 8, 128, torch.bfloat16, "cuda", 10)
+    runs = [decode_attention_triton(q, layer, tables, ctx, 0.088, max_context=8192) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])

@@ -6,24 +6,34 @@ values for one kv head once, and serves all the query heads of that GQA group wi
 [BLOCK_H >= 16, head_dim] query tile, so both products run on tensor cores). Tiles of BLOCK_N tokens
 are gathered through the block table, dequantized in registers (fp8 scales are folded into the
 scores and, except for fp16 queries, the probabilities; q8_0/q4_0 are expanded to q's dtype as the
-reference does), and reduced with an online softmax in base 2. Each split writes its normalized
-partial output and log-sum-exp; pass 2, grid (sequence, query head), merges the splits. With one
-split, pass 1 writes the output itself and pass 2 is skipped.
+reference does), and reduced with an online softmax in base 2. With one split (or a row whose
+context fits in one), the program writes the output itself. Otherwise each split writes its
+normalized partial output and log-sum-exp, and the splits are merged in the same launch: every split
+with keys counts itself in at its (sequence, kv head) group's int32 counter (an acq_rel atomic after
+a CTA barrier, so its partials are visible first); the one that arrives last merges the group's heads
+in split order -- the same sum whichever finished last -- writes the output and re-arms the counter
+to zero. A row's later splits that have no keys (a short context uses few) take no part: the last
+program expects `used` arrivals, the number of splits with keys, which every program computes alike.
+The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any CUDA-graph
+capture, and are zero at the start of every launch. `DecodeConfig(fused_merge=False)` keeps the
+two-pass path: pass 2, grid (sequence, query head), merges with the same arithmetic (`_merge_splits`).
 
 The 1-byte kinds (fp8, q8_0, q4_0) are read as int32 words (cp.async'd like the 2-byte tiles, then
 unpacked four values at a time by a few lines of PTX, exactly), a token's q8_0/q4_0 scales as one
 [BLOCK_N, head_dim / 32] tile broadcast in registers, and their scores are computed tokens-major,
-k q^T [BLOCK_N, BLOCK_H] (then v^T p): the dequantized tile is the product's first operand, which
-on sm_90 makes both products wgmma with the tile in registers, and spares the per-iteration
-shuffling of the query fragments that a heads-major product with a 1-byte operand costs. Before,
-each value's scale was a separate synchronous global load and the int8 tile went through shared
-memory a byte at a time (q8_0 at a third of the bandwidth, q4_0 at a fiftieth; docs/architecture.md).
+k q^T [BLOCK_N, BLOCK_H] (then v^T p): the dequantized tile is the products' first operand (on sm_90
+both are wgmma, fed it from registers), which spares the per-iteration shuffling of the query's
+fragments that a heads-major product costs once a 1-byte operand sets its layout. Before, each
+q8_0/q4_0 value's scale was its own synchronous 2-byte global load and the tile went through shared
+memory a byte at a time (H200: fp8 at a third of bf16's bytes per second, q8_0 at a tenth, q4_0 at a
+fiftieth; docs/architecture.md has the counts).
 
 CUDA graphs: the grid depends only on the batch size, `max_context` and the device (how many
-programs it runs at once, see `num_splits`), never on the values of `context_lens`. Each row divides its own context (or window) evenly over the splits, in
-whole tiles, so a short row uses few splits and the rest exit at once; a padding row (context_len 1)
-costs one tile. Bytes read: every key and value in the window once, plus the partials (B x H x
-splits x (head_dim + 1) float32, written and read once).
+programs it runs at once, see `num_splits`), never on the values of `context_lens`. Each row divides
+its own context (or window) evenly over the splits, in whole tiles, so a short row uses few splits
+and the rest exit at once; a padding row (context_len 1) costs one tile. Bytes read: every key and
+value in the window once, plus the partials (B x H x splits x (head_dim + 1) float32, written and
+read once).
 """
 
 from __future__ import annotations
@@ -39,7 +49,11 @@ from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 128
+MAX_SPLITS = 128  # a power of two: the fused merge loads every split's log-sum-exp at once
+_LSE_TILE = tl.constexpr(MAX_SPLITS)
+OUT_DIRECT, OUT_PARTIALS, OUT_MERGED = (tl.constexpr(i) for i in range(3))  # what pass 1 writes (its OUTPUT)
+MERGE_ROWS = 64  # partial rows (split x head) a merge step loads: 64 x head_dim float32, 64 registers a thread at 128
+MAX_GROUPS = 1 << 16  # (sequence, kv head) arrival counters a device keeps for the fused merge
 MIN_SPLIT_TOKENS = 256  # a split shorter than this at max_context costs more in partials than it buys
 WAVE_EFFICIENCY = 0.9  # the fewest splits whose programs fill this much of the GPU's last wave
 DEFAULT_CTAS_PER_SM = 3  # the default config on an H100/H200 (72 KB of shared memory, 128 registers)
@@ -56,13 +70,15 @@ class DecodeConfig:
     shared memory)."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
-                 ctas_per_sm: int | None = None, tokens_major: bool | None = None):
+                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool = True):
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
-        self.splits, self.ctas_per_sm, self.tokens_major = splits, ctas_per_sm, tokens_major
+        self.splits, self.ctas_per_sm = splits, ctas_per_sm
+        self.tokens_major, self.fused_merge = tokens_major, fused_merge
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
-                f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major})")
+                f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
+                f"fused_merge={self.fused_merge})")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
@@ -347,13 +363,14 @@ def _accumulate(acc, p, v, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
-                         table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr,
+                         table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
                          scale_log2e, window, num_splits, n_heads,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
+                         OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
-                         ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+                         ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
+                         PDL: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
         gdc_wait()
@@ -405,19 +422,78 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         out = acc / _along_heads(l_sum, TOKENS_MAJOR)
         if TOKENS_MAJOR:
             out = tl.trans(out)
-        if DIRECT:
-            tl.store(out_ptr + b.to(tl.int64) * out_sb + heads[:, None] * out_sh + cols[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        out_rows = out_ptr + b.to(tl.int64) * out_sb
+        if OUTPUT == OUT_DIRECT:
+            tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=hmask[:, None])
         else:
-            row = (b.to(tl.int64) * n_heads + heads) * num_splits + s
-            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + cols[None, :], out, mask=hmask[:, None])
-            tl.store(part_lse_ptr + row, m + tl.log2(l_sum), mask=hmask)
+            used = tl.cdiv(length - lo, chunk)  # the splits of this row with keys: 0 .. used - 1
+            if OUTPUT == OUT_MERGED and used == 1:  # the row's only split: nothing to merge
+                tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                         mask=hmask[:, None])
+            else:
+                row = (b.to(tl.int64) * n_heads + heads) * num_splits + s
+                tl.store(part_out_ptr + row[:, None] * HEAD_DIM + cols[None, :], out, mask=hmask[:, None])
+                tl.store(part_lse_ptr + row, m + tl.log2(l_sum), mask=hmask)
+                if OUTPUT == OUT_MERGED:
+                    group = b * tl.num_programs(1) + kvh
+                    _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
+                                      (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used,
+                                      GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, first_rows, hmask, used, HEAD_DIM: tl.constexpr,
+                  BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    """The merged outputs [NH, HEAD_DIM] float32 of the heads whose split partials are rows
+    first_rows[h] + s, s < used: each split weighted by exp2(lse - the largest lse) over the weights'
+    sum, the weighted partials added in split order, CHUNK splits a step (whichever program merges,
+    the same sum). Loads bypass L1 (.cg): other programs wrote the partials during this launch."""
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(part_lse_ptr + first_rows[:, None] + s[None, :], mask=hmask[:, None] & (s < used)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.where(hmask, tl.max(lse, axis=1), 0.0)
+    total = tl.where(hmask, tl.sum(tl.exp2(lse - top[:, None]), axis=1), 1.0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([first_rows.shape[0], HEAD_DIM], tl.float32)
+    for s0 in range(0, used, CHUNK):
+        split = s0 + tl.arange(0, CHUNK)
+        ok = (split < used)[:, None] & hmask[None, :]
+        rows = first_rows[None, :] + split[:, None]  # [CHUNK, NH]
+        split_lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.where(ok, tl.exp2(split_lse - top[None, :]) / total[None, :], 0.0)
+        parts = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+        acc += tl.sum(parts * weight[:, :, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh, first_head, first_row, num_splits,
+                      used, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_HEADS: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """After a split stored its partials: count it in at its (sequence, kv head) group's counter. The
+    split that arrives last (the other used - 1 have stored theirs) merges the group's heads, whose
+    partial rows start at first_row, writes their output and re-arms the counter to zero for the next
+    launch."""
+    tl.debug_barrier()  # every thread's partials are stored before the counter moves (the atomic releases)
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == used - 1:
+        h = tl.arange(0, MERGE_HEADS)
+        hmask = h < GROUP
+        merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row + h.to(tl.int64) * num_splits, hmask, used,
+                               HEAD_DIM, _LSE_TILE, CHUNK)
+        d = tl.arange(0, HEAD_DIM)
+        tl.store(out_rows + (first_head + h)[:, None] * out_sh + d[None, :], merged.to(out_rows.dtype.element_ty),
+                 mask=hmask[:, None])
+        tl.store(arrival_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    """Pass 2 of the two-pass path, grid (sequence, query head)."""
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
         gdc_wait()
@@ -426,16 +502,11 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, o
     length = tl.load(len_ptr + b)
     _, _, chunk, lo = _split_range(length, 0, num_splits, window, BLOCK_N, HAS_WINDOW)
     used = tl.cdiv(length - lo, chunk)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < used
-    row = (b.to(tl.int64) * n_heads + h) * num_splits + s
-    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))
-    weight = weight / tl.sum(weight, axis=0)
+    first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
+    merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
+                           MERGE_CHUNK)
     d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], axis=0)
-    tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -485,17 +556,40 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
                      out, config or DecodeConfig())
     splits = launch.splits(max_context)
     if splits == 1:
-        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out)
+        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value)
         return out
     part_out = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse)
+    arrivals = launch.arrivals(splits)
+    if arrivals is not None:
+        launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals)
+        return out
+    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
     block_s = triton.next_power_of_2(splits)
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8, launch_pdl=launch.pdl)
+        MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8,
+        launch_pdl=launch.pdl)
     return out
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's fused-merge counters: MAX_GROUPS int32, zero between launches (the last split of
+    each group re-arms its counter), allocated once per device by the first decode call, which the
+    engine makes before any CUDA-graph capture. None when the first call is itself being captured
+    (the launch then takes the two-pass path)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _ARRIVALS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _ARRIVALS[device] = torch.zeros(MAX_GROUPS, dtype=torch.int32, device=device)
+    return buf
 
 
 def planned_splits(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -541,14 +635,26 @@ class _Launch:
                                # range would flush p x scale (scales go down to ~1e-6) to zero
                                FOLD_V_SCALE=q.dtype != torch.float16, SCALES=per_head,
                                ASM=not self.interpreted,  # PTX for the 1-byte kinds' dequantization
-                               TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS)
+                               TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS,
+                               MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
+                               MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
-    def split_pass(self, grid, splits: int, part_out, part_lse, *, warmup: bool = False):
-        args = (*self.args, part_out, part_lse, *self.tail, splits, self.q.shape[1])
+    def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, warmup: bool = False):
+        arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
+        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.q.shape[1])
         kernel = self.kernels._decode_split_kernel
         if warmup:
-            return kernel.warmup(*args, grid=grid, DIRECT=False, **self.constexprs)
-        return kernel[grid](*args, DIRECT=splits == 1, **self.constexprs, launch_pdl=self.pdl)
+            return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
+        return kernel[grid](*args, OUTPUT=output, **self.constexprs, launch_pdl=self.pdl)
+
+    def fused_merge(self) -> bool:
+        return self.cfg.fused_merge and self.batch * self.n_kv_heads <= MAX_GROUPS
+
+    def arrivals(self, splits: int) -> torch.Tensor | None:
+        """The counters for a fused merge of `splits` splits, or None for the two-pass path."""
+        if not self.fused_merge() or splits > MAX_SPLITS:
+            return None
+        return arrival_counters(self.q.device)
 
     def splits(self, max_context: int | None) -> int:
         if self.cfg.splits is not None:
@@ -561,6 +667,7 @@ class _Launch:
             kernel = None
             if not self.interpreted:
                 f32 = torch.empty(1, dtype=torch.float32, device=self.q.device)
-                kernel = self.split_pass((1, 1, 1), 2, f32, f32, warmup=True)
+                output = OUT_MERGED.value if self.fused_merge() else OUT_PARTIALS.value
+                kernel = self.split_pass((1, 1, 1), 2, f32, f32, output, warmup=True)
             _SLOTS[key] = concurrent_programs(kernel, self.q.device, self.cfg)
         return num_splits(self.batch, self.n_kv_heads, bound, _SLOTS[key], self.cfg)
