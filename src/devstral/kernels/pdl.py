@@ -4,7 +4,7 @@ At batch 1 a decode step is ~570 kernels, most of them small, and each pays a la
 it does any work. Launched as a programmatic dependent, a kernel may be scheduled while the one before
 it still runs; it waits (griddepcontrol.wait) for that kernel's end, and for its writes to be visible,
 before it touches memory that kernel may have written. Every kernel of the decode chain is launched so:
-RMSNorm, RoPE, the KV store, the decode attention's two passes and SwiGLU wait first thing; the
+RMSNorm, RoPE, the KV store, the decode attention (its merge too) and SwiGLU wait first thing; the
 activation quantization too; a GEMV first issues its first tile's weight loads (weights are never
 written) and waits before it reads the activations. Each signals its own dependents
 (griddepcontrol.launch_dependents) at its start, a GEMV at the end of its loop: at its start, a GEMV of
