@@ -172,13 +172,14 @@ def _split_range(length, s, num_splits, window, BLOCK_N: tl.constexpr, HAS_WINDO
     return start, end, chunk, lo
 
 
-# q8_0/q4_0 tiles are loaded as 32-bit words (a [BLOCK_N, HEAD_DIM] int8 tile would live in registers
-# as one byte a register, unpacked and repacked around every use). On the GPU each byte (sign bit
-# flipped for q8_0) or nibble goes into bits 8..15 of the float 2^23 with one PRMT, f = 2^23 + u * 2^8;
+# The 1-byte kinds' tiles are loaded as 32-bit words (a [BLOCK_N, HEAD_DIM] int8 tile lives in registers
+# one byte a register, unpacked and repacked around every use). q8_0/q4_0 on the GPU: each byte (sign
+# bit flipped for q8_0) or nibble goes into bits 8..15 of the float 2^23 with one PRMT, f = 2^23 + u*2^8;
 # then x * scale = fma(f, scale * 2^-8, -(2^15 + offset) * scale), offset 128 (q8_0) or 8 (q4_0). Both
-# constants are exact in float32 (2^15 + offset has at most 13 significant bits, the scale 11) and so is
-# the fma's one rounding (x * scale has at most 19 bits): the reference's float32 product bit for bit,
-# in 2.75 instructions a value where I2F (quarter rate), a multiply and an add take about 6.
+# constants are exact in float32 (2^15 + offset has at most 13 significant bits, the scale 11), and so is
+# the fma's one rounding (x * scale has at most 19): the reference's float32 product bit for bit, in a
+# PRMT, an FFMA, half an F2FP (the pack to q's dtype, which the reference's rounding needs anyway) and a
+# quarter of a LOP3 a value, where int8 -> float32 alone is an I2F (the conversion unit: 16 a clock per SM).
 _PRMT_BYTES = "prmt.b32 ${}, {}, k, 0x76{}4; "  # output, word, byte: 0x00 | byte << 8 | 0x00 << 16 | 0x4B << 24
 _BYTE_FLOATS = "".join(_PRMT_BYTES.format(i, "t", i) for i in range(4))
 _NIBBLE_FLOATS = "".join(_PRMT_BYTES.format(i, "lo", i) + _PRMT_BYTES.format(4 + i, "hi", i) for i in range(4))
@@ -189,8 +190,8 @@ _BITS_8_15 = tl.constexpr(2.0 ** -8)  # f's unit
 _Q8_0_BIAS, _Q4_0_BIAS = tl.constexpr(32768.0 + 128.0), tl.constexpr(32768.0 + 8.0)  # 2^15 + offset
 
 
-# fp8 words: four e4m3 -> two fp16 pairs (hardware, exact) -> four float32 (HADD2.F32, full rate, where
-# Triton's e4m3 -> bfloat16 goes through a quarter-rate F2F a value)
+# fp8 words: four e4m3 -> two fp16 pairs (the hardware's paired conversion, exact) -> four float32 (HADD2.F32,
+# on the FMA pipe), where Triton's own e4m3 -> bfloat16 takes an F2F (the conversion unit) a value
 _E4M3_WORD_ASM = tl.constexpr(
     "{ .reg .b16 l, h, x0, x1, x2, x3; .reg .b32 a, b; mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 a, l; "
     "cvt.rn.f16x2.e4m3x2 b, h; mov.b32 {x0, x1}, a; mov.b32 {x2, x3}, b; cvt.f32.f16 $0, x0; cvt.f32.f16 $1, x1; "
@@ -225,9 +226,14 @@ def _q8_0_values(words, ASM: tl.constexpr):
         b0, b1, b2, b3 = tl.inline_asm_elementwise(_Q8_0_ASM, "=r,=r,=r,=r,r", [words],
                                                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     else:
-        b0, b1, b2, b3 = (((words << 24) >> 24).to(tl.float32), ((words << 16) >> 24).to(tl.float32),
-                          ((words << 8) >> 24).to(tl.float32), (words >> 24).to(tl.float32))
+        b0, b1, b2, b3 = _int8_at(words, 0), _int8_at(words, 8), _int8_at(words, 16), _int8_at(words, 24)
     return _interleave4(b0, b1, b2, b3)
+
+
+@triton.jit
+def _int8_at(words, SHIFT: tl.constexpr):
+    """The signed byte at bit SHIFT of each word, as float32."""
+    return ((words << (24 - SHIFT)) >> 24).to(tl.float32)
 
 
 @triton.jit
@@ -238,13 +244,16 @@ def _q4_0_values(words, ASM: tl.constexpr):
         lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = tl.inline_asm_elementwise(
             _Q4_0_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
-        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = (
-            ((words >> 0) & 15).to(tl.float32) - 8.0, ((words >> 8) & 15).to(tl.float32) - 8.0,
-            ((words >> 16) & 15).to(tl.float32) - 8.0, ((words >> 24) & 15).to(tl.float32) - 8.0,
-            ((words >> 4) & 15).to(tl.float32) - 8.0, ((words >> 12) & 15).to(tl.float32) - 8.0,
-            ((words >> 20) & 15).to(tl.float32) - 8.0, ((words >> 28) & 15).to(tl.float32) - 8.0)
+        lo0, lo1, lo2, lo3 = _nibble_at(words, 0), _nibble_at(words, 8), _nibble_at(words, 16), _nibble_at(words, 24)
+        hi0, hi1, hi2, hi3 = _nibble_at(words, 4), _nibble_at(words, 12), _nibble_at(words, 20), _nibble_at(words, 28)
     x = tl.join(_interleave4(lo0, lo1, lo2, lo3), _interleave4(hi0, hi1, hi2, hi3))
     return tl.reshape(x, [x.shape[0], 2 * x.shape[1]])
+
+
+@triton.jit
+def _nibble_at(words, SHIFT: tl.constexpr):
+    """The q4_0 value (nibble - 8) at bit SHIFT of each word, as float32."""
+    return ((words >> SHIFT) & 15).to(tl.float32) - 8.0
 
 
 @triton.jit
