@@ -19,8 +19,9 @@ into gemv_tuned.json (null where cuBLAS wins or no candidate beats it by 3%): th
 this GPU's entry replaced. Copy it over src/devstral/kernels/gemv_tuned.json to make
 `kernels.gemv.linear` use the kernel on this GPU model.
 
-Runs in under 3 minutes on an H200, compiles included: a time budget per section skips the remaining
-candidates of a section that overruns, and says so in the JSON.
+Runs in about 5 minutes on an H200 (the decode attention alone, every KV kind, about 3), compiles
+included: a time budget per section skips the remaining candidates of a section that overruns, and
+says so in the JSON.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ DECODE_KINDS = ("bf16", "fp8", "q8_0", "q4_0")
 FULL = dict(dim=5120, n_heads=32, n_kv_heads=8, head_dim=128, ffn=32768, vocab=131072, page=16,
             gemv_shapes=[(5120, 65536), (32768, 5120), (5120, 6144), (4096, 5120), (5120, 131072)],  # by bytes/token
             gemv_m=[1, 2, 4, 8, 16], rows=[1, 64, 8192], store_tokens=[64, 8192],
-            # every kind at B=1 ctx 512 and 32768 and B=16 ctx 8192 (what the lead compares), then extras
+            # every KV kind at B=1 ctx 32768 and 512 and B=16 ctx 8192 (compared per byte), then bf16 extras
             decode_cases=[(batch, ctx, kind) for batch, ctx in ((1, 32768), (1, 512), (16, 8192))
                           for kind in DECODE_KINDS] + [(64, 2048, "bf16"), (1, 131072, "bf16")],
             max_context=131072)
