@@ -5,6 +5,8 @@ kernel and shape, each checked against its reference, timed, and set against its
                                                         #   engine_kernels_<gpu>.json, gemv_tuned.json
     python benchmarks/engine_kernels.py --smoke         # tiny shapes on the CPU (Triton's interpreter):
                                                         #   checks this script, times nothing real
+    python benchmarks/engine_kernels.py --sections decode_attention   # attention only (~3 minutes):
+                                                        #   engine_kernels_<gpu>_decode_attention.json
 
 Timing: each candidate is launched `reps` times inside one CUDA graph (no launch overhead between
 kernels, as in the engine's captured decode step) and the graph is replayed a few times; the median
@@ -17,8 +19,9 @@ into gemv_tuned.json (null where cuBLAS wins or no candidate beats it by 3%): th
 this GPU's entry replaced. Copy it over src/devstral/kernels/gemv_tuned.json to make
 `kernels.gemv.linear` use the kernel on this GPU model.
 
-Runs in under 3 minutes on an H200, compiles included: a time budget per section skips the remaining
-candidates of a section that overruns, and says so in the JSON.
+Runs in about 5 minutes on an H200 (the decode attention alone, every KV kind, about 3), compiles
+included: a time budget per section skips the remaining candidates of a section that overruns, and
+says so in the JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from devstral.kernels.gemv import TUNED_TABLE  # noqa: E402
 from devstral.kernels.gemv_triton import GemvConfig, linear_triton  # noqa: E402
-from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
+from devstral.kernels.kv_format import QUANT_KINDS, KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.kv_store_triton import store_kv_triton  # noqa: E402
 from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
@@ -52,17 +55,20 @@ from devstral.kernels.rope_triton import apply_rope_triton  # noqa: E402
 from devstral.kernels.silu_mul import silu_mul_ref  # noqa: E402
 from devstral.kernels.silu_mul_triton import silu_mul_triton  # noqa: E402
 
+DECODE_KINDS = ("bf16", "fp8", "q8_0", "q4_0")
 # Devstral Small (24B): dim 5120, 32 query heads over 8 kv heads of 128, FFN 32768, vocab 131072
 FULL = dict(dim=5120, n_heads=32, n_kv_heads=8, head_dim=128, ffn=32768, vocab=131072, page=16,
             gemv_shapes=[(5120, 65536), (32768, 5120), (5120, 6144), (4096, 5120), (5120, 131072)],  # by bytes/token
             gemv_m=[1, 2, 4, 8, 16], rows=[1, 64, 8192], store_tokens=[64, 8192],
-            decode_cases=[(1, 32768, "bf16"), (64, 2048, "bf16"), (1, 512, "bf16"), (1, 131072, "bf16"),
-                          (1, 32768, "fp8"), (64, 2048, "fp8"), (16, 8192, "q8_0"), (1, 32768, "q4_0")],
+            # every KV kind at B=1 ctx 32768 and 512 and B=16 ctx 8192 (compared per byte), then bf16 extras
+            decode_cases=[(batch, ctx, kind) for batch, ctx in ((1, 32768), (1, 512), (16, 8192))
+                          for kind in DECODE_KINDS] + [(64, 2048, "bf16"), (1, 131072, "bf16")],
             max_context=131072)
 SMOKE = dict(dim=96, n_heads=4, n_kv_heads=2, head_dim=32, ffn=160, vocab=200, page=16,
              gemv_shapes=[(96, 80), (160, 48)], gemv_m=[1, 4], rows=[1, 3], store_tokens=[5],
-             decode_cases=[(2, 40, "bf16"), (1, 70, "q4_0")], max_context=128)
-BUDGET_S = {"elementwise": 25, "kv_store": 15, "decode_attention": 55, "gemv": 55}  # compiles included
+             decode_cases=[(2, 40, "bf16"), (1, 70, "q4_0"), (2, 50, "q8_0"), (1, 33, "fp8")], max_context=128)
+BUDGET_S = {"elementwise": 25, "kv_store": 15, "decode_attention": 200, "gemv": 55}  # compiles included
+SECTIONS = ("elementwise", "kv_store", "decode_attention", "gemv")
 SPEEDUP_MARGIN = 0.97  # a Triton GEMV must beat cuBLAS by 3% to be chosen
 
 
@@ -252,24 +258,24 @@ def _store(b: Bench, s: dict, n_tok: int, kind: str) -> dict:
 
 # ---------------------------------------------------------------- decode attention
 def decode_candidates(kind: str) -> list[DecodeConfig]:
-    """The default (splits from the compiled kernel's occupancy), smaller/larger tiles, a single-buffered
-    pipeline (smaller shared memory, more programs per SM), and twice the splits."""
-    if kind == "bf16":
-        return [DecodeConfig(), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
-                DecodeConfig(block_n=128, num_warps=8), DecodeConfig(ctas_per_sm=6)]
-    if kind == "fp8":
-        return [DecodeConfig(), DecodeConfig(block_n=32), DecodeConfig(block_n=128, num_warps=8),
-                DecodeConfig(ctas_per_sm=6)]
-    return [DecodeConfig()]
+    """The default (splits merged in the launch, splits from the compiled kernel's occupancy) and the
+    two-pass merge first, then the other orientation of the scores, smaller/larger tiles and, for the
+    2-byte kinds, a single-buffered pipeline (smaller shared memory, more programs per SM)."""
+    first = [DecodeConfig(), DecodeConfig(fused_merge=False), DecodeConfig(tokens_major=kind not in QUANT_KINDS)]
+    if kind in QUANT_KINDS:
+        return first + [DecodeConfig(block_n=128), DecodeConfig(block_n=32)]
+    return first + [DecodeConfig(block_n=32), DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8)]
 
 
 def bench_decode(b: Bench, s: dict) -> list[dict]:
+    """Every case's first two candidates (the default, splits merged in the launch, and the two-pass
+    merge) before any case's others, so that the time budget never drops that comparison."""
     out, t0 = [], time.perf_counter()
-    for batch, ctx, kind in s["decode_cases"]:
-        if b.over("decode_attention", t0):
-            out.append({"name": f"decode B={batch} ctx={ctx} {kind}", "skipped": "time budget"})
-        else:
-            out += _decode_case(b, s, batch, ctx, kind, t0)
+    for first in (True, False):
+        for batch, ctx, kind in s["decode_cases"]:
+            candidates = decode_candidates(kind)
+            out += _decode_case(b, s, batch, ctx, kind, t0, candidates[:2] if first else candidates[2:],
+                                baseline=not first)
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
@@ -290,8 +296,10 @@ def _random_layer(kind: str, num_blocks: int, s: dict, device, g: torch.Generato
     return layer
 
 
-def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float) -> list[dict]:
-    """Reads every key and value of the batch's contexts once, q and the output, and the partials."""
+def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float, candidates: list[DecodeConfig],
+                 baseline: bool) -> list[dict]:
+    """Reads every key and value of the batch's contexts once, q and the output, and the partials
+    (counted for every planned split: a short row writes fewer)."""
     dev, H, Hkv, D, page = b.device, s["n_heads"], s["n_kv_heads"], s["head_dim"], s["page"]
     name = f"decode B={batch} ctx={ctx} {kind}"
     kv_bytes = batch * ctx * 2 * Hkv * kv_bytes_per_token_head(kind, D)
@@ -302,10 +310,10 @@ def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float) 
     tables = torch.randperm(num_blocks - 1, device=dev, generator=g).view(batch, blocks_per_seq).to(torch.int32)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     layers = [_random_layer(kind, num_blocks, s, dev, g) for _ in range(b.copies(kv_bytes))]
-    q = torch.randn(batch, H + 2 * Hkv, D, device=dev, dtype=torch.bfloat16)[:, :H]
+    q = torch.randn(batch, H + 2 * Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)[:, :H]
     ref = decode_attention_ref(q, layers[0], tables, lens, D ** -0.5)
     out = []
-    for cfg in decode_candidates(kind):
+    for cfg in candidates:
         if b.over("decode_attention", t0):
             out.append({"name": name, "config": repr(cfg), "skipped": "time budget"})
             continue
@@ -320,8 +328,9 @@ def _decode_case(b: Bench, s: dict, batch: int, ctx: int, kind: str, t0: float) 
         nbytes = kv_bytes + 2 * batch * H * D * 2 + partials
         sec = b.time([lambda layer=layer, run=run: run(layer) for layer in layers], nbytes / 3e12)
         out.append(b.entry(name, sec, nbytes, config=repr(cfg), rel_err=err, ok=err < 3e-2, splits=splits,
-                           kv_bytes=kv_bytes))
-    if kind == "bf16" and dev.type == "cuda" and not b.over("decode_attention", t0):
+                           kv_bytes=kv_bytes, kv_tb_s=round(kv_bytes / sec / 1e12, 4),
+                           merge="one split" if splits == 1 else ("fused" if cfg.fused_merge else "two-pass")))
+    if baseline and kind == "bf16" and dev.type == "cuda" and not b.over("decode_attention", t0):
         # baseline: SDPA (FlashAttention) decode over a contiguous [B, Hkv, ctx, D] cache
         kc = torch.randn(batch, Hkv, ctx, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
@@ -402,10 +411,33 @@ def summary(rows: list[dict]) -> None:
         print(line, flush=True)
 
 
+def decode_comparisons(rows: list[dict]) -> dict:
+    """Per decode case: the default (splits merged in the launch) against the two-pass merge, and
+    each kind's best KV bytes per second against bf16's at the same batch and context."""
+    timed = [r for r in rows if "us" in r and r.get("ok")]
+    merge = []
+    for name in dict.fromkeys(r["name"] for r in timed):
+        fused = [r for r in timed if r["name"] == name and r["config"] == repr(DecodeConfig())]
+        two = [r for r in timed if r["name"] == name and r["config"] == repr(DecodeConfig(fused_merge=False))]
+        if fused and two and fused[0]["merge"] != "one split":
+            merge.append({"name": name, "splits": fused[0]["splits"], "fused_us": fused[0]["us"],
+                          "two_pass_us": two[0]["us"], "faster": "fused" if fused[0]["us"] < two[0]["us"] else "two-pass"})
+    per_byte = []
+    for name in dict.fromkeys(r["name"] for r in timed):
+        case, kind = name.rsplit(" ", 1)
+        bf16 = [r["kv_tb_s"] for r in timed if r["name"] == f"{case} bf16"]
+        best = max(r["kv_tb_s"] for r in timed if r["name"] == name)
+        if bf16 and max(bf16) > 0:
+            per_byte.append({"name": name, "kv_tb_s": best, "vs_bf16": round(best / max(bf16), 3)})
+    return {"fused_vs_two_pass": merge, "kv_bytes_per_second_vs_bf16": per_byte}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
-    ap.add_argument("--sections", default="elementwise,kv_store,decode_attention,gemv")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset (e.g. decode_attention: every KV kind, merged in the launch "
+                         "or in two passes, in about 3 minutes); written to engine_kernels_<gpu>_<sections>.json")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("engine_kernels.py needs a CUDA GPU (or --smoke)")
@@ -435,10 +467,19 @@ def main() -> None:
         result[section] = rows
         print(f"-- {section} ({time.perf_counter() - t:.1f} s)", flush=True)
         summary(rows)
+        if section == "decode_attention":
+            result["decode_comparisons"] = decode_comparisons(rows)
+            for m in result["decode_comparisons"]["fused_vs_two_pass"]:
+                print(f"{m['name']:44s} merged in the launch {m['fused_us']:8.2f} us, two-pass {m['two_pass_us']:8.2f} us "
+                      f"({m['splits']} splits): {m['faster']}", flush=True)
+            for p in result["decode_comparisons"]["kv_bytes_per_second_vs_bf16"]:
+                print(f"{p['name']:44s} KV {p['kv_tb_s']:6.3f} TB/s, {p['vs_bf16']:5.2f} x bf16's", flush=True)
     result["elapsed_s"] = round(time.perf_counter() - b.started, 1)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if args.smoke else result["device"].replace("NVIDIA ", "").replace(" ", "_").lower()
+    if set(sections) != set(SECTIONS):  # a partial run never overwrites the full run's file
+        tag += "_" + "_".join(sections)
     if policy is not None:
         result["gemv_policy"] = policy
         print("gemv_tuned.json:", json.dumps(policy), flush=True)

@@ -1,25 +1,36 @@
 """The split-KV paged decode kernel against `decode_attention_ref` (gather the pages, dequantize as
 kv_format does, SDPA with the causal/window mask): every KV kind, GQA ratios, sliding windows,
-partial last blocks, scattered block tables, padding rows (context 1), one split or many.
+partial last blocks, scattered block tables, padding rows (context 1), one split or many, the splits
+merged in the same launch (arrival counters) or by a second kernel, scores laid out tokens- or
+heads-major.
 
-CPU: Triton's interpreter. GPU (`-m gpu`): the compiled kernel at Devstral-Small shapes (32 query
-heads over 8 kv heads, head_dim 128) up to 32k contexts, and a CUDA graph captured at one batch and
-replayed with other contexts.
+CPU: Triton's interpreter, plus the PTX that dequantizes the 1-byte kinds on the GPU, run through a
+small emulator of its instructions against `kv_format.dequantize` for every byte. GPU (`-m gpu`): the
+compiled kernel at Devstral-Small shapes (32 query heads over 8 kv heads, head_dim 128) up to 32k
+contexts for every kind, and CUDA graphs captured at one batch and replayed with other contexts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from devstral.kernels.kv_format import KVLayer, storage  # noqa: E402
+from devstral.kernels.kv_format import QUANT_KINDS, KVLayer, storage  # noqa: E402
 from devstral.kernels.kv_store import store_kv_ref  # noqa: E402
 from devstral.kernels.paged_attention import decode_attention_ref  # noqa: E402
-from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton  # noqa: E402
+from devstral.kernels.paged_attention_triton import (  # noqa: E402
+    DecodeConfig,
+    arrival_counters,
+    decode_attention_triton,
+)
 
 KINDS = ["bf16", "fp16", "fp32", "fp8", "q8_0", "q4_0"]
 # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy deprecates that)
@@ -78,7 +89,7 @@ def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, wind
 
 # ---------------------------------------------------------------- CPU, through the interpreter
 # A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
-SPLIT3 = [DecodeConfig(block_n=16, splits=3)]
+SPLIT3 = [DecodeConfig(block_n=16, splits=3), DecodeConfig(block_n=16, splits=3, fused_merge=False)]
 sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
                            reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
 
@@ -122,6 +133,128 @@ def test_decode_fp16_queries_over_a_small_valued_fp8_cache():
 def test_decode_fp16_queries_over_a_bf16_cache():
     check("bf16", [20, 33], n_heads=4, n_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float16,
           configs=SPLIT3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("window", [None, 20])
+def test_fused_merge_with_rows_using_fewer_splits(kind, window):
+    """One launch merges the splits: rows of 1, 9, 17, 40 and 70 keys over 4 splits of whole 16-key
+    tiles use 1, 1, 2, 3 and 4 of them (fewer inside a window); each row's last arriving split
+    merges it, a row with one used split writes its output directly."""
+    check(kind, [1, 9, 17, 40, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, window=window,
+          configs=[DecodeConfig(block_n=16, splits=4)], seed=KINDS.index(kind) + (window or 0))
+
+
+@pytest.mark.parametrize("tokens_major", [False, True])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "q4_0"])
+def test_scores_in_either_orientation(kind, tokens_major):
+    check(kind, [13, 50], n_heads=8, n_kv_heads=2, head_dim=32, block_size=8,
+          configs=[DecodeConfig(block_n=16, splits=2, tokens_major=tokens_major),
+                   DecodeConfig(block_n=16, splits=1, tokens_major=tokens_major)], seed=21)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lens=st.lists(st.integers(1, 90), min_size=1, max_size=4), splits=st.integers(2, 6),
+       kind=st.sampled_from(["bf16", "q8_0"]))
+def test_fused_merge_twice_in_a_row_gives_identical_results(lens, splits, kind):
+    """The last split of each group re-arms its counter: a second launch sees zeros and gives the same
+    bits (the merge adds the splits in a fixed order, whichever arrives last); both match the reference."""
+    layer, tables, ctx = filled_cache(kind, lens, 2, 32, 8, torch.bfloat16, "cpu", seed=sum(lens))
+    q = queries(len(lens), 4, 2, 32, torch.bfloat16, "cpu", seed=splits)
+    cfg = DecodeConfig(block_n=16, splits=splits)
+    first = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
+    assert not arrival_counters(torch.device("cpu")).any()
+    second = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
+    assert torch.equal(first, second)
+    assert not arrival_counters(torch.device("cpu")).any()
+    ref = decode_attention_ref(q, layer, tables, ctx, 0.17).float()
+    assert (first.float() - ref).abs().max() <= 2e-2 * max(1.0, ref.abs().max().item())
+
+
+def _run_ptx(asm: str, word: np.ndarray, n_out: int) -> list[np.ndarray]:
+    """The few PTX instructions the dequantization uses, on uint32 arrays ($0.. are the outputs, the
+    input word follows them)."""
+    regs = {f"${n_out}": word.astype(np.uint32)}
+
+    def value(tok):
+        return np.uint32(int(tok, 0)) if tok[0].isdigit() else regs[tok]
+
+    def f16_bits(byte):
+        e4m3 = torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn)
+        return e4m3.half().view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+
+    for stmt in filter(None, (x.strip() for x in asm.strip("{} ").split(";"))):
+        op, rest = stmt.split(None, 1)
+        if op == ".reg":
+            continue
+        if rest.startswith("{"):  # mov.b32 {lo, hi}, x: the two 16-bit halves
+            lo, hi, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()
+            regs[lo], regs[hi] = value(src) & np.uint32(0xFFFF), value(src) >> np.uint32(16)
+            continue
+        dst, *args = (a.strip() for a in rest.split(","))
+        a = [value(x) for x in args]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":  # byte i of the result: byte sel_i of (a[1] << 32 | a[0])
+            pool = (np.uint64(a[1]) << np.uint64(32)) | np.asarray(a[0], np.uint64)
+            r = sum(((pool >> np.uint64(8 * ((int(a[2]) >> 4 * i) & 7))) & np.uint64(0xFF)) << np.uint64(8 * i)
+                    for i in range(4)).astype(np.uint32)
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            r = f16_bits(a[0] & 0xFF) | (f16_bits(a[0] >> 8) << np.uint32(16))
+        elif op == "cvt.f32.f16":
+            r = a[0].astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+        else:
+            raise NotImplementedError(op)
+        regs[dst] = np.asarray(r, np.uint32)
+    return [regs[f"${i}"].view(np.float32) for i in range(n_out)]
+
+
+def _fma(f, scale, bias):
+    """The kernel's fma(f, scale * 2^-8, -bias * scale): both constants rounded to float32 as the
+    kernel computes them, the fma exact (float64 holds f x scale' and the sum), rounded once."""
+    from devstral.kernels import paged_attention_triton as pa
+
+    mul, add = np.float32(scale) * np.float32(pa._BITS_8_15.value), np.float32(scale) * np.float32(-bias)
+    return np.float32(f.astype(np.float64) * np.float64(mul) + np.float64(add))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "q8_0", "q4_0"])
+def test_dequantization_ptx_is_exact(kind):
+    """Every byte in every position of a word, through the kernel's PTX (emulated), gives the float32
+    `kv_format.dequantize` computes (up to the sign of zero), for scales across fp16's range."""
+    from devstral.kernels import paged_attention_triton as pa
+    from devstral.kernels.kv_format import dequantize
+
+    byte = np.arange(256, dtype=np.uint32)
+    scales = [1.0, 6e-8, 65504.0, 0.0137, -3.1e-3] if kind == "q4_0" else [1.0, 6e-8, 65504.0, 0.0137]
+    for pos in range(4):
+        word = byte << np.uint32(8 * pos)
+        if kind == "fp8":
+            got = _run_ptx(pa._E4M3_WORD_ASM.value, word, 4)[pos]
+            want = torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
+            finite = np.isfinite(want)
+            assert np.array_equal(got[finite], want[finite])
+            continue
+        outs = _run_ptx(pa._Q8_0_ASM.value if kind == "q8_0" else pa._Q4_0_ASM.value, word, 4 if kind == "q8_0" else 8)
+        for sc in scales:
+            d = torch.full((256, 1), sc, dtype=torch.float16)
+            if kind == "q8_0":
+                values = torch.from_numpy(byte.astype(np.uint8).view(np.int8)).repeat(32).view(32, 256).T
+                want = dequantize(values.contiguous(), d, "q8_0", torch.float32)[:, 0].numpy()
+                got = _fma(outs[pos], d[0, 0].float().item(), pa._Q8_0_BIAS.value)
+                assert np.array_equal(got, want), (pos, sc)
+            else:
+                packed = torch.from_numpy(byte.astype(np.uint8)).repeat(16).view(16, 256).T.contiguous()
+                values = dequantize(packed, d, "q4_0", torch.float32).numpy()  # [:, j] low nibble, [:, j + 16] high
+                for nibble, col in ((0, 0), (1, 16)):
+                    got = _fma(outs[pos + 4 * nibble], d[0, 0].float().item(), pa._Q4_0_BIAS.value)
+                    assert np.array_equal(got, values[:, col]), (pos, nibble, sc)
 
 
 def test_split_count_fills_the_last_wave_with_the_fewest_splits():
@@ -170,8 +303,9 @@ def test_decode_interpreter_sweep(kind, window, block_size):
 
 # ---------------------------------------------------------------- GPU
 DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
-GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(block_n=32), DecodeConfig(num_stages=3),
-               DecodeConfig(block_n=128, num_warps=8)]  # the benchmark's candidates
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=False), DecodeConfig(block_n=32),
+               DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
+               DecodeConfig(block_n=128)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu
@@ -182,9 +316,18 @@ def test_gpu_decode_batch_of_mixed_contexts(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpu_decode_long_context(kind):
-    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=2)
+    """32k keys: the dequantization's PTX (fp8, q8_0, q4_0) over many tiles, in both orientations."""
+    check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(tokens_major=kind not in QUANT_KINDS),
+                                                 DecodeConfig(block_n=128), DecodeConfig(fused_merge=False)],
+          device="cuda", seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp8", "q8_0", "q4_0"])
+def test_gpu_decode_fp16_queries_over_quantized_caches(kind):
+    check(kind, [3000, 17, 1], **DEVSTRAL, configs=[DecodeConfig()], device="cuda", seed=6, dtype=torch.float16)
 
 
 @pytest.mark.gpu
@@ -194,22 +337,43 @@ def test_gpu_decode_sliding_window(window):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts():
+@pytest.mark.parametrize("kind,fused", [("bf16", True), ("bf16", False), ("q8_0", True)])
+def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused):
     """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
-    comes from max_context alone, so the graph stays valid."""
+    comes from max_context alone, so the graph stays valid; the fused merge's counters are back at zero
+    after every replay (the same contexts replayed twice give the same bits)."""
     dev, bs = "cuda", 16
     lens_a = [2000, 1, 700, 33]
-    layer, tables, lens = filled_cache("bf16", lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
+    layer, tables, lens = filled_cache(kind, lens_a, 8, 128, bs, torch.bfloat16, dev, seed=4)
     q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
     static_q, static_lens = q.clone(), torch.ones_like(lens)
     max_context = tables.shape[1] * bs
-    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+    cfg = DecodeConfig(fused_merge=fused)
+    decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context)
+        out = decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context,
+                                      config=cfg)
     for new_lens in ([2000, 1, 700, 33], [1, 1999, 16, 512]):
         static_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         graph.replay()
+        first = out.clone()
+        graph.replay()
         ref = decode_attention_ref(static_q, layer, tables, static_lens, 0.088, None)
         torch.cuda.synchronize()
+        assert torch.equal(first, out)
         assert (out.float() - ref.float()).abs().max().item() < 2e-2
+    assert not arrival_counters(torch.device(dev)).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "q8_0", "q4_0"])
+def test_gpu_fused_merge_in_a_large_batch(kind):
+    """64 rows of mixed contexts (and padding rows) over 8 kv heads: 512 groups count their splits in
+    one launch, many merging at once; the same bits launch after launch."""
+    lens = [1 + (i * 997) % 6000 for i in range(64)]
+    check(kind, lens, **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(splits=7)], device="cuda", seed=8)
+    layer, tables, ctx = filled_cache(kind, lens[:8], 8, 128, 16, torch.bfloat16, "cuda", seed=9)
+    q = queries(8, 32, 8, 128, torch.bfloat16, "cuda", 10)
+    runs = [decode_attention_triton(q, layer, tables, ctx, 0.088, max_context=8192) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])

@@ -110,20 +110,24 @@ def _all() -> dict:
             dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True),
             enable_fp_fusion=False)
     names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
-             "out_sb out_sh part_out_ptr part_lse_ptr scale_log2e window num_splits n_heads")
-    for direct in (False, True):
-        out[f"decode_split{'_direct' if direct else ''}"] = _compile(
-            paged_attention_triton._decode_split_kernel,
-            _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16,
-                         "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                         "part_lse_ptr": "*fp32", "scale_log2e": "fp32"}),
-            dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False, DIRECT=direct,
-                 DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, PDL=True), num_stages=2)
+             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits n_heads")
+    pa = paged_attention_triton
+    for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
+        for kind, cache, scale, tokens_major in ((0, bf16, bf16, False), (2, "*i32", "*fp16", True)):
+            out[f"decode_split{suffix}{'_q8_0' if kind else ''}"] = _compile(
+                pa._decode_split_kernel,
+                _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
+                             "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
+                             "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
+                dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
+                     OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
+                     SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
+                     PDL=True), num_stages=2)
     out["decode_merge"] = _compile(
-        paged_attention_triton._decode_merge_kernel,
+        pa._decode_merge_kernel,
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits n_heads",
              {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
-        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, PDL=True))
+        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True))
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):
@@ -176,8 +180,8 @@ def ptx_stats():
 
 SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq0", "rms_norm_xq1", "rms_norm_add_xq0", "rms_norm_add_xq1",
          "silu_mul", "silu_mul_xq0", "silu_mul_xq1", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
-         "rope_store_kv_2", "decode_split",
-         "decode_split_direct", "decode_merge", "quantize"]
+         "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
+         "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
 
@@ -185,8 +189,9 @@ GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_sta
 @pytest.mark.parametrize("name", SMALL)
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
     """RMSNorm, SwiGLU (both also writing the int8 GEMV's input), RoPE, the KV store (alone and with
-    RoPE), decode attention, the activation quantization: the wait comes first; each also signals its
-    dependents."""
+    RoPE), decode attention (each of its outputs: direct, partials, partials merged in the launch
+    through arrival counters), the activation quantization: the wait comes first; each also signals
+    its dependents."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["loads"] == 0 and st["stores"] == 0, st

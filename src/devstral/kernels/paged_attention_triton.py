@@ -6,15 +6,34 @@ values for one kv head once, and serves all the query heads of that GQA group wi
 [BLOCK_H >= 16, head_dim] query tile, so both products run on tensor cores). Tiles of BLOCK_N tokens
 are gathered through the block table, dequantized in registers (fp8 scales are folded into the
 scores and, except for fp16 queries, the probabilities; q8_0/q4_0 are expanded to q's dtype as the
-reference does), and reduced with an online softmax in base 2. Each split writes its normalized
-partial output and log-sum-exp; pass 2, grid (sequence, query head), merges the splits. With one
-split, pass 1 writes the output itself and pass 2 is skipped.
+reference does), and reduced with an online softmax in base 2. With one split (or a row whose
+context fits in one), the program writes the output itself. Otherwise each split writes its
+normalized partial output and log-sum-exp, and the splits are merged in the same launch: every split
+with keys counts itself in at its (sequence, kv head) group's int32 counter (an acq_rel atomic after
+a CTA barrier, so its partials are visible first); the one that arrives last merges the group's heads
+in split order -- the same sum whichever finished last -- writes the output and re-arms the counter
+to zero. A row's later splits that have no keys (a short context uses few) take no part: the last
+program expects `used` arrivals, the number of splits with keys, which every program computes alike.
+The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any CUDA-graph
+capture, and are zero at the start of every launch. `DecodeConfig(fused_merge=False)` keeps the
+two-pass path: pass 2, grid (sequence, query head), merges with the same arithmetic (`_merge_splits`).
+
+The 1-byte kinds (fp8, q8_0, q4_0) are read as int32 words (cp.async'd like the 2-byte tiles, then
+unpacked four values at a time by a few lines of PTX, exactly), a token's q8_0/q4_0 scales as one
+[BLOCK_N, head_dim / 32] tile broadcast in registers, and their scores are computed tokens-major,
+k q^T [BLOCK_N, BLOCK_H] (then v^T p): the dequantized tile is the products' first operand (on sm_90
+both are wgmma, fed it from registers), which spares the per-iteration shuffling of the query's
+fragments that a heads-major product costs once a 1-byte operand sets its layout. Before, each
+q8_0/q4_0 value's scale was its own synchronous 2-byte global load and the tile went through shared
+memory a byte at a time (H200: fp8 at a third of bf16's bytes per second, q8_0 at a tenth, q4_0 at a
+fiftieth; docs/architecture.md has the counts).
 
 CUDA graphs: the grid depends only on the batch size, `max_context` and the device (how many
-programs it runs at once, see `num_splits`), never on the values of `context_lens`. Each row divides its own context (or window) evenly over the splits, in
-whole tiles, so a short row uses few splits and the rest exit at once; a padding row (context_len 1)
-costs one tile. Bytes read: every key and value in the window once, plus the partials (B x H x
-splits x (head_dim + 1) float32, written and read once).
+programs it runs at once, see `num_splits`), never on the values of `context_lens`. Each row divides
+its own context (or window) evenly over the splits, in whole tiles, so a short row uses few splits
+and the rest exit at once; a padding row (context_len 1) costs one tile. Bytes read: every key and
+value in the window once, plus the partials (B x H x splits x (head_dim + 1) float32, written and
+read once).
 """
 
 from __future__ import annotations
@@ -25,12 +44,16 @@ import triton.language as tl
 
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
-from devstral.kernels.kv_format import KVLayer
+from devstral.kernels.kv_format import QUANT_KINDS, KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 128
+MAX_SPLITS = 128  # a power of two: the fused merge loads every split's log-sum-exp at once
+_LSE_TILE = tl.constexpr(MAX_SPLITS)
+OUT_DIRECT, OUT_PARTIALS, OUT_MERGED = (tl.constexpr(i) for i in range(3))  # what pass 1 writes (its OUTPUT)
+MERGE_ROWS = 64  # partial rows (split x head) a merge step loads: 64 x head_dim float32, 64 registers a thread at 128
+MAX_GROUPS = 1 << 16  # (sequence, kv head) arrival counters a device keeps for the fused merge
 MIN_SPLIT_TOKENS = 256  # a split shorter than this at max_context costs more in partials than it buys
 WAVE_EFFICIENCY = 0.9  # the fewest splits whose programs fill this much of the GPU's last wave
 DEFAULT_CTAS_PER_SM = 3  # the default config on an H100/H200 (72 KB of shared memory, 128 registers)
@@ -47,13 +70,15 @@ class DecodeConfig:
     shared memory)."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
-                 ctas_per_sm: int | None = None):
+                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool = True):
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm = splits, ctas_per_sm
+        self.tokens_major, self.fused_merge = tokens_major, fused_merge
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
-                f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm})")
+                f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
+                f"fused_merge={self.fused_merge})")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
@@ -147,39 +172,214 @@ def _split_range(length, s, num_splits, window, BLOCK_N: tl.constexpr, HAS_WINDO
     return start, end, chunk, lo
 
 
+# The 1-byte kinds' tiles are loaded as 32-bit words (a [BLOCK_N, HEAD_DIM] int8 tile lives in registers
+# one byte a register, unpacked and repacked around every use). q8_0/q4_0 on the GPU: each byte (sign
+# bit flipped for q8_0) or nibble goes into bits 8..15 of the float 2^23 with one PRMT, f = 2^23 + u*2^8;
+# then x * scale = fma(f, scale * 2^-8, -(2^15 + offset) * scale), offset 128 (q8_0) or 8 (q4_0). Both
+# constants are exact in float32 (2^15 + offset has at most 13 significant bits, the scale 11), and so is
+# the fma's one rounding (x * scale has at most 19): the reference's float32 product bit for bit, in a
+# PRMT, an FFMA, half an F2FP (the pack to q's dtype, which the reference's rounding needs anyway) and a
+# quarter of a LOP3 a value, where int8 -> float32 alone is an I2F (the conversion unit: 16 a clock per SM).
+_PRMT_BYTES = "prmt.b32 ${}, {}, k, 0x76{}4; "  # output, word, byte: 0x00 | byte << 8 | 0x00 << 16 | 0x4B << 24
+_BYTE_FLOATS = "".join(_PRMT_BYTES.format(i, "t", i) for i in range(4))
+_NIBBLE_FLOATS = "".join(_PRMT_BYTES.format(i, "lo", i) + _PRMT_BYTES.format(4 + i, "hi", i) for i in range(4))
+_Q8_0_ASM = tl.constexpr("{ .reg .b32 t, k; mov.b32 k, 0x4B000000; xor.b32 t, $4, 0x80808080; " + _BYTE_FLOATS + "}")
+_Q4_0_ASM = tl.constexpr("{ .reg .b32 lo, hi, k; mov.b32 k, 0x4B000000; and.b32 lo, $8, 0x0F0F0F0F; "
+                         "shr.b32 hi, $8, 4; and.b32 hi, hi, 0x0F0F0F0F; " + _NIBBLE_FLOATS + "}")
+_BITS_8_15 = tl.constexpr(2.0 ** -8)  # f's unit
+_Q8_0_BIAS, _Q4_0_BIAS = tl.constexpr(32768.0 + 128.0), tl.constexpr(32768.0 + 8.0)  # 2^15 + offset
+
+
+# fp8 words: four e4m3 -> two fp16 pairs (the hardware's paired conversion, exact) -> four float32 (HADD2.F32,
+# on the FMA pipe), where Triton's own e4m3 -> bfloat16 takes an F2F (the conversion unit) a value
+_E4M3_WORD_ASM = tl.constexpr(
+    "{ .reg .b16 l, h, x0, x1, x2, x3; .reg .b32 a, b; mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 a, l; "
+    "cvt.rn.f16x2.e4m3x2 b, h; mov.b32 {x0, x1}, a; mov.b32 {x2, x3}, b; cvt.f32.f16 $0, x0; cvt.f32.f16 $1, x1; "
+    "cvt.f32.f16 $2, x2; cvt.f32.f16 $3, x3; }")
+
+
 @triton.jit
-def _tile(c_ptr, s_ptr, rows, scale_rows, nmask, d, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, OUT_T: tl.constexpr,
-          UNSCALED: tl.constexpr):
-    """A [BLOCK_N, HEAD_DIM] tile of keys or values in OUT_T, dequantized as `kv_format.dequantize`
-    does; with UNSCALED an fp8 tile comes back without its per-token scale (the caller folds it in)."""
-    m2 = nmask[:, None]
-    if KIND == 1 and not UNSCALED:  # fp8 e4m3, one float32 scale per token
-        x = tl.load(c_ptr + rows[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        tile = (x * tl.load(s_ptr + scale_rows, mask=nmask, other=0.0)[:, None]).to(OUT_T)
-    elif KIND == 2:  # q8_0
-        x = tl.load(c_ptr + rows[:, None] + d[None, :], mask=m2, other=0).to(tl.float32)
-        sc = tl.load(s_ptr + scale_rows[:, None] + (d // 32)[None, :], mask=m2, other=0.0).to(tl.float32)
-        tile = (x * sc).to(OUT_T)
-    elif KIND == 3:  # q4_0: value i of a 32-block is nibble i // 16 of byte i % 16
-        col = (d // 32) * 16 + d % 16
-        shift = ((d // 16) % 2) * 4
-        byte = tl.load(c_ptr + rows[:, None] + col[None, :], mask=m2, other=0).to(tl.int32)
-        nib = (byte >> shift[None, :]) & 15
-        sc = tl.load(s_ptr + scale_rows[:, None] + (d // 32)[None, :], mask=m2, other=0.0).to(tl.float32)
-        tile = ((nib.to(tl.float32) - 8.0) * sc).to(OUT_T)
-    else:  # float kinds and fp8
-        tile = tl.load(c_ptr + rows[:, None] + d[None, :], mask=m2, other=0.0).to(OUT_T)
+def _columns(HEAD_DIM: tl.constexpr, KIND: tl.constexpr):
+    """The head-dim index of each column of a tile as `_tile` returns it: the identity, except for
+    q4_0, whose tiles keep the two nibbles of a byte side by side (byte j of a 32-block holds values j
+    and j + 16). q and the output are read and written through the same columns, so the products see
+    matching orders and nothing is shuffled in the loop."""
+    t = tl.arange(0, HEAD_DIM)
+    if KIND == 3:
+        t = (t // 32) * 32 + (t % 2) * 16 + (t % 32) // 2
+    return t
+
+
+@triton.jit
+def _interleave4(a, b, c, d):
+    """[..., n] x 4 -> [..., 4n]: a[i], b[i], c[i], d[i] at 4i .. 4i + 3 (no data moves: each thread
+    keeps its own values)."""
+    x = tl.join(tl.join(a, c), tl.join(b, d))
+    return tl.reshape(x, [x.shape[0], 4 * x.shape[1]])
+
+
+@triton.jit
+def _q8_0_values(words, ASM: tl.constexpr):
+    """int32 words [N, W] of four int8 -> [N, 4W] float32: on the GPU 2^23 + (x + 128) * 2^8 (see
+    above), else x."""
+    if ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(_Q8_0_ASM, "=r,=r,=r,=r,r", [words],
+                                                   dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        b0, b1, b2, b3 = _int8_at(words, 0), _int8_at(words, 8), _int8_at(words, 16), _int8_at(words, 24)
+    return _interleave4(b0, b1, b2, b3)
+
+
+@triton.jit
+def _int8_at(words, SHIFT: tl.constexpr):
+    """The signed byte at bit SHIFT of each word, as float32."""
+    return ((words << (24 - SHIFT)) >> 24).to(tl.float32)
+
+
+@triton.jit
+def _q4_0_values(words, ASM: tl.constexpr):
+    """int32 words [N, W] of four q4_0 bytes -> [N, 8W] float32, each byte's low nibble then its high
+    one: on the GPU 2^23 + nibble * 2^8 (see above), else nibble - 8."""
+    if ASM:
+        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = tl.inline_asm_elementwise(
+            _Q4_0_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        lo0, lo1, lo2, lo3 = _nibble_at(words, 0), _nibble_at(words, 8), _nibble_at(words, 16), _nibble_at(words, 24)
+        hi0, hi1, hi2, hi3 = _nibble_at(words, 4), _nibble_at(words, 12), _nibble_at(words, 20), _nibble_at(words, 28)
+    x = tl.join(_interleave4(lo0, lo1, lo2, lo3), _interleave4(hi0, hi1, hi2, hi3))
+    return tl.reshape(x, [x.shape[0], 2 * x.shape[1]])
+
+
+@triton.jit
+def _nibble_at(words, SHIFT: tl.constexpr):
+    """The q4_0 value (nibble - 8) at bit SHIFT of each word, as float32."""
+    return ((words >> SHIFT) & 15).to(tl.float32) - 8.0
+
+
+@triton.jit
+def _group_scales(s_ptr, scale_rows, nmask, NG: tl.constexpr):
+    """The q8_0/q4_0 scales of a tile's tokens, [BLOCK_N, NG] float32: one fp16 per 32 values, a
+    token's NG scales contiguous (loaded as one vector, pipelined like the tile)."""
+    g = tl.arange(0, NG)
+    return tl.load(s_ptr + scale_rows[:, None] + g[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fma_by_group(f, mul, add, HEAD_DIM: tl.constexpr):
+    """f [BLOCK_N, HEAD_DIM] * mul + add, with mul and add [BLOCK_N, HEAD_DIM // 32] per 32 columns
+    (broadcast in registers, never gathered per value)."""
+    NG: tl.constexpr = HEAD_DIM // 32
+    f3 = tl.reshape(f, [f.shape[0], NG, 32])
+    return tl.reshape(tl.fma(f3, mul[:, :, None], add[:, :, None]), [f.shape[0], HEAD_DIM])
+
+
+@triton.jit
+def _quantized_tile(c_ptr, s_ptr, rows, scale_rows, nmask, HEAD_DIM: tl.constexpr, KIND: tl.constexpr,
+                    ASM: tl.constexpr):
+    """q8_0 (KIND 2) or q4_0 (3) values times their scales, float32 [BLOCK_N, HEAD_DIM], exact; c_ptr
+    and rows address int32 words."""
+    WORDS: tl.constexpr = HEAD_DIM // 4 if KIND == 2 else HEAD_DIM // 8
+    words = tl.load(c_ptr + rows[:, None] + tl.arange(0, WORDS)[None, :], mask=nmask[:, None], other=0)
+    sc = _group_scales(s_ptr, scale_rows, nmask, HEAD_DIM // 32)
+    if KIND == 2:
+        x = _q8_0_values(words, ASM)
+        bias = _Q8_0_BIAS
+    else:
+        x = _q4_0_values(words, ASM)
+        bias = _Q4_0_BIAS
+    if ASM:
+        tile = _fma_by_group(x, sc * _BITS_8_15, sc * -bias, HEAD_DIM)
+    else:
+        tile = _fma_by_group(x, sc, sc * 0.0, HEAD_DIM)
     return tile
+
+
+@triton.jit
+def _fp8_values(words, ASM: tl.constexpr):
+    """int32 words [N, W] of four e4m3 -> [N, 4W] float32 (exact)."""
+    if ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(_E4M3_WORD_ASM, "=r,=r,=r,=r,r", [words],
+                                                   dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        b0, b1, b2, b3 = (_e4m3(words), _e4m3(words >> 8), _e4m3(words >> 16), _e4m3(words >> 24))
+    return _interleave4(b0, b1, b2, b3)
+
+
+@triton.jit
+def _e4m3(bits):
+    return (bits & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _tile(c_ptr, s_ptr, rows, scale_rows, nmask, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, OUT_T: tl.constexpr,
+          UNSCALED: tl.constexpr, ASM: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM] tile of keys or values in OUT_T, dequantized as `kv_format.dequantize`
+    does (columns in `_columns` order); with UNSCALED an fp8 tile comes back without its per-token
+    scale (the caller folds it in)."""
+    if KIND == 1:  # fp8 e4m3, one float32 scale per token; c_ptr and rows address int32 words
+        words = tl.load(c_ptr + rows[:, None] + tl.arange(0, HEAD_DIM // 4)[None, :], mask=nmask[:, None], other=0)
+        x = _fp8_values(words, ASM)
+        if not UNSCALED:
+            x = x * tl.load(s_ptr + scale_rows, mask=nmask, other=0.0)[:, None]
+        tile = x.to(OUT_T)
+    elif KIND >= 2:  # q8_0, q4_0
+        tile = _quantized_tile(c_ptr, s_ptr, rows, scale_rows, nmask, HEAD_DIM, KIND, ASM).to(OUT_T)
+    else:
+        tile = tl.load(c_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :], mask=nmask[:, None],
+                       other=0.0).to(OUT_T)
+    return tile
+
+
+@triton.jit
+def _along_tokens(x, TOKENS_MAJOR: tl.constexpr):
+    """A per-token vector, broadcastable against the scores (tokens on axis 0 when TOKENS_MAJOR)."""
+    if TOKENS_MAJOR:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _along_heads(x, TOKENS_MAJOR: tl.constexpr):
+    """A per-head vector, broadcastable against the scores and the accumulator."""
+    if TOKENS_MAJOR:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _scores(q_op, k, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+    """k q^T [BLOCK_N, BLOCK_H] (q_op = q^T) or q k^T [BLOCK_H, BLOCK_N] (q_op = q)."""
+    if TOKENS_MAJOR:
+        scores = tl.dot(k, q_op, input_precision=PRECISION)
+    else:
+        scores = tl.dot(q_op, tl.trans(k), input_precision=PRECISION)
+    return scores
+
+
+@triton.jit
+def _accumulate(acc, p, v, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + v^T p [HEAD_DIM, BLOCK_H], or acc + p v [BLOCK_H, HEAD_DIM]."""
+    if TOKENS_MAJOR:
+        acc = tl.dot(tl.trans(v), p, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
-                         table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr,
+                         table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
                          scale_log2e, window, num_splits, n_heads,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         DIRECT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
-                         FOLD_V_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+                         OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
+                         FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
+                         ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
+                         PDL: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
         gdc_wait()
@@ -193,47 +393,116 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         h = tl.arange(0, BLOCK_H)
         hmask = h < GROUP
         heads = kvh * GROUP + h
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :], mask=hmask[:, None],
-                    other=0.0).to(DOT_T)
+        cols = _columns(HEAD_DIM, KIND)
+        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + cols[None, :], mask=hmask[:, None],
+                    other=0.0)
+        q_op = q.to(DOT_T)
+        if TOKENS_MAJOR:
+            q_op = tl.trans(q_op)
+            acc = tl.zeros([HEAD_DIM, BLOCK_H], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
         table = table_ptr + b.to(tl.int64) * table_sb
         for n0 in tl.range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
             page = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
             slot_at = page * c_sb + (n % PAGE) * c_so + kvh * c_sh
-            scale_at = page * s_sb + (n % PAGE) * s_so + kvh * s_sh
-            k = _tile(k_ptr, ks_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T, True).to(DOT_T)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+            scale_at = (page * s_sb + (n % PAGE) * s_so + kvh * s_sh) * SCALES  # strides in units of SCALES
+            k = _tile(k_ptr, ks_ptr, slot_at, scale_at, nmask, HEAD_DIM, KIND, Q_T, True, ASM).to(DOT_T)
+            scores = _scores(q_op, k, TOKENS_MAJOR, PRECISION)
             if KIND == 1:
-                scores = scores * tl.load(ks_ptr + scale_at, mask=nmask, other=0.0)[None, :]
-            scores = tl.where(nmask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
+                k_scale = tl.load(ks_ptr + scale_at, mask=nmask, other=0.0) * scale_log2e
+                scores = scores * _along_tokens(k_scale, TOKENS_MAJOR)
+            else:
+                scores = scores * scale_log2e
+            scores = tl.where(_along_tokens(nmask, TOKENS_MAJOR), scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0 if TOKENS_MAJOR else 1))
             alpha = tl.exp2(m - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            p = tl.exp2(scores - _along_heads(m_new, TOKENS_MAJOR))
+            l_sum = l_sum * alpha + tl.sum(p, axis=0 if TOKENS_MAJOR else 1)
             if KIND == 1 and FOLD_V_SCALE:
-                p = p * tl.load(vs_ptr + scale_at, mask=nmask, other=0.0)[None, :]
-            v = _tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, d, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE).to(DOT_T)
-            acc = tl.dot(p.to(DOT_T), v, acc * alpha[:, None], input_precision=PRECISION)
+                p = p * _along_tokens(tl.load(vs_ptr + scale_at, mask=nmask, other=0.0), TOKENS_MAJOR)
+            v = _tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE, ASM).to(DOT_T)
+            acc = _accumulate(acc * _along_heads(alpha, TOKENS_MAJOR), p.to(DOT_T), v, TOKENS_MAJOR, PRECISION)
             m = m_new
-        out = acc / l_sum[:, None]
-        if DIRECT:
-            tl.store(out_ptr + b.to(tl.int64) * out_sb + heads[:, None] * out_sh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        out = acc / _along_heads(l_sum, TOKENS_MAJOR)
+        if TOKENS_MAJOR:
+            out = tl.trans(out)
+        out_rows = out_ptr + b.to(tl.int64) * out_sb
+        if OUTPUT == OUT_DIRECT:
+            tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=hmask[:, None])
         else:
-            row = (b.to(tl.int64) * n_heads + heads) * num_splits + s
-            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=hmask[:, None])
-            tl.store(part_lse_ptr + row, m + tl.log2(l_sum), mask=hmask)
+            used = tl.cdiv(length - lo, chunk)  # the splits of this row with keys: 0 .. used - 1
+            if OUTPUT == OUT_MERGED and used == 1:  # the row's only split: nothing to merge
+                tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                         mask=hmask[:, None])
+            else:
+                row = (b.to(tl.int64) * n_heads + heads) * num_splits + s
+                tl.store(part_out_ptr + row[:, None] * HEAD_DIM + cols[None, :], out, mask=hmask[:, None])
+                tl.store(part_lse_ptr + row, m + tl.log2(l_sum), mask=hmask)
+                if OUTPUT == OUT_MERGED:
+                    group = b * tl.num_programs(1) + kvh
+                    _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
+                                      (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used,
+                                      GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, first_rows, hmask, used, HEAD_DIM: tl.constexpr,
+                  BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    """The merged outputs [NH, HEAD_DIM] float32 of the heads whose split partials are rows
+    first_rows[h] + s, s < used: each split weighted by exp2(lse - the largest lse) over the weights'
+    sum, the weighted partials added in split order, CHUNK splits a step (whichever program merges,
+    the same sum). Loads bypass L1 (.cg): other programs wrote the partials during this launch."""
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(part_lse_ptr + first_rows[:, None] + s[None, :], mask=hmask[:, None] & (s < used)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.where(hmask, tl.max(lse, axis=1), 0.0)
+    total = tl.where(hmask, tl.sum(tl.exp2(lse - top[:, None]), axis=1), 1.0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([first_rows.shape[0], HEAD_DIM], tl.float32)
+    for s0 in range(0, used, CHUNK):
+        split = s0 + tl.arange(0, CHUNK)
+        ok = (split < used)[:, None] & hmask[None, :]
+        rows = first_rows[None, :] + split[:, None]  # [CHUNK, NH]
+        split_lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.where(ok, tl.exp2(split_lse - top[None, :]) / total[None, :], 0.0)
+        parts = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+        acc += tl.sum(parts * weight[:, :, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh, first_head, first_row, num_splits,
+                      used, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_HEADS: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """After a split stored its partials: count it in at its (sequence, kv head) group's counter. The
+    split that arrives last (the other used - 1 have stored theirs) merges the group's heads, whose
+    partial rows start at first_row, writes their output and re-arms the counter to zero for the next
+    launch."""
+    tl.debug_barrier()  # every thread's partials are stored before the counter moves (the atomic releases)
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == used - 1:
+        h = tl.arange(0, MERGE_HEADS)
+        hmask = h < GROUP
+        merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row + h.to(tl.int64) * num_splits, hmask, used,
+                               HEAD_DIM, _LSE_TILE, CHUNK)
+        d = tl.arange(0, HEAD_DIM)
+        tl.store(out_rows + (first_head + h)[:, None] * out_sh + d[None, :], merged.to(out_rows.dtype.element_ty),
+                 mask=hmask[:, None])
+        tl.store(arrival_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    """Pass 2 of the two-pass path, grid (sequence, query head)."""
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
         gdc_wait()
@@ -242,16 +511,11 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, o
     length = tl.load(len_ptr + b)
     _, _, chunk, lo = _split_range(length, 0, num_splits, window, BLOCK_N, HAS_WINDOW)
     used = tl.cdiv(length - lo, chunk)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < used
-    row = (b.to(tl.int64) * n_heads + h) * num_splits + s
-    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))
-    weight = weight / tl.sum(weight, axis=0)
+    first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
+    merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
+                           MERGE_CHUNK)
     d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], axis=0)
-    tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -259,7 +523,29 @@ def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
     pow2 = lambda x: x > 0 and not x & (x - 1)  # noqa: E731
     return (pow2(head_dim) and head_dim >= 16 and pow2(page) and q.shape[1] % layer.k.shape[2] == 0
             and layer.k.stride(-1) == 1 and layer.k.stride() == layer.v.stride()
+            and (layer.k_scale is None or _whole_scale_rows(layer))
+            and (layer.kind not in QUANT_KINDS or _words_fit(layer.k))
             and (layer.kind != "fp8" or fp8_supported(q.device)))
+
+
+def _cache_words(layer: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as the kernel addresses it: the 1-byte kinds' bytes as int32 words (see `_interleave4`)."""
+    if layer.kind in QUANT_KINDS:
+        return layer.k.view(torch.int32), layer.v.view(torch.int32)
+    return layer.k, layer.v
+
+
+def _words_fit(cache: torch.Tensor) -> bool:
+    return cache.shape[-1] % 4 == 0 and cache.storage_offset() % 4 == 0 and all(st % 4 == 0 for st in cache.stride()[:3])
+
+
+def _whole_scale_rows(layer: KVLayer) -> bool:
+    """A (token, head)'s scales are contiguous and every stride is a whole number of them: the kernel
+    takes the strides in those units, so that the compiler knows a row's alignment (and loads its
+    scales as one vector)."""
+    sc = layer.k_scale
+    return (sc.stride() == layer.v_scale.stride() and sc.stride(-1) == 1
+            and all(st % sc.shape[-1] == 0 for st in sc.stride()[:3]))
 
 
 def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -279,17 +565,40 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
                      out, config or DecodeConfig())
     splits = launch.splits(max_context)
     if splits == 1:
-        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out)
+        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value)
         return out
     part_out = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse)
+    arrivals = launch.arrivals(splits)
+    if arrivals is not None:
+        launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals)
+        return out
+    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
     block_s = triton.next_power_of_2(splits)
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8, launch_pdl=launch.pdl)
+        MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8,
+        launch_pdl=launch.pdl)
     return out
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's fused-merge counters: MAX_GROUPS int32, zero between launches (the last split of
+    each group re-arms its counter), allocated once per device by the first decode call, which the
+    engine makes before any CUDA-graph capture. None when the first call is itself being captured
+    (the launch then takes the two-pass path)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _ARRIVALS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _ARRIVALS[device] = torch.zeros(MAX_GROUPS, dtype=torch.int32, device=device)
+    return buf
 
 
 def planned_splits(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -315,9 +624,11 @@ class _Launch:
         self.kernels = kernels_for(q, __name__)
         self.interpreted = on_interpreter(q)
         scales = (layer.k_scale, layer.v_scale) if layer.k_scale is not None else (layer.k, layer.v)
-        ss = scales[0].stride()
-        self.args = (q, q.stride(0), q.stride(1), layer.k, layer.v, scales[0], scales[1],
-                     layer.k.stride(0), layer.k.stride(1), layer.k.stride(2), ss[0], ss[1], ss[2],
+        per_head = layer.k_scale.shape[-1] if layer.k_scale is not None else 1
+        ss = [st // per_head for st in scales[0].stride()[:3]]  # whole (token, head) scale rows: see _supported
+        k, v = _cache_words(layer)
+        self.args = (q, q.stride(0), q.stride(1), k, v, scales[0], scales[1],
+                     k.stride(0), k.stride(1), k.stride(2), ss[0], ss[1], ss[2],
                      block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1))
         self.tail = (scale * LOG2E, window or 0)
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
@@ -331,14 +642,28 @@ class _Launch:
                                                          None if self.interpreted else _smem_per_block(q.device)),
                                # fp8 value scales multiply the probabilities, except in fp16, whose
                                # range would flush p x scale (scales go down to ~1e-6) to zero
-                               FOLD_V_SCALE=q.dtype != torch.float16)
+                               FOLD_V_SCALE=q.dtype != torch.float16, SCALES=per_head,
+                               ASM=not self.interpreted,  # PTX for the 1-byte kinds' dequantization
+                               TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS,
+                               MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
+                               MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
-    def split_pass(self, grid, splits: int, part_out, part_lse, *, warmup: bool = False):
-        args = (*self.args, part_out, part_lse, *self.tail, splits, self.q.shape[1])
+    def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, warmup: bool = False):
+        arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
+        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.q.shape[1])
         kernel = self.kernels._decode_split_kernel
         if warmup:
-            return kernel.warmup(*args, grid=grid, DIRECT=False, **self.constexprs)
-        return kernel[grid](*args, DIRECT=splits == 1, **self.constexprs, launch_pdl=self.pdl)
+            return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
+        return kernel[grid](*args, OUTPUT=output, **self.constexprs, launch_pdl=self.pdl)
+
+    def fused_merge(self) -> bool:
+        return self.cfg.fused_merge and self.batch * self.n_kv_heads <= MAX_GROUPS
+
+    def arrivals(self, splits: int) -> torch.Tensor | None:
+        """The counters for a fused merge of `splits` splits, or None for the two-pass path."""
+        if not self.fused_merge() or splits > MAX_SPLITS:
+            return None
+        return arrival_counters(self.q.device)
 
     def splits(self, max_context: int | None) -> int:
         if self.cfg.splits is not None:
@@ -351,6 +676,7 @@ class _Launch:
             kernel = None
             if not self.interpreted:
                 f32 = torch.empty(1, dtype=torch.float32, device=self.q.device)
-                kernel = self.split_pass((1, 1, 1), 2, f32, f32, warmup=True)
+                output = OUT_MERGED.value if self.fused_merge() else OUT_PARTIALS.value
+                kernel = self.split_pass((1, 1, 1), 2, f32, f32, output, warmup=True)
             _SLOTS[key] = concurrent_programs(kernel, self.q.device, self.cfg)
         return num_splits(self.batch, self.n_kv_heads, bound, _SLOTS[key], self.cfg)

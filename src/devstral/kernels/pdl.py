@@ -4,7 +4,7 @@ At batch 1 a decode step is ~570 kernels, most of them small, and each pays a la
 it does any work. Launched as a programmatic dependent, a kernel may be scheduled while the one before
 it still runs; it waits (griddepcontrol.wait) for that kernel's end, and for its writes to be visible,
 before it touches memory that kernel may have written. Every kernel of the decode chain is launched so:
-RMSNorm, RoPE with the KV store, the decode attention's two passes and SwiGLU wait first thing; the
+RMSNorm, RoPE with the KV store, the decode attention (its merge too) and SwiGLU wait first thing; the
 activation quantization and the MoE router too. A dense GEMV first issues its first tile's weight loads
 (weights are never written) and waits before it reads the activations; a MoE expert GEMV waits first,
 as its expert ids are the router's output. Each signals its own dependents
