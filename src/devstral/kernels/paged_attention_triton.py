@@ -15,8 +15,8 @@ in split order -- the same sum whichever finished last -- writes the output and 
 to zero. A row's later splits that have no keys (a short context uses few) take no part: the last
 program expects `used` arrivals, the number of splits with keys, which every program computes alike.
 The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any CUDA-graph
-capture, and are zero at the start of every launch. `DecodeConfig(fused_merge=False)` keeps the
-two-pass path: pass 2, grid (sequence, query head), merges with the same arithmetic (`_merge_splits`).
+capture, and are zero at the start of every launch. `DecodeConfig(fused_merge=False)` (or
+DEVSTRAL_FUSED_MERGE=0) keeps the two-pass path: pass 2, grid (sequence, query head), merges with the same arithmetic (`_merge_splits`).
 
 The 1-byte kinds (fp8, q8_0, q4_0) are read as int32 words (cp.async'd like the 2-byte tiles, then
 unpacked four values at a time by a few lines of PTX, exactly), a token's q8_0/q4_0 scales as one
@@ -37,6 +37,8 @@ read once).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -70,7 +72,9 @@ class DecodeConfig:
     shared memory)."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
-                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool = True):
+                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None):
+        if fused_merge is None:  # DEVSTRAL_FUSED_MERGE=0: the two-pass merge (for measuring one against the other)
+            fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "1") != "0"
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm = splits, ctas_per_sm
         self.tokens_major, self.fused_merge = tokens_major, fused_merge
