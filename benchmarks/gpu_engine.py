@@ -217,8 +217,6 @@ def finish(a, cfg, dtype, engine, device, bandwidth, tflops, read_per_step, setu
         "weights_memory": memory, "params": cfg.n_params, "dtype": str(dtype).removeprefix("torch."),
         "kv_cache": engine.kind, "speculative": a.speculative, "cuda_graphs": engine.runner.graphs is not None,
         "dependent_launch": pdl.enabled(device), "runs": a.runs,
-        # the norms and SwiGLU writing the int8 GEMVs' input (quant.linear.input_layout); 0: separate quantize launches
-        "fused_activation_quant": os.environ.get("DEVSTRAL_FUSED_XQ", "1") != "0",
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
                     "host_cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

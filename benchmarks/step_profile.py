@@ -20,8 +20,8 @@ KINDS = (  # kernel name fragment -> part of the step (first match wins)
     ("_idot_kernel", "dense_gemv"), ("_quantize_kernel", "activation_quant"),
     ("_decode_split_kernel", "attention"), ("_decode_merge_kernel", "attention"),
     ("_rms_norm_kernel", "norms"), ("_rope_store_kernel", "rope_kv_store"), ("_rope_kernel", "rope"),
-    ("_store_kv_kernel", "kv_store"), ("_silu_mul_kernel", "silu_mul"), ("_silu_mul_xq_kernel", "silu_mul"),
-    ("gemv", "cublas_gemv"), ("elementwise", "torch_elementwise"),
+    ("_store_kv_kernel", "kv_store"),
+    ("_silu_mul_kernel", "silu_mul"), ("gemv", "cublas_gemv"), ("elementwise", "torch_elementwise"),
     ("reduce", "torch_reduce"), ("topk", "torch_topk"), ("sort", "torch_topk"),
 )
 

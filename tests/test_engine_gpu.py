@@ -134,39 +134,3 @@ def test_dependent_launch_changes_no_token(ckpts, monkeypatch):
             llm.engine.step()
         outs.append([s.token_ids for s in seqs])
     assert outs[0] == outs[1]
-
-
-def test_fused_activation_quantization_changes_no_token(monkeypatch, tmp_path):
-    """The norms and SwiGLU writing the int8 GEMV's input themselves (on by default; DEVSTRAL_FUSED_XQ=0:
-    float rows, quantized by the GEMV's own launch) give the same greedy tokens, CUDA graphs on: a Q4_K_M
-    GGUF (Q4_K, and Q6_K for some ffn_down / attn_v and the output head), with a tuned table that plans
-    wide_xq for every decode GEMV so that every producer that can fuses (both int8 layouts)."""
-    import json
-
-    from devstral.formats.gguf import export_gguf
-    from devstral.kernels import gguf_config
-    from devstral.testing import make_tiny_checkpoint
-
-    ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=512, hidden_dim=1536, n_layers=2, n_heads=8,
-                              n_kv_heads=2, head_dim=64)
-    path = export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
-    table = tmp_path / "xq.json"
-    table.write_text(json.dumps({"kinds": {t: dict.fromkeys(("1", "2", "4", "8"), "wide_xq")
-                                           for t in ("Q4_K", "Q6_K", "Q8_0")}}))
-    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(table))
-    gguf_config.tuned_table.cache_clear()
-    x = [ids(30 + 11 * i, i) for i in range(3)]
-    outs = []
-    try:
-        for flag in ("0", "1"):
-            monkeypatch.setenv("DEVSTRAL_FUSED_XQ", flag)
-            llm = devstral.load(path, device="cuda", parallel=4, prefix_caching=False)
-            assert llm.engine.runner.graphs is not None
-            seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
-            while llm.engine.has_work():
-                llm.engine.step()
-            outs.append([s.token_ids for s in seqs])
-            del llm
-    finally:
-        gguf_config.tuned_table.cache_clear()  # the device's own table for the tests after
-    assert outs[0] == outs[1]

@@ -12,15 +12,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from devstral.kernels import gguf_xq  # noqa: E402
 from devstral.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from devstral.kernels.rms_norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from devstral.kernels.rope import apply_rope_ref  # noqa: E402
 from devstral.kernels.rope_triton import apply_rope_triton  # noqa: E402
 from devstral.kernels.silu_mul import silu_mul_ref  # noqa: E402
 from devstral.kernels.silu_mul_triton import silu_mul_triton  # noqa: E402
-from devstral.kernels.xq_format import STRIDE4, STRIDE8, Quantized  # noqa: E402
-from devstral.kernels.xq_format import reference as xq_reference  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -132,80 +129,11 @@ def test_silu_mul_on_the_halves_of_a_fused_projection(dtype):
     assert_within_one_ulp(silu_mul_triton(gate, up, block=1024), silu_mul_ref(gate, up), silu_mul_carried(gate, up))
 
 
-NORM_SHAPES = [(1, 96), (3, 160), (8, 640), (2, 5120)]  # (rows, width): 3 to 160 blocks of 32, tiles part full
-SILU_SHAPES = [(1, 96), (3, 640), (8, 1024)]  # 3, 20 (a second program of 4) and 32 blocks (two full programs)
-LAYOUTS = pytest.mark.parametrize("layout", [STRIDE8, STRIDE4], ids=["stride8", "stride4"])
-
-
-@LAYOUTS
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_norms_write_the_int8_gemv_input(dtype, layout):
-    """RMSNorm and add + RMSNorm with xq (the projection after takes int8 activations): the words that
-    gguf_xq.quantize makes of the float rows the kernel writes without it, bit for bit, and so the twin's
-    (xq_format.reference) of them; in bf16, the model's dtype, also the reference composition's
-    (add_rms_norm_ref, then xq_format.reference). The residual is written as without xq."""
-    g = torch.Generator().manual_seed(4)
-    for m, k in NORM_SHAPES:
-        x = (torch.randn(m, 1, k, generator=g) * 3).to(dtype)
-        delta = torch.randn(m, 1, k, generator=g).to(dtype)
-        w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
-        for fused, (floats, residual), (ref_floats, _) in (
-                (add_rms_norm_triton(x, delta, w, 1e-5, xq=layout), add_rms_norm_triton(x, delta, w, 1e-5),
-                 add_rms_norm_ref(x, delta, w, 1e-5)),
-                ((rms_norm_triton(x, w, 1e-5, xq=layout), None), (rms_norm_triton(x, w, 1e-5), None),
-                 (rms_norm_ref(x, w, 1e-5), None))):
-            q, res = fused
-            assert isinstance(q, Quantized) and q.shape == x.shape and q.dtype == dtype and q.layout == layout
-            assert (res is None) == (residual is None) and (res is None or torch.equal(res, residual))
-            rows = floats.reshape(m, k)
-            assert torch.equal(q.words, gguf_xq.quantize(rows, layout))
-            assert torch.equal(q.words, xq_reference(rows, layout))
-            if dtype == torch.bfloat16:
-                assert torch.equal(q.words, xq_reference(ref_floats.reshape(m, k), layout)), (m, k)
-
-
-@LAYOUTS
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_writes_the_int8_gemv_input(dtype, layout):
-    """silu(gate) * up with xq, on the halves of a fused gate/up: the words gguf_xq.quantize makes of the
-    float product, bit for bit; in bf16 also those of silu_mul_ref then xq_format.reference."""
-    g = torch.Generator().manual_seed(5)
-    for m, k in SILU_SHAPES:
-        gate, up = (torch.randn(m, 2 * k, generator=g) * 4).to(dtype).chunk(2, dim=-1)
-        q = silu_mul_triton(gate, up, xq=layout)
-        assert isinstance(q, Quantized) and q.shape == gate.shape and q.dtype == dtype
-        floats = silu_mul_triton(gate, up)
-        assert torch.equal(q.words, gguf_xq.quantize(floats, layout))
-        assert torch.equal(q.words, xq_reference(floats, layout))
-        if dtype == torch.bfloat16:
-            assert torch.equal(q.words, xq_reference(silu_mul_ref(gate, up), layout)), (m, k)
-
-
-def test_dispatchers_quantize_without_a_kernel_too(monkeypatch):
-    """Where no kernel runs (a CPU tensor without the interpreter), rms_norm / add_rms_norm / silu_mul
-    with xq give the reference composition."""
-    import devstral.kernels.rms_norm as rn
-    import devstral.kernels.silu_mul as sm
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    g = torch.Generator().manual_seed(6)
-    x, delta = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
-    w = torch.rand(64, generator=g) + 0.5
-    assert not rn.use_triton(x)
-    assert torch.equal(rn.rms_norm(x, w, 1e-5, xq=STRIDE4).words, xq_reference(rms_norm_ref(x, w, 1e-5)[:, 0], 1))
-    q, res = rn.add_rms_norm(x, delta, w, 1e-5, xq=STRIDE8)
-    ref, ref_res = add_rms_norm_ref(x, delta, w, 1e-5)
-    assert torch.equal(q.words, xq_reference(ref[:, 0], 0)) and torch.equal(res, ref_res)
-    assert torch.equal(sm.silu_mul(x, delta, xq=STRIDE8).words, xq_reference(silu_mul_ref(x, delta)[:, 0], 0))
-
-
 def test_empty_inputs_launch_nothing():
     x = torch.empty(0, 64, dtype=torch.bfloat16)
     w = torch.ones(64, dtype=torch.bfloat16)
     assert rms_norm_triton(x, w, 1e-5).shape == (0, 64)
     assert silu_mul_triton(x, x).shape == (0, 64)
-    assert rms_norm_triton(x, w, 1e-5, xq=STRIDE8).words.shape == (0, 2, 12)
-    assert silu_mul_triton(x, x, xq=STRIDE4).words.shape == (0, 2, 12)
 
 
 # ---------------------------------------------------------------- GPU
@@ -263,49 +191,3 @@ def test_gpu_elementwise_kernels_replay_in_a_cuda_graph():
     for out, ref, c in zip(outs, refs, carried, strict=True):
         assert_within_one_ulp(out, ref, c)
     assert torch.equal(outs[1], refs[1]) and torch.equal(outs[4], refs[4]) and torch.equal(outs[5], refs[5])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 64])
-def test_gpu_fused_quantization_equals_the_unfused_kernels(dtype, rows):
-    """On the GPU, at Devstral-Small widths (dim 5120, hidden 32768): RMSNorm, add + RMSNorm and SwiGLU
-    with xq give the words of the float kernel followed by the quantization launch, bit for bit (one
-    shared quantize_blocks: the same FMA, the same pairwise sum; the norm's row reduced in the same
-    layout), eagerly and replayed from a CUDA graph as dependent launches."""
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(rows)
-    x = torch.randn(rows, 5120, device=dev, generator=g).to(dtype)
-    delta = torch.randn(rows, 5120, device=dev, generator=g).to(dtype)
-    w = (1 + 0.1 * torch.randn(5120, device=dev, generator=g)).to(dtype)
-    gate, up = (torch.randn(rows, 2 * 32768, device=dev, generator=g) * 4).to(dtype).chunk(2, dim=-1)
-
-    def fused():
-        out = []
-        for layout in (STRIDE8, STRIDE4):
-            q, res = add_rms_norm_triton(x, delta, w, 1e-5, xq=layout)
-            out += [q.words, res, rms_norm_triton(x, w, 1e-5, xq=layout).words,
-                    silu_mul_triton(gate, up, xq=layout).words]
-        return out
-
-    def unfused():
-        out = []
-        for layout in (STRIDE8, STRIDE4):
-            normed, res = add_rms_norm_triton(x, delta, w, 1e-5)
-            out += [gguf_xq.quantize(normed, layout), res, gguf_xq.quantize(rms_norm_triton(x, w, 1e-5), layout),
-                    gguf_xq.quantize(silu_mul_triton(gate, up), layout)]
-        return out
-
-    want = unfused()
-    for got, ref in zip(fused(), want, strict=True):
-        assert torch.equal(got, ref)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = fused()
-    for t in (x, delta, gate, up):  # new inputs, same buffers
-        t.copy_(torch.randn(t.shape, device=dev, generator=g).to(dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, ref in zip(outs, unfused(), strict=True):
-        assert torch.equal(got, ref)
-

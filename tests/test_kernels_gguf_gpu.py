@@ -257,8 +257,7 @@ def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatc
 
 
 def test_activation_quantization_on_the_gpu():
-    """gguf_xq.quantize against its PyTorch twin: scales and sums exact (the sum a fixed pairwise tree),
-    levels equal but at rounding ties (the GPU's one FMA, the twin's two roundings)."""
+    """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
     from devstral.kernels import gguf_xq
 
     x = torch.randn(5, 4096 + 96, device=CUDA, dtype=torch.bfloat16) * 4
@@ -267,7 +266,8 @@ def test_activation_quantization_on_the_gpu():
         got, ref = gguf_xq.quantize(x, layout).cpu(), gguf_xq.reference(x.cpu(), layout)
         assert torch.equal(got[..., 8], ref[..., 8])
         assert ((got[..., :8] != ref[..., :8]).float().mean() < 0.01).item()
-        assert torch.equal(got[..., 9], ref[..., 9])
+        torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-5,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

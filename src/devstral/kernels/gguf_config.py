@@ -16,9 +16,7 @@ launch config benchmarks/gguf_gemv_sweep.py measured fastest at the smallest mea
 path when present, else the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
 (benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
 point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
-arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph. That is
-also what lets the kernel before a wide_xq GEMV write its input already quantized (`xq_layout`, asked
-through quant.linear.input_layout): producer and GEMV reach the same plan independently.
+arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ import re
 from pathlib import Path
 
 import torch
-
-from devstral.kernels.xq_format import layout_for_type
 
 # defaults until a tuned table says otherwise (per type: the M where each path stops)
 DEFAULT_THRESHOLDS = {"gemv_max_m": 4, "gemm_max_m": 512}
@@ -201,14 +197,6 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
         return "gemm", dict(bn=bn, bm=bm, nsub=nsub, split_k=split_k(tiles, k // (sb * nsub), sms),
                             num_warps=8 if bm >= 128 else 4, num_stages=3 if bm <= 64 else 2)
     return "dequant", {}
-
-
-def xq_layout(qtype: str, m: int, n: int, k: int, device: torch.device | None = None) -> int | None:
-    """The int8 layout (xq_format.STRIDE8 / STRIDE4) in which this shape's GEMV takes activations quantized
-    beforehand -- the plan is "wide_xq" -- else None. Host arithmetic like gguf_plan, which it asks."""
-    if gguf_plan(qtype, m, n, k, device)[0] != "wide_xq":
-        return None
-    return layout_for_type(qtype)
 
 
 def nf4_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:

@@ -23,8 +23,7 @@ and layout conversions. Here:
   num_stages > 1, Triton's software pipeline carries the tiles through shared memory (cp.async), which
   costs no registers for the bytes in flight.
 * int8=True: activations as int8 per sub-block and dp4a on the weights (_row_dot_int8), quantized by
-  each thread for its rows, or (xq=True) once beforehand (_row_dot_xq): by gguf_xq.py's launch, or by
-  the kernel that produced them (RMSNorm, SwiGLU), passed in as an xq_format.Quantized.
+  each thread for its rows, or (xq=True) once beforehand by gguf_xq.py (_row_dot_xq).
 * Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
   go out before the wait for the kernel that produced the activations.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
@@ -54,7 +53,6 @@ from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
-from devstral.kernels.xq_format import Quantized
 
 MAX_BM = 4  # activation rows per program; more rows run as more programs along grid axis 2
 
@@ -582,7 +580,7 @@ def bm_for(m: int) -> int:
 INT8_TYPES = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (QT codes): the types with an int8-activation row dot
 
 
-def gemv(x: torch.Tensor | Quantized, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
+def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
          int8: bool = False, xq: bool = False, stream: int = 0) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
@@ -591,40 +589,33 @@ def gemv(x: torch.Tensor | Quantized, p: PackedGGUF, bias: torch.Tensor | None, 
     num_stages 1: the next tile prefetched into registers; 2 or more: tiles pipelined through shared
     memory (cp.async), num_stages - 1 of them in flight.
     xq (with int8): the activations quantized once by gguf_xq.quantize (one more launch) instead of in
-    every thread -- or x is a Quantized already in this weight type's layout (gguf_xq.layout_for),
-    written by the kernel that produced it (RMSNorm, SwiGLU), and nothing more is launched.
+    every thread.
     stream > 0: stream-K instead of split_k -- stream programs per SM share the row-tile x K-tile units
     equally (stream_programs)."""
+    m, k = x.shape
     qt = qt_code(p.qtype)
-    if (int8 or xq) and qt not in INT8_TYPES:
+    if int8 and qt not in INT8_TYPES:
         raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
-    if isinstance(x, Quantized):
-        if not xq or x.layout != gguf_xq.layout_for(qt):
-            raise ValueError(f"activations quantized in layout {x.layout} for a {p.qtype.name} GEMV "
-                             f"{'in layout ' + str(gguf_xq.layout_for(qt)) if xq else 'on float activations'}")
-        xin, (m, k), device = x.words, (x.rows, x.shape[-1]), x.device
-    else:
-        (m, k), device = x.shape, x.device
-        xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt)) if xq else x
-    on = pdl.enabled(device)
+    xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt)) if xq else x
+    on = pdl.enabled(x.device)
     s_xin = xin.stride(0)
     sb, wps, e = GEOMETRY[qt]
     tiles_n, tiles_m = triton.cdiv(p.n, bn), triton.cdiv(m, bm)
     n_tiles = triton.cdiv(k // sb, ns)
     use_stream = False
     if stream:
-        g = stream_programs(stream, tiles_n * n_tiles, device)
+        g = stream_programs(stream, tiles_n * n_tiles, x.device)
         shares = stream_shares(tiles_n * n_tiles, g, n_tiles)
         use_stream = usable_split(shares, tiles_n * tiles_m, m, p.n) == shares  # else the plain launch below
     if use_stream:
-        grid, split_k, ws = (g, 1, tiles_m), 1, workspace(shares, m, p.n, device)
+        grid, split_k, ws = (g, 1, tiles_m), 1, workspace(shares, m, p.n, x.device)
     else:
         split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
-        grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, device)
+        grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     _wide_kernel[grid](
-        xin, out, bias if bias is not None else out, ws, counters(device), *fields,
+        xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
         m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
         QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
         HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,

@@ -1,7 +1,5 @@
 """y = x @ W^T + b for a planar GGUF weight on CUDA: picks the streaming GEMV (float or int8
 activations), the integer-dot GEMV (Q4_K, Q6_K, Q8_0 at M <= 8), the float GEMV, the tile GEMM or dequantize + cuBLAS (gguf_config.gguf_plan).
-Activations that the kernel before already wrote in the int8 layout (xq_format.Quantized) go straight
-to the streaming GEMV.
 
 The dequantize path writes bands of rows into one bf16 scratch buffer per device, shared by every
 layer (layers run one after another), capped at DEVSTRAL_DEQUANT_SCRATCH_MB (default 512 MiB: a
@@ -17,7 +15,6 @@ import torch
 from devstral.errors import DevstralError
 from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv, gguf_gemv_wide, gguf_idot
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.xq_format import Quantized
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 
@@ -60,12 +57,7 @@ def dequant_matmul(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, ou
     return out
 
 
-def linear(x: torch.Tensor | Quantized, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype. x may be a Quantized (activations written in
-    the int8 layout by the kernel that produced them): only where this shape's plan is wide_xq, which
-    the producer was told by gguf_config.xq_layout (quant.linear.input_layout)."""
-    if isinstance(x, Quantized):
-        return _linear_quantized(x, p, bias)
+def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, p.k)
     if x2.stride(-1) != 1:
@@ -85,17 +77,3 @@ def linear(x: torch.Tensor | Quantized, p: PackedGGUF, bias: torch.Tensor | None
         else:
             dequant_matmul(x2, p, bias, out)
     return out.reshape(*lead, p.n)
-
-
-def _linear_quantized(x: Quantized, p: PackedGGUF, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.shape[-1] != p.k:
-        raise ValueError(f"activations of width {x.shape[-1]} for a weight of K = {p.k}")
-    m = x.rows
-    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    if m:
-        kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if kind != "wide_xq":  # the producer and this call asked the same plan: a caller's bug
-            raise ValueError(f"{p.qtype.name} {p.n}x{p.k} at {m} rows runs {kind}, not wide_xq: it takes float "
-                             "activations (ask gguf_config.xq_layout before quantizing them)")
-        gguf_gemv_wide.gemv(x, p, bias, out, int8=True, xq=True, **cfg)
-    return out.reshape(*x.shape[:-1], p.n)

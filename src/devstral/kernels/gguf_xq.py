@@ -4,12 +4,18 @@ The int8 GEMV quantizes activations inside each thread: every thread that shares
 redoes it for its own rows, and at 8-16 rows a thread that is a third to a half of the loop's
 instructions (SASS counted offline: Q4_K 2.34 instructions per weight at 8 rows, 1.79 at 16). Done once
 here instead -- one small launch per input, shared by a fused q/k/v or gate/up -- the GEMV only loads
-the packed bytes, in the order its dp4a operands take them. Better still, the kernel that produces the
-activations writes them in this layout itself (RMSNorm, SwiGLU: `quantize_blocks` below, the same
-code, so the same bits), and this launch and the float round trip through memory go away.
+the packed bytes, in the order its dp4a operands take them.
 
-The layout, the `Quantized` value that carries it and the PyTorch twin (`reference`) are in
-xq_format.py (no Triton there).
+Layout, int32 [M, K // 32, 12], one row of 12 words (48 bytes, 16-byte aligned) per 32 values:
+  words 0-7   the int8 levels round(x * 127 / absmax), four to a word, byte 0 first:
+              STRIDE8 (Q4_K, Q8_0 weights): word i holds values i, i+8, i+16, i+24 -- a Q8_0 word's
+              values, and for Q4_K the low nibbles' (words 0-3) and high nibbles' (words 4-7) operands;
+              STRIDE4 (Q6_K weights, sub-blocks of 16): word 4h + i holds values 16h + i, +4, +8, +12
+  word 8      the scale absmax / 127 (fp32 bits)
+  word 9      the exact fp32 sum of the 32 values (Q4_K's min term)
+  words 10-11 the integer sum of the levels of each half of 16 (Q6_K stores levels + 32)
+Rounding is the in-kernel path's (magic-number add, ties to even); all-zero blocks stay zero.
+`reference()` is the same in PyTorch (the CPU twin the tests compare against).
 """
 
 from __future__ import annotations
@@ -19,29 +25,27 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import pdl
-from devstral.kernels.interpret_triton import kernels_for
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
-from devstral.kernels.xq_format import BLOCK, STRIDE4, STRIDE8, WORDS, Quantized, layout_for, reference
 
+BLOCK = 32  # values per scale
+WORDS = 12  # int32 words per block of 32
+STRIDE8, STRIDE4 = 0, 1
 BLOCKS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _pairwise_sum32(x, BLOCKS: tl.constexpr):
-    """Each row of x [BLOCKS, 32] summed as a fixed tree (neighbours, then pairs of pairs): every step
-    adds two values, so the bits do not depend on how the kernel's layout spreads x over threads."""
-    s = tl.sum(tl.reshape(x, (BLOCKS, 16, 2)), axis=2)
-    s = tl.sum(tl.reshape(s, (BLOCKS, 8, 2)), axis=2)
-    s = tl.sum(tl.reshape(s, (BLOCKS, 4, 2)), axis=2)
-    s = tl.sum(tl.reshape(s, (BLOCKS, 2, 2)), axis=2)
-    return tl.sum(s, axis=1)
-
-
-@triton.jit
-def quantize_blocks(x, row_ptr, b, ok, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr):
-    """Store x (fp32 [BLOCKS, 32]: blocks b [BLOCKS] of one activation row, stored where ok) in the
-    packed layout at row_ptr (int32, 12 words per block). The one copy of the arithmetic that every
-    kernel quantizing activations runs (this file's launch, RMSNorm's and SwiGLU's fused outputs)."""
+def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # launched as a dependent of the kernel before, and the GEMV after may start (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
+    m = tl.program_id(0)
+    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # the blocks of 32 of this program
+    n_blocks = K // 32
+    ok = b < n_blocks
+    v = tl.arange(0, 32)
+    x = tl.load(x_ptr + m.to(tl.int64) * s_xm + b[:, None] * 32 + v[None, :], mask=ok[:, None], other=0.0)
+    x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30))  # IEEE, as the twin
     # x * inv + 1.5 * 2^23 leaves round(x * inv) in the low mantissa bits (ties to even)
@@ -55,47 +59,49 @@ def quantize_blocks(x, row_ptr, b, ok, LAYOUT: tl.constexpr, BLOCKS: tl.constexp
         shift = (8 * tl.arange(0, 4))[None, None, :, None]
         words = tl.reshape(tl.sum((q4 & 0xFF) << shift, axis=2), (BLOCKS, 8))
     halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2)  # [BLOCKS, 2]
-    base = row_ptr + b * 12
+    base = out_ptr + m.to(tl.int64) * s_om + b * 12
     tl.store(base[:, None] + tl.arange(0, 8)[None, :], words, mask=ok[:, None])
     tl.store(base + 8, (amax * (1.0 / 127.0)).to(tl.int32, bitcast=True), mask=ok)
-    tl.store(base + 9, _pairwise_sum32(x, BLOCKS).to(tl.int32, bitcast=True), mask=ok)
+    tl.store(base + 9, tl.sum(x, axis=1).to(tl.int32, bitcast=True), mask=ok)
     tl.store(base[:, None] + 10 + tl.arange(0, 2)[None, :], halves, mask=ok[:, None])
 
 
-@triton.jit
-def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    if PDL:  # launched as a dependent of the kernel before, and the GEMV after may start (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
-    m = tl.program_id(0)
-    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # the blocks of 32 of this program
-    ok = b < K // 32
-    v = tl.arange(0, 32)
-    x = tl.load(x_ptr + m.to(tl.int64) * s_xm + b[:, None] * 32 + v[None, :], mask=ok[:, None], other=0.0)
-    quantize_blocks(x.to(tl.float32), out_ptr + m.to(tl.int64) * s_om, b, ok, LAYOUT, BLOCKS)
-
-
-def empty(shape: torch.Size, layout: int, dtype: torch.dtype, device: torch.device) -> Quantized:
-    """A Quantized for activations of `shape` [*lead, K], its words not yet written."""
-    k = shape[-1]
-    if k % BLOCK:
-        raise ValueError(f"activation quantization needs K divisible by {BLOCK}, got {k}")
-    m = shape.numel() // k if k else 0
-    return Quantized(torch.empty(m, k // BLOCK, WORDS, dtype=torch.int32, device=device), layout, shape, dtype)
+def layout_for(qt: int) -> int:
+    """The byte order a weight type's dp4a operands take (qt: gguf_decode.qt_code)."""
+    return STRIDE4 if qt == 2 else STRIDE8
 
 
 def quantize(x: torch.Tensor, layout: int) -> torch.Tensor:
-    """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (xq_format's layout)."""
+    """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (the layout above)."""
     m, k = x.shape
-    out = empty(x.shape, layout, x.dtype, x.device).words
+    if k % BLOCK:
+        raise ValueError(f"activation quantization needs K divisible by {BLOCK}, got {k}")
+    out = torch.empty(m, k // BLOCK, WORDS, dtype=torch.int32, device=x.device)
     if m:
         grid = (m, triton.cdiv(k // BLOCK, BLOCKS_PER_PROGRAM))
         on = pdl.enabled(x.device)
-        kernels_for(x, __name__)._quantize_kernel[grid](x, out, k, x.stride(0), out.stride(0), LAYOUT=layout,
-                                                       BLOCKS=BLOCKS_PER_PROGRAM, PDL=on, num_warps=4, launch_pdl=on)
+        _quantize_kernel[grid](x, out, k, x.stride(0), out.stride(0), LAYOUT=layout, BLOCKS=BLOCKS_PER_PROGRAM, PDL=on,
+                               num_warps=4, launch_pdl=on)
     return out
 
 
-__all__ = ["BLOCK", "STRIDE4", "STRIDE8", "WORDS", "Quantized", "empty", "layout_for", "quantize", "quantize_blocks",
-           "reference"]
+def reference(x: torch.Tensor, layout: int) -> torch.Tensor:
+    """The kernel in PyTorch (fp32 arithmetic, the same rounding)."""
+    m, k = x.shape
+    xf = x.float().reshape(m, k // BLOCK, BLOCK)
+    amax = xf.abs().amax(-1)
+    inv = 127.0 / amax.clamp_min(1e-30)
+    q = ((xf * inv[..., None] + 12582912.0).view(torch.int32) - 0x4B400000).to(torch.int64)
+    if layout == STRIDE8:
+        q4 = q.reshape(m, -1, 4, 8)  # [.., a, i]: value 8a + i
+        words = sum((q4[:, :, a, :] & 0xFF) << (8 * a) for a in range(4))
+    else:
+        q5 = q.reshape(m, -1, 2, 4, 4)  # [.., h, a, i]: value 16h + 4a + i
+        words = sum((q5[:, :, :, a, :] & 0xFF) << (8 * a) for a in range(4)).reshape(m, -1, 8)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    out = torch.empty(m, k // BLOCK, WORDS, dtype=torch.int32)
+    out[..., :8] = words.to(torch.int32)
+    out[..., 8] = (amax * (1.0 / 127.0)).view(torch.int32)
+    out[..., 9] = xf.sum(-1).view(torch.int32)
+    out[..., 10:] = q.reshape(m, -1, 2, 16).sum(-1).to(torch.int32)
+    return out

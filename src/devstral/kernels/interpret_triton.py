@@ -6,8 +6,7 @@ launcher the right set for its tensors: the module itself for CUDA tensors, else
 module loaded with the interpreter switched on. So one process can check a kernel's logic on the CPU
 (CI has no GPU) and still run the compiled kernel on a GPU. Triton's own library functions written
 in Triton (`tl.sum`, `tl.max`, `tl.cdiv`, ...) were compiled-mode objects when triton was imported;
-while an interpreted kernel runs they are swapped for interpreted twins. A device function the module
-imports from another of this package's kernel modules is replaced by the one of that module's copy.
+while an interpreted kernel runs they are swapped for interpreted twins.
 
 The interpreter of Triton 3.6 rounds float32 -> bfloat16 by truncation and drops the carry when it
 rounds to fp8 (31.0 becomes 16.0). The GPU rounds to nearest even. While interpreted kernels run,
@@ -54,13 +53,11 @@ def _interpreted_copy(module_name: str) -> ModuleType:
         triton.knobs.runtime.interpret = True
         spec.loader.exec_module(module)
     for name, value in list(vars(module).items()):
-        # a device function imported from another of our kernel modules (gguf_xq.quantize_blocks in
-        # RMSNorm and SwiGLU) was decorated there in compiled mode: take its interpreted twin
-        home = getattr(getattr(value, "fn", None), "__module__", "")
-        if isinstance(value, JITFunction) and home.startswith("devstral.") and home != module_name:
-            setattr(module, name, getattr(_interpreted_copy(home), value.fn.__name__))
-    for value in vars(module).values():
-        if isinstance(value, InterpretedFunction):
+        if isinstance(value, JITFunction) and value.fn.__module__ != module_name:
+            # a helper imported from another kernel module: its interpreted twin, or the kernel
+            # would call a compiled-mode function from inside the interpreter
+            setattr(module, name, getattr(_interpreted_copy(value.fn.__module__), value.fn.__name__))
+        elif isinstance(value, InterpretedFunction):
             value.run = _patched_while_running(value.run)
     return module
 

@@ -1,16 +1,11 @@
 """RMSNorm as HF Mistral computes it (normalize in float32, cast back, then scale), and its fusion
-with the residual add that precedes it.
-
-`xq`: the projection after the norm takes int8 activations in that layout (xq_format.py; the model
-asks quant.linear.input_layout): the normed rows come back as a xq_format.Quantized -- what
-gguf_xq.quantize would make of them -- written by the norm's own kernel on the GPU."""
+with the residual add that precedes it."""
 
 from __future__ import annotations
 
 import torch
 
 from devstral.kernels import use_triton, use_triton_training
-from devstral.kernels.xq_format import Quantized, quantized_reference
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,14 +22,7 @@ def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-             xq: int | None = None) -> torch.Tensor | Quantized:
-    if xq is not None:  # inference only (input_layout says None while gradients are recorded)
-        if use_triton(x):
-            from devstral.kernels.rms_norm_triton import rms_norm_triton
-
-            return rms_norm_triton(x, weight, eps, xq=xq)
-        return quantized_reference(rms_norm_ref(x, weight, eps), xq)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton_training(x, weight):
         from devstral.kernels import rms_norm_autograd as train
 
@@ -48,15 +36,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     return rms_norm_ref(x, weight, eps)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                 xq: int | None = None) -> tuple[torch.Tensor | Quantized, torch.Tensor]:
-    if xq is not None:
-        if use_triton(x):
-            from devstral.kernels.rms_norm_triton import add_rms_norm_triton
-
-            return add_rms_norm_triton(x, delta, weight, eps, xq=xq)
-        normed, residual = add_rms_norm_ref(x, delta, weight, eps)
-        return quantized_reference(normed, xq), residual
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton_training(x, delta, weight):
         from devstral.kernels import rms_norm_autograd as train
 

@@ -29,11 +29,10 @@ from devstral.kernels.rms_norm import add_rms_norm, rms_norm
 from devstral.kernels.rope import apply_rope
 from devstral.kernels.silu_mul import silu_mul
 from devstral.kernels.varlen_attention import Documents, varlen_attention
-from devstral.kernels.xq_format import Quantized
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
-from devstral.quant.linear import fuse_quant, input_layout
+from devstral.quant.linear import fuse_quant
 
 
 class AttentionCache(Protocol):
@@ -53,14 +52,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, xq: int | None = None) -> torch.Tensor | Quantized:
-        """xq: the next projection's int8 layout (quant.linear.input_layout): the result comes quantized."""
-        return rms_norm(x, self.weight, self.eps, xq=xq)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor,
-                     xq: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + delta), x + delta), fused on the GPU; xq as in forward."""
-        return add_rms_norm(x, delta, self.weight, self.eps, xq=xq)
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta), fused on the GPU."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
@@ -171,9 +168,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        # SwiGLU writes the product in the int8 layout down_proj reads, when it reads one
-        xq = input_layout(self.down_proj, gate.numel() // gate.shape[-1])
-        return run_linear(self.down_proj, silu_mul(gate, up, xq=xq))
+        return run_linear(self.down_proj, silu_mul(gate, up))
 
 
 class Block(nn.Module):
@@ -195,19 +190,15 @@ class Block(nn.Module):
         """The residual stream x, plus `delta` (the block before's FFN output, not yet added) -> (the
         residual stream after attention, this block's FFN output or None). A dense FFN's skip connection
         is left to the next norm, which adds it in its own pass (one launch less per layer at decode);
-        a MoE's is inside its last kernel. A norm whose projection takes int8 activations writes them so
-        (quant.linear.input_layout; None: a float row)."""
-        rows = x.shape[0] * x.shape[1]
-        qkv_xq = input_layout(self.self_attn.qkv, rows)
+        a MoE's is inside its last kernel."""
         if delta is None:
-            normed = self.input_layernorm(x, qkv_xq)
+            normed = self.input_layernorm(x)
         else:
-            normed, x = self.input_layernorm.add_and_norm(x, delta, qkv_xq)
+            normed, x = self.input_layernorm.add_and_norm(x, delta)
         h = self.self_attn(normed, cos, sin, q_scale, mask, cache)
+        h, x = self.post_attention_layernorm.add_and_norm(x, h)
         if hasattr(self, "block_sparse_moe"):
-            h, x = self.post_attention_layernorm.add_and_norm(x, h)
             return self.block_sparse_moe(h, residual=x), None
-        h, x = self.post_attention_layernorm.add_and_norm(x, h, input_layout(self.mlp.gate_up, rows))
         return x, self.mlp(h)
 
 
@@ -251,7 +242,7 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                       cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
                       inject: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      documents: Documents | None = None, xq: int | None = None) -> torch.Tensor | Quantized:
+                      documents: Documents | None = None) -> torch.Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, dim].
 
         `positions` [B, T] default to 0..T-1. Without a cache the attention is causal (and windowed)
@@ -261,8 +252,6 @@ class Transformer(nn.Module):
         embeddings: the image features of [IMG] tokens (model/vision.py).
         `documents` (training, no cache): the lengths of the examples packed into the rows; each
         attends causally to itself only, with no [T, T] mask (kernels/varlen_attention.py).
-        `xq` (inference): the final norm writes its rows in this int8 layout for the output head
-        (quant.linear.input_layout) and they come back as a xq_format.Quantized.
         """
         B, T = tokens.shape
         if positions is None:
@@ -289,11 +278,11 @@ class Transformer(nn.Module):
                     # a checkpoint keeps one tensor per segment: the stream with the last FFN output added
                     x = checkpoint(_checkpointed_blocks, tuple(layers[at:at + step]), x, cos, sin, q_scale, mask,
                                    cache, use_reentrant=False, context_fn=checkpoint_contexts)
-            return self.model.norm(x, xq)
+            return self.model.norm(x)
         x, delta = _run_blocks(layers, x, cos, sin, q_scale, mask, cache)
         if delta is None:
-            return self.model.norm(x, xq)
-        return self.model.norm.add_and_norm(x, delta, xq)[0]
+            return self.model.norm(x)
+        return self.model.norm.add_and_norm(x, delta)[0]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                 cache: AttentionCache | None = None, attn_mask: torch.Tensor | None = None,
@@ -301,9 +290,7 @@ class Transformer(nn.Module):
                 inject: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or only at the token indices `select` [S] -> [B, S, vocab] (the engine
         needs logits only where a sequence samples its next token)."""
-        # the final norm writes the output head's int8 input when the head takes one (all rows: no select)
-        xq = input_layout(self.lm_head, tokens.numel()) if select is None else None
-        h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask, inject=inject, xq=xq)
+        h = self.hidden_states(tokens, positions, cache=cache, attn_mask=attn_mask, inject=inject)
         return run_linear(self.lm_head, h if select is None else h[:, select])
 
     def tile_mlp(self, tokens: int | None) -> None:

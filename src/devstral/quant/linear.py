@@ -8,14 +8,10 @@
   * CUDA, any other type: dequantized once at load to the compute dtype; `fallback_notice` reports
     those tensors and what they cost, in one line.
 `QuantLinear` and the GGUF token embedding wrap a GGUFWeight; a tied output head shares its
-embedding's GGUFWeight, so the weight is stored once. `input_layout` says when a planar layer (or a
-fused projection of them) takes its input already in the int8 GEMV's layout, so that the kernel before
-writes it so (the model's norms and SwiGLU).
+embedding's GGUFWeight, so the weight is stored once.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +19,6 @@ from gguf import GGMLQuantizationType as QType
 from torch import nn
 
 from devstral.errors import DevstralError
-from devstral.kernels.xq_format import Quantized
 from devstral.quant.codec import dequantize
 from devstral.quant.layout import row_bytes
 
@@ -147,12 +142,8 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.weight_q.rows(start, stop)
 
-    def forward(self, x: torch.Tensor | Quantized) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
-        if isinstance(x, Quantized):  # written in the layout input_layout() gave: the planar GEMV takes it
-            from devstral.kernels.gguf_linear import linear
-
-            return linear(x, w.packed, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if w.mode == "planar":
             if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
@@ -189,10 +180,10 @@ class PackedProjection:
     def __init__(self, packed, parts):
         self.packed, self.parts = packed, parts
 
-    def __call__(self, x: torch.Tensor | Quantized) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from devstral.kernels.gguf_linear import linear
 
-        if not isinstance(x, Quantized) and x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS:
+        if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS:
             return tuple(linear(x, p) for p in self.parts)
         return linear(x, self.packed).split([p.n for p in self.parts], dim=-1)
 
@@ -214,34 +205,6 @@ def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
         m.weight_q.share_rows_of(fused, row)
         row += p.n
     return PackedProjection(fused, [m.weight_q.packed for m in linears])
-
-
-def input_layout(proj, rows: int) -> int | None:
-    """The int8 layout (kernels/xq_format.STRIDE8 / STRIDE4) in which `proj` -- a QuantLinear, or a
-    PackedProjection of several -- takes its input at `rows` activation rows already quantized (a
-    xq_format.Quantized), or None when it takes float activations.
-
-    Where the planned GEMV is "wide_xq" (gguf_config.gguf_plan: the tuned table's pick for the shape),
-    it would quantize the activations in a launch of its own; told this layout, the kernel that
-    produces them (RMSNorm, SwiGLU) writes them quantized instead, and the float copy and that launch
-    go away. None for anything else: no projection (None), plain or LoRA-wrapped linears, weights not
-    planar (CPU blocks, dense), gradients recorded (training: QuantLinear takes its float path), rows
-    past the fused decode sizes, a plan other than wide_xq, or DEVSTRAL_FUSED_XQ=0 (the unfused path:
-    a float activation, then the GEMV's own quantization launch). Host arithmetic on shapes only, so
-    the answer is the same while a CUDA graph is captured."""
-    if rows <= 0 or torch.is_grad_enabled() or os.environ.get("DEVSTRAL_FUSED_XQ", "1") == "0":
-        return None
-    if isinstance(proj, PackedProjection):
-        if rows > proj.FUSED_MAX_ROWS:
-            return None
-        p = proj.packed
-    elif type(proj) is QuantLinear and proj.weight_q.mode == "planar":
-        p = proj.weight_q.packed
-    else:
-        return None
-    from devstral.kernels.gguf_config import xq_layout
-
-    return xq_layout(p.qtype.name, rows, p.n, p.k, p.device)
 
 
 def fallback_notice(model: nn.Module) -> str | None:
