@@ -261,7 +261,8 @@ def decode_candidates(kind: str) -> list[DecodeConfig]:
     """The default (splits merged in the launch, splits from the compiled kernel's occupancy) and the
     two-pass merge first, then the other orientation of the scores, smaller/larger tiles and, for the
     2-byte kinds, a single-buffered pipeline (smaller shared memory, more programs per SM)."""
-    first = [DecodeConfig(), DecodeConfig(fused_merge=False), DecodeConfig(tokens_major=kind not in QUANT_KINDS)]
+    first = [DecodeConfig(fused_merge=True), DecodeConfig(fused_merge=False),
+             DecodeConfig(tokens_major=kind not in QUANT_KINDS)]
     if kind in QUANT_KINDS:
         return first + [DecodeConfig(block_n=128), DecodeConfig(block_n=32)]
     return first + [DecodeConfig(block_n=32), DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8)]
@@ -412,12 +413,12 @@ def summary(rows: list[dict]) -> None:
 
 
 def decode_comparisons(rows: list[dict]) -> dict:
-    """Per decode case: the default (splits merged in the launch) against the two-pass merge, and
+    """Per decode case: the splits merged in the launch against the two-pass merge (the default), and
     each kind's best KV bytes per second against bf16's at the same batch and context."""
     timed = [r for r in rows if "us" in r and r.get("ok")]
     merge = []
     for name in dict.fromkeys(r["name"] for r in timed):
-        fused = [r for r in timed if r["name"] == name and r["config"] == repr(DecodeConfig())]
+        fused = [r for r in timed if r["name"] == name and r["config"] == repr(DecodeConfig(fused_merge=True))]
         two = [r for r in timed if r["name"] == name and r["config"] == repr(DecodeConfig(fused_merge=False))]
         if fused and two and fused[0]["merge"] != "one split":
             merge.append({"name": name, "splits": fused[0]["splits"], "fused_us": fused[0]["us"],

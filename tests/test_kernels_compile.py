@@ -79,12 +79,12 @@ def _record(monkeypatch, kinds: list[str]) -> list:
     q4 = torch.randn(4, 48, 128, dtype=bf)[:, :32]
     for kind in kinds:
         mods["kv_store_triton"].store_kv_triton(k[0], v[0], layer(kind), torch.arange(4))
-        # splits merged in the launch, split + merge kernels, one split writing the output, the other
+        # split + merge kernels, splits merged in the launch, one split writing the output, the other
         # orientation of the scores (explicit splits: no occupancy query here); the benchmark's
         # single-buffered num_stages=3 candidate is left out of the pipelining check
         for cfg in (pa.DecodeConfig(splits=3), pa.DecodeConfig(block_n=32, splits=3),
                     pa.DecodeConfig(block_n=128, num_warps=8, splits=3), pa.DecodeConfig(splits=1),
-                    pa.DecodeConfig(splits=3, fused_merge=False), pa.DecodeConfig(block_n=128, splits=3),
+                    pa.DecodeConfig(splits=3, fused_merge=True), pa.DecodeConfig(block_n=128, splits=3),
                     pa.DecodeConfig(splits=3, tokens_major=kind == "bf16")):
             pa.decode_attention_triton(q4, layer(kind), tables, lens, 0.088, None, max_context=131072, config=cfg)
     pa.decode_attention_triton(q4, layer(kinds[0]), tables, lens, 0.088, 4096, max_context=131072,

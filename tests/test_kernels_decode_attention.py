@@ -89,7 +89,7 @@ def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, wind
 
 # ---------------------------------------------------------------- CPU, through the interpreter
 # A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
-SPLIT3 = [DecodeConfig(block_n=16, splits=3), DecodeConfig(block_n=16, splits=3, fused_merge=False)]
+SPLIT3 = [DecodeConfig(block_n=16, splits=3, fused_merge=True), DecodeConfig(block_n=16, splits=3)]
 sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
                            reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
 
@@ -142,7 +142,7 @@ def test_fused_merge_with_rows_using_fewer_splits(kind, window):
     tiles use 1, 1, 2, 3 and 4 of them (fewer inside a window); each row's last arriving split
     merges it, a row with one used split writes its output directly."""
     check(kind, [1, 9, 17, 40, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, window=window,
-          configs=[DecodeConfig(block_n=16, splits=4)], seed=KINDS.index(kind) + (window or 0))
+          configs=[DecodeConfig(block_n=16, splits=4, fused_merge=True)], seed=KINDS.index(kind) + (window or 0))
 
 
 @pytest.mark.parametrize("tokens_major", [False, True])
@@ -161,7 +161,7 @@ def test_fused_merge_twice_in_a_row_gives_identical_results(lens, splits, kind):
     bits (the merge adds the splits in a fixed order, whichever arrives last); both match the reference."""
     layer, tables, ctx = filled_cache(kind, lens, 2, 32, 8, torch.bfloat16, "cpu", seed=sum(lens))
     q = queries(len(lens), 4, 2, 32, torch.bfloat16, "cpu", seed=splits)
-    cfg = DecodeConfig(block_n=16, splits=splits)
+    cfg = DecodeConfig(block_n=16, splits=splits, fused_merge=True)
     first = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
     assert not arrival_counters(torch.device("cpu")).any()
     second = decode_attention_triton(q, layer, tables, ctx, 0.17, max_context=tables.shape[1] * 8, config=cfg)
@@ -303,7 +303,7 @@ def test_decode_interpreter_sweep(kind, window, block_size):
 
 # ---------------------------------------------------------------- GPU
 DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
-GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=False), DecodeConfig(block_n=32),
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=True), DecodeConfig(block_n=32),
                DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
                DecodeConfig(block_n=128)]  # the benchmark's candidates
 
@@ -320,7 +320,7 @@ def test_gpu_decode_batch_of_mixed_contexts(kind):
 def test_gpu_decode_long_context(kind):
     """32k keys: the dequantization's PTX (fp8, q8_0, q4_0) over many tiles, in both orientations."""
     check(kind, [32768, 1], **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(tokens_major=kind not in QUANT_KINDS),
-                                                 DecodeConfig(block_n=128), DecodeConfig(fused_merge=False)],
+                                                 DecodeConfig(block_n=128), DecodeConfig(fused_merge=True)],
           device="cuda", seed=2)
 
 
@@ -372,8 +372,10 @@ def test_gpu_fused_merge_in_a_large_batch(kind):
     """64 rows of mixed contexts (and padding rows) over 8 kv heads: 512 groups count their splits in
     one launch, many merging at once; the same bits launch after launch."""
     lens = [1 + (i * 997) % 6000 for i in range(64)]
-    check(kind, lens, **DEVSTRAL, configs=[DecodeConfig(), DecodeConfig(splits=7)], device="cuda", seed=8)
+    check(kind, lens, **DEVSTRAL, configs=[DecodeConfig(fused_merge=True), DecodeConfig(splits=7, fused_merge=True)],
+          device="cuda", seed=8)
     layer, tables, ctx = filled_cache(kind, lens[:8], 8, 128, 16, torch.bfloat16, "cuda", seed=9)
     q = queries(8, 32, 8, 128, torch.bfloat16, "cuda", 10)
-    runs = [decode_attention_triton(q, layer, tables, ctx, 0.088, max_context=8192) for _ in range(3)]
+    cfg = DecodeConfig(fused_merge=True)
+    runs = [decode_attention_triton(q, layer, tables, ctx, 0.088, max_context=8192, config=cfg) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])

@@ -8,15 +8,20 @@ are gathered through the block table, dequantized in registers (fp8 scales are f
 scores and, except for fp16 queries, the probabilities; q8_0/q4_0 are expanded to q's dtype as the
 reference does), and reduced with an online softmax in base 2. With one split (or a row whose
 context fits in one), the program writes the output itself. Otherwise each split writes its
-normalized partial output and log-sum-exp, and the splits are merged in the same launch: every split
-with keys counts itself in at its (sequence, kv head) group's int32 counter (an acq_rel atomic after
-a CTA barrier, so its partials are visible first); the one that arrives last merges the group's heads
-in split order -- the same sum whichever finished last -- writes the output and re-arms the counter
-to zero. A row's later splits that have no keys (a short context uses few) take no part: the last
-program expects `used` arrivals, the number of splits with keys, which every program computes alike.
-The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any CUDA-graph
-capture, and are zero at the start of every launch. `DecodeConfig(fused_merge=False)` (or
-DEVSTRAL_FUSED_MERGE=0) keeps the two-pass path: pass 2, grid (sequence, query head), merges with the same arithmetic (`_merge_splits`).
+normalized partial output and log-sum-exp, and pass 2, grid (sequence, query head), merges them
+(`_merge_splits`).
+
+DEVSTRAL_FUSED_MERGE=1 (or `DecodeConfig(fused_merge=True)`) merges in the same launch instead: every
+split with keys counts itself in at its (sequence, kv head) group's int32 counter (an acq_rel atomic
+after a CTA barrier, so its partials are visible first); the one that arrives last merges the group's
+heads in split order -- the same sum whichever finished last -- writes the output and re-arms the
+counter to zero. A row's later splits that have no keys (a short context uses few) take no part: the
+last program expects `used` arrivals, the number of splits with keys, which every program computes
+alike. The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any
+CUDA-graph capture, and are zero at the start of every launch. It is off by default: in the engine on
+the H200 (Devstral-Small Q4_K_M, CUDA graphs, one run each) it won at 512 keys (170.6 against 168.7
+tok/s) and lost at 32k (127.1 against 131.7), where the last program's merge of 45 splits is a serial
+tail at the launch's end.
 
 The 1-byte kinds (fp8, q8_0, q4_0) are read as int32 words (cp.async'd like the 2-byte tiles, then
 unpacked four values at a time by a few lines of PTX, exactly), a token's q8_0/q4_0 scales as one
@@ -73,8 +78,8 @@ class DecodeConfig:
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None):
-        if fused_merge is None:  # DEVSTRAL_FUSED_MERGE=0: the two-pass merge (for measuring one against the other)
-            fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "1") != "0"
+        if fused_merge is None:  # off unless DEVSTRAL_FUSED_MERGE=1 (module docstring: it lost at long context)
+            fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1"
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm = splits, ctas_per_sm
         self.tokens_major, self.fused_merge = tokens_major, fused_merge
