@@ -144,6 +144,30 @@ def test_one_llama_decode_per_step_for_every_running_sequence(monkeypatch):
     assert calls.count(4) == 11  # then each pass carries one token of each of the four sequences
 
 
+def test_a_batch_budget_below_the_sequence_ids_still_decodes():
+    """--max-batched-tokens 16 with 8 parallel sequences (24 ids: running, prefix cache, logits()):
+    llama.cpp's output buffer has a row per id, so the context takes larger batches than the budget
+    (it used to abort the process); each step still submits at most the budget, and the greedy tokens
+    are those of an engine with the default budget."""
+    llm = load(f32_gguf(), "llama.cpp", parallel=8, max_batched_tokens=16)
+    ids = llm.tokenizer.encode(TEXT * 2, bos=True)
+    prompts = [ids[:9 + i] for i in range(8)]
+    calls = []
+    engine = llm.engine
+    real = engine.lib.llama_decode
+
+    def counting(ctx, batch):
+        calls.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    engine.lib = type("Lib", (), {"__getattr__": lambda self, name: getattr(llama_cpp, name),
+                                  "llama_decode": staticmethod(counting)})()
+    small = [s.token_ids for s in run(engine, prompts)]
+    wide = [s.token_ids for s in run(load(f32_gguf(), "llama.cpp", parallel=8).engine, prompts)]
+    assert max(calls) <= 16
+    assert small == wide
+
+
 def test_errors_are_one_line_and_name_the_knob(tmp_path):
     with pytest.raises(DevstralError, match="--kv-cache-dtype fp8"):
         load(f32_gguf(), "llama.cpp", kv_cache_dtype="fp8")

@@ -185,7 +185,10 @@ class LlamaCppEngine:
         lib = self.lib
         p = lib.llama_context_default_params()
         p.n_ctx = n_cells
-        p.n_batch = self.batch_tokens
+        # llama.cpp reserves an output row per sequence id in a buffer of n_batch rows and aborts the
+        # process (GGML_ASSERT in output_reserve) when there are more ids than rows: the context may take
+        # bigger batches than --max-batched-tokens; the scheduler still submits at most that many
+        p.n_batch = max(self.batch_tokens, n_ids)
         p.n_ubatch = min(self.batch_tokens, 512)
         p.n_seq_max = n_ids
         p.n_threads = p.n_threads_batch = threads
