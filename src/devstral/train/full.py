@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from devstral.train.export import _TOKENIZER_FILES
+from devstral.train.export import _TOKENIZER_FILES, hf_config, vision_parts, with_vision
 
 
 def full_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -38,21 +38,21 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
             params[name].copy_(tensor)
 
 
-def save_model_folder(model: torch.nn.Module, base: Path, dest: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """config.json + model.safetensors (HF names, `dtype`) + the base folder's tokenizer files, atomically."""
+def save_model_folder(model: torch.nn.Module, base: Path, dest: Path, *, dtype: torch.dtype = torch.bfloat16,
+                      projector: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + model.safetensors (HF names, `dtype`) + the base folder's tokenizer files, atomically;
+    a multimodal base's vision tower and projector (or `projector`, trained) come along."""
     from safetensors.torch import save_file
 
-    from devstral.config import ModelConfig
-
-    cfg = ModelConfig.from_dir(base)
+    parts = vision_parts(base)
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".model."))
     try:
-        weights = {k: v.to(dtype).contiguous() for k, v in weights_state(model).items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        weights = ((k, v.to(dtype).contiguous()) for k, v in weights_state(model).items())
+        if parts is not None:
+            weights = with_vision(parts, weights, dtype, projector)
+        save_file({k: v.contiguous() for k, v in weights}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(base, parts, dtype), indent=2) + "\n", encoding="utf-8")
         for pattern in _TOKENIZER_FILES:
             for f in base.glob(pattern):
                 if f.is_file() and f.parent.resolve() != dest.resolve():

@@ -413,7 +413,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
             return result
         save_adapter_state(lora, out, adapter)
     elif cfg.full:
-        save_model_folder(model, model_path, out)
+        save_model_folder(model, model_path, out, projector=images.projector_state() if projector else None)
     else:
         save_adapter(model, out, adapter, projector=images.projector_state() if projector else None)
     plot_loss(metrics.records(), out / "loss.png")
@@ -424,9 +424,11 @@ def finetune(cfg: TrainConfig) -> TrainResult:
 
             print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf, base=model_path)}", file=sys.stderr)
     elif cfg.merge or cfg.gguf:
+        from devstral.formats.peft import read_projector
         from devstral.train.export import export_gguf, write_merged
 
-        merged = write_merged(model_path, out, out / "merged")
+        merged = write_merged(model_path, out, out / "merged",
+                              projector=read_projector(out) if cfg.train_projector else None)
         print(f"merged model: {merged}", file=sys.stderr)
         if cfg.gguf:
             gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path,
