@@ -95,6 +95,15 @@ def test_full_model_folder_keeps_the_vision_tower(base, tmp_path):
     ids = again.tokenizer.encode_chat(messages, system_prompt=None)
     assert (again.logits(ids) - theirs).abs().max().item() <= 1e-4
     assert (hf_logits(_transformers(base), encoded) - theirs).abs().max().item() > 1e-3
+    # finetune --full --gguf: the mmproj beside the GGUF comes from this folder, trained projector included
+    import gguf
+
+    from devstral.train.export import export_gguf
+
+    export_gguf(out, tmp_path / "m.gguf", "Q8_0", base=out)
+    mm = {t.name: t for t in gguf.GGUFReader(tmp_path / "mmproj-m.gguf").tensors}
+    got = torch.from_numpy(mm["mm.2.weight"].data.copy()).float().reshape(trained["linear_2.weight"].shape)
+    torch.testing.assert_close(got, trained["linear_2.weight"], rtol=1e-3, atol=1e-3)
 
 
 def test_a_text_base_still_writes_a_text_folder(tmp_path):

@@ -422,7 +422,8 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         if cfg.gguf:
             from devstral.train.export import export_gguf
 
-            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf, base=model_path)}", file=sys.stderr)
+            # OUTPUT carries a multimodal base's tower and the projector as trained: its mmproj comes from there
+            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf, base=out)}", file=sys.stderr)
     elif cfg.merge or cfg.gguf:
         from devstral.formats.peft import read_projector
         from devstral.train.export import export_gguf, write_merged
