@@ -218,9 +218,9 @@ def _run_ptx(asm: str, word: np.ndarray, n_out: int) -> list[np.ndarray]:
 def _fma(f, scale, bias):
     """The kernel's fma(f, scale * 2^-8, -bias * scale): both constants rounded to float32 as the
     kernel computes them, the fma exact (float64 holds f x scale' and the sum), rounded once."""
-    from devstral.kernels import paged_attention_triton as pa
+    from devstral.kernels import kv_tile_triton as kt
 
-    mul, add = np.float32(scale) * np.float32(pa._BITS_8_15.value), np.float32(scale) * np.float32(-bias)
+    mul, add = np.float32(scale) * np.float32(kt.BITS_8_15.value), np.float32(scale) * np.float32(-bias)
     return np.float32(f.astype(np.float64) * np.float64(mul) + np.float64(add))
 
 
@@ -228,7 +228,7 @@ def _fma(f, scale, bias):
 def test_dequantization_ptx_is_exact(kind):
     """Every byte in every position of a word, through the kernel's PTX (emulated), gives the float32
     `kv_format.dequantize` computes (up to the sign of zero), for scales across fp16's range."""
-    from devstral.kernels import paged_attention_triton as pa
+    from devstral.kernels import kv_tile_triton as kt
     from devstral.kernels.kv_format import dequantize
 
     byte = np.arange(256, dtype=np.uint32)
@@ -236,24 +236,24 @@ def test_dequantization_ptx_is_exact(kind):
     for pos in range(4):
         word = byte << np.uint32(8 * pos)
         if kind == "fp8":
-            got = _run_ptx(pa._E4M3_WORD_ASM.value, word, 4)[pos]
+            got = _run_ptx(kt.E4M3_WORD_ASM.value, word, 4)[pos]
             want = torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
             finite = np.isfinite(want)
             assert np.array_equal(got[finite], want[finite])
             continue
-        outs = _run_ptx(pa._Q8_0_ASM.value if kind == "q8_0" else pa._Q4_0_ASM.value, word, 4 if kind == "q8_0" else 8)
+        outs = _run_ptx(kt.Q8_0_ASM.value if kind == "q8_0" else kt.Q4_0_ASM.value, word, 4 if kind == "q8_0" else 8)
         for sc in scales:
             d = torch.full((256, 1), sc, dtype=torch.float16)
             if kind == "q8_0":
                 values = torch.from_numpy(byte.astype(np.uint8).view(np.int8)).repeat(32).view(32, 256).T
                 want = dequantize(values.contiguous(), d, "q8_0", torch.float32)[:, 0].numpy()
-                got = _fma(outs[pos], d[0, 0].float().item(), pa._Q8_0_BIAS.value)
+                got = _fma(outs[pos], d[0, 0].float().item(), kt.Q8_0_BIAS.value)
                 assert np.array_equal(got, want), (pos, sc)
             else:
                 packed = torch.from_numpy(byte.astype(np.uint8)).repeat(16).view(16, 256).T.contiguous()
                 values = dequantize(packed, d, "q4_0", torch.float32).numpy()  # [:, j] low nibble, [:, j + 16] high
                 for nibble, col in ((0, 0), (1, 16)):
-                    got = _fma(outs[pos + 4 * nibble], d[0, 0].float().item(), pa._Q4_0_BIAS.value)
+                    got = _fma(outs[pos + 4 * nibble], d[0, 0].float().item(), kt.Q4_0_BIAS.value)
                     assert np.array_equal(got, values[:, col]), (pos, nibble, sc)
 
 
