@@ -69,6 +69,16 @@ def test_merged_folder_keeps_the_vision_tower(base, adapter, tmp_path):
     again = devstral.load(merged, dtype="fp32", device="cpu", backend="torch", max_context=256)
     assert again.vision is not None
     assert (again.logits(ids) - theirs).abs().max().item() <= 1e-4
+    # finetune --merge --gguf: the mmproj beside the GGUF comes from merged/, which carries the base's tower
+    import gguf
+
+    from devstral.train.export import export_gguf
+
+    export_gguf(merged, tmp_path / "m.gguf", "Q8_0")
+    mm = {t.name: t for t in gguf.GGUFReader(tmp_path / "mmproj-m.gguf").tensors}
+    want = _transformers(base).model.multi_modal_projector.linear_2.weight.detach()
+    got = torch.from_numpy(mm["mm.2.weight"].data.copy()).float().reshape(want.shape)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 def test_full_model_folder_keeps_the_vision_tower(base, tmp_path):
@@ -100,7 +110,7 @@ def test_full_model_folder_keeps_the_vision_tower(base, tmp_path):
 
     from devstral.train.export import export_gguf
 
-    export_gguf(out, tmp_path / "m.gguf", "Q8_0", base=out)
+    export_gguf(out, tmp_path / "m.gguf", "Q8_0")
     mm = {t.name: t for t in gguf.GGUFReader(tmp_path / "mmproj-m.gguf").tensors}
     got = torch.from_numpy(mm["mm.2.weight"].data.copy()).float().reshape(trained["linear_2.weight"].shape)
     torch.testing.assert_close(got, trained["linear_2.weight"], rtol=1e-3, atol=1e-3)

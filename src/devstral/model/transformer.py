@@ -128,14 +128,15 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            return run_linear(self.o_proj, cache.attend(self.layer, q, k, v, cos, sin, q_scale).reshape(B, T, -1))
-        q, k = apply_rope(q, k, cos, sin, q_scale)
-        if isinstance(mask, Documents):  # training rows: each packed document attends only to itself
-            out = varlen_attention(q, k, v, mask, self.window)
+        if cache is not None:  # inference: the cache rotates q/k as it stores the keys
+            out = cache.attend(self.layer, q, k, v, cos, sin, q_scale)
         else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, enable_gqa=True).transpose(1, 2)
+            q, k = apply_rope(q, k, cos, sin, q_scale)
+            if isinstance(mask, Documents):  # training rows: each packed document attends only to itself
+                out = varlen_attention(q, k, v, mask, self.window)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     attn_mask=mask, enable_gqa=True).transpose(1, 2)
         return run_linear(self.o_proj, out.reshape(B, T, -1))
 
 
@@ -202,8 +203,9 @@ class Block(nn.Module):
         return x, self.mlp(h)
 
 
-def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache, delta=None):
+def _run_blocks(blocks, x, cos, sin, q_scale, mask, cache):
     """Blocks in order -> (residual stream, the last block's pending FFN output or None)."""
+    delta = None
     for i, block in enumerate(blocks):
         # in a checkpoint's rerun only the last block's MLP output is unused (model/tiled_mlp.py)
         with output_needed() if i < len(blocks) - 1 else nullcontext():

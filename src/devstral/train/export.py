@@ -81,11 +81,13 @@ def with_vision(parts: VisionParts, decoder: Iterable[tuple[str, torch.Tensor]],
             name = parts.head_prefix + name[len("lm_head."):]
         yield name, tensor
     projector = projector or {}
-    for f in dict.fromkeys(f for _, f in parts.vision):
+    by_file: dict[Path, list[str]] = {}
+    for name, f in parts.vision:
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
         with safe_open(str(f), framework="pt") as h:
-            for name, _ in (v for v in parts.vision if v[1] == f):
-                ours = vision_param_name(name, "hf")
-                inner = ours.removeprefix("multi_modal_projector.") if ours.startswith("multi_modal_projector.") else None
+            for name in names:
+                inner = vision_param_name(name, "hf").removeprefix("multi_modal_projector.")
                 tensor = projector[inner] if inner in projector else h.get_tensor(name)
                 yield name, tensor.to(dtype)
 
@@ -153,25 +155,18 @@ def write_merged(base: Path, adapter: Path, dest: Path, *, dtype: torch.dtype = 
     return dest
 
 
-def export_gguf(model_dir: Path, out: Path, quant_type: str, *, base: Path | None = None,
-                projector_from: Path | None = None) -> Path:
-    """Hand the merged folder to the GGUF exporter (formats/gguf.py); it checks the type name. When the
-    base model has a vision tower (fine-tuning trains the text decoder only), its projector is written
-    beside as mmproj-OUT (F16), with the trained model's [IMG_BREAK] embedding: what `quantize` does.
-    `projector_from`: an adapter folder holding a trained projector (--train-projector), used instead
-    of the base's."""
+def export_gguf(model_dir: Path, out: Path, quant_type: str) -> Path:
+    """Hand a written folder (merged/ or a --full output) to the GGUF exporter (formats/gguf.py); it
+    checks the type name. When the folder has a vision tower (a multimodal base's, carried along by
+    write_merged / save_model_folder with the projector as trained), its mmproj-OUT (F16) is written
+    beside, with the folder's [IMG_BREAK] embedding: what `quantize` does."""
     import sys
 
     from devstral.formats.gguf import export_gguf as write_gguf
     from devstral.formats.gguf_mmproj import export_mmproj
 
     path = Path(write_gguf(model_dir, out, quant_type))
-    if base is not None:
-        from devstral.formats.peft import read_projector
-
-        trained = read_projector(projector_from) if projector_from is not None else None
-        projector = export_mmproj(Path(base), path.with_name(f"mmproj-{path.name}"), embeddings_from=model_dir,
-                                  projector=trained or None)
-        if projector is not None:
-            print(f"gguf vision projector: {projector}", file=sys.stderr)
+    projector = export_mmproj(Path(model_dir), path.with_name(f"mmproj-{path.name}"))
+    if projector is not None:
+        print(f"gguf vision projector: {projector}", file=sys.stderr)
     return path

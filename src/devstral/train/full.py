@@ -48,7 +48,7 @@ def save_model_folder(model: torch.nn.Module, base: Path, dest: Path, *, dtype: 
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".model."))
     try:
-        weights = ((k, v.to(dtype).contiguous()) for k, v in weights_state(model).items())
+        weights = ((k, v.to(dtype)) for k, v in weights_state(model).items())
         if parts is not None:
             weights = with_vision(parts, weights, dtype, projector)
         save_file({k: v.contiguous() for k, v in weights}, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -422,8 +422,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
         if cfg.gguf:
             from devstral.train.export import export_gguf
 
-            # OUTPUT carries a multimodal base's tower and the projector as trained: its mmproj comes from there
-            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf, base=out)}", file=sys.stderr)
+            print(f"gguf: {export_gguf(out, out / f'model-{cfg.gguf}.gguf', cfg.gguf)}", file=sys.stderr)
     elif cfg.merge or cfg.gguf:
         from devstral.formats.peft import read_projector
         from devstral.train.export import export_gguf, write_merged
@@ -432,8 +431,7 @@ def finetune(cfg: TrainConfig) -> TrainResult:
                               projector=read_projector(out) if cfg.train_projector else None)
         print(f"merged model: {merged}", file=sys.stderr)
         if cfg.gguf:
-            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf, base=model_path,
-                               projector_from=out if cfg.train_projector else None)
+            gguf = export_gguf(merged, out / f"model-{cfg.gguf}.gguf", cfg.gguf)
             print(f"gguf: {gguf}", file=sys.stderr)
     return result
 
