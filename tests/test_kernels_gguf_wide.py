@@ -128,6 +128,22 @@ def _run_cases(out_path: str) -> None:
                    "x_big": x_big, "big": [o.float() for o in proj(x_big)],
                    "after": [m(xf).float() for m in mods],
                    "shared": all(m.weight_q.planar is proj.packed.buf for m in mods)}
+    # an attention whose q cannot join k and v (an 8-expert Q4_K_M: attn_q Q4_K, attn_k / attn_v Q8_0)
+    from types import SimpleNamespace
+
+    from devstral.model.transformer import Attention
+
+    attn = Attention(SimpleNamespace(sliding_window=None, n_heads=2, n_kv_heads=1, head_dim=128, dim=256), 0)
+    mixed = {"q_proj": (QType.Q4_K, 256), "k_proj": (QType.Q8_0, 128), "v_proj": (QType.Q8_0, 128)}
+    mixed_raws = {}
+    for name, (qt, n) in mixed.items():
+        mixed_raws[name] = random_blocks(qt, n, 256, g)
+        setattr(attn, name, ql.QuantLinear(mixed_raws[name], qt, n, 256))
+    attn.fuse()
+    with torch.no_grad():
+        res["fuse_kv"] = {"raws": mixed_raws, "x": xf, "out": [o.float() for o in attn.project(xf)],
+                          "which": [attn.qkv is not None, attn.qk is not None, attn.kv is not None],
+                          "shared": attn.k_proj.weight_q.planar is attn.v_proj.weight_q.planar}
     torch.save(res, out_path)
 
 
@@ -272,6 +288,20 @@ def test_fused_projection_is_its_members_side_by_side(results):
     assert [o.shape[-1] for o in r["big"]] == [raw.shape[0] for raw in r["raws"]]
     for out, raw in zip(r["big"], r["raws"], strict=True):
         near(out, xb @ dequantize(raw, QType.Q4_K, (raw.shape[0], 256)).t())
+
+
+def test_attention_fuses_k_and_v_when_q_has_another_type(results):
+    """q Q4_K, k and v Q8_0: k/v become one planar weight (one launch fewer per layer), q runs alone,
+    and the three outputs are still the dequantized weights times x."""
+    r = results["fuse_kv"]
+    assert r["which"] == [False, False, True] and r["shared"]
+    x = r["x"].float()
+    for name, out in zip(("q_proj", "k_proj", "v_proj"), r["out"], strict=True):
+        raw = r["raws"][name]
+        qt = QType.Q4_K if name == "q_proj" else QType.Q8_0
+        ref = x @ dequantize(raw, qt, (raw.shape[0], 256)).t()
+        assert out.shape == ref.shape
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-2, name
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -104,22 +104,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # set by fuse(): q/k/v as one matmul, or q/k as one when v cannot join (a GGUF Q4_K_M keeps
-        # attn_v in Q6_K in some layers); their weights are views of the fused one
+        # attn_v in Q6_K in some layers), or k/v as one when q cannot (an 8-expert Q4_K_M keeps attn_k
+        # and attn_v in Q8_0, attn_q in Q4_K); their weights are views of the fused one
         self.qkv: Projection | None = None
         self.qk: Projection | None = None
+        self.kv: Projection | None = None
 
     def fuse(self) -> None:
         self.qkv = fused_projection(self.q_proj, self.k_proj, self.v_proj)
         if self.qkv is None:
             self.qk = fused_projection(self.q_proj, self.k_proj)
+        if self.qkv is None and self.qk is None:
+            self.kv = fused_projection(self.k_proj, self.v_proj)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv is not None and not torch.is_grad_enabled():
-            q, k, v = self.qkv(x)
-            return q, k, v
-        if self.qk is not None and not torch.is_grad_enabled():
-            q, k = self.qk(x)
-            return q, k, run_linear(self.v_proj, x)
+        if not torch.is_grad_enabled():
+            if self.qkv is not None:
+                q, k, v = self.qkv(x)
+                return q, k, v
+            if self.qk is not None:
+                q, k = self.qk(x)
+                return q, k, run_linear(self.v_proj, x)
+            if self.kv is not None:
+                k, v = self.kv(x)
+                return run_linear(self.q_proj, x), k, v
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, q_scale, mask, cache: AttentionCache | None) -> torch.Tensor:
