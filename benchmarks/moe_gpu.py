@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-kernels", action="store_true", help="skip timing the expert kernels alone (and so "
                     "the end-to-end run uses moe_gemv.plan()'s launch configs)")
+    ap.add_argument("--kernel-tokens", default="1,2,4,8", help="token counts the expert kernels are tuned at")
     a = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device(a.device)
@@ -264,7 +265,8 @@ def main() -> None:
         out["llamacpp"] = llama_bench(a.llama_bench, path, prompts, a.new_tokens, a.runs)
         save()
     if device.type == "cuda" and not a.no_kernels:
-        out["expert_kernels"] = _recorded(expert_kernels, s, device, out["measured_copy_gb_s"])
+        out["expert_kernels"] = _recorded(expert_kernels, s, device, out["measured_copy_gb_s"], 25,
+                                           tuple(int(v) for v in a.kernel_tokens.split(",")))
         out["router"] = _recorded(router, s, device, s["layers"])
         torch.cuda.empty_cache()  # the kernels' random weights, before the model loads
         save()

@@ -12,6 +12,7 @@ import torch
 
 TOKENS = (1, 2, 4, 8)
 FLUSH_BYTES = 256 << 20  # > the H200's 60 MB L2: every timed call reads its weights from DRAM
+COPIES = 4  # distinct weight stacks per timed graph, as a decode step's layers: no L2 reuse between calls
 
 
 def random_stack(qtype: str, rows: int, k: int, device: torch.device, gen: torch.Generator):
@@ -35,40 +36,33 @@ def _expert_bytes(p, n: int) -> int:
     return p.nbytes() * n // p.n
 
 
-def _time(fn, flush: torch.Tensor, reps: int) -> float:
-    """Median us of fn() with L2 flushed before each call (CUDA events around the call alone)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
-def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 15) -> dict:
+def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 25,
+                   tokens: tuple[int, ...] = TOKENS) -> dict:
     """Time moe_gemv's gate_up (Q4_K) and down (Q4_K and Q6_K: Q4_K_M gives some layers Q6_K) at the
-    shape's sizes for 1, 2, 4 and 8 tokens over every candidate config; the fastest goes into
+    shape's sizes for `tokens` (1, 2, 4 and 8) over every candidate config; the fastest goes into
     moe_gemv.TUNED (so the end-to-end run uses it) and into the result. Bytes per call are those of the
-    distinct experts the routing picked; the dense streaming GEMV over the same bytes is the yardstick."""
+    distinct experts the routing picked; the dense streaming GEMV over the same bytes is the yardstick.
+
+    Timing as gguf_gemv_sweep.py times the dense GEMV, which is how the engine runs decode: COPIES calls
+    on distinct weight stacks captured in one CUDA graph, the graph replayed after an L2 flush, per call.
+    (Eager calls timed by events charge each call the host's launch latency: 75-100 us measured for a
+    kernel the engine's profile puts at 33-57 us, which made the earlier tuning pick at random.)"""
     from devstral.kernels import gguf_linear, moe_gemv
     from devstral.kernels.gguf_config import sm_count
+    from gguf_gemv_sweep import time_us
 
     t_start = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(1)
     e, k, d, h = s["experts"], s["top_k"], s["dim"], s["hidden"]
     sms = sm_count(device)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-    weights = {"gate_up": (random_stack("Q4_K", e * h, d, device, gen), random_stack("Q4_K", e * h, d, device, gen)),
+    stacks = [{"gate_up": (random_stack("Q4_K", e * h, d, device, gen), random_stack("Q4_K", e * h, d, device, gen)),
                "down_Q4_K": random_stack("Q4_K", e * d, h, device, gen),
-               "down_Q6_K": random_stack("Q6_K", e * d, h, device, gen)}
-    out: dict = {"timing": f"CUDA events around one call, L2 flushed before each, median of {reps}",
+               "down_Q6_K": random_stack("Q6_K", e * d, h, device, gen)} for _ in range(COPIES)]
+    out: dict = {"timing": f"CUDA events per CUDA-graph replay of {COPIES} calls on distinct weight stacks, L2 "
+                           f"flushed before each replay, per call, median of {reps}",
                  "shape": {"experts": e, "top_k": k, "dim": d, "hidden": h}, "sms": sms}
-    for t in TOKENS:
+    for t in tokens:
         ids = torch.stack([torch.randperm(e, device=device, generator=gen)[:k] for _ in range(t)])
         wts = torch.softmax(torch.randn(t, k, device=device, generator=gen), dim=-1)
         distinct = int(ids.unique().numel())
@@ -77,18 +71,18 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
         y = torch.empty(t, d, dtype=torch.bfloat16, device=device)
         row: dict = {"distinct_experts": distinct}
         for kind in ("gate_up", "down_Q4_K", "down_Q6_K"):
-            w = weights[kind]
+            w0 = stacks[0][kind]
             if kind == "gate_up":
-                nbytes = 2 * distinct * _expert_bytes(w[0], h)
+                nbytes = 2 * distinct * _expert_bytes(w0[0], h)
                 rows, qtype = t * k, "Q4_K"
 
-                def call(cfg, w=w, x=x, hid=hid, ids=ids):
+                def call(cfg, w, x=x, hid=hid, ids=ids):
                     moe_gemv.gate_up(x, w[0], w[1], hid, ids, n=h, top_k=k, sms=sms, config=cfg)
             else:
-                nbytes = distinct * _expert_bytes(w, d)
-                rows, qtype = t, w.qtype.name
+                nbytes = distinct * _expert_bytes(w0, d)
+                rows, qtype = t, w0.qtype.name
 
-                def call(cfg, w=w, hid=hid, y=y, ids=ids, wts=wts, x=x):  # x: the layer's residual
+                def call(cfg, w, hid=hid, y=y, ids=ids, wts=wts, x=x):  # x: the layer's residual
                     moe_gemv.down(hid, w, y, ids, wts, n=d, top_k=k, sms=sms, config=cfg, residual=x)
             base = "gate_up" if kind == "gate_up" else "down"
             n, kk = (h, d) if base == "gate_up" else (d, h)
@@ -98,10 +92,18 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                 configs = [planned, *configs]
             timed = []
             for cfg in configs:
-                us = _time(lambda cfg=cfg: call(cfg), flush, reps)
+                def run(cfg=cfg, kind=kind, call=call, stacks=stacks):
+                    for c in stacks:
+                        call(cfg, c[kind])
+                try:
+                    us = time_us(run, flush, reps) / COPIES
+                except Exception as err:  # a config the GPU refuses (registers, shared memory) is reported
+                    timed.append({**cfg, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                    continue
                 timed.append({**cfg, "us": round(us, 2)})
-            best = min(timed, key=lambda r: r["us"])
-            plan_us = next(r["us"] for r in timed if {**r, "us": None} == {**planned, "us": None})
+            ok = [r for r in timed if "us" in r]
+            best = min(ok, key=lambda r: r["us"])
+            plan_us = next((r["us"] for r in ok if {**r, "us": None} == {**planned, "us": None}), None)
             limit_us = nbytes / (copy_gb_s * 1e3)
             row[kind] = {"bytes": nbytes, "plan": planned, "plan_us": plan_us,
                          "best": {key: v for key, v in best.items() if key != "us"}, "us": best["us"],
@@ -109,15 +111,22 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                          "pct_of_copy": round(100 * limit_us / best["us"], 1),
                          "copy_limit_us": round(limit_us, 2), "all": timed}
             moe_gemv.TUNED[f"{base}|{qtype}|{rows}|{n}|{kk}"] = row[kind]["best"]
+            print(f"moe {kind} tokens={t}: {best['us']:.2f} us ({row[kind]['pct_of_copy']:.0f}% of copy) "
+                  f"{row[kind]['best']}", flush=True)
         out[f"tokens_{t}"] = row
+    del stacks
     # the yardstick: the dense decode GEMV (gguf_linear's plan) over as many Q4_K bytes as one token's
-    # gate + up (2 experts x 2 projections of [hidden, dim])
-    dense = random_stack("Q4_K", 2 * k * h, d, device, gen)
+    # gate + up (2 experts x 2 projections of [hidden, dim]), timed the same way
+    dense = [random_stack("Q4_K", 2 * k * h, d, device, gen) for _ in range(COPIES)]
     x1 = (torch.randn(1, d, device=device, generator=gen) * 0.5).to(torch.bfloat16)
-    us = _time(lambda: gguf_linear.linear(x1, dense), flush, reps)
+
+    def dense_run():
+        for w in dense:
+            gguf_linear.linear(x1, w)
+    us = time_us(dense_run, flush, reps) / COPIES
     out["dense_wide_gemv_same_bytes"] = {"n": 2 * k * h, "k": d, "us": round(us, 2),
-                                         "GB_s": round(dense.nbytes() / us / 1e3, 1),
-                                         "pct_of_copy": round(100 * dense.nbytes() / (copy_gb_s * 1e3) / us, 1)}
+                                         "GB_s": round(dense[0].nbytes() / us / 1e3, 1),
+                                         "pct_of_copy": round(100 * dense[0].nbytes() / (copy_gb_s * 1e3) / us, 1)}
     out["tuned"] = dict(moe_gemv.TUNED)
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
     return out

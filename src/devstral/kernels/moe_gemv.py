@@ -359,12 +359,14 @@ def _int8_measured(qtype: str, device: torch.device | None) -> bool:
 
 def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
-    tile widths around the plan's, K split 1-2 (down: 1-8 per slot); int8 activations at every width
+    tile widths around the plan's, K split 1-4 (down: 1-8 per slot); int8 activations at every width
     where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width,
     and the pipelined loop (num_stages 3) at 64 and 128 rows (each width x split-or-not x int8 x stages is
     one more compilation)."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
-    splits = (1, 2) if kind == "gate_up" else (1, 2, 4, 8)
+    # split counts share one compilation (split > 1 is the constexpr), so several are cheap to time: what
+    # fills whole waves depends on the tile's registers, hence on the config
+    splits = (1, 2, 3, 4) if kind == "gate_up" else (1, 2, 3, 4, 6, 8)
     out = [dict(bn=widths[-1], split_k=s, num_warps=4, int8=False) for s in splits]
     if int8_allowed(qtype):
         out += [dict(bn=bn, split_k=s, num_warps=4, int8=True) for bn in widths for s in splits]
@@ -375,6 +377,9 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     # load: on the dense GEMV this took Q4_K gate/up from 68 to 74 % of copy bandwidth)
     out += [dict(bn=widths[-1] // 2, split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=st)
             for s in splits for st in (1, 3)]
+    # and at the full width, pipelined (the register-prefetch loop would spill there)
+    out += [dict(bn=widths[-1], split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=3)
+            for s in splits]
     return out
 
 
