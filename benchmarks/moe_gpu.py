@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compile_watch import compiles  # noqa: E402
 from decode import NullTokenizer, measure_bandwidth  # noqa: E402
 from gpu_engine import matmul_tflops, prompt, run  # noqa: E402
 from moe_gpu_parts import expert_kernels, router  # noqa: E402
@@ -196,17 +197,22 @@ def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: 
                  "gpu_bytes": (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else None,
                  "experts_stacked": graph_safe(model), "cuda_graphs": engine.runner.graphs is not None}
     run(engine, [prompt(64, cfg.vocab_size, 0)], 8)  # warm-up: kernels compiled
-    r = [run(engine, [prompt(16, cfg.vocab_size, 10 + i)], new_tokens) for i in range(runs)]
+    with compiles() as seen:
+        r = [run(engine, [prompt(16, cfg.vocab_size, 10 + i)], new_tokens) for i in range(runs)]
     res[f"decode_{new_tokens}"] = {"tok_s": statistics.median(x["decode_tok_s"] for x in r),
-                                   "runs": [x["decode_tok_s"] for x in r]}
+                                   "runs": [x["decode_tok_s"] for x in r], "compiled_while_timed": seen}
     if device.type == "cuda":
         res["decode_step"] = _recorded(step_breakdown, engine, run, prompt(16, cfg.vocab_size, 7), s["layers"],
                                        gguf_path, s["top_k"], s["experts"])
     for n in prompts:
         run(engine, [prompt(n, cfg.vocab_size, 50 + n)], 1)  # warm-up at this size (prefill kernels, scratch)
-        r = [run(engine, [prompt(n, cfg.vocab_size, 100 + n + i)], 1) for i in range(runs)]
+        r, compiled = [], []
+        for i in range(runs):
+            with compiles() as seen:
+                r.append(run(engine, [prompt(n, cfg.vocab_size, 100 + n + i)], 1))
+            compiled += [f"run {i}: {line}" for line in seen]
         res[f"prefill_{n}"] = {"tok_s": statistics.median(n / x["prefill_s"] for x in r),
-                               "runs": [n / x["prefill_s"] for x in r]}
+                               "runs": [n / x["prefill_s"] for x in r], "compiled_while_timed": compiled}
     res["_cfg"] = cfg
     return res
 
