@@ -8,12 +8,15 @@ so stacking costs no memory.
 * Decode and small batches (`decode`): two launches (moe_gemv.py) -- gate+up with SwiGLU applied per
   (token, slot) pair, then down mixing each token's k pairs with the router weights. Sizes come from
   shapes only and the expert ids stay on the device: CUDA-graph safe.
-* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order. bf16
-  runs torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts,
-  group boundaries read on the device). GGUF runs each expert's contiguous slice through the dense
-  quantized linear (gguf_linear: tensor-core tile GEMM or dequantize + cuBLAS, picked by size) after
-  one host read of the group sizes: at prefill sizes every expert sees hundreds of tokens, which is
-  where those kernels already run near the matmul peak; the fallback's cost is that one sync.
+* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then torch's
+  grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts, group boundaries
+  read on the device, no host sync). bf16 experts go in as they are. GGUF experts are first dequantized,
+  one projection at a time, into one reused bf16 scratch of E x N x K (gguf_dequant.py, at copy speed:
+  0.3 ms for Mixtral-8x7B's 8 gate experts on an H200, a scratch of 0.94 GB); the dequantization is paid
+  once per projection and chunk, the matmuls then run at cuBLAS-class speed. Where the grouped GEMM
+  is unavailable (no Hopper, fp32 activations, unaligned rows) or the scratch does not fit, each
+  expert's contiguous slice runs through the dense quantized linear after one host read of the group
+  sizes: one sync and E x 3 launches per layer, which made a 512-token Mixtral prefill host-bound.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
 DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
 log = logging.getLogger(__name__)
 _grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
+_scratch_refused: str | None = None  # the dequantized experts' scratch did not fit once: not tried again
 _routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
 
 
@@ -137,7 +141,7 @@ class ExpertStack:
         order = torch.argsort(ids, stable=True)
         xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
         counts = torch.bincount(ids, minlength=self.n_experts)
-        ys = self._grouped(xs, counts) if not self.quantized and _grouped_mm_ok(x, self.gate) else None
+        ys = self._grouped(xs, counts) if self._grouped_ok(x) else None
         if ys is None:
             ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
             start = 0
@@ -151,22 +155,49 @@ class ExpertStack:
         y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
         return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
 
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        if self.quantized:  # dequantized to x's dtype
+            return _scratch_refused is None and _grouped_mm_ok(x, self.hidden, x.dtype)
+        return _grouped_mm_ok(x, self.hidden, self.gate.dtype)
+
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
-        """bf16 experts through torch's grouped GEMM, or None where this build refuses the call (its
-        checks run on the host, before anything is queued): the caller then runs one matmul per expert."""
+        """The experts through torch's grouped GEMM (GGUF ones dequantized into one scratch first), or
+        None where this build refuses the call or the scratch does not fit (both known on the host, before
+        anything is queued): the caller then runs one matmul per expert."""
         from devstral.kernels.silu_mul import silu_mul
 
-        global _grouped_mm_refused
+        global _grouped_mm_refused, _scratch_refused
         offs = counts.cumsum(0).to(torch.int32)
+        scratch = None
+        if self.quantized:
+            try:
+                scratch = torch.empty(self.n_experts * self.hidden * self.dim, dtype=xs.dtype, device=xs.device)
+            except torch.OutOfMemoryError:
+                _scratch_refused = (f"{self.n_experts * self.hidden * self.dim * xs.element_size() / 2**30:.2f} GiB "
+                                    "of dequantized experts")
+                log.warning("note: no room for %s (the grouped prefill's scratch); one quantized matmul per expert "
+                            "instead: lower --max-batched-tokens or --ctx-size to leave room", _scratch_refused)
+                return None
         try:
-            g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)
-            u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)
-            return torch._grouped_mm(silu_mul(g, u), self.down.transpose(1, 2), offs=offs)
+            g = torch._grouped_mm(xs, self._weights(self.gate, scratch, self.hidden, self.dim), offs=offs)
+            u = torch._grouped_mm(xs, self._weights(self.up, scratch, self.hidden, self.dim), offs=offs)
+            return torch._grouped_mm(silu_mul(g, u), self._weights(self.down, scratch, self.dim, self.hidden),
+                                     offs=offs)
         except RuntimeError as e:
             _grouped_mm_refused = str(e).splitlines()[0]
             log.warning("note: torch._grouped_mm refused the experts (%s); one matmul per expert instead",
                         _grouped_mm_refused)
             return None
+
+    def _weights(self, w, scratch: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+        """[E, K, N] for the grouped GEMM: a bf16 stack transposed, or a GGUF stack dequantized into the
+        scratch (the previous projection's matmul, queued before on the same stream, has read it)."""
+        if not isinstance(w, PackedGGUF):
+            return w.transpose(1, 2)
+        from devstral.kernels.gguf_dequant import dequantize
+
+        out = scratch[:self.n_experts * n * k].view(self.n_experts * n, k)
+        return dequantize(w, dtype=scratch.dtype, out=out).view(self.n_experts, n, k).transpose(1, 2)
 
     @staticmethod
     def _linear(x: torch.Tensor, w, e: int, n: int) -> torch.Tensor:
@@ -177,11 +208,12 @@ class ExpertStack:
         return x @ w[e].t()
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped GEMM: bf16, 16-byte-aligned rows; on CUDA it needs Hopper or newer."""
-    if _grouped_mm_refused is not None or not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+def _grouped_mm_ok(x: torch.Tensor, hidden: int, w_dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM: bf16, 16-byte-aligned rows (x's and the hidden activations'); on CUDA it
+    needs Hopper or newer."""
+    if _grouped_mm_refused is not None or not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or w_dtype != torch.bfloat16:
         return False
-    if x.shape[1] % 8 or w.shape[1] % 8:
+    if x.shape[1] % 8 or hidden % 8:
         return False
     return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
