@@ -238,3 +238,20 @@ def test_a_stacked_expert_adapter_for_another_model_is_one_line(tmp_path, mixtra
     other = make_tiny_checkpoint(tmp_path / "other", seed=5, **(MOE | {"hidden_dim": 64}))
     with pytest.raises(DevstralError, match=r"mlp\.experts\.lora_A\.weight has shape \[16, 96\] .* fits no expert"):
         devstral.load(other, device="cpu", dtype="fp32", backend="torch", adapter=tmp_path / "a")
+
+
+def test_the_memory_plan_reserves_the_dequantized_experts_scratch(tmp_path, mixtral):
+    """GGUF experts prefill through one projection's experts dequantized to bf16 (kernels/moe_experts.py):
+    the KV pool's plan leaves E x hidden x dim x 2 bytes for it; bf16 experts and dense models need none."""
+    from devstral.engine.engine import _expert_scratch_bytes
+    from devstral.formats.gguf import export_gguf
+
+    path = export_gguf(mixtral, tmp_path / "m.gguf", "Q8_0")
+    gguf = devstral.load(path, device="cpu", dtype="fp32", backend="torch")
+    assert _expert_scratch_bytes(gguf.model, gguf.config) == MOE["n_experts"] * MOE["hidden_dim"] * MOE["dim"] * 2
+    plain = devstral.load(mixtral, device="cpu", dtype="fp32", backend="torch")
+    assert _expert_scratch_bytes(plain.model, plain.config) == 0
+    dense = make_tiny_checkpoint(tmp_path / "dense", seed=1)
+    dense_gguf = devstral.load(export_gguf(dense, tmp_path / "d.gguf", "Q8_0"), device="cpu", dtype="fp32",
+                               backend="torch")
+    assert _expert_scratch_bytes(dense_gguf.model, dense_gguf.config) == 0

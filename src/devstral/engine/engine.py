@@ -65,7 +65,7 @@ def plan_memory(model: Transformer, cfg: ModelConfig, ec: EngineConfig, kind: st
     wanted = ec.max_context or cfg.max_position_embeddings
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        reserve = _activation_bytes(cfg, ec, device)
+        reserve = _activation_bytes(cfg, ec, device) + _expert_scratch_bytes(model, cfg)
         budget = int(total * ec.gpu_memory_fraction) - (total - free) - reserve
         knob = "--gpu-memory-fraction"
     else:
@@ -102,6 +102,16 @@ def _activation_bytes(cfg: ModelConfig, ec: EngineConfig, device: torch.device) 
     attn = tokens * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * elt * 4
     logits = max(ec.max_num_seqs, 1) * cfg.vocab_size * 4 * 4
     return mlp + attn + logits + 2 * GIB
+
+
+def _expert_scratch_bytes(model: Transformer, cfg: ModelConfig) -> int:
+    """A MoE model with quantized experts prefills through one projection's experts dequantized to bf16
+    (kernels/moe_experts.py): E x hidden x dim values of scratch."""
+    from devstral.quant.linear import QuantLinear
+
+    if not cfg.n_experts or not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return 0
+    return cfg.n_experts * cfg.hidden_dim * cfg.dim * 2
 
 
 def _batched_tokens(ec: EngineConfig, device: torch.device) -> int:
