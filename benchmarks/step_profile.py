@@ -32,41 +32,53 @@ def _kind(name: str) -> str:
 
 
 def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict]:
-    """{kernel name: (count, GPU us)} over one generation, its decode wall time (s), and _by_grid."""
+    """{kernel name: [count, GPU us, exclusive us]} over one generation, its decode wall time (s), and the
+    same by launch grid (_trace)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r = run(engine, [prompt_ids], new_tokens)
         torch.cuda.synchronize()
-    acc: dict[str, list] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            a = acc.setdefault(ev.name, [0, 0.0])
-            a[0] += 1
-            a[1] += ev.time_range.elapsed_us()
-    return acc, r["decode_s"], _by_grid(prof)
+    by_name, by_grid = _trace(prof)
+    return by_name, r["decode_s"], by_grid
 
 
 GRID_KINDS = ("dense_gemv", "experts_gate_up", "experts_down", "attention")
 
 
-def _by_grid(prof) -> dict:
-    """{kernel @ grid: (count, GPU us)} for the matmul and attention kernels: the trace's launch grid
-    tells the matrices apart (one config per shape), which the kernel name alone does not."""
+def _trace(prof) -> tuple[dict, dict]:
+    """({kernel name: [count, GPU us, exclusive us]}, the same keyed by kernel and launch grid for the
+    matmul and attention kernels, whose grid tells the matrices apart).
+
+    A programmatic dependent launch (kernels/pdl.py) starts before the kernel it depends on ends and then
+    waits, so kernel durations overlap and their sum exceeds the GPU's busy time; a kernel's *exclusive*
+    time counts only what no earlier kernel covers (its end minus the later of its start and the end of
+    everything before it), so exclusive times add up to the busy time and charge the wait to the kernel
+    waited for."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text()).get("traceEvents", [])
-    acc: dict[str, list] = {}
-    for e in events:
-        if e.get("cat") != "kernel" or _kind(e.get("name", "")) not in GRID_KINDS:
-            continue
-        args = e.get("args", {})
-        key = f"{e['name'][:40]} grid={args.get('grid')} regs={args.get('registers per thread')}"
-        a = acc.setdefault(key, [0, 0.0])
-        a[0] += 1
-        a[1] += float(e.get("dur", 0.0))
-    return acc
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
+    by_name: dict[str, list] = {}
+    by_grid: dict[str, list] = {}
+    covered = float("-inf")
+    for e in kernels:
+        start, dur = float(e["ts"]), float(e.get("dur", 0.0))
+        end = start + dur
+        own = max(0.0, end - max(start, covered))
+        covered = max(covered, end)
+        name = e.get("name", "")
+        keys = [(by_name, name)]
+        if _kind(name) in GRID_KINDS:
+            args = e.get("args", {})
+            keys.append((by_grid, f"{name[:40]} grid={args.get('grid')} regs={args.get('registers per thread')}"))
+        for table, key in keys:
+            a = table.setdefault(key, [0, 0.0, 0.0])
+            a[0] += 1
+            a[1] += dur
+            a[2] += own
+    return by_name, by_grid
 
 
 def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
@@ -101,37 +113,49 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
     """One decode step (batch 1) by kind of kernel; `run(engine, prompts, new_tokens)` returns decode_s."""
     one, _, grid_one = _kernels(engine, run, prompt_ids, 1)
     many, decode_s, grid_many = _kernels(engine, run, prompt_ids, 1 + steps)
+
+    def per_step(key, totals, base) -> tuple[float, float, float]:
+        c0, u0, x0 = base.get(key, (0, 0.0, 0.0))
+        count, us, own = totals[key]
+        return (count - c0) / steps, (us - u0) / steps, (own - x0) / steps
+
     parts: dict[str, dict] = {}
     names: dict[str, dict] = {}
-    for name, (count, us) in many.items():
-        c0, u0 = one.get(name, (0, 0.0))
-        dc, du = (count - c0) / steps, (us - u0) / steps
+    for name in many:
+        dc, du, dx = per_step(name, many, one)
         if dc <= 0:
             continue
         kind = _kind(name)
-        p = parts.setdefault(kind, {"launches": 0.0, "gpu_us": 0.0})
+        p = parts.setdefault(kind, {"launches": 0.0, "gpu_us": 0.0, "exclusive_us": 0.0})
         p["launches"] += dc
         p["gpu_us"] += du
-        names[name[:80]] = {"kind": kind, "launches": round(dc, 2), "gpu_us": round(du, 2)}
-    busy = sum(p["gpu_us"] for p in parts.values())
+        p["exclusive_us"] += dx
+        names[name[:80]] = {"kind": kind, "launches": round(dc, 2), "gpu_us": round(du, 2),
+                            "exclusive_us": round(dx, 2)}
+    busy = sum(p["exclusive_us"] for p in parts.values())
     launches = sum(p["launches"] for p in parts.values())
     wall_us = decode_s / steps * 1e6
     for p in parts.values():
-        p["launches"], p["gpu_us"] = round(p["launches"], 2), round(p["gpu_us"], 1)
-        p["share_of_busy"] = round(p["gpu_us"] / busy, 3) if busy else None
+        p["launches"], p["gpu_us"], p["exclusive_us"] = (round(p["launches"], 2), round(p["gpu_us"], 1),
+                                                        round(p["exclusive_us"], 1))
+        p["share_of_busy"] = round(p["exclusive_us"] / busy, 3) if busy else None
     out = {"method": f"torch.profiler kernels of a 1+{steps}-token generation minus a 1-token one, per step "
-                     "(profiled: the wall time includes the profiler's own cost)",
+                     "(profiled: the wall time includes the profiler's own cost); gpu_us: kernel durations, "
+                     "which overlap under programmatic dependent launch; exclusive_us: the part no earlier "
+                     "kernel covers (adds up to the busy time)",
            "launches_per_step": round(launches, 1), "launches_per_layer": round(launches / layers, 2),
-           "gpu_busy_us_per_step": round(busy, 1), "wall_us_per_step_profiled": round(wall_us, 1)}
+           "gpu_busy_us_per_step": round(busy, 1),
+           "kernel_durations_us_per_step": round(sum(p["gpu_us"] for p in parts.values()), 1),
+           "wall_us_per_step_profiled": round(wall_us, 1)}
     if gguf_path is not None:
         out["bytes_per_step"] = _bytes(gguf_path, top_k, experts)
-    out["parts"] = dict(sorted(parts.items(), key=lambda kv: -kv[1]["gpu_us"]))
-    out["kernels"] = dict(sorted(names.items(), key=lambda kv: -kv[1]["gpu_us"]))
+    out["parts"] = dict(sorted(parts.items(), key=lambda kv: -kv[1]["exclusive_us"]))
+    out["kernels"] = dict(sorted(names.items(), key=lambda kv: -kv[1]["exclusive_us"]))
     grids = {}
-    for key, (count, us) in grid_many.items():
-        c0, u0 = grid_one.get(key, (0, 0.0))
-        dc, du = (count - c0) / steps, (us - u0) / steps
+    for key in grid_many:
+        dc, du, dx = per_step(key, grid_many, grid_one)
         if dc > 0:
-            grids[key] = {"launches": round(dc, 2), "gpu_us": round(du, 1), "us_per_launch": round(du / dc, 2)}
-    out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["gpu_us"]))
+            grids[key] = {"launches": round(dc, 2), "gpu_us": round(du, 1), "exclusive_us": round(dx, 1),
+                          "exclusive_us_per_launch": round(dx / dc, 2)}
+    out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["exclusive_us"]))
     return out
