@@ -364,3 +364,18 @@ def test_plan_takes_the_committed_measurement_for_the_device(monkeypatch):
     assert moe_gemv.plan("gate_up", "Q4_K", 2, 14336, 4096, 2, 132, cuda)["bn"] == 64
     ruled = moe_gemv.plan("gate_up", "Q4_K", 4, 14336, 4096, 2, 132, torch.device("cpu"))
     assert "ns" not in ruled and ruled["bn"] == 64
+
+
+def test_plan_keeps_a_measured_xq_entry_and_the_float_switch_drops_it(monkeypatch):
+    """A tuned entry may carry xq (an int8 variant); DEVSTRAL_GGUF_FLOAT_GEMV turns it off with int8. Every
+    candidate with xq is an int8 one."""
+    from devstral.kernels import moe_gemv
+
+    key = "down|Q6_K|1|4096|14336"
+    entry = {"bn": 128, "split_k": 4, "num_warps": 4, "int8": True, "xq": True, "num_stages": 3}
+    monkeypatch.setitem(moe_gemv.TUNED, key, entry)
+    assert moe_gemv.plan("down", "Q6_K", 1, 4096, 14336, 2, 132) == entry
+    assert all(c["int8"] for c in moe_gemv.candidates("down", "Q6_K") if c.get("xq"))
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+    assert moe_gemv.plan("down", "Q6_K", 1, 4096, 14336, 2, 132) == {**entry, "int8": False, "xq": False}
+    assert not any(c.get("xq") for c in moe_gemv.candidates("gate_up", "Q4_K"))

@@ -48,8 +48,9 @@ from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
-# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=); rows = pairs for
-# gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py fills it from its timings.
+# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=, and optionally ns=,
+# num_stages=, xq=); rows = pairs for gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py
+# fills it from its timings.
 TUNED: dict[str, dict] = {}
 
 
@@ -327,7 +328,8 @@ def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
 
 def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
          device: torch.device | None = None) -> dict:
-    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=).
+    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=) (measured entries
+    may also carry ns=, num_stages= and xq=; see candidates()).
 
     `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry wins: TUNED
     (set by a benchmark in this process), then the device's tuned table ("moe_experts", what
@@ -341,7 +343,10 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
     if hit is None:
         hit = _measured(device).get(key)
     if hit is not None:
-        return {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
+        cfg = {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
+        if "xq" in hit:  # an int8 variant: off with int8 (the launch would also drop it, see _xq)
+            cfg["xq"] = hit["xq"] and int8_allowed(qtype)
+        return cfg
     bn = 64 if kind == "gate_up" else 128
     while bn > 16 and bn >= 2 * n:
         bn //= 2
@@ -378,8 +383,11 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
     tile widths around the plan's, K split 1-4 (down: 1-8 per slot); int8 activations at every width
     where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width,
-    and the pipelined loop (num_stages 3) at 64 and 128 rows (each width x split-or-not x int8 x stages is
-    one more compilation)."""
+    and the pipelined loop (num_stages 3) at 64 and 128 rows; and each int8 config again with xq (the
+    activations quantized once by gguf_xq.py before the launch: the dense GEMV's fastest variant at one
+    row). Each width x split-or-not x int8 x xq x stages is one more compilation (down's top_k slots
+    count as splits, so it is always split): for a type with an int8 row dot, gate_up 32 configs in 16
+    compilations, 60 in 30 with xq; down 48 in 8, 90 in 15 with xq."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
     # split counts share one compilation (split > 1 is the constexpr), so several are cheap to time: what
     # fills whole waves depends on the tile's registers, hence on the config
@@ -397,7 +405,10 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     # and at the full width, pipelined (the register-prefetch loop would spill there)
     out += [dict(bn=widths[-1], split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=3)
             for s in splits]
-    return out
+    # xq: the row dots only load the quantized bytes (dense Q4_K gate/up: 88 % of copy with it). Whether
+    # its extra launch pays here, above all in down (one more kernel between gate_up and down), is the
+    # timing's to say
+    return out + [{**cfg, "xq": True} for cfg in out if cfg["int8"]]
 
 
 def _int8(cfg: dict, p: PackedGGUF) -> bool:
