@@ -42,6 +42,7 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
     shape's sizes for `tokens` (1, 2, 4 and 8) over every candidate config; the fastest goes into
     moe_gemv.TUNED (so the end-to-end run uses it) and into the result. Bytes per call are those of the
     distinct experts the routing picked; the dense streaming GEMV over the same bytes is the yardstick.
+    An xq config's call includes its activation quantization launch (gguf_xq.py), so its time does too.
 
     Timing as gguf_gemv_sweep.py times the dense GEMV, which is how the engine runs decode: COPIES calls
     on distinct weight stacks captured in one CUDA graph, the graph replayed after an L2 flush, per call.

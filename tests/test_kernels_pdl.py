@@ -130,7 +130,8 @@ def _all() -> dict:
 
 
 def _moe() -> dict:
-    """The mixture-of-experts decode kernels: the router, and the Q4_K expert gate/up and down."""
+    """The mixture-of-experts decode kernels: the router, and the Q4_K expert gate/up and down (float
+    activations in the register-prefetch loop; xq: activations quantized beforehand, pipelined loop)."""
     from devstral.kernels import moe_gemv, moe_router
 
     out = {"moe_router": _compile(
@@ -141,21 +142,25 @@ def _moe() -> dict:
         dict(E=8, BE=8, BD=512, KP=2, TOPK=2, PDL=True))}
     fields = {"q": "*i32", "qh": "*i32", "sc": "*u8", "mn": "*u8", "d": "*fp16", "dm": "*fp16"}
     const = dict(TOPK=2, QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, SPLIT=True, EVEN_N=True, EVEN_K=True, ASM=True,
-                 INT8=False, STAGES=1, PDL=True)
-    out["moe_gate_up"] = _compile(
-        moe_gemv._gguf_gate_up_kernel,
-        _sig("x_ptr h_ptr ids_ptr ws_ptr cnt_ptr aq aqh asc amn ad adm bq bqh bsc bmn bd bdm P N K s_xm s_hm as_q "
-             "as_qh as_sc as_d bs_q bs_qh bs_sc bs_d one SPLIT_K",
-             {"x_ptr": "*bf16", "h_ptr": "*bf16", "ids_ptr": "*i64", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-              **{p + f: t for p in "ab" for f, t in fields.items()}}),
-        {**const, "GLU": True})
-    out["moe_down"] = _compile(
-        moe_gemv._gguf_down_kernel,
-        _sig("h_ptr out_ptr res_ptr ids_ptr w_ptr ws_ptr cnt_ptr q qh sc mn d dm T N K s_hm s_om s_rm s_q s_qh s_sc "
-             "s_d one SPLIT_K",
-             {"h_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*fp32",
-              "ws_ptr": "*fp32", "cnt_ptr": "*i32", **fields}),
-        {**const, "RES": True})
+                 PDL=True)
+    for xq in (False, True):
+        act = "*i32" if xq else "*bf16"  # gguf_xq's words
+        loop = dict(INT8=True, XQ=True, STAGES=3) if xq else dict(INT8=False, STAGES=1)
+        suffix = "_xq" if xq else ""
+        out["moe_gate_up" + suffix] = _compile(
+            moe_gemv._gguf_gate_up_kernel,
+            _sig("x_ptr h_ptr ids_ptr ws_ptr cnt_ptr aq aqh asc amn ad adm bq bqh bsc bmn bd bdm P N K s_xm s_hm as_q "
+                 "as_qh as_sc as_d bs_q bs_qh bs_sc bs_d one SPLIT_K",
+                 {"x_ptr": act, "h_ptr": "*bf16", "ids_ptr": "*i64", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                  **{p + f: t for p in "ab" for f, t in fields.items()}}),
+            {**const, **loop, "GLU": True}, num_stages=loop["STAGES"])
+        out["moe_down" + suffix] = _compile(
+            moe_gemv._gguf_down_kernel,
+            _sig("h_ptr out_ptr res_ptr ids_ptr w_ptr ws_ptr cnt_ptr q qh sc mn d dm T N K s_hm s_om s_rm s_q s_qh "
+                 "s_sc s_d one SPLIT_K",
+                 {"h_ptr": act, "out_ptr": "*bf16", "res_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*fp32",
+                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", **fields}),
+            {**const, **loop, "RES": True}, num_stages=loop["STAGES"])
     return out
 
 
@@ -173,7 +178,7 @@ def ptx_stats():
 SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
-MOE = ["moe_router", "moe_gate_up", "moe_down"]
+MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
 
 

@@ -7,7 +7,8 @@ outputs; the tests compare. Cases: GGUF Q4_K_M's mix (Q4_K gate/up, Q6_K down), 
 different types (two launches), Q8_0 at K that is not a multiple of 256; decode (one token: slots in
 pair order; several: slots sorted by expert), partial row tiles, and prefill (sort + per expert
 quantized linear; bf16 through torch's grouped GEMM); a tiny Mixtral's logits with the stacked
-experts against the same model unstacked.
+experts against the same model unstacked. Split K, tile widths and both loops against dequantize +
+matmul, with float, int8 and (xq) pre-quantized activations.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def _run_cases(out_path: str) -> None:
         # split K (2 tiles of K over 3 splits: one empty), two tile widths, gate and up fused (SwiGLU
         # after the splits meet) and apart, float and int8 activations, against dequantize
         res["splits"] = _split_cases(g)
+        res["xq"] = _xq_cases(g)
         # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
         dim, hidden = 72, 40
         lin = {name: [torch.nn.Linear(*((dim, hidden) if name != "w2" else (hidden, dim)), bias=False)
@@ -223,6 +225,56 @@ def _split_cases(g) -> dict:
     return out
 
 
+# xq (activations quantized once by gguf_xq.py): weight type -> (N, K). N masks the last row tile at
+# every width below; K cuts the last K-tile for Q4_K at 16 sub-blocks a tile (512 values) and Q8_0 at 8
+# (256); Q6_K's tiles (128 or 256 values) divide any K it can have
+XQ_SHAPES = {QType.Q4_K: (40, 768), QType.Q6_K: (56, 512), QType.Q8_0: (24, 160)}
+# each kind through both loops, at both sub-blocks per tile; split K with the SwiGLU after the splits meet
+XQ_CONFIGS = {"gate_up": ({"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "xq": True, "ns": 16},
+                          {"bn": 32, "split_k": 3, "num_warps": 4, "int8": True, "xq": True, "num_stages": 3}),
+              "down": ({"bn": 32, "split_k": 2, "num_warps": 4, "int8": True, "xq": True},
+                       {"bn": 16, "split_k": 3, "num_warps": 4, "int8": True, "xq": True, "ns": 16, "num_stages": 3})}
+
+
+def _xq_label(cfg: dict) -> str:
+    return f"bn{cfg['bn']}_ns{cfg.get('ns', 8)}_stages{cfg.get('num_stages', 1)}"
+
+
+def _xq_cases(g) -> dict:
+    """gate_up (gate and up of one type, fused) and down with xq configs against dequantize + matmul, on
+    activations the int8 levels represent exactly (as _split_cases' int8 cases)."""
+    from devstral.kernels import moe_gemv
+    from devstral.kernels.gguf_pack import pack
+    from devstral.kernels.moe_experts import stack_packed
+    from devstral.quant import dequantize
+    from test_kernels_gguf_interpret import random_blocks
+
+    tokens = 2
+    ids = torch.tensor([[3, 1], [1, 0]])  # expert 1 for both tokens: one expert, two activation rows
+    w = torch.rand(tokens, TOP_K, generator=g)
+    pairs = [(t, int(ids[t, j])) for t in range(tokens) for j in range(TOP_K)]
+    out = {}
+    for qt, (n, k) in XQ_SHAPES.items():
+        raws = {name: [random_blocks(qt, n, k, g) for _ in range(E)] for name in ("gate", "up", "down")}
+        stacks = {name: stack_packed([pack(r, qt, n, k) for r in rs]) for name, rs in raws.items()}
+        deq = {name: [dequantize(r, qt, (n, k)) for r in rs] for name, rs in raws.items()}
+        x = _int8_exact(tokens, k, g)
+        h_ref = torch.stack([torch.nn.functional.silu(x[t] @ deq["gate"][e].T) * (x[t] @ deq["up"][e].T)
+                             for t, e in pairs])
+        for cfg in XQ_CONFIGS["gate_up"]:
+            h = moe_gemv.gate_up(x, stacks["gate"], stacks["up"], torch.full((len(pairs), n), float("nan")), ids,
+                                 n=n, top_k=TOP_K, config=cfg)
+            out[("gate_up", qt.name, _xq_label(cfg))] = (h, h_ref)
+        h = _int8_exact(len(pairs), k, g)
+        y_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
+                             for t in range(tokens)])
+        for cfg in XQ_CONFIGS["down"]:
+            y = moe_gemv.down(h, stacks["down"], torch.full((tokens, n), float("nan")), ids, w, n=n, top_k=TOP_K,
+                              config=cfg)
+            out[("down", qt.name, _xq_label(cfg))] = (y, y_ref)
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_interp") / "res.pt"
@@ -273,6 +325,15 @@ def test_split_k_and_tile_widths_match_dequantize(results, case):
     assert _rel(got, ref) < _tolerance(QType.Q6_K if case[0] == "down" else QType.Q4_K)
 
 
+@pytest.mark.parametrize("case", [(kind, qt.name, _xq_label(cfg)) for kind, cfgs in XQ_CONFIGS.items()
+                                  for qt in XQ_SHAPES for cfg in cfgs], ids="_".join)
+def test_xq_activations_match_dequantize(results, case):
+    """The routed GEMVs on activations quantized beforehand (gguf_xq.py): as close as the int8 cases."""
+    got, ref = results["xq"][case]
+    assert not got.isnan().any()  # every pair's (token's) rows written
+    assert _rel(got, ref) < _tolerance(QType[case[1]])
+
+
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "t{}_d{}_e{}_k{}".format(*c))
 def test_the_router_kernel_matches_route(results, case):
     (ids, weights), (ref_ids, ref_weights) = results["router"][case]
@@ -318,3 +379,18 @@ def test_plan_takes_the_committed_measurement_for_the_device(monkeypatch):
     assert moe_gemv.plan("gate_up", "Q4_K", 2, 14336, 4096, 2, 132, cuda)["bn"] == 64
     ruled = moe_gemv.plan("gate_up", "Q4_K", 4, 14336, 4096, 2, 132, torch.device("cpu"))
     assert "ns" not in ruled and ruled["bn"] == 64
+
+
+def test_plan_keeps_a_measured_xq_entry_and_the_float_switch_drops_it(monkeypatch):
+    """A tuned entry may carry xq (an int8 variant); DEVSTRAL_GGUF_FLOAT_GEMV turns it off with int8. Every
+    candidate with xq is an int8 one."""
+    from devstral.kernels import moe_gemv
+
+    key = "down|Q6_K|1|4096|14336"
+    entry = {"bn": 128, "split_k": 4, "num_warps": 4, "int8": True, "xq": True, "num_stages": 3}
+    monkeypatch.setitem(moe_gemv.TUNED, key, entry)
+    assert moe_gemv.plan("down", "Q6_K", 1, 4096, 14336, 2, 132) == entry
+    assert all(c["int8"] for c in moe_gemv.candidates("down", "Q6_K") if c.get("xq"))
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+    assert moe_gemv.plan("down", "Q6_K", 1, 4096, 14336, 2, 132) == {**entry, "int8": False, "xq": False}
+    assert not any(c.get("xq") for c in moe_gemv.candidates("gate_up", "Q4_K"))

@@ -672,8 +672,9 @@ def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) 
 
 # The loop's device functions under public names, for kernels built on this frame with their own grid
 # and epilogue (moe_gemv.py's routed experts): one tile's words and raw scales, the scales decoded, and
-# the per-sub-block dot of one activation row.
+# the per-sub-block dot of one activation row (row_dot_xq: that row quantized beforehand by gguf_xq.py).
 load_tile_words = _load_words
 load_tile_scales = _load_scales
 tile_scales = _scales
 row_dot = _row_dot
+row_dot_xq = _row_dot_xq

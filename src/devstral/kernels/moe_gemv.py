@@ -7,8 +7,10 @@ Q6_K / Q8_0 in the planar layout (gguf_pack.py). The GGUF kernels are the stream
 (gguf_gemv_wide.py: its tile loads, scale decoding and row dot, imported, not copied) with the
 expert's first row as a per-program base pointer: a thread owns whole 16-byte sub-blocks of a few
 rows, the next tile's words and scales are in flight while this one is computed, and shapes that tile
-evenly run without masks; Q4_K/Q6_K/Q8_0 may take its int8-activation (dp4a) row dot. Two launches
-per layer:
+evenly run without masks; Q4_K/Q6_K/Q8_0 may take its int8-activation (dp4a) row dot, the activations
+quantized in every thread or (xq) once, by gguf_xq.py in a small launch just before (gate_up: x, a row
+per token, shared by its pairs' gate and up dots; down: h, a row per pair). Two launches per layer
+(with xq, each after its quantization):
 
   gate_up  program (pair p, row tile, K split): h[p] = silu(G_e x_t) * (U_e x_t), e = ids[p],
            t = p // top_k; gate and up tiles are streamed side by side (without U: G_e x_t alone, for
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import gguf_gemv_wide as wide
-from devstral.kernels import pdl
+from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_config import split_k as split_for
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, qt_code
 from devstral.kernels.gguf_gemv import field_args
@@ -46,8 +48,9 @@ from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
-# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=); rows = pairs for
-# gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py fills it from its timings.
+# measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=, and optionally ns=,
+# num_stages=, xq=); rows = pairs for gate_up, tokens for down. Empty: plan() decides. benchmarks/moe_gpu.py
+# fills it from its timings.
 TUNED: dict[str, dict] = {}
 
 
@@ -63,16 +66,25 @@ def _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t, c, jn2, n_sub, s_q, s_qh, s
 
 
 @triton.jit
-def _tile_dot(words, hi, f_d, f_sc, f_dm, f_mn, one, xp, x_ok, BN: tl.constexpr, QT: tl.constexpr,
-              E: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-              INT8: tl.constexpr):
-    """One tile's per-sub-block sums [BN, NS] against one activation row (the dense GEMV's row dot;
-    INT8: its int8-activation dp4a variant)."""
+def _tile_dot(words, hi, f_d, f_sc, f_dm, f_mn, one, xp0, t, K, x_in, x_row, BN: tl.constexpr, QT: tl.constexpr,
+              SB: tl.constexpr, E: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr, EVEN_K: tl.constexpr,
+              ASM: tl.constexpr, INT8: tl.constexpr, XQ: tl.constexpr):
+    """Tile t's per-sub-block sums [BN, NS] against one activation row (the dense GEMV's row dot; INT8:
+    its int8-activation dp4a variant; XQ: the row quantized beforehand by gguf_xq.py, xp0 its first
+    block). Otherwise xp0 points at word c's first activation of tile 0, x_in is its sub-block's
+    offset in a tile (the K mask); x_row: the activation row exists."""
     if QT == 3 and not INT8:
         words = words ^ XOR_SIGN_BYTES
     c1, c0 = wide.tile_scales(f_d, f_sc, f_dm, f_mn, QT)
-    return wide.row_dot(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), one, xp, x_ok, c1, c0,
-                        QT, E, NS, WPS, EVEN_K, ASM, INT8)
+    w3 = tl.reshape(words, (BN, NS, WPS))
+    h3 = tl.reshape(hi, (BN, NS, WPS))
+    # if/else, not an early return: compiled, the code after a constexpr branch's return is still built
+    if XQ:
+        sums = wide.row_dot_xq(w3, h3, xp0, t, x_row, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
+    else:
+        k0 = t * (NS * SB)
+        sums = wide.row_dot(w3, h3, one, xp0 + k0, (k0 + x_in) < K, c1, c0, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+    return sums
 
 
 @triton.jit
@@ -91,8 +103,10 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                          TOPK: tl.constexpr, GLU: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr,
                          WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                         INT8: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # kernels/pdl.py: the expert ids come from the router just before, so nothing loads first
+                         INT8: tl.constexpr, STAGES: tl.constexpr, XQ: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: the expert ids come from the router just before (with xq, x from the quantization
+        # between them), so nothing loads first
         gdc_wait()
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -110,23 +124,26 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
     jn2 = tl.arange(0, NS)[None, :]
     n_sub, n_tiles, t_lo, t_hi = _k_range(K, pid_k, SPLIT_K, SB, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
-    xp0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm + (c // WPS) * SB + c % WPS
+    if XQ:
+        xp0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm  # the token's quantized blocks (gguf_xq.py)
+    else:
+        xp0 = x_ptr + (p // TOPK).to(tl.int64) * s_xm + (c // WPS) * SB + c % WPS
     x_in = (c // WPS) * SB
+    x_row = p < P  # always: the row dots mask on whether their activation row exists
     acc_a = tl.zeros((BN, NS), dtype=tl.float32)
     acc_b = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
         # tiles pipelined through shared memory by cp.async (gguf_gemv_wide.py's num_stages > 1 loop)
         for t in tl.range(t_lo, t_hi, num_stages=STAGES):
-            k0 = t * (NS * SB)
-            x_ok = (k0 + x_in) < K
             wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t, c, jn2, n_sub,
                                                   as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
-            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
+                               ASM, INT8, XQ)
             if GLU:
                 wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t, c, jn2, n_sub,
                                                       bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
-                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM,
-                                   INT8)
+                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS,
+                                   EVEN_K, ASM, INT8, XQ)
     else:
         # prologue: the first tile (an empty split loads a valid tile and skips the loop)
         t0 = tl.minimum(t_lo, n_tiles - 1)
@@ -144,12 +161,11 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                 wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c, jn2,
                                                                   n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS,
                                                                   EVEN)
-            k0 = t * (NS * SB)
-            x_ok = (k0 + x_in) < K
-            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM, INT8)
+            acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
+                               ASM, INT8, XQ)
             if GLU:
-                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0 + k0, x_ok, BN, QT, E, NS, WPS, EVEN_K, ASM,
-                                   INT8)
+                acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS,
+                                   EVEN_K, ASM, INT8, XQ)
                 wb, hb, db, sb, dmb, mb = wb_n, hb_n, db_n, sb_n, dmb_n, mb_n
             wa, ha, da, sa, dma, ma = wa_n, ha_n, da_n, sa_n, dma_n, ma_n
     if PDL:  # at the loop's end, as the dense GEMV: earlier, the next kernel would take this one's SM slots
@@ -188,7 +204,7 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
                       TOPK: tl.constexpr, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
                       E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, SPLIT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                      STAGES: tl.constexpr, PDL: tl.constexpr = False):
+                      STAGES: tl.constexpr, XQ: tl.constexpr = False, PDL: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: h and the expert ids come from the kernels just before
         gdc_wait()
     t = tl.program_id(0)
@@ -204,16 +220,19 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
     jn2 = tl.arange(0, NS)[None, :]
     n_sub, n_tiles, t_lo, t_hi = _k_range(K, s % SPLIT_K, SPLIT_K, SB, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
-    xp0 = h_ptr + p.to(tl.int64) * s_hm + (c // WPS) * SB + c % WPS
+    if XQ:
+        xp0 = h_ptr + p.to(tl.int64) * s_hm  # the pair's quantized blocks (gguf_xq.py)
+    else:
+        xp0 = h_ptr + p.to(tl.int64) * s_hm + (c // WPS) * SB + c % WPS
     x_in = (c // WPS) * SB
+    x_row = t < T  # always (see gate_up)
     acc = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
         for kt in tl.range(t_lo, t_hi, num_stages=STAGES):
             w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, kt, c, jn2, n_sub, s_q, s_qh,
                                                    s_sc, s_d, QT, SB, WPS, NS, EVEN)
-            k0 = kt * (NS * SB)
-            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K,
-                             ASM, INT8)
+            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0, kt, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
+                             ASM, INT8, XQ)
     else:
         t0 = tl.minimum(t_lo, n_tiles - 1)
         w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, jn2, n_sub, s_q, s_qh, s_sc,
@@ -222,9 +241,8 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
             tn = tl.minimum(kt + 1, t_hi - 1)
             w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
                                                                s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
-            k0 = kt * (NS * SB)
-            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0 + k0, (k0 + x_in) < K, BN, QT, E, NS, WPS, EVEN_K,
-                             ASM, INT8)
+            acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0, kt, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
+                             ASM, INT8, XQ)
             w, hi, fd, fsc, fdm, fmn = w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n
     if PDL:
         gdc_launch_dependents()
@@ -310,7 +328,8 @@ def _block_rows(n: int, programs: int, sms: int, widest: int) -> int:
 
 def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
          device: torch.device | None = None) -> dict:
-    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=).
+    """Launch constants of a GGUF expert kernel: dict(bn=, split_k=, num_warps=, int8=) (measured entries
+    may also carry ns=, num_stages= and xq=; see candidates()).
 
     `rows` is the grid's first axis (pairs for gate_up, tokens for down). A measured entry wins: TUNED
     (set by a benchmark in this process), then the device's tuned table ("moe_experts", what
@@ -324,7 +343,10 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
     if hit is None:
         hit = _measured(device).get(key)
     if hit is not None:
-        return {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
+        cfg = {**hit, "int8": hit.get("int8", False) and int8_allowed(qtype)}
+        if "xq" in hit:  # an int8 variant: off with int8 (the launch would also drop it, see _xq)
+            cfg["xq"] = hit["xq"] and int8_allowed(qtype)
+        return cfg
     bn = 64 if kind == "gate_up" else 128
     while bn > 16 and bn >= 2 * n:
         bn //= 2
@@ -361,8 +383,11 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     """The launch constants benchmarks/moe_gpu.py times for TUNED (and tests/test_moe_gpu.py checks):
     tile widths around the plan's, K split 1-4 (down: 1-8 per slot); int8 activations at every width
     where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width,
-    and the pipelined loop (num_stages 3) at 64 and 128 rows (each width x split-or-not x int8 x stages is
-    one more compilation)."""
+    and the pipelined loop (num_stages 3) at 64 and 128 rows; and each int8 config again with xq (the
+    activations quantized once by gguf_xq.py before the launch: the dense GEMV's fastest variant at one
+    row). Each width x split-or-not x int8 x xq x stages is one more compilation (down's top_k slots
+    count as splits, so it is always split): for a type with an int8 row dot, gate_up 32 configs in 16
+    compilations, 60 in 30 with xq; down 48 in 8, 90 in 15 with xq."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
     # split counts share one compilation (split > 1 is the constexpr), so several are cheap to time: what
     # fills whole waves depends on the tile's registers, hence on the config
@@ -380,7 +405,10 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     # and at the full width, pipelined (the register-prefetch loop would spill there)
     out += [dict(bn=widths[-1], split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=3)
             for s in splits]
-    return out
+    # xq: the row dots only load the quantized bytes (dense Q4_K gate/up: 88 % of copy with it). Whether
+    # its extra launch pays here, above all in down (one more kernel between gate_up and down), is the
+    # timing's to say
+    return out + [{**cfg, "xq": True} for cfg in out if cfg["int8"]]
 
 
 def _int8(cfg: dict, p: PackedGGUF) -> bool:
@@ -391,6 +419,12 @@ def _int8(cfg: dict, p: PackedGGUF) -> bool:
     if p.qtype.name not in IDOT_TYPES:
         raise ValueError(f"no int8-activation expert GEMV for {p.qtype.name}")
     return int8_allowed(p.qtype.name)
+
+
+def _xq(cfg: dict, p: PackedGGUF) -> bool:
+    """xq: the int8 row dot on activations quantized beforehand (gguf_xq.py); it implies int8 and is
+    gated as int8 is (_int8: the types with that row dot, DEVSTRAL_GGUF_FLOAT_GEMV)."""
+    return bool(cfg.get("xq")) and _int8({**cfg, "int8": True}, p)
 
 
 def _stages(cfg: dict) -> int:
@@ -425,11 +459,15 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
         ws = workspace(split, 2 * pairs, n, x.device)
         a_fields, a_strides = field_args(gate)
         b_fields, b_strides = field_args(up) if glu else (a_fields, a_strides)
+        xq = _xq(cfg, gate)
+        # xq: each token's activations quantized once (one small launch), for all its pairs' gate and up
+        # row dots, where the int8 row dot quantizes them in every thread, twice a tile
+        xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt_code(gate.qtype))) if xq else x
         _gguf_gate_up_kernel[(pairs, tiles, split)](
-            x, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, x.stride(0), h.stride(0),
+            xin, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, xin.stride(0), h.stride(0),
             *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
-            INT8=_int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg),
-            PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
+            INT8=xq or _int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg),
+            XQ=xq, PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -453,6 +491,9 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
         # counters: one per (token, row tile); more tokens than they cover run as several launches
         step = max(1, MAX_TILES // tiles)
         fields, strides = field_args(w)
+        xq = _xq(cfg, w)
+        # xq: every pair's h quantized once, in one launch for all of them (as gate_up's x)
+        hin = gguf_xq.quantize(h[:tokens * top_k], gguf_xq.layout_for(qt_code(w.qtype))) if xq else h
         for t0 in range(0, tokens, step):
             t1 = min(tokens, t0 + step)
             split = cfg["split_k"]
@@ -461,11 +502,12 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
             ws = workspace(split * top_k, t1 - t0, n, out.device)
             res = residual[t0:] if residual is not None else out[t0:]
             _gguf_down_kernel[(t1 - t0, tiles, split * top_k)](
-                h[t0 * top_k:], out[t0:], res, ids[t0:], weights[t0:], ws, counters(out.device), *fields,
-                t1 - t0, n, k, h.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
+                hin[t0 * top_k:], out[t0:], res, ids[t0:], weights[t0:], ws, counters(out.device), *fields,
+                t1 - t0, n, k, hin.stride(0), out.stride(0), res.stride(0), *strides, ONE_F32_BITS.value, split,
                 RES=residual is not None, TOPK=top_k,
-                SPLIT=split * top_k > 1, INT8=_int8(cfg, w), **_geometry(w, k, bn, n, cfg.get("ns", NS)),
-                STAGES=_stages(cfg), PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
+                SPLIT=split * top_k > 1, INT8=xq or _int8(cfg, w), **_geometry(w, k, bn, n, cfg.get("ns", NS)),
+                STAGES=_stages(cfg), XQ=xq, PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg),
+                launch_pdl=on)
     else:
         bn = _block_rows(n, tokens, sms, 32)
         res = residual if residual is not None else out
