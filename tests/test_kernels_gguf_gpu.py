@@ -147,7 +147,7 @@ def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
         close(out, ref)
 
 
-@pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q6_K, QType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
     """gguf_gemv_wide with int8 activations (dp4a): on activations int8 represents exactly it equals
@@ -187,7 +187,7 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
             close(out, xr.float() @ w.t(), rel=1.5e-2)
 
 
-@pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q6_K, QType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
     """Stream-K (gemv(stream=...)): 1-4 programs per SM sharing the row-tile x K-tile units, so runs cross
     row tiles and several programs add up one tile; float and pre-quantized int8 activations (exact where

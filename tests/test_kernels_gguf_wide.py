@@ -33,7 +33,7 @@ F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.
 # num_stages > 1 is the software-pipelined loop (its own branch of the kernel)
 CASES = [(1, 16, 8, 1, 1, 1), (1, 8, 2, 1, 3, 1), (2, 16, 16, 2, 2, 1), (6, 8, 2, 4, 5, 1), (1, 8, 2, 1, 2, 3),
          (3, 16, 4, 4, 1, 2)]
-INT8_TYPES = [QType.Q4_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
+INT8_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
 # stream-K (rows m, BN, NS, BM, num_stages, programs): runs that cross row tiles, several programs on one
 # tile, more activation-row tiles, the pipelined loop, and more programs than units (capped)
 STREAM_CASES = [(1, 8, 2, 1, 1, 5), (1, 16, 8, 1, 1, 2), (3, 8, 4, 2, 1, 7), (1, 8, 2, 1, 2, 5), (2, 8, 2, 2, 1, 40)]
@@ -270,6 +270,86 @@ def test_activation_quantization_layout(layout):
     assert torch.equal(xq[..., 10:].to(torch.int64), levels.reshape(2, 3, 2, 16).sum(-1))
 
 
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_prequantized_activations_meet_the_weights_they_multiply(qtype):
+    """gguf_xq.layout_for(type): byte a of the activation word the xq row dot pairs with a weight operand
+    holds the activation of the weight whose level byte a of that operand holds. Pairing as _row_dot_xq
+    reads it: word v of a sub-block meets block word v, its high-nibble operand word v + WPS, Q6_K's
+    second sub-block of 16 the block's words from 4; a nibble operand's byte a is value 2a (low) or
+    2a + 1 (high) of the word, a Q8_0 word's byte a value a; value s of word v is weight s * WPS + v."""
+    from devstral.kernels import gguf_xq
+    from devstral.kernels.gguf_decode import GEOMETRY, qt_code
+
+    qt = qt_code(qtype)
+    sb, wps, _ = GEOMETRY[qt]
+    layout = gguf_xq.layout_for(qt)
+    operands = (0,) if qtype == QType.Q8_0 else (0, 1)
+    for j in range(32 // sb):  # the sub-blocks of one activation block
+        for v in range(wps):
+            for o in operands:
+                for a in range(4):
+                    s = a if qtype == QType.Q8_0 else 2 * a + o
+                    w = 4 * j + v + o * wps
+                    x_value = 8 * a + w if layout == gguf_xq.STRIDE8 else 16 * (w // 4) + 4 * a + w % 4
+                    assert x_value == j * sb + s * wps + v, (j, v, o, a)
+
+
+def _ptx(asm: str, n_out: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The PTX instructions the Q5_K row dot pins, on 32-bit values held in int64 tensors ($0.. are the
+    outputs, the inputs follow them)."""
+    regs = {f"${n_out + i}": x & 0xFFFFFFFF for i, x in enumerate(inputs)}
+
+    def value(tok: str):
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for stmt in filter(None, (x.strip() for x in asm.split(";"))):
+        op, rest = stmt.split(None, 1)
+        dst, *toks = (x.strip() for x in rest.split(","))
+        args = [value(x) for x in toks]
+        if op == "and.b32":
+            r = args[0] & args[1]
+        elif op == "shr.u32":
+            r = args[0] >> args[1]
+        elif op == "lop3.b32":  # bit k of the table: the result where (a, b, c) have bits (k>>2, k>>1, k) & 1
+            a, b, c, lut = args
+            r = sum(((a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)) for k in range(8)
+                    if lut >> k & 1)
+        elif op == "prmt.b32":  # byte i: byte sel_i & 7 of (b << 32 | a); with sel_i & 8, its bit 7 8 times
+            pool = (args[1] << 32) | args[0]
+            r = 0
+            for i in range(4):
+                sel = args[2] >> (4 * i) & 0xF
+                byte = pool >> (8 * (sel & 7)) & 0xFF
+                r = r | ((byte >> 7) * 0xFF if sel & 8 else byte) << (8 * i)
+        else:
+            raise NotImplementedError(op)
+        regs[dst] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+def test_q5k_ptx_makes_signed_levels_minus_16():
+    """The compiled Q5_K operands (Triton's interpreter runs the plain-op twins instead): every high-bit
+    byte through the spreading multiply and the sign-replicating PRMT, random words through the LOP3,
+    and the byte unpacking at the load, against the levels the planar layout defines."""
+    from devstral.kernels import gguf_gemv_wide as wide
+
+    g = torch.Generator().manual_seed(4)
+    hi = torch.arange(256, dtype=torch.int64).repeat(64)
+    words = torch.randint(0, 2**32, hi.shape, dtype=torch.int64, generator=g)
+    ops = []
+    for spread in (wide.Q5K_SPREAD_EVEN.value, wide.Q5K_SPREAD_ODD.value):
+        r, = _ptx(wide.SIGNS_REVERSED_PTX.value, 1, hi * (spread & 0xFFFFFFFF))
+        nib = words if not ops else (words - ((words >> 31) << 32)) >> 4  # the kernel's int32 >> 4
+        ops.append(_ptx(wide.NIBBLES_UNDER_PTX.value, 1, nib, r)[0])
+    for s in range(8):  # value s: byte s // 2 of the even (s even) or odd operand, as int8
+        byte = ops[s % 2] >> (8 * (s // 2)) & 0xFF
+        q = (words >> (4 * s) & 0xF) | ((hi >> s & 1) << 4)
+        assert torch.equal(byte - ((byte >> 7) << 8), q - 16), s
+    unpacked = _ptx(wide.BYTES_PTX.value, 4, words)
+    for v in range(4):
+        assert torch.equal(unpacked[v], words >> (8 * v) & 0xFF), v
+
+
 def test_fused_projection_is_its_members_side_by_side(results):
     """Three planar QuantLinears joined by fuse_quant: one call gives each member's output in order,
     the members keep working on their rows of the shared buffer, and all match dequantize + matmul."""
@@ -316,15 +396,16 @@ def test_pytorch_twin_matches_dequantize_then_matmul(qtype):
 
 
 # (type code, sub-block, words per sub-block, values per word, sc dtype, qh dtype) of the kernel's arguments
-SASS_TYPES = {"Q4_K": (0, 32, 4, 8, "*u8", "*i32"), "Q6_K": (2, 16, 2, 8, "*i8", "*i16"),
-              "Q8_0": (3, 32, 8, 4, "*u8", "*i32")}
+SASS_TYPES = {"Q4_K": (0, 32, 4, 8, "*u8", "*i32"), "Q5_K": (1, 32, 4, 8, "*u8", "*u8"),
+              "Q6_K": (2, 16, 2, 8, "*i8", "*i16"), "Q8_0": (3, 32, 8, 4, "*u8", "*i32")}
 # loop instructions per weight at BM=1, BN=128 (8 rows a thread), NS=8, 4 warps, as counted when the kernel
-# was written (Triton 3.6): Q4_K 3.65, Q8_0 4.05-4.3, Q6_K 7.6; the float GEMV (gguf_gemv.py) spends
-# 5.2 / 4.7 / 11.2. Bounds with a little slack: a change that breaks the one-layout loop (layout
-# conversions, scalar loads, per-weight scale work) lands far above them.
-SASS_BOUNDS = {"Q4_K": 4.0, "Q6_K": 8.2, "Q8_0": 4.6}
-# with int8 activations (dp4a), counted when written: Q4_K 2.34, Q6_K 6.2, Q8_0 1.64
-SASS_BOUNDS_INT8 = {"Q4_K": 2.6, "Q6_K": 6.6, "Q8_0": 1.9}
+# was written (Triton 3.6): Q4_K 3.65, Q8_0 4.05-4.3, Q5_K 6.78, Q6_K 7.6; the float GEMV (gguf_gemv.py)
+# spends 5.2 / 4.7 / - / 11.2. Bounds with a little slack: a change that breaks the one-layout loop (layout
+# conversions, scalar loads, per-weight scale work) lands far above them (Q5_K with its high bytes in
+# 16-byte loads: 7.65 and spilling, gguf_gemv_wide._load_words).
+SASS_BOUNDS = {"Q4_K": 4.0, "Q5_K": 7.3, "Q6_K": 8.2, "Q8_0": 4.6}
+# with int8 activations (dp4a), counted when written: Q4_K 2.34, Q5_K 3.13, Q6_K 6.2, Q8_0 1.64
+SASS_BOUNDS_INT8 = {"Q4_K": 2.6, "Q5_K": 3.4, "Q6_K": 6.6, "Q8_0": 1.9}
 
 
 def _sass_counts() -> dict:
@@ -372,14 +453,15 @@ def test_streaming_gemv_instructions_per_weight_on_sm90(sass_counts, name, int8)
     assert st["per_weight"] < (SASS_BOUNDS_INT8 if int8 else SASS_BOUNDS)[name], st
 
 
-# with the activations quantized beforehand (gguf_xq.py), counted when written: Q4_K 1.63, Q6_K 3.38, Q8_0 1.03
-SASS_BOUNDS_XQ = {"Q4_K": 1.8, "Q6_K": 3.6, "Q8_0": 1.15}
+# with the activations quantized beforehand (gguf_xq.py), counted when written: Q4_K 1.63, Q5_K 2.61,
+# Q6_K 3.38, Q8_0 1.03
+SASS_BOUNDS_XQ = {"Q4_K": 1.8, "Q5_K": 2.8, "Q6_K": 3.6, "Q8_0": 1.15}
 
 
 @pytest.mark.parametrize("name", list(SASS_BOUNDS_XQ))
 def test_gemv_on_prequantized_activations_drops_the_per_thread_quantization(sass_counts, name):
-    """xq: the loop only loads the packed int8 activations: about 30% (Q4_K) to 45% (Q6_K) fewer
-    instructions per weight than quantizing them in every thread."""
+    """xq: the loop only loads the packed int8 activations: about 15% (Q5_K, whose high bits cost the
+    same either way) to 45% (Q6_K) fewer instructions per weight than quantizing them in every thread."""
     st = sass_counts[name + "_int8_xq"]
     assert not st["spilled"]
     assert st["per_weight"] < SASS_BOUNDS_XQ[name] < sass_counts[name + "_int8"]["per_weight"], st

@@ -22,8 +22,9 @@ and layout conversions. Here:
   buffering), so each thread has two tiles of loads in flight while it computes; or, with
   num_stages > 1, Triton's software pipeline carries the tiles through shared memory (cp.async), which
   costs no registers for the bytes in flight.
-* int8=True: activations as int8 per sub-block and dp4a on the weights (_row_dot_int8), quantized by
-  each thread for its rows, or (xq=True) once beforehand by gguf_xq.py (_row_dot_xq).
+* int8=True (all four types): activations as int8 per sub-block and dp4a on the weights
+  (_row_dot_int8), quantized by each thread for its rows, or (xq=True) once beforehand by gguf_xq.py
+  (_row_dot_xq).
 * Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
   go out before the wait for the kernel that produced the activations.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
@@ -159,9 +160,14 @@ def _scales(d, sc, dm, mn, QT: tl.constexpr):
 
 
 @triton.jit
-def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl.constexpr):
+def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl.constexpr,
+                UNPACK: tl.constexpr = False):
     """Words [BN, NS * WPS]: 2-D so that a row's words are one contiguous run (16-byte loads, a
-    warp reading whole 128-byte row segments)."""
+    warp reading whole 128-byte row segments).
+    UNPACK (compiled int8 row dots): Q5_K's high-bit bytes widened by PTX as they arrive, one
+    instruction per word; the compiler carries them through the loop as 8-bit values and widens each
+    with two at its use. The float row dot keeps that: its 8-bit values share registers two by two,
+    and widened ones make it spill at 8 rows a thread."""
     if EVEN:
         words = tl.load(q_ptr + n2 * s_q + w2)
     else:
@@ -173,9 +179,14 @@ def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl
         # per weight, and 255 registers
         h_off = tl.max_contiguous(n2 * s_qh + w2, [1, 4])
         if EVEN:
-            hi = tl.load(qh_ptr + h_off).to(tl.int32)
+            hb = tl.load(qh_ptr + h_off)
         else:
-            hi = tl.load(qh_ptr + h_off, mask=ok, other=0).to(tl.int32)
+            hb = tl.load(qh_ptr + h_off, mask=ok, other=0)
+        if UNPACK:
+            hi = tl.inline_asm_elementwise(BYTES_PTX, "=r,=r,=r,=r,r", [hb], dtype=tl.int32, is_pure=True,
+                                           pack=4)
+        else:
+            hi = hb.to(tl.int32)
     elif QT == 2:
         if EVEN:
             hi = tl.load(qh_ptr + n2 * s_qh + w2).to(tl.int32)
@@ -293,6 +304,72 @@ def _q6k_high_pairs(hi, ASM: tl.constexpr):
     return h_lo, h_hi
 
 
+# Q5_K's high bits (one byte per word, bit s: value s) as the signs of bytes. A multiply by these lays four
+# copies of the byte ten bits apart -- none overlap, so nothing carries -- with bits 6, 4, 2, 0 (EVEN) or
+# 7, 5, 3, 1 (ODD) at the tops of bytes 0..3, where a sign-replicating PRMT reads them
+Q5K_SPREAD_EVEN = tl.constexpr(-2145384446)  # 0x80200802: copies at bits 1, 11, 21, 31
+Q5K_SPREAD_ODD = tl.constexpr(0x40100401)  # copies at bits 0, 10, 20, 30
+HIGH_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
+# byte b of $0: bit 7 of byte 3 - b of $1, replicated over the byte (selector nibbles 8 + byte)
+SIGNS_REVERSED_PTX = tl.constexpr("prmt.b32 $0, $1, $1, 0x89AB;")
+# (nib & 0x0F0F0F0F) | (~r & 0xF0F0F0F0): the truth table of that function of ($1, $2, the constant)
+NIBBLES_UNDER_PTX = tl.constexpr("lop3.b32 $0, $1, $2, 0x0F0F0F0F, 0xB1;")
+# four bytes of one register ($4: elements 0..3 in bytes 0..3) zero-extended to $0..$3
+BYTES_PTX = tl.constexpr("and.b32 $0, $4, 0xFF; prmt.b32 $1, $4, 0, 0x4441; prmt.b32 $2, $4, 0, 0x4442; "
+                         "shr.u32 $3, $4, 24;")
+
+
+@triton.jit
+def _sign_bytes_reversed(p, ASM: tl.constexpr):
+    """Byte b of the result: 0xFF where bit 7 of byte 3 - b of p is set, else 0x00 (one PRMT)."""
+    if ASM:
+        return tl.inline_asm_elementwise(SIGNS_REVERSED_PTX, "=r,r", [p], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    r = (p >> 31) & 0xFF  # int32 >> is arithmetic: each term is all ones or zero before its mask
+    r = r | (((p << 8) >> 31) & 0xFF00)
+    r = r | (((p << 16) >> 31) & 0xFF0000)
+    return r | (((p << 24) >> 31) & -16777216)  # 0xFF000000
+
+
+@triton.jit
+def _nibbles_under(nib, r, ASM: tl.constexpr):
+    """The low nibble of each byte of nib under bits 4..7 of ~r: one LOP3 (written as and/or/not,
+    LLVM turns it into and, xor and and-or, which ptxas keeps as three)."""
+    if ASM:
+        return tl.inline_asm_elementwise(NIBBLES_UNDER_PTX, "=r,r,r", [nib, r], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    return (nib & 0x0F0F0F0F) | (~r & HIGH_NIBBLES)
+
+
+@triton.jit
+def _q5k_operands(words, hi, ASM: tl.constexpr):
+    """Q5_K's two dp4a operands (value positions 0, 2, 4, 6 and 1, 3, 5, 7) as signed bytes q - 16:
+    the nibble in bits 0..3 and the high bit, inverted, in all of bits 4..7 (as int8: n + 16 h - 16).
+    The high bit alone at bit 4 of its byte, for unsigned levels, would take a mask, a multiply and a
+    mask per operand (no multiply moves four of hi's bits to bit 4 of their bytes without other bits'
+    partial products landing next to them); a byte full of it needs the bit only at the top of some
+    byte, which one multiply gives (Q5K_SPREAD_*) and one PRMT spreads. Seven instructions per word
+    for both operands, against three for Q4_K's nibbles."""
+    r_even = _sign_bytes_reversed(hi * Q5K_SPREAD_EVEN, ASM)
+    r_odd = _sign_bytes_reversed(hi * Q5K_SPREAD_ODD, ASM)
+    return _nibbles_under(words, r_even, ASM), _nibbles_under(words >> 4, r_odd, ASM)
+
+
+@triton.jit
+def _weight_operands(words, hi, QT: tl.constexpr, ASM: tl.constexpr):
+    """A word of eight levels as two dp4a operands, value positions 0, 2, 4, 6 and 1, 3, 5, 7 (byte b:
+    value 2b or 2b + 1): Q4_K's nibbles and Q6_K's levels + 32 unsigned, Q5_K's levels - 16 signed."""
+    if QT == 1:
+        return _q5k_operands(words, hi, ASM)
+    w_lo = words & 0x0F0F0F0F
+    w_hi = (words >> 4) & 0x0F0F0F0F
+    if QT == 2:  # Q6_K: the two high bits of each level into bits 4..5 of its byte
+        h_lo, h_hi = _q6k_high_pairs(hi, ASM)
+        w_lo = w_lo | h_lo
+        w_hi = w_hi | h_hi
+    return w_lo, w_hi
+
+
 @triton.jit
 def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexpr, WPS: tl.constexpr,
                   EVEN: tl.constexpr, ASM: tl.constexpr):
@@ -302,15 +379,17 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
     them itself, per sub-block (absmax / 127, as llama.cpp's q8_1), once for its R rows. Then a word
     of eight nibbles is two dp4a operands (w & 0x0F0F0F0F holds value positions 0, 2, 4, 6;
     (w >> 4) & 0x0F0F0F0F positions 1, 3, 5, 7): five instructions per eight weights where the float
-    decode needs about twenty. The activations' bytes are packed in the same value order. c1 is
-    _scales' (Q4_K 2^7 d sc, Q6_K 2^6 d sc, Q8_0 2^8 d); the power of two is folded into the
-    activation scale. Q4_K's min term uses the exact float sum of the sub-block's activations; Q6_K's
+    decode needs about twenty (Q5_K's high bits add five, _q5k_operands). The activations' bytes are
+    packed in the same value order. c1 is _scales' (Q4_K 2^7 d sc, Q5_K 2^5 d sc, Q6_K 2^6 d sc, Q8_0
+    2^8 d); the power of two is folded into the activation scale. Q4_K's min term and Q5_K's (with the
+    16 d sc its signed levels leave out) use the exact float sum of the sub-block's activations; Q6_K's
     offset (levels stored as q + 32) the integer sum of the int8 levels."""
     x0 = _x_slice(xp, x_ok, NS, WPS, EVEN)
     x1 = _x_slice(xp + WPS, x_ok, NS, WPS, EVEN)
     x2 = _x_slice(xp + 2 * WPS, x_ok, NS, WPS, EVEN)
     x3 = _x_slice(xp + 3 * WPS, x_ok, NS, WPS, EVEN)
     zero = tl.zeros(words.shape, dtype=tl.int32)
+    SIGNED: tl.constexpr = QT == 1  # Q5_K's operands are signed (_q5k_operands)
     if QT == 3:  # Q8_0: the word's four bytes are signed levels of value positions 0..3
         amax = tl.max(_absmax4(x0, x1, x2, x3), axis=2)  # [1, NS]
         b0, b1, b2, b3 = _x_int8(x0, x1, x2, x3, amax)
@@ -326,13 +405,8 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
         b4, b5, b6, b7 = _x_int8(x4, x5, x6, x7, amax)
         x_lo = tl.broadcast_to(_pack4(b0, b2, b4, b6, ASM), words.shape)
         x_hi = tl.broadcast_to(_pack4(b1, b3, b5, b7, ASM), words.shape)
-        w_lo = words & 0x0F0F0F0F
-        w_hi = (words >> 4) & 0x0F0F0F0F
-        if QT == 2:  # Q6_K: the two high bits of each level into bits 4..5 of its byte
-            h_lo, h_hi = _q6k_high_pairs(hi, ASM)
-            w_lo = w_lo | h_lo
-            w_hi = w_hi | h_hi
-        s = dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, False, ASM), False, ASM)
+        w_lo, w_hi = _weight_operands(words, hi, QT, ASM)
+        s = dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, SIGNED, ASM), SIGNED, ASM)
         isum = tl.sum(s, axis=2).to(tl.float32)  # [BN, NS]
         if QT == 2:
             # the sub-block's int8 levels summed (each b is 0x4B400000 + level)
@@ -341,9 +415,13 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
             qsum = tl.sum(lv, axis=2).to(tl.float32)
             res = (c1 * (amax * (1.0 / (127.0 * 64.0)))) * (isum - 32.0 * qsum)
         else:
-            # Q4_K: weight = d sc q - dmin mn; c1 = 2^7 d sc, c0 = -dmin mn
             xsum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=2)
-            res = (c1 * (amax * (1.0 / (127.0 * 128.0)))) * isum + c0 * xsum
+            if QT == 1:
+                # Q5_K: weight = d sc (q - 16) + (16 d sc - dmin mn); c1 = 2^5 d sc, c0 = -(c1 + dmin mn)
+                res = (c1 * (amax * (1.0 / (127.0 * 32.0)))) * isum + (c0 + 1.5 * c1) * xsum
+            else:
+                # Q4_K: weight = d sc q - dmin mn; c1 = 2^7 d sc, c0 = -dmin mn
+                res = (c1 * (amax * (1.0 / (127.0 * 128.0)))) * isum + c0 * xsum
     return res
 
 
@@ -374,18 +452,16 @@ def _row_dot_xq(words, hi, xq, t, row_ok, K, c1, c0, QT: tl.constexpr, SB: tl.co
         isum = tl.sum(dp4a(words, xw, zero, True, ASM), axis=2).to(tl.float32)
         return (c1 * (xs * (1.0 / 256.0))) * isum
     x_lo = tl.broadcast_to(tl.load(w3, mask=ok3, other=0), words.shape)
-    x_hi = tl.broadcast_to(tl.load(w3 + WPS, mask=ok3, other=0), words.shape)  # Q4_K 4-7, Q6_K 2-3
-    w_lo = words & 0x0F0F0F0F
-    w_hi = (words >> 4) & 0x0F0F0F0F
-    if QT == 2:
-        h_lo, h_hi = _q6k_high_pairs(hi, ASM)
-        w_lo = w_lo | h_lo
-        w_hi = w_hi | h_hi
-    isum = tl.sum(dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, False, ASM), False, ASM), axis=2).to(tl.float32)
+    x_hi = tl.broadcast_to(tl.load(w3 + WPS, mask=ok3, other=0), words.shape)  # Q4_K/Q5_K 4-7, Q6_K 2-3
+    w_lo, w_hi = _weight_operands(words, hi, QT, ASM)
+    SIGNED: tl.constexpr = QT == 1  # Q5_K's operands are signed (_q5k_operands)
+    isum = tl.sum(dp4a(w_hi, x_hi, dp4a(w_lo, x_lo, zero, SIGNED, ASM), SIGNED, ASM), axis=2).to(tl.float32)
     if QT == 2:
         lsum = tl.load(bp + 10 + jn % 2, mask=ok, other=0).to(tl.float32)[None, :]
         return (c1 * (xs * (1.0 / 64.0))) * (isum - 32.0 * lsum)
     xsum = tl.load(bp + 9, mask=ok, other=0).to(tl.float32, bitcast=True)[None, :]
+    if QT == 1:  # Q5_K: levels - 16 (see _row_dot_int8)
+        return (c1 * (xs * (1.0 / 32.0))) * isum + (c0 + 1.5 * c1) * xsum
     return (c1 * (xs * (1.0 / 128.0))) * isum + c0 * xsum
 
 
@@ -453,6 +529,7 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
     n_sub = K // SB
     n_tiles = tl.cdiv(n_sub, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
+    UNPACK: tl.constexpr = ASM and INT8
     # activation of word c, value position s: x[m, k0 + (c // WPS) * SB + s * WPS + c % WPS]
     if XQ:
         xp0 = x_ptr + m0 * s_xm  # the quantized blocks of row m0 (gguf_xq.py)
@@ -473,7 +550,7 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         # thread, one to three warps per scheduler), so a CTA keeps ~2-3x more of DRAM's latency covered.
         for t in tl.range(t_lo, t_hi, num_stages=STAGES):
             w_ok = row_ok & (t * NS * WPS + c < n_sub * WPS)
-            words, hi = _load_words(q_ptr, qh_ptr, n2, t * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
+            words, hi = _load_words(q_ptr, qh_ptr, n2, t * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN, UNPACK)
             s_ok = row_ok & (t * NS + jn2 < n_sub)
             d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t * NS + jn2, s_ok, s_sc, s_d, QT, SB,
                                          EVEN)
@@ -483,7 +560,7 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         # prologue: the first tile's loads (an empty split loads a valid tile and skips the loop)
         t0 = tl.minimum(t_lo, n_tiles - 1)
         w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
-        words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN)
+        words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN, UNPACK)
         s_ok = row_ok & (t0 * NS + jn2 < n_sub)
         d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
         if WAIT:  # the first tile's weights are on their way; the activations come from the kernel before
@@ -493,7 +570,8 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
             # reloads its own tile, same addresses, no mask needed)
             tn = tl.minimum(t + 1, t_hi - 1)
             wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
-            words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN)
+            words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN,
+                                        UNPACK)
             sn_ok = row_ok & (tn * NS + jn2 < n_sub)
             d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
                                                  QT, SB, EVEN)
@@ -587,7 +665,7 @@ def bm_for(m: int) -> int:
     return 1 if m == 1 else (2 if m == 2 else MAX_BM)
 
 
-INT8_TYPES = (0, 2, 3)  # Q4_K, Q6_K, Q8_0 (QT codes): the types with an int8-activation row dot
+INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with an int8-activation row dot
 
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
@@ -595,7 +673,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
          int8: bool = False, xq: bool = False, stream: int = 0) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
-    (Q4_K, Q6_K, Q8_0; about 0.3% relative error, as llama.cpp's quantized matmuls).
+    (about 0.3% relative error, as llama.cpp's quantized matmuls).
     num_stages 1: the next tile prefetched into registers; 2 or more: tiles pipelined through shared
     memory (cp.async), num_stages - 1 of them in flight.
     xq (with int8): the activations quantized once by gguf_xq.quantize (one more launch) instead of in

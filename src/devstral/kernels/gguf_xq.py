@@ -8,11 +8,12 @@ the packed bytes, in the order its dp4a operands take them.
 
 Layout, int32 [M, K // 32, 12], one row of 12 words (48 bytes, 16-byte aligned) per 32 values:
   words 0-7   the int8 levels round(x * 127 / absmax), four to a word, byte 0 first:
-              STRIDE8 (Q4_K, Q8_0 weights): word i holds values i, i+8, i+16, i+24 -- a Q8_0 word's
-              values, and for Q4_K the low nibbles' (words 0-3) and high nibbles' (words 4-7) operands;
+              STRIDE8 (Q4_K, Q5_K, Q8_0 weights): word i holds values i, i+8, i+16, i+24 -- a Q8_0
+              word's values, and for Q4_K/Q5_K the low nibbles' (words 0-3) and high nibbles' (words
+              4-7) operands;
               STRIDE4 (Q6_K weights, sub-blocks of 16): word 4h + i holds values 16h + i, +4, +8, +12
   word 8      the scale absmax / 127 (fp32 bits)
-  word 9      the exact fp32 sum of the 32 values (Q4_K's min term)
+  word 9      the exact fp32 sum of the 32 values (Q4_K's and Q5_K's min terms)
   words 10-11 the integer sum of the levels of each half of 16 (Q6_K stores levels + 32)
 Rounding is the in-kernel path's (magic-number add, ties to even); all-zero blocks stay zero.
 `reference()` is the same in PyTorch (the CPU twin the tests compare against).
