@@ -67,7 +67,7 @@ WIDE_TILES = {1: ((128, 4), (256, 8), (64, 4)), 2: ((64, 4), (128, 8), (32, 2)),
 WIDE_I8_TILES = {1: ((128, 4), (256, 4), (256, 8)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
 # with the activations quantized beforehand (gguf_xq.py: fewer registers, no per-thread quantization to amortize)
 WIDE_XQ_TILES = {1: ((64, 4), (128, 4), (256, 4)), 2: ((64, 4), (128, 4), (128, 8)), 4: ((64, 4), (32, 4), (128, 8))}
-I8_TYPES = ("Q4_K", "Q6_K", "Q8_0")
+I8_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # software-pipelined variants (num_stages > 1: tiles through shared memory by cp.async, no register
 # prefetch, 78-146 registers where the register-prefetch loop takes 123-238: counted offline) at one
 # activation row, where decode spends its time; their tiles (BN, num_warps)

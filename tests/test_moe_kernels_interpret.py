@@ -120,6 +120,7 @@ def _run_cases(out_path: str) -> None:
         # after the splits meet) and apart, float and int8 activations, against dequantize
         res["splits"] = _split_cases(g)
         res["xq"] = _xq_cases(g)
+        res["q5k_int8"] = _q5k_int8_cases(g)
         # bf16 experts: routed GEMV and torch's grouped GEMM, against the reference in fp32
         dim, hidden = 72, 40
         lin = {name: [torch.nn.Linear(*((dim, hidden) if name != "w2" else (hidden, dim)), bias=False)
@@ -226,9 +227,9 @@ def _split_cases(g) -> dict:
 
 
 # xq (activations quantized once by gguf_xq.py): weight type -> (N, K). N masks the last row tile at
-# every width below; K cuts the last K-tile for Q4_K at 16 sub-blocks a tile (512 values) and Q8_0 at 8
-# (256); Q6_K's tiles (128 or 256 values) divide any K it can have
-XQ_SHAPES = {QType.Q4_K: (40, 768), QType.Q6_K: (56, 512), QType.Q8_0: (24, 160)}
+# every width below; K cuts the last K-tile for Q4_K and Q5_K at 16 sub-blocks a tile (512 values) and
+# Q8_0 at 8 (256); Q6_K's tiles (128 or 256 values) divide any K it can have
+XQ_SHAPES = {QType.Q4_K: (40, 768), QType.Q5_K: (40, 768), QType.Q6_K: (56, 512), QType.Q8_0: (24, 160)}
 # each kind through both loops, at both sub-blocks per tile; split K with the SwiGLU after the splits meet
 XQ_CONFIGS = {"gate_up": ({"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "xq": True, "ns": 16},
                           {"bn": 32, "split_k": 3, "num_warps": 4, "int8": True, "xq": True, "num_stages": 3}),
@@ -272,6 +273,45 @@ def _xq_cases(g) -> dict:
             y = moe_gemv.down(h, stacks["down"], torch.full((tokens, n), float("nan")), ids, w, n=n, top_k=TOP_K,
                               config=cfg)
             out[("down", qt.name, _xq_label(cfg))] = (y, y_ref)
+    return out
+
+
+def _q5k_int8_cases(g) -> dict:
+    """Q5_K experts (a Q5_K_M's gate/up, and down) through the int8-activation row dot quantizing in the
+    threads (xq: _xq_cases): gate and up fused, 3 K-tiles split over 4 (one split empty), 16 sub-blocks a
+    row and tile (a tile cut by K), against dequantize."""
+    from devstral.kernels import moe_gemv
+    from devstral.kernels.gguf_pack import pack
+    from devstral.kernels.moe_experts import stack_packed
+    from devstral.quant import dequantize
+    from test_kernels_gguf_interpret import random_blocks
+
+    dim, hidden, tokens = 768, 256, 2
+    shapes = {"gate": (hidden, dim), "up": (hidden, dim), "down": (dim, hidden)}
+    stacks, deq = {}, {}
+    for name, (n, k) in shapes.items():
+        raws = [random_blocks(QType.Q5_K, n, k, g) for _ in range(E)]
+        stacks[name] = stack_packed([pack(r, QType.Q5_K, n, k) for r in raws])
+        deq[name] = [dequantize(r, QType.Q5_K, (n, k)) for r in raws]
+    x = _int8_exact(tokens, dim, g)
+    ids = torch.tensor([[2, 0], [0, 3]])
+    w = torch.rand(tokens, TOP_K, generator=g)
+    pairs = [(t, int(ids[t, j])) for t in range(tokens) for j in range(TOP_K)]
+    gate_ref = torch.stack([x[t] @ deq["gate"][e].T for t, e in pairs])
+    up_ref = torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])
+    out = {}
+    for cfg in ({"bn": 64, "split_k": 4, "num_warps": 4, "int8": True},
+                {"bn": 16, "split_k": 1, "num_warps": 4, "int8": True, "ns": 16}):
+        h = torch.full((len(pairs), hidden), float("nan"))
+        moe_gemv.gate_up(x, stacks["gate"], stacks["up"], h, ids, n=hidden, top_k=TOP_K, config=cfg)
+        out[("gate_up", cfg["bn"])] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
+    h = _int8_exact(len(pairs), hidden, g)
+    down_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
+                            for t in range(tokens)])
+    cfg = {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}
+    y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
+                      config=cfg)
+    out[("down", 64)] = (y, down_ref)
     return out
 
 
@@ -332,6 +372,15 @@ def test_xq_activations_match_dequantize(results, case):
     got, ref = results["xq"][case]
     assert not got.isnan().any()  # every pair's (token's) rows written
     assert _rel(got, ref) < _tolerance(QType[case[1]])
+
+
+@pytest.mark.parametrize("case", [("gate_up", 64), ("gate_up", 16), ("down", 64)],
+                         ids=lambda c: f"{c[0]}_bn{c[1]}")
+def test_q5k_experts_with_int8_activations_match_dequantize(results, case):
+    """Activations int8 represents exactly: the int8 row dot gives the fp32 product up to rounding."""
+    got, ref = results["q5k_int8"][case]
+    assert not got.isnan().any()
+    assert _rel(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "t{}_d{}_e{}_k{}".format(*c))

@@ -141,6 +141,30 @@ def test_measured_kinds_pick_the_path_by_the_next_measured_batch_size(tmp_path, 
         gguf_config.tuned_table.cache_clear()
 
 
+def test_q5k_takes_the_streaming_int8_kinds_but_not_the_integer_dot_gemv(tmp_path, monkeypatch):
+    """Q5_K has the streaming GEMV's int8-activation row dots (wide_i8 / wide_xq; the MoE expert kernels
+    share them) but no gguf_idot.py kernel: a measured idot falls back to the float GEMV."""
+    from devstral.kernels import moe_gemv
+
+    table = {"kinds": {"Q5_K": {"1": "wide_xq", "2": "wide_i8", "4": "idot"}}}
+    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
+    monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
+    gguf_config.tuned_table.cache_clear()
+    try:
+        dev = torch.device("cuda")
+        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
+        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
+        kinds = [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2, 4)]
+        assert kinds == ["wide_xq", "wide_i8", "gemv"]
+        assert moe_gemv.int8_allowed("Q5_K")
+        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+        assert [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2)] == ["wide", "wide"]
+        assert not moe_gemv.int8_allowed("Q5_K")
+    finally:
+        gguf_config.tuned_table.cache_clear()
+
+
 def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkeypatch):
     """benchmarks/gguf_gemv_sweep.py's "gguf_decode" entries: exact shape, the next measured M up (1, 2, 4,
     8), the config's row tile fitted to m; other shapes and M > 8 keep the other rules."""

@@ -366,9 +366,9 @@ def _measured(device: torch.device | None) -> dict:
 
 def int8_allowed(qtype: str) -> bool:
     """Types with an int8-activation row dot, unless DEVSTRAL_GGUF_FLOAT_GEMV asks for the float ones."""
-    from devstral.kernels.gguf_config import IDOT_TYPES
+    from devstral.kernels.gguf_config import WIDE_INT8_TYPES
 
-    return qtype in IDOT_TYPES and not os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")
+    return qtype in WIDE_INT8_TYPES and not os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")
 
 
 def _int8_measured(qtype: str, device: torch.device | None) -> bool:
@@ -412,11 +412,11 @@ def candidates(kind: str, qtype: str) -> list[dict]:
 
 
 def _int8(cfg: dict, p: PackedGGUF) -> bool:
-    from devstral.kernels.gguf_config import IDOT_TYPES
+    from devstral.kernels.gguf_config import WIDE_INT8_TYPES
 
     if not cfg.get("int8"):
         return False
-    if p.qtype.name not in IDOT_TYPES:
+    if p.qtype.name not in WIDE_INT8_TYPES:
         raise ValueError(f"no int8-activation expert GEMV for {p.qtype.name}")
     return int8_allowed(p.qtype.name)
 
