@@ -58,7 +58,8 @@ SHAPES = {"attn_qkv": (6144, 5120), "attn_qk": (5120, 5120), "attn_kv": (1024, 5
 TYPE_SHAPES = {"Q4_K": ["attn_qkv", "attn_qk", "attn_o", "ffn_gate_up", "ffn_down", "mixtral_attn_q"],
                "Q6_K": ["attn_kv", "ffn_down", "output", "mixtral_output"],
                "Q8_0": ["attn_qkv", "attn_o", "ffn_gate_up", "ffn_down", "output", "mixtral_attn_kv"],
-               "Q5_K": ["mixtral_attn_o"]}
+               # a Q5_K_M file: Q5_K everywhere but the Q6_K layers (Mixtral's Q4_K_M keeps attn_output in Q5_K)
+               "Q5_K": ["mixtral_attn_o", "attn_qkv", "attn_o", "ffn_gate_up", "ffn_down"]}
 MS = (1, 2, 4, 8)
 # streaming GEMV row tiles (BN, num_warps) per activation-row tile BM: 8 or 4 rows per thread at BM = 1,
 # 4 or 2 with more activation rows (8 spill registers there: SASS counted offline)
