@@ -10,13 +10,13 @@ so stacking costs no memory.
   shapes only and the expert ids stay on the device: CUDA-graph safe.
 * Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then torch's
   grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts, group boundaries
-  read on the device, no host sync). bf16 experts go in as they are. GGUF experts are first dequantized,
-  one projection at a time, into one reused bf16 scratch of E x N x K (gguf_dequant.py, at copy speed:
-  0.3 ms for Mixtral-8x7B's 8 gate experts on an H200, a scratch of 0.94 GB); the dequantization is paid
-  once per projection and chunk, the matmuls then run at cuBLAS-class speed. Where the grouped GEMM
-  is unavailable (no Hopper, fp32 activations, unaligned rows) or the scratch does not fit, each
-  expert's contiguous slice runs through the dense quantized linear after one host read of the group
-  sizes: one sync and E x 3 launches per layer, which made a 512-token Mixtral prefill host-bound.
+  read on the device, no host sync). bf16 experts go in as they are. GGUF experts, up to
+  GROUPED_MAX_PAIRS_PER_EXPERT pairs per expert, are first dequantized, one projection at a time, into one
+  reused bf16 scratch of E x N x K (gguf_dequant.py, at copy speed; 0.94 GB at Mixtral-8x7B's shape).
+  Above that, where the grouped GEMM is unavailable (no Hopper, fp32 activations, unaligned rows) or
+  the scratch does not fit, each expert's contiguous slice runs through the dense quantized linear
+  (dequantize + cuBLAS) after one host read of the group sizes: one sync and E x 3 launches per layer,
+  which measured slower at small groups only (GROUPED_MAX_PAIRS_PER_EXPERT).
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ import torch
 from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
 
 DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
+# GGUF experts: pairs per expert up to which the grouped GEMM over dequantized experts beats one quantized
+# linear per expert. Mixtral-8x7B Q4_K_M on an H200: 128 per expert (512-token prefill) 4936 tok/s grouped
+# against 4375; 512 per expert (2048 tokens) 13.9k against 17.1k. Both dequantize every expert once, so
+# the difference there is the matmuls: cuBLAS per expert against the grouped GEMM (not profiled apart).
+GROUPED_MAX_PAIRS_PER_EXPERT = 256
 log = logging.getLogger(__name__)
 _grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
 _scratch_refused: str | None = None  # the dequantized experts' scratch did not fit once: not tried again
@@ -141,7 +146,7 @@ class ExpertStack:
         order = torch.argsort(ids, stable=True)
         xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
         counts = torch.bincount(ids, minlength=self.n_experts)
-        ys = self._grouped(xs, counts) if self._grouped_ok(x) else None
+        ys = self._grouped(xs, counts) if self._grouped_ok(x, ids.numel()) else None
         if ys is None:
             ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
             start = 0
@@ -155,9 +160,10 @@ class ExpertStack:
         y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
         return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
 
-    def _grouped_ok(self, x: torch.Tensor) -> bool:
+    def _grouped_ok(self, x: torch.Tensor, pairs: int) -> bool:
         if self.quantized:  # dequantized to x's dtype
-            return _scratch_refused is None and _grouped_mm_ok(x, self.hidden, x.dtype)
+            return (_scratch_refused is None and pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * self.n_experts
+                    and _grouped_mm_ok(x, self.hidden, x.dtype))
         return _grouped_mm_ok(x, self.hidden, self.gate.dtype)
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
