@@ -120,6 +120,45 @@ def test_every_candidate_launch_config_matches_the_reference():
                 assert rel(y, y_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
 
 
+def test_the_committed_tuned_configs_match_the_reference():
+    """The launch configs the device's tuned table holds for the MoE expert kernels (what a Mixtral decode
+    runs end to end on this GPU: xq activations, 16-sub-block tiles, split K) at this file's small shapes,
+    against dequantize + matmul; every candidate is checked by the test above when time allows."""
+    from devstral.kernels import moe_gemv
+    from devstral.kernels.gguf_config import device_name, tuned_table
+
+    table = tuned_table(device_name(torch.device("cuda"))).get("moe_experts", {})
+    if not table:
+        pytest.skip("no tuned MoE configs for this GPU")
+    configs = {kind: [] for kind in ("gate_up", "down")}
+    for key, cfg in table.items():
+        kind = key.split("|")[0]
+        if cfg not in configs[kind]:  # down configs of Q4_K and Q6_K layers both run on the Q6_K stack
+            configs[kind].append(cfg)
+    moe, stack = _case("q4_k_m", seed=9)
+    g = torch.Generator(device="cuda").manual_seed(10)
+    with torch.no_grad():
+        for t in (1, 2):
+            x = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
+            _, experts, weights = moe.route(x.float())
+            ids = experts.contiguous()
+            h_ref = torch.stack([torch.nn.functional.silu(x[i // TOP_K].float() @ moe.experts[e].w1.weight.T)
+                                 * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
+                                 for i, e in enumerate(ids.reshape(-1).tolist())])
+            for cfg in configs["gate_up"]:
+                h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
+                moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
+                assert rel(h, h_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
+            h = h_ref.to(torch.bfloat16)
+            y_ref = sum(weights[:, j, None] * torch.stack([h[i * TOP_K + j].float() @ moe.experts[e].w2.weight.T
+                                                           for i, e in enumerate(ids[:, j].tolist())])
+                        for j in range(TOP_K))
+            for cfg in configs["down"]:
+                y = torch.full((t, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
+                moe_gemv.down(h, stack.down, y, ids, weights, n=DIM, top_k=TOP_K, config=cfg)
+                assert rel(y, y_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_router_kernel_matches_route(dtype):
     """Mixtral's router shape (E 8, D 4096, k 2) and a wider one (E 60, k 4), 1..300 tokens."""
