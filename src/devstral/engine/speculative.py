@@ -197,6 +197,14 @@ class Drafter:
         """The k whose expected tokens per unit of cost is highest and beats a plain step by MIN_GAIN;
         0 when none does, except every PROBE_EVERY-th such step (or so many more that the probes cost at
         most PROBE_SHARE of the time), which drafts the smallest k."""
+        k = self.plan(ks, ratio)
+        if any(0 < k <= self.k_max for k in ks):  # a step that could draft: count the skips to the probe
+            self.skipped = 0 if k else self.skipped + 1
+        return k
+
+    def plan(self, ks: Sequence[int], ratio: Callable[[int], float | None] | None = None) -> int:
+        """What choose() would return, without counting the step: the overlapped decode asks this
+        before it knows the sequence's last token (a draft needs it, the choice of k does not)."""
         ks = [k for k in ks if 0 < k <= self.k_max]
         if not ks:
             return 0
@@ -210,13 +218,8 @@ class Drafter:
             if gain > best:
                 best_k, best = k, gain
         if best_k:
-            self.skipped = 0
             return best_k
-        self.skipped += 1
-        if self.skipped >= max(PROBE_EVERY, probe_cost / PROBE_SHARE):
-            self.skipped = 0
-            return ks[0]
-        return 0
+        return ks[0] if self.skipped + 1 >= max(PROBE_EVERY, probe_cost / PROBE_SHARE) else 0
 
     def record(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
