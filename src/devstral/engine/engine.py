@@ -18,9 +18,9 @@ from devstral.config import ModelConfig
 from devstral.engine.block_manager import BlockManager
 from devstral.engine.image_embeds import ImageEmbedder
 from devstral.engine.kv_pool import KVPool, parse_kv_kind, pool_tokens_for_memory
-from devstral.engine.model_runner import ModelRunner
+from devstral.engine.model_runner import Launched, ModelRunner, flag_nonfinite
 from devstral.engine.sampling import SamplingParams
-from devstral.engine.scheduler import ScheduledSeq, Scheduler
+from devstral.engine.scheduler import ScheduledSeq, Scheduler, overlappable
 from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import StepCosts, verify_rows
 from devstral.errors import DevstralError
@@ -45,6 +45,8 @@ class EngineConfig:
     prefix_caching: bool = True
     speculative: str = "lookup"  # "off" or "lookup" (prompt-lookup drafts, verified exactly)
     spec_max_batch: int = 8  # draft only while at most this many sequences run
+    # Launch a decode step before reading the previous one's tokens (Engine.step). Off until measured on a GPU.
+    overlap: bool = False
 
 
 @dataclass
@@ -143,6 +145,7 @@ class Engine:
                                   verify_rows=spec_rows)
         self.scheduler.row_buckets = self.runner.row_buckets
         self.stats = EngineStats()
+        self._in_flight: Launched | None = None  # the overlapped decode's step on the device
 
     # ---------------------------------------------------------------- requests
     def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, stop_ids: set[int], *,
@@ -161,7 +164,7 @@ class Engine:
         self.scheduler.finish(seq, reason)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     @property
     def num_running(self) -> int:
@@ -173,22 +176,88 @@ class Engine:
 
     # ---------------------------------------------------------------- the loop
     def step(self) -> list[Sequence]:
-        """One forward pass over everything scheduled; returns the sequences that got a token."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
-                raise RuntimeError("the KV pool cannot hold the next waiting sequence")
-            return []
+        """One forward pass over everything scheduled; returns the sequences that got a token.
+
+        With `overlap`, a step of plain decode rows (scheduler.overlappable sequences, no drafts) is
+        launched without waiting for its tokens; the next call launches the step after it, with those
+        tokens as its input ids on the device, and only then reads them and appends them: the host's
+        work for one step runs while the device computes the next. Each call still returns one step's
+        tokens, as without overlap. The step after a launched one sees the tokens one step late: a
+        sequence that samples a stop token had a row in it whose token is discarded (its key/value
+        write lands in its own freed block, before anyone else's in stream order), as is the row of a
+        sequence aborted meanwhile. Anything else (an admission, a draft, a constraint) lets the step
+        in flight finish alone, and the next call takes the normal path."""
+        if self._in_flight is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
+                    raise RuntimeError("the KV pool cannot hold the next waiting sequence")
+                return []
+            if not self._overlaps(batch):
+                return self._step_sync(batch)
+            try:
+                self._in_flight = self._launch(batch)
+            except Exception as e:
+                return self._fail_batch(batch, e)
+        launched, self._in_flight = self._in_flight, None
+        after = self.scheduler.schedule_after([item.seq for item in launched.batch])
+        if after:
+            try:
+                self._in_flight = self._launch(after, launched)
+            except Exception as e:
+                done = self._finish(launched)
+                self._fail_batch(after, e)
+                return done
+        done = self._finish(launched)
+        if self._in_flight is not None:  # its cost counts from the tokens before it: what overlap leaves
+            self._in_flight.started = time.perf_counter()
+        return done
+
+    def _overlaps(self, batch: list[ScheduledSeq]) -> bool:
+        # Tensor parallel: the other ranks get each step's input ids as host arrays (runner.broadcast),
+        # which an overlapped step does not have, so it runs every step the normal way.
+        return self.ec.overlap and self.runner.broadcast is None and all(
+            item.n_tokens == 1 and not item.draft and item.samples and overlappable(item.seq) for item in batch)
+
+    def _launch(self, batch: list[ScheduledSeq], after: Launched | None = None) -> Launched:
+        t0 = time.perf_counter()
+        launched = self.runner.launch(batch, after)
+        launched.started = t0
+        for item in batch:  # the step computes its input token's keys/values: the next one starts past it
+            seq = item.seq
+            if seq.num_computed < seq.num_prompt_tokens:
+                self.stats.prompt_tokens += 1
+            seq.num_computed += 1
+            seq.num_passes += 1
+        return launched
+
+    def _finish(self, launched: Launched) -> list[Sequence]:
+        """Read a launched step's tokens and append them, but to sequences that ended meanwhile."""
+        try:
+            tokens, bad = launched.result()
+        except Exception as e:
+            return self._fail_batch(launched.batch, e)
+        new_tokens = {}
+        for item, token, nan in zip(launched.batch, tokens, bad, strict=True):
+            seq = item.seq
+            if seq.finished:  # stopped by the step before, or aborted: its row was wasted
+                continue
+            if nan:
+                flag_nonfinite(seq)
+            # Its blocks up to the row now in flight are named: that row's token is appended below, and
+            # admissions (which could share them) wait for the pipeline to drain.
+            self.blocks.register_computed(seq)
+            new_tokens[seq] = [token]
+        self._record_step(launched.rows, len(launched.batch), time.perf_counter() - launched.started)
+        self._append_all(new_tokens)
+        return list(new_tokens)
+
+    def _step_sync(self, batch: list[ScheduledSeq]) -> list[Sequence]:
         t0 = time.perf_counter()
         try:
             new_tokens = self.runner.step(batch)
         except Exception as e:  # the batched pass failed: every sequence in it ends with the error
-            if isinstance(e, torch.OutOfMemoryError):
-                e = DevstralError("out of GPU memory in a forward pass: lower --gpu-memory-fraction (it leaves "
-                                  "room for activations), --parallel or --max-batched-tokens")
-            for item in batch:
-                self._fail(item.seq, e)
-            return [item.seq for item in batch]
+            return self._fail_batch(batch, e)
         for item in batch:
             seq = item.seq
             if seq.num_computed < seq.num_prompt_tokens:
@@ -203,11 +272,28 @@ class Engine:
             seq.num_computed += computed
             seq.num_passes += 1
             self.blocks.register_computed(seq)
-        rows = self.runner.last_step_rows
-        if rows is not None:  # decode rows only (the runner returned host tokens): the step's wall time is its cost
-            self.step_costs.record(rows, time.perf_counter() - t0)
+        # decode rows only (the runner returned host tokens): the step's wall time is its cost
+        self._record_step(self.runner.last_step_rows, len(batch), time.perf_counter() - t0)
+        self._append_all(new_tokens)
+        return list(new_tokens)
+
+    def _fail_batch(self, batch: list[ScheduledSeq], e: Exception) -> list[Sequence]:
+        """A batched pass failed: every sequence in it that is still running ends with the error."""
+        if isinstance(e, torch.OutOfMemoryError):
+            e = DevstralError("out of GPU memory in a forward pass: lower --gpu-memory-fraction (it leaves "
+                              "room for activations), --parallel or --max-batched-tokens")
+        for item in batch:
+            if not item.seq.finished:
+                self._fail(item.seq, e)
+        return [item.seq for item in batch]
+
+    def _record_step(self, rows: int | None, batch_size: int, seconds: float) -> None:
+        if rows is not None:
+            self.step_costs.record(rows, seconds)
         self.stats.steps += 1
-        self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], len(batch)]
+        self.stats.batch_sizes = [*self.stats.batch_sizes[-255:], batch_size]
+
+    def _append_all(self, new_tokens: dict[Sequence, list[int]]) -> None:
         for seq, tokens in new_tokens.items():
             for token in tokens:
                 try:
@@ -216,7 +302,6 @@ class Engine:
                     self._fail(seq, e)
                 if seq.finished:
                     break
-        return list(new_tokens)
 
     def teacher_forced_logits(self, ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """Logits [len(ids), vocab] at every position, computed through the paged KV cache in chunks of

@@ -52,6 +52,26 @@ class StepInputs:
     images: list = field(default_factory=list)  # (first row, first position, tokens, images) of chunks with images
 
 
+@dataclass
+class Launched:
+    """An overlapped decode step on its way (Engine.step): one plain decode row per item, its sampled
+    tokens still on the device while the host goes on."""
+
+    batch: list[ScheduledSeq]
+    tokens: torch.Tensor  # [n] on the device: the next step's input ids
+    host: torch.Tensor  # [2, n]: the tokens and the rows' NaN flags, copying to the host
+    done: torch.cuda.Event | None  # recorded after that copy (CUDA)
+    rows: int | None  # the runner's last_step_rows for it
+    started: float = 0.0  # perf_counter when its cost starts counting (the engine's step costs)
+
+    def result(self) -> tuple[list[int], list[int]]:
+        """(tokens, NaN flags), waiting for this step only: the step launched after it keeps running."""
+        if self.done is not None:
+            self.done.synchronize()
+        tokens, bad = self.host.tolist()
+        return tokens, bad
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs] if max_num_seqs <= 256 else sizes
@@ -180,6 +200,28 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq], after: Launched | None = None) -> Launched:
+        """Start a step of plain decode rows (no drafts, nothing that needs the host between steps) and
+        its sampling without waiting for them. `after`: the launched step whose sampled tokens are this
+        step's input ids (the items are `pending`): they go from its device tensor into this step's
+        inputs, never through the host."""
+        inputs, _ = self.step_inputs(batch)
+        tokens = None
+        if after is not None:
+            row = {item.seq: i for i, item in enumerate(after.batch)}
+            take = [row[item.seq] for item in batch]
+            tokens = after.tokens if take == list(range(len(after.batch))) else after.tokens[take]
+        logits = self.run(inputs, tokens)
+        seqs = [item.seq for item in batch]
+        new = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+        host = torch.stack([new, torch.isnan(logits).any(-1).long()]).to("cpu", non_blocking=True)
+        done = None
+        if self.device.type == "cuda":  # the copy lands in pinned memory; the event says when
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(batch, new, host, done, self.last_step_rows)
+
+    @torch.inference_mode()
     def chunk_logits(self, item: ScheduledSeq) -> torch.Tensor:
         """Logits [n, vocab] at every token of one sequence's scheduled chunk (teacher forcing through
         the paged cache: how the tests and `eval kld` score a cache kind or a chunking)."""
@@ -237,10 +279,11 @@ class ModelRunner:
                             image_spans)
         return inputs, sampling
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The forward pass of one step's inputs: logits of the selected rows ([0] when none)."""
+    def run(self, inputs: StepInputs, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward pass of one step's inputs: logits of the selected rows ([0] when none). `tokens`:
+        the input ids already on the device, instead of inputs.tokens (see launch)."""
         dev = self.device
-        tok = torch.from_numpy(inputs.tokens).to(dev, non_blocking=True)
+        tok = tokens if tokens is not None else torch.from_numpy(inputs.tokens).to(dev, non_blocking=True)
         pos = torch.from_numpy(inputs.positions).to(dev, non_blocking=True)
         slot = torch.from_numpy(inputs.slots).to(dev, non_blocking=True)
         tables_t = torch.from_numpy(inputs.tables).to(dev, non_blocking=True)
@@ -269,8 +312,8 @@ class ModelRunner:
         says so (the engine sees .error), instead of sampling from garbage; the batch goes on."""
         bad = torch.isnan(logits).any(-1).tolist()
         for item, r in zip(sampling, rows, strict=True):
-            if any(bad[r]) and item.seq.error is None:
-                item.seq.error = NonFiniteLogitsError(item.seq.num_output_tokens)
+            if any(bad[r]):
+                flag_nonfinite(item.seq)
 
     @staticmethod
     def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -300,6 +343,11 @@ class ModelRunner:
         for j, i in enumerate(rows):
             n = seqs[i].params.logprobs
             seqs[i].logprobs.append((chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True))))
+
+
+def flag_nonfinite(seq: Sequence) -> None:
+    if seq.error is None:
+        seq.error = NonFiniteLogitsError(seq.num_output_tokens)
 
 
 def _decode_rows(item: ScheduledSeq) -> bool:

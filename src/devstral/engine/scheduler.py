@@ -23,13 +23,17 @@ class ScheduledSeq:
     seq: Sequence
     n_tokens: int  # tokens computed this step, from seq.num_computed on (drafts included)
     draft: list[int] = field(default_factory=list)  # speculative tokens after the sequence's last one
+    # Overlapped decode: the input token is the one the step in flight samples, not yet on the host.
+    pending: bool = False
 
     @property
     def samples(self) -> bool:
         """Does this step reach the sequence's last token, and so sample its next one?"""
-        return self.seq.num_computed + self.n_tokens - len(self.draft) == self.seq.num_tokens
+        return self.seq.num_computed + self.n_tokens - len(self.draft) == self.seq.num_tokens + self.pending
 
     def input_ids(self) -> list[int]:
+        if self.pending:
+            return [0]  # a placeholder: the runner takes the id from the device
         start = self.seq.num_computed
         return [*self.seq.token_ids[start:start + self.n_tokens - len(self.draft)], *self.draft]
 
@@ -116,6 +120,40 @@ class Scheduler:
             budget -= extra
         return batch + chunks
 
+    def schedule_after(self, launched: list[Sequence]) -> list[ScheduledSeq] | None:
+        """The overlapped decode's next step: the plain decode step that follows a launched one whose
+        tokens the host has not read yet (each sequence's num_computed already counts its launched row),
+        or None where the next step must wait for them: an admission, a sequence still prefilling, a
+        draft, a preemption. A sequence that reaches its length limit with the token in flight gets no
+        row; one that samples a stop token gets a row that the engine discards."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None  # an admission (schedule() would try one): its prefill runs the normal way
+        in_flight = set(launched)
+        if any(s not in in_flight or not overlappable(s) for s in self.running):
+            return None
+        seqs = [s for s in self.running if not self._ends_with_next_token(s)]
+        if len(seqs) > self.max_num_batched_tokens:
+            return None
+        speculate = self.speculative == "lookup" and len(self.running) <= self.spec_max_batch
+        skips = []  # drafters whose skipped step is counted once the step is sure to run
+        for i, seq in enumerate(seqs):
+            if speculate and speculation_allowed(seq.params, False):
+                ks, ratio = self._draft_options(seq, self.max_num_batched_tokens - i - 1, len(seqs), len(seqs),
+                                                ahead=1)
+                if seq.drafter.plan(ks, ratio):
+                    return None  # it drafts from its last token: the host needs it first
+                skips.append((seq.drafter, ks, ratio))
+            if not self.blocks.ensure_capacity(seq, seq.num_tokens + 1):
+                return None  # schedule() preempts someone
+        for drafter, ks, ratio in skips:
+            drafter.choose(ks, ratio)  # no draft (plan said so): counted like a step of schedule()'s
+        return [ScheduledSeq(seq, 1, pending=True) for seq in seqs]
+
+    def _ends_with_next_token(self, seq: Sequence) -> bool:
+        """Does the token in flight take `seq` to its length limit (Engine._append's test, one ahead)?"""
+        return seq.num_output_tokens + 1 >= seq.max_tokens or (
+            self.max_context is not None and seq.num_tokens + 1 >= self.max_context)
+
     def bucket(self, rows: int) -> int:
         """The row count a step of `rows` decode rows runs as: its graph bucket, else itself."""
         return next((b for b in self.row_buckets if b >= rows), rows)
@@ -125,11 +163,17 @@ class Scheduler:
         far (this sequence's own row included)."""
         if not speculation_allowed(seq.params, seq.constraint is not None):
             return []
+        ks, ratio = self._draft_options(seq, budget, n_seqs, rows)
+        return seq.drafter.propose(seq.token_ids, ks, ratio)
+
+    def _draft_options(self, seq: Sequence, budget: int, n_seqs: int, rows: int, ahead: int = 0):
+        """(the draft counts `seq` can take, what each costs in plain steps) for _draft; `ahead`: tokens
+        it gains before that step (the overlapped decode's token in flight)."""
         if seq.drafter is None:
             seq.drafter = Drafter(self.spec_k_max)
-        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1, self.spec_k_max)
+        limit = min(budget, seq.max_tokens - seq.num_output_tokens - ahead - 1, self.spec_k_max)
         if self.max_context is not None:
-            limit = min(limit, self.max_context - seq.num_tokens - 1)
+            limit = min(limit, self.max_context - seq.num_tokens - ahead - 1)
         if self.row_buckets:  # the step lands on a captured row count, or the drafts would be padding
             ks = [b - rows for b in self.row_buckets if rows < b <= rows + limit]
         else:
@@ -137,7 +181,7 @@ class Scheduler:
         costs, bucket = self.step_costs, self.bucket
         ratio = None if costs is None else (
             lambda k: costs.ratio(bucket(n_seqs), bucket(rows), bucket(rows + k)))
-        return seq.drafter.propose(seq.token_ids, ks, ratio)
+        return ks, ratio
 
     def _make_room(self, seq: Sequence, n_tokens: int) -> bool:
         while not self.blocks.ensure_capacity(seq, n_tokens):
@@ -154,3 +198,11 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+
+def overlappable(seq: Sequence) -> bool:
+    """Can `seq`'s next decode step be launched before its last token reaches the host? Not where the
+    host needs that token first: a constraint masks the next logits by it, the repeat penalty reads it,
+    logprobs are read per token; nor with images (their rows run eagerly, not as plain decode rows)."""
+    p = seq.params
+    return seq.constraint is None and p.logprobs is None and p.repeat_penalty == 1.0 and not seq.images
