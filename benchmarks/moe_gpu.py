@@ -178,7 +178,8 @@ def llama_bench(binary: Path, gguf_path: Path, prompts: list[int], new_tokens: i
     return out
 
 
-def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: int, runs: int, s: dict) -> dict:
+def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: int, runs: int, s: dict,
+         overlap: bool = False) -> dict:
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.formats.gguf_model import load_gguf_model
@@ -190,12 +191,13 @@ def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: 
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     ec = EngineConfig(max_context=max(prompts) + new_tokens + 64, max_num_seqs=4, speculative="off",
-                      prefix_caching=False)
+                      prefix_caching=False, overlap=overlap)
     llm = LLM(model, cfg, NullTokenizer(cfg.vocab_size), engine_config=ec)
     engine = llm.engine
     res: dict = {"load_s": load_s, "engine_setup_s": time.perf_counter() - t,
                  "gpu_bytes": (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else None,
-                 "experts_stacked": graph_safe(model), "cuda_graphs": engine.runner.graphs is not None}
+                 "experts_stacked": graph_safe(model), "cuda_graphs": engine.runner.graphs is not None,
+                 "overlap": overlap}
     # warm-up: kernels compiled, for the timed runs' 16-token prompt too (32 pairs: the routed GEMV at
     # prefill rows, a launch config of its own)
     run(engine, [prompt(64, cfg.vocab_size, 0)], 8)
@@ -234,6 +236,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-kernels", action="store_true", help="skip timing the expert kernels alone (and so "
                     "the end-to-end run uses moe_gemv.plan()'s launch configs)")
+    ap.add_argument("--overlap", action="store_true", help="EngineConfig(overlap=True): launch each decode step "
+                    "before reading the previous one's tokens")
     ap.add_argument("--kernel-tokens", default="1,2,4,8", help="token counts the expert kernels are tuned at")
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -279,7 +283,7 @@ def main() -> None:
         out["router"] = _recorded(router, s, device, s["layers"])
         torch.cuda.empty_cache()  # the kernels' random weights, before the model loads
         save()
-    res = ours(path, device, prompts, a.new_tokens, a.runs, s)
+    res = ours(path, device, prompts, a.new_tokens, a.runs, s, a.overlap)
     cfg = res.pop("_cfg")
     out["ours"] = res
     limits(out, s, cfg, prompts)
