@@ -9,6 +9,7 @@ difference is launch gaps and the host's own work per step.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -169,8 +170,6 @@ def graph_replay_us(engine, replays: int = 64) -> float | None:
     faster than it runs, so the GPU never waits on the host), median of 5 timings. The engine's decode
     time per token minus this is the host's share: building the step's inputs, sampling, reading the
     token back, the scheduler. The replays rewrite the last step's KV slot with the same values."""
-    import statistics
-
     graphs = getattr(engine.runner, "graphs", None)
     if graphs is None or 1 not in graphs.graphs:
         return None

@@ -90,21 +90,23 @@ def _int8(cfg: dict) -> bool:
     return bool(cfg.get("int8") or cfg.get("xq"))  # xq is int8 activations, quantized in a launch before
 
 
-def test_every_candidate_launch_config_matches_the_reference():
-    """The configs benchmarks/moe_gpu.py may put in moe_gemv.TUNED (and so run end to end) at 1..8 tokens."""
+def _check_expert_configs(gate_up_configs: list[dict], down_configs: list[dict], tokens: tuple[int, ...],
+                          seed: int) -> None:
+    """Each launch config of the GGUF expert kernels (gate_up on Q4_K experts, down on Q6_K ones) against
+    the experts dequantized and multiplied in fp32, at `tokens` tokens."""
     from devstral.kernels import moe_gemv
 
-    moe, stack = _case("q4_k_m", seed=5)
-    g = torch.Generator(device="cuda").manual_seed(6)
+    moe, stack = _case("q4_k_m", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
     with torch.no_grad():
-        for t in (1, 2, 8):
+        for t in tokens:
             x = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
             _, experts, weights = moe.route(x.float())
             ids = experts.contiguous()
             h_ref = torch.stack([torch.nn.functional.silu(x[i // TOP_K].float() @ moe.experts[e].w1.weight.T)
                                  * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
                                  for i, e in enumerate(ids.reshape(-1).tolist())])
-            for cfg in moe_gemv.candidates("gate_up", "Q4_K"):
+            for cfg in gate_up_configs:
                 h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
                 moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
                 # bf16 output; int8 activations (xq: the same, quantized beforehand) add ~0.3% a matmul (as
@@ -114,17 +116,24 @@ def test_every_candidate_launch_config_matches_the_reference():
             y_ref = sum(weights[:, j, None] * torch.stack([h[i * TOP_K + j].float() @ moe.experts[e].w2.weight.T
                                                            for i, e in enumerate(ids[:, j].tolist())])
                         for j in range(TOP_K))
-            for cfg in moe_gemv.candidates("down", "Q6_K"):
+            for cfg in down_configs:
                 y = torch.full((t, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
                 moe_gemv.down(h, stack.down, y, ids, weights, n=DIM, top_k=TOP_K, config=cfg)
                 assert rel(y, y_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
 
 
+def test_every_candidate_launch_config_matches_the_reference():
+    """The configs benchmarks/moe_gpu.py may put in moe_gemv.TUNED (and so run end to end) at 1..8 tokens."""
+    from devstral.kernels import moe_gemv
+
+    _check_expert_configs(moe_gemv.candidates("gate_up", "Q4_K"), moe_gemv.candidates("down", "Q6_K"), (1, 2, 8),
+                          seed=5)
+
+
 def test_the_committed_tuned_configs_match_the_reference():
     """The launch configs the device's tuned table holds for the MoE expert kernels (what a Mixtral decode
-    runs end to end on this GPU: xq activations, 16-sub-block tiles, split K) at this file's small shapes,
-    against dequantize + matmul; every candidate is checked by the test above when time allows."""
-    from devstral.kernels import moe_gemv
+    runs end to end on this GPU: xq activations, 16-sub-block tiles, split K) at this file's small shapes;
+    every candidate is checked by the test above when time allows."""
     from devstral.kernels.gguf_config import device_name, tuned_table
 
     table = tuned_table(device_name(torch.device("cuda"))).get("moe_experts", {})
@@ -135,28 +144,7 @@ def test_the_committed_tuned_configs_match_the_reference():
         kind = key.split("|")[0]
         if cfg not in configs[kind]:  # down configs of Q4_K and Q6_K layers both run on the Q6_K stack
             configs[kind].append(cfg)
-    moe, stack = _case("q4_k_m", seed=9)
-    g = torch.Generator(device="cuda").manual_seed(10)
-    with torch.no_grad():
-        for t in (1, 2):
-            x = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
-            _, experts, weights = moe.route(x.float())
-            ids = experts.contiguous()
-            h_ref = torch.stack([torch.nn.functional.silu(x[i // TOP_K].float() @ moe.experts[e].w1.weight.T)
-                                 * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
-                                 for i, e in enumerate(ids.reshape(-1).tolist())])
-            for cfg in configs["gate_up"]:
-                h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
-                moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
-                assert rel(h, h_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
-            h = h_ref.to(torch.bfloat16)
-            y_ref = sum(weights[:, j, None] * torch.stack([h[i * TOP_K + j].float() @ moe.experts[e].w2.weight.T
-                                                           for i, e in enumerate(ids[:, j].tolist())])
-                        for j in range(TOP_K))
-            for cfg in configs["down"]:
-                y = torch.full((t, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
-                moe_gemv.down(h, stack.down, y, ids, weights, n=DIM, top_k=TOP_K, config=cfg)
-                assert rel(y, y_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
+    _check_expert_configs(configs["gate_up"], configs["down"], (1, 2), seed=9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -181,26 +181,43 @@ def _int8_exact(rows: int, k: int, g) -> torch.Tensor:
     return x / 128.0
 
 
-def _split_cases(g) -> dict:
-    from devstral.kernels import moe_gemv
+def _experts(g, types: tuple, dim: int, hidden: int, ids: torch.Tensor) -> dict:
+    """E random experts of gate/up/down `types` stacked as the kernels read them, their exact dequantized
+    weights, int8-exact activations for ids' tokens, router weights, and the gate/up references per pair."""
     from devstral.kernels.gguf_pack import pack
     from devstral.kernels.moe_experts import stack_packed
     from devstral.quant import dequantize
     from test_kernels_gguf_interpret import random_blocks
 
-    dim, hidden, tokens = 512, 256, 2
-    shapes = {"gate": (QType.Q4_K, hidden, dim), "up": (QType.Q4_K, hidden, dim), "down": (QType.Q6_K, dim, hidden)}
+    tokens = ids.shape[0]
+    shapes = {"gate": (types[0], hidden, dim), "up": (types[1], hidden, dim), "down": (types[2], dim, hidden)}
     stacks, deq = {}, {}
     for name, (qt, n, k) in shapes.items():
         raws = [random_blocks(qt, n, k, g) for _ in range(E)]
         stacks[name] = stack_packed([pack(r, qt, n, k) for r in raws])
         deq[name] = [dequantize(r, qt, (n, k)) for r in raws]
     x = _int8_exact(tokens, dim, g)
-    ids = torch.tensor([[3, 1], [1, 0]])
     w = torch.rand(tokens, TOP_K, generator=g)
     pairs = [(t, int(ids[t, j])) for t in range(tokens) for j in range(TOP_K)]
-    gate_ref = torch.stack([x[t] @ deq["gate"][e].T for t, e in pairs])
-    up_ref = torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])
+    return {"stacks": stacks, "deq": deq, "x": x, "w": w, "pairs": pairs,
+            "gate_ref": torch.stack([x[t] @ deq["gate"][e].T for t, e in pairs]),
+            "up_ref": torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])}
+
+
+def _down_ref(h: torch.Tensor, c: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Each token's down projections of its pairs' rows of h, mixed by the router weights."""
+    return torch.stack([sum(c["w"][t, j] * (h[t * TOP_K + j] @ c["deq"]["down"][ids[t, j]].T) for j in range(TOP_K))
+                        for t in range(ids.shape[0])])
+
+
+def _split_cases(g) -> dict:
+    from devstral.kernels import moe_gemv
+
+    dim, hidden = 512, 256
+    ids = torch.tensor([[3, 1], [1, 0]])
+    c = _experts(g, (QType.Q4_K, QType.Q4_K, QType.Q6_K), dim, hidden, ids)
+    stacks, x, w, pairs, gate_ref, up_ref = c["stacks"], c["x"], c["w"], c["pairs"], c["gate_ref"], c["up_ref"]
+    tokens = ids.shape[0]
     out = {}
     for cfg in ({"bn": 32, "split_k": 3, "num_warps": 4}, {"bn": 64, "split_k": 2, "num_warps": 4},
                 {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
@@ -214,8 +231,7 @@ def _split_cases(g) -> dict:
                             n=hidden, top_k=TOP_K, config=cfg)
     out[("gate", 64, False)] = (gate, gate_ref)
     h = _int8_exact(len(pairs), hidden, g)
-    down_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
-                            for t in range(tokens)])
+    down_ref = _down_ref(h, c, ids)
     for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4},
                 {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
                 {"bn": 32, "split_k": 2, "num_warps": 4, "num_stages": 2},  # the pipelined loop
@@ -281,37 +297,22 @@ def _q5k_int8_cases(g) -> dict:
     threads (xq: _xq_cases): gate and up fused, 3 K-tiles split over 4 (one split empty), 16 sub-blocks a
     row and tile (a tile cut by K), against dequantize."""
     from devstral.kernels import moe_gemv
-    from devstral.kernels.gguf_pack import pack
-    from devstral.kernels.moe_experts import stack_packed
-    from devstral.quant import dequantize
-    from test_kernels_gguf_interpret import random_blocks
 
-    dim, hidden, tokens = 768, 256, 2
-    shapes = {"gate": (hidden, dim), "up": (hidden, dim), "down": (dim, hidden)}
-    stacks, deq = {}, {}
-    for name, (n, k) in shapes.items():
-        raws = [random_blocks(QType.Q5_K, n, k, g) for _ in range(E)]
-        stacks[name] = stack_packed([pack(r, QType.Q5_K, n, k) for r in raws])
-        deq[name] = [dequantize(r, QType.Q5_K, (n, k)) for r in raws]
-    x = _int8_exact(tokens, dim, g)
+    dim, hidden = 768, 256
     ids = torch.tensor([[2, 0], [0, 3]])
-    w = torch.rand(tokens, TOP_K, generator=g)
-    pairs = [(t, int(ids[t, j])) for t in range(tokens) for j in range(TOP_K)]
-    gate_ref = torch.stack([x[t] @ deq["gate"][e].T for t, e in pairs])
-    up_ref = torch.stack([x[t] @ deq["up"][e].T for t, e in pairs])
+    c = _experts(g, (QType.Q5_K,) * 3, dim, hidden, ids)
+    stacks, x, pairs = c["stacks"], c["x"], c["pairs"]
     out = {}
     for cfg in ({"bn": 64, "split_k": 4, "num_warps": 4, "int8": True},
                 {"bn": 16, "split_k": 1, "num_warps": 4, "int8": True, "ns": 16}):
         h = torch.full((len(pairs), hidden), float("nan"))
         moe_gemv.gate_up(x, stacks["gate"], stacks["up"], h, ids, n=hidden, top_k=TOP_K, config=cfg)
-        out[("gate_up", cfg["bn"])] = (h, torch.nn.functional.silu(gate_ref) * up_ref)
+        out[("gate_up", cfg["bn"])] = (h, torch.nn.functional.silu(c["gate_ref"]) * c["up_ref"])
     h = _int8_exact(len(pairs), hidden, g)
-    down_ref = torch.stack([sum(w[t, j] * (h[t * TOP_K + j] @ deq["down"][ids[t, j]].T) for j in range(TOP_K))
-                            for t in range(tokens)])
     cfg = {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}
-    y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
-                      config=cfg)
-    out[("down", 64)] = (y, down_ref)
+    y = moe_gemv.down(h, stacks["down"], torch.full((ids.shape[0], dim), float("nan")), ids, c["w"], n=dim,
+                      top_k=TOP_K, config=cfg)
+    out[("down", 64)] = (y, _down_ref(h, c, ids))
     return out
 
 

@@ -18,6 +18,23 @@ TYPES = sorted(FORMATS, key=lambda t: t.name)
 DEVSTRAL_SHAPES = [(4096, 5120), (1024, 5120), (5120, 4096), (32768, 5120), (5120, 32768), (131072, 5120)]
 
 
+@pytest.fixture
+def use_table(tmp_path, monkeypatch):
+    """use_table(table) -> a CUDA device whose tuned table is `table` (the GPU's name and SM count faked,
+    int8 activations allowed); the table cache is cleared before and after."""
+    def use(table: dict) -> torch.device:
+        (tmp_path / "t.json").write_text(__import__("json").dumps(table))
+        monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
+        monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
+        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
+        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
+        gguf_config.tuned_table.cache_clear()
+        return torch.device("cuda")
+
+    yield use
+    gguf_config.tuned_table.cache_clear()
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n,k", [(7, 512), (1, 256), (33, 1024)])
 def test_repack_round_trips_every_byte(qtype, n, k):
@@ -124,48 +141,31 @@ def test_kernel_choice_follows_the_batch_size():
     assert gguf_config.fp8_plan(2, 4096, 4096)[0] == "gemv" and gguf_config.fp8_plan(64, 4096, 4096)[0] == "scaled_mm"
 
 
-def test_measured_kinds_pick_the_path_by_the_next_measured_batch_size(tmp_path, monkeypatch):
+def test_measured_kinds_pick_the_path_by_the_next_measured_batch_size(use_table, monkeypatch):
     table = {"kinds": {"Q4_K": {"1": "gemv", "2": "idot", "4": "gemv", "8": "dequant_cublas", "64": "gemm"}}}
-    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
-    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
-    gguf_config.tuned_table.cache_clear()
-    try:
-        dev = torch.device("cuda")
-        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
-        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
-        kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev)[0] for m in (1, 2, 3, 5, 9, 64, 65)]
-        assert kinds == ["gemv", "idot", "gemv", "dequant", "gemm", "gemm", "dequant"]
-        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
-        assert gguf_config.gguf_plan("Q4_K", 2, 4096, 5120, dev)[0] == "gemv"
-    finally:
-        gguf_config.tuned_table.cache_clear()
+    dev = use_table(table)
+    kinds = [gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev)[0] for m in (1, 2, 3, 5, 9, 64, 65)]
+    assert kinds == ["gemv", "idot", "gemv", "dequant", "gemm", "gemm", "dequant"]
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+    assert gguf_config.gguf_plan("Q4_K", 2, 4096, 5120, dev)[0] == "gemv"
 
 
-def test_q5k_takes_the_streaming_int8_kinds_but_not_the_integer_dot_gemv(tmp_path, monkeypatch):
+def test_q5k_takes_the_streaming_int8_kinds_but_not_the_integer_dot_gemv(use_table, monkeypatch):
     """Q5_K has the streaming GEMV's int8-activation row dots (wide_i8 / wide_xq; the MoE expert kernels
     share them) but no gguf_idot.py kernel: a measured idot falls back to the float GEMV."""
     from devstral.kernels import moe_gemv
 
     table = {"kinds": {"Q5_K": {"1": "wide_xq", "2": "wide_i8", "4": "idot"}}}
-    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
-    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
-    monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
-    gguf_config.tuned_table.cache_clear()
-    try:
-        dev = torch.device("cuda")
-        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
-        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
-        kinds = [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2, 4)]
-        assert kinds == ["wide_xq", "wide_i8", "gemv"]
-        assert moe_gemv.int8_allowed("Q5_K")
-        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
-        assert [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2)] == ["wide", "wide"]
-        assert not moe_gemv.int8_allowed("Q5_K")
-    finally:
-        gguf_config.tuned_table.cache_clear()
+    dev = use_table(table)
+    kinds = [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2, 4)]
+    assert kinds == ["wide_xq", "wide_i8", "gemv"]
+    assert moe_gemv.int8_allowed("Q5_K")
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+    assert [gguf_config.gguf_plan("Q5_K", m, 4096, 4096, dev)[0] for m in (1, 2)] == ["wide", "wide"]
+    assert not moe_gemv.int8_allowed("Q5_K")
 
 
-def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkeypatch):
+def test_the_decode_sweep_table_picks_path_and_config_per_shape(use_table, monkeypatch):
     """benchmarks/gguf_gemv_sweep.py's "gguf_decode" entries: exact shape, the next measured M up (1, 2, 4,
     8), the config's row tile fitted to m; other shapes and M > 8 keep the other rules."""
     table = {"kinds": {"Q4_K": {"1": "gemv", "2": "gemv", "8": "gemv", "64": "gemm"}},
@@ -175,29 +175,20 @@ def test_the_decode_sweep_table_picks_path_and_config_per_shape(tmp_path, monkey
                  "Q4_K|8|4096|5120": {"kind": "wide", "bn": 64, "ns": 8, "bm": 4, "split_k": 1, "num_warps": 8},
                  "Q4_K|1|1024|4096": {"kind": "wide_xq", "bn": 64, "ns": 16, "bm": 1, "split_k": 3, "num_warps": 4,
                                       "num_stages": 3}}}
-    (tmp_path / "t.json").write_text(__import__("json").dumps(table))
-    monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "t.json"))
-    monkeypatch.delenv("DEVSTRAL_GGUF_FLOAT_GEMV", raising=False)
-    gguf_config.tuned_table.cache_clear()
-    try:
-        dev = torch.device("cuda")
-        monkeypatch.setattr(gguf_config, "device_name", lambda d: "any")
-        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
-        plan = {m: gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev) for m in (1, 2, 3, 4, 5, 8, 9)}
-        assert plan[1] == ("wide", {"bn": 128, "ns": 8, "bm": 1, "split_k": 2, "num_warps": 4})
-        assert plan[2][0] == "gemv"  # no entry at 2: the measured kinds decide
-        assert plan[3] == ("idot", {"bn": 32, "ns": 4, "bm": 4, "split_k": 4, "num_warps": 4})
-        assert plan[5][0] == "wide" and plan[5][1]["bm"] == 4 and plan[8][1]["num_warps"] == 8
-        assert plan[9][0] == "gemm"
-        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 5120, dev)[0] == "gemv"  # another shape
-        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev) == (
-            "wide_xq", {"bn": 64, "ns": 16, "bm": 1, "split_k": 3, "num_warps": 4, "num_stages": 3})
-        monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")  # int8 activations refused: the float path
-        kind, cfg = gguf_config.gguf_plan("Q4_K", 4, 4096, 5120, dev)
-        assert kind == "wide" and cfg["bm"] == 4
-        assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev)[0] == "wide"
-    finally:
-        gguf_config.tuned_table.cache_clear()
+    dev = use_table(table)
+    plan = {m: gguf_config.gguf_plan("Q4_K", m, 4096, 5120, dev) for m in (1, 2, 3, 4, 5, 8, 9)}
+    assert plan[1] == ("wide", {"bn": 128, "ns": 8, "bm": 1, "split_k": 2, "num_warps": 4})
+    assert plan[2][0] == "gemv"  # no entry at 2: the measured kinds decide
+    assert plan[3] == ("idot", {"bn": 32, "ns": 4, "bm": 4, "split_k": 4, "num_warps": 4})
+    assert plan[5][0] == "wide" and plan[5][1]["bm"] == 4 and plan[8][1]["num_warps"] == 8
+    assert plan[9][0] == "gemm"
+    assert gguf_config.gguf_plan("Q4_K", 1, 1024, 5120, dev)[0] == "gemv"  # another shape
+    assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev) == (
+        "wide_xq", {"bn": 64, "ns": 16, "bm": 1, "split_k": 3, "num_warps": 4, "num_stages": 3})
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")  # int8 activations refused: the float path
+    kind, cfg = gguf_config.gguf_plan("Q4_K", 4, 4096, 5120, dev)
+    assert kind == "wide" and cfg["bm"] == 4
+    assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev)[0] == "wide"
 
 
 def test_a_tuned_table_overrides_the_rules(tmp_path, monkeypatch):

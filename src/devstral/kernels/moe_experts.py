@@ -182,7 +182,8 @@ class ExpertStack:
                 _scratch_refused = (f"{self.n_experts * self.hidden * self.dim * xs.element_size() / 2**30:.2f} GiB "
                                     "of dequantized experts")
                 log.warning("note: no room for %s (the grouped prefill's scratch); one quantized matmul per expert "
-                            "instead: lower --max-batched-tokens or --ctx-size to leave room", _scratch_refused)
+                            "instead: lower --gpu-memory-fraction, --max-batched-tokens or --ctx-size to leave room",
+                            _scratch_refused)
                 return None
         try:
             g = torch._grouped_mm(xs, self._weights(self.gate, scratch, self.hidden, self.dim), offs=offs)
