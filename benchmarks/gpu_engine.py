@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--overlap", action="store_true", help="EngineConfig(overlap=True): launch each decode step "
-                    "before reading the previous one's tokens")
+    ap.add_argument("--no-overlap", action="store_true", help="EngineConfig(overlap=False): read each decode "
+                    "step's tokens before launching the next (the default on CUDA overlaps them)")
     ap.add_argument("--speculative", default="off", choices=["off", "lookup"],
                     help="off (default) measures plain decode; random weights make lookup's drafts meaningless")
     ap.add_argument("--gguf", type=Path, help="measure this GGUF's weights (kept quantized) instead of random bf16")
@@ -143,7 +143,7 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         read_per_step = weight_bytes - model.model.embed_tokens.weight.nbytes  # the embedding is a lookup
     ec = EngineConfig(max_context=a.long + a.new_tokens + 64, max_num_seqs=a.streams, kv_cache_dtype=a.kv_cache_dtype,
-                      cuda_graphs=not a.no_graphs, speculative=a.speculative, overlap=a.overlap)
+                      cuda_graphs=not a.no_graphs, speculative=a.speculative, overlap=not a.no_overlap)
     t = time.perf_counter()
     llm = LLM(model, cfg, NullTokenizer(cfg.vocab_size), engine_config=ec)
     engine = llm.engine
@@ -218,7 +218,7 @@ def finish(a, cfg, dtype, engine, device, bandwidth, tflops, read_per_step, setu
         "benchmark": "gpu_engine", "shape": a.shape if a.gguf is None else f"gguf:{a.gguf.name}",
         "weights_memory": memory, "params": cfg.n_params, "dtype": str(dtype).removeprefix("torch."),
         "kv_cache": engine.kind, "speculative": a.speculative, "cuda_graphs": engine.runner.graphs is not None,
-        "dependent_launch": pdl.enabled(device), "overlap": a.overlap, "runs": a.runs,
+        "dependent_launch": pdl.enabled(device), "overlap": not a.no_overlap, "runs": a.runs,
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
                     "host_cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -179,7 +179,7 @@ def llama_bench(binary: Path, gguf_path: Path, prompts: list[int], new_tokens: i
 
 
 def ours(gguf_path: Path, device: torch.device, prompts: list[int], new_tokens: int, runs: int, s: dict,
-         overlap: bool = False) -> dict:
+         overlap: bool = True) -> dict:
     from devstral.engine.engine import EngineConfig
     from devstral.engine.generate import LLM
     from devstral.formats.gguf_model import load_gguf_model
@@ -236,8 +236,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-kernels", action="store_true", help="skip timing the expert kernels alone (and so "
                     "the end-to-end run uses moe_gemv.plan()'s launch configs)")
-    ap.add_argument("--overlap", action="store_true", help="EngineConfig(overlap=True): launch each decode step "
-                    "before reading the previous one's tokens")
+    ap.add_argument("--no-overlap", action="store_true", help="EngineConfig(overlap=False): read each decode "
+                    "step's tokens before launching the next (the default on CUDA overlaps them)")
     ap.add_argument("--kernel-tokens", default="1,2,4,8", help="token counts the expert kernels are tuned at")
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -283,7 +283,7 @@ def main() -> None:
         out["router"] = _recorded(router, s, device, s["layers"])
         torch.cuda.empty_cache()  # the kernels' random weights, before the model loads
         save()
-    res = ours(path, device, prompts, a.new_tokens, a.runs, s, a.overlap)
+    res = ours(path, device, prompts, a.new_tokens, a.runs, s, not a.no_overlap)
     cfg = res.pop("_cfg")
     out["ours"] = res
     limits(out, s, cfg, prompts)

@@ -154,3 +154,10 @@ def test_logprobs_and_constraints_take_the_normal_path(llm):
         assert engine.launches == 0  # one sequence that needs the host's tokens keeps the batch synchronous
         if params is banned:
             assert ref[0][2] not in out[0]
+
+
+def test_the_default_is_off_on_cpu(llm):
+    """EngineConfig(overlap=None) resolves by device: a CPU step has no device work to hide host time behind."""
+    engine = Engine(llm.model, llm.config, EngineConfig(kv_cache_dtype="fp32"), compute_dtype=torch.float32,
+                    plan=(256, 2048))
+    assert engine.overlap is False

@@ -45,8 +45,9 @@ class EngineConfig:
     prefix_caching: bool = True
     speculative: str = "lookup"  # "off" or "lookup" (prompt-lookup drafts, verified exactly)
     spec_max_batch: int = 8  # draft only while at most this many sequences run
-    # Launch a decode step before reading the previous one's tokens (Engine.step). Off until measured on a GPU.
-    overlap: bool = False
+    # Launch a decode step before reading the previous one's tokens (Engine.step). None: on for CUDA, where
+    # it hides the host's share of a step (+7% decode on an H200); off on CPU, where the host is the device.
+    overlap: bool | None = None
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Engine:
                  plan: tuple[int, int] | None = None, vision: VisionModel | None = None):
         self.cfg, self.ec = cfg, ec
         self.device = next(model.parameters()).device
+        self.overlap = ec.overlap if ec.overlap is not None else self.device.type == "cuda"
         self.kind = parse_kv_kind(ec.kv_cache_dtype, compute_dtype, self.device)
         self.max_context, pool_tokens = plan or plan_memory(model, cfg, ec, self.kind, self.device)
         if self.device.type == "cuda":
@@ -216,7 +218,7 @@ class Engine:
     def _overlaps(self, batch: list[ScheduledSeq]) -> bool:
         # Tensor parallel: the other ranks get each step's input ids as host arrays (runner.broadcast),
         # which an overlapped step does not have, so it runs every step the normal way.
-        return self.ec.overlap and self.runner.broadcast is None and all(
+        return self.overlap and self.runner.broadcast is None and all(
             item.n_tokens == 1 and not item.draft and item.samples and overlappable(item.seq) for item in batch)
 
     def _launch(self, batch: list[ScheduledSeq], after: Launched | None = None) -> Launched:
