@@ -42,7 +42,8 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
     shape's sizes for `tokens` (1, 2, 4 and 8) over every candidate config; the fastest goes into
     moe_gemv.TUNED (so the end-to-end run uses it) and into the result. Bytes per call are those of the
     distinct experts the routing picked; the dense streaming GEMV over the same bytes is the yardstick.
-    An xq config's call includes its activation quantization launch (gguf_xq.py), so its time does too.
+    An xq config's call includes its activation quantization launch (gguf_xq.py), so its time does too; a cat
+    gate_up config's (moe_gemv.concatenates) includes a silu_mul launch.
 
     Timing as gguf_gemv_sweep.py times the dense GEMV, which is how the engine runs decode: COPIES calls
     on distinct weight stacks captured in one CUDA graph, the graph replayed after an L2 flush, per call.
@@ -50,6 +51,7 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
     kernel the engine's profile puts at 33-57 us, which made the earlier tuning pick at random.)"""
     from devstral.kernels import gguf_linear, moe_gemv
     from devstral.kernels.gguf_config import sm_count
+    from devstral.kernels.silu_mul import silu_mul
     from gguf_gemv_sweep import time_us
 
     t_start = time.perf_counter()
@@ -69,6 +71,7 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
         distinct = int(ids.unique().numel())
         x = (torch.randn(t, d, device=device, generator=gen) * 0.5).to(torch.bfloat16)
         hid = torch.empty(t * k, h, dtype=torch.bfloat16, device=device)
+        pre = torch.empty(t * k, 2 * h, dtype=torch.bfloat16, device=device)  # a cat config's [gate | up] rows
         y = torch.empty(t, d, dtype=torch.bfloat16, device=device)
         row: dict = {"distinct_experts": distinct}
         for kind in ("gate_up", "down_Q4_K", "down_Q6_K"):
@@ -77,8 +80,14 @@ def expert_kernels(s: dict, device: torch.device, copy_gb_s: float, reps: int = 
                 nbytes = 2 * distinct * _expert_bytes(w0[0], h)
                 rows, qtype = t * k, "Q4_K"
 
-                def call(cfg, w, x=x, hid=hid, ids=ids):
-                    moe_gemv.gate_up(x, w[0], w[1], hid, ids, n=h, top_k=k, sms=sms, config=cfg)
+                def call(cfg, w, x=x, hid=hid, pre=pre, ids=ids):
+                    if moe_gemv.concatenates(cfg, w[0], w[1]):
+                        # charged the SwiGLU as one silu_mul launch: what it costs where down is not xq (an
+                        # xq down's quantization applies it in the launch it has anyway)
+                        moe_gemv.gate_up(x, w[0], w[1], pre, ids, n=h, top_k=k, sms=sms, config=cfg)
+                        silu_mul(pre[:, :h], pre[:, h:])
+                    else:
+                        moe_gemv.gate_up(x, w[0], w[1], hid, ids, n=h, top_k=k, sms=sms, config=cfg)
             else:
                 nbytes = distinct * _expert_bytes(w0, d)
                 rows, qtype = t, w0.qtype.name

@@ -114,6 +114,14 @@ def _run_cases(out_path: str) -> None:
     xz = (torch.randn(3, 320, generator=g) * 3).to(torch.bfloat16)
     xz[1, 32:64] = 0  # an all-zero block
     res["xq"] = {"x": xz, **{layout: gguf_xq.quantize(xz, layout) for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4)}}
+    # with the SwiGLU: x holds [gate | up] rows (a cat MoE gate_up's output), the values are silu(gate) * up
+    pre = (torch.randn(3, 640, generator=g) * 3).to(torch.bfloat16)
+    pre[2, 320 + 64:320 + 96] = 0  # an all-zero block of up
+    from devstral.kernels.interpret_triton import hardware_rounding
+
+    with hardware_rounding():  # silu(gate) and the product round to bf16 as on the GPU, not by truncation
+        res["xq_glu"] = {"x": pre, **{layout: gguf_xq.quantize(pre, layout, glu=True)
+                                      for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4)}}
     # q/k/v-style fusion (quant.linear.fuse_quant): planar QuantLinears on the CPU, as on CUDA
     import devstral.quant.linear as ql
 
@@ -218,12 +226,17 @@ def test_streaming_gemv_int8_activations(results, qtype):
             assert ((out - ref).norm() / (xin @ w.t()).norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("layout", [0, 1], ids=["stride8", "stride4"])
-def test_activation_quantization_kernel_matches_its_twin(results, layout):
+def test_activation_quantization_kernel_matches_its_twin(results, layout, glu):
+    """glu: the kernel applies silu(gate) * up to [gate | up] rows first; its twin runs silu_mul's
+    reference and then quantizes, so the SwiGLU's roundings are silu_mul's too."""
     from devstral.kernels import gguf_xq
 
-    x, got = results["xq"]["x"], results["xq"][layout]
-    ref = gguf_xq.reference(x, layout)
+    case = results["xq_glu" if glu else "xq"]
+    x, got = case["x"], case[layout]
+    ref = gguf_xq.reference(x, layout, glu=glu)
+    assert got.shape == ref.shape == (3, 10, gguf_xq.WORDS)
     assert torch.equal(got[..., 8], ref[..., 8])  # the scales
     # levels: equal but for rounding ties (x * 127 / absmax at k + 1/2: the kernel's one-rounding
     # multiply-add and the twin's two roundings may part there), never by more than one

@@ -95,6 +95,7 @@ def _check_expert_configs(gate_up_configs: list[dict], down_configs: list[dict],
     """Each launch config of the GGUF expert kernels (gate_up on Q4_K experts, down on Q6_K ones) against
     the experts dequantized and multiplied in fp32, at `tokens` tokens."""
     from devstral.kernels import moe_gemv
+    from devstral.kernels.silu_mul import silu_mul
 
     moe, stack = _case("q4_k_m", seed=seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -107,8 +108,12 @@ def _check_expert_configs(gate_up_configs: list[dict], down_configs: list[dict],
                                  * (x[i // TOP_K].float() @ moe.experts[e].w3.weight.T)
                                  for i, e in enumerate(ids.reshape(-1).tolist())])
             for cfg in gate_up_configs:
-                h = torch.full((t * TOP_K, HIDDEN), float("nan"), device="cuda", dtype=torch.bfloat16)
+                cat = moe_gemv.concatenates(cfg, stack.gate, stack.up)  # [gate | up] rows, SwiGLU after
+                h = torch.full((t * TOP_K, 2 * HIDDEN if cat else HIDDEN), float("nan"), device="cuda",
+                               dtype=torch.bfloat16)
                 moe_gemv.gate_up(x, stack.gate, stack.up, h, ids, n=HIDDEN, top_k=TOP_K, config=cfg)
+                if cat:
+                    h = silu_mul(h[:, :HIDDEN], h[:, HIDDEN:])
                 # bf16 output; int8 activations (xq: the same, quantized beforehand) add ~0.3% a matmul (as
                 # llama.cpp's)
                 assert rel(h, h_ref) < (2e-2 if _int8(cfg) else 1e-2), (t, cfg)
@@ -128,6 +133,41 @@ def test_every_candidate_launch_config_matches_the_reference():
 
     _check_expert_configs(moe_gemv.candidates("gate_up", "Q4_K"), moe_gemv.candidates("down", "Q6_K"), (1, 2, 8),
                           seed=5)
+
+
+def test_the_cat_gate_up_candidates_match_the_reference():
+    """gate_up's cat candidates ([gate | up] rows, one weight a program), the SwiGLU applied after."""
+    from devstral.kernels import moe_gemv
+
+    _check_expert_configs([c for c in moe_gemv.candidates("gate_up", "Q4_K") if c.get("cat")], [], (1, 2), seed=7)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_cat_gate_up_with_the_swiglu_in_downs_quantization_matches_the_reference_moe(tokens):
+    """ExpertStack.decode where the constants say cat: the SwiGLU runs in down's xq activation
+    quantization (gguf_xq.quantize(glu=True)); against the reference MoE, and against the same constants
+    with the SwiGLU in gate_up's epilogue."""
+    from devstral.kernels import moe_gemv
+
+    moe, stack = _case("q4_k_m", seed=11)
+    g = torch.Generator(device="cuda").manual_seed(12)
+    x = torch.randn(tokens, DIM, device="cuda", generator=g).to(torch.bfloat16)
+    _, experts, weights = moe.route(x.float())
+    down = {"bn": 128, "split_k": 2, "num_warps": 4, "int8": True, "xq": True, "ns": 16}
+    got = {}
+    try:
+        for cat in (True, False):
+            moe_gemv.TUNED.clear()
+            moe_gemv.TUNED[f"gate_up|Q4_K|{tokens * TOP_K}|{HIDDEN}|{DIM}"] = {
+                "bn": 128, "split_k": 1, "num_warps": 4, "int8": True, "xq": True, "cat": cat, "ns": 16}
+            moe_gemv.TUNED[f"down|Q6_K|{tokens}|{DIM}|{HIDDEN}"] = down
+            with torch.no_grad():
+                got[cat] = stack.forward(x, experts, weights)
+    finally:
+        moe_gemv.TUNED.clear()
+    ref = moe(x.float())
+    assert rel(got[True], ref) < 3e-2  # bf16 rows, int8 activations twice
+    assert rel(got[True], got[False]) < 1e-2  # bf16 [gate | up] rows against the fp32 SwiGLU of the epilogue
 
 
 def test_the_committed_tuned_configs_match_the_reference():

@@ -36,7 +36,7 @@ BLOCKS_PER_PROGRAM = 16
 
 @triton.jit
 def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, GLU: tl.constexpr = False):
     if PDL:  # launched as a dependent of the kernel before, and the GEMV after may start (kernels/pdl.py)
         gdc_launch_dependents()
         gdc_wait()
@@ -45,7 +45,13 @@ def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS
     n_blocks = K // 32
     ok = b < n_blocks
     v = tl.arange(0, 32)
-    x = tl.load(x_ptr + m.to(tl.int64) * s_xm + b[:, None] * 32 + v[None, :], mask=ok[:, None], other=0.0)
+    ptrs = x_ptr + m.to(tl.int64) * s_xm + b[:, None] * 32 + v[None, :]
+    x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    if GLU:  # x is the gate half of [gate | up]: the values are silu(gate) * up, rounded as silu_mul rounds
+        up = tl.load(ptrs + K, mask=ok[:, None], other=0.0)
+        gf = x.to(tl.float32)
+        silu = (gf / (1.0 + tl.exp(-gf))).to(x.dtype)
+        x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
     x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30))  # IEEE, as the twin
@@ -72,9 +78,11 @@ def layout_for(qt: int) -> int:
     return STRIDE4 if qt == 2 else STRIDE8
 
 
-def quantize(x: torch.Tensor, layout: int) -> torch.Tensor:
-    """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (the layout above)."""
-    m, k = x.shape
+def quantize(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tensor:
+    """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (the layout above).
+    glu: x is [M, 2K], a gate/up projection's [gate | up] rows, and the values quantized are their
+    SwiGLU silu(gate) * up, each factor rounded to x's dtype as silu_mul does (one launch for both)."""
+    m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     if k % BLOCK:
         raise ValueError(f"activation quantization needs K divisible by {BLOCK}, got {k}")
     out = torch.empty(m, k // BLOCK, WORDS, dtype=torch.int32, device=x.device)
@@ -82,12 +90,17 @@ def quantize(x: torch.Tensor, layout: int) -> torch.Tensor:
         grid = (m, triton.cdiv(k // BLOCK, BLOCKS_PER_PROGRAM))
         on = pdl.enabled(x.device)
         _quantize_kernel[grid](x, out, k, x.stride(0), out.stride(0), LAYOUT=layout, BLOCKS=BLOCKS_PER_PROGRAM, PDL=on,
-                               num_warps=4, launch_pdl=on)
+                               GLU=glu, num_warps=4, launch_pdl=on)
     return out
 
 
-def reference(x: torch.Tensor, layout: int) -> torch.Tensor:
+def reference(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tensor:
     """The kernel in PyTorch (fp32 arithmetic, the same rounding)."""
+    if glu:
+        from devstral.kernels.silu_mul import silu_mul_ref
+
+        gate, up = x.chunk(2, dim=-1)
+        x = silu_mul_ref(gate, up)
     m, k = x.shape
     xf = x.float().reshape(m, k // BLOCK, BLOCK)
     amax = xf.abs().amax(-1)

@@ -62,6 +62,20 @@ def _interpreted_copy(module_name: str) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def hardware_rounding():
+    """For a process run wholly under TRITON_INTERPRET=1 (kernels_for's copies get this by themselves):
+    float casts inside round as the GPU does, while the block runs."""
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    interpreter._convert_float = _exact_convert(interpreter)
+    try:
+        yield
+    finally:
+        interpreter._convert_float = original
+
+
 def _patched_while_running(run):
     """The interpreter's library twins and exact casts, in place only while one of our kernels runs."""
 

@@ -6,7 +6,9 @@ the same order). Each expert's own module keeps working on a view of it (model/m
 so stacking costs no memory.
 
 * Decode and small batches (`decode`): two launches (moe_gemv.py) -- gate+up with SwiGLU applied per
-  (token, slot) pair, then down mixing each token's k pairs with the router weights. Sizes come from
+  (token, slot) pair, then down mixing each token's k pairs with the router weights; or, where the
+  measured launch constants say so ("cat"), gate+up writing [gate | up] rows (one weight a program)
+  and down's activation quantization applying the SwiGLU. Sizes come from
   shapes only and the expert ids stay on the device: CUDA-graph safe.
 * Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then torch's
   grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts, group boundaries
@@ -126,6 +128,15 @@ class ExpertStack:
         ids, weights = experts.contiguous(), weights.contiguous()
         x = x.contiguous()
         sms = _sms(x.device)
+        out = torch.empty(t, self.dim, dtype=x.dtype, device=x.device)
+        residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+        if self.quantized:
+            cfg = moe_gemv.plan("gate_up", self.gate.qtype.name, t * k, self.hidden, x.shape[1], k, sms, x.device)
+            if moe_gemv.concatenates(cfg, self.gate, self.up):  # [gate | up] rows; down applies the SwiGLU
+                pre = torch.empty(t * k, 2 * self.hidden, dtype=x.dtype, device=x.device)
+                moe_gemv.gate_up(x, self.gate, self.up, pre, ids, n=self.hidden, top_k=k, sms=sms, config=cfg)
+                return moe_gemv.down(pre, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms,
+                                     residual=residual, glu=True)
         h = torch.empty(t * k, self.hidden, dtype=x.dtype, device=x.device)
         if self.quantized and self.gate.qtype != self.up.qtype:  # one type per launch: gate, up apart
             g, u = torch.empty_like(h), torch.empty_like(h)
@@ -134,8 +145,6 @@ class ExpertStack:
             h = silu_mul(g, u)
         else:
             moe_gemv.gate_up(x, self.gate, self.up, h, ids, n=self.hidden, top_k=k, sms=sms)
-        out = torch.empty(t, self.dim, dtype=x.dtype, device=x.device)
-        residual = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
         return moe_gemv.down(h, self.down, out, ids, weights, n=self.dim, top_k=k, sms=sms, residual=residual)
 
     def prefill(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

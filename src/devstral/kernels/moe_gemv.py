@@ -46,6 +46,7 @@ from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import MAX_TILES, counters, split_sum, usable_split, workspace
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
+from devstral.kernels.silu_mul import silu_mul
 
 NS = 8  # sub-blocks per row and tile: one super-block of a row (half of one for Q6_K), as the dense GEMV
 # measured launch constants, "kind|qtype|rows|n|k" -> dict(bn=, split_k=, num_warps=, int8=, and optionally ns=,
@@ -104,13 +105,20 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
                          WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                          INT8: tl.constexpr, STAGES: tl.constexpr, XQ: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False, CAT: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: the expert ids come from the router just before (with xq, x from the quantization
         # between them), so nothing loads first
         gdc_wait()
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    col0 = pid_n * 0  # CAT: where this program's rows go in h's [gate | up] row (a tensor, as the branch's N)
+    if CAT:  # row tiles 0..T-1 stream gate, T..2T-1 up: one weight a program, as the dense GEMV
+        T = tl.cdiv(N, BN)
+        if pid_n >= T:
+            aq, aqh, asc, amn, ad, adm = bq, bqh, bsc, bmn, bd, bdm
+            pid_n -= T
+            col0 = N
     r0 = tl.load(ids_ptr + p).to(tl.int64) * N  # the expert's first row in the stack
     aq, aqh, asc, amn, ad, adm = aq + r0 * as_q, aqh + r0 * as_qh, asc + r0 * as_sc, amn + r0 * as_sc, \
         ad + r0 * as_d, adm + r0 * as_d
@@ -173,7 +181,15 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
     a = tl.sum(acc_a, axis=1)
     b = tl.sum(acc_b, axis=1)
     ok = local < N
-    if SPLIT:
+    if CAT:
+        if SPLIT:  # workspace rows 0..2N-1 of column p (h's row)
+            total, last = split_sum(a[:, None], col0 + local, p + tl.arange(0, 1), 2 * N, P, ws_ptr, cnt_ptr,
+                                    p * tl.num_programs(1) + tl.program_id(1), pid_k, SPLIT_K)
+            if last:
+                _store_rows(h_ptr, p, s_hm, col0 + local, ok, tl.sum(total, axis=1))
+        else:
+            _store_rows(h_ptr, p, s_hm, col0 + local, ok, a)
+    elif SPLIT:
         # gate and up as two workspace columns (2p, 2p + 1): one counter, the last split has both sums
         which = tl.arange(0, 2)[None, :]
         total, last = split_sum(tl.where(which == 0, a[:, None], b[:, None]), local, 2 * p + tl.arange(0, 2), N,
@@ -385,9 +401,9 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     where the type has them (they won the dense GEMV at one row on the H200), float at the plan's width,
     and the pipelined loop (num_stages 3) at 64 and 128 rows; and each int8 config again with xq (the
     activations quantized once by gguf_xq.py before the launch: the dense GEMV's fastest variant at one
-    row). Each width x split-or-not x int8 x xq x stages is one more compilation (down's top_k slots
-    count as splits, so it is always split): for a type with an int8 row dot, gate_up 32 configs in 16
-    compilations, 60 in 30 with xq; down 48 in 8, 90 in 15 with xq."""
+    row); gate_up's cat configs (concatenates()). Each width x split-or-not x int8 x xq x stages x cat is
+    one more compilation (down's top_k slots count as splits, so it is always split): for a type with an
+    int8 row dot, gate_up 80 configs in 50 compilations, down 102 in 17."""
     widths = (32, 64) if kind == "gate_up" else (64, 128)
     # split counts share one compilation (split > 1 is the constexpr), so several are cheap to time: what
     # fills whole waves depends on the tile's registers, hence on the config
@@ -405,10 +421,19 @@ def candidates(kind: str, qtype: str) -> list[dict]:
     # and at the full width, pipelined (the register-prefetch loop would spill there)
     out += [dict(bn=widths[-1], split_k=s, num_warps=4, int8=int8_allowed(qtype), ns=2 * NS, num_stages=3)
             for s in splits]
+    if kind == "down" and int8_allowed(qtype):  # the dense GEMV's pick for its Q4_K/Q6_K ffn_down at one row
+        out += [dict(bn=128, split_k=s, num_warps=4, int8=True, ns=2 * NS) for s in splits]
     # xq: the row dots only load the quantized bytes (dense Q4_K gate/up: 88 % of copy with it). Whether
     # its extra launch pays here, above all in down (one more kernel between gate_up and down), is the
     # timing's to say
-    return out + [{**cfg, "xq": True} for cfg in out if cfg["int8"]]
+    out += [{**cfg, "xq": True} for cfg in out if cfg["int8"]]
+    if kind == "gate_up" and int8_allowed(qtype):
+        # cat: one weight a program ([gate | up] rows, concatenates()), so the dense GEMV's tiles fit: its
+        # Q4_K gate/up pick (128 rows, 16 sub-blocks, register prefetch, xq) and the widths around it
+        out += [dict(bn=bn, split_k=s, num_warps=4, int8=True, xq=True, cat=True, ns=ns, num_stages=st)
+                for bn in (64, 128, 256) for ns in (NS, 2 * NS) for st in (1, 3) for s in (1, 2)
+                if bn * ns <= 2048]
+    return out
 
 
 def _int8(cfg: dict, p: PackedGGUF) -> bool:
@@ -442,11 +467,22 @@ def _geometry(p: PackedGGUF, k: int, bn: int, n: int, ns: int = NS) -> dict:
     return dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, EVEN_N=n % bn == 0, EVEN_K=k % (ns * sb) == 0, ASM=_asm())
 
 
+def concatenates(cfg: dict, gate, up) -> bool:
+    """Whether a GGUF gate_up launch with these constants writes [gate | up] rows (the "cat" key): gate and
+    up of one type and layout, each program streaming one row tile of one of them, as the dense GEMV does
+    over a fused gate/up weight. With both streamed side by side, a program holds twice the tile bytes in
+    registers (Mixtral Q4_K on an H200: 66% of copy bandwidth against the dense gate/up's 94%). The
+    SwiGLU then runs in down's activation quantization (down(glu=True))."""
+    return (bool(cfg.get("cat")) and isinstance(gate, PackedGGUF) and isinstance(up, PackedGGUF)
+            and gate.qtype == up.qtype and field_args(gate)[1] == field_args(up)[1])
+
+
 def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n: int, top_k: int,
             sms: int = 132, config: dict | None = None) -> torch.Tensor:
     """h[p, :n] = silu(gate_e x_t) * (up_e x_t) for every pair p (e = ids[p], t = p // top_k); with up
-    None, gate_e x_t. gate/up: [E * n, K] bf16 tensors or PackedGGUF of E * n rows; ids: contiguous.
-    config: GGUF launch constants (plan()'s dict) instead of the plan."""
+    None, gate_e x_t; with a cat config (concatenates()), h[p, :2n] = [gate_e x_t | up_e x_t]. gate/up:
+    [E * n, K] bf16 tensors or PackedGGUF of E * n rows; ids: contiguous. config: GGUF launch constants
+    (plan()'s dict) instead of the plan."""
     pairs, k = ids.numel(), x.shape[1]
     if pairs == 0:
         return h
@@ -454,20 +490,27 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
     on = pdl.enabled(x.device)
     if isinstance(gate, PackedGGUF):
         cfg = config or plan("gate_up", gate.qtype.name, pairs, n, k, top_k, sms, x.device)
+        cat = concatenates(cfg, gate, up)
+        if cat and h.shape[1] != 2 * n:
+            raise ValueError(f"a cat config writes [gate | up] rows: h needs {2 * n} columns, has {h.shape[1]}")
         bn, tiles = cfg["bn"], triton.cdiv(n, cfg["bn"])
-        split = usable_split(cfg["split_k"], pairs * tiles, 2 * pairs, n)
-        ws = workspace(split, 2 * pairs, n, x.device)
+        if cat:  # [gate | up] rows of 2n values: one row tile of either a program, no SwiGLU here
+            split = usable_split(cfg["split_k"], pairs * 2 * tiles, pairs, 2 * n)
+            ws = workspace(split, pairs, 2 * n, x.device)
+        else:
+            split = usable_split(cfg["split_k"], pairs * tiles, 2 * pairs, n)
+            ws = workspace(split, 2 * pairs, n, x.device)
         a_fields, a_strides = field_args(gate)
         b_fields, b_strides = field_args(up) if glu else (a_fields, a_strides)
         xq = _xq(cfg, gate)
         # xq: each token's activations quantized once (one small launch), for all its pairs' gate and up
         # row dots, where the int8 row dot quantizes them in every thread, twice a tile
         xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt_code(gate.qtype))) if xq else x
-        _gguf_gate_up_kernel[(pairs, tiles, split)](
+        _gguf_gate_up_kernel[(pairs, 2 * tiles if cat else tiles, split)](
             xin, h, ids, ws, counters(x.device), *a_fields, *b_fields, pairs, n, k, xin.stride(0), h.stride(0),
-            *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu, SPLIT=split > 1,
+            *a_strides, *b_strides, ONE_F32_BITS.value, split, TOPK=top_k, GLU=glu and not cat, SPLIT=split > 1,
             INT8=xq or _int8(cfg, gate), **_geometry(gate, k, bn, n, cfg.get("ns", NS)), STAGES=_stages(cfg),
-            XQ=xq, PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
+            XQ=xq, PDL=on, CAT=cat, num_warps=cfg["num_warps"], num_stages=_stages(cfg), launch_pdl=on)
     else:
         bn = _block_rows(n, pairs, sms, 32)
         _dense_gate_up_kernel[(pairs, triton.cdiv(n, bn))](
@@ -477,11 +520,13 @@ def gate_up(x: torch.Tensor, gate, up, h: torch.Tensor, ids: torch.Tensor, *, n:
 
 
 def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *, n: int, top_k: int,
-         sms: int = 132, config: dict | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+         sms: int = 132, config: dict | None = None, residual: torch.Tensor | None = None,
+         glu: bool = False) -> torch.Tensor:
     """out[t, :n] = sum over j < top_k of weights[t, j] * (w_e h[t * top_k + j]), e = ids[t, j]; plus
     residual[t] when given (the decoder layer's skip connection, added before the rounding: one launch
-    fewer per layer)."""
-    tokens, k = out.shape[0], h.shape[1]
+    fewer per layer). glu: h holds a cat gate_up's [gate | up] rows, and h's rows here are their SwiGLU
+    (computed by the activation quantization with xq, else by one silu_mul launch)."""
+    tokens, k = out.shape[0], h.shape[1] // 2 if glu else h.shape[1]
     if tokens == 0:
         return out
     on = pdl.enabled(out.device)
@@ -493,7 +538,10 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
         fields, strides = field_args(w)
         xq = _xq(cfg, w)
         # xq: every pair's h quantized once, in one launch for all of them (as gate_up's x)
-        hin = gguf_xq.quantize(h[:tokens * top_k], gguf_xq.layout_for(qt_code(w.qtype))) if xq else h
+        if xq:
+            hin = gguf_xq.quantize(h[:tokens * top_k], gguf_xq.layout_for(qt_code(w.qtype)), glu=glu)
+        else:
+            hin = silu_mul(h[:, :k], h[:, k:]) if glu else h
         for t0 in range(0, tokens, step):
             t1 = min(tokens, t0 + step)
             split = cfg["split_k"]
@@ -509,6 +557,7 @@ def down(h: torch.Tensor, w, out: torch.Tensor, ids: torch.Tensor, weights: torc
                 STAGES=_stages(cfg), XQ=xq, PDL=on, num_warps=cfg["num_warps"], num_stages=_stages(cfg),
                 launch_pdl=on)
     else:
+        h = silu_mul(h[:, :k], h[:, k:]) if glu else h
         bn = _block_rows(n, tokens, sms, 32)
         res = residual if residual is not None else out
         _dense_down_kernel[(tokens, triton.cdiv(n, bn))](
