@@ -496,3 +496,30 @@ if __name__ == "__main__":
         print(json.dumps(_sass_counts()))
     else:
         _run_cases(sys.argv[1])
+
+
+@pytest.mark.parametrize(("n_regs", "shared", "num_warps", "programs", "fits"), [
+    (224, 0, 4, 264, True),  # 224 x 32 x 4 registers a block: two blocks on each of 132 SMs
+    (224, 0, 4, 265, False),
+    (128, 0, 4, 528, True),  # four blocks an SM
+    (128, 0, 4, 529, False),
+    (72, 0, 4, 512, True),  # 9216 registers a block: seven blocks an SM by registers
+    (72, 0, 4, 925, False),
+    (128, 100_000, 4, 264, True),  # shared memory: two blocks of 100 KB (+1 KB reserved) in 228 KB
+    (128, 100_000, 4, 265, False),
+    (32, 0, 8, 132 * 8, True),  # threads: 2048 an SM, eight blocks of 256
+    (32, 0, 8, 132 * 8 + 1, False),
+])
+def test_one_wave_counts_resident_blocks_as_the_occupancy_rules_do(monkeypatch, n_regs, shared, num_warps,
+                                                                   programs, fits):
+    """gguf_gemv_wide.one_wave: blocks an SM by threads, registers (allocated per warp in units of 256) and
+    shared memory, times the SMs (an H200's limits), against the grid's programs."""
+    from types import SimpleNamespace
+
+    from devstral.kernels import gguf_gemv_wide
+
+    h200 = SimpleNamespace(multi_processor_count=132, max_threads_per_multi_processor=2048,
+                           regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared))
+    assert gguf_gemv_wide.one_wave(compiled, (programs, 1, 1), num_warps, torch.device("cuda")) is fits

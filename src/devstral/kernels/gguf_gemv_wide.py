@@ -26,7 +26,9 @@ and layout conversions. Here:
   (_row_dot_int8), quantized by each thread for its rows, or (xq=True) once beforehand by gguf_xq.py
   (_row_dot_xq).
 * Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
-  go out before the wait for the kernel that produced the activations.
+  go out before the wait for the kernel that produced the activations. A grid that fits in one wave
+  (one_wave(), from the compiled kernel's registers) signals its dependents at its start rather than at
+  its loop's end (DEVSTRAL_PDL_EARLY=0: always at the end).
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
   of gguf_splitk.py, or by stream-K (stream=P): P programs per SM, each an equal contiguous run of the
@@ -618,7 +620,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False):
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
+                 EARLY: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -649,9 +652,11 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         t_lo = pid_k * per_split
         t_hi = tl.minimum(t_lo + per_split, n_tiles)
         rows = pid_n * BN + tl.arange(0, BN)
+        if PDL and EARLY:  # the whole grid is resident at once (one_wave()): no later wave to take slots from
+            gdc_launch_dependents()
         res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
                         s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
-        if PDL:
+        if PDL and not EARLY:
             # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
             # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
             # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
@@ -702,14 +707,48 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
-    _wide_kernel[grid](
-        xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
-        m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
-        QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
-        HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-        ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
-        STREAM=use_stream, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+    args = (xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
+            m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value)
+    consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
+                  HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
+                  ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
+                  STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
+    key = (*sorted(consts.items()), x.device)
+    early = on and not use_stream and key in _EARLY
+    compiled = _wide_kernel[grid](*args, **consts, EARLY=early, launch_pdl=on)
+    if on and not use_stream and key not in _SEEN:
+        # first launch of these constants (never inside a graph capture: the engine runs every shape eagerly
+        # first): if the grid fits in one wave, compile the early-signalling variant now, for the next calls
+        _SEEN.add(key)
+        if early_signal_enabled() and one_wave(compiled, grid, num_warps, x.device):
+            _wide_kernel.warmup(*args, **consts, EARLY=True, launch_pdl=on, grid=grid)
+            _EARLY.add(key)
     return out
+
+
+_SEEN: set = set()  # the launch constants whose first launch has been seen
+_EARLY: set = set()  # of which: one-wave grids, whose early-signalling variant is compiled
+
+
+def early_signal_enabled() -> bool:
+    """DEVSTRAL_PDL_EARLY=0 keeps every GEMV signalling its dependents at its loop's end."""
+    return os.environ.get("DEVSTRAL_PDL_EARLY", "1") != "0"
+
+
+def one_wave(compiled, grid: tuple, num_warps: int, device: torch.device) -> bool:
+    """Whether every program of the grid is resident at once (SM occupancy from the compiled kernel's
+    registers and shared memory). Then a GEMV may signal its dependents at its start (kernels/pdl.py):
+    their programs take only slots it does not need, and they issue their first weight loads while it
+    still streams, instead of after its last program's loop."""
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    regs = -(-(compiled.n_regs * 32) // 256) * 256 * num_warps  # per warp, in units of 256
+    shared = compiled.metadata.shared + 1024  # the driver reserves 1 KB a block
+    # (Hopper's figures where this torch does not report them)
+    blocks = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
+                 getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
+                 getattr(props, "shared_memory_per_multiprocessor", 233472) // shared, 32)
+    return grid[0] * grid[1] * grid[2] <= blocks * props.multi_processor_count
 
 
 def stream_programs(per_sm: int, units: int, device: torch.device) -> int:
