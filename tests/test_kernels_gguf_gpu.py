@@ -279,6 +279,7 @@ def test_a_one_wave_gemv_signalling_early_gives_the_same_outputs(monkeypatch):
     monkeypatch.setenv("DEVSTRAL_PDL", "0")
     ref = step(torch.empty(1, n2, device=CUDA, dtype=torch.bfloat16)).clone()
     monkeypatch.setenv("DEVSTRAL_PDL", "1")
+    monkeypatch.setenv("DEVSTRAL_PDL_EARLY", "1")
     out = torch.empty(1, n2, device=CUDA, dtype=torch.bfloat16)
     for _ in range(2):
         torch.testing.assert_close(step(out), ref, rtol=0, atol=0)

@@ -26,9 +26,9 @@ and layout conversions. Here:
   (_row_dot_int8), quantized by each thread for its rows, or (xq=True) once beforehand by gguf_xq.py
   (_row_dot_xq).
 * Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
-  go out before the wait for the kernel that produced the activations. A grid that fits in one wave
-  (one_wave(), from the compiled kernel's registers) signals its dependents at its start rather than at
-  its loop's end (DEVSTRAL_PDL_EARLY=0: always at the end).
+  go out before the wait for the kernel that produced the activations. With DEVSTRAL_PDL_EARLY=1 (opt-in
+  until measured on a GPU), a grid that fits in one wave (one_wave(), from the compiled kernel's
+  registers) signals its dependents at its start rather than at its loop's end.
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
   of gguf_splitk.py, or by stream-K (stream=P): P programs per SM, each an equal contiguous run of the
@@ -731,8 +731,8 @@ _EARLY: set = set()  # of which: one-wave grids, whose early-signalling variant 
 
 
 def early_signal_enabled() -> bool:
-    """DEVSTRAL_PDL_EARLY=0 keeps every GEMV signalling its dependents at its loop's end."""
-    return os.environ.get("DEVSTRAL_PDL_EARLY", "1") != "0"
+    """DEVSTRAL_PDL_EARLY=1 lets one-wave GEMVs signal at their start. Off by default: not yet measured on a GPU."""
+    return os.environ.get("DEVSTRAL_PDL_EARLY", "0") == "1"
 
 
 def one_wave(compiled, grid: tuple, num_warps: int, device: torch.device) -> bool:
