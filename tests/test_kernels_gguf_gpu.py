@@ -294,6 +294,22 @@ def test_a_one_wave_gemv_signalling_early_gives_the_same_outputs(monkeypatch):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("down_type", [QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
+def test_the_swiglu_in_downs_quantization_gives_silu_mul_then_the_gemv(down_type, monkeypatch):
+    """gguf_linear.linear(glu=True) on [gate | up] rows, with down's plan forced to wide_xq: bit for bit
+    silu_mul (the same float steps, the same exponential) then the GEMV on its output."""
+    from devstral.kernels.silu_mul import silu_mul
+
+    hidden, dim = 2048, 1024
+    p = pack(blocks(down_type, dim, hidden, seed=8).to(CUDA), down_type, dim, hidden)
+    pre = torch.randn(1, 2 * hidden, device=CUDA, dtype=torch.bfloat16) * 2
+    monkeypatch.setattr(gguf_config, "gguf_plan",
+                        lambda *a, **kw: ("wide_xq", dict(bn=64, ns=8, bm=1, split_k=2, num_warps=4)))
+    fused = gguf_linear.linear(pre, p, glu=True)
+    apart = gguf_linear.linear(silu_mul(pre[:, :hidden], pre[:, hidden:]), p)
+    torch.testing.assert_close(fused, apart, rtol=0, atol=0)
+
+
 def test_activation_quantization_on_the_gpu():
     """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
     from devstral.kernels import gguf_xq

@@ -152,6 +152,38 @@ def _run_cases(out_path: str) -> None:
         res["fuse_kv"] = {"raws": mixed_raws, "x": xf, "out": [o.float() for o in attn.project(xf)],
                           "which": [attn.qkv is not None, attn.qk is not None, attn.kv is not None],
                           "shared": attn.k_proj.weight_q.planar is attn.v_proj.weight_q.planar}
+    # the dense SwiGLU folded into down's activation quantization (MLP._swiglu -> QuantLinear.forward_glu):
+    # gate/up Q4_K fused, down Q4_K (stride-8 activations) or Q6_K (stride-4), every GEMV wide_xq
+    from devstral.kernels.silu_mul import silu_mul
+    from devstral.model.transformer import MLP
+
+    plan = gguf_config.gguf_plan
+    gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=16, ns=8, bm=1, split_k=2, num_warps=4))
+    res["mlp_glu"] = {}
+    quantize, calls = gguf_xq.quantize, []
+
+    def recording(x, layout, glu=False):  # which activation quantizations the MLP launches
+        calls.append(glu)
+        return quantize(x, layout, glu)
+
+    for down_type in (QType.Q4_K, QType.Q6_K):
+        mlp = MLP(SimpleNamespace(dim=256, hidden_dim=512))
+        mlp_raws = {}
+        for name, (qt, n, k) in {"gate_proj": (QType.Q4_K, 512, 256), "up_proj": (QType.Q4_K, 512, 256),
+                                 "down_proj": (down_type, 256, 512)}.items():
+            mlp_raws[name] = (random_blocks(qt, n, k, g), qt.name, n, k)
+            setattr(mlp, name, ql.QuantLinear(mlp_raws[name][0], qt, n, k))
+        mlp.fuse()
+        xm = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+        calls.clear()
+        with torch.no_grad(), hardware_rounding():
+            gguf_xq.quantize = recording
+            fused = mlp(xm).float()
+            gguf_xq.quantize = quantize
+            gate, up = mlp.gate_up(xm)
+            res["mlp_glu"][down_type.name] = {"raws": mlp_raws, "x": xm, "fused": fused, "glu_calls": list(calls),
+                                             "apart": mlp.down_proj(silu_mul(gate, up)).float()}
+    gguf_config.gguf_plan = plan
     torch.save(res, out_path)
 
 
@@ -381,6 +413,22 @@ def test_fused_projection_is_its_members_side_by_side(results):
     assert [o.shape[-1] for o in r["big"]] == [raw.shape[0] for raw in r["raws"]]
     for out, raw in zip(r["big"], r["raws"], strict=True):
         near(out, xb @ dequantize(raw, QType.Q4_K, (raw.shape[0], 256)).t())
+
+
+@pytest.mark.parametrize("down_type", ["Q4_K", "Q6_K"])
+def test_the_mlp_folds_the_swiglu_into_downs_activation_quantization(results, down_type):
+    """At decode sizes a GGUF MLP hands down_proj the [gate | up] rows and its xq GEMV quantizes
+    silu(gate) * up in one launch: the output of silu_mul then the GEMV (to the exponential's last
+    bit), and near the dequantized weights' reference (int8 activations: ~1%)."""
+    from devstral.kernels.silu_mul import silu_mul_ref
+
+    r = results["mlp_glu"][down_type]
+    assert r["glu_calls"] == [False, True]  # gate/up's input, then down's: the SwiGLU in its quantization
+    assert ((r["fused"] - r["apart"]).norm() / r["apart"].norm()).item() < 1e-3
+    x = r["x"].float()
+    deq = {name: dequantize(raw, QType[qt], (n, k)) for name, (raw, qt, n, k) in r["raws"].items()}
+    ref = silu_mul_ref(x @ deq["gate_proj"].t(), x @ deq["up_proj"].t()) @ deq["down_proj"].t()
+    assert ((r["fused"] - ref).norm() / ref.norm()).item() < 3e-2
 
 
 def test_attention_fuses_k_and_v_when_q_has_another_type(results):

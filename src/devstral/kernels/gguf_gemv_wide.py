@@ -675,7 +675,7 @@ INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with a
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-         int8: bool = False, xq: bool = False, stream: int = 0) -> torch.Tensor:
+         int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (about 0.3% relative error, as llama.cpp's quantized matmuls).
@@ -684,12 +684,16 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     xq (with int8): the activations quantized once by gguf_xq.quantize (one more launch) instead of in
     every thread.
     stream > 0: stream-K instead of split_k -- stream programs per SM share the row-tile x K-tile units
-    equally (stream_programs)."""
-    m, k = x.shape
+    equally (stream_programs).
+    glu (with xq): x is [M, 2K], a gate/up projection's [gate | up] rows, and the GEMV's input is their
+    SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch)."""
+    m, k = x.shape[0], p.k
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
         raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
-    xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt)) if xq else x
+    if glu and not xq:
+        raise ValueError("glu needs xq: the SwiGLU is applied by the activation quantization")
+    xin = gguf_xq.quantize(x, gguf_xq.layout_for(qt), glu=glu) if xq else x
     on = pdl.enabled(x.device)
     s_xin = xin.stride(0)
     sb, wps, e = GEOMETRY[qt]

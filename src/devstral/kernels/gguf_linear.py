@@ -15,6 +15,7 @@ import torch
 from devstral.errors import DevstralError
 from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv, gguf_gemv_wide, gguf_idot
 from devstral.kernels.gguf_pack import PackedGGUF
+from devstral.kernels.silu_mul import silu_mul
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 
@@ -57,17 +58,23 @@ def dequant_matmul(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, ou
     return out
 
 
-def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    """x @ W^T (+ bias). glu: x holds a gate/up projection's [gate | up] rows ([.., 2K]) and the input is
+    their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul."""
+    if x.shape[-1] != (2 * p.k if glu else p.k):
+        raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, p.k)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
+        if glu and kind != "wide_xq":
+            x2, glu = silu_mul(x2[:, :p.k], x2[:, p.k:]), False
         if kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
-            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", **cfg)
+            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)
         elif kind == "gemv":

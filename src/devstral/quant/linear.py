@@ -162,6 +162,17 @@ class QuantLinear(nn.Module):
             out[..., start:stop] = F.linear(x, wb, None if bias is None else bias[start:stop])
         return out
 
+    def forward_glu(self, pre: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) from a gate/up projection's [.., gate | up] output: the planar GEMV
+        applies the SwiGLU in its activation quantization (one launch fewer a layer), else silu_mul."""
+        if self.weight_q.mode == "planar" and not (pre.requires_grad and torch.is_grad_enabled()):
+            from devstral.kernels.gguf_linear import linear
+
+            return linear(pre, self.weight_q.packed, self.bias, glu=True)
+        from devstral.kernels.silu_mul import silu_mul
+
+        return self(silu_mul(pre[..., :self.in_features], pre[..., self.in_features:]))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={self.qtype.name}, {self.weight_q.mode}, bias={self.bias is not None}")
@@ -186,6 +197,13 @@ class PackedProjection:
         if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS:
             return tuple(linear(x, p) for p in self.parts)
         return linear(x, self.packed).split([p.n for p in self.parts], dim=-1)
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The members' outputs side by side in one tensor [.., sum of rows] where one launch makes them
+        (decode sizes), else None."""
+        from devstral.kernels.gguf_linear import linear
+
+        return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed)
 
 
 def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
