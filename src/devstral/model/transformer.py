@@ -32,7 +32,7 @@ from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
-from devstral.quant.linear import PackedProjection, QuantLinear, fuse_quant
+from devstral.quant.linear import PackedProjection, folds_swiglu, fuse_quant
 
 
 class AttentionCache(Protocol):
@@ -174,7 +174,7 @@ class MLP(nn.Module):
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
-            if isinstance(self.gate_up, PackedProjection) and type(self.down_proj) is QuantLinear:
+            if isinstance(self.gate_up, PackedProjection) and folds_swiglu(self.down_proj):
                 pre = self.gate_up.joined(x)  # [gate | up]: down's GEMV applies the SwiGLU as it quantizes
                 if pre is not None:
                     return self.down_proj.forward_glu(pre)

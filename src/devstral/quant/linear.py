@@ -13,6 +13,8 @@ embedding's GGUFWeight, so the weight is stored once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QType
@@ -204,6 +206,12 @@ class PackedProjection:
         from devstral.kernels.gguf_linear import linear
 
         return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed)
+
+
+def folds_swiglu(down: nn.Module) -> bool:
+    """Whether an MLP hands this down projection the [gate | up] rows (QuantLinear.forward_glu) rather
+    than silu_mul's output; DEVSTRAL_FOLD_SWIGLU=0 turns it off (for A/B runs)."""
+    return type(down) is QuantLinear and os.environ.get("DEVSTRAL_FOLD_SWIGLU", "1") != "0"
 
 
 def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
