@@ -460,13 +460,14 @@ def test_pytorch_twin_matches_dequantize_then_matmul(qtype):
 SASS_TYPES = {"Q4_K": (0, 32, 4, 8, "*u8", "*i32"), "Q5_K": (1, 32, 4, 8, "*u8", "*u8"),
               "Q6_K": (2, 16, 2, 8, "*i8", "*i16"), "Q8_0": (3, 32, 8, 4, "*u8", "*i32")}
 # loop instructions per weight at BM=1, BN=128 (8 rows a thread), NS=8, 4 warps, as counted when the kernel
-# was written (Triton 3.6): Q4_K 3.65, Q8_0 4.05-4.3, Q5_K 6.78, Q6_K 7.6; the float GEMV (gguf_gemv.py)
+# was written (Triton 3.6): Q4_K 3.65, Q8_0 4.05-4.3, Q5_K 6.78, Q6_K 7.17; the float GEMV (gguf_gemv.py)
 # spends 5.2 / 4.7 / - / 11.2. Bounds with a little slack: a change that breaks the one-layout loop (layout
 # conversions, scalar loads, per-weight scale work) lands far above them (Q5_K with its high bytes in
 # 16-byte loads: 7.65 and spilling, gguf_gemv_wide._load_words).
-SASS_BOUNDS = {"Q4_K": 4.0, "Q5_K": 7.3, "Q6_K": 8.2, "Q8_0": 4.6}
-# with int8 activations (dp4a), counted when written: Q4_K 2.34, Q5_K 3.13, Q6_K 6.2, Q8_0 1.64
-SASS_BOUNDS_INT8 = {"Q4_K": 2.6, "Q5_K": 3.4, "Q6_K": 6.6, "Q8_0": 1.9}
+SASS_BOUNDS = {"Q4_K": 4.0, "Q5_K": 7.3, "Q6_K": 7.7, "Q8_0": 4.6}
+# with int8 activations (dp4a), counted when written: Q4_K 2.34, Q5_K 3.13, Q6_K 4.84 (6.21 before its high-bit
+# words got Q5_K's layout hint), Q8_0 1.64
+SASS_BOUNDS_INT8 = {"Q4_K": 2.6, "Q5_K": 3.4, "Q6_K": 5.2, "Q8_0": 1.9}
 
 
 def _sass_counts() -> dict:
@@ -515,8 +516,8 @@ def test_streaming_gemv_instructions_per_weight_on_sm90(sass_counts, name, int8)
 
 
 # with the activations quantized beforehand (gguf_xq.py), counted when written: Q4_K 1.63, Q5_K 2.61,
-# Q6_K 3.38, Q8_0 1.03
-SASS_BOUNDS_XQ = {"Q4_K": 1.8, "Q5_K": 2.8, "Q6_K": 3.6, "Q8_0": 1.15}
+# Q6_K 3.29, Q8_0 1.03
+SASS_BOUNDS_XQ = {"Q4_K": 1.8, "Q5_K": 2.8, "Q6_K": 3.5, "Q8_0": 1.15}
 
 
 @pytest.mark.parametrize("name", list(SASS_BOUNDS_XQ))
