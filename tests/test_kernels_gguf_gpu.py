@@ -310,6 +310,34 @@ def test_the_swiglu_in_downs_quantization_gives_silu_mul_then_the_gemv(down_type
     torch.testing.assert_close(fused, apart, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("qa", "qb"), [(QType.Q4_K, QType.Q8_0), (QType.Q4_K, QType.Q6_K)], ids=lambda t: t.name)
+def test_a_gemv_pair_gives_each_gemv_alone_eager_and_in_a_graph(qa, qb):
+    """gemv_pair (Mixtral's q and k/v, Devstral's q/k and Q6_K v): both outputs bit for bit those of the
+    two xq GEMVs launched apart with the same constants, eagerly and replayed from a CUDA graph."""
+    k = 4096
+    a = pack(blocks(qa, 4096, k, seed=9).to(CUDA), qa, 4096, k)
+    b = pack(blocks(qb, 2048, k, seed=10).to(CUDA), qb, 2048, k)
+    x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
+    ca = dict(bn=128, ns=8, bm=1, split_k=8, num_warps=4)
+    cb = dict(bn=16, ns=32, bm=1, split_k=1, num_warps=4)
+    alone = [gguf_gemv_wide.gemv(x, p, None, torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16), int8=True,
+                                 xq=True, **c) for p, c in ((a, ca), (b, cb))]
+    outs = [torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16) for p in (a, b)]
+    gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
+    for out, ref in zip(outs, alone, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
+    for _ in range(3):
+        for out in outs:
+            out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(outs, alone, strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_activation_quantization_on_the_gpu():
     """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
     from devstral.kernels import gguf_xq

@@ -152,6 +152,33 @@ def _run_cases(out_path: str) -> None:
         res["fuse_kv"] = {"raws": mixed_raws, "x": xf, "out": [o.float() for o in attn.project(xf)],
                           "which": [attn.qkv is not None, attn.qk is not None, attn.kv is not None],
                           "shared": attn.k_proj.weight_q.planar is attn.v_proj.weight_q.planar}
+    # two GEMVs of one input in one launch (gemv_pair): A's and B's programs in one grid, against each
+    # launched alone with the same constants; the types share gguf_xq's layout (Q4_K, Q8_0) or not (Q6_K)
+    res["pair"] = {}
+    for (qa, na), (qb, nb), m in (((QType.Q4_K, 96), (QType.Q8_0, 40), 1), ((QType.Q4_K, 64), (QType.Q6_K, 48), 3)):
+        pa, pb = (pack(random_blocks(qt, n, 512, g), qt, n, 512) for qt, n in ((qa, na), (qb, nb)))
+        xp = torch.randn(m, 512, generator=g).to(torch.bfloat16)
+        ca = dict(bn=32, ns=8, bm=gguf_gemv_wide.bm_for(m), split_k=2, num_warps=4)
+        cb = dict(bn=16, ns=16, bm=gguf_gemv_wide.bm_for(m), split_k=1, num_warps=4)
+        outs = [torch.full((m, n), float("nan"), dtype=torch.bfloat16) for n in (na, nb)]
+        gguf_gemv_wide.gemv_pair(xp, pa, ca, outs[0], pb, cb, outs[1])
+        alone = [gguf_gemv_wide.gemv(xp, p_, None, torch.empty(m, p_.n, dtype=torch.bfloat16), int8=True, xq=True,
+                                     **c) for p_, c in ((pa, ca), (pb, cb))]
+        res["pair"][(qa.name, qb.name)] = (outs, alone)
+    # the attention above with DEVSTRAL_PAIR_GEMV=1: q (Q4_K) and the fused k/v (Q8_0) as one PairedProjection
+    plan = gguf_config.gguf_plan
+    gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=16, ns=8, bm=1, split_k=2, num_warps=4))
+    attn = Attention(SimpleNamespace(sliding_window=None, n_heads=2, n_kv_heads=1, head_dim=128, dim=256), 0)
+    for name, (qt, n) in mixed.items():
+        setattr(attn, name, ql.QuantLinear(mixed_raws[name], qt, n, 256))
+    os.environ["DEVSTRAL_PAIR_GEMV"] = "1"
+    attn.fuse()
+    os.environ.pop("DEVSTRAL_PAIR_GEMV")
+    x1 = xf[:1]
+    with torch.no_grad():
+        res["pair_attn"] = {"paired": type(attn.qkv).__name__, "out": [o.float() for o in attn.qkv(x1)],
+                            "alone": [attn.q_proj(x1).float(), *(o.float() for o in attn.kv(x1))]}
+    gguf_config.gguf_plan = plan
     # the dense SwiGLU folded into down's activation quantization (MLP._swiglu -> QuantLinear.forward_glu):
     # gate/up Q4_K fused, down Q4_K (stride-8 activations) or Q6_K (stride-4), every GEMV wide_xq
     from devstral.kernels.silu_mul import silu_mul
@@ -429,6 +456,26 @@ def test_the_mlp_folds_the_swiglu_into_downs_activation_quantization(results, do
     deq = {name: dequantize(raw, QType[qt], (n, k)) for name, (raw, qt, n, k) in r["raws"].items()}
     ref = silu_mul_ref(x @ deq["gate_proj"].t(), x @ deq["up_proj"].t()) @ deq["down_proj"].t()
     assert ((r["fused"] - ref).norm() / ref.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("types", [("Q4_K", "Q8_0"), ("Q4_K", "Q6_K")], ids="_".join)
+def test_a_gemv_pair_gives_each_weights_launch_alone(results, types):
+    """gemv_pair: every row of both outputs written, bit for bit what each GEMV gives alone with its own
+    tile, split and row dot (one quantized input where the layouts agree, two where they do not)."""
+    outs, alone = results["pair"][types]
+    for out, ref in zip(outs, alone, strict=True):
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_paired_attention_projections_give_the_unpaired_outputs(results):
+    """DEVSTRAL_PAIR_GEMV=1: q (Q4_K) and the fused k/v (Q8_0) become one PairedProjection, and its q, k, v
+    at one row are those of q_proj and kv launched apart."""
+    r = results["pair_attn"]
+    assert r["paired"] == "PairedProjection"
+    assert [o.shape for o in r["out"]] == [o.shape for o in r["alone"]]
+    for out, ref in zip(r["out"], r["alone"], strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_attention_fuses_k_and_v_when_q_has_another_type(results):

@@ -54,7 +54,14 @@ from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
+from devstral.kernels.gguf_splitk import (
+    MAX_TILES,
+    counters,
+    store_output,
+    store_share,
+    usable_split,
+    workspace,
+)
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MAX_BM = 4  # activation rows per program; more rows run as more programs along grid axis 2
@@ -652,22 +659,67 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         if PDL:
             gdc_launch_dependents()
     else:
-        per_split = tl.cdiv(n_tiles, SPLIT_K)
-        t_lo = pid_k * per_split
-        t_hi = tl.minimum(t_lo + per_split, n_tiles)
-        rows = pid_n * BN + tl.arange(0, BN)
-        if PDL and EARLY:  # the whole grid is resident at once (one_wave()): no later wave to take slots from
-            gdc_launch_dependents()
-        res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
-                        s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
-        if PDL and not EARLY:
-            # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
-            # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
-            # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
-            gdc_launch_dependents()
-        cols = m0 + tl.arange(0, BM)
-        store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
-                     pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
+        _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
+                       cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
+                       s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
+                       STAGES, XQ, PDL, EARLY)
+
+
+@triton.jit
+def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr,
+                   mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one, SPLIT_K,
+                   QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
+                   NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+    """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
+    tile_id) for activation rows m0.. -- one program of a split-K launch."""
+    n_tiles = tl.cdiv(K // SB, NS)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    rows = pid_n * BN + tl.arange(0, BN)
+    if PDL and EARLY:  # the whole grid is resident at once (one_wave()): no later wave to take slots from
+        gdc_launch_dependents()
+    res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
+                    s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
+    if PDL and not EARLY:
+        # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
+        # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
+        # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
+        gdc_launch_dependents()
+    cols = m0 + tl.arange(0, BM)
+    store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, HAS_BIAS,
+                 SPLIT)
+
+
+@triton.jit
+def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q, as_qh, as_sc, as_d, SPLIT_A,
+                 xb, outb, wsb, bq, bqh, bsc, bmn, bd, bdm, NB, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, SPLIT_B,
+                 cnt_ptr, M, K, one,
+                 QT_A: tl.constexpr, SB_A: tl.constexpr, WPS_A: tl.constexpr, E_A: tl.constexpr, BN_A: tl.constexpr,
+                 NS_A: tl.constexpr, SPLITS_A: tl.constexpr, EVEN_N_A: tl.constexpr, EVEN_K_A: tl.constexpr,
+                 QT_B: tl.constexpr, SB_B: tl.constexpr, WPS_B: tl.constexpr, E_B: tl.constexpr, BN_B: tl.constexpr,
+                 NS_B: tl.constexpr, SPLITS_B: tl.constexpr, EVEN_N_B: tl.constexpr, EVEN_K_B: tl.constexpr,
+                 BM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Two GEMVs of one input in one launch (gemv_pair): programs 0..GA-1 are A's split-K grid, the rest
+    B's, each with its own type, tile and split; counters A's row tiles then B's."""
+    f = tl.program_id(0)
+    pid_m = tl.program_id(2)
+    tiles_a = tl.cdiv(NA, BN_A)
+    tiles_b = tl.cdiv(NB, BN_B)
+    tile0 = pid_m * (tiles_a + tiles_b)
+    if f < tiles_a * SPLIT_A:
+        _split_program(f % tiles_a, f // tiles_a, pid_m * BM, tile0 + f % tiles_a, xa, outa, outa, wsa, cnt_ptr,
+                       aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_A,
+                       QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLITS_A, False, EVEN_N_A, EVEN_K_A, ASM, True, 1,
+                       True, PDL, False)
+    else:
+        g = f - tiles_a * SPLIT_A
+        _split_program(g % tiles_b, g // tiles_b, pid_m * BM, tile0 + tiles_a + g % tiles_b, xb, outb, outb, wsb,
+                       cnt_ptr, bq, bqh, bsc, bmn, bd, bdm, M, NB, K, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, one,
+                       SPLIT_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLITS_B, False, EVEN_N_B, EVEN_K_B, ASM,
+                       True, 1, True, PDL, False)
 
 
 def bm_for(m: int) -> int:
@@ -757,6 +809,55 @@ def one_wave(compiled, grid: tuple, num_warps: int, device: torch.device) -> boo
                  getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
                  getattr(props, "shared_memory_per_multiprocessor", 233472) // shared, 32)
     return grid[0] * grid[1] * grid[2] <= blocks * props.multi_processor_count
+
+
+def pairs_with(cfg_a: dict, cfg_b: dict) -> bool:
+    """Whether two weights' launch constants can share one gemv_pair launch: split-K (no stream-K), the
+    register-prefetch loop, one BM and one warp count."""
+    return all(c.get("stream", 0) == 0 and c.get("num_stages", 1) == 1 for c in (cfg_a, cfg_b)) and \
+        cfg_a.get("bm") == cfg_b.get("bm") and cfg_a.get("num_warps", 4) == cfg_b.get("num_warps", 4)
+
+
+def gemv_pair(x: torch.Tensor, a: PackedGGUF, cfg_a: dict, out_a: torch.Tensor, b: PackedGGUF, cfg_b: dict,
+              out_b: torch.Tensor) -> None:
+    """out_a[M, Na] = x @ A^T and out_b[M, Nb] = x @ B^T in one launch, for two weights of one input that
+    cannot share a planar weight (q and k/v of different types): one launch, one ramp and one DRAM
+    latency instead of two, and one activation quantization where the types share its layout. Both run
+    the xq row dot; cfg_a / cfg_b are each weight's split-K constants (bn, ns, split_k; pairs_with())."""
+    m, k = x.shape
+    if a.k != k or b.k != k or not pairs_with(cfg_a, cfg_b):
+        raise ValueError("gemv_pair: one K and compatible launch constants (pairs_with) needed")
+    bm = cfg_a["bm"]
+    tiles_m = triton.cdiv(m, bm)
+    la, lb = gguf_xq.layout_for(qt_code(a.qtype)), gguf_xq.layout_for(qt_code(b.qtype))
+    xa = gguf_xq.quantize(x, la)
+    xb = xa if lb == la else gguf_xq.quantize(x, lb)
+
+    def member(p: PackedGGUF, cfg: dict, suffix: str):
+        qt = qt_code(p.qtype)
+        sb, wps, e = GEOMETRY[qt]
+        if qt not in INT8_TYPES:
+            raise ValueError(f"no int8-activation GEMV for {p.qtype.name}")
+        bn, ns = cfg["bn"], cfg["ns"]
+        tiles = triton.cdiv(p.n, bn)
+        split = usable_split(cfg.get("split_k", 1), tiles * tiles_m, m, p.n)
+        consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, SPLITS=split > 1, EVEN_N=p.n % bn == 0,
+                      EVEN_K=k % (ns * sb) == 0)
+        return tiles, split, workspace(split, m, p.n, x.device), {f"{key}_{suffix}": v for key, v in consts.items()}
+
+    tiles_a, split_a, ws_a, consts_a = member(a, cfg_a, "A")
+    tiles_b, split_b, ws_b, consts_b = member(b, cfg_b, "B")
+    if (tiles_a + tiles_b) * tiles_m > MAX_TILES:
+        raise ValueError("gemv_pair: more row tiles than split-K counters")
+    fields_a, strides_a = field_args(a)
+    fields_b, strides_b = field_args(b)
+    on = pdl.enabled(x.device)
+    _pair_kernel[(tiles_a * split_a + tiles_b * split_b, 1, tiles_m)](
+        xa, out_a, ws_a, *fields_a, a.n, xa.stride(0), out_a.stride(0), *strides_a, split_a,
+        xb, out_b, ws_b, *fields_b, b.n, xb.stride(0), out_b.stride(0), *strides_b, split_b,
+        counters(x.device), m, k, ONE_F32_BITS.value, **consts_a, **consts_b, BM=bm,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on, num_warps=cfg_a.get("num_warps", 4), num_stages=1,
+        launch_pdl=on)
 
 
 def stream_programs(per_sm: int, units: int, device: torch.device) -> int:

@@ -32,7 +32,7 @@ from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
-from devstral.quant.linear import PackedProjection, folds_swiglu, fuse_quant
+from devstral.quant.linear import PackedProjection, folds_swiglu, fuse_quant, pair_quant
 
 
 class AttentionCache(Protocol):
@@ -116,6 +116,11 @@ class Attention(nn.Module):
             self.qk = fused_projection(self.q_proj, self.k_proj)
         if self.qkv is None and self.qk is None:
             self.kv = fused_projection(self.k_proj, self.v_proj)
+        # the two groups left (types differ) in one launch at decode sizes, where opted in (PairedProjection)
+        if self.qk is not None:
+            self.qkv = pair_quant(self.qk, self.v_proj)
+        elif self.kv is not None:
+            self.qkv = pair_quant(self.q_proj, self.kv)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not torch.is_grad_enabled():

@@ -208,6 +208,88 @@ class PackedProjection:
         return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed)
 
 
+class PairedProjection:
+    """Two projections of one input whose weights cannot share one planar weight (their types differ:
+    q and a fused k/v, or a fused q/k and v) -- each a planar QuantLinear or a PackedProjection -- as one
+    launch at decode sizes (gguf_gemv_wide.gemv_pair): where both weights' plans are int8 streaming GEMVs,
+    each keeps its tile width, sub-blocks a tile and split, in one grid, with the register-prefetch loop.
+    Otherwise, and above the decode sizes, each member runs as it would alone. Returns every member's
+    outputs in order (a PackedProjection's parts split). Opt-in (pairs_projections()) until measured."""
+
+    FUSED_MAX_ROWS = PackedProjection.FUSED_MAX_ROWS
+
+    def __init__(self, first, second):
+        self.members = (first, second)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfgs = self._configs(x)
+        if cfgs is None:
+            return tuple(out for member in self.members for out in _outputs(member, x))
+        from devstral.kernels.gguf_gemv_wide import gemv_pair
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        packs = [_packed(member) for member in self.members]
+        outs = [torch.empty(x2.shape[0], p.n, dtype=x.dtype, device=x.device) for p in packs]
+        gemv_pair(x2, packs[0], cfgs[0], outs[0], packs[1], cfgs[1], outs[1])
+        result = []
+        for member, out in zip(self.members, outs, strict=True):
+            out = out.reshape(*lead, out.shape[-1])
+            result += out.split([p.n for p in member.parts], dim=-1) if isinstance(member, PackedProjection) else [out]
+        return tuple(result)
+
+    def _configs(self, x: torch.Tensor) -> tuple[dict, dict] | None:
+        """Each weight's split-K constants for the paired launch, or None where it does not apply."""
+        from devstral.kernels import gguf_config
+        from devstral.kernels.gguf_gemv_wide import bm_for, pairs_with
+
+        rows = x.numel() // x.shape[-1]
+        if rows == 0 or rows > self.FUSED_MAX_ROWS:
+            return None
+        sms = gguf_config.sm_count(x.device) if x.is_cuda else 132
+        cfgs = []
+        for p in (_packed(member) for member in self.members):
+            kind, cfg = gguf_config.gguf_plan(p.qtype.name, rows, p.n, p.k, x.device)
+            if kind not in gguf_config.WIDE_INT8_KINDS or cfg.get("num_warps", 4) != 4:
+                return None
+            sub_block = 16 if p.qtype.name == "Q6_K" else 32
+            # a stream-K plan has no split: the split-K rule's (about two programs an SM)
+            split = cfg.get("split_k") or gguf_config.split_k(-(-p.n // cfg["bn"]), p.k // sub_block // cfg["ns"], sms)
+            cfgs.append(dict(bn=cfg["bn"], ns=cfg["ns"], bm=bm_for(rows), split_k=split, num_warps=4))
+        return (cfgs[0], cfgs[1]) if pairs_with(*cfgs) else None
+
+
+def _packed(member):
+    return member.packed if isinstance(member, PackedProjection) else member.weight_q.packed
+
+
+def _outputs(member, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return member(x) if isinstance(member, PackedProjection) else (member(x),)
+
+
+def pairs_projections() -> bool:
+    """DEVSTRAL_PAIR_GEMV=1: attention projections of different types share one launch (PairedProjection)."""
+    return os.environ.get("DEVSTRAL_PAIR_GEMV", "0") == "1"
+
+
+def pair_quant(first, second) -> PairedProjection | None:
+    """A PairedProjection of two planar projections (QuantLinear or PackedProjection) with one K and the
+    int8 row dot, when pairs_projections(); else None."""
+    from devstral.kernels.gguf_config import WIDE_INT8_TYPES
+
+    def planar(m) -> bool:
+        return isinstance(m, PackedProjection) or (type(m) is QuantLinear and m.bias is None
+                                                   and m.weight_q.mode == "planar")
+
+    if not pairs_projections() or not (planar(first) and planar(second)):
+        return None
+    packs = [_packed(first), _packed(second)]
+    if packs[0].k != packs[1].k or any(p.qtype.name not in WIDE_INT8_TYPES for p in packs):
+        return None
+    return PairedProjection(first, second)
+
+
 def folds_swiglu(down: nn.Module) -> bool:
     """Whether an MLP hands this down projection the [gate | up] rows (QuantLinear.forward_glu) rather
     than silu_mul's output; DEVSTRAL_FOLD_SWIGLU=0 turns it off (for A/B runs)."""
