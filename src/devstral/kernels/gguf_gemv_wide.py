@@ -694,13 +694,13 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
 
 
 @triton.jit
-def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q, as_qh, as_sc, as_d, SPLIT_A,
-                 xb, outb, wsb, bq, bqh, bsc, bmn, bd, bdm, NB, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, SPLIT_B,
+def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q, as_qh, as_sc, as_d, SPLIT_K_A,
+                 xb, outb, wsb, bq, bqh, bsc, bmn, bd, bdm, NB, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, SPLIT_K_B,
                  cnt_ptr, M, K, one,
                  QT_A: tl.constexpr, SB_A: tl.constexpr, WPS_A: tl.constexpr, E_A: tl.constexpr, BN_A: tl.constexpr,
-                 NS_A: tl.constexpr, SPLITS_A: tl.constexpr, EVEN_N_A: tl.constexpr, EVEN_K_A: tl.constexpr,
+                 NS_A: tl.constexpr, SPLIT_A: tl.constexpr, EVEN_N_A: tl.constexpr, EVEN_K_A: tl.constexpr,
                  QT_B: tl.constexpr, SB_B: tl.constexpr, WPS_B: tl.constexpr, E_B: tl.constexpr, BN_B: tl.constexpr,
-                 NS_B: tl.constexpr, SPLITS_B: tl.constexpr, EVEN_N_B: tl.constexpr, EVEN_K_B: tl.constexpr,
+                 NS_B: tl.constexpr, SPLIT_B: tl.constexpr, EVEN_N_B: tl.constexpr, EVEN_K_B: tl.constexpr,
                  BM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Two GEMVs of one input in one launch (gemv_pair): programs 0..GA-1 are A's split-K grid, the rest
     B's, each with its own type, tile and split; counters A's row tiles then B's."""
@@ -709,16 +709,16 @@ def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q
     tiles_a = tl.cdiv(NA, BN_A)
     tiles_b = tl.cdiv(NB, BN_B)
     tile0 = pid_m * (tiles_a + tiles_b)
-    if f < tiles_a * SPLIT_A:
+    if f < tiles_a * SPLIT_K_A:
         _split_program(f % tiles_a, f // tiles_a, pid_m * BM, tile0 + f % tiles_a, xa, outa, outa, wsa, cnt_ptr,
-                       aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_A,
-                       QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLITS_A, False, EVEN_N_A, EVEN_K_A, ASM, True, 1,
+                       aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_K_A,
+                       QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLIT_A, False, EVEN_N_A, EVEN_K_A, ASM, True, 1,
                        True, PDL, False)
     else:
-        g = f - tiles_a * SPLIT_A
+        g = f - tiles_a * SPLIT_K_A
         _split_program(g % tiles_b, g // tiles_b, pid_m * BM, tile0 + tiles_a + g % tiles_b, xb, outb, outb, wsb,
                        cnt_ptr, bq, bqh, bsc, bmn, bd, bdm, M, NB, K, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, one,
-                       SPLIT_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLITS_B, False, EVEN_N_B, EVEN_K_B, ASM,
+                       SPLIT_K_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLIT_B, False, EVEN_N_B, EVEN_K_B, ASM,
                        True, 1, True, PDL, False)
 
 
@@ -773,7 +773,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
                   STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
-    key = (*sorted(consts.items()), x.device)
+    key = (*sorted(consts.items()), grid, x.device)  # one_wave() depends on the grid, not only the constants
     early = on and not use_stream and key in _EARLY
     compiled = _wide_kernel[grid](*args, **consts, EARLY=early, launch_pdl=on)
     if on and not use_stream and key not in _SEEN:
@@ -841,7 +841,7 @@ def gemv_pair(x: torch.Tensor, a: PackedGGUF, cfg_a: dict, out_a: torch.Tensor, 
         bn, ns = cfg["bn"], cfg["ns"]
         tiles = triton.cdiv(p.n, bn)
         split = usable_split(cfg.get("split_k", 1), tiles * tiles_m, m, p.n)
-        consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, SPLITS=split > 1, EVEN_N=p.n % bn == 0,
+        consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, SPLIT=split > 1, EVEN_N=p.n % bn == 0,
                       EVEN_K=k % (ns * sb) == 0)
         return tiles, split, workspace(split, m, p.n, x.device), {f"{key}_{suffix}": v for key, v in consts.items()}
 
