@@ -161,3 +161,12 @@ def test_the_default_is_off_on_cpu(llm):
     engine = Engine(llm.model, llm.config, EngineConfig(kv_cache_dtype="fp32"), compute_dtype=torch.float32,
                     plan=(256, 2048))
     assert engine.overlap is False
+
+
+def test_an_explicit_setting_wins_over_the_default(llm, monkeypatch):
+    """overlap=True is honoured on any device (the CPU tests above run it so); DEVSTRAL_OVERLAP only
+    changes the default."""
+    monkeypatch.setenv("DEVSTRAL_OVERLAP", "0")
+    engine = Engine(llm.model, llm.config, EngineConfig(kv_cache_dtype="fp32", overlap=True),
+                    compute_dtype=torch.float32, plan=(256, 2048))
+    assert engine.overlap is True

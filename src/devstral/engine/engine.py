@@ -7,6 +7,7 @@ them; whoever drives the loop (the CLI's generator, or the server's worker threa
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ class EngineConfig:
     speculative: str = "lookup"  # "off" or "lookup" (prompt-lookup drafts, verified exactly)
     spec_max_batch: int = 8  # draft only while at most this many sequences run
     # Launch a decode step before reading the previous one's tokens (Engine.step). None: on for CUDA, where
-    # it hides the host's share of a step (+7% decode on an H200); off on CPU, where the host is the device.
+    # it hides the host's share of a step (+7% decode on an H200), unless DEVSTRAL_OVERLAP=0; off on CPU,
+    # where the host is the device.
     overlap: bool | None = None
 
 
@@ -126,7 +128,8 @@ class Engine:
                  plan: tuple[int, int] | None = None, vision: VisionModel | None = None):
         self.cfg, self.ec = cfg, ec
         self.device = next(model.parameters()).device
-        self.overlap = ec.overlap if ec.overlap is not None else self.device.type == "cuda"
+        self.overlap = ec.overlap if ec.overlap is not None else (
+            self.device.type == "cuda" and os.environ.get("DEVSTRAL_OVERLAP", "1") != "0")
         self.kind = parse_kv_kind(ec.kv_cache_dtype, compute_dtype, self.device)
         self.max_context, pool_tokens = plan or plan_memory(model, cfg, ec, self.kind, self.device)
         if self.device.type == "cuda":
