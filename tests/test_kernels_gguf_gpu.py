@@ -188,6 +188,20 @@ def test_streaming_gemv_int8_exact_on_int8_activations(qt, m):
             close(out, xr.float() @ w.t(), rel=1.5e-2)
 
 
+def _replays_exactly(run, outs: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+    """run() captured in a CUDA graph; three replays, the outputs zeroed before each, give refs bit for bit."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        for out in outs:
+            out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(outs, refs, strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
     """Stream-K (gemv(stream=...)): 1-4 programs per SM sharing the row-tile x K-tile units, so runs cross
@@ -214,15 +228,9 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
             torch.testing.assert_close(oute, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     once = torch.empty(1, n, device=CUDA, dtype=torch.float32)
     gguf_gemv_wide.gemv(xe[:1], p, None, once, bn=128, ns=8, bm=1, stream=2, int8=True, xq=True)
-    graph = torch.cuda.CUDAGraph()
     out = torch.empty_like(once)
-    with torch.cuda.graph(graph):
-        gguf_gemv_wide.gemv(xe[:1], p, None, out, bn=128, ns=8, bm=1, stream=2, int8=True, xq=True)
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, once)
+    _replays_exactly(lambda: gguf_gemv_wide.gemv(xe[:1], p, None, out, bn=128, ns=8, bm=1, stream=2, int8=True,
+                                                 xq=True), [out], [once])
 
 
 @pytest.mark.parametrize("xq", [False, True], ids=["i8", "xq"])
@@ -247,14 +255,7 @@ def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatc
     monkeypatch.setenv("DEVSTRAL_PDL", "1")
     out = torch.empty(1, n, device=CUDA, dtype=torch.bfloat16)
     torch.testing.assert_close(step(out), ref, rtol=0, atol=0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(out)
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _replays_exactly(lambda: step(out), [out], [ref])
 
 
 def test_a_one_wave_gemv_signalling_early_gives_the_same_outputs(monkeypatch):
@@ -284,14 +285,7 @@ def test_a_one_wave_gemv_signalling_early_gives_the_same_outputs(monkeypatch):
     for _ in range(2):
         torch.testing.assert_close(step(out), ref, rtol=0, atol=0)
     assert gguf_gemv_wide._EARLY  # the early variants were compiled and the second call ran them
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(out)
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _replays_exactly(lambda: step(out), [out], [ref])
 
 
 @pytest.mark.parametrize("down_type", [QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
@@ -326,16 +320,7 @@ def test_a_gemv_pair_gives_each_gemv_alone_eager_and_in_a_graph(qa, qb):
     gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
     for out, ref in zip(outs, alone, strict=True):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
-    for _ in range(3):
-        for out in outs:
-            out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        for out, ref in zip(outs, alone, strict=True):
-            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _replays_exactly(lambda: gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1]), outs, alone)
 
 
 def test_activation_quantization_on_the_gpu():

@@ -773,20 +773,20 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
                   STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
-    key = (*sorted(consts.items()), grid, x.device)  # one_wave() depends on the grid, not only the constants
-    early = on and not use_stream and key in _EARLY
-    compiled = _wide_kernel[grid](*args, **consts, EARLY=early, launch_pdl=on)
-    if on and not use_stream and key not in _SEEN:
+    # opted in (early_signal_enabled): the key covers the grid too, as one_wave() depends on it
+    key = (*sorted(consts.items()), grid, x.device) if on and not use_stream and early_signal_enabled() else None
+    compiled = _wide_kernel[grid](*args, **consts, EARLY=key in _EARLY, launch_pdl=on)
+    if key is not None and key not in _SEEN:
         # first launch of these constants (never inside a graph capture: the engine runs every shape eagerly
         # first): if the grid fits in one wave, compile the early-signalling variant now, for the next calls
         _SEEN.add(key)
-        if early_signal_enabled() and one_wave(compiled, grid, num_warps, x.device):
+        if one_wave(compiled, grid, num_warps, x.device):
             _wide_kernel.warmup(*args, **consts, EARLY=True, launch_pdl=on, grid=grid)
             _EARLY.add(key)
     return out
 
 
-_SEEN: set = set()  # the launch constants whose first launch has been seen
+_SEEN: set = set()  # the launch constants (and grids) whose first launch has been seen, while opted in
 _EARLY: set = set()  # of which: one-wave grids, whose early-signalling variant is compiled
 
 
