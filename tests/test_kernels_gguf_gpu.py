@@ -258,36 +258,6 @@ def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatc
     _replays_exactly(lambda: step(out), [out], [ref])
 
 
-def test_a_one_wave_gemv_signalling_early_gives_the_same_outputs(monkeypatch):
-    """A GEMV whose grid fits in one wave signals its dependents at its start (gguf_gemv_wide.one_wave):
-    the next GEMV, reading its output, still waits for its end. RMSNorm -> GEMV -> GEMV against plain
-    launches, eagerly (the second call runs the early variant the first compiled) and in a CUDA graph."""
-    from devstral.kernels.rms_norm_triton import rms_norm_triton
-
-    k, n1, n2 = 2048, 1024, 1536
-    p1 = pack(blocks(QType.Q4_K, n1, k, seed=6).to(CUDA), QType.Q4_K, n1, k)
-    p2 = pack(blocks(QType.Q8_0, n2, n1, seed=7).to(CUDA), QType.Q8_0, n2, n1)
-    x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
-    w = torch.rand(k, device=CUDA, dtype=torch.bfloat16) + 0.5
-    cfg = dict(bn=128, ns=8, bm=1, split_k=4, num_warps=4)  # 8 x 4 programs: one wave
-
-    def step(out):
-        mid = torch.empty(1, n1, device=CUDA, dtype=torch.bfloat16)
-        gguf_gemv_wide.gemv(rms_norm_triton(x, w, 1e-5), p1, None, mid, int8=True, xq=True, **cfg)
-        gguf_gemv_wide.gemv(mid, p2, None, out, int8=True, xq=True, **cfg)
-        return out
-
-    monkeypatch.setenv("DEVSTRAL_PDL", "0")
-    ref = step(torch.empty(1, n2, device=CUDA, dtype=torch.bfloat16)).clone()
-    monkeypatch.setenv("DEVSTRAL_PDL", "1")
-    monkeypatch.setenv("DEVSTRAL_PDL_EARLY", "1")
-    out = torch.empty(1, n2, device=CUDA, dtype=torch.bfloat16)
-    for _ in range(2):
-        torch.testing.assert_close(step(out), ref, rtol=0, atol=0)
-    assert gguf_gemv_wide._EARLY  # the early variants were compiled and the second call ran them
-    _replays_exactly(lambda: step(out), [out], [ref])
-
-
 @pytest.mark.parametrize("down_type", [QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
 def test_the_swiglu_in_downs_quantization_gives_silu_mul_then_the_gemv(down_type, monkeypatch):
     """gguf_linear.linear(glu=True) on [gate | up] rows, with down's plan forced to wide_xq: bit for bit

@@ -147,7 +147,9 @@ def _run_cases(out_path: str) -> None:
     for name, (qt, n) in mixed.items():
         mixed_raws[name] = random_blocks(qt, n, 256, g)
         setattr(attn, name, ql.QuantLinear(mixed_raws[name], qt, n, 256))
+    os.environ["DEVSTRAL_PAIR_GEMV"] = "0"  # the unpaired groups (the pair is checked below)
     attn.fuse()
+    os.environ.pop("DEVSTRAL_PAIR_GEMV")
     with torch.no_grad():
         res["fuse_kv"] = {"raws": mixed_raws, "x": xf, "out": [o.float() for o in attn.project(xf)],
                           "which": [attn.qkv is not None, attn.qk is not None, attn.kv is not None],
@@ -165,15 +167,13 @@ def _run_cases(out_path: str) -> None:
         alone = [gguf_gemv_wide.gemv(xp, p_, None, torch.empty(m, p_.n, dtype=torch.bfloat16), int8=True, xq=True,
                                      **c) for p_, c in ((pa, ca), (pb, cb))]
         res["pair"][(qa.name, qb.name)] = (outs, alone)
-    # the attention above with DEVSTRAL_PAIR_GEMV=1: q (Q4_K) and the fused k/v (Q8_0) as one PairedProjection
+    # the attention above as it fuses by default: q (Q4_K) and the fused k/v (Q8_0) as one PairedProjection
     plan = gguf_config.gguf_plan
     gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=16, ns=8, bm=1, split_k=2, num_warps=4))
     attn = Attention(SimpleNamespace(sliding_window=None, n_heads=2, n_kv_heads=1, head_dim=128, dim=256), 0)
     for name, (qt, n) in mixed.items():
         setattr(attn, name, ql.QuantLinear(mixed_raws[name], qt, n, 256))
-    os.environ["DEVSTRAL_PAIR_GEMV"] = "1"
-    attn.fuse()
-    os.environ.pop("DEVSTRAL_PAIR_GEMV")
+    attn.fuse()  # paired by default
     x1 = xf[:1]
     with torch.no_grad():
         res["pair_attn"] = {"paired": type(attn.qkv).__name__, "out": [o.float() for o in attn.qkv(x1)],
@@ -469,7 +469,7 @@ def test_a_gemv_pair_gives_each_weights_launch_alone(results, types):
 
 
 def test_paired_attention_projections_give_the_unpaired_outputs(results):
-    """DEVSTRAL_PAIR_GEMV=1: q (Q4_K) and the fused k/v (Q8_0) become one PairedProjection, and its q, k, v
+    """By default q (Q4_K) and the fused k/v (Q8_0) become one PairedProjection, and its q, k, v
     at one row are those of q_proj and kv launched apart."""
     r = results["pair_attn"]
     assert r["paired"] == "PairedProjection"
@@ -479,7 +479,8 @@ def test_paired_attention_projections_give_the_unpaired_outputs(results):
 
 
 def test_attention_fuses_k_and_v_when_q_has_another_type(results):
-    """q Q4_K, k and v Q8_0: k/v become one planar weight (one launch fewer per layer), q runs alone,
+    """q Q4_K, k and v Q8_0, not paired (DEVSTRAL_PAIR_GEMV=0): k/v become one planar weight (one launch
+    fewer per layer), q runs alone,
     and the three outputs are still the dequantized weights times x."""
     r = results["fuse_kv"]
     assert r["which"] == [False, False, True] and r["shared"]
@@ -592,30 +593,3 @@ if __name__ == "__main__":
         print(json.dumps(_sass_counts()))
     else:
         _run_cases(sys.argv[1])
-
-
-@pytest.mark.parametrize(("n_regs", "shared", "num_warps", "programs", "fits"), [
-    (224, 0, 4, 264, True),  # 224 x 32 x 4 registers a block: two blocks on each of 132 SMs
-    (224, 0, 4, 265, False),
-    (128, 0, 4, 528, True),  # four blocks an SM
-    (128, 0, 4, 529, False),
-    (72, 0, 4, 512, True),  # 9216 registers a block: seven blocks an SM by registers
-    (72, 0, 4, 925, False),
-    (128, 100_000, 4, 264, True),  # shared memory: two blocks of 100 KB (+1 KB reserved) in 228 KB
-    (128, 100_000, 4, 265, False),
-    (32, 0, 8, 132 * 8, True),  # threads: 2048 an SM, eight blocks of 256
-    (32, 0, 8, 132 * 8 + 1, False),
-])
-def test_one_wave_counts_resident_blocks_as_the_occupancy_rules_do(monkeypatch, n_regs, shared, num_warps,
-                                                                   programs, fits):
-    """gguf_gemv_wide.one_wave: blocks an SM by threads, registers (allocated per warp in units of 256) and
-    shared memory, times the SMs (an H200's limits), against the grid's programs."""
-    from types import SimpleNamespace
-
-    from devstral.kernels import gguf_gemv_wide
-
-    h200 = SimpleNamespace(multi_processor_count=132, max_threads_per_multi_processor=2048,
-                           regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
-    compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared))
-    assert gguf_gemv_wide.one_wave(compiled, (programs, 1, 1), num_warps, torch.device("cuda")) is fits

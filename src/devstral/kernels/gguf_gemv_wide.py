@@ -26,9 +26,9 @@ and layout conversions. Here:
   (_row_dot_int8), quantized by each thread for its rows, or (xq=True) once beforehand by gguf_xq.py
   (_row_dot_xq).
 * Programmatic dependent launch (kernels/pdl.py; on by default on sm_90+): the first tile's weight loads
-  go out before the wait for the kernel that produced the activations. With DEVSTRAL_PDL_EARLY=1 (opt-in
-  until measured on a GPU), a grid that fits in one wave (one_wave(), from the compiled kernel's
-  registers) signals its dependents at its start rather than at its loop's end.
+  go out before the wait for the kernel that produced the activations; it signals its dependents at its
+  loop's end. (Signalling at the start even where the whole grid fits in one wave lost on the H200:
+  Devstral Q4_K_M 192.3 -> 158.6 tok/s, Mixtral 293.3 -> 246.7, so that variant was removed.)
 * Masks only where the shape needs them (EVEN_N / EVEN_K are constexprs).
 * Small N (attn k/v, o, ffn_down) is covered by split-K with the deterministic one-launch epilogue
   of gguf_splitk.py, or by stream-K (stream=P): P programs per SM, each an equal contiguous run of the
@@ -631,8 +631,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
-                 EARLY: tl.constexpr = False):
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -662,7 +661,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
                        cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                        s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
-                       STAGES, XQ, PDL, EARLY)
+                       STAGES, XQ, PDL)
 
 
 @triton.jit
@@ -671,7 +670,7 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                    NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr):
     """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
     tile_id) for activation rows m0.. -- one program of a split-K launch."""
     n_tiles = tl.cdiv(K // SB, NS)
@@ -679,11 +678,9 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
     rows = pid_n * BN + tl.arange(0, BN)
-    if PDL and EARLY:  # the whole grid is resident at once (one_wave()): no later wave to take slots from
-        gdc_launch_dependents()
     res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
                     s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
-    if PDL and not EARLY:
+    if PDL:
         # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
         # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
         # next kernel's programs take SM slots its own later waves needed (H200: 155 tok/s against 175)
@@ -713,13 +710,13 @@ def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q
         _split_program(f % tiles_a, f // tiles_a, pid_m * BM, tile0 + f % tiles_a, xa, outa, outa, wsa, cnt_ptr,
                        aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_K_A,
                        QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLIT_A, False, EVEN_N_A, EVEN_K_A, ASM, True, 1,
-                       True, PDL, False)
+                       True, PDL)
     else:
         g = f - tiles_a * SPLIT_K_A
         _split_program(g % tiles_b, g // tiles_b, pid_m * BM, tile0 + tiles_a + g % tiles_b, xb, outb, outb, wsb,
                        cnt_ptr, bq, bqh, bsc, bmn, bd, bdm, M, NB, K, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, one,
                        SPLIT_K_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLIT_B, False, EVEN_N_B, EVEN_K_B, ASM,
-                       True, 1, True, PDL, False)
+                       True, 1, True, PDL)
 
 
 def bm_for(m: int) -> int:
@@ -773,42 +770,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
                   STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
-    # opted in (early_signal_enabled): the key covers the grid too, as one_wave() depends on it
-    key = (*sorted(consts.items()), grid, x.device) if on and not use_stream and early_signal_enabled() else None
-    compiled = _wide_kernel[grid](*args, **consts, EARLY=key in _EARLY, launch_pdl=on)
-    if key is not None and key not in _SEEN:
-        # first launch of these constants (never inside a graph capture: the engine runs every shape eagerly
-        # first): if the grid fits in one wave, compile the early-signalling variant now, for the next calls
-        _SEEN.add(key)
-        if one_wave(compiled, grid, num_warps, x.device):
-            _wide_kernel.warmup(*args, **consts, EARLY=True, launch_pdl=on, grid=grid)
-            _EARLY.add(key)
+    _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
-
-
-_SEEN: set = set()  # the launch constants (and grids) whose first launch has been seen, while opted in
-_EARLY: set = set()  # of which: one-wave grids, whose early-signalling variant is compiled
-
-
-def early_signal_enabled() -> bool:
-    """DEVSTRAL_PDL_EARLY=1 lets one-wave GEMVs signal at their start. Off by default: not yet measured on a GPU."""
-    return os.environ.get("DEVSTRAL_PDL_EARLY", "0") == "1"
-
-
-def one_wave(compiled, grid: tuple, num_warps: int, device: torch.device) -> bool:
-    """Whether every program of the grid is resident at once (SM occupancy from the compiled kernel's
-    registers and shared memory). Then a GEMV may signal its dependents at its start (kernels/pdl.py):
-    their programs take only slots it does not need, and they issue their first weight loads while it
-    still streams, instead of after its last program's loop."""
-    props = torch.cuda.get_device_properties(device)
-    threads = 32 * num_warps
-    regs = -(-(compiled.n_regs * 32) // 256) * 256 * num_warps  # per warp, in units of 256
-    shared = compiled.metadata.shared + 1024  # the driver reserves 1 KB a block
-    # (Hopper's figures where this torch does not report them)
-    blocks = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
-                 getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1),
-                 getattr(props, "shared_memory_per_multiprocessor", 233472) // shared, 32)
-    return grid[0] * grid[1] * grid[2] <= blocks * props.multi_processor_count
 
 
 def pairs_with(cfg_a: dict, cfg_b: dict) -> bool:

@@ -116,7 +116,7 @@ class Attention(nn.Module):
             self.qk = fused_projection(self.q_proj, self.k_proj)
         if self.qkv is None and self.qk is None:
             self.kv = fused_projection(self.k_proj, self.v_proj)
-        # the two groups left (types differ) in one launch at decode sizes, where opted in (PairedProjection)
+        # the two groups left (types differ) in one launch at decode sizes, unless DEVSTRAL_PAIR_GEMV=0 (PairedProjection)
         if self.qk is not None:
             self.qkv = pair_quant(self.qk, self.v_proj)
         elif self.kv is not None:
