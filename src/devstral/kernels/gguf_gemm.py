@@ -6,7 +6,8 @@ activation rows as W_tile @ x_tile^T, so the dequantized weights are the dot's f
 per row) at a time, NSUB sub-blocks per iteration: a weight tile is [BN, SB] values computed exactly
 as dequant.py does, rounded to the activations' 16-bit type. Programs walk N within groups of
 GROUP_M activation tiles so that a weight tile is fetched from DRAM once per group, not once per
-tile. Split-K (gguf_splitk.py) fills the GPU when M and N give few tiles.
+tile. Split-K (gguf_splitk.py) fills the GPU when M and N give few tiles. The K loop (`accumulate`) is
+shared with the grouped expert GEMM (moe_grouped_gemm.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,34 @@ from devstral.kernels.gguf_splitk import counters, store_output, usable_split, w
 
 
 @triton.jit
+def accumulate(acc, x_tile, col_ok, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n, row_ok, kt_lo, kt_hi, n_sub,
+               s_q, s_qh, s_sc, s_d, one, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
+               NSUB: tl.constexpr, DOT: tl.constexpr):
+    """acc [BN, BM] + W[n, K tiles kt_lo..kt_hi-1] @ x^T: the K loop, NSUB sub-blocks a tile.
+
+    n, row_ok: weight rows [BN, 1]; x_tile: [SB, BM] pointers to the first sub-block of the activation
+    rows, col_ok [1, BM] which of them exist. One function for the dense and the grouped expert GEMM
+    (moe_grouped_gemm.py): the same dequantization, roundings and dot order in both."""
+    if DOT == 1:
+        dot_t = tl.float16
+    else:
+        dot_t = tl.bfloat16
+    r = tl.arange(0, SB)[None, :]
+    for kt in range(kt_lo, kt_hi):
+        for u in tl.static_range(NSUB):
+            j = kt * NSUB + u
+            j_ok = j < n_sub
+            w = subblock_values(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n, j, r, row_ok & j_ok,
+                                s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, False)
+            xt = tl.load(x_tile + j * SB, mask=col_ok & j_ok, other=0.0)
+            if DOT == 2:
+                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(dot_t), xt.to(dot_t), acc)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                  M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
                  QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr,
@@ -38,16 +67,11 @@ def _gemm_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     group_size = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_size
     pid_n = (pid % width) // group_size
-    if DOT == 1:
-        dot_t = tl.float16
-    else:
-        dot_t = tl.bfloat16
 
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = (rows < N)[:, None]
     cols = pid_m * BM + tl.arange(0, BM)
     col_ok = (cols < M)[None, :]
-    r = tl.arange(0, SB)[None, :]
     rk = tl.arange(0, SB)[:, None]
     x_tile = x_ptr + cols[None, :] * s_xm + rk
     n_sub = K // SB
@@ -56,17 +80,8 @@ def _gemm_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
     kt_lo = pid_k * per_split
     kt_hi = tl.minimum(kt_lo + per_split, n_kt)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for kt in range(kt_lo, kt_hi):
-        for u in tl.static_range(NSUB):
-            j = kt * NSUB + u
-            j_ok = j < n_sub
-            w = subblock_values(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows[:, None], j, r, row_ok & j_ok,
-                                s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, False)
-            xt = tl.load(x_tile + j * SB, mask=col_ok & j_ok, other=0.0)
-            if DOT == 2:
-                acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w.to(dot_t), xt.to(dot_t), acc)
+    acc = accumulate(acc, x_tile, col_ok, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows[:, None], row_ok,
+                     kt_lo, kt_hi, n_sub, s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, NSUB, DOT)
     store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
