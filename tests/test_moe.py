@@ -240,14 +240,18 @@ def test_a_stacked_expert_adapter_for_another_model_is_one_line(tmp_path, mixtra
         devstral.load(other, device="cpu", dtype="fp32", backend="torch", adapter=tmp_path / "a")
 
 
-def test_the_memory_plan_reserves_the_dequantized_experts_scratch(tmp_path, mixtral):
-    """GGUF experts prefill through one projection's experts dequantized to bf16 (kernels/moe_experts.py):
-    the KV pool's plan leaves E x hidden x dim x 2 bytes for it; bf16 experts and dense models need none."""
+def test_the_memory_plan_reserves_the_dequantized_experts_scratch(tmp_path, mixtral, monkeypatch):
+    """GGUF experts prefilling through DEVSTRAL_MOE_GROUPED=dequant dequantize one projection's experts to
+    bf16 (kernels/moe_experts.py): the KV pool's plan then leaves E x hidden x dim x 2 bytes for it. The
+    default grouped GEMM dequantizes in registers and needs none; nor do bf16 experts and dense models."""
     from devstral.engine.engine import _expert_scratch_bytes
     from devstral.formats.gguf import export_gguf
 
     path = export_gguf(mixtral, tmp_path / "m.gguf", "Q8_0")
     gguf = devstral.load(path, device="cpu", dtype="fp32", backend="torch")
+    monkeypatch.delenv("DEVSTRAL_MOE_GROUPED", raising=False)
+    assert _expert_scratch_bytes(gguf.model, gguf.config) == 0
+    monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "dequant")
     assert _expert_scratch_bytes(gguf.model, gguf.config) == MOE["n_experts"] * MOE["hidden_dim"] * MOE["dim"] * 2
     plain = devstral.load(mixtral, device="cpu", dtype="fp32", backend="torch")
     assert _expert_scratch_bytes(plain.model, plain.config) == 0
@@ -255,3 +259,13 @@ def test_the_memory_plan_reserves_the_dequantized_experts_scratch(tmp_path, mixt
     dense_gguf = devstral.load(export_gguf(dense, tmp_path / "d.gguf", "Q8_0"), device="cpu", dtype="fp32",
                                backend="torch")
     assert _expert_scratch_bytes(dense_gguf.model, dense_gguf.config) == 0
+
+
+def test_an_unknown_grouped_prefill_mode_is_an_error(monkeypatch):
+    from devstral.kernels.moe_experts import grouped_mode
+
+    monkeypatch.delenv("DEVSTRAL_MOE_GROUPED", raising=False)
+    assert grouped_mode() == "triton"
+    monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "cutlass")
+    with pytest.raises(DevstralError, match="DEVSTRAL_MOE_GROUPED=cutlass: not one of triton, dequant"):
+        grouped_mode()

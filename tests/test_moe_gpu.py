@@ -82,8 +82,104 @@ def test_grouped_experts_match_the_reference_moe(mix, record_property):
             # the decoder layer's skip connection added in the last kernel (decode) or after (prefill)
             res = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
             assert rel(stack.forward(x, experts, weights, res), ref + res.float()) < 2e-2, t
-    # prefill (33 and 300 tokens) ran torch's grouped GEMM, GGUF experts through the dequantized scratch
+    # prefill (33 and 300 tokens) ran a grouped launch a projection: bf16 experts torch's grouped GEMM, GGUF
+    # ones moe_grouped_gemm.py (the scratch path only under DEVSTRAL_MOE_GROUPED=dequant: the test below)
     assert moe_experts._grouped_mm_refused is None and moe_experts._scratch_refused is None
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_the_grouped_triton_gemm_matches_the_dequantized_scratch_path(mix, monkeypatch, record_property):
+    """GGUF prefill through moe_grouped_gemm.py (the default) against DEVSTRAL_MOE_GROUPED=dequant (each
+    projection's experts dequantized to bf16, torch's grouped GEMM): the same bf16 weights (the tiles are
+    rounded as dequantize rounds, from one FMA instead of two: a last-bit difference before rounding), so
+    the matmuls' summation order and the bf16 roundings of gate, up and the SwiGLU are what separate them.
+    Both against the reference MoE too. 33, 300 and 1000 tokens: 66 to 2000 pairs, up to 250 an expert."""
+    from devstral.kernels import moe_experts, moe_grouped_gemm
+
+    moe, stack = _case(mix, seed=13)
+    g = torch.Generator(device="cuda").manual_seed(14)
+    launches = []
+    real = moe_grouped_gemm.grouped_gemm
+
+    def spy(*args, **kwargs):
+        launches.append(args[2].qtype.name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_grouped_gemm, "grouped_gemm", spy)
+    with torch.no_grad():
+        for t in (33, 300, 1000):
+            x = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
+            _, experts, weights = moe.route(x.float())
+            monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "triton")
+            launches.clear()
+            got = stack.forward(x, experts, weights)
+            assert launches == [qt.name for qt in MIXES[mix]], t
+            monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "dequant")
+            assert stack._grouped_ok(x, experts.numel())
+            scratch = stack.forward(x, experts, weights)
+            assert len(launches) == 3  # none more
+            ref = moe(x.float())
+            err, err_ref, scratch_ref = rel(got, scratch), rel(got, ref), rel(scratch, ref)
+            record_property(f"{mix}_{t}_rel_to_scratch_path", err)
+            record_property(f"{mix}_{t}_rel_to_reference", err_ref)
+            record_property(f"{mix}_{t}_scratch_path_rel_to_reference", scratch_ref)
+            assert err < 1e-2, (t, err)
+            assert err_ref < max(2e-2, 1.5 * scratch_ref), (t, err_ref, scratch_ref)
+    assert moe_experts._grouped_mm_refused is None and moe_experts._scratch_refused is None
+
+
+# expert counts of a grouped GEMM test: empty, single, around and across the row tiles of 32-128 pairs
+GROUP_COUNTS = (0, 1, 63, 64, 65, 130, 200, 7)
+
+
+def _grouped_gemm_check(w, n: int, k: int, dense_weights: list, configs: list[dict], record_property,
+                        label: str) -> None:
+    """moe_grouped_gemm.grouped_gemm over E = 8 experts of `w` with GROUP_COUNTS pairs, per config: against
+    each expert's fp32 product, and against gguf_gemm's dense kernel on each expert's slice with the same
+    tiles (the same K loop: equal unless the compiler orders the two kernels' dots differently; recorded)."""
+    from devstral.kernels import gguf_gemm
+    from devstral.kernels.moe_grouped_gemm import grouped_gemm
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    counts = torch.tensor(GROUP_COUNTS, device="cuda")
+    xs = torch.randn(sum(GROUP_COUNTS), k, device="cuda", generator=g).to(torch.bfloat16)
+    bounds = [0, *torch.tensor(GROUP_COUNTS).cumsum(0).tolist()]
+    ref = torch.cat([xs[bounds[e]:bounds[e + 1]].float() @ dense_weights[e].T for e in range(E)])
+    for cfg in configs:
+        out = grouped_gemm(xs, counts, w, n, out=torch.full((len(xs), n), float("nan"), device="cuda",
+                                                           dtype=torch.bfloat16), config=cfg)
+        dense = torch.cat([gguf_gemm.gemm(xs[bounds[e]:bounds[e + 1]], w.row_slice(e * n, (e + 1) * n), None,
+                                          torch.empty(GROUP_COUNTS[e], n, device="cuda", dtype=torch.bfloat16),
+                                          bn=cfg["bn"], bm=cfg["bm"], nsub=cfg["nsub"], group_m=cfg["group_m"],
+                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                           if GROUP_COUNTS[e] else torch.empty(0, n, device="cuda", dtype=torch.bfloat16)
+                           for e in range(E)])
+        key = f"{label}_bm{cfg['bm']}_bn{cfg['bn']}_nsub{cfg['nsub']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
+        record_property(f"{key}_equals_dense", bool(torch.equal(out, dense)))
+        assert not out.isnan().any(), key
+        assert rel(out, ref) < 1e-2, key  # bf16 activations and output
+        assert rel(out, dense) < 1e-3, key
+
+
+def test_every_grouped_gemm_candidate_matches_the_reference(record_property):
+    """The launch configs a benchmark may put in moe_grouped_gemm.TUNED, on Q4_K gate experts."""
+    from devstral.kernels.moe_grouped_gemm import candidates
+
+    moe, stack = _case("q4_k_m", seed=15)
+    _grouped_gemm_check(stack.gate, HIDDEN, DIM, [m.w1.weight for m in moe.experts], candidates("Q4_K"),
+                        record_property, "Q4_K")
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_the_default_grouped_gemm_launch_matches_the_reference(mix, record_property):
+    """Each type's default launch on gate (N 1280: ten tiles of 128 weight rows an expert) and down (N 1024, K 1280)
+    experts. (A K step cut short by K is the interpreter's case: tests/test_moe_grouped_gemm.py, Q8_0.)"""
+    from devstral.kernels.moe_grouped_gemm import plan
+
+    moe, stack = _case(mix, seed=17)
+    for name, w, n, k, attr in (("gate", stack.gate, HIDDEN, DIM, "w1"), ("down", stack.down, DIM, HIDDEN, "w2")):
+        _grouped_gemm_check(w, n, k, [getattr(m, attr).weight for m in moe.experts], [plan(w.qtype.name, n, k)],
+                            record_property, f"{mix}_{name}")
 
 
 def _int8(cfg: dict) -> bool:

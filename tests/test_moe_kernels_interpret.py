@@ -6,9 +6,11 @@ One subprocess (this file as a script, TRITON_INTERPRET=1) runs every case and s
 outputs; the tests compare. Cases: GGUF Q4_K_M's mix (Q4_K gate/up, Q6_K down), gate and up of
 different types (two launches), Q8_0 at K that is not a multiple of 256; decode (one token: slots in
 pair order; several: slots sorted by expert), partial row tiles, and prefill (sort + per expert
-quantized linear; bf16 through torch's grouped GEMM); a tiny Mixtral's logits with the stacked
-experts against the same model unstacked. Split K, tile widths and both loops against dequantize +
-matmul, with float, int8 and (xq) pre-quantized activations.
+quantized linear at fp32; bf16 GGUF experts through the grouped GEMM of moe_grouped_gemm.py and, with
+DEVSTRAL_MOE_GROUPED=dequant, dequantized into a scratch for torch's grouped GEMM; bf16 experts through
+torch's grouped GEMM); a tiny Mixtral's logits with the stacked experts against the same model
+unstacked. Split K, tile widths and both loops against dequantize + matmul, with float, int8 and (xq)
+pre-quantized activations.
 """
 
 from __future__ import annotations
@@ -83,13 +85,9 @@ def _run_cases(out_path: str) -> None:
                 ref = moe(x)
                 _, experts, weights = moe.route(x)
                 res[(mix, t)] = (stack.forward(x, experts, weights), ref)
-            if mix == "mixed_gate_up":
-                # bf16 activations at a prefill size: torch's grouped GEMM over the experts dequantized,
-                # one projection at a time, into one scratch (the fp32 cases above take the per-expert loop)
-                xb = torch.randn(40, dim, generator=g).to(torch.bfloat16)
-                _, experts, weights = moe.route(xb.float())
-                res["grouped_gguf"] = (stack.forward(xb, experts, weights).float(), moe(xb.float()),
-                                       stack._grouped_ok(xb, experts.numel()))
+            if mix in GROUPED_MIXES:
+                # bf16 activations at a prefill size (the fp32 cases above take the per-expert loop)
+                res[("grouped_gguf", mix)] = _grouped_prefill(moe, stack, dim, g)
             if mix != "q8_0":
                 continue
             # one token through the narrowest row tiles (the launch sizes tiles for 132 SMs); above, on
@@ -151,6 +149,37 @@ def _run_cases(out_path: str) -> None:
     # 20 tokens: 40 pairs, the routed GEMV; 47: 94 pairs, sorted prefill
     res["model"] = ({n: llm.logits(p) for n, p in prompts.items()}, ref, graph_safe(llm.model))
     torch.save(res, out_path)
+
+
+GROUPED_MIXES = ("q4_k_m", "mixed_gate_up")
+
+
+def _grouped_prefill(moe, stack, dim: int, g) -> dict:
+    """40 tokens (80 pairs) through each DEVSTRAL_MOE_GROUPED mode: the types of the grouped GEMM launches
+    (moe_grouped_gemm.py) each made, the output, and whether the dequantize-into-scratch path's gate
+    (torch's grouped GEMM) was open; and the reference MoE in fp32."""
+    from devstral.kernels import moe_grouped_gemm
+
+    xb = torch.randn(40, dim, generator=g).to(torch.bfloat16)
+    _, experts, weights = moe.route(xb.float())
+    real = moe_grouped_gemm.grouped_gemm
+    launches = {"triton": [], "dequant": []}
+
+    def spy(xs, counts, w, *args, **kwargs):
+        launches[os.environ["DEVSTRAL_MOE_GROUPED"]].append(w.qtype.name)
+        return real(xs, counts, w, *args, **kwargs)
+
+    out = {"ref": moe(xb.float())}
+    moe_grouped_gemm.grouped_gemm = spy
+    try:
+        for mode in launches:
+            os.environ["DEVSTRAL_MOE_GROUPED"] = mode
+            out[mode] = (stack.forward(xb, experts, weights).float(), launches[mode],
+                         stack._grouped_ok(xb, experts.numel()))
+    finally:
+        moe_grouped_gemm.grouped_gemm = real
+        os.environ.pop("DEVSTRAL_MOE_GROUPED")
+    return out
 
 
 ROUTER_CASES = [(1, 100, 8, 2), (3, 1000, 8, 2), (2, 1000, 5, 3), (4, 64, 16, 1)]  # tokens, D, E, top_k
@@ -383,12 +412,28 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
     assert _rel(got, ref) < _tolerance(*MIXES[mix][:3])
 
 
-def test_gguf_prefill_through_the_grouped_gemm_matches_the_reference_moe(results):
-    """80 pairs of bf16 activations: gate (Q4_K), up (Q6_K) and down (Q8_0) dequantized into the scratch
-    and run by torch's grouped GEMM, against the reference MoE in fp32 over the exactly decoded experts."""
-    got, ref, grouped = results["grouped_gguf"]
-    assert grouped
-    assert _rel(got, ref) < 2e-2  # bf16 activations, weights and intermediate products
+@pytest.mark.parametrize("mix", GROUPED_MIXES)
+def test_gguf_prefill_through_the_grouped_gemm_matches_the_reference_moe(results, mix):
+    """80 pairs of bf16 activations through moe_grouped_gemm.py (the default): one launch each for gate,
+    up and down, the experts' tiles dequantized in registers; against the reference MoE in fp32 over the
+    exactly decoded experts. Q4_K_M's mix, and gate, up and down of three types."""
+    r = results[("grouped_gguf", mix)]
+    got, launches, _ = r["triton"]
+    assert launches == [t.name for t in MIXES[mix][:3]]
+    assert _rel(got, r["ref"]) < 2e-2  # bf16 activations, intermediate products and output
+
+
+@pytest.mark.parametrize("mix", GROUPED_MIXES)
+def test_gguf_prefill_through_the_dequantized_scratch_still_matches(results, mix):
+    """DEVSTRAL_MOE_GROUPED=dequant: gate, up and down dequantized one at a time into the scratch and run by
+    torch's grouped GEMM, no grouped Triton launch; against the reference and the default path."""
+    r = results[("grouped_gguf", mix)]
+    got, launches, grouped = r["dequant"]
+    assert grouped and not launches
+    assert _rel(got, r["ref"]) < 2e-2  # bf16 activations, weights and intermediate products
+    # the interpreter's grouped GEMM keeps the weights in fp32 (its bf16 dot is wrong in Triton 3.6): the
+    # scratch's bf16 weights are the difference
+    assert _rel(got, r["triton"][0]) < 2e-2
 
 
 @pytest.mark.parametrize("case", [("gate_up", 32, False), ("gate_up", 64, False), ("gate_up", 64, True),

@@ -110,11 +110,14 @@ def _activation_bytes(cfg: ModelConfig, ec: EngineConfig, device: torch.device) 
 
 
 def _expert_scratch_bytes(model: Transformer, cfg: ModelConfig) -> int:
-    """A MoE model with quantized experts prefills through one projection's experts dequantized to bf16
-    (kernels/moe_experts.py): E x hidden x dim values of scratch."""
+    """A MoE model with quantized experts prefilling through DEVSTRAL_MOE_GROUPED=dequant dequantizes one
+    projection's experts to bf16 first (kernels/moe_experts.py): E x hidden x dim values of scratch. The
+    default path (moe_grouped_gemm.py) dequantizes tiles in registers and its fallback (one quantized
+    linear per expert) uses gguf_linear's own bounded scratch: neither needs it."""
+    from devstral.kernels.moe_experts import grouped_mode
     from devstral.quant.linear import QuantLinear
 
-    if not cfg.n_experts or not any(isinstance(m, QuantLinear) for m in model.modules()):
+    if not cfg.n_experts or grouped_mode() != "dequant" or not any(isinstance(m, QuantLinear) for m in model.modules()):
         return 0
     return cfg.n_experts * cfg.hidden_dim * cfg.dim * 2
 

@@ -10,36 +10,60 @@ so stacking costs no memory.
   measured launch constants say so ("cat"), gate+up writing [gate | up] rows (one weight a program)
   and down's activation quantization applying the SwiGLU. Sizes come from
   shapes only and the expert ids stay on the device: CUDA-graph safe.
-* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then torch's
-  grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper: one launch over all experts, group boundaries
-  read on the device, no host sync). bf16 experts go in as they are. GGUF experts, up to
-  GROUPED_MAX_PAIRS_PER_EXPERT pairs per expert, are first dequantized, one projection at a time, into one
-  reused bf16 scratch of E x N x K (gguf_dequant.py, at copy speed; 0.94 GB at Mixtral-8x7B's shape).
-  Above that, where the grouped GEMM is unavailable (no Hopper, fp32 activations, unaligned rows) or
-  the scratch does not fit, each expert's contiguous slice runs through the dense quantized linear
-  (dequantize + cuBLAS) after one host read of the group sizes: one sync and E x 3 launches per layer,
-  which measured slower at small groups only (GROUPED_MAX_PAIRS_PER_EXPERT).
+* Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then one
+  launch a projection over all experts, group boundaries read on the device (no host sync). bf16 experts
+  go through torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper). GGUF experts, up to
+  GROUPED_MAX_PAIRS_PER_EXPERT pairs per expert, go through moe_grouped_gemm.py, which dequantizes each
+  weight tile in registers (gguf_gemm.py's K loop): gate, up, silu_mul, down. It replaced dequantizing
+  each projection's experts into a bf16 scratch of E x N x K (0.94 GB at Mixtral-8x7B's shape) for
+  torch's grouped GEMM: writing that scratch and reading it back was about half the time of a Mixtral
+  Q4_K_M 512-token prefill on an H200. DEVSTRAL_MOE_GROUPED=dequant brings that path back, for A/B: the
+  grouped GEMM is not yet measured on a GPU, and the dense tile GEMM whose K loop it runs measured far
+  below cuBLAS on the H200 (docs/architecture.md, "Mixture of experts on the GPU").
+  Above that many pairs, where a grouped path cannot run (fp32 activations, no Ampere (Triton) or Hopper
+  (torch's grouped GEMM), unaligned rows for torch's) or the scratch does not fit, each expert's
+  contiguous slice runs through the dense quantized linear (dequantize + cuBLAS at large slices) after
+  one host read of the group sizes: one sync and E x 3 launches per layer, which measured slower at
+  small groups only (GROUPED_MAX_PAIRS_PER_EXPERT).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 
+from devstral.errors import DevstralError
+from devstral.kernels import use_triton
 from devstral.kernels.gguf_pack import FORMATS, PackedGGUF
 
 DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats gather + GEMM
-# GGUF experts: pairs per expert up to which the grouped GEMM over dequantized experts beats one quantized
-# linear per expert. Mixtral-8x7B Q4_K_M on an H200: 128 per expert (512-token prefill) 4936 tok/s grouped
-# against 4375; 512 per expert (2048 tokens) 13.9k against 17.1k. Both dequantize every expert once, so
-# the difference there is the matmuls: cuBLAS per expert against the grouped GEMM (not profiled apart).
+# GGUF experts: pairs per expert up to which a grouped launch beats one quantized linear per expert.
+# Measured for the dequantize-into-scratch path (DEVSTRAL_MOE_GROUPED=dequant), Mixtral-8x7B Q4_K_M on an
+# H200: 128 per expert (512-token prefill) 4936 tok/s grouped against 4375; 512 per expert (2048 tokens)
+# 13.9k against 17.1k. Both dequantize every expert once, so the difference there is the matmuls: cuBLAS
+# per expert against the grouped GEMM (not profiled apart). The Triton grouped GEMM keeps the same bound
+# until measured: it dequantizes each weight tile once per row tile (BM pairs), so its share of ALU work
+# grows with the groups, while the per-expert path amortizes one dequantization over the whole slice.
 GROUPED_MAX_PAIRS_PER_EXPERT = 256
+GROUPED_MODES = ("triton", "dequant")  # DEVSTRAL_MOE_GROUPED's values, the default first
 log = logging.getLogger(__name__)
 _grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
 _scratch_refused: str | None = None  # the dequantized experts' scratch did not fit once: not tried again
 _routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
+
+
+def grouped_mode() -> str:
+    """How GGUF experts prefill, DEVSTRAL_MOE_GROUPED: "triton" (the default), moe_grouped_gemm.py's
+    dequantize-in-tiles grouped GEMM; "dequant", every expert of a projection dequantized into a bf16
+    scratch, then torch's grouped GEMM (the path before it, kept for A/B on a GPU; the memory plan then
+    reserves the scratch: engine._expert_scratch_bytes)."""
+    mode = os.environ.get("DEVSTRAL_MOE_GROUPED") or GROUPED_MODES[0]
+    if mode not in GROUPED_MODES:
+        raise DevstralError(f"DEVSTRAL_MOE_GROUPED={mode}: not one of {', '.join(GROUPED_MODES)}")
+    return mode
 
 
 @contextlib.contextmanager
@@ -154,8 +178,13 @@ class ExpertStack:
         ids = experts.reshape(-1)
         order = torch.argsort(ids, stable=True)
         xs = x.index_select(0, order // k)  # tokens in expert order, one row per pair
-        counts = torch.bincount(ids, minlength=self.n_experts)
-        ys = self._grouped(xs, counts) if self._grouped_ok(x, ids.numel()) else None
+        # counts by scatter-add, not bincount: on CUDA bincount reads the ids' max on the host
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).scatter_add_(0, ids, torch.ones_like(ids))
+        ys = None
+        if self._tiled_ok(x, ids.numel()):
+            ys = self._tiled(xs, counts)
+        elif self._grouped_ok(x, ids.numel()):
+            ys = self._grouped(xs, counts)
         if ys is None:
             ys = torch.empty(t * k, self.dim, dtype=x.dtype, device=x.device)
             start = 0
@@ -169,10 +198,29 @@ class ExpertStack:
         y[order] = ys.float() * weights.reshape(-1)[order, None].float()  # back to (token, slot) order
         return y.view(t, k, self.dim).sum(dim=1).to(x.dtype)
 
+    def _tiled_ok(self, x: torch.Tensor, pairs: int) -> bool:
+        """GGUF experts through moe_grouped_gemm.py: 16-bit activations (its dot's operand type: fp32 ones
+        would be rounded to bf16, which the per-expert path does not do), a device the Triton kernels run on
+        (tl.dot in bf16 needs Ampere or newer), the default DEVSTRAL_MOE_GROUPED."""
+        if not self.quantized or pairs > GROUPED_MAX_PAIRS_PER_EXPERT * self.n_experts:
+            return False
+        if x.dtype not in (torch.bfloat16, torch.float16) or not use_triton(x) or grouped_mode() != "triton":
+            return False
+        return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+    def _tiled(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """gate, up, SwiGLU, down: three grouped launches over the quantized experts and one silu_mul."""
+        from devstral.kernels import moe_grouped_gemm
+        from devstral.kernels.silu_mul import silu_mul
+
+        g = moe_grouped_gemm.grouped_gemm(xs, counts, self.gate, self.hidden)
+        u = moe_grouped_gemm.grouped_gemm(xs, counts, self.up, self.hidden)
+        return moe_grouped_gemm.grouped_gemm(silu_mul(g, u), counts, self.down, self.dim)
+
     def _grouped_ok(self, x: torch.Tensor, pairs: int) -> bool:
-        if self.quantized:  # dequantized to x's dtype
-            return (_scratch_refused is None and pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * self.n_experts
-                    and _grouped_mm_ok(x, self.hidden, x.dtype))
+        if self.quantized:  # dequantized to x's dtype, only where DEVSTRAL_MOE_GROUPED asks for it
+            return (grouped_mode() == "dequant" and _scratch_refused is None
+                    and pairs <= GROUPED_MAX_PAIRS_PER_EXPERT * self.n_experts and _grouped_mm_ok(x, self.hidden, x.dtype))
         return _grouped_mm_ok(x, self.hidden, self.gate.dtype)
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
