@@ -241,17 +241,18 @@ def test_a_stacked_expert_adapter_for_another_model_is_one_line(tmp_path, mixtra
 
 
 def test_the_memory_plan_reserves_the_dequantized_experts_scratch(tmp_path, mixtral, monkeypatch):
-    """GGUF experts prefilling through DEVSTRAL_MOE_GROUPED=dequant dequantize one projection's experts to
-    bf16 (kernels/moe_experts.py): the KV pool's plan then leaves E x hidden x dim x 2 bytes for it. The
-    default grouped GEMM dequantizes in registers and needs none; nor do bf16 experts and dense models."""
+    """GGUF experts prefilling through DEVSTRAL_MOE_GROUPED=dequant (the default) dequantize one
+    projection's experts to bf16 (kernels/moe_experts.py): the KV pool's plan then leaves E x hidden x dim
+    x 2 bytes for it. The Triton grouped GEMM (=triton) dequantizes in registers and needs none; nor do
+    bf16 experts and dense models."""
     from devstral.engine.engine import _expert_scratch_bytes
     from devstral.formats.gguf import export_gguf
 
     path = export_gguf(mixtral, tmp_path / "m.gguf", "Q8_0")
     gguf = devstral.load(path, device="cpu", dtype="fp32", backend="torch")
-    monkeypatch.delenv("DEVSTRAL_MOE_GROUPED", raising=False)
+    monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "triton")
     assert _expert_scratch_bytes(gguf.model, gguf.config) == 0
-    monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "dequant")
+    monkeypatch.delenv("DEVSTRAL_MOE_GROUPED", raising=False)
     assert _expert_scratch_bytes(gguf.model, gguf.config) == MOE["n_experts"] * MOE["hidden_dim"] * MOE["dim"] * 2
     plain = devstral.load(mixtral, device="cpu", dtype="fp32", backend="torch")
     assert _expert_scratch_bytes(plain.model, plain.config) == 0
@@ -265,7 +266,7 @@ def test_an_unknown_grouped_prefill_mode_is_an_error(monkeypatch):
     from devstral.kernels.moe_experts import grouped_mode
 
     monkeypatch.delenv("DEVSTRAL_MOE_GROUPED", raising=False)
-    assert grouped_mode() == "triton"
+    assert grouped_mode() == "dequant"
     monkeypatch.setenv("DEVSTRAL_MOE_GROUPED", "cutlass")
-    with pytest.raises(DevstralError, match="DEVSTRAL_MOE_GROUPED=cutlass: not one of triton, dequant"):
+    with pytest.raises(DevstralError, match="DEVSTRAL_MOE_GROUPED=cutlass: not one of dequant, triton"):
         grouped_mode()

@@ -82,14 +82,14 @@ def test_grouped_experts_match_the_reference_moe(mix, record_property):
             # the decoder layer's skip connection added in the last kernel (decode) or after (prefill)
             res = torch.randn(t, DIM, device="cuda", generator=g).to(torch.bfloat16)
             assert rel(stack.forward(x, experts, weights, res), ref + res.float()) < 2e-2, t
-    # prefill (33 and 300 tokens) ran a grouped launch a projection: bf16 experts torch's grouped GEMM, GGUF
-    # ones moe_grouped_gemm.py (the scratch path only under DEVSTRAL_MOE_GROUPED=dequant: the test below)
+    # prefill (33 and 300 tokens) ran a grouped launch a projection: torch's grouped GEMM, GGUF experts
+    # dequantized into its scratch first (the default; moe_grouped_gemm.py under =triton: the test below)
     assert moe_experts._grouped_mm_refused is None and moe_experts._scratch_refused is None
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_the_grouped_triton_gemm_matches_the_dequantized_scratch_path(mix, monkeypatch, record_property):
-    """GGUF prefill through moe_grouped_gemm.py (the default) against DEVSTRAL_MOE_GROUPED=dequant (each
+    """GGUF prefill through moe_grouped_gemm.py (DEVSTRAL_MOE_GROUPED=triton) against =dequant (each
     projection's experts dequantized to bf16, torch's grouped GEMM): the same bf16 weights (the tiles are
     rounded as dequantize rounds, from one FMA instead of two: a last-bit difference before rounding), so
     the matmuls' summation order and the bf16 roundings of gate, up and the SwiGLU are what separate them.

@@ -414,7 +414,7 @@ def test_gguf_experts_match_the_reference_moe(results, mix, tokens):
 
 @pytest.mark.parametrize("mix", GROUPED_MIXES)
 def test_gguf_prefill_through_the_grouped_gemm_matches_the_reference_moe(results, mix):
-    """80 pairs of bf16 activations through moe_grouped_gemm.py (the default): one launch each for gate,
+    """80 pairs of bf16 activations through moe_grouped_gemm.py (DEVSTRAL_MOE_GROUPED=triton): one launch each for gate,
     up and down, the experts' tiles dequantized in registers; against the reference MoE in fp32 over the
     exactly decoded experts. Q4_K_M's mix, and gate, up and down of three types."""
     r = results[("grouped_gguf", mix)]
@@ -425,8 +425,9 @@ def test_gguf_prefill_through_the_grouped_gemm_matches_the_reference_moe(results
 
 @pytest.mark.parametrize("mix", GROUPED_MIXES)
 def test_gguf_prefill_through_the_dequantized_scratch_still_matches(results, mix):
-    """DEVSTRAL_MOE_GROUPED=dequant: gate, up and down dequantized one at a time into the scratch and run by
-    torch's grouped GEMM, no grouped Triton launch; against the reference and the default path."""
+    """DEVSTRAL_MOE_GROUPED=dequant (the default): gate, up and down dequantized one at a time into the
+    scratch and run by torch's grouped GEMM, no grouped Triton launch; against the reference and the
+    Triton path."""
     r = results[("grouped_gguf", mix)]
     got, launches, grouped = r["dequant"]
     assert grouped and not launches

@@ -110,10 +110,10 @@ def _activation_bytes(cfg: ModelConfig, ec: EngineConfig, device: torch.device) 
 
 
 def _expert_scratch_bytes(model: Transformer, cfg: ModelConfig) -> int:
-    """A MoE model with quantized experts prefilling through DEVSTRAL_MOE_GROUPED=dequant dequantizes one
-    projection's experts to bf16 first (kernels/moe_experts.py): E x hidden x dim values of scratch. The
-    default path (moe_grouped_gemm.py) dequantizes tiles in registers and its fallback (one quantized
-    linear per expert) uses gguf_linear's own bounded scratch: neither needs it."""
+    """A MoE model with quantized experts prefilling through DEVSTRAL_MOE_GROUPED=dequant (the default)
+    dequantizes one projection's experts to bf16 first (kernels/moe_experts.py): E x hidden x dim values
+    of scratch. DEVSTRAL_MOE_GROUPED=triton (moe_grouped_gemm.py) dequantizes tiles in registers and the
+    fallback (one quantized linear per expert) uses gguf_linear's own bounded scratch: neither needs it."""
     from devstral.kernels.moe_experts import grouped_mode
     from devstral.quant.linear import QuantLinear
 

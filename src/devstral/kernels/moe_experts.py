@@ -13,13 +13,14 @@ so stacking costs no memory.
 * Prefill (`prefill`): pairs sorted by expert, the tokens gathered once into expert order, then one
   launch a projection over all experts, group boundaries read on the device (no host sync). bf16 experts
   go through torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper). GGUF experts, up to
-  GROUPED_MAX_PAIRS_PER_EXPERT pairs per expert, go through moe_grouped_gemm.py, which dequantizes each
-  weight tile in registers (gguf_gemm.py's K loop): gate, up, silu_mul, down. It replaced dequantizing
-  each projection's experts into a bf16 scratch of E x N x K (0.94 GB at Mixtral-8x7B's shape) for
-  torch's grouped GEMM: writing that scratch and reading it back was about half the time of a Mixtral
-  Q4_K_M 512-token prefill on an H200. DEVSTRAL_MOE_GROUPED=dequant brings that path back, for A/B: the
-  grouped GEMM is not yet measured on a GPU, and the dense tile GEMM whose K loop it runs measured far
-  below cuBLAS on the H200 (docs/architecture.md, "Mixture of experts on the GPU").
+  GROUPED_MAX_PAIRS_PER_EXPERT pairs per expert, are dequantized, one projection's experts at a time,
+  into a bf16 scratch of E x N x K (0.94 GB at Mixtral-8x7B's shape) for torch's grouped GEMM (the
+  default, DEVSTRAL_MOE_GROUPED=dequant); or, with DEVSTRAL_MOE_GROUPED=triton, go through
+  moe_grouped_gemm.py, which dequantizes each weight tile in registers (gguf_gemm.py's K loop): gate,
+  up, silu_mul, down, no scratch. Writing the scratch and reading it back is about half the time of a
+  Mixtral Q4_K_M 512-token prefill on an H200, but the dense tile GEMM whose K loop the Triton path runs
+  measured far below cuBLAS there (docs/architecture.md, "Mixture of experts on the GPU"): the GPU A/B
+  decides which is the default.
   Above that many pairs, where a grouped path cannot run (fp32 activations, no Ampere (Triton) or Hopper
   (torch's grouped GEMM), unaligned rows for torch's) or the scratch does not fit, each expert's
   contiguous slice runs through the dense quantized linear (dequantize + cuBLAS at large slices) after
@@ -48,7 +49,7 @@ DECODE_MAX_PAIRS = 64  # (token, expert) pairs up to which the routed GEMV beats
 # until measured: it dequantizes each weight tile once per row tile (BM pairs), so its share of ALU work
 # grows with the groups, while the per-expert path amortizes one dequantization over the whole slice.
 GROUPED_MAX_PAIRS_PER_EXPERT = 256
-GROUPED_MODES = ("triton", "dequant")  # DEVSTRAL_MOE_GROUPED's values, the default first
+GROUPED_MODES = ("dequant", "triton")  # DEVSTRAL_MOE_GROUPED's values, the default first
 log = logging.getLogger(__name__)
 _grouped_mm_refused: str | None = None  # torch's grouped GEMM raised once: not tried again
 _scratch_refused: str | None = None  # the dequantized experts' scratch did not fit once: not tried again
@@ -56,10 +57,10 @@ _routed_only = 0  # > 0 while the engine warms up and captures its decode graphs
 
 
 def grouped_mode() -> str:
-    """How GGUF experts prefill, DEVSTRAL_MOE_GROUPED: "triton" (the default), moe_grouped_gemm.py's
-    dequantize-in-tiles grouped GEMM; "dequant", every expert of a projection dequantized into a bf16
-    scratch, then torch's grouped GEMM (the path before it, kept for A/B on a GPU; the memory plan then
-    reserves the scratch: engine._expert_scratch_bytes)."""
+    """How GGUF experts prefill, DEVSTRAL_MOE_GROUPED: "dequant" (the default), every expert of a
+    projection dequantized into a bf16 scratch, then torch's grouped GEMM (the memory plan reserves the
+    scratch: engine._expert_scratch_bytes); "triton", moe_grouped_gemm.py's dequantize-in-tiles grouped
+    GEMM (no scratch; not yet the default: see the module docstring)."""
     mode = os.environ.get("DEVSTRAL_MOE_GROUPED") or GROUPED_MODES[0]
     if mode not in GROUPED_MODES:
         raise DevstralError(f"DEVSTRAL_MOE_GROUPED={mode}: not one of {', '.join(GROUPED_MODES)}")
@@ -201,7 +202,7 @@ class ExpertStack:
     def _tiled_ok(self, x: torch.Tensor, pairs: int) -> bool:
         """GGUF experts through moe_grouped_gemm.py: 16-bit activations (its dot's operand type: fp32 ones
         would be rounded to bf16, which the per-expert path does not do), a device the Triton kernels run on
-        (tl.dot in bf16 needs Ampere or newer), the default DEVSTRAL_MOE_GROUPED."""
+        (tl.dot in bf16 needs Ampere or newer), DEVSTRAL_MOE_GROUPED=triton."""
         if not self.quantized or pairs > GROUPED_MAX_PAIRS_PER_EXPERT * self.n_experts:
             return False
         if x.dtype not in (torch.bfloat16, torch.float16) or not use_triton(x) or grouped_mode() != "triton":
