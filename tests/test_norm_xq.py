@@ -3,7 +3,8 @@ gguf_xq's memo of them (offer / quantize).
 
 CPU: the memo's matching on plain tensors (the quantize kernel mocked); one subprocess under
 TRITON_INTERPRET=1 (the interpreter is chosen when a kernel is decorated) runs the fused norm against
-gguf_xq's twin of its stored row.
+gguf_xq's twin of its stored row, and a tiny GGUF decoder (dense, and a mixture of experts) with
+DEVSTRAL_NORM_XQ=0 and =1, counting the quantize launches.
 """
 
 from __future__ import annotations
@@ -142,6 +143,34 @@ def test_the_reference_norm_ignores_xq(launches):
     assert gguf_xq._offered is None
 
 
+def test_the_norm_is_told_only_the_layouts_a_decode_plan_quantizes_in(monkeypatch):
+    """quant.linear.decode_xq_layouts: a planar weight's layout where its plan at some decode size (1-8
+    rows) is wide_xq, a pair's two layouts where it pairs (both plans int8 streaming GEMVs), nothing for
+    float or in-kernel-int8 plans or plain linears."""
+    import devstral.quant.linear as ql
+    from devstral.kernels import gguf_config
+    from devstral.quant import QType
+    from test_kernels_gguf_wide import random_blocks
+
+    monkeypatch.setattr(ql, "cuda_kernels", lambda device: True)  # planar weights on the CPU
+    g = torch.Generator().manual_seed(5)
+    qk = ql.fuse_quant(*(ql.QuantLinear(random_blocks(QType.Q4_K, 64, 256, g), QType.Q4_K, 64, 256)
+                         for _ in range(2)))
+    v = ql.QuantLinear(random_blocks(QType.Q6_K, 32, 256, g), QType.Q6_K, 32, 256)
+    plans = {}
+    monkeypatch.setattr(gguf_config, "gguf_plan", lambda qtype, m, n, k, device=None: (
+        plans.get((qtype, m), "wide"), dict(bn=64, ns=8, bm=1, split_k=1, num_warps=4)))
+    assert ql.decode_xq_layouts(qk, v, torch.nn.Linear(256, 8)) == ()
+    plans[("Q6_K", 2)] = "wide_xq"
+    assert ql.decode_xq_layouts(qk, v) == (gguf_xq.STRIDE4,)
+    plans[("Q4_K", 9)] = "wide_xq"  # past the decode sizes: the norm writes nothing there
+    assert ql.decode_xq_layouts(qk) == ()
+    pair = ql.PairedProjection(qk, v)
+    assert ql.decode_xq_layouts(pair) == (gguf_xq.STRIDE4,)  # Q4_K is "wide": no pair, v alone
+    plans.update({("Q4_K", 1): "wide_i8", ("Q6_K", 1): "wide_i8"})
+    assert ql.decode_xq_layouts(pair) == (gguf_xq.STRIDE8, gguf_xq.STRIDE4)
+
+
 def _norm_cases() -> dict:
     """The fused norm against the plain one, each dim / rows / residual / layouts."""
     from devstral.kernels.rms_norm_triton import add_rms_norm_triton, rms_norm_triton
@@ -183,9 +212,102 @@ def _norm_cases() -> dict:
     return out
 
 
+def _wide_xq_plan(qtype, m, *args, **kwargs):
+    """Every GGUF GEMV the xq one; wide tiles: few programs for the interpreter."""
+    from devstral.kernels.gguf_gemv_wide import bm_for
+
+    return "wide_xq", dict(bn=64, ns=8, bm=bm_for(m), split_k=1, num_warps=4)
+
+
+def _moe_plan(kind, *args, **kwargs):
+    return dict(bn=64, split_k=1, num_warps=4, int8=True, xq=True)
+
+
+def _quant_linear(ql, qt, n, k, g):
+    from test_kernels_gguf_wide import random_blocks
+
+    return ql.QuantLinear(random_blocks(qt, n, k, g), qt, n, k)
+
+
+def _model(moe: bool):
+    """A tiny Devstral-like GGUF decoder (planar weights on the CPU): layer 0 fused q/k Q4_K and v Q6_K
+    (a PairedProjection, both layouts), layer 1 all Q4_K (one fused q/k/v); gate/up Q4_K, down Q6_K; or a
+    Mixtral-like one with Q4_K/Q6_K experts. Output head Q6_K."""
+    import devstral.quant.linear as ql
+    from devstral.config import ModelConfig
+    from devstral.model.transformer import Transformer
+    from devstral.quant import QType
+
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    cfg = ModelConfig(arch="mistral", vocab_size=64, dim=256, n_layers=1 if moe else 2, n_heads=2, n_kv_heads=1,
+                      head_dim=128, hidden_dim=256, n_experts=4 if moe else 0,
+                      n_experts_per_tok=2 if moe else 0)
+    model = Transformer(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    q4, q6 = QType.Q4_K, QType.Q6_K
+    for i, block in enumerate(model.model.layers):
+        attn = block.self_attn
+        for name, n in (("q_proj", 256), ("k_proj", 128), ("v_proj", 128)):
+            setattr(attn, name, _quant_linear(ql, q6 if name == "v_proj" and i == 0 else q4, n, 256, g))
+        attn.o_proj = _quant_linear(ql, q4, 256, 256, g)
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
+        if moe:
+            for expert in block.block_sparse_moe.experts:
+                expert.w1, expert.w3 = (_quant_linear(ql, q4, 256, 256, g) for _ in range(2))
+                expert.w2 = _quant_linear(ql, q6, 256, 256, g)
+        else:
+            mlp = block.mlp
+            mlp.gate_proj, mlp.up_proj = (_quant_linear(ql, q4, 256, 256, g) for _ in range(2))
+            mlp.down_proj = _quant_linear(ql, q6, 256, 256, g)
+    model.model.norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
+    model.lm_head = _quant_linear(ql, q6, 64, 256, g)
+    return model
+
+
+def _decoder_cases() -> dict:
+    """The tiny decoders with DEVSTRAL_NORM_XQ=0 and =1: logits, quantize launches, the norms' layouts."""
+    import devstral.quant.linear as ql
+    from devstral.kernels import gguf_config, moe_gemv
+    from devstral.kernels.interpret_triton import hardware_rounding
+
+    ql.cuda_kernels = lambda device: True  # planar weights on the CPU, as on CUDA
+    gguf_config.gguf_plan = _wide_xq_plan
+    moe_gemv.plan = _moe_plan
+    launches = _Counting(gguf_xq._quantize_kernel)
+    gguf_xq._quantize_kernel = launches
+    g = torch.Generator().manual_seed(2)
+    tokens = {t: torch.randint(0, 64, (1, t), generator=g) for t in (1, 3)}
+    out = {}
+    for moe in (False, True):
+        for on in ("0", "1"):
+            os.environ["DEVSTRAL_NORM_XQ"] = on
+            model = _model(moe)
+            model.fuse_projections()
+            norms = [(b.input_layernorm.xq_layouts, b.post_attention_layernorm.xq_layouts)
+                     for b in model.model.layers] + [model.model.norm.xq_layouts]
+            kinds = [type(b.self_attn.qkv).__name__ for b in model.model.layers]
+            for t, ids in tokens.items():
+                launches.count = 0
+                with torch.no_grad(), hardware_rounding():
+                    logits = model(ids)
+                out[(moe, on, t)] = {"logits": logits, "launches": launches.count, "norms": norms, "kinds": kinds}
+    os.environ.pop("DEVSTRAL_NORM_XQ")
+    return out
+
+
+class _Counting:
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
 def _run_cases(out_path: str) -> None:
     """Executed in the subprocess, under the interpreter."""
-    torch.save({"norm": _norm_cases()}, out_path)
+    torch.save({"norm": _norm_cases(), "decoder": _decoder_cases()}, out_path)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +342,32 @@ def test_the_norm_offers_in_inference_mode_and_only_rows_of_whole_blocks(results
     assert results["norm"]["inference_mode"] == (False, True)
     y, offered = results["norm"]["odd"]
     assert y.shape == (1, 100) and offered is None
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_gguf_decoder_gives_the_same_logits_with_fewer_quantize_launches(results, moe):
+    """DEVSTRAL_NORM_XQ=1 against =0: the same logits bit for bit at 1 and 3 tokens, and the norms before
+    q/k/v, gate/up (or the experts) and the output head launch no quantization (left: o_proj's and down's
+    inputs, per layer). (Past the decode sizes the norm writes nothing: the norm test's 9 rows.)"""
+    layers = 1 if moe else 2
+    for t in (1, 3):
+        off, on = results["decoder"][(moe, "0", t)], results["decoder"][(moe, "1", t)]
+        assert torch.equal(on["logits"], off["logits"]), t
+        assert not on["logits"].isnan().any()
+        # o_proj and down (down: glu in the dense MLP; each expert pair's h in the MoE) per layer
+        assert on["launches"] == 2 * layers, (t, on["launches"])
+        # input norm: q/k and v paired in layer 0 (two layouts), one fused q/k/v in layer 1; the MLP's gate/up
+        # or the experts' gate_up; the head
+        norm_fed = (1 + 1 + 1 + 1) if moe else (2 + 1) + (1 + 1) + 1
+        assert off["launches"] == on["launches"] + norm_fed, (t, off["launches"])
+    on = results["decoder"][(moe, "1", 1)]
+    if moe:
+        assert on["kinds"] == ["PairedProjection"]
+        assert on["norms"] == [((0, 1), (0,)), (1,)]
+    else:
+        assert on["kinds"] == ["PairedProjection", "PackedProjection"]
+        assert on["norms"] == [((0, 1), (0,)), ((0,), (0,)), (1,)]
+    assert results["decoder"][(moe, "0", 1)]["norms"] == [((), ())] * layers + [()]
 
 
 if __name__ == "__main__":
