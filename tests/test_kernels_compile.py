@@ -67,6 +67,9 @@ def _record(monkeypatch, kinds: list[str]) -> list:
     w = torch.randn(5120, dtype=bf)
     mods["rms_norm_triton"].rms_norm_triton(x, w, 1e-5)
     mods["rms_norm_triton"].add_rms_norm_triton(x, x, w, 1e-5)
+    # also writing the int8 GEMVs' activations: q/k Q4_K with a Q6_K v (both layouts), gate/up Q4_K
+    mods["rms_norm_triton"].add_rms_norm_triton(x[:1], x[:1], w, 1e-5, xq=(0, 1))
+    mods["rms_norm_triton"].rms_norm_triton(x, w, 1e-5, xq=(0,))
     qkv = torch.randn(1, 4, 48 * 128, dtype=bf)
     q, k, v = (qkv[..., :4096].view(1, 4, 32, 128), qkv[..., 4096:5120].view(1, 4, 8, 128),
                qkv[..., 5120:].view(1, 4, 8, 128))

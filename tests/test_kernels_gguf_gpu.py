@@ -294,7 +294,8 @@ def test_a_gemv_pair_gives_each_gemv_alone_eager_and_in_a_graph(qa, qb):
 
 
 def test_activation_quantization_on_the_gpu():
-    """gguf_xq.quantize against its PyTorch twin: scales exact, levels equal but at rounding ties."""
+    """gguf_xq.quantize against its PyTorch twin: scales and sums exact (the sum's order is a fixed tree of
+    pairs), levels equal but at rounding ties (the kernel's multiply-add rounds once)."""
     from devstral.kernels import gguf_xq
 
     x = torch.randn(5, 4096 + 96, device=CUDA, dtype=torch.bfloat16) * 4
@@ -303,8 +304,63 @@ def test_activation_quantization_on_the_gpu():
         got, ref = gguf_xq.quantize(x, layout).cpu(), gguf_xq.reference(x.cpu(), layout)
         assert torch.equal(got[..., 8], ref[..., 8])
         assert ((got[..., :8] != ref[..., :8]).float().mean() < 0.01).item()
-        torch.testing.assert_close(got[..., 9].view(torch.float32), ref[..., 9].view(torch.float32), rtol=1e-5,
-                                   atol=1e-4)
+        assert torch.equal(got[..., 9], ref[..., 9])
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_norms_activations_give_the_quantize_launchs_gemvs(delta, m, monkeypatch):
+    """The norm writing the GEMVs' activations (rms_norm_triton xq; Devstral's dim, 5120, and a Q4_K and a
+    Q6_K weight as one gemv_pair, as its q/k and v: both layouts): its row and residual are the plain
+    kernel's, its words those of gguf_xq.quantize of that row, and the GEMVs' outputs those after the
+    quantize launches, bit for bit -- with no quantize launch, eagerly and replayed from a CUDA graph
+    captured in inference mode (as the engine's: the norm's output is then allocated outside it, for its
+    version counter)."""
+    from devstral.kernels import gguf_xq
+    from devstral.kernels.rms_norm_triton import add_rms_norm_triton, rms_norm_triton
+
+    k = 5120
+    a = pack(blocks(QType.Q4_K, 1024, k, seed=11).to(CUDA), QType.Q4_K, 1024, k)
+    b = pack(blocks(QType.Q6_K, 256, k, seed=12).to(CUDA), QType.Q6_K, 256, k)
+    x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16) * 2
+    d = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16) * 2
+    w = torch.rand(k, device=CUDA, dtype=torch.bfloat16) + 0.5
+    bm = gguf_gemv_wide.bm_for(m)
+    ca = dict(bn=128, ns=8, bm=bm, split_k=4, num_warps=4)
+    cb = dict(bn=32, ns=16, bm=bm, split_k=2, num_warps=4)
+
+    def norm(xq):
+        return add_rms_norm_triton(x, d, w, 1e-5, xq=xq) if delta else (rms_norm_triton(x, w, 1e-5, xq=xq), None)
+
+    def step(xq, outs):
+        y, _ = norm(xq)
+        gguf_gemv_wide.gemv_pair(y, a, ca, outs[0], b, cb, outs[1])
+
+    def empty():
+        return [torch.empty(m, p.n, device=CUDA, dtype=torch.bfloat16) for p in (a, b)]
+
+    gguf_xq.forget()
+    refs = empty()
+    step((), refs)
+    plain, fused = norm(()), norm((gguf_xq.STRIDE8, gguf_xq.STRIDE4))
+    for got, ref in zip(fused, plain, strict=True):
+        assert (got is None and ref is None) or torch.equal(got, ref)
+    words = {layout: gguf_xq._offered[2][layout].clone() for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4)}
+    gguf_xq.forget()
+    for layout, got in words.items():
+        assert torch.equal(got, gguf_xq.quantize(fused[0], layout))
+
+    launches = []
+    kernel = gguf_xq._quantize_kernel
+    monkeypatch.setattr(gguf_xq, "_quantize_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    outs = empty()
+    step((gguf_xq.STRIDE8, gguf_xq.STRIDE4), outs)
+    for out, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with torch.inference_mode():
+        _replays_exactly(lambda: step((gguf_xq.STRIDE8, gguf_xq.STRIDE4), outs), outs, refs)
+    assert not launches
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

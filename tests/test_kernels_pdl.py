@@ -71,12 +71,15 @@ def _all() -> dict:
 
     bf16 = "*bf16"
     out = {}
-    for delta in (False, True):
-        out[f"rms_norm{'_add' if delta else ''}"] = _compile(
+    for delta, xq in ((False, False), (True, False), (False, True), (True, True)):
+        out[f"rms_norm{'_add' if delta else ''}{'_xq' if xq else ''}"] = _compile(
             rms_norm_triton._rms_norm_kernel,
-            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr n_cols eps",
-                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "eps": "fp32"}),
-            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True))
+            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps",
+                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
+                  "eps": "fp32"}),
+            # xq: the norm that also writes the GEMV's activations in both layouts (rms_norm_triton.py)
+            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True, XQ_A=0 if xq else -1, XQ_B=1 if xq else -1, XB=16),
+            num_warps=16)
     out["silu_mul"] = _compile(silu_mul_triton._silu_mul_kernel,
                                _sig("gate_ptr up_ptr out_ptr n_cols gate_row_stride up_row_stride",
                                     {"gate_ptr": bf16, "up_ptr": bf16, "out_ptr": bf16}), dict(BLOCK=2048, PDL=True))
@@ -175,7 +178,7 @@ def ptx_stats():
     return sass_stats.offline_json(__file__, "--ptx")
 
 
-SMALL = ["rms_norm", "rms_norm_add", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
+SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
@@ -184,9 +187,9 @@ GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_sta
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
-    """RMSNorm, SwiGLU, RoPE, the KV store (alone and with RoPE), decode attention (each of its outputs:
-    direct, partials, partials merged in the launch through arrival counters), the activation
-    quantization: the wait comes first; each also signals its dependents."""
+    """RMSNorm (alone and writing the GEMV's activations too), SwiGLU, RoPE, the KV store (alone and with
+    RoPE), decode attention (each of its outputs: direct, partials, partials merged in the launch through
+    arrival counters), the activation quantization: the wait comes first; each also signals its dependents."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["loads"] == 0 and st["stores"] == 0, st

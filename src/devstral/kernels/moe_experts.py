@@ -144,6 +144,21 @@ class ExpertStack:
         y = self.prefill(x, experts, weights)
         return y if residual is None else residual + y
 
+    def decode_xq_layouts(self, top_k: int, max_tokens: int) -> tuple[int, ...]:
+        """The gguf_xq layouts decode() quantizes x in (gate_up's plan: xq) at 1..max_tokens tokens: what
+        the norm before the layer writes beside its output instead (kernels/rms_norm_triton.py)."""
+        if not self.quantized:
+            return ()
+        from devstral.kernels import gguf_xq, moe_gemv
+        from devstral.kernels.gguf_decode import qt_code
+
+        sms = _sms(self.gate.device)
+        weights = (self.gate,) if self.gate.qtype == self.up.qtype else (self.gate, self.up)  # as decode() runs them
+        used = [p for p in weights if any(
+            moe_gemv.quantizes_input(p, t * top_k, self.hidden, self.dim, top_k, sms, p.device)
+            for t in range(1, max_tokens + 1) if t * top_k <= DECODE_MAX_PAIRS)]
+        return tuple(dict.fromkeys(gguf_xq.layout_for(qt_code(p.qtype)) for p in used))
+
     def decode(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         from devstral.kernels import moe_gemv

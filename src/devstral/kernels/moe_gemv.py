@@ -452,6 +452,14 @@ def _xq(cfg: dict, p: PackedGGUF) -> bool:
     return bool(cfg.get("xq")) and _int8({**cfg, "int8": True}, p)
 
 
+def quantizes_input(p: PackedGGUF, pairs: int, n: int, k: int, top_k: int, sms: int, device: torch.device) -> bool:
+    """Whether gate_up() on weight p at `pairs` (token, slot) pairs quantizes its input once beforehand
+    (gguf_xq.quantize: what the norm before the layer can write instead, kernels/rms_norm_triton.py)."""
+    from devstral.kernels.gguf_config import WIDE_INT8_TYPES
+
+    return p.qtype.name in WIDE_INT8_TYPES and _xq(plan("gate_up", p.qtype.name, pairs, n, k, top_k, sms, device), p)
+
+
 def _stages(cfg: dict) -> int:
     """1: the next tile prefetched into registers; more: tiles pipelined through shared memory."""
     return cfg.get("num_stages", 1)

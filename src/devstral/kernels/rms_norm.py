@@ -22,7 +22,9 @@ def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, xq: tuple[int, ...] = ()) -> torch.Tensor:
+    """xq: the gguf_xq layouts the int8 GEMVs after will quantize the output with; the Triton kernel
+    writes them beside it at decode sizes (rms_norm_triton.py), the other paths ignore them."""
     if use_triton_training(x, weight):
         from devstral.kernels import rms_norm_autograd as train
 
@@ -32,12 +34,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         from devstral.kernels.rms_norm_triton import rms_norm_triton
 
-        return rms_norm_triton(x, weight, eps)
+        return rms_norm_triton(x, weight, eps, xq=xq)
     return rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, xq: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton_training(x, delta, weight):
         from devstral.kernels import rms_norm_autograd as train
 
@@ -47,5 +49,5 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     if use_triton(x):
         from devstral.kernels.rms_norm_triton import add_rms_norm_triton
 
-        return add_rms_norm_triton(x, delta, weight, eps)
+        return add_rms_norm_triton(x, delta, weight, eps, xq=xq)
     return add_rms_norm_ref(x, delta, weight, eps)

@@ -53,6 +53,15 @@ class MoE(nn.Module):
 
         self.stack = stack_experts(self)
 
+    def xq_layouts(self) -> tuple[int, ...]:
+        """The gguf_xq layouts the stacked experts quantize their input in at decode sizes: what the norm
+        before this layer writes beside its output (RMSNorm.xq_layouts)."""
+        if self.stack is None:
+            return ()
+        from devstral.kernels.gguf_config import DECODE_MS
+
+        return self.stack.decode_xq_layouts(self.top_k, DECODE_MS[-1])
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self.stack is not None:

@@ -32,7 +32,14 @@ from devstral.kernels.varlen_attention import Documents, varlen_attention
 from devstral.model.moe import MoE
 from devstral.model.rope import Rotary
 from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
-from devstral.quant.linear import PackedProjection, folds_swiglu, fuse_quant, pair_quant
+from devstral.quant.linear import (
+    PackedProjection,
+    decode_xq_layouts,
+    folds_swiglu,
+    fuse_quant,
+    norm_writes_xq,
+    pair_quant,
+)
 
 
 class AttentionCache(Protocol):
@@ -51,13 +58,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # set by fuse (Block.fuse, Transformer.fuse_projections): the gguf_xq layouts the int8 GEMVs fed by
+        # this norm quantize its output in; the Triton kernel writes them beside it at decode sizes
+        self.xq_layouts: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.xq_layouts)
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + delta), x + delta), fused on the GPU."""
-        return add_rms_norm(x, delta, self.weight, self.eps)
+        return add_rms_norm(x, delta, self.weight, self.eps, self.xq_layouts)
 
 
 def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
@@ -122,6 +132,16 @@ class Attention(nn.Module):
         elif self.kv is not None:
             self.qkv = pair_quant(self.q_proj, self.kv)
 
+    def xq_layouts(self) -> tuple[int, ...]:
+        """The gguf_xq layouts project() quantizes its input in at decode sizes (quant.linear.decode_xq_layouts)."""
+        if self.qkv is not None:
+            return decode_xq_layouts(self.qkv)
+        if self.qk is not None:
+            return decode_xq_layouts(self.qk, self.v_proj)
+        if self.kv is not None:
+            return decode_xq_layouts(self.q_proj, self.kv)
+        return decode_xq_layouts(self.q_proj, self.k_proj, self.v_proj)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not torch.is_grad_enabled():
             if self.qkv is not None:
@@ -168,6 +188,11 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
 
+    def xq_layouts(self) -> tuple[int, ...]:
+        """The gguf_xq layouts gate and up quantize the input in at decode sizes."""
+        return decode_xq_layouts(self.gate_up) if self.gate_up is not None else decode_xq_layouts(
+            self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if worth_tiling(x, self.tile_tokens) and self._tileable():
             return tiled_rows(self._swiglu, x, self.tile_tokens, [p for p in self.parameters() if p.requires_grad])
@@ -203,6 +228,16 @@ class Block(nn.Module):
     @property
     def ffn(self) -> nn.Module:
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
+    def fuse(self) -> None:
+        """Inference: the attention's and the FFN's projections fused where their weights allow; each norm
+        told the layouts its int8 GEMVs quantize its output in, so that it writes them itself at decode
+        sizes (one gguf_xq launch fewer per norm) unless DEVSTRAL_NORM_XQ=0."""
+        self.self_attn.fuse()
+        self.ffn.fuse()
+        xq = norm_writes_xq()
+        self.input_layernorm.xq_layouts = self.self_attn.xq_layouts() if xq else ()
+        self.post_attention_layernorm.xq_layouts = self.ffn.xq_layouts() if xq else ()
 
     def forward(self, x, cos, sin, q_scale, mask, cache, delta=None):
         """The residual stream x, plus `delta` (the block before's FFN output, not yet added) -> (the
@@ -319,10 +354,11 @@ class Transformer(nn.Module):
                 block.ffn.tile_tokens = tokens or None
 
     def fuse_projections(self) -> None:
-        """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight)."""
+        """Inference: q/k/v and gate/up as one matmul each, where the weights allow (see fused_weight), and
+        the norms before int8 GEMVs writing their activations (Block.fuse)."""
         for block in self.model.layers:
-            block.self_attn.fuse()
-            block.ffn.fuse()
+            block.fuse()
+        self.model.norm.xq_layouts = decode_xq_layouts(self.lm_head) if norm_writes_xq() else ()
 
     def _mask(self, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """Boolean [B, 1, T, T]: causal, optionally windowed, AND the caller's mask. Keys share the

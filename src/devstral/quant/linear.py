@@ -241,16 +241,19 @@ class PairedProjection:
 
     def _configs(self, x: torch.Tensor) -> tuple[dict, dict] | None:
         """Each weight's split-K constants for the paired launch, or None where it does not apply."""
+        return self.configs_at(x.numel() // x.shape[-1], x.device)
+
+    def configs_at(self, rows: int, device: torch.device) -> tuple[dict, dict] | None:
+        """_configs for an input of `rows` rows on `device`."""
         from devstral.kernels import gguf_config
         from devstral.kernels.gguf_gemv_wide import bm_for, pairs_with
 
-        rows = x.numel() // x.shape[-1]
         if rows == 0 or rows > self.FUSED_MAX_ROWS:
             return None
-        sms = gguf_config.sm_count(x.device) if x.is_cuda else 132
+        sms = gguf_config.sm_count(device) if device.type == "cuda" else 132
         cfgs = []
         for p in (_packed(member) for member in self.members):
-            kind, cfg = gguf_config.gguf_plan(p.qtype.name, rows, p.n, p.k, x.device)
+            kind, cfg = gguf_config.gguf_plan(p.qtype.name, rows, p.n, p.k, device)
             if kind not in gguf_config.WIDE_INT8_KINDS or cfg.get("num_warps", 4) != 4:
                 return None
             sub_block = 16 if p.qtype.name == "Q6_K" else 32
@@ -289,6 +292,47 @@ def pair_quant(first, second) -> PairedProjection | None:
     if packs[0].k != packs[1].k or any(p.qtype.name not in WIDE_INT8_TYPES for p in packs):
         return None
     return PairedProjection(first, second)
+
+
+def norm_writes_xq() -> bool:
+    """Whether a norm whose output feeds int8 GEMVs also writes their quantized activations (decode_xq_layouts,
+    kernels/rms_norm_triton.py: one launch fewer per such norm); DEVSTRAL_NORM_XQ=0 turns it off (for A/B runs)."""
+    return os.environ.get("DEVSTRAL_NORM_XQ", "1") != "0"
+
+
+def decode_xq_layouts(*projections) -> tuple[int, ...]:
+    """The gguf_xq layouts in which these projections of one input quantize it once (gguf_xq.quantize) at some
+    decode size (1 to 8 rows, gguf_config.DECODE_MS): planar QuantLinears and PackedProjections whose plan
+    there is "wide_xq", a PairedProjection where it pairs (else its members as they run alone). Other
+    projections add none. What the norm before them writes beside its output (RMSNorm.xq_layouts)."""
+    from devstral.kernels import gguf_config, gguf_xq
+    from devstral.kernels.gguf_decode import qt_code
+
+    rows = range(1, gguf_config.DECODE_MS[-1] + 1)
+    layouts = []
+
+    def weights_of(m) -> list:
+        if isinstance(m, PackedProjection):
+            return [m.packed]
+        if type(m) is QuantLinear and m.weight_q.mode == "planar":
+            return [m.weight_q.packed]
+        return []
+
+    def add(m) -> None:
+        if isinstance(m, PairedProjection):
+            packs = [_packed(member) for member in m.members]
+            if any(m.configs_at(r, packs[0].device) is not None for r in rows):
+                layouts.extend(gguf_xq.layout_for(qt_code(p.qtype)) for p in packs)
+            for member in m.members:
+                add(member)
+            return
+        for p in weights_of(m):
+            if any(gguf_config.gguf_plan(p.qtype.name, r, p.n, p.k, p.device)[0] == "wide_xq" for r in rows):
+                layouts.append(gguf_xq.layout_for(qt_code(p.qtype)))
+
+    for projection in projections:
+        add(projection)
+    return tuple(dict.fromkeys(layouts))
 
 
 def folds_swiglu(down: nn.Module) -> bool:
