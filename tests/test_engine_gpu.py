@@ -157,3 +157,35 @@ def test_dependent_launch_changes_no_token(ckpts, monkeypatch):
             llm.engine.step()
         outs.append([s.token_ids for s in seqs])
     assert outs[0] == outs[1]
+
+
+def test_the_norms_activations_change_no_token(ckpts, monkeypatch):
+    """RMSNorm writing the int8 GEMVs' activations (kernels/rms_norm_triton.py, gguf_xq.offer) spares the
+    quantize launches and nothing else: a quantized model's greedy tokens, CUDA graphs on, are those with
+    DEVSTRAL_NORM_XQ=0; and with it on, the norms were told layouts (else the test would prove nothing).
+    The tuned table has no entry at these tiny shapes, so the plan is made the int8-activation GEMV at
+    decode sizes, as it is at Devstral's."""
+    from devstral.kernels import gguf_config
+    from devstral.model.transformer import RMSNorm
+
+    real = gguf_config.gguf_plan
+
+    def plan(qtype, m, n, k, device=None):
+        if m <= gguf_config.DECODE_MS[-1] and qtype in gguf_config.WIDE_INT8_TYPES:
+            return "wide_xq", gguf_config.wide_config(qtype, m, n, k, gguf_config.sm_count(device))
+        return real(qtype, m, n, k, device)
+
+    monkeypatch.setattr(gguf_config, "gguf_plan", plan)
+    x = [ids(30 + 11 * i, i) for i in range(3)]
+    outs, told = [], []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DEVSTRAL_NORM_XQ", flag)
+        llm = devstral.load(ckpts["mistral"], device="cuda", parallel=4, quantize_on_load="q4_k", prefix_caching=False)
+        engine = llm.engine  # built on first use: the norms are told their layouts when it fuses the model
+        told.append(sum(bool(m.xq_layouts) for m in llm.model.modules() if isinstance(m, RMSNorm)))
+        seqs = [engine.add(p, GREEDY, 24, set()) for p in x]
+        while llm.engine.has_work():
+            llm.engine.step()
+        outs.append([s.token_ids for s in seqs])
+    assert told[0] == 0 and told[1] > 0
+    assert outs[0] == outs[1]
