@@ -33,3 +33,18 @@ def tiny_ministral3(tmp_path_factory):
 def tiny_mistral_layout(tmp_path_factory):
     """Same weights as tiny_hf, in Mistral's native consolidated layout."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mistral"), layout="mistral", arch="mistral")
+
+
+def pytest_collection_finish(session):
+    # the slowest interpreter suites start now, in the background (tests/interpreter_runs.py)
+    import interpreter_runs
+
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+        if getattr(module, "INTERPRETER_EARLY", False):
+            interpreter_runs.start(module.__file__)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import interpreter_runs
+
+    interpreter_runs.stop_all()

@@ -10,13 +10,13 @@ The interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), s
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import interpreter_runs
 
 pytest.importorskip("triton")
 
@@ -110,12 +110,8 @@ def _run_cases(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("interp") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+def results():
+    return interpreter_runs.results(__file__, timeout=600)
 
 
 def _close(got, expected):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import interpreter_runs
 
 pytest.importorskip("triton")
 
@@ -37,6 +38,8 @@ INT8_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0]  # the int8-activa
 # stream-K (rows m, BN, NS, BM, num_stages, programs): runs that cross row tiles, several programs on one
 # tile, more activation-row tiles, the pipelined loop, and more programs than units (capped)
 STREAM_CASES = [(1, 8, 2, 1, 1, 5), (1, 16, 8, 1, 1, 2), (3, 8, 4, 2, 1, 7), (1, 8, 2, 1, 2, 5), (2, 8, 2, 2, 1, 40)]
+
+INTERPRETER_EARLY = True  # its subprocess starts when collection ends (interpreter_runs.py)
 
 
 def random_blocks(qt: QType, n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -215,12 +218,8 @@ def _run_cases(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wide") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+def results():
+    return interpreter_runs.results(__file__, timeout=900)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> None:

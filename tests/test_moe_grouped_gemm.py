@@ -16,13 +16,13 @@ register spills, and a K loop within a few percent of the dense kernel's at the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import interpreter_runs
 
 pytest.importorskip("triton")
 
@@ -70,13 +70,8 @@ def _run_cases(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grouped_gemm") / "res.pt"
-    tests_dir = os.path.dirname(__file__)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests_dir, *sys.path])}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+def results():
+    return interpreter_runs.results(__file__, timeout=600)
 
 
 def _reference(r: dict, qt: QType, counts: tuple) -> torch.Tensor:

@@ -16,11 +16,12 @@ pre-quantized activations.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import interpreter_runs
 
 pytest.importorskip("triton")
 
@@ -34,6 +35,8 @@ TOKENS = (1, 5, 40)  # 2 and 10 pairs: routed GEMV; 80 pairs: the prefill path
 # the interpreter is slow per program: the full set for Q4_K_M's mix, the rest where the path differs
 CASES = {"q4_k_m": TOKENS, "mixed_gate_up": (1,), "q8_0": (1, 5)}
 MOE = dict(n_experts=4, n_experts_per_tok=2, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)
+
+INTERPRETER_EARLY = True  # its subprocess starts when collection ends (interpreter_runs.py)
 
 
 def _moe_module(dim: int, hidden: int, weights: dict):
@@ -382,13 +385,8 @@ def _q5k_int8_cases(g) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe_interp") / "res.pt"
-    tests_dir = os.path.dirname(__file__)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests_dir, *sys.path])}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+def results():
+    return interpreter_runs.results(__file__, timeout=600)
 
 
 def _rel(got, ref) -> float:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
 import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+
+import interpreter_runs
 
 pytest.importorskip("triton")
 
@@ -311,12 +312,8 @@ def _run_cases(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("norm_xq") / "results.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+def results():
+    return interpreter_runs.results(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("n", DIMS)
