@@ -15,6 +15,8 @@ summing the whole row's squares and finishing 16 blocks of 32 of it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -96,14 +98,11 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
     res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     rows = x.numel() // n if n else 0
     layouts = tuple(dict.fromkeys(xq))[:2] if xq_rows(xq, rows, n) else ()
-    if layouts:
-        # a normal tensor even in inference mode: its version counter tells gguf_xq of an in-place write
-        with torch.inference_mode(False):
-            out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
-        xq_out = torch.empty(len(layouts), rows, n // gguf_xq.BLOCK, gguf_xq.WORDS, dtype=torch.int32, device=x.device)
-    else:
+    # with xq, a normal tensor even in inference mode: its version counter tells gguf_xq of an in-place write
+    with torch.inference_mode(False) if layouts else nullcontext():
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
-        xq_out = None
+    xq_out = torch.empty(len(layouts), rows, n // gguf_xq.BLOCK, gguf_xq.WORDS, dtype=torch.int32,
+                         device=x.device) if layouts else None
     res = torch.empty(x.shape, dtype=res_dtype, device=x.device) if delta is not None else None
     x2 = _rows(x)
     d2 = _rows(delta) if delta is not None else x2

@@ -14,6 +14,7 @@ embedding's GGUFWeight, so the weight is stored once.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from torch import nn
 from devstral.errors import DevstralError
 from devstral.quant.codec import dequantize
 from devstral.quant.layout import row_bytes
+
+if TYPE_CHECKING:  # the kernels are imported lazily here, where they run: the type only
+    from devstral.kernels.gguf_pack import PackedGGUF
 
 DEFAULT_CHUNK_BYTES = 16 << 20  # float32 scratch per band of rows (dequantizing needs a few times more)
 
@@ -267,6 +271,13 @@ def _packed(member):
     return member.packed if isinstance(member, PackedProjection) else member.weight_q.packed
 
 
+def _planar_pack(m) -> PackedGGUF | None:
+    """The planar GGUF weight of a PackedProjection or a planar QuantLinear, else None."""
+    if isinstance(m, PackedProjection):
+        return m.packed
+    return m.weight_q.packed if type(m) is QuantLinear and m.weight_q.mode == "planar" else None
+
+
 def _outputs(member, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return member(x) if isinstance(member, PackedProjection) else (member(x),)
 
@@ -282,13 +293,9 @@ def pair_quant(first, second) -> PairedProjection | None:
     int8 row dot, when pairs_projections(); else None."""
     from devstral.kernels.gguf_config import WIDE_INT8_TYPES
 
-    def planar(m) -> bool:
-        return isinstance(m, PackedProjection) or (type(m) is QuantLinear and m.bias is None
-                                                   and m.weight_q.mode == "planar")
-
-    if not pairs_projections() or not (planar(first) and planar(second)):
+    packs = [_planar_pack(first), _planar_pack(second)]
+    if not pairs_projections() or None in packs or any(getattr(m, "bias", None) is not None for m in (first, second)):
         return None
-    packs = [_packed(first), _packed(second)]
     if packs[0].k != packs[1].k or any(p.qtype.name not in WIDE_INT8_TYPES for p in packs):
         return None
     return PairedProjection(first, second)
@@ -311,13 +318,6 @@ def decode_xq_layouts(*projections) -> tuple[int, ...]:
     rows = range(1, gguf_config.DECODE_MS[-1] + 1)
     layouts = []
 
-    def weights_of(m) -> list:
-        if isinstance(m, PackedProjection):
-            return [m.packed]
-        if type(m) is QuantLinear and m.weight_q.mode == "planar":
-            return [m.weight_q.packed]
-        return []
-
     def add(m) -> None:
         if isinstance(m, PairedProjection):
             packs = [_packed(member) for member in m.members]
@@ -326,9 +326,10 @@ def decode_xq_layouts(*projections) -> tuple[int, ...]:
             for member in m.members:
                 add(member)
             return
-        for p in weights_of(m):
-            if any(gguf_config.gguf_plan(p.qtype.name, r, p.n, p.k, p.device)[0] == "wide_xq" for r in rows):
-                layouts.append(gguf_xq.layout_for(qt_code(p.qtype)))
+        p = _planar_pack(m)
+        if p is not None and any(gguf_config.gguf_plan(p.qtype.name, r, p.n, p.k, p.device)[0] == "wide_xq"
+                                 for r in rows):
+            layouts.append(gguf_xq.layout_for(qt_code(p.qtype)))
 
     for projection in projections:
         add(projection)
