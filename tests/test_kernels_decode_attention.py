@@ -145,6 +145,40 @@ def test_fused_merge_with_rows_using_fewer_splits(kind, window):
           configs=[DecodeConfig(block_n=16, splits=4, fused_merge=True)], seed=KINDS.index(kind) + (window or 0))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("window", [None, 20])
+def test_min_chunk_gives_short_rows_one_split(fused, window):
+    """A split takes at least min_chunk keys (rounded up to whole tiles): with 4 splits of 16-key tiles and
+    min_chunk 20 (so 32), rows of 1, 9, 17 and 30 keys use one split, which writes the output itself (pass 2
+    skips the row), 40 keys two and 70 three; the grid is the same 4 splits for all."""
+    check("bf16", [1, 9, 17, 30, 40, 70], n_heads=6, n_kv_heads=2, head_dim=32, block_size=8, window=window,
+          configs=[DecodeConfig(block_n=16, splits=4, fused_merge=fused, min_chunk=20)], seed=31 + (window or 0))
+
+
+def test_min_chunk_one_split_row_leaves_pass_two_no_work():
+    """With every row inside one split, pass 2 must not touch the output: poison the partials it would read
+    and the result still matches the reference."""
+    layer, tables, lens = filled_cache("bf16", [5, 12], 2, 32, 8, torch.bfloat16, "cpu", seed=41)
+    q = queries(2, 4, 2, 32, torch.bfloat16, "cpu", 42)
+    real_empty = torch.empty
+
+    def poisoned(*shape, dtype=None, device=None, **kw):
+        t = real_empty(*shape, dtype=dtype, device=device, **kw)
+        if dtype == torch.float32:
+            t.fill_(float("nan"))
+        return t
+
+    ref = decode_attention_ref(q, layer, tables, lens, 0.2).float()
+    try:
+        torch.empty = poisoned
+        out = decode_attention_triton(q, layer, tables, lens, 0.2, max_context=tables.shape[1] * 8,
+                                      config=DecodeConfig(block_n=16, splits=3, min_chunk=16))
+    finally:
+        torch.empty = real_empty
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 2e-2 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize("tokens_major", [False, True])
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "q4_0"])
 def test_scores_in_either_orientation(kind, tokens_major):
@@ -305,7 +339,8 @@ def test_decode_interpreter_sweep(kind, window, block_size):
 DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
 GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=True), DecodeConfig(block_n=32),
                DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
-               DecodeConfig(block_n=128)]  # the benchmark's candidates
+               DecodeConfig(block_n=128), DecodeConfig(min_chunk=512), DecodeConfig(min_chunk=1024, fused_merge=True),
+               DecodeConfig(min_chunk=256, splits=1)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu
@@ -337,8 +372,9 @@ def test_gpu_decode_sliding_window(window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,fused", [("bf16", True), ("bf16", False), ("q8_0", True)])
-def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused):
+@pytest.mark.parametrize("kind,fused,min_chunk", [("bf16", True, 0), ("bf16", False, 0), ("q8_0", True, 0),
+                                                  ("bf16", False, 512), ("q8_0", True, 512)])
+def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused, min_chunk):
     """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
     comes from max_context alone, so the graph stays valid; the fused merge's counters are back at zero
     after every replay (the same contexts replayed twice give the same bits)."""
@@ -348,7 +384,7 @@ def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused):
     q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
     static_q, static_lens = q.clone(), torch.ones_like(lens)
     max_context = tables.shape[1] * bs
-    cfg = DecodeConfig(fused_merge=fused)
+    cfg = DecodeConfig(fused_merge=fused, min_chunk=min_chunk)
     decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -65,6 +65,7 @@ MAX_GROUPS = 1 << 16  # (sequence, kv head) arrival counters a device keeps for 
 MIN_SPLIT_TOKENS = 256  # a split shorter than this at max_context costs more in partials than it buys
 WAVE_EFFICIENCY = 0.9  # the fewest splits whose programs fill this much of the GPU's last wave
 DEFAULT_CTAS_PER_SM = 3  # the default config on an H100/H200 (72 KB of shared memory, 128 registers)
+MIN_CHUNK = 0  # keys a split takes at least (DecodeConfig.min_chunk); provisional until measured
 
 
 class DecodeConfig:
@@ -75,20 +76,27 @@ class DecodeConfig:
     fewer, each tile has one buffer and its load never overlaps the previous tile's math.
     `splits` None: chosen by `num_splits` from the batch, max_context and how many programs the GPU
     runs at once, which is `ctas_per_sm` x SMs (None: read from the compiled kernel's registers and
-    shared memory)."""
+    shared memory).
+    `min_chunk`: the fewest keys a split takes (rounded up to whole tiles; None: MIN_CHUNK, or
+    DEVSTRAL_ATTN_MIN_CHUNK). The grid is sized for max_context, but a row shorter than min_chunk is one
+    split that writes its output itself, and pass 2 skips it: a short context pays for neither the
+    partials nor the merge, whatever the captured graph's max_context."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
-                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None):
+                 ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None,
+                 min_chunk: int | None = None):
         if fused_merge is None:  # off unless DEVSTRAL_FUSED_MERGE=1 (module docstring: it lost at long context)
             fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1"
+        if min_chunk is None:
+            min_chunk = int(os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", MIN_CHUNK))
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm = splits, ctas_per_sm
-        self.tokens_major, self.fused_merge = tokens_major, fused_merge
+        self.tokens_major, self.fused_merge, self.min_chunk = tokens_major, fused_merge, min_chunk
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
                 f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
-                f"fused_merge={self.fused_merge})")
+                f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk})")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
@@ -170,13 +178,14 @@ def blocks_per_sm(regs: int, smem: int, num_warps: int, *, regs_per_sm: int, sme
 
 
 @triton.jit
-def _split_range(length, s, num_splits, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Keys [lo, length) of a row; split s covers [start, end) of them in whole BLOCK_N tiles."""
+def _split_range(length, s, num_splits, window, min_chunk, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Keys [lo, length) of a row; split s covers [start, end) of them in whole BLOCK_N tiles, at least
+    min_chunk keys (a multiple of BLOCK_N) to a split, so that a short row uses few of them."""
     if HAS_WINDOW:
         lo = tl.maximum(length - window, 0)
     else:
         lo = length * 0
-    chunk = tl.cdiv(tl.cdiv(length - lo, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(length - lo, num_splits), BLOCK_N) * BLOCK_N, min_chunk)
     start = lo + s * chunk
     end = tl.minimum(start + chunk, length)
     return start, end, chunk, lo
@@ -222,10 +231,10 @@ def _accumulate(acc, p, v, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                          table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
-                         scale_log2e, window, num_splits, n_heads,
+                         scale_log2e, window, num_splits, min_chunk, n_heads,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
@@ -239,7 +248,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(len_ptr + b)
-    start, end, chunk, lo = _split_range(length, s, num_splits, window, BLOCK_N, HAS_WINDOW)
+    start, end, chunk, lo = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     if start < end:
         Q_T = q_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)
@@ -289,7 +298,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                      mask=hmask[:, None])
         else:
             used = tl.cdiv(length - lo, chunk)  # the splits of this row with keys: 0 .. used - 1
-            if OUTPUT == OUT_MERGED and used == 1:  # the row's only split: nothing to merge
+            if used == 1:  # the row's only split: nothing to merge (pass 2 skips the row)
                 tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
                          mask=hmask[:, None])
             else:
@@ -350,24 +359,26 @@ def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh,
         tl.store(arrival_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
-                         n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                         min_chunk, n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-    """Pass 2 of the two-pass path, grid (sequence, query head)."""
+    """Pass 2 of the two-pass path, grid (sequence, query head). A row whose keys fit in one split has
+    its output written by pass 1 already."""
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
         gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + b)
-    _, _, chunk, lo = _split_range(length, 0, num_splits, window, BLOCK_N, HAS_WINDOW)
+    _, _, chunk, lo = _split_range(length, 0, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     used = tl.cdiv(length - lo, chunk)
-    first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
-    merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
-                           MERGE_CHUNK)
-    d = tl.arange(0, HEAD_DIM)
-    tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
+    if used > 1:
+        first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
+        merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
+                               MERGE_CHUNK)
+        d = tl.arange(0, HEAD_DIM)
+        tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -428,7 +439,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
     block_s = triton.next_power_of_2(splits)
     launch.kernels._decode_merge_kernel[(B, H)](
-        part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, H,
+        part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, launch.min_chunk, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
         MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8,
         launch_pdl=launch.pdl)
@@ -483,6 +494,7 @@ class _Launch:
                      k.stride(0), k.stride(1), k.stride(2), ss[0], ss[1], ss[2],
                      block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1))
         self.tail = (scale * LOG2E, window or 0)
+        self.min_chunk = triton.cdiv(max(cfg.min_chunk, 0), cfg.block_n) * cfg.block_n  # whole tiles
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
         self.pdl = pdl.enabled(q.device)
@@ -502,7 +514,7 @@ class _Launch:
 
     def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, warmup: bool = False):
         arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
-        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.q.shape[1])
+        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.min_chunk, self.q.shape[1])
         kernel = self.kernels._decode_split_kernel
         if warmup:
             return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
