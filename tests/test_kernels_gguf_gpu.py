@@ -126,7 +126,8 @@ def test_streaming_gemv_matches_dequantize_then_matmul(qt, m):
                                              dict(bn=32, ns=4, split_k=16, num_warps=2),
                                              dict(bn=64, ns=8, split_k=3, num_warps=4, num_stages=3))),
              ((512, 2048), (dict(bn=128, ns=8, split_k=2, num_warps=4), dict(bn=128, ns=8, split_k=1, num_warps=8,
-                                                                            num_stages=4))))
+                                                                            num_stages=4),
+                            dict(bn=128, ns=16, split_k=8, num_warps=4))))  # one K-tile a split (one_tile)
     for (n, k), cfgs in cases:
         raw = blocks(qt, n, k, seed=m)
         p = pack(raw.to(CUDA), qt, n, k)
@@ -282,15 +283,18 @@ def test_a_gemv_pair_gives_each_gemv_alone_eager_and_in_a_graph(qa, qb):
     a = pack(blocks(qa, 4096, k, seed=9).to(CUDA), qa, 4096, k)
     b = pack(blocks(qb, 2048, k, seed=10).to(CUDA), qb, 2048, k)
     x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
-    ca = dict(bn=128, ns=8, bm=1, split_k=8, num_warps=4)
-    cb = dict(bn=16, ns=32, bm=1, split_k=1, num_warps=4)
-    alone = [gguf_gemv_wide.gemv(x, p, None, torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16), int8=True,
-                                 xq=True, **c) for p, c in ((a, ca), (b, cb))]
-    outs = [torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16) for p in (a, b)]
-    gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
-    for out, ref in zip(outs, alone, strict=True):
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    _replays_exactly(lambda: gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1]), outs, alone)
+    # the second pair of constants gives A one K-tile a split (gguf_gemv_wide.one_tile)
+    for ca, cb in ((dict(bn=128, ns=8, bm=1, split_k=8, num_warps=4), dict(bn=16, ns=32, bm=1, split_k=1, num_warps=4)),
+                   (dict(bn=128, ns=16, bm=1, split_k=8, num_warps=4), dict(bn=16, ns=32, bm=1, split_k=2,
+                                                                            num_warps=4))):
+        alone = [gguf_gemv_wide.gemv(x, p, None, torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16), int8=True,
+                                     xq=True, **c) for p, c in ((a, ca), (b, cb))]
+        outs = [torch.empty(1, p.n, device=CUDA, dtype=torch.bfloat16) for p in (a, b)]
+        gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1])
+        for out, ref in zip(outs, alone, strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        _replays_exactly(lambda ca=ca, cb=cb, outs=outs: gguf_gemv_wide.gemv_pair(x, a, ca, outs[0], b, cb, outs[1]),
+                         outs, alone)
 
 
 def test_activation_quantization_on_the_gpu():

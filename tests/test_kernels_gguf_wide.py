@@ -31,9 +31,11 @@ K = {QType.Q4_K: 768, QType.Q5_K: 768, QType.Q6_K: 512, QType.Q8_0: 416}
 TYPES = list(K)
 F16_FIELDS = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,)}
 # (rows m, BN, NS, BM, split_k, num_stages): even and uneven tiles, split-K 3 over fewer tiles than splits;
-# num_stages > 1 is the software-pipelined loop (its own branch of the kernel)
+# num_stages > 1 is the software-pipelined loop (its own branch of the kernel); a split of one K-tile
+# (gguf_gemv_wide.one_tile: (2, 16, 16, 2, 2, 1) and (1, 16, 16, 1, 2, 1), a cut tile for Q4_K/Q5_K, an
+# empty split for Q8_0) is loaded whole before the wait, without a next-tile buffer
 CASES = [(1, 16, 8, 1, 1, 1), (1, 8, 2, 1, 3, 1), (2, 16, 16, 2, 2, 1), (6, 8, 2, 4, 5, 1), (1, 8, 2, 1, 2, 3),
-         (3, 16, 4, 4, 1, 2)]
+         (3, 16, 4, 4, 1, 2), (1, 16, 16, 1, 2, 1)]
 INT8_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0]  # the int8-activation (dp4a) row dots
 # stream-K (rows m, BN, NS, BM, num_stages, programs): runs that cross row tiles, several programs on one
 # tile, more activation-row tiles, the pipelined loop, and more programs than units (capped)
@@ -250,6 +252,14 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(results, qtype):
         xin = (r["xe"] if int8 else r["x"])[:m].float()
         assert not out.isnan().any()
         _close(out, xin @ w.t() + r["bias"])
+
+
+def test_one_tile_splits():
+    """STAGES 0 (the program's only tile, no next-tile buffer) exactly when no split has two K-tiles."""
+    from devstral.kernels import gguf_gemv_wide
+
+    assert gguf_gemv_wide.one_tile(8, 8) and gguf_gemv_wide.one_tile(1, 2) and gguf_gemv_wide.one_tile(7, 8)
+    assert not gguf_gemv_wide.one_tile(9, 8) and not gguf_gemv_wide.one_tile(2, 1)
 
 
 def test_stream_k_shares_bound_the_programs_on_a_tile():

@@ -578,19 +578,24 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
         if WAIT:  # the first tile's weights are on their way; the activations come from the kernel before
             gdc_wait()
-        for t in range(t_lo, t_hi):
-            # the next tile's loads go out before this tile is computed (clamped: the last iteration
-            # reloads its own tile, same addresses, no mask needed)
-            tn = tl.minimum(t + 1, t_hi - 1)
-            wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
-            words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN,
-                                        UNPACK)
-            sn_ok = row_ok & (tn * NS + jn2 < n_sub)
-            d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
-                                                 QT, SB, EVEN)
-            acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
-                                           M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
-            words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
+        if STAGES == 0:  # the program's only tile (one_tile()): no next-tile buffer, nothing loaded after the wait
+            if t_lo < t_hi:
+                acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t0, xp0, x_in, s_xm,
+                                               m0, M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
+        else:
+            for t in range(t_lo, t_hi):
+                # the next tile's loads go out before this tile is computed (clamped: the last iteration
+                # reloads its own tile, same addresses, no mask needed)
+                tn = tl.minimum(t + 1, t_hi - 1)
+                wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
+                words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN,
+                                            UNPACK)
+                sn_ok = row_ok & (tn * NS + jn2 < n_sub)
+                d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
+                                                     QT, SB, EVEN)
+                acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
+                                               M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
+                words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
     which = tl.arange(0, BM)[None, :]
     res = tl.where(which == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
     if BM > 1:
@@ -696,9 +701,10 @@ def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q
                  cnt_ptr, M, K, one,
                  QT_A: tl.constexpr, SB_A: tl.constexpr, WPS_A: tl.constexpr, E_A: tl.constexpr, BN_A: tl.constexpr,
                  NS_A: tl.constexpr, SPLIT_A: tl.constexpr, EVEN_N_A: tl.constexpr, EVEN_K_A: tl.constexpr,
+                 STAGES_A: tl.constexpr,
                  QT_B: tl.constexpr, SB_B: tl.constexpr, WPS_B: tl.constexpr, E_B: tl.constexpr, BN_B: tl.constexpr,
                  NS_B: tl.constexpr, SPLIT_B: tl.constexpr, EVEN_N_B: tl.constexpr, EVEN_K_B: tl.constexpr,
-                 BM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                 STAGES_B: tl.constexpr, BM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Two GEMVs of one input in one launch (gemv_pair): programs 0..GA-1 are A's split-K grid, the rest
     B's, each with its own type, tile and split; counters A's row tiles then B's."""
     f = tl.program_id(0)
@@ -709,14 +715,14 @@ def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q
     if f < tiles_a * SPLIT_K_A:
         _split_program(f % tiles_a, f // tiles_a, pid_m * BM, tile0 + f % tiles_a, xa, outa, outa, wsa, cnt_ptr,
                        aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_K_A,
-                       QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLIT_A, False, EVEN_N_A, EVEN_K_A, ASM, True, 1,
-                       True, PDL)
+                       QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLIT_A, False, EVEN_N_A, EVEN_K_A, ASM, True,
+                       STAGES_A, True, PDL)
     else:
         g = f - tiles_a * SPLIT_K_A
         _split_program(g % tiles_b, g // tiles_b, pid_m * BM, tile0 + tiles_a + g % tiles_b, xb, outb, outb, wsb,
                        cnt_ptr, bq, bqh, bsc, bmn, bd, bdm, M, NB, K, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, one,
                        SPLIT_K_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLIT_B, False, EVEN_N_B, EVEN_K_B, ASM,
-                       True, 1, True, PDL)
+                       True, STAGES_B, True, PDL)
 
 
 def bm_for(m: int) -> int:
@@ -766,12 +772,20 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     even_k = k % (ns * sb) == 0
     args = (xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
             m, p.n, k, s_xin, out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value)
+    stages = 0 if num_stages == 1 and not use_stream and one_tile(n_tiles, split_k) else num_stages
     consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
-                  ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=num_stages, XQ=xq, PDL=on,
+                  ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=stages, XQ=xq, PDL=on,
                   STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
     _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
+
+
+def one_tile(n_tiles: int, split_k: int) -> bool:
+    """Whether every program of a split-K launch has one K-tile (or none): the kernel then loads it before
+    waiting for the kernel before (programmatic dependent launch) and keeps no next-tile buffer (STAGES 0),
+    so a small GEMV's weights are all in flight while the kernel before runs."""
+    return triton.cdiv(n_tiles, split_k) <= 1
 
 
 def pairs_with(cfg_a: dict, cfg_b: dict) -> bool:
@@ -805,7 +819,7 @@ def gemv_pair(x: torch.Tensor, a: PackedGGUF, cfg_a: dict, out_a: torch.Tensor, 
         tiles = triton.cdiv(p.n, bn)
         split = usable_split(cfg.get("split_k", 1), tiles * tiles_m, m, p.n)
         consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, SPLIT=split > 1, EVEN_N=p.n % bn == 0,
-                      EVEN_K=k % (ns * sb) == 0)
+                      EVEN_K=k % (ns * sb) == 0, STAGES=0 if one_tile(triton.cdiv(k // sb, ns), split) else 1)
         return tiles, split, workspace(split, m, p.n, x.device), {f"{key}_{suffix}": v for key, v in consts.items()}
 
     tiles_a, split_a, ws_a, consts_a = member(a, cfg_a, "A")

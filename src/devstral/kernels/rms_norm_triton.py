@@ -110,6 +110,8 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
         return out, res
     block = triton.next_power_of_2(n)
     on = pdl.enabled(x.device)
+    # with xq: 10 programs of 16 warps for Devstral's 5120; 4 or 8 warps and 8 or 32 blocks a program were
+    # no faster in the engine (H200 Q4_K_M, benchmarks/results/decode_ab_onetile_h200.json)
     grid = (x2.shape[0], triton.cdiv(n // gguf_xq.BLOCK, gguf_xq.BLOCKS_PER_PROGRAM) if layouts else 1)
     kernels_for(x, __name__)._rms_norm_kernel[grid](
         x2, x2.stride(0), d2, d2.stride(0), weight.contiguous(), out, res if res is not None else out,
