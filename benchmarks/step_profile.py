@@ -32,24 +32,25 @@ def _kind(name: str) -> str:
     return next((kind for frag, kind in KINDS if frag.lower() in low), "other")
 
 
-def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict]:
-    """{kernel name: [count, GPU us, exclusive us]} over one generation, its decode wall time (s), and the
-    same by launch grid (_trace)."""
+def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict, list]:
+    """{kernel name: [count, GPU us, exclusive us]} over one generation, its decode wall time (s), the
+    same by launch grid, and every kernel's (name, grid, start us, end us) in launch order (_trace)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r = run(engine, [prompt_ids], new_tokens)
         torch.cuda.synchronize()
-    by_name, by_grid = _trace(prof)
-    return by_name, r["decode_s"], by_grid
+    by_name, by_grid, timeline = _trace(prof)
+    return by_name, r["decode_s"], by_grid, timeline
 
 
 GRID_KINDS = ("dense_gemv", "experts_gate_up", "experts_down", "attention")
 
 
-def _trace(prof) -> tuple[dict, dict]:
+def _trace(prof) -> tuple[dict, dict, list]:
     """({kernel name: [count, GPU us, exclusive us]}, the same keyed by kernel and launch grid for the
-    matmul and attention kernels, whose grid tells the matrices apart).
+    matmul and attention kernels, whose grid tells the matrices apart, and the timeline: (name, grid,
+    start us, end us) of every kernel by start).
 
     A programmatic dependent launch (kernels/pdl.py) starts before the kernel it depends on ends and then
     waits, so kernel durations overlap and their sum exceeds the GPU's busy time; a kernel's *exclusive*
@@ -63,10 +64,12 @@ def _trace(prof) -> tuple[dict, dict]:
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
     by_name: dict[str, list] = {}
     by_grid: dict[str, list] = {}
+    timeline = []
     covered = float("-inf")
     for e in kernels:
         start, dur = float(e["ts"]), float(e.get("dur", 0.0))
         end = start + dur
+        timeline.append((e.get("name", "")[:32], e.get("args", {}).get("grid"), start, end))
         own = max(0.0, end - max(start, covered))
         covered = max(covered, end)
         name = e.get("name", "")
@@ -79,7 +82,21 @@ def _trace(prof) -> tuple[dict, dict]:
             a[0] += 1
             a[1] += dur
             a[2] += own
-    return by_name, by_grid
+    return by_name, by_grid, timeline
+
+
+def _two_layers(timeline: list, per_step: int, per_layer: int) -> list:
+    """Two middle layers of the last step, kernel by kernel: name, grid, start and end (us, from the
+    first one's start), and the gap since the latest end before it (negative: it overlapped)."""
+    step = timeline[-per_step:]
+    window = step[per_step // 2: per_step // 2 + 2 * per_layer]
+    if not window:
+        return []
+    t0, out, latest = window[0][2], [], window[0][2]
+    for name, grid, start, end in window:
+        out.append([name, grid, round(start - t0, 2), round(end - t0, 2), round(start - latest, 2)])
+        latest = max(latest, end)
+    return out
 
 
 def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
@@ -112,8 +129,8 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
 def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: Path | None = None,
                    top_k: int = 1, experts: int = 1, steps: int = 16) -> dict:
     """One decode step (batch 1) by kind of kernel; `run(engine, prompts, new_tokens)` returns decode_s."""
-    one, _, grid_one = _kernels(engine, run, prompt_ids, 1)
-    many, decode_s, grid_many = _kernels(engine, run, prompt_ids, 1 + steps)
+    one, _, grid_one, _ = _kernels(engine, run, prompt_ids, 1)
+    many, decode_s, grid_many, timeline = _kernels(engine, run, prompt_ids, 1 + steps)
 
     def per_step(key, totals, base) -> tuple[float, float, float]:
         c0, u0, x0 = base.get(key, (0, 0.0, 0.0))
@@ -159,6 +176,7 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
             grids[key] = {"launches": round(dc, 2), "gpu_us": round(du, 1), "exclusive_us": round(dx, 1),
                           "exclusive_us_per_launch": round(dx / dc, 2)}
     out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["exclusive_us"]))
+    out["two_layers"] = _two_layers(timeline, round(launches), round(launches / layers))
     replay = graph_replay_us(engine)
     if replay is not None:
         out["graph_replay_us_per_step"] = replay

@@ -65,7 +65,7 @@ MAX_GROUPS = 1 << 16  # (sequence, kv head) arrival counters a device keeps for 
 MIN_SPLIT_TOKENS = 256  # a split shorter than this at max_context costs more in partials than it buys
 WAVE_EFFICIENCY = 0.9  # the fewest splits whose programs fill this much of the GPU's last wave
 DEFAULT_CTAS_PER_SM = 3  # the default config on an H100/H200 (72 KB of shared memory, 128 registers)
-MIN_CHUNK = 0  # keys a split takes at least (DecodeConfig.min_chunk); provisional until measured
+MIN_CHUNK = 0  # keys a split takes at least (DecodeConfig.min_chunk): off, every value tried lost on the H200
 
 
 class DecodeConfig:
