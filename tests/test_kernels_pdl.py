@@ -53,7 +53,7 @@ def _gemv(stream: bool, stages: int) -> dict:
                 "dm_ptr": "*fp16"})
     const = dict(QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, BM=1, SPLIT=not stream, HAS_BIAS=False, EVEN_N=True,
                  EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream)
-    return _compile(_wide_kernel, sig, const, num_stages=stages)
+    return _compile(_wide_kernel, sig, const, num_stages=max(stages, 1))
 
 
 def _all() -> dict:
@@ -105,7 +105,7 @@ def _all() -> dict:
             dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True),
             enable_fp_fusion=False)
     names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
-             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits n_heads")
+             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk n_heads")
     pa = paged_attention_triton
     for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
         for kind, cache, scale, tokens_major in ((0, bf16, bf16, False), (2, "*i32", "*fp16", True)):
@@ -120,7 +120,7 @@ def _all() -> dict:
                      PDL=True), num_stages=2)
     out["decode_merge"] = _compile(
         pa._decode_merge_kernel,
-        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits n_heads",
+        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
              {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
         dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True))
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
@@ -128,6 +128,7 @@ def _all() -> dict:
     for stream in (False, True):
         for stages in (1, 3):
             out[f"gemv{'_stream' if stream else ''}_stages{stages}"] = _gemv(stream, stages)
+    out["gemv_stages0"] = _gemv(False, 0)  # one K-tile a program (gguf_gemv_wide.one_tile)
     out.update(_moe())
     return out
 
@@ -182,7 +183,7 @@ SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "silu_mul
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
-GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3"]
+GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3", "gemv_stages0"]
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -209,11 +210,12 @@ def test_gemv_writes_nothing_before_it_waits(ptx_stats, name):
     """The GEMV stores nothing before the wait: split-K partials, counters and the output come after it.
     The register-prefetch loop (one stage) issues its first tile's weight and scale loads before it --
     weights are never written -- so that they are on their way while the kernel before still runs; the
-    shared-memory pipeline's prologue reads activations too, so it waits first."""
+    shared-memory pipeline's prologue reads activations too, so it waits first. A program of one K-tile
+    (stages0) loads all of its weights before it."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["stores"] == 0, st
-    if name.endswith("stages1"):
+    if name.endswith(("stages1", "stages0")):
         assert st["loads"] >= 8, st
 
 

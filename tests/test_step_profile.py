@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_profile import _trace  # noqa: E402
+from step_profile import _trace, _two_layers  # noqa: E402
 
 
 class _Prof:
@@ -34,7 +34,7 @@ def test_exclusive_times_add_up_to_the_busy_time_under_overlap():
         _kernel("_wide_kernel", 20.0, 5.0, grid=(8, 1, 1)),  # after a gap: all its own
         {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 100.0},  # not a kernel
     ]
-    by_name, by_grid = _trace(_Prof(events))
+    by_name, by_grid, timeline = _trace(_Prof(events))
     assert by_name["_rms_norm_kernel"] == [1, 3.0, 3.0]
     assert by_name["_wide_kernel"] == [2, 15.0, 8.0 + 5.0]
     assert by_name["_decode_split_kernel"] == [1, 4.0, 2.0]
@@ -43,3 +43,13 @@ def test_exclusive_times_add_up_to_the_busy_time_under_overlap():
     assert sum(v[1] for v in by_name.values()) > union  # durations double-count the overlap
     grids = {k.split(" grid=")[1]: v for k, v in by_grid.items() if k.startswith("_wide_kernel")}
     assert grids["[1, 1, 1] regs=32"] == [1, 10.0, 8.0] and grids["[8, 1, 1] regs=32"] == [1, 5.0, 5.0]
+    assert [t[0] for t in timeline] == ["_rms_norm_kernel", "_wide_kernel", "_decode_split_kernel", "_wide_kernel"]
+
+
+def test_two_layers_of_the_last_step_with_their_overlap():
+    """Two layers of the last step from its middle: times from the first kernel's start, and each kernel's gap
+    to the latest end before it (negative: it started early, as a dependent launch)."""
+    step = [(f"k{i % 3}", [1, 1, 1], 100.0 + 10 * i, 100.0 + 10 * i + 12) for i in range(12)]
+    rows = _two_layers([("prefill", None, 0.0, 50.0)] + step, per_step=12, per_layer=3)
+    assert [r[0] for r in rows] == ["k0", "k1", "k2", "k0", "k1", "k2"]  # kernels 6..11 of the step
+    assert rows[0][2:] == [0.0, 12.0, 0.0] and rows[1][2:] == [10.0, 22.0, -2.0]
