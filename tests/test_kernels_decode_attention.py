@@ -89,7 +89,8 @@ def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, wind
 
 # ---------------------------------------------------------------- CPU, through the interpreter
 # A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
-SPLIT3 = [DecodeConfig(block_n=16, splits=3, fused_merge=True), DecodeConfig(block_n=16, splits=3)]
+SPLIT3 = [DecodeConfig(block_n=16, splits=3, fused_merge=True), DecodeConfig(block_n=16, splits=3),
+          DecodeConfig(block_n=16, splits=3, prefetch=True)]  # the block table read before the wait
 sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
                            reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
 
@@ -340,7 +341,8 @@ DEVSTRAL = dict(n_heads=32, n_kv_heads=8, head_dim=128, block_size=16)
 GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=True), DecodeConfig(block_n=32),
                DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
                DecodeConfig(block_n=128), DecodeConfig(min_chunk=512), DecodeConfig(min_chunk=1024, fused_merge=True),
-               DecodeConfig(min_chunk=256, splits=1)]  # the benchmark's candidates
+               DecodeConfig(min_chunk=256, splits=1), DecodeConfig(prefetch=True),
+               DecodeConfig(prefetch=True, fused_merge=True)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu
@@ -373,7 +375,8 @@ def test_gpu_decode_sliding_window(window):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,fused,min_chunk", [("bf16", True, 0), ("bf16", False, 0), ("q8_0", True, 0),
-                                                  ("bf16", False, 512), ("q8_0", True, 512)])
+                                                  ("bf16", False, 512), ("q8_0", True, 512), ("bf16", False, -1),
+                                                  ("q4_0", True, -1)])
 def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused, min_chunk):
     """Captured with every row at context 1; replayed with long, short and padding rows: the split grid
     comes from max_context alone, so the graph stays valid; the fused merge's counters are back at zero
@@ -384,7 +387,7 @@ def test_gpu_decode_replays_in_a_cuda_graph_with_other_contexts(kind, fused, min
     q = queries(4, 32, 8, 128, torch.bfloat16, dev, 5)
     static_q, static_lens = q.clone(), torch.ones_like(lens)
     max_context = tables.shape[1] * bs
-    cfg = DecodeConfig(fused_merge=fused, min_chunk=min_chunk)
+    cfg = DecodeConfig(fused_merge=fused, min_chunk=max(min_chunk, 0), prefetch=min_chunk < 0)  # -1: prefetch
     decode_attention_triton(static_q, layer, tables, static_lens, 0.088, None, max_context=max_context, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -20,7 +20,8 @@ import pytest
 pytest.importorskip("triton")
 
 MEMORY_OPS = {"loads": re.compile(r"\bld\.global|\bcp\.async\.(?:ca|cg)"),
-              "stores": re.compile(r"\bst\.global|\batom\.|\bred\.")}
+              "stores": re.compile(r"\bst\.global|\batom\.|\bred\."),
+              "prefetches": re.compile(r"\bprefetch\.global\.L2")}
 
 
 def _compile(fn, sig: dict, const: dict, **options) -> dict:
@@ -118,6 +119,15 @@ def _all() -> dict:
                      OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
                      SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
                      PDL=True), num_stages=2)
+    out["decode_split_prefetch"] = _compile(  # DecodeConfig(prefetch=True), bf16 cache, partials
+        pa._decode_split_kernel,
+        _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, "table_ptr": "*i32",
+                     "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                     "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
+        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
+             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
+             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, PREFETCH=True, ROW_LINES=2,
+             LINE=64), num_stages=2)
     out["decode_merge"] = _compile(
         pa._decode_merge_kernel,
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
@@ -194,6 +204,15 @@ def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["loads"] == 0 and st["stores"] == 0, st
+
+
+def test_decode_attention_prefetch_reads_only_before_it_waits(ptx_stats):
+    """DecodeConfig(prefetch=True): before the wait the split reads the context length and its first tile's
+    block-table entries (the host wrote both before the step) and asks L2 for that tile's keys and values;
+    it stores nothing."""
+    st = ptx_stats["decode_split_prefetch"]
+    assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
+    assert st["stores"] == 0 and st["loads"] >= 2 and st["prefetches"] >= 2, st
 
 
 @pytest.mark.parametrize("name", MOE)

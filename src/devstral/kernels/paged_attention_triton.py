@@ -80,23 +80,29 @@ class DecodeConfig:
     `min_chunk`: the fewest keys a split takes (rounded up to whole tiles; None: MIN_CHUNK, or
     DEVSTRAL_ATTN_MIN_CHUNK). The grid is sized for max_context, but a row shorter than min_chunk is one
     split that writes its output itself, and pass 2 skips it: a short context pays for neither the
-    partials nor the merge, whatever the captured graph's max_context."""
+    partials nor the merge, whatever the captured graph's max_context.
+    `prefetch` (None: DEVSTRAL_ATTN_PREFETCH=1): under dependent launch, a split reads the context length and
+    the block table and asks L2 for its first tile's keys and values before it waits for the RoPE kernel,
+    so that after the wait its tile loads hit L2."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None,
-                 min_chunk: int | None = None):
+                 min_chunk: int | None = None, prefetch: bool | None = None):
         if fused_merge is None:  # off unless DEVSTRAL_FUSED_MERGE=1 (module docstring: it lost at long context)
             fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1"
         if min_chunk is None:
             min_chunk = int(os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", MIN_CHUNK))
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm = splits, ctas_per_sm
+        if prefetch is None:  # off until measured on a GPU (docs/architecture.md)
+            prefetch = os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1"
         self.tokens_major, self.fused_merge, self.min_chunk = tokens_major, fused_merge, min_chunk
+        self.prefetch = prefetch
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
                 f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
-                f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk})")
+                f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk}, prefetch={self.prefetch})")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
@@ -231,6 +237,27 @@ def _accumulate(acc, p, v, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _prefetch_l2(ptrs):
+    """`prefetch.global.L2` of each address: the line comes into L2, no register waits for it."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_first_tile(k_ptr, v_ptr, table, start, end, kvh, c_sb, c_so, c_sh, PAGE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ROW_LINES: tl.constexpr, LINE: tl.constexpr, ASM: tl.constexpr):
+    """Ask L2 for the keys and values of a split's first tile: one request per 128-byte line, ROW_LINES lines
+    of LINE cache elements a (token, kv head) row (rows past the split's end repeat its last one). Under
+    the interpreter only the block-table load remains."""
+    n = tl.minimum(start + tl.arange(0, BLOCK_N), end - 1)
+    page = tl.load(table + n // PAGE).to(tl.int64)
+    at = (page * c_sb + (n % PAGE) * c_so + kvh * c_sh)[:, None] + (tl.arange(0, ROW_LINES) * LINE)[None, :]
+    if ASM:
+        _prefetch_l2(k_ptr + at)
+        _prefetch_l2(v_ptr + at)
+
+
 @triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                          table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
@@ -240,16 +267,26 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
+                         LINE: tl.constexpr = 64):
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
-        gdc_wait()
+        if not PREFETCH:
+            gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(len_ptr + b)
     start, end, chunk, lo = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     if start < end:
+        if PREFETCH:
+            # before the wait (DecodeConfig.prefetch): the context length and block table, which the host wrote
+            # before the step, and the first tile's keys and values into L2 -- all but the newest token's were
+            # written by earlier steps, and a line the RoPE kernel rewrites meanwhile is updated in L2 (coherent)
+            _prefetch_first_tile(k_ptr, v_ptr, table_ptr + b.to(tl.int64) * table_sb, start, end, kvh, c_sb, c_so,
+                                 c_sh, PAGE, BLOCK_N, ROW_LINES, LINE, ASM)
+            if PDL:
+                gdc_wait()
         Q_T = q_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)
         hmask = h < GROUP
@@ -509,6 +546,8 @@ class _Launch:
                                FOLD_V_SCALE=q.dtype != torch.float16, SCALES=per_head,
                                ASM=not self.interpreted,  # PTX for the 1-byte kinds' dequantization
                                TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS,
+                               PREFETCH=cfg.prefetch, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
+                               LINE=128 // k.element_size(),
                                MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
