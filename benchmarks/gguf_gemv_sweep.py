@@ -16,6 +16,13 @@ Timing: CUDA events around each call, replayed from a CUDA graph as the engine r
 plain calls, which charge a two-launch candidate the host's latency between its launches), L2 flushed
 before each (a 256 MiB read), median of --reps (>= 20). A matrix under 64 MiB is timed as 8 calls on
 distinct copies in one graph, per call (a lone replay's own cost would swamp a 6-9 us GEMV).
+--after-us U times each call of a matrix under 64 MiB at one row after a U-microsecond kernel launched
+before it in the same graph, as the engine's small GEMVs follow a latency-bound kernel (the attention,
+a norm) under programmatic dependent launch: a GEMV that issues all its weight loads before it waits
+(one K-tile a program, gguf_gemv_wide.one_tile) gets them in flight meanwhile, which a lone call cannot
+show (H200: o_proj one tile a program took 4.2 us a call in the engine against 7.75, though the lone
+sweep ranked it below); its time is then the run's minus the busy kernels' alone, per call, and an xq
+kind's activations are quantized beforehand and offered, as the RMSNorm does.
 --wider-tiles adds tiles of twice the sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K
 ffn_down on the H200); --wider-tiles 2,4 adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
 processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
@@ -38,11 +45,16 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from devstral.kernels import gguf_config, gguf_dequant, gguf_gemv, gguf_gemv_wide, gguf_idot  # noqa: E402
+from devstral.kernels import gguf_config, gguf_dequant, gguf_gemv, gguf_gemv_wide, gguf_idot, gguf_xq, pdl  # noqa: E402
+from devstral.kernels.gguf_decode import qt_code  # noqa: E402
 from devstral.kernels.gguf_pack import pack  # noqa: E402
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
 from devstral.quant import QType  # noqa: E402
 from devstral.quant.layout import block_info  # noqa: E402
 
@@ -107,6 +119,25 @@ def random_gguf(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
 
 
 STREAM_ONLY = False  # --stream-only: the stream-K configs against the tuned table's current entry
+AFTER_US = 0.0  # --after-us: small matrices at one row timed after a busy kernel of that many microseconds
+
+
+@triton.jit
+def _busy_kernel(ns, PDL: tl.constexpr):
+    """One program standing for the latency-bound kernel a small GEMV follows in the decode chain: it lets
+    its dependent start at once, as those kernels do, then spins for `ns` nanoseconds."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    t0 = globaltimer()
+    t = t0
+    while t - t0 < ns:
+        t = globaltimer()
+
+
+def busy(ns: int) -> None:
+    on = pdl.enabled(CUDA)
+    _busy_kernel[(1,)](ns, PDL=on, launch_pdl=on)
 
 
 def stream_candidates(qtype: str, m: int, n: int, k: int) -> list[tuple[str, dict]]:
@@ -193,7 +224,8 @@ def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
     Q6_K ffn_down at split 32)."""
     s0 = gguf_config.split_k(tiles, k_steps, sms)
     cands = {max(1, s0 // 2), s0, min(32, s0 * 2)}
-    if m == 1:
+    if m == 1 and k_steps <= 48 and tiles * k_steps <= 4 * sms:
+        cands.add(k_steps)  # one K-tile a program: its weights all loaded before the dependent launch's wait
         for per_sm in (2, 3, 4, 6):
             # rounded down too: one program more than the slots makes a second wave of one program
             for s in {round(per_sm * sms / tiles), per_sm * sms // tiles}:
@@ -304,17 +336,29 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
         copies = [p] + ([] if dry or wbytes >= RUN_BYTES else
                         [pack(random_gguf(qtype, n, k, seed=1000 * gi + c), QType[qtype], n, k) for c in range(1, RUN)])
         dense = None if dry else gguf_dequant.dequantize(p, dtype=torch.float32)  # exact
+        after = not dry and AFTER_US > 0 and wbytes < RUN_BYTES  # timed after a busy kernel (--after-us)
+        ns = int(AFTER_US * 1000)
+        def busy_run(ns=ns, calls=len(copies)):
+            for _ in range(calls):
+                busy(ns)
+
+        base_us = time_us(busy_run, flush, args.reps) if after else 0.0
         for m in MS:
             x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
             ref = None if dry else x.float() @ dense.t()
+            if after and m == 1:  # an xq kind's activations as the RMSNorm before it leaves them
+                layout = gguf_xq.layout_for(qt_code(p.qtype))
+                gguf_xq.offer(x, {layout: gguf_xq.quantize(x, layout)})
             for kind, cfg in candidates(qtype, m, n, k, sms):
                 if dry and (m, kind, cfg) not in mine:
                     continue
                 out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
                 fn = lambda kind=kind, cfg=cfg, out=out, x=x, w=p: KERNELS[kind](x, w, None, out, **cfg)  # noqa: E731
 
-                def run(kind=kind, cfg=cfg, out=out, x=x, ws=copies):
+                def run(kind=kind, cfg=cfg, out=out, x=x, ws=copies, lead=after and m == 1, ns=ns):
                     for w in ws:
+                        if lead:
+                            busy(ns)
                         KERNELS[kind](x, w, None, out, **cfg)
                 row = dict(fmt=qtype, shape=shape, n=n, k=k, m=m, kind=kind, config=cfg)
                 try:
@@ -323,7 +367,10 @@ def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, cop
                         continue
                     torch.cuda.synchronize()
                     rel = float((out.float() - ref).norm() / ref.norm())
-                    us = time_us(run, flush, args.reps, graph=not args.eager) / len(copies)
+                    us = time_us(run, flush, args.reps, graph=not args.eager)
+                    us = (us - (base_us if after and m == 1 else 0.0)) / len(copies)
+                    if after and m == 1:
+                        row["after_us"] = AFTER_US
                 except Exception as e:  # a config the GPU refuses (registers, shared memory) is reported
                     if dry:
                         continue
@@ -454,6 +501,8 @@ def main() -> None:
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--stream-only", action="store_true",
                     help="time only the stream-K configs, against the tuned table's current entry per shape")
+    ap.add_argument("--after-us", type=float, default=0.0,
+                    help="time matrices under 64 MiB at one row after a busy kernel of this many us (see above)")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -461,9 +510,10 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
-    global WIDER_TILES, STREAM_ONLY
+    global WIDER_TILES, STREAM_ONLY, AFTER_US
     WIDER_TILES = tuple(int(v) for v in args.wider_tiles.split(",") if v)
     STREAM_ONLY = args.stream_only
+    AFTER_US = args.after_us
     only = {tuple(v.split(":")) for v in args.only.split(",") if v}
     work = [g for g in groups() if not only or g in only]
     t0 = time.time()
@@ -484,14 +534,14 @@ def main() -> None:
     # models) keep the earlier measurement
     decode = {**table.get("gguf_decode", {}),
               **{key: dict(kind=r["kind"], **r["config"]) for key, r in best.items()}}
-    import triton
-
     result = {
         "benchmark": "gguf_gemv_sweep", "device": device, "sms": sms, "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_GBps": round(copy_gbps, 1), "reps": args.reps,
         "timing": ("CUDA events per call" if args.eager else "CUDA events per CUDA-graph replay of the call")
-                  + ", L2 flushed before each, median", "compile_s": round(compile_s, 1),
+                  + ", L2 flushed before each, median"
+                  + (f"; matrices under 64 MiB at one row after a {AFTER_US} us busy kernel (its time taken off)"
+                     if AFTER_US else ""), "compile_s": round(compile_s, 1),
         "elapsed_s": round(time.time() - t0, 1),
         "decode_estimate": decode_estimate(best, copy_gbps), "summary": summary(rows, best),
         "wrong": [r for r in rows if "us" in r and not r["ok"]], "errors": [r for r in rows if "error" in r],
