@@ -146,6 +146,10 @@ def test_soft_timeout_returns_partial_output_and_c_c_interrupts(tmp_path: Path):
     assert obs.startswith("started") and "still running" in obs
     assert "still running" in tb.run("execute_bash", {"command": "echo other"})
     obs = tb.run("execute_bash", {"command": "C-c", "is_input": "true"})
+    for _ in range(20):  # a loaded machine may need more than one soft timeout: keep waiting, as the tool says
+        if "still running" not in obs:
+            break
+        obs = tb.run("execute_bash", {"command": ""})
     assert "exit code 130" in obs
     assert "nothing to send input to" in tb.run("execute_bash", {"command": "C-c", "is_input": "true"})
     assert "bye" in tb.run("execute_bash", {"command": "echo bye"})
