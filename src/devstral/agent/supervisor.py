@@ -311,7 +311,12 @@ class Supervisor:
 
 def main(argv: list[str]) -> None:
     # Terminal signals do not reach this process: the agent starts it in a session of its own. (Ignoring
-    # them here instead would pass the ignoring on to every command, and C-c would stop nothing.)
+    # them here instead would pass the ignoring on to every command, and C-c would stop nothing.) An agent
+    # started in the background by a shell without job control (`devstral agent ... &` in a script)
+    # inherits SIGINT and SIGQUIT ignored, and so would this process and every command it starts: put the
+    # default back, so that C-c and C-\ reach the commands.
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
     ctl = socket.socket(fileno=int(argv[1]))
     Supervisor(ctl).serve()
 
