@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,8 +164,6 @@ def main() -> None:
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "max_context": FULL["max_context"],
            "timing": "calls cycled in one CUDA graph over copies that defeat L2, median of 5 replays, per call"}
-    import triton
-
     res["triton"] = triton.__version__
     sections = args.sections.split(",")
     if "attention" in sections:

@@ -9,6 +9,7 @@ their `results` fixture first asks. Either way the module's fixture waits here f
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,9 @@ def results(module_file: str, timeout: float = 900) -> dict:
 
 
 def stop_all() -> None:
-    """Kill runs still going (a session that ends early, e.g. on -x)."""
-    for proc, _, _ in _runs.values():
+    """Kill runs still going (a session that ends early, e.g. on -x) and remove every run's files."""
+    for proc, out, _ in _runs.values():
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        shutil.rmtree(out.parent, ignore_errors=True)

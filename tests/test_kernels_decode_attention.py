@@ -156,6 +156,22 @@ def test_min_chunk_gives_short_rows_one_split(fused, window):
           configs=[DecodeConfig(block_n=16, splits=4, fused_merge=fused, min_chunk=20)], seed=31 + (window or 0))
 
 
+def test_a_bad_min_chunk_setting_names_the_variable(monkeypatch):
+    from devstral.errors import DevstralError
+    from devstral.kernels import paged_attention_triton as pa
+
+    monkeypatch.setenv("DEVSTRAL_ATTN_MIN_CHUNK", "512k")
+    pa._env_defaults.cache_clear()
+    try:
+        with pytest.raises(DevstralError, match="DEVSTRAL_ATTN_MIN_CHUNK='512k'"):
+            DecodeConfig()
+        monkeypatch.setenv("DEVSTRAL_ATTN_MIN_CHUNK", "256")
+        pa._env_defaults.cache_clear()
+        assert DecodeConfig().min_chunk == 256 and DecodeConfig(min_chunk=0).min_chunk == 0
+    finally:
+        pa._env_defaults.cache_clear()
+
+
 def test_min_chunk_one_split_row_leaves_pass_two_no_work():
     """With every row inside one split, pass 2 must not touch the output: poison the partials it would read
     and the result still matches the reference."""

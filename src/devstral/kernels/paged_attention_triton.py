@@ -43,12 +43,14 @@ read once).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from devstral.errors import DevstralError
 from devstral.kernels import pdl
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import QUANT_KINDS, KVLayer
@@ -88,21 +90,29 @@ class DecodeConfig:
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None,
                  min_chunk: int | None = None, prefetch: bool | None = None):
-        if fused_merge is None:  # off unless DEVSTRAL_FUSED_MERGE=1 (module docstring: it lost at long context)
-            fused_merge = os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1"
-        if min_chunk is None:
-            min_chunk = int(os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", MIN_CHUNK))
+        env_fused, env_min_chunk, env_prefetch = _env_defaults()
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
-        self.splits, self.ctas_per_sm = splits, ctas_per_sm
-        if prefetch is None:  # off until measured on a GPU (docs/architecture.md)
-            prefetch = os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1"
-        self.tokens_major, self.fused_merge, self.min_chunk = tokens_major, fused_merge, min_chunk
-        self.prefetch = prefetch
+        self.splits, self.ctas_per_sm, self.tokens_major = splits, ctas_per_sm, tokens_major
+        self.fused_merge = env_fused if fused_merge is None else fused_merge
+        self.min_chunk = env_min_chunk if min_chunk is None else min_chunk
+        self.prefetch = env_prefetch if prefetch is None else prefetch
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
                 f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
                 f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk}, prefetch={self.prefetch})")
+
+
+@functools.cache
+def _env_defaults() -> tuple[bool, int, bool]:
+    """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=1 (off until measured on a GPU), read once per process: a
+    DecodeConfig is built for every decode call."""
+    raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
+    if not raw.isdigit():
+        raise DevstralError(f"DEVSTRAL_ATTN_MIN_CHUNK={raw!r}: expected a whole number of keys (0 turns it off)")
+    return (os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1", int(raw),
+            os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
