@@ -41,21 +41,15 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    # Every load goes out before the row's sum of squares: the sum's cross-warp step is a barrier that later
+    # loads do not cross, so a load placed after it is a second L2 round trip on the decode step's chain.
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        if XQ_A < 0:
-            tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    mean_sq = tl.sum(h * h, axis=0) / n_cols
     if XQ_A < 0:
-        h = (h * tl.rsqrt(mean_sq + eps)).to(x.dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        y = w.to(tl.float32) * h.to(tl.float32)
-        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square above (every program
+        # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square below (every program
         # of the row sums the same row alike, so gets the same bits): packing a whole row in one program
         # tripled its instructions (sm_90 SASS, 5120 wide, 16 warps), all on one SM.
         b = tl.program_id(1) * XB + tl.arange(0, XB)
@@ -64,10 +58,22 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
         xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
         if HAS_DELTA:
             ds = tl.load(delta_ptr + row * delta_row_stride + at, mask=ok[:, None], other=0.0)
+        ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        if XQ_A < 0:
+            tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    mean_sq = tl.sum(h * h, axis=0) / n_cols
+    if XQ_A < 0:
+        h = (h * tl.rsqrt(mean_sq + eps)).to(x.dtype)
+        y = w.to(tl.float32) * h.to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_DELTA:
             xs = (xs.to(tl.float32) + ds.to(tl.float32)).to(res_ptr.dtype.element_ty)
             tl.store(res_ptr + row * n_cols + at, xs, mask=ok[:, None])
         hs = (xs.to(tl.float32) * tl.rsqrt(mean_sq + eps)).to(xs.dtype)
-        ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0)
         ys = (ws.to(tl.float32) * hs.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * n_cols + at, ys, mask=ok[:, None])
         # the GEMV's activations from the row as stored: layout XQ_A at xq_ptr, XQ_B xq_second words further
