@@ -67,8 +67,10 @@ def summarize(result: dict) -> dict:
     return out
 
 
-def run_setting(engine_cmd: list[str], env: dict[str, str], files: dict[Path, Path], timeout: float) -> dict:
-    """One gpu_engine run with the setting's changes; the working tree is restored before returning."""
+def run_setting(engine_cmd: list[str], env: dict[str, str], files: dict[Path, Path],
+                timeout: float) -> tuple[dict | None, dict]:
+    """One gpu_engine run with the setting's changes -> (its JSON, summarize() of it), or (None, what went
+    wrong) when it failed. The working tree is restored before returning."""
     saved = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -81,14 +83,15 @@ def run_setting(engine_cmd: list[str], env: dict[str, str], files: dict[Path, Pa
                 proc = subprocess.run([*engine_cmd, "--out", str(out)], env={**os.environ, **env},
                                       capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
-                return {"error": f"no result within {timeout:.0f} s"}
+                return None, {"error": f"no result within {timeout:.0f} s"}
             if proc.returncode or not out.is_file():
-                return {"error": f"exit status {proc.returncode}", "output_tail": (proc.stdout + proc.stderr)[-2000:]}
+                return None, {"error": f"exit status {proc.returncode}",
+                              "output_tail": (proc.stdout + proc.stderr)[-2000:]}
             result = json.loads(out.read_text())
         finally:
             for path, orig in saved.items():
                 shutil.copy2(orig, path)
-    return {"result": result, "summary": summarize(result)}
+    return result, summarize(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, env, files in settings:
         changes = [f"{k}={v}" for k, v in env.items()] + [f"{p}<-{s}" for p, s in files.items()]
         print(f"== {name}: {', '.join(changes) or 'as is'}", file=sys.stderr)
-        got = run_setting(cmd, env, files, a.timeout)
-        entry = {"changes": changes, **got.get("summary", got)}
-        if "result" in got:
-            report.setdefault("machine", got["result"].get("machine"))
-            report.setdefault("versions", got["result"].get("versions"))
+        result, figures = run_setting(cmd, env, files, a.timeout)
+        entry = {"changes": changes, **figures}
+        if result is not None:
+            report.setdefault("machine", result.get("machine"))
+            report.setdefault("versions", result.get("versions"))
             print(f"   {entry['decode_tok_s']:.1f} tok/s", file=sys.stderr)
         report["settings"][name] = entry
     text = json.dumps(report, indent=1)

@@ -106,7 +106,7 @@ class DecodeConfig:
 @functools.cache
 def _env_defaults() -> tuple[bool, int, bool]:
     """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
-    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=1 (off until measured on a GPU), read once per process: a
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=1 (off: within noise on the H200), read once per process: a
     DecodeConfig is built for every decode call."""
     raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
     if not raw.isdigit():
