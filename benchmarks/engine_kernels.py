@@ -80,12 +80,16 @@ class Bench:
         self.started = time.perf_counter()
 
     def _copy_bandwidth(self) -> float:
-        """Bytes read + written per second by a device-to-device copy of 2 GiB."""
+        """Bytes read + written per second by an SM kernel streaming 2 GiB (torch.neg over fp32 views), the kind
+        of work the kernels measured against it do. Not `y.copy_(x)`: captured in a CUDA graph a device copy
+        becomes a memcpy node, handled unlike the eager copy (pytorch/pytorch#191284); on the H200 it gave
+        2.70-2.77 TB/s where eager copies and streaming kernels reach 4.1-4.2 (gpu_engine.py,
+        gguf_gemv_sweep.py), so every kernel's fraction of it read about 1.5x too high."""
         if self.device.type != "cuda":
             return 1e9
-        x = torch.empty(2 << 30, dtype=torch.uint8, device=self.device)
+        x = torch.empty(2 << 30, dtype=torch.uint8, device=self.device).view(torch.float32)
         y = torch.empty_like(x)
-        return 2 * (2 << 30) / self.time([lambda: y.copy_(x)], est_s=2 * x.numel() / 4e12)
+        return 2 * (2 << 30) / self.time([lambda: torch.neg(x, out=y)], est_s=2 * (2 << 30) / 4e12)
 
     def copies(self, nbytes: int) -> int:
         """How many copies of an input make a cycle that does not fit in L2."""
