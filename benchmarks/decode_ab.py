@@ -63,7 +63,8 @@ def summarize(result: dict) -> dict:
         out.update(gpu_busy_us_per_step=step["gpu_busy_us_per_step"], launches_per_step=step["launches_per_step"],
                    exclusive_us_by_part={k: v["exclusive_us"] for k, v in step["parts"].items()},
                    exclusive_us_per_launch_by_grid={k: v["exclusive_us_per_launch"]
-                                                    for k, v in step["by_grid"].items()})
+                                                    for k, v in step["by_grid"].items()},
+                   idle=step.get("idle", {}))
     return out
 
 

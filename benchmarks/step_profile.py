@@ -99,6 +99,28 @@ def _two_layers(timeline: list, per_step: int, per_layer: int) -> list:
     return out
 
 
+def _idle(timeline: list, per_step: int, steps: int, top: int = 8) -> dict:
+    """Where the GPU idles in the last `steps` steps: every gap between a kernel's start and the latest end before
+    it, per step, by the (kernel before, kernel after) names it sits between -- a step boundary (the sampling's
+    last kernel, then the next step's first) tells the host's share from the gaps inside the captured graph."""
+    window = timeline[-per_step * steps:] if per_step > 0 and steps > 0 else []
+    if len(window) < 2:
+        return {}
+    latest_end, latest_name = window[0][3], window[0][0]
+    total, by_pair = 0.0, {}
+    for name, _grid, start, end in window[1:]:
+        gap = start - latest_end
+        if gap > 0:
+            total += gap
+            key = f"{latest_name} -> {name}"
+            by_pair[key] = by_pair.get(key, 0.0) + gap
+        if end >= latest_end:
+            latest_end, latest_name = end, name
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]
+    return {"idle_us_per_step": round(total / steps, 1),
+            "largest_by_transition_us_per_step": [[k, round(v / steps, 1)] for k, v in pairs]}
+
+
 def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
     """Bytes a decode step reads, by part (experts: the top-k share; no token embedding: a lookup)."""
     from devstral.formats.gguf_read import GGUFFile
@@ -177,6 +199,7 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
                           "exclusive_us_per_launch": round(dx / dc, 2)}
     out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["exclusive_us"]))
     out["two_layers"] = _two_layers(timeline, round(launches), round(launches / layers))
+    out["idle"] = _idle(timeline, round(launches), steps)
     replay = graph_replay_us(engine)
     if replay is not None:
         out["graph_replay_us_per_step"] = replay

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_profile import _trace, _two_layers  # noqa: E402
+from step_profile import _idle, _trace, _two_layers  # noqa: E402
 
 
 class _Prof:
@@ -53,3 +53,18 @@ def test_two_layers_of_the_last_step_with_their_overlap():
     rows = _two_layers([("prefill", None, 0.0, 50.0)] + step, per_step=12, per_layer=3)
     assert [r[0] for r in rows] == ["k0", "k1", "k2", "k0", "k1", "k2"]  # kernels 6..11 of the step
     assert rows[0][2:] == [0.0, 12.0, 0.0] and rows[1][2:] == [10.0, 22.0, -2.0]
+
+
+def test_idle_gaps_are_charged_to_the_kernels_they_sit_between():
+    """Two steps of three kernels: inside a step the second kernel starts 1 us after the first ends (a gap) and
+    the third overlaps it (no gap, a dependent launch); between steps the next norm starts 20 us after the
+    sampling kernel ends. Per step: 1 + 20 us (the second step's boundary lies outside the window)."""
+    def step(t0):
+        return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
+                ("argmax", None, t0 + 14, t0 + 16)]
+    timeline = [("prefill", None, -100.0, -40.0)] + step(0.0) + step(36.0)
+    got = _idle(timeline, per_step=3, steps=2)
+    assert got["idle_us_per_step"] == round((1 + 20 + 1) / 2, 1)
+    assert got["largest_by_transition_us_per_step"] == [["argmax -> _rms_norm_kernel", 10.0],
+                                                         ["_rms_norm_kernel -> _wide_kernel", 1.0]]
+    assert _idle(timeline, per_step=0, steps=2) == {}
