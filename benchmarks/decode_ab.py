@@ -11,7 +11,8 @@ A setting is a name and a list of changes for its run only:
 Compare settings of one file only: leases and machines differ from call to call. Each setting's entry has
 the median decode tok/s at 512 context and its runs, the step's GPU busy time and launches, and the
 exclusive time by part of the step and by kernel launch grid (benchmarks/step_profile.py); a setting whose
-run fails has its exit status and the end of its output instead.
+run fails has its exit status and the end of its output instead. --out is rewritten after every setting, so a
+call cut short keeps the settings it finished.
 """
 
 from __future__ import annotations
@@ -129,15 +130,19 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("versions", result.get("versions"))
             print(f"   {entry['decode_tok_s']:.1f} tok/s", file=sys.stderr)
         report["settings"][name] = entry
-    text = json.dumps(report, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_name(a.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(a.out)
-    else:
-        print(text)
+        if a.out:  # after every setting: a run stopped from outside keeps the settings it finished
+            _write(a.out, report)
+    if not a.out:
+        print(json.dumps(report, indent=1))
     return 0 if all("decode_tok_s" in e for e in report["settings"].values()) else 1
+
+
+def _write(path: Path, report: dict) -> None:
+    """The report at `path`, whole or not at all (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,23 @@ def test_two_settings_of_one_name_and_a_missing_model_are_refused(tree, tmp_path
     assert _main(engine, gguf, tmp_path / "x.json", "a", "a") == 2
     assert _main(engine, tmp_path / "none.gguf", tmp_path / "x.json", "a") == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_report_holds_each_setting_as_soon_as_it_is_done(tree, tmp_path, monkeypatch):
+    """A call stopped from outside during a later setting (here: the second run raises) still leaves the
+    first setting's figures in --out."""
+    engine, marker, alt, gguf = tree
+    out = tmp_path / "ab.json"
+    real, calls = decode_ab.run_setting, []
+
+    def second_killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_ab, "run_setting", second_killed)
+    with pytest.raises(KeyboardInterrupt):
+        _main(engine, gguf, out, "first", "second")
+    assert list(json.loads(out.read_text())["settings"]) == ["first"]
+    assert not out.with_name(out.name + ".tmp").exists()

@@ -58,7 +58,7 @@ def test_two_layers_of_the_last_step_with_their_overlap():
 def test_idle_gaps_are_charged_to_the_kernels_they_sit_between():
     """Two steps of three kernels: inside a step the second kernel starts 1 us after the first ends (a gap) and
     the third overlaps it (no gap, a dependent launch); between steps the next norm starts 20 us after the
-    sampling kernel ends. Per step: 1 + 20 us (the second step's boundary lies outside the window)."""
+    sampling kernel ends. In all 1 + 20 + 1 us over the two steps (the window ends with the second step)."""
     def step(t0):
         return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
                 ("argmax", None, t0 + 14, t0 + 16)]
