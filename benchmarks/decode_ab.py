@@ -65,7 +65,8 @@ def summarize(result: dict) -> dict:
                    exclusive_us_by_part={k: v["exclusive_us"] for k, v in step["parts"].items()},
                    exclusive_us_per_launch_by_grid={k: v["exclusive_us_per_launch"]
                                                     for k, v in step["by_grid"].items()},
-                   idle=step.get("idle", {}))
+                   idle=step.get("idle", {}), graph_replay_us_per_step=step.get("graph_replay_us_per_step"),
+                   wall_us_per_step=1e6 / res["decode_b1_ctx512"]["tok_s"])
     return out
 
 
