@@ -88,7 +88,7 @@ def test_replayed_verify_step_gives_the_eager_logits(ckpt):
         engine.step()
     with torch.inference_mode():  # the runner's static graph inputs are inference tensors (engine.step's mode)
         for k in (1, 3, 7, 11, 15):
-            draft = body(2 + k)[:k]
+            draft = (body(2 + k) * 2)[:k]  # k drafts (body() has 12 tokens: k = 15 took 12 and made no sampling row)
             assert engine.blocks.ensure_capacity(seq, seq.num_tokens + k)
             inputs, _ = runner.step_inputs([ScheduledSeq(seq, 1 + k, draft)])
             assert inputs.graph and runner.graphs.bucket(1 + k) == 1 + k
