@@ -166,7 +166,9 @@ def main() -> None:
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2)}
     if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
         try:
-            res["decode_step"] = step_breakdown(engine, run, prompt(16, cfg.vocab_size, 7), cfg.n_layers, a.gguf)
+            # at the timed decode's context (512 tokens). Profiled at 16, busy + idle fell short of the timed
+            # step's wall time by ~90 us on 40 layers and ~12 on 10 (H200, session 13): the attention's share
+            res["decode_step"] = step_breakdown(engine, run, prompt(512, cfg.vocab_size, 7), cfg.n_layers, a.gguf)
         except Exception as e:  # the profiler is an aid: a failure there must not lose the run's figures
             res["decode_step"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     # 2. prefill at 8k, and 3. at the long context, followed by decode there

@@ -32,25 +32,27 @@ def _kind(name: str) -> str:
     return next((kind for frag, kind in KINDS if frag.lower() in low), "other")
 
 
-def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict, list]:
+def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict, list, list]:
     """{kernel name: [count, GPU us, exclusive us]} over one generation, its decode wall time (s), the
-    same by launch grid, and every kernel's (name, grid, start us, end us) in launch order (_trace)."""
+    same by launch grid, every kernel's (name, grid, start us, end us) in launch order, and every copy's
+    and memset's (name, start us, end us) (_trace)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r = run(engine, [prompt_ids], new_tokens)
         torch.cuda.synchronize()
-    by_name, by_grid, timeline = _trace(prof)
-    return by_name, r["decode_s"], by_grid, timeline
+    by_name, by_grid, timeline, copies = _trace(prof)
+    return by_name, r["decode_s"], by_grid, timeline, copies
 
 
 GRID_KINDS = ("dense_gemv", "experts_gate_up", "experts_down", "attention")
 
 
-def _trace(prof) -> tuple[dict, dict, list]:
+def _trace(prof) -> tuple[dict, dict, list, list]:
     """({kernel name: [count, GPU us, exclusive us]}, the same keyed by kernel and launch grid for the
-    matmul and attention kernels, whose grid tells the matrices apart, and the timeline: (name, grid,
-    start us, end us) of every kernel by start).
+    matmul and attention kernels, whose grid tells the matrices apart, the timeline: (name, grid,
+    start us, end us) of every kernel by start, and the copies and memsets: (name, start us, end us) by
+    start -- not kernels, but the stream is not idle while they run).
 
     A programmatic dependent launch (kernels/pdl.py) starts before the kernel it depends on ends and then
     waits, so kernel durations overlap and their sum exceeds the GPU's busy time; a kernel's *exclusive*
@@ -62,6 +64,8 @@ def _trace(prof) -> tuple[dict, dict, list]:
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text()).get("traceEvents", [])
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: float(e["ts"]))
+    copies = sorted(((e.get("name", "")[:32], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                     for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")), key=lambda c: c[1])
     by_name: dict[str, list] = {}
     by_grid: dict[str, list] = {}
     timeline = []
@@ -82,7 +86,7 @@ def _trace(prof) -> tuple[dict, dict, list]:
             a[0] += 1
             a[1] += dur
             a[2] += own
-    return by_name, by_grid, timeline
+    return by_name, by_grid, timeline, copies
 
 
 def _two_layers(timeline: list, per_step: int, per_layer: int) -> list:
@@ -99,26 +103,45 @@ def _two_layers(timeline: list, per_step: int, per_layer: int) -> list:
     return out
 
 
-def _idle(timeline: list, per_step: int, steps: int, top: int = 8) -> dict:
+def _idle(timeline: list, per_step: int, steps: int, top: int = 8, copies: list | tuple = ()) -> dict:
     """Where the GPU idles in the last `steps` steps: every gap between a kernel's start and the latest end before
     it, per step, by the (kernel before, kernel after) names it sits between -- a step boundary (the sampling's
-    last kernel, then the next step's first) tells the host's share from the gaps inside the captured graph."""
+    last kernel, then the next step's first) tells the host's share from the gaps inside the captured graph.
+    The part of a gap that a copy or memset covers (`copies`: (name, start, end)) is that copy's, not idle:
+    copy_us_per_step, and by copy in copies_us_per_step."""
     window = timeline[-per_step * steps:] if per_step > 0 and steps > 0 else []
     if len(window) < 2:
         return {}
+    in_window = [c for c in copies if c[2] > window[0][2] and c[1] < max(k[3] for k in window)]
     latest_end, latest_name = window[0][3], window[0][0]
-    total, by_pair = 0.0, {}
+    total, copied, by_pair, by_copy = 0.0, 0.0, {}, {}
     for name, _grid, start, end in window[1:]:
         gap = start - latest_end
         if gap > 0:
-            total += gap
+            covered = _covered(in_window, latest_end, start, by_copy)
+            copied += covered
+            total += gap - covered
             key = f"{latest_name} -> {name}"
-            by_pair[key] = by_pair.get(key, 0.0) + gap
+            by_pair[key] = by_pair.get(key, 0.0) + gap - covered
         if end >= latest_end:
             latest_end, latest_name = end, name
     pairs = sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]
     return {"idle_us_per_step": round(total / steps, 1),
-            "largest_by_transition_us_per_step": [[k, round(v / steps, 1)] for k, v in pairs]}
+            "largest_by_transition_us_per_step": [[k, round(v / steps, 1)] for k, v in pairs],
+            "copy_us_per_step": round(copied / steps, 1),
+            "copies_us_per_step": {k: round(v / steps, 1) for k, v in sorted(by_copy.items(), key=lambda kv: -kv[1])}}
+
+
+def _covered(copies: list, lo: float, hi: float, by_copy: dict) -> float:
+    """The time in [lo, hi) that the copies cover (their union), each copy's share added to by_copy by name."""
+    total, reach = 0.0, lo
+    for name, start, end in copies:
+        a, b = max(start, reach), min(end, hi)
+        if b > a:
+            total += b - a
+            by_copy[name] = by_copy.get(name, 0.0) + b - a
+            reach = b
+    return total
 
 
 def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
@@ -151,8 +174,8 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
 def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: Path | None = None,
                    top_k: int = 1, experts: int = 1, steps: int = 16) -> dict:
     """One decode step (batch 1) by kind of kernel; `run(engine, prompts, new_tokens)` returns decode_s."""
-    one, _, grid_one, _ = _kernels(engine, run, prompt_ids, 1)
-    many, decode_s, grid_many, timeline = _kernels(engine, run, prompt_ids, 1 + steps)
+    one, _, grid_one, _, _ = _kernels(engine, run, prompt_ids, 1)
+    many, decode_s, grid_many, timeline, copies = _kernels(engine, run, prompt_ids, 1 + steps)
 
     def per_step(key, totals, base) -> tuple[float, float, float]:
         c0, u0, x0 = base.get(key, (0, 0.0, 0.0))
@@ -199,7 +222,7 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
                           "exclusive_us_per_launch": round(dx / dc, 2)}
     out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["exclusive_us"]))
     out["two_layers"] = _two_layers(timeline, round(launches), round(launches / layers))
-    out["idle"] = _idle(timeline, round(launches), steps)
+    out["idle"] = _idle(timeline, round(launches), steps, copies=copies)
     replay = graph_replay_us(engine)
     if replay is not None:
         out["graph_replay_us_per_step"] = replay

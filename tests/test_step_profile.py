@@ -34,7 +34,10 @@ def test_exclusive_times_add_up_to_the_busy_time_under_overlap():
         _kernel("_wide_kernel", 20.0, 5.0, grid=(8, 1, 1)),  # after a gap: all its own
         {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 100.0},  # not a kernel
     ]
-    by_name, by_grid, timeline = _trace(_Prof(events))
+    by_name, by_grid, timeline, copies = _trace(_Prof(events + [
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "ts": 14.0, "dur": 2.0},
+        {"cat": "gpu_memset", "name": "Memset (Device)", "ts": 17.0, "dur": 1.0}]))
+    assert copies == [("Memcpy HtoD (Pageable -> Device)", 14.0, 16.0), ("Memset (Device)", 17.0, 18.0)]
     assert by_name["_rms_norm_kernel"] == [1, 3.0, 3.0]
     assert by_name["_wide_kernel"] == [2, 15.0, 8.0 + 5.0]
     assert by_name["_decode_split_kernel"] == [1, 4.0, 2.0]
@@ -67,4 +70,21 @@ def test_idle_gaps_are_charged_to_the_kernels_they_sit_between():
     assert got["idle_us_per_step"] == round((1 + 20 + 1) / 2, 1)
     assert got["largest_by_transition_us_per_step"] == [["argmax -> _rms_norm_kernel", 10.0],
                                                          ["_rms_norm_kernel -> _wide_kernel", 1.0]]
+    assert got["copy_us_per_step"] == 0.0 and got["copies_us_per_step"] == {}
     assert _idle(timeline, per_step=0, steps=2) == {}
+
+
+def test_copies_in_a_gap_are_not_idle():
+    """The same two steps with copies in the second step boundary (16 -> 36): an upload 20-26 and a memset 24-28
+    overlapping it (their union, 8 us, is copy time, each charged for its own share once), plus a copy before the
+    window that does not count: the boundary's idle is 20 - 8 us."""
+    def step(t0):
+        return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
+                ("argmax", None, t0 + 14, t0 + 16)]
+    timeline = [("prefill", None, -100.0, -40.0)] + step(0.0) + step(36.0)
+    copies = [("Memcpy HtoD", -90.0, -80.0), ("Memcpy HtoD", 20.0, 26.0), ("Memset", 24.0, 28.0)]
+    got = _idle(timeline, per_step=3, steps=2, copies=copies)
+    assert got["idle_us_per_step"] == round((1 + 12 + 1) / 2, 1)
+    assert got["copy_us_per_step"] == 4.0
+    assert got["copies_us_per_step"] == {"Memcpy HtoD": 3.0, "Memset": 1.0}
+    assert got["largest_by_transition_us_per_step"][0] == ["argmax -> _rms_norm_kernel", 6.0]
