@@ -185,7 +185,8 @@ def _run_cases(out_path: str) -> None:
                             "alone": [attn.q_proj(x1).float(), *(o.float() for o in attn.kv(x1))]}
     gguf_config.gguf_plan = plan
     # the dense SwiGLU folded into down's activation quantization (MLP._swiglu -> QuantLinear.forward_glu):
-    # gate/up Q4_K fused, down Q4_K (stride-8 activations) or Q6_K (stride-4), every GEMV wide_xq
+    # gate/up Q4_K fused, down Q4_K (stride-8 activations) or Q6_K (stride-4); or all three Q8_0 (a Q8_0 file: its
+    # down is wide_xq on the H200 table since session 13); every GEMV wide_xq
     from devstral.kernels.silu_mul import silu_mul
     from devstral.model.transformer import MLP
 
@@ -198,10 +199,11 @@ def _run_cases(out_path: str) -> None:
         calls.append(glu)
         return quantize(x, layout, glu)
 
-    for down_type in (QType.Q4_K, QType.Q6_K):
+    for down_type in (QType.Q4_K, QType.Q6_K, QType.Q8_0):
         mlp = MLP(SimpleNamespace(dim=256, hidden_dim=512))
         mlp_raws = {}
-        for name, (qt, n, k) in {"gate_proj": (QType.Q4_K, 512, 256), "up_proj": (QType.Q4_K, 512, 256),
+        gu = QType.Q8_0 if down_type == QType.Q8_0 else QType.Q4_K
+        for name, (qt, n, k) in {"gate_proj": (gu, 512, 256), "up_proj": (gu, 512, 256),
                                  "down_proj": (down_type, 256, 512)}.items():
             mlp_raws[name] = (random_blocks(qt, n, k, g), qt.name, n, k)
             setattr(mlp, name, ql.QuantLinear(mlp_raws[name][0], qt, n, k))
@@ -453,7 +455,7 @@ def test_fused_projection_is_its_members_side_by_side(results):
         near(out, xb @ dequantize(raw, QType.Q4_K, (raw.shape[0], 256)).t())
 
 
-@pytest.mark.parametrize("down_type", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("down_type", ["Q4_K", "Q6_K", "Q8_0"])
 def test_the_mlp_folds_the_swiglu_into_downs_activation_quantization(results, down_type):
     """At decode sizes a GGUF MLP hands down_proj the [gate | up] rows and its xq GEMV quantizes
     silu(gate) * up in one launch: the output of silu_mul then the GEMV (to the exponential's last
