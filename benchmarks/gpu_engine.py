@@ -167,7 +167,7 @@ def main() -> None:
     if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
         try:
             # at the timed decode's context (512 tokens). Profiled at 16, busy + idle fell short of the timed
-            # step's wall time by ~90 us on 40 layers and ~12 on 10 (H200, session 13): the attention's share
+            # step's wall time by ~90 us on 40 layers and ~12 on 10 (H200, session 13), as the attention's share would
             res["decode_step"] = step_breakdown(engine, run, prompt(512, cfg.vocab_size, 7), cfg.n_layers, a.gguf)
         except Exception as e:  # the profiler is an aid: a failure there must not lose the run's figures
             res["decode_step"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -58,14 +58,20 @@ def test_two_layers_of_the_last_step_with_their_overlap():
     assert rows[0][2:] == [0.0, 12.0, 0.0] and rows[1][2:] == [10.0, 22.0, -2.0]
 
 
+def _two_steps() -> list:
+    """A prefill, then two steps of three kernels from 0 and 36 us: norm 4 us, a 1 us gap, GEMV 10 us, and a
+    sampling kernel that overlaps the GEMV's last 1 us (a dependent launch)."""
+    def step(t0):
+        return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
+                ("argmax", None, t0 + 14, t0 + 16)]
+    return [("prefill", None, -100.0, -40.0)] + step(0.0) + step(36.0)
+
+
 def test_idle_gaps_are_charged_to_the_kernels_they_sit_between():
     """Two steps of three kernels: inside a step the second kernel starts 1 us after the first ends (a gap) and
     the third overlaps it (no gap, a dependent launch); between steps the next norm starts 20 us after the
     sampling kernel ends. In all 1 + 20 + 1 us over the two steps (the window ends with the second step)."""
-    def step(t0):
-        return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
-                ("argmax", None, t0 + 14, t0 + 16)]
-    timeline = [("prefill", None, -100.0, -40.0)] + step(0.0) + step(36.0)
+    timeline = _two_steps()
     got = _idle(timeline, per_step=3, steps=2)
     assert got["idle_us_per_step"] == round((1 + 20 + 1) / 2, 1)
     assert got["largest_by_transition_us_per_step"] == [["argmax -> _rms_norm_kernel", 10.0],
@@ -78,10 +84,7 @@ def test_copies_in_a_gap_are_not_idle():
     """The same two steps with copies in the second step boundary (16 -> 36): an upload 20-26 and a memset 24-28
     overlapping it (their union, 8 us, is copy time, each charged for its own share once), plus a copy before the
     window that does not count: the boundary's idle is 20 - 8 us."""
-    def step(t0):
-        return [("_rms_norm_kernel", None, t0, t0 + 4), ("_wide_kernel", None, t0 + 5, t0 + 15),
-                ("argmax", None, t0 + 14, t0 + 16)]
-    timeline = [("prefill", None, -100.0, -40.0)] + step(0.0) + step(36.0)
+    timeline = _two_steps()
     copies = [("Memcpy HtoD", -90.0, -80.0), ("Memcpy HtoD", 20.0, 26.0), ("Memset", 24.0, 28.0)]
     got = _idle(timeline, per_step=3, steps=2, copies=copies)
     assert got["idle_us_per_step"] == round((1 + 12 + 1) / 2, 1)
