@@ -72,12 +72,28 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     while any(s.first_token_time is None for s in seqs):
         engine.step()
     t1 = time.perf_counter()
+    stamps = [t1]  # when each step() returned: in steady state one step's GPU time apart
     while engine.has_work():
         engine.step()
+        stamps.append(time.perf_counter())
     t2 = time.perf_counter()
     assert all(s.num_output_tokens == new_tokens for s in seqs)
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "ttft_s": [s.first_token_time - t0 for s in seqs],
-            "decode_tok_s": len(seqs) * (new_tokens - 1) / (t2 - t1)}
+            "decode_tok_s": len(seqs) * (new_tokens - 1) / (t2 - t1), "steps": step_intervals(stamps)}
+
+
+def step_intervals(stamps: list[float]) -> dict:
+    """The decode loop's step() intervals: their median is the steady state's time per step; what the
+    loop took beyond median x steps is fixed cost (the first and last steps, which overlap nothing)."""
+    gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    if not gaps:
+        return {}
+    mid = statistics.median(gaps)
+    return {"count": len(gaps), "median_us": round(mid * 1e6, 1),
+            "p10_us": round(statistics.quantiles(gaps, n=10, method="inclusive")[0] * 1e6, 1) if len(gaps) > 1 else None,
+            "p90_us": round(statistics.quantiles(gaps, n=10, method="inclusive")[-1] * 1e6, 1) if len(gaps) > 1 else None,
+            "beyond_median_ms": round((stamps[-1] - stamps[0] - mid * len(gaps)) * 1e3, 2),
+            "first_three_us": [round(g * 1e6, 1) for g in gaps[:3]], "last_three_us": [round(g * 1e6, 1) for g in gaps[-3:]]}
 
 
 def load_gguf(path: Path, device: torch.device):
@@ -163,7 +179,7 @@ def main() -> None:
     # 1. batch-1 decode with a 512-token prompt
     r = [run(engine, [prompt(512, cfg.vocab_size, 10 + i)], a.new_tokens) for i in range(a.runs)]
     res["decode_b1_ctx512"] = {"tok_s": median([x["decode_tok_s"] for x in r]), "runs": [x["decode_tok_s"] for x in r],
-                               "limit_tok_s": decode_limit(512 + a.new_tokens // 2)}
+                               "limit_tok_s": decode_limit(512 + a.new_tokens // 2), "step_intervals": r[-1]["steps"]}
     if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
         try:
             # at the timed decode's context (512 tokens). Profiled at 16, busy + idle fell short of the timed

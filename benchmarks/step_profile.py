@@ -32,27 +32,27 @@ def _kind(name: str) -> str:
     return next((kind for frag, kind in KINDS if frag.lower() in low), "other")
 
 
-def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict, list, list]:
+def _kernels(engine, run, prompt_ids: list[int], new_tokens: int) -> tuple[dict, float, dict, list, list, list]:
     """{kernel name: [count, GPU us, exclusive us]} over one generation, its decode wall time (s), the
-    same by launch grid, every kernel's (name, grid, start us, end us) in launch order, and every copy's
-    and memset's (name, start us, end us) (_trace)."""
+    same by launch grid, every kernel's (name, grid, start us, end us) in launch order, every copy's
+    and memset's (name, start us, end us), and the last step boundaries' work (_trace)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         r = run(engine, [prompt_ids], new_tokens)
         torch.cuda.synchronize()
-    by_name, by_grid, timeline, copies = _trace(prof)
-    return by_name, r["decode_s"], by_grid, timeline, copies
+    by_name, by_grid, timeline, copies, boundaries = _trace(prof)
+    return by_name, r["decode_s"], by_grid, timeline, copies, boundaries
 
 
 GRID_KINDS = ("dense_gemv", "experts_gate_up", "experts_down", "attention")
 
 
-def _trace(prof) -> tuple[dict, dict, list, list]:
+def _trace(prof) -> tuple[dict, dict, list, list, list]:
     """({kernel name: [count, GPU us, exclusive us]}, the same keyed by kernel and launch grid for the
     matmul and attention kernels, whose grid tells the matrices apart, the timeline: (name, grid,
-    start us, end us) of every kernel by start, and the copies and memsets: (name, start us, end us) by
-    start -- not kernels, but the stream is not idle while they run).
+    start us, end us) of every kernel by start, the copies and memsets: (name, start us, end us) by
+    start -- not kernels, but the stream is not idle while they run -- and _boundaries() of the events).
 
     A programmatic dependent launch (kernels/pdl.py) starts before the kernel it depends on ends and then
     waits, so kernel durations overlap and their sum exceeds the GPU's busy time; a kernel's *exclusive*
@@ -86,7 +86,34 @@ def _trace(prof) -> tuple[dict, dict, list, list]:
             a[0] += 1
             a[1] += dur
             a[2] += own
-    return by_name, by_grid, timeline, copies
+    return by_name, by_grid, timeline, copies, _boundaries(events)
+
+
+def _boundaries(events: list, last: int = 3, graph_ops: int = 16) -> list:
+    """What runs on the GPU between two CUDA graph replays, for the `last` such boundaries: every kernel,
+    copy and memset launched on its own (a replay's kernels share its launch's correlation id, so ids with
+    at least `graph_ops` operations are replays) as [name, duration us, gap before it us], and the span from
+    the replay's last end to the next replay's first start. Empty when the trace has no correlation ids."""
+    ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                  and "correlation" in e.get("args", {})), key=lambda e: float(e["ts"]))
+    count: dict = {}
+    for e in ops:
+        count[e["args"]["correlation"]] = count.get(e["args"]["correlation"], 0) + 1
+    out, replay, graph_end, pending, reach = [], None, 0.0, [], 0.0
+    for e in ops:
+        corr, start = e["args"]["correlation"], float(e["ts"])
+        end = start + float(e.get("dur", 0.0))
+        if count[corr] >= graph_ops:
+            if replay is not None and corr != replay:  # the next replay starts: close the boundary
+                out.append({"span_us": round(start - graph_end, 1), "last_gap_us": round(start - reach, 1),
+                            "ops": pending})
+                pending, graph_end = [], end
+            replay, graph_end = corr, max(graph_end, end) if corr == replay else end
+            reach = graph_end
+        elif replay is not None:
+            pending.append([e.get("name", "")[:40], round(end - start, 1), round(start - reach, 1)])
+            reach = max(reach, end)
+    return out[-last:]
 
 
 def _two_layers(timeline: list, per_step: int, per_layer: int) -> list:
@@ -174,8 +201,8 @@ def _bytes(gguf_path: Path, top_k: int, experts: int) -> dict:
 def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: Path | None = None,
                    top_k: int = 1, experts: int = 1, steps: int = 16) -> dict:
     """One decode step (batch 1) by kind of kernel; `run(engine, prompts, new_tokens)` returns decode_s."""
-    one, _, grid_one, _, _ = _kernels(engine, run, prompt_ids, 1)
-    many, decode_s, grid_many, timeline, copies = _kernels(engine, run, prompt_ids, 1 + steps)
+    one, _, grid_one, _, _, _ = _kernels(engine, run, prompt_ids, 1)
+    many, decode_s, grid_many, timeline, copies, boundaries = _kernels(engine, run, prompt_ids, 1 + steps)
 
     def per_step(key, totals, base) -> tuple[float, float, float]:
         c0, u0, x0 = base.get(key, (0, 0.0, 0.0))
@@ -223,6 +250,7 @@ def step_breakdown(engine, run, prompt_ids: list[int], layers: int, gguf_path: P
     out["by_grid"] = dict(sorted(grids.items(), key=lambda kv: -kv[1]["exclusive_us"]))
     out["two_layers"] = _two_layers(timeline, round(launches), round(launches / layers))
     out["idle"] = _idle(timeline, round(launches), steps, copies=copies)
+    out["between_replays"] = boundaries
     replay = graph_replay_us(engine)
     if replay is not None:
         out["graph_replay_us_per_step"] = replay

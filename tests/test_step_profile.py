@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_profile import _idle, _trace, _two_layers  # noqa: E402
+from step_profile import _boundaries, _idle, _trace, _two_layers  # noqa: E402
 
 
 class _Prof:
@@ -34,7 +34,7 @@ def test_exclusive_times_add_up_to_the_busy_time_under_overlap():
         _kernel("_wide_kernel", 20.0, 5.0, grid=(8, 1, 1)),  # after a gap: all its own
         {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 100.0},  # not a kernel
     ]
-    by_name, by_grid, timeline, copies = _trace(_Prof(events + [
+    by_name, by_grid, timeline, copies, _ = _trace(_Prof(events + [
         {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "ts": 14.0, "dur": 2.0},
         {"cat": "gpu_memset", "name": "Memset (Device)", "ts": 17.0, "dur": 1.0}]))
     assert copies == [("Memcpy HtoD (Pageable -> Device)", 14.0, 16.0), ("Memset (Device)", 17.0, 18.0)]
@@ -91,3 +91,17 @@ def test_copies_in_a_gap_are_not_idle():
     assert got["copy_us_per_step"] == 4.0
     assert got["copies_us_per_step"] == {"Memcpy HtoD": 3.0, "Memset": 1.0}
     assert got["largest_by_transition_us_per_step"][0] == ["argmax -> _rms_norm_kernel", 6.0]
+
+
+def test_boundaries_list_the_work_between_two_graph_replays():
+    """A replay's kernels share one correlation id; what runs between two replays is the host's per-step work."""
+    def op(cat, name, ts, dur, corr):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+    replay = lambda t0, corr: [op("kernel", f"g{i}", t0 + 10 * i, 8.0, corr) for i in range(16)]  # noqa: E731
+    events = (replay(0.0, 1) + [op("kernel", "argmax", 160.0, 3.0, 2), op("gpu_memcpy", "Memcpy DtoH", 165.0, 2.0, 3)]
+              + replay(180.0, 4) + replay(340.0, 5))
+    got = _boundaries(events, graph_ops=16)
+    assert got[0] == {"span_us": 22.0, "last_gap_us": 13.0,
+                      "ops": [["argmax", 3.0, 2.0], ["Memcpy DtoH", 2.0, 2.0]]}
+    assert got[1] == {"span_us": 2.0, "last_gap_us": 2.0, "ops": []}  # back to back: only the launch gap
+    assert _boundaries([_kernel("k", 0.0, 1.0)]) == []  # no correlation ids: nothing to say
