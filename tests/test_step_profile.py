@@ -105,3 +105,15 @@ def test_boundaries_list_the_work_between_two_graph_replays():
                       "ops": [["argmax", 3.0, 2.0], ["Memcpy DtoH", 2.0, 2.0]]}
     assert got[1] == {"span_us": 2.0, "last_gap_us": 2.0, "ops": []}  # back to back: only the launch gap
     assert _boundaries([_kernel("k", 0.0, 1.0)]) == []  # no correlation ids: nothing to say
+
+
+def test_the_two_profiled_prompts_share_no_cached_block():
+    """The step is the difference of two generations; if the second found the first's blocks in the prefix cache
+    its prefill would be shorter and the difference would carry prefill kernels."""
+    from step_profile import other_prompt
+
+    for ids in ([1, 1005, 1006, 1007], [1, 1004, 1004, 1004], [1, 1002, 1003, 1002], [1] + list(range(1000, 1511))):
+        other = other_prompt(ids)
+        assert len(other) == len(ids) and other[0] == ids[0]
+        assert all(a != b for a, b in zip(other[1:], ids[1:], strict=True))  # every block differs
+        assert max(other) <= max(ids) + 1 and min(other[1:]) >= 1000
