@@ -116,6 +116,31 @@ def test_overlapped_decode_gives_the_same_tokens_through_graphs(ckpts):
     assert run(True, stop) == ref
 
 
+def test_overlapped_graph_steps_mixing_greedy_and_sampled_rows(ckpts):
+    """A graph step whose rows are all greedy hands its in-graph choices to the next step without a copy; one
+    with a sampled row copies the sampler's tokens in. Seeded sampling keeps each row's stream, so the
+    tokens equal the engine's without overlap, as the batch changes between all-greedy and mixed (a
+    greedy row finishing early leaves the sampled row alone, then a shorter greedy one ends too)."""
+    llm = devstral.load(ckpts["mistral"], device="cuda", prefix_caching=False)
+    x = [ids(30 + 11 * i, 10 + i) for i in range(3)]
+    hot = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, seed=5)
+
+    def run(overlap: bool, params: list[SamplingParams], n_new: list[int]) -> list[list[int]]:
+        ec = EngineConfig(max_num_seqs=4, speculative="off", prefix_caching=False, overlap=overlap)
+        engine = Engine(llm.model, llm.config, ec, compute_dtype=torch.bfloat16, plan=(1024, 16384))
+        assert engine.runner.graphs is not None
+        seqs = [engine.add(p, q, n, set()) for p, q, n in zip(x, params, n_new, strict=True)]
+        while engine.has_work():
+            engine.step()
+        return [s.token_ids[s.num_prompt_tokens:] for s in seqs]
+
+    for params, n_new in (([GREEDY] * 3, [40, 12, 25]), ([GREEDY, hot, GREEDY], [10, 40, 20]),
+                          ([hot, GREEDY, GREEDY], [12, 30, 40])):
+        ref = run(False, params, n_new)
+        assert [len(t) for t in ref] == n_new
+        assert run(True, params, n_new) == ref
+
+
 def test_cuda_batched_equals_solo_in_fp32(ckpts):
     llm = devstral.load(ckpts["mistral"], device="cuda", dtype="fp32", kv_cache_dtype="fp32", prefix_caching=False)
     engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64,
