@@ -264,19 +264,42 @@ def test_one_tile_splits():
     assert not gguf_gemv_wide.one_tile(9, 8) and not gguf_gemv_wide.one_tile(2, 1)
 
 
+def _programs_on_a_tile(units: int, programs: int, n_tiles: int) -> int:
+    """The most programs whose run of units [lo[g], lo[g + 1]) is not empty and meets one row tile
+    [t, t + n_tiles): the definition, program by program and tile by tile."""
+    lo = [(g * units) // programs for g in range(programs + 1)]
+    return max(sum(1 for g in range(programs) if lo[g] < min(lo[g + 1], t + n_tiles) and lo[g + 1] > t)
+               for t in range(0, units, n_tiles))
+
+
+def _programs_on_a_tile_all(units: int, n_tiles: int) -> list[int]:
+    """_programs_on_a_tile for programs = 1..units at once: the runs meeting tile t are the programs
+    g1 <= g < g2 (g1 the first whose run ends after t, g2 the first that starts at or past t + n_tiles),
+    counted without the empty ones. Runs past `programs` are padded as empty (lo = units)."""
+    p = torch.arange(1, units + 1)[:, None]
+    lo = torch.minimum(torch.arange(units + 1)[None, :], p) * units // p  # [programs, units + 1]
+    start, end = lo[:, :-1].contiguous(), lo[:, 1:].contiguous()
+    filled = torch.nn.functional.pad((start < end).cumsum(1), (1, 0))
+    t = torch.arange(0, units, n_tiles).expand(units, -1).contiguous()
+    g1 = torch.searchsorted(end, t, right=True)
+    g2 = torch.searchsorted(start, t + n_tiles)
+    return (filled.gather(1, g2) - filled.gather(1, g1)).clamp_min(0).amax(1).tolist()
+
+
 def test_stream_k_shares_bound_the_programs_on_a_tile():
-    """The workspace holds stream_shares partials per tile: never fewer than the programs that touch one."""
+    """The workspace holds stream_shares partials per tile: never fewer than the programs that touch one.
+    Every split of up to 199 units (whole row tiles of 1..13 units) over 1..units programs."""
     from devstral.kernels.gguf_gemv_wide import stream_shares
 
     for units in range(1, 200):
         for n_tiles in (1, 2, 3, 5, 8, 13):
             if units % n_tiles:
                 continue
+            most = _programs_on_a_tile_all(units, n_tiles)
+            if units <= 40:  # the vectorized count is the definition's
+                assert most == [_programs_on_a_tile(units, p, n_tiles) for p in range(1, units + 1)], units
             for programs in range(1, units + 1):
-                lo = [(g * units) // programs for g in range(programs + 1)]
-                most = max(sum(1 for g in range(programs) if lo[g] < min(lo[g + 1], t + n_tiles) and lo[g + 1] > t)
-                           for t in range(0, units, n_tiles))
-                assert most <= stream_shares(units, programs, n_tiles), (units, n_tiles, programs)
+                assert most[programs - 1] <= stream_shares(units, programs, n_tiles), (units, n_tiles, programs)
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
