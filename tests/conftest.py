@@ -36,7 +36,11 @@ def tiny_mistral_layout(tmp_path_factory):
 
 
 def pytest_collection_finish(session):
-    # the slowest interpreter suites start now, in the background (tests/interpreter_runs.py)
+    # the slowest interpreter suites start now, in the background (tests/interpreter_runs.py); not in an
+    # xdist worker, which collects every test but runs only the files sent to it (`--dist loadfile`): there
+    # each suite starts when its tests first ask, on the one worker that runs its file
+    if hasattr(session.config, "workerinput"):
+        return
     import interpreter_runs
 
     for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:

@@ -4,7 +4,10 @@ interpreter is chosen when a kernel is decorated, so it cannot be switched on in
 The biggest suites take minutes each on a 2-core CI machine. A module that sets `INTERPRETER_EARLY = True`
 has its subprocess started when collection ends (conftest.pytest_collection_finish), so those suites run
 beside each other and beside the rest of the tests instead of one after another; the others start when
-their `results` fixture first asks. Either way the module's fixture waits here for its own run."""
+their `results` fixture first asks. Either way the module's fixture waits here for its own run.
+
+Under pytest-xdist (the README runs `-n 2 --dist loadfile`) nothing starts early: a worker collects every
+module but runs only the files sent to it, so each suite starts on the one worker that runs its file."""
 
 from __future__ import annotations
 
