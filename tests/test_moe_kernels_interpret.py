@@ -214,16 +214,18 @@ def _int8_exact(rows: int, k: int, g) -> torch.Tensor:
     return x / 128.0
 
 
-def _experts(g, types: tuple, dim: int, hidden: int, ids: torch.Tensor) -> dict:
+def _experts(g, types: tuple, dim: int, hidden: int, ids: torch.Tensor, down: tuple[int, int] | None = None) -> dict:
     """E random experts of gate/up/down `types` stacked as the kernels read them, their exact dequantized
-    weights, int8-exact activations for ids' tokens, router weights, and the gate/up references per pair."""
+    weights, int8-exact activations for ids' tokens, router weights, and the gate/up references per pair.
+    Gate and up are [hidden, dim]; down is [dim, hidden], or [N, K] = `down` (the kernels' cases take gate/up
+    and down apart: each needs its K, but few rows, and the two shapes' K and rows are each other's)."""
     from devstral.kernels.gguf_pack import pack
     from devstral.kernels.moe_experts import stack_packed
     from devstral.quant import dequantize
     from test_kernels_gguf_interpret import random_blocks
 
     tokens = ids.shape[0]
-    shapes = {"gate": (types[0], hidden, dim), "up": (types[1], hidden, dim), "down": (types[2], dim, hidden)}
+    shapes = {"gate": (types[0], hidden, dim), "up": (types[1], hidden, dim), "down": (types[2], *(down or (dim, hidden)))}
     stacks, deq = {}, {}
     for name, (qt, n, k) in shapes.items():
         raws = [random_blocks(qt, n, k, g) for _ in range(E)]
@@ -246,9 +248,11 @@ def _down_ref(h: torch.Tensor, c: dict, ids: torch.Tensor) -> torch.Tensor:
 def _split_cases(g) -> dict:
     from devstral.kernels import moe_gemv
 
-    dim, hidden = 512, 256
+    # gate/up [64, 512]: K 512 is 2 tiles of 8 Q4_K sub-blocks (1 of 16), 64 rows divide every width below;
+    # down [128, 256]: K 256 is 2 tiles of 8 Q6_K sub-blocks (1 of 16), 128 rows divide every width
+    dim, hidden, down_n, down_k = 512, 64, 128, 256
     ids = torch.tensor([[3, 1], [1, 0]])
-    c = _experts(g, (QType.Q4_K, QType.Q4_K, QType.Q6_K), dim, hidden, ids)
+    c = _experts(g, (QType.Q4_K, QType.Q4_K, QType.Q6_K), dim, hidden, ids, down=(down_n, down_k))
     stacks, x, w, pairs, gate_ref, up_ref = c["stacks"], c["x"], c["w"], c["pairs"], c["gate_ref"], c["up_ref"]
     tokens = ids.shape[0]
     out = {}
@@ -263,14 +267,14 @@ def _split_cases(g) -> dict:
     gate = moe_gemv.gate_up(x, stacks["gate"], None, torch.full((len(pairs), hidden), float("nan")), ids,
                             n=hidden, top_k=TOP_K, config=cfg)
     out[("gate", 64, False)] = (gate, gate_ref)
-    h = _int8_exact(len(pairs), hidden, g)
+    h = _int8_exact(len(pairs), down_k, g)
     down_ref = _down_ref(h, c, ids)
     for cfg in ({"bn": 64, "split_k": 3, "num_warps": 4}, {"bn": 128, "split_k": 1, "num_warps": 4},
                 {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True},
                 {"bn": 32, "split_k": 2, "num_warps": 4, "num_stages": 2},  # the pipelined loop
                 {"bn": 16, "split_k": 3, "num_warps": 4, "ns": 16, "num_stages": 3}):
-        y = moe_gemv.down(h, stacks["down"], torch.full((tokens, dim), float("nan")), ids, w, n=dim, top_k=TOP_K,
-                          config=cfg)
+        y = moe_gemv.down(h, stacks["down"], torch.full((tokens, down_n), float("nan")), ids, w, n=down_n,
+                          top_k=TOP_K, config=cfg)
         out[("down", cfg["bn"], cfg.get("int8", False))] = (y, down_ref)
     return out
 
