@@ -370,9 +370,10 @@ def _q5k_int8_cases(g) -> dict:
     row and tile (a tile cut by K), against dequantize."""
     from devstral.kernels import moe_gemv
 
-    dim, hidden = 768, 256
+    # gate/up [64, 768]: K 768 is 3 tiles at 8 sub-blocks, 2 at 16 (the last cut); down [128, 256]
+    dim, hidden, down_n, down_k = 768, 64, 128, 256
     ids = torch.tensor([[2, 0], [0, 3]])
-    c = _experts(g, (QType.Q5_K,) * 3, dim, hidden, ids)
+    c = _experts(g, (QType.Q5_K,) * 3, dim, hidden, ids, down=(down_n, down_k))
     stacks, x, pairs = c["stacks"], c["x"], c["pairs"]
     out = {}
     for cfg in ({"bn": 64, "split_k": 4, "num_warps": 4, "int8": True},
@@ -380,9 +381,9 @@ def _q5k_int8_cases(g) -> dict:
         h = torch.full((len(pairs), hidden), float("nan"))
         moe_gemv.gate_up(x, stacks["gate"], stacks["up"], h, ids, n=hidden, top_k=TOP_K, config=cfg)
         out[("gate_up", cfg["bn"])] = (h, torch.nn.functional.silu(c["gate_ref"]) * c["up_ref"])
-    h = _int8_exact(len(pairs), hidden, g)
+    h = _int8_exact(len(pairs), down_k, g)
     cfg = {"bn": 64, "split_k": 3, "num_warps": 4, "int8": True}
-    y = moe_gemv.down(h, stacks["down"], torch.full((ids.shape[0], dim), float("nan")), ids, c["w"], n=dim,
+    y = moe_gemv.down(h, stacks["down"], torch.full((ids.shape[0], down_n), float("nan")), ids, c["w"], n=down_n,
                       top_k=TOP_K, config=cfg)
     out[("down", 64)] = (y, _down_ref(h, c, ids))
     return out
