@@ -280,9 +280,9 @@ def _split_cases(g) -> dict:
 
 
 # xq (activations quantized once by gguf_xq.py): weight type -> (N, K). N masks the last row tile at
-# every width below; K cuts the last K-tile for Q4_K and Q5_K at 16 sub-blocks a tile (512 values) and
-# Q8_0 at 8 (256); Q6_K's tiles (128 or 256 values) divide any K it can have
-XQ_SHAPES = {QType.Q4_K: (40, 768), QType.Q5_K: (40, 768), QType.Q6_K: (56, 512), QType.Q8_0: (24, 160)}
+# every width below (24: two tiles of 16, one of 32); K cuts the last K-tile for Q4_K and Q5_K at 16
+# sub-blocks a tile (512 values) and Q8_0 at 8 (256); Q6_K's tiles (128 or 256 values) divide any K it can have
+XQ_SHAPES = {QType.Q4_K: (24, 768), QType.Q5_K: (24, 768), QType.Q6_K: (24, 512), QType.Q8_0: (24, 160)}
 # each kind through both loops, at both sub-blocks per tile; split K with the SwiGLU after the splits meet
 XQ_CONFIGS = {"gate_up": ({"bn": 16, "split_k": 2, "num_warps": 4, "int8": True, "xq": True, "ns": 16},
                           {"bn": 32, "split_k": 3, "num_warps": 4, "int8": True, "xq": True, "num_stages": 3}),
