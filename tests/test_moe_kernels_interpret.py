@@ -339,27 +339,33 @@ def _xq_cases(g) -> dict:
     return out
 
 
+# (tokens, down's xq): each of gate_up's two cat configs (1 token: CAT_CONFIGS[0], unsplit, 16 sub-blocks;
+# 3: CAT_CONFIGS[1], split, pipelined) once, and each way down applies the SwiGLU once (xq: in its
+# quantization; not: a silu_mul launch). The two halves are independent launches, so the other two pairings
+# would run no other code
+CAT_STACK_CASES = ((1, True), (3, False))
+
+
 def _cat_stack_cases(g) -> dict:
     """ExpertStack.decode where the measured constants say cat (moe_gemv.TUNED): gate_up writes [gate | up]
     rows and down applies the SwiGLU, in its xq quantization or, without xq, by a silu_mul launch; against
-    the reference MoE (Q4_K_M's mix) at 1 and 3 tokens."""
+    the reference MoE (Q4_K_M's mix) at 1 and 3 tokens (CAT_STACK_CASES)."""
     from devstral.kernels import moe_gemv
 
     moe, stack = _gguf_case("q4_k_m", g)
     dim, hidden = MIXES["q4_k_m"][3:]
     out = {}
-    for t in (1, 3):
+    for t, down_xq in CAT_STACK_CASES:
         x = torch.randn(t, dim, generator=g)
         _, experts, weights = moe.route(x)
-        for down_xq in (True, False):
-            got = []
-            for cat in (True, False):
-                moe_gemv.TUNED.clear()
-                moe_gemv.TUNED[f"gate_up|Q4_K|{t * TOP_K}|{hidden}|{dim}"] = {**CAT_CONFIGS[t == 3], "cat": cat}
-                moe_gemv.TUNED[f"down|Q6_K|{t}|{dim}|{hidden}"] = {"bn": 64, "split_k": 2, "num_warps": 4,
-                                                                    "int8": down_xq, "xq": down_xq}
-                got.append(stack.forward(x, experts, weights))
-            out[(t, down_xq)] = (*got, moe(x))
+        got = []
+        for cat in (True, False):
+            moe_gemv.TUNED.clear()
+            moe_gemv.TUNED[f"gate_up|Q4_K|{t * TOP_K}|{hidden}|{dim}"] = {**CAT_CONFIGS[t == 3], "cat": cat}
+            moe_gemv.TUNED[f"down|Q6_K|{t}|{dim}|{hidden}"] = {"bn": 64, "split_k": 2, "num_warps": 4,
+                                                                "int8": down_xq, "xq": down_xq}
+            got.append(stack.forward(x, experts, weights))
+        out[(t, down_xq)] = (*got, moe(x))
     moe_gemv.TUNED.clear()
     return out
 
@@ -470,7 +476,7 @@ def test_cat_gate_up_writes_gate_and_up_rows(results, case):
     assert _rel(got[:, ref.shape[1] // 2:], ref[:, ref.shape[1] // 2:]) < _tolerance(QType[case[1]])
 
 
-@pytest.mark.parametrize(("tokens", "down_xq"), [(1, True), (1, False), (3, True), (3, False)])
+@pytest.mark.parametrize(("tokens", "down_xq"), CAT_STACK_CASES)
 def test_cat_gate_up_then_down_with_the_swiglu_match_the_reference_moe(results, tokens, down_xq):
     """The SwiGLU moved out of gate_up: with xq, down's activation quantization applies it; without, a
     silu_mul launch. Against the reference MoE, within the int8 activations' error (~1%: gate_up is xq
