@@ -144,12 +144,12 @@ def _run_cases(out_path: str) -> None:
 
     ckpt = make_tiny_checkpoint(os.path.dirname(out_path) + "/mixtral", seed=5, **MOE)
     llm = devstral.load(ckpt, device="cpu", dtype="fp32", backend="torch")
-    prompts = {n: [1] + torch.randint(100, 3000, (n - 1,), generator=g).tolist() for n in (20, 47)}
+    prompts = {n: [1] + torch.randint(100, 3000, (n - 1,), generator=g).tolist() for n in (8, 47)}
     ref = {n: llm.logits(p) for n, p in prompts.items()}
     llm.model.fuse_projections()
     from devstral.model.moe import graph_safe
 
-    # 20 tokens: 40 pairs, the routed GEMV; 47: 94 pairs, sorted prefill
+    # 8 tokens: 16 pairs, the routed GEMV (up to 64); 47: 94 pairs, sorted prefill
     res["model"] = ({n: llm.logits(p) for n, p in prompts.items()}, ref, graph_safe(llm.model))
     torch.save(res, out_path)
 
