@@ -10,7 +10,8 @@ A setting is a name and a list of changes for its run only:
 
 Compare settings of one file only: leases and machines differ from call to call. Each setting's entry has
 the median decode tok/s at 512 context and its runs, the step's GPU busy time and launches, and the
-exclusive time by part of the step and by kernel launch grid (benchmarks/step_profile.py); a setting whose
+exclusive time by part of the step and by kernel launch grid, the step() intervals and the median time between two
+graph replays (benchmarks/step_profile.py); a setting whose
 run fails has its exit status and the end of its output instead. --out is rewritten after every setting, so a
 call cut short keeps the settings it finished.
 """
@@ -67,8 +68,14 @@ def summarize(result: dict) -> dict:
                    exclusive_us_per_launch_by_grid={k: v["exclusive_us_per_launch"]
                                                     for k, v in step["by_grid"].items()},
                    idle=step.get("idle", {}), graph_replay_us_per_step=step.get("graph_replay_us_per_step"),
+                   between_replays_us=_median([b["span_us"] for b in step.get("between_replays", [])]),
                    wall_us_per_step=1e6 / res["decode_b1_ctx512"]["tok_s"])
     return out
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return None if not xs else (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def run_setting(engine_cmd: list[str], env: dict[str, str], files: dict[Path, Path],

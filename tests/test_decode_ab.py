@@ -26,7 +26,8 @@ FAKE_ENGINE = textwrap.dedent('''
         sys.exit(3)
     tok = float(Path(os.environ["FAKE_MARKER"]).read_text()) * float(os.environ.get("FAKE_SCALE", "1"))
     step = {"gpu_busy_us_per_step": 1e6 / tok, "launches_per_step": 419.0,
-            "parts": {"norms": {"exclusive_us": 300.0}}, "by_grid": {"_k grid=[1, 1, 1]": {"exclusive_us_per_launch": 4.2}}}
+            "parts": {"norms": {"exclusive_us": 300.0}}, "by_grid": {"_k grid=[1, 1, 1]": {"exclusive_us_per_launch": 4.2}},
+            "between_replays": [{"span_us": 70.0, "ops": []}, {"span_us": 90.0, "ops": []}, {"span_us": 71.0, "ops": []}]}
     out = {"machine": {"device": "fake"}, "versions": {"torch": "x"}, "argv": args,
            "results": {"decode_b1_ctx512": {"tok_s": tok, "runs": [tok, tok]}, "decode_step": step}}
     Path(args[args.index("--out") + 1]).write_text(json.dumps(out))
@@ -63,6 +64,7 @@ def test_each_setting_runs_with_its_changes_and_the_tree_comes_back(tree, tmp_pa
     assert s["new"]["exclusive_us_by_part"] == {"norms": 300.0}
     assert s["new"]["exclusive_us_per_launch_by_grid"] == {"_k grid=[1, 1, 1]": 4.2}
     assert s["new"]["gpu_busy_us_per_step"] == pytest.approx(5000.0)
+    assert s["new"]["between_replays_us"] == 71.0  # the median of the boundaries the profile listed
     assert report["machine"] == {"device": "fake"} and "--no-hf" in report["how"]
     assert marker.read_text() == "200"
 
