@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,14 +69,13 @@ def summarize(result: dict) -> dict:
                    exclusive_us_per_launch_by_grid={k: v["exclusive_us_per_launch"]
                                                     for k, v in step["by_grid"].items()},
                    idle=step.get("idle", {}), graph_replay_us_per_step=step.get("graph_replay_us_per_step"),
-                   between_replays_us=_median([b["span_us"] for b in step.get("between_replays", [])]),
+                   between_replays_us=_median_or_none([b["span_us"] for b in step.get("between_replays", [])]),
                    wall_us_per_step=1e6 / res["decode_b1_ctx512"]["tok_s"])
     return out
 
 
-def _median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    return None if not xs else (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+def _median_or_none(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 def run_setting(engine_cmd: list[str], env: dict[str, str], files: dict[Path, Path],

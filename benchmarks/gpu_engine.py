@@ -89,9 +89,10 @@ def step_intervals(stamps: list[float]) -> dict:
     if not gaps:
         return {}
     mid = statistics.median(gaps)
+    deciles = statistics.quantiles(gaps, n=10, method="inclusive") if len(gaps) > 1 else [None]
+    p10, p90 = deciles[0], deciles[-1]
     return {"count": len(gaps), "median_us": round(mid * 1e6, 1),
-            "p10_us": round(statistics.quantiles(gaps, n=10, method="inclusive")[0] * 1e6, 1) if len(gaps) > 1 else None,
-            "p90_us": round(statistics.quantiles(gaps, n=10, method="inclusive")[-1] * 1e6, 1) if len(gaps) > 1 else None,
+            "p10_us": p10 and round(p10 * 1e6, 1), "p90_us": p90 and round(p90 * 1e6, 1),
             "beyond_median_ms": round((stamps[-1] - stamps[0] - mid * len(gaps)) * 1e3, 2),
             "first_three_us": [round(g * 1e6, 1) for g in gaps[:3]], "last_three_us": [round(g * 1e6, 1) for g in gaps[-3:]]}
 
@@ -182,8 +183,8 @@ def main() -> None:
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2), "step_intervals": r[-1]["steps"]}
     if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
         try:
-            # at the timed decode's context (512 tokens). Profiled at 16, busy + idle fell short of the timed
-            # step's wall time by ~90 us on 40 layers and ~12 on 10 (H200, session 13), as the attention's share would
+            # at the timed decode's context (512 tokens): profiled at 16, busy + idle fell short of the timed
+            # step's wall time by ~90 us on 40 layers and ~12 on 10 (H200, session 13), the attention's share
             res["decode_step"] = step_breakdown(engine, run, prompt(512, cfg.vocab_size, 7), cfg.n_layers, a.gguf)
         except Exception as e:  # the profiler is an aid: a failure there must not lose the run's figures
             res["decode_step"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -108,7 +108,7 @@ def _boundaries(events: list, last: int = 3, graph_ops: int = 16) -> list:
             if replay is not None and corr != replay:  # the next replay starts: close the boundary
                 out.append({"span_us": round(start - graph_end, 1), "last_gap_us": round(start - reach, 1),
                             "ops": pending})
-                pending, graph_end = [], end
+                pending = []
             replay, graph_end = corr, max(graph_end, end) if corr == replay else end
             reach = graph_end
         elif replay is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from step_profile import _boundaries, _idle, _trace, _two_layers  # noqa: E402
+from step_profile import _boundaries, _idle, _trace, _two_layers, other_prompt  # noqa: E402
 
 
 class _Prof:
@@ -110,8 +110,6 @@ def test_boundaries_list_the_work_between_two_graph_replays():
 def test_the_two_profiled_prompts_share_no_cached_block():
     """The step is the difference of two generations; if the second found the first's blocks in the prefix cache
     its prefill would be shorter and the difference would carry prefill kernels."""
-    from step_profile import other_prompt
-
     for ids in ([1, 1005, 1006, 1007], [1, 1004, 1004, 1004], [1, 1002, 1003, 1002], [1] + list(range(1000, 1511))):
         other = other_prompt(ids)
         assert len(other) == len(ids) and other[0] == ids[0]
