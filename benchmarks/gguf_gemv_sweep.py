@@ -23,6 +23,8 @@ a norm) under programmatic dependent launch: a GEMV that issues all its weight l
 show (H200: o_proj one tile a program took 4.2 us a call in the engine against 7.75, though the lone
 sweep ranked it below); its time is then the run's minus the busy kernels' alone, per call, and an xq
 kind's activations are quantized beforehand and offered, as the RMSNorm does.
+--tma-only times the TMA GEMV (kernels/gguf_gemv_tma.py; its configs are also in the full sweep at one row)
+against the tuned table's entry.
 --wider-tiles adds tiles of twice the sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K
 ffn_down on the H200); --wider-tiles 2,4 adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
 processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
@@ -51,7 +53,16 @@ from triton.language.extra.cuda import globaltimer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from devstral.kernels import gguf_config, gguf_dequant, gguf_gemv, gguf_gemv_wide, gguf_idot, gguf_xq, pdl  # noqa: E402
+from devstral.kernels import (  # noqa: E402
+    gguf_config,
+    gguf_dequant,
+    gguf_gemv,
+    gguf_gemv_tma,
+    gguf_gemv_wide,
+    gguf_idot,
+    gguf_xq,
+    pdl,
+)
 from devstral.kernels.gguf_decode import qt_code  # noqa: E402
 from devstral.kernels.gguf_pack import pack  # noqa: E402
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait  # noqa: E402
@@ -119,6 +130,12 @@ def random_gguf(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
 
 
 STREAM_ONLY = False  # --stream-only: the stream-K configs against the tuned table's current entry
+TMA_ONLY = False  # --tma-only: the TMA GEMV's configs against the tuned table's current entry
+# the TMA GEMV (kernels/gguf_gemv_tma.py) at one activation row: tiles (BN, NS, num_warps) where the weight's rows
+# allow TMA boxes (gguf_gemv_tma.fits), pipeline depths; shared memory is the stages' tiles (Q4_K at BN 128 NS 16:
+# 36 KB a stage), so deeper pipelines go with smaller tiles to keep 2-3 programs an SM
+TMA_TILES = ((64, 16, 4), (128, 16, 4), (64, 32, 4), (32, 32, 4), (128, 8, 4), (64, 8, 4))
+TMA_STAGES = (2, 3, 4)
 AFTER_US = 0.0  # --after-us: small matrices at one row timed after a busy kernel of that many microseconds
 
 
@@ -151,9 +168,31 @@ def stream_candidates(qtype: str, m: int, n: int, k: int) -> list[tuple[str, dic
     return out
 
 
+def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: bool) -> list[tuple[str, dict]]:
+    """TMA GEMV configs at one activation row (with_entry: and, to beat, the tuned table's entry for the shape)."""
+    if m != 1:
+        return []
+    sb = 16 if qtype == "Q6_K" else 32
+    out = []
+    for bn, tns, w in TMA_TILES:
+        if bn > n or not gguf_gemv_tma.fits(qtype, k, bn, tns):
+            continue
+        steps = -(-k // (sb * tns))
+        for s in split_candidates(-(-n // bn), steps, sms, m):
+            out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, split_k=s, num_warps=w, num_stages=st)) for st in TMA_STAGES
+                    if -(-steps // s) >= st - 1]  # no deeper than the program's K-tiles
+    if with_entry:
+        hit = gguf_config.decode_entry(gguf_config.tuned_table(torch.cuda.get_device_name(CUDA)), qtype, m, n, k)
+        if hit:
+            out.append((hit["kind"], {key: v for key, v in hit.items() if key != "kind"}))
+    return out
+
+
 def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, dict]]:
     if STREAM_ONLY:
         return stream_candidates(qtype, m, n, k) if m == 1 else []
+    if TMA_ONLY:
+        return tma_candidates(qtype, m, n, k, sms, with_entry=True)
     out = []
     ns = 8
     bm = gguf_gemv_wide.bm_for(m)
@@ -183,6 +222,7 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
         if m == 1 and kind != "wide":
             out += [(kind, dict(bn=bn, ns=tns, bm=1, num_warps=w, stream=ps)) for bn, tns, w in STREAM_TILES
                     for ps in STREAM_PER_SM if bn <= n]
+    out += tma_candidates(qtype, m, n, k, sms, with_entry=False)
     table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
@@ -237,7 +277,7 @@ def split_candidates(tiles: int, k_steps: int, sms: int, m: int) -> list[int]:
 KERNELS = {"wide": gguf_gemv_wide.gemv, "wide_i8": functools.partial(gguf_gemv_wide.gemv, int8=True),
            # timed with its quantization launch (gguf_xq.quantize), as the model runs it
            "wide_xq": functools.partial(gguf_gemv_wide.gemv, int8=True, xq=True),
-           "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv}
+           "gemv": gguf_gemv.gemv, "idot": gguf_idot.gemv, "wide_tma": gguf_gemv_tma.gemv}
 
 
 def groups() -> list[tuple[str, str]]:
@@ -473,7 +513,8 @@ def decode_estimate(best: dict, copy_gbps: float, layers: int = 40) -> dict:
 def warm_compile(args, workers: int) -> float:
     t = time.time()
     cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only,
-           f"--wider-tiles={args.wider_tiles}", *(["--stream-only"] if args.stream_only else [])]
+           f"--wider-tiles={args.wider_tiles}", *(["--stream-only"] if args.stream_only else []),
+           *(["--tma-only"] if args.tma_only else [])]
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -501,6 +542,8 @@ def main() -> None:
     ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--stream-only", action="store_true",
                     help="time only the stream-K configs, against the tuned table's current entry per shape")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="time only the TMA GEMV's configs (one row), against the tuned table's current entry per shape")
     ap.add_argument("--after-us", type=float, default=0.0,
                     help="time matrices under 64 MiB at one row after a busy kernel of this many us (see above)")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -510,9 +553,10 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
-    global WIDER_TILES, STREAM_ONLY, AFTER_US
+    global WIDER_TILES, STREAM_ONLY, TMA_ONLY, AFTER_US
     WIDER_TILES = tuple(int(v) for v in args.wider_tiles.split(",") if v)
     STREAM_ONLY = args.stream_only
+    TMA_ONLY = args.tma_only
     AFTER_US = args.after_us
     only = {tuple(v.split(":")) for v in args.only.split(",") if v}
     work = [g for g in groups() if not only or g in only]

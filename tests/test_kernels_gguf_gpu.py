@@ -234,6 +234,40 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
                                                  xq=True), [out], [once])
 
 
+@pytest.mark.parametrize(("qt", "n", "k", "cfg"), [
+    (QType.Q4_K, 6144, 5120, dict(bn=64, ns=16, split_k=2, num_stages=3)),
+    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, split_k=3, num_stages=2)),  # a row tile and a K-tile cut
+    (QType.Q6_K, 5120, 32768, dict(bn=128, ns=16, split_k=8, num_stages=3)),
+    (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4))], ids=lambda v: getattr(v, "name", None))
+def test_tma_gemv_matches_the_streaming_xq_gemv(qt, n, k, cfg):
+    """kernels/gguf_gemv_tma.py on Hopper: TMA boxes (rows past N zero-filled), the xq row dot of the streaming GEMV
+    (the same up to fp32 summation order), near the dequantized weights; exact on activations int8 represents;
+    replayed from a CUDA graph bit for bit."""
+    from devstral.kernels import gguf_gemv_tma
+    from test_kernels_gguf_interpret import int8_exact
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    raw = blocks(qt, n, k, seed=7)
+    p = pack(raw.to(CUDA), qt, n, k)
+    assert gguf_gemv_tma.supports(p, cfg["bn"], cfg["ns"])
+    w = reference(raw, qt, n, k)
+    x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
+    out = torch.full((1, n), float("nan"), device=CUDA, dtype=torch.float32)
+    gguf_gemv_tma.gemv(x, p, None, out, **cfg)
+    wide = torch.full_like(out, float("nan"))
+    gguf_gemv_wide.gemv(x, p, None, wide, bm=1, int8=True, xq=True,
+                        **{key: v for key, v in cfg.items() if key != "num_stages"})
+    torch.testing.assert_close(out, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
+    close(out, x.float() @ w.t(), rel=1.5e-2)
+    xe = int8_exact(1, k, torch.Generator().manual_seed(3)).to(CUDA)
+    gguf_gemv_tma.gemv(xe, p, None, out, **cfg)
+    ref = xe.float() @ w.t()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    once = out.clone()
+    _replays_exactly(lambda: gguf_gemv_tma.gemv(xe, p, None, out, **cfg), [out], [once])
+
+
 @pytest.mark.parametrize("xq", [False, True], ids=["i8", "xq"])
 def test_dependent_launch_gives_the_same_outputs_eager_and_in_a_graph(monkeypatch, xq):
     """DEVSTRAL_PDL=1 (kernels/pdl.py): RMSNorm -> (quantize ->) GEMV launched as programmatic dependents

@@ -191,6 +191,19 @@ def test_the_decode_sweep_table_picks_path_and_config_per_shape(use_table, monke
     assert gguf_config.gguf_plan("Q4_K", 1, 1024, 4096, dev)[0] == "wide"
 
 
+def test_a_tma_entry_is_taken_for_its_shape_only(use_table, monkeypatch):
+    """A "wide_tma" decode entry (kernels/gguf_gemv_tma.py) is the plan at one row of its exact shape; as a
+    measured kind for shapes without an entry it means its loop's streaming kind, wide_xq (TMA tiles are
+    measured per shape); the float switch turns it into the float GEMV."""
+    entry = {"kind": "wide_tma", "bn": 64, "ns": 16, "bm": 1, "split_k": 2, "num_warps": 4, "num_stages": 3}
+    dev = use_table({"kinds": {"Q4_K": {"1": "wide_tma"}}, "gguf_decode": {"Q4_K|1|4096|5120": entry}})
+    assert gguf_config.gguf_plan("Q4_K", 1, 4096, 5120, dev) == (
+        "wide_tma", {key: v for key, v in entry.items() if key != "kind"})
+    assert gguf_config.gguf_plan("Q4_K", 1, 1024, 5120, dev)[0] == "wide_xq"
+    monkeypatch.setenv("DEVSTRAL_GGUF_FLOAT_GEMV", "1")
+    assert gguf_config.gguf_plan("Q4_K", 1, 4096, 5120, dev)[0] == "wide"
+
+
 def test_a_tuned_table_overrides_the_rules(tmp_path, monkeypatch):
     table = {"thresholds": {"Q4_K": {"gemv_max_m": 2, "gemm_max_m": 64}},
              "gguf_gemv": {"Q4_K|1|4096|5120": {"bn": 16, "ns": 4, "bm": 1, "split_k": 2, "num_warps": 8}}}

@@ -6,6 +6,8 @@ Five paths, by the number of activation rows M:
   wide_i8  M <= 8                the same with int8 activations and dp4a (Q4_K/Q5_K/Q6_K/Q8_0), where
                                  measured
   wide_xq  M <= 8                wide_i8 with the activations quantized once beforehand (gguf_xq.py)
+  wide_tma M = 1                 wide_xq's arithmetic on weight tiles brought by TMA into a shared-memory
+                                 pipeline (gguf_gemv_tma.py): only where a tuned entry names it
   idot     M <= 8                Q4_K/Q6_K/Q8_0: int8 activations, dp4a on the packed weights (gguf_idot.py)
   gemv     M <= gemv_max_m       CUDA-core fused dequantize-GEMV (reads each weight byte once)
   gemm     M <= gemm_max_m       tensor-core GEMM that dequantizes tiles in registers
@@ -40,7 +42,7 @@ IDOT_TYPES = ("Q4_K", "Q6_K", "Q8_0")
 IDOT_MAX_M = 8
 IDOT_NS = {"Q4_K": 8, "Q6_K": 16, "Q8_0": 4}
 # paths that quantize the activations to int8 (DEVSTRAL_GGUF_FLOAT_GEMV=1 turns them into the float ones)
-INT8_KINDS = ("idot", "wide_i8", "wide_xq")
+INT8_KINDS = ("idot", "wide_i8", "wide_xq", "wide_tma")
 WIDE_INT8_KINDS = ("wide_i8", "wide_xq")  # the streaming GEMV with int8 activations (in-kernel / gguf_xq)
 # the types the streaming GEMV has an int8-activation row dot for (the MoE expert kernels share it); not
 # IDOT_TYPES, which are gguf_idot.py's
@@ -164,6 +166,8 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
     if hit:
         return _decode_plan(hit, qtype, m, n, k, sms)
     kind = measured_kind(table, qtype, m) or default_kind(qtype, m, limits)
+    if kind == "wide_tma":  # its tiles are measured per shape (a "gguf_decode" entry); without one, its loop's kind
+        kind = "wide_xq"
     if kind in WIDE_INT8_KINDS and (qtype not in WIDE_INT8_TYPES or os.environ.get("DEVSTRAL_GGUF_FLOAT_GEMV")):
         kind = "wide"
     if kind in WIDE_INT8_KINDS:

@@ -13,7 +13,15 @@ import os
 import torch
 
 from devstral.errors import DevstralError
-from devstral.kernels import gguf_config, gguf_dequant, gguf_gemm, gguf_gemv, gguf_gemv_wide, gguf_idot
+from devstral.kernels import (
+    gguf_config,
+    gguf_dequant,
+    gguf_gemm,
+    gguf_gemv,
+    gguf_gemv_tma,
+    gguf_gemv_wide,
+    gguf_idot,
+)
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.silu_mul import silu_mul
 
@@ -71,9 +79,14 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if glu and kind != "wide_xq":
+        if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
+            # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
+            kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key != "num_stages"}
+        if glu and kind not in ("wide_xq", "wide_tma"):
             x2, glu = silu_mul(x2[:, :p.k], x2[:, p.k:]), False
-        if kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
+        if kind == "wide_tma":
+            gguf_gemv_tma.gemv(x2, p, bias, out, glu=glu, **cfg)
+        elif kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
             gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)

@@ -64,11 +64,18 @@ def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: 
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
+    return disassemble(kernel.asm["cubin"])
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a compiled kernel's cubin (Triton's own nvdisasm)."""
+    import triton
+
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
+            f.write(cubin)
         return subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", path], capture_output=True, text=True,
                               check=True).stdout
 

@@ -310,7 +310,7 @@ def norm_writes_xq() -> bool:
 def decode_xq_layouts(*projections) -> tuple[int, ...]:
     """The gguf_xq layouts in which these projections of one input quantize it once (gguf_xq.quantize) at some
     decode size (1 to 8 rows, gguf_config.DECODE_MS): planar QuantLinears and PackedProjections whose plan
-    there is "wide_xq", a PairedProjection where it pairs (else its members as they run alone). Other
+    there is "wide_xq" or "wide_tma", a PairedProjection where it pairs (else its members as they run alone). Other
     projections add none. What the norm before them writes beside its output (RMSNorm.xq_layouts)."""
     from devstral.kernels import gguf_config, gguf_xq
     from devstral.kernels.gguf_decode import qt_code
@@ -327,7 +327,7 @@ def decode_xq_layouts(*projections) -> tuple[int, ...]:
                 add(member)
             return
         p = _planar_pack(m)
-        if p is not None and any(gguf_config.gguf_plan(p.qtype.name, r, p.n, p.k, p.device)[0] == "wide_xq"
+        if p is not None and any(gguf_config.gguf_plan(p.qtype.name, r, p.n, p.k, p.device)[0] in ("wide_xq", "wide_tma")
                                  for r in rows):
             layouts.append(gguf_xq.layout_for(qt_code(p.qtype)))
 

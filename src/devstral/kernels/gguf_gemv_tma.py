@@ -1,0 +1,183 @@
+"""Decode GEMV whose weight tiles arrive by bulk tensor copies (TMA) into a multi-stage shared-memory pipeline.
+
+Why: Nsight Compute on the H200 (docs/architecture.md, `ncu_gguf_gemv_h200_s15.txt`) shows the streaming GEMV
+(gguf_gemv_wide.py) latency-bound on its big matrices: a scheduler issues 0.32-0.41 instructions a cycle, has no
+eligible warp 59-68% of cycles, and half of each warp's stall is waiting for global loads. Its register-prefetch loop
+keeps one tile ahead in 228-234 registers, two programs an SM; its cp.async pipeline (num_stages > 1) lost on the
+K-quants because their one-byte scales cannot go by cp.async and stay synchronous loads in every iteration.
+
+Here every field whose rows allow it -- the quant words, Q6_K's high bits, the sub-block scales and mins, Q8_0's
+scales -- is a TMA tensor (`TensorDescriptor`: 16-byte aligned rows, a box of at least 16 bytes a row), so one
+thread's instruction moves a whole [BN, tile] box into shared memory and Triton's pipeliner keeps num_stages - 1
+tiles in flight per program without registers. Only the K-quants' fp16 super-block scales (K / 128 bytes a row:
+not 16-byte aligned at K = 5120) stay plain loads, four bytes a row a tile. The arithmetic is the streaming GEMV's
+xq row dot (gguf_gemv_wide.row_dot_xq on activations quantized once by gguf_xq.py), split-K with its deterministic
+epilogue (gguf_splitk.py). One activation row (decode at batch 1). Under dependent launch it waits before its
+first load: the pipeline's prologue reads activations too.
+
+Not chosen by any rule: the tuned table names it ("wide_tma") where benchmarks/gguf_gemv_sweep.py measured it
+fastest for a shape. `reference` is gguf_gemv_wide.reference (the same arithmetic).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from devstral.kernels import gguf_xq, pdl
+from devstral.kernels.gguf_decode import GEOMETRY, qt_code
+from devstral.kernels.gguf_gemv_wide import row_dot_xq, tile_scales
+from devstral.kernels.gguf_pack import PackedGGUF
+from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
+from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
+
+TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
+
+
+@triton.jit
+def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr,
+                N, K, s_d, SPLIT_K,
+                QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+                NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                ASM: tl.constexpr, PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_tiles = tl.cdiv(K // SB, NS)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    r0 = pid_n * BN
+    rows = r0 + tl.arange(0, BN)
+    row_ok = rows[:, None] < N
+    if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
+        gdc_wait()
+    acc = tl.zeros((BN, NS), dtype=tl.float32)
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+        words = q_desc.load([r0, t * NS * WPS])  # [BN, NS * WPS]; rows past N come as zeros
+        if QT == 2:
+            hi = qh_desc.load([r0, t * NS * WPS]).to(tl.int32)
+        else:
+            hi = words
+        if QT == 3:
+            d = sc_desc.load([r0, t * NS])  # Q8_0's fp16 scale per block of 32 is a TMA field
+            sc = d
+            dm = d
+            mn = d
+        else:
+            sc = sc_desc.load([r0, t * NS])
+            if QT == 2:
+                mn = sc
+            else:
+                mn = mn_desc.load([r0, t * NS])
+            # the NSB super-blocks' fp16 scales of the tile (K / 128 bytes a row: not a TMA field), masked past K
+            sb = t * NSB + tl.arange(0, NSB)[None, :]
+            d_ok = row_ok & (sb * 256 < K)
+            d2 = tl.load(d_ptr + rows[:, None] * s_d + sb, mask=d_ok, other=0.0)
+            d = tl.reshape(tl.broadcast_to(d2[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
+            if QT == 2:
+                dm = d
+            else:
+                dm2 = tl.load(dm_ptr + rows[:, None] * s_d + sb, mask=d_ok, other=0.0)
+                dm = tl.reshape(tl.broadcast_to(dm2[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
+        c1, c0 = tile_scales(d, sc, dm, mn, QT)
+        acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, pid_n >= 0, K, c1,
+                          c0, QT, SB, NS, WPS, EVEN_K, ASM)
+    if PDL:
+        gdc_launch_dependents()
+    res = tl.sum(acc, axis=1)[:, None]
+    store_output(res, rows, tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
+                 HAS_BIAS, SPLIT)
+
+
+def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
+    """Whether a [*, k] weight of this type can be read as TMA tiles of bn rows and ns sub-blocks: Q4_K, Q6_K or
+    Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes, boxes of at
+    most 256 elements a side, and the K-quants' tiles whole super-blocks (their fp16 scales' plain loads)."""
+    from devstral.kernels.gguf_pack import FORMATS
+    from devstral.quant import QType
+
+    if qtype not in ("Q4_K", "Q6_K", "Q8_0"):
+        return False
+    qt = qt_code(QType[qtype])
+    sb, wps, _ = GEOMETRY[qt]
+    if bn > 256 or ns * wps > 256 or (qt != 3 and (ns * sb) % 256):
+        return False
+    per = {name: (dt, weights) for name, dt, weights in FORMATS[QType[qtype]].fields}
+    for name, (_, cols) in _box_shapes(qt, bn, ns).items():
+        dt, weights = per[name]
+        size = torch.empty((), dtype=dt).element_size()
+        if k % weights or ((k // weights) * size) % 16 or (cols * size) % TMA_MIN_BOX_BYTES:
+            return False
+    return True
+
+
+def supports(p: PackedGGUF, bn: int, ns: int) -> bool:
+    """fits() for this weight, and its TMA fields 16-byte aligned where they start (a row slice may not be)."""
+    return fits(p.qtype.name, p.k, bn, ns) and all(p[name].data_ptr() % 16 == 0
+                                                    for name in _box_shapes(qt_code(p.qtype), bn, ns))
+
+
+def usable(p: PackedGGUF, bn: int, ns: int, device: torch.device) -> bool:
+    """supports(), on a device with TMA (sm_90 and later), or under Triton's interpreter (the CPU tests)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return supports(p, bn, ns)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and supports(p, bn, ns)
+
+
+def _box_shapes(qt: int, bn: int, ns: int) -> dict[str, tuple[int, int]]:
+    """The TMA fields of a type (QT code) and their [rows, elements] box for one tile."""
+    wps = GEOMETRY[qt][1]
+    if qt == 3:
+        return {"q": (bn, ns * wps), "d": (bn, ns)}
+    boxes = {"q": (bn, ns * wps), "sc": (bn, ns)}
+    if qt == 2:
+        boxes["qh"] = (bn, ns * wps)
+    else:
+        boxes["mn"] = (bn, ns)
+    return boxes
+
+
+_DESCRIPTORS: dict[tuple, dict[str, TensorDescriptor]] = {}
+
+
+def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
+    """The weight's TMA descriptors for one tile shape, made once (host objects: a CUDA graph captures their
+    values, and the weights never move while a model is loaded)."""
+    key = (p["q"].data_ptr(), p.qtype, p.n, p.k, bn, ns)
+    hit = _DESCRIPTORS.get(key)
+    if hit is None:
+        hit = _DESCRIPTORS[key] = {name: TensorDescriptor(p[name], list(p[name].shape), list(p[name].stride()),
+                                                          list(box)) for name, box in _box_shapes(qt_code(p.qtype), bn, ns).items()}
+    return hit
+
+
+def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
+         split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1) -> torch.Tensor:
+    """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
+    bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
+    if x.shape[0] != 1 or bm != 1:
+        raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")
+    if not supports(p, bn, ns):
+        raise ValueError(f"no TMA tiles of {bn} rows x {ns} sub-blocks for {p.qtype.name} {p.n}x{p.k}")
+    qt = qt_code(p.qtype)
+    sb, wps, _ = GEOMETRY[qt]
+    xq = gguf_xq.quantize(x, gguf_xq.layout_for(qt), glu=glu)
+    tiles = triton.cdiv(p.n, bn)
+    split_k = usable_split(split_k, tiles, 1, p.n)
+    desc = descriptors(p, bn, ns)
+    q_desc = desc["q"]
+    d_ptr = p.get("d") if p.get("d") is not None else p["q"]
+    dm_ptr = p.get("dmin") if p.get("dmin") is not None else d_ptr
+    on = pdl.enabled(x.device)
+    _tma_kernel[(tiles, split_k)](
+        xq, out, bias if bias is not None else out, workspace(split_k, 1, p.n, x.device), counters(x.device),
+        q_desc, desc.get("qh", q_desc), desc["d"] if qt == 3 else desc["sc"], desc.get("mn", q_desc), d_ptr, dm_ptr,
+        p.n, p.k, d_ptr.stride(0), split_k,
+        QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
+        EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+    return out

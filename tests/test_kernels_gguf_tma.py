@@ -1,0 +1,183 @@
+"""The TMA decode GEMV (kernels/gguf_gemv_tma.py) on CPU: in Triton's interpreter (TMA boxes become masked loads
+there) against the streaming GEMV's xq path it shares its arithmetic with, bit for bit, and against the weights
+dequantized by quant.dequantize; offline for sm_90, that its tiles do come by TMA, without spills, and that nothing
+is loaded or stored before a dependent launch's wait.
+
+Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
+tiles of 1024), splits uneven and empty, 2-4 pipeline stages, a bias, the SwiGLU folded into the activation
+quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import interpreter_runs
+
+pytest.importorskip("triton")
+
+from devstral.kernels.gguf_pack import pack  # noqa: E402
+from devstral.quant import QType, dequantize  # noqa: E402
+from test_kernels_gguf_wide import random_blocks  # noqa: E402
+
+N = 40
+# (type, K, BN, NS, split, stages, bias)
+CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
+         ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q8_0", 768, 32, 8, 2, 4, False),
+         ("Q8_0", 768, 16, 16, 1, 2, True)]
+
+
+def _run_cases(out_path: str) -> None:
+    """Executed in the subprocess, under the interpreter."""
+    from devstral.kernels import gguf_config, gguf_gemv_tma, gguf_gemv_wide, gguf_linear
+
+    g = torch.Generator().manual_seed(0)
+    res = {"cases": []}
+    for qtype, k, bn, ns, split, stages, with_bias in CASES:
+        raw = random_blocks(QType[qtype], N, k, g)
+        p = pack(raw, QType[qtype], N, k)
+        x = torch.randn(1, k, generator=g)
+        bias = torch.randn(N, generator=g) if with_bias else None
+        out = torch.full((1, N), float("nan"))
+        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, split_k=split, num_stages=stages)
+        ref = torch.full((1, N), float("nan"))
+        gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, split_k=split, int8=True, xq=True)
+        res["cases"].append(dict(case=(qtype, k, bn, ns, split, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
+                                 wide=ref))
+    # the SwiGLU folded into the activation quantization: x is a gate/up projection's [gate | up] rows
+    raw = random_blocks(QType.Q4_K, N, 1024, g)
+    p = pack(raw, QType.Q4_K, N, 1024)
+    pre = torch.randn(1, 2048, generator=g)
+    outs = [torch.full((1, N), float("nan")) for _ in range(2)]
+    gguf_gemv_tma.gemv(pre, p, None, outs[0], bn=16, ns=16, split_k=2, num_stages=2, glu=True)
+    gguf_gemv_wide.gemv(pre, p, None, outs[1], bn=16, ns=16, bm=1, split_k=2, int8=True, xq=True, glu=True)
+    res["glu"] = outs
+    # the dispatcher on a tuned "wide_tma" entry: one row runs it; three rows, which it does not serve, run the
+    # streaming GEMV with the same tile
+    plan = gguf_config.gguf_plan
+    cfg = dict(bn=16, ns=16, bm=1, split_k=2, num_warps=4, num_stages=2)
+    gguf_config.gguf_plan = lambda *a, **kw: ("wide_tma", dict(cfg))
+    x3 = torch.randn(3, 1024, generator=g)
+    res["dispatch"] = {"one": gguf_linear.linear(x3[:1], p), "three": gguf_linear.linear(x3, p)}
+    gguf_config.gguf_plan = plan
+    one = torch.full((1, N), float("nan"))
+    gguf_gemv_tma.gemv(x3[:1], p, None, one, bn=16, ns=16, split_k=2, num_stages=2)
+    three = torch.full((3, N), float("nan"))
+    gguf_gemv_wide.gemv(x3, p, None, three, bn=16, ns=16, bm=gguf_gemv_wide.bm_for(3), split_k=2, int8=True, xq=True)
+    res["dispatch"].update(one_ref=one, three_ref=three)
+    torch.save(res, out_path)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return interpreter_runs.results(__file__, timeout=900)
+
+
+def _ids():
+    return ["{}_K{}_bn{}_ns{}_split{}_stages{}{}".format(*c[:6], "_bias" if c[6] else "") for c in CASES]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=_ids())
+def test_tma_gemv_is_the_streaming_xq_gemv_and_the_dequantized_weights(results, i):
+    r = results["cases"][i]
+    qtype, k = r["case"][0], r["case"][1]
+    assert not r["out"].isnan().any()
+    torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
+    w = dequantize(r["raw"], QType[qtype], (N, k))
+    ref = r["x"] @ w.t() + (r["bias"] if r["bias"] is not None else 0)
+    assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2  # int8 activations per block of 32
+
+
+def test_tma_gemv_folds_the_swiglu_as_the_streaming_gemv_does(results):
+    out, wide = results["glu"]
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, wide, rtol=0, atol=0)
+
+
+def test_dispatcher_runs_a_tuned_tma_entry_at_one_row_and_the_streaming_gemv_above(results):
+    r = results["dispatch"]
+    torch.testing.assert_close(r["one"], r["one_ref"], rtol=0, atol=0)
+    torch.testing.assert_close(r["three"], r["three_ref"], rtol=0, atol=0)
+
+
+def test_which_weights_fit_tma_boxes():
+    """Devstral-Small's matrices fit in the tiles the sweep times; rows whose scale arrays are not 16-byte multiples
+    (Q4_K at K = 1280: 40 bytes of sub-block scales), boxes under 16 bytes a row (Q4_K at 8 sub-blocks: 8 bytes of
+    scales) and types without the xq row dot here (Q5_K) do not."""
+    from devstral.kernels.gguf_gemv_tma import fits
+
+    for qtype, k, bn, ns in [("Q4_K", 5120, 128, 16), ("Q4_K", 32768, 64, 32), ("Q6_K", 32768, 128, 16),
+                             ("Q6_K", 5120, 64, 16), ("Q8_0", 5120, 64, 8), ("Q8_0", 4096, 128, 16)]:
+        assert fits(qtype, k, bn, ns), (qtype, k, bn, ns)
+    for qtype, k, bn, ns in [("Q4_K", 1280, 128, 16), ("Q4_K", 5120, 128, 8), ("Q5_K", 5120, 128, 16),
+                             ("Q4_K", 5120, 512, 16), ("Q8_0", 5120, 64, 4)]:
+        assert not fits(qtype, k, bn, ns), (qtype, k, bn, ns)
+
+
+def _offline() -> dict:
+    """Executed in a subprocess (no interpreter state): sm_90 SASS and PTX facts of the candidate tiles."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from devstral.kernels import sass_stats
+    from devstral.kernels.gguf_gemv_tma import _tma_kernel
+
+    names = ["xq_ptr", "out_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "q_desc", "qh_desc", "sc_desc", "mn_desc", "d_ptr", "dm_ptr", "N", "K", "s_d", "SPLIT_K"]
+    out = {}
+    for qt, bn, ns, stages in [(0, 128, 16, 3), (0, 64, 16, 4), (2, 128, 16, 3), (2, 64, 16, 4), (3, 64, 8, 4)]:
+        sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
+        q = f"tensordesc<i32[{bn},{ns * wps}]>"
+        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{bn},{ns}]>", mn_desc=f"tensordesc<u8[{bn},{ns}]>"),
+                  2: dict(qh_desc=f"tensordesc<i16[{bn},{ns * wps}]>", sc_desc=f"tensordesc<i8[{bn},{ns}]>", mn_desc=q),
+                  3: dict(qh_desc=q, sc_desc=f"tensordesc<fp16[{bn},{ns}]>", mn_desc=q)}[qt]
+        sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+               "q_desc": q, **fields, "d_ptr": "*fp16", "dm_ptr": "*fp16", "N": "i32", "K": "i32", "s_d": "i32",
+               "SPLIT_K": "i32"}
+        const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=True,
+                     HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True)
+        signature = {**{n: sig[n] for n in names}, **dict.fromkeys(const, "constexpr")}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr",
+                                                                         "dm_ptr", "N", "K")}
+        k = triton.compile(ASTSource(fn=_tma_kernel, signature=signature, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "num_stages": stages, "launch_pdl": True})
+        sass = sass_stats.disassemble(k.asm["cubin"])
+        ptx = k.asm["ptx"]
+        head = ptx[:ptx.find("griddepcontrol.wait")]
+        out[f"{qt}_{bn}_{ns}_{stages}"] = {
+            "tma_loads": sass.count("UTMALDG"), "spilled": sass_stats.loop_stats(sass).registers_spilled,
+            "before_wait": len(re.findall(r"\bld\.global|\bst\.global|\batom\.|\bcp\.async", head)),
+            "waits": ptx.count("griddepcontrol.wait")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from devstral.kernels import sass_stats
+
+    if not sass_stats.tools_available():
+        pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
+    return sass_stats.offline_json(__file__, "--offline")
+
+
+def test_tiles_come_by_tma_without_spills_and_after_the_wait(offline):
+    for name, st in offline.items():
+        assert st["tma_loads"] >= 2, name  # the words and the scales at least, in the pipeline's prologue and loop
+        assert not st["spilled"], name
+        assert st["waits"] == 1 and st["before_wait"] == 0, name
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    if sys.argv[1] == "--offline":
+        print(json.dumps(_offline()))
+    else:
+        _run_cases(sys.argv[1])
