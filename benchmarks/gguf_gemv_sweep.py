@@ -452,7 +452,8 @@ def measured_kinds(rows: list[dict], table: dict) -> dict:
         for m in (1, 2, 4):
             per = {}
             for r in rows:
-                if r.get("ok") and r["fmt"] == qtype and r["m"] == m:
+                # the TMA GEMV is taken per shape only (its tiles must fit the shape's rows: gguf_gemv_tma.fits)
+                if r.get("ok") and r["fmt"] == qtype and r["m"] == m and r["kind"] != "wide_tma":
                     shape = per.setdefault(r["kind"], {})
                     shape[r["shape"]] = min(shape.get(r["shape"], float("inf")), r["us"])
             full = [k for k, v in per.items() if len(v) == len(TYPE_SHAPES[qtype])]
