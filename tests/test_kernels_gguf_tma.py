@@ -123,14 +123,9 @@ def _offline() -> dict:
     """Executed in a subprocess (no interpreter state): sm_90 SASS and PTX facts of the candidate tiles."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from devstral.kernels import sass_stats
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
-    names = ["xq_ptr", "out_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "q_desc", "qh_desc", "sc_desc", "mn_desc", "d_ptr", "dm_ptr", "N", "K", "s_d", "SPLIT_K"]
     out = {}
     for qt, bn, ns, stages in [(0, 128, 16, 3), (0, 64, 16, 4), (2, 128, 16, 3), (2, 64, 16, 4), (3, 64, 8, 4)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
@@ -143,12 +138,9 @@ def _offline() -> dict:
                "SPLIT_K": "i32"}
         const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=True,
                      HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True)
-        signature = {**{n: sig[n] for n in names}, **dict.fromkeys(const, "constexpr")}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr",
-                                                                         "dm_ptr", "N", "K")}
-        k = triton.compile(ASTSource(fn=_tma_kernel, signature=signature, constexprs=const, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "num_stages": stages, "launch_pdl": True})
+        k = sass_stats.compile_kernel(_tma_kernel, sig, const,
+                                      div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
+                                      num_stages=stages, launch_pdl=True)
         sass = sass_stats.disassemble(k.asm["cubin"])
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]

@@ -21,6 +21,7 @@ fastest for a shape. `reference` is gguf_gemv_wide.reference (the same arithmeti
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +37,15 @@ from devstral.kernels.gguf_splitk import counters, store_output, usable_split, w
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
+
+
+@triton.jit
+def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.constexpr, NSB: tl.constexpr):
+    """The NSB fp16 super-block scales of tile t of each row (K / 128 bytes a row: not a TMA field), masked past K,
+    repeated for each of their sub-blocks: [BN, NS]."""
+    sb = t * NSB + tl.arange(0, NSB)[None, :]
+    v = tl.load(ptr + rows[:, None] * s_d + sb, mask=row_ok & (sb * 256 < K), other=0.0)
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
 
 
 @triton.jit
@@ -73,16 +83,11 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                 mn = sc
             else:
                 mn = mn_desc.load([r0, t * NS])
-            # the NSB super-blocks' fp16 scales of the tile (K / 128 bytes a row: not a TMA field), masked past K
-            sb = t * NSB + tl.arange(0, NSB)[None, :]
-            d_ok = row_ok & (sb * 256 < K)
-            d2 = tl.load(d_ptr + rows[:, None] * s_d + sb, mask=d_ok, other=0.0)
-            d = tl.reshape(tl.broadcast_to(d2[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
+            d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB)
             if QT == 2:
                 dm = d
             else:
-                dm2 = tl.load(dm_ptr + rows[:, None] * s_d + sb, mask=d_ok, other=0.0)
-                dm = tl.reshape(tl.broadcast_to(dm2[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
+                dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB)
         c1, c0 = tile_scales(d, sc, dm, mn, QT)
         acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, pid_n >= 0, K, c1,
                           c0, QT, SB, NS, WPS, EVEN_K, ASM)
@@ -93,6 +98,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                  HAS_BIAS, SPLIT)
 
 
+@functools.cache
 def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
     """Whether a [*, k] weight of this type can be read as TMA tiles of bn rows and ns sub-blocks: Q4_K, Q6_K or
     Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes, boxes of at
@@ -125,7 +131,12 @@ def usable(p: PackedGGUF, bn: int, ns: int, device: torch.device) -> bool:
     """supports(), on a device with TMA (sm_90 and later), or under Triton's interpreter (the CPU tests)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return supports(p, bn, ns)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and supports(p, bn, ns)
+    return device.type == "cuda" and _has_tma(device) and supports(p, bn, ns)
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _box_shapes(qt: int, bn: int, ns: int) -> dict[str, tuple[int, int]]:
@@ -141,17 +152,14 @@ def _box_shapes(qt: int, bn: int, ns: int) -> dict[str, tuple[int, int]]:
     return boxes
 
 
-_DESCRIPTORS: dict[tuple, dict[str, TensorDescriptor]] = {}
-
-
 def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
-    """The weight's TMA descriptors for one tile shape, made once (host objects: a CUDA graph captures their
-    values, and the weights never move while a model is loaded)."""
-    key = (p["q"].data_ptr(), p.qtype, p.n, p.k, bn, ns)
-    hit = _DESCRIPTORS.get(key)
+    """The weight's TMA descriptors for one tile shape, made once and kept on the weight itself (host objects that
+    hold its arrays: kept anywhere else they would keep an unloaded model's GPU memory alive)."""
+    cache = p.__dict__.setdefault("_tma_descriptors", {})
+    hit = cache.get((bn, ns))
     if hit is None:
-        hit = _DESCRIPTORS[key] = {name: TensorDescriptor(p[name], list(p[name].shape), list(p[name].stride()),
-                                                          list(box)) for name, box in _box_shapes(qt_code(p.qtype), bn, ns).items()}
+        hit = cache[(bn, ns)] = {name: TensorDescriptor(p[name], list(p[name].shape), list(p[name].stride()), list(box))
+                                 for name, box in _box_shapes(qt_code(p.qtype), bn, ns).items()}
     return hit
 
 

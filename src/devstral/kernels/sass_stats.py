@@ -49,9 +49,10 @@ def offline_json(script: str, *args: str, timeout: float = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: int = 4, num_stages: int = 1,
-                 arch: int = 90) -> str:
-    """SASS text of `fn` compiled for sm_<arch>."""
+def compile_kernel(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: int = 4, num_stages: int = 1,
+                   arch: int = 90, **options):
+    """`fn` compiled for sm_<arch> (Triton's CompiledKernel: its asm holds "ptx" and "cubin"); options are Triton's
+    other compile options (launch_pdl=True: compiled as a programmatic dependent launch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,8 +63,15 @@ def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: 
         signature[name] = "constexpr"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16 if n in names}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, **options})
+
+
+def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: int = 4, num_stages: int = 1,
+                 arch: int = 90) -> str:
+    """SASS text of `fn` compiled for sm_<arch>."""
+    kernel = compile_kernel(fn, signature, constexprs, div16=div16, num_warps=num_warps, num_stages=num_stages,
+                            arch=arch)
     return disassemble(kernel.asm["cubin"])
 
 
