@@ -134,8 +134,13 @@ TMA_ONLY = False  # --tma-only: the TMA GEMV's configs against the tuned table's
 # the TMA GEMV (kernels/gguf_gemv_tma.py) at one activation row: tiles (BN, NS, num_warps) where the weight's rows
 # allow TMA boxes (gguf_gemv_tma.fits), pipeline depths; shared memory is the stages' tiles (Q4_K at BN 128 NS 16:
 # 36 KB a stage), so deeper pipelines go with smaller tiles to keep 2-3 programs an SM
-TMA_TILES = ((64, 16, 4), (128, 16, 4), (64, 32, 4), (32, 32, 4), (128, 8, 4), (64, 8, 4))
+TMA_TILES = ((64, 16, 4), (128, 16, 4), (64, 32, 4), (32, 32, 4), (128, 8, 4), (64, 8, 4), (128, 16, 8))
 TMA_STAGES = (2, 3, 4)
+# deeper pipelines for the tiles of the first session's winners (Q4_K gate/up: 64 x 16 at 4 stages, the deepest tried)
+TMA_DEEP = {(64, 16, 4): (5, 6), (32, 32, 4): (5,)}
+# TMA stream-K (whole waves; a row tile's programs add their shares in order): tiles and programs per SM
+TMA_STREAM_TILES = ((64, 16, 4), (32, 32, 4), (128, 16, 4), (64, 8, 4))
+TMA_STREAM_PER_SM = (1, 2, 3, 4)
 AFTER_US = 0.0  # --after-us: small matrices at one row timed after a busy kernel of that many microseconds
 
 
@@ -179,8 +184,12 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
             continue
         steps = -(-k // (sb * tns))
         for s in split_candidates(-(-n // bn), steps, sms, m):
-            out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, split_k=s, num_warps=w, num_stages=st)) for st in TMA_STAGES
+            out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, split_k=s, num_warps=w, num_stages=st))
+                    for st in TMA_STAGES + TMA_DEEP.get((bn, tns, w), ())
                     if -(-steps // s) >= st - 1]  # no deeper than the program's K-tiles
+        if (bn, tns, w) in TMA_STREAM_TILES:
+            out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
+                    for ps in TMA_STREAM_PER_SM for st in TMA_STAGES]
     if with_entry:
         hit = gguf_config.decode_entry(gguf_config.tuned_table(torch.cuda.get_device_name(CUDA)), qtype, m, n, k)
         if hit:

@@ -403,8 +403,10 @@ def best_rows(rows: list[dict]) -> dict:
 
 def thresholds_and_tuned(rows: list[dict], device: str) -> dict:
     best = best_rows(rows)
-    tuned: dict = {"device": device, "thresholds": {}, "kinds": {}, "gguf_gemv": {}, "gguf_idot": {}, "gguf_gemm": {},
-                   "nf4_gemv": {}, "fp8_gemv": {}}
+    # capability and SM count: a GPU without its own table takes one of the same (gguf_config.sibling_table)
+    tuned: dict = {"device": device, "capability": list(torch.cuda.get_device_capability()),
+                   "sms": torch.cuda.get_device_properties(0).multi_processor_count, "thresholds": {}, "kinds": {},
+                   "gguf_gemv": {}, "gguf_idot": {}, "gguf_gemm": {}, "nf4_gemv": {}, "fp8_gemv": {}}
     for (fmt, _shape, m, kind), r in best.items():
         cfg = r["config"]
         if kind == "gemv":

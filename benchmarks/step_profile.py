@@ -18,7 +18,7 @@ import torch
 KINDS = (  # kernel name fragment -> part of the step (first match wins)
     ("_gguf_gate_up_kernel", "experts_gate_up"), ("_gguf_down_kernel", "experts_down"),
     ("_router_kernel", "router"), ("_wide_kernel", "dense_gemv"), ("_pair_kernel", "dense_gemv"),
-    ("_gemv_kernel", "dense_gemv"),
+    ("_gemv_kernel", "dense_gemv"), ("_tma_kernel", "dense_gemv"),
     ("_idot_kernel", "dense_gemv"), ("_quantize_kernel", "activation_quant"),
     ("_decode_split_kernel", "attention"), ("_decode_merge_kernel", "attention"),
     ("_rms_norm_kernel", "norms"), ("_rope_store_kernel", "rope_kv_store"), ("_rope_kernel", "rope"),

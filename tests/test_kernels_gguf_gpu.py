@@ -238,7 +238,9 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
     (QType.Q4_K, 6144, 5120, dict(bn=64, ns=16, split_k=2, num_stages=3)),
     (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, split_k=3, num_stages=2)),  # a row tile and a K-tile cut
     (QType.Q6_K, 5120, 32768, dict(bn=128, ns=16, split_k=8, num_stages=3)),
-    (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4))], ids=lambda v: getattr(v, "name", None))
+    (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4)),
+    (QType.Q6_K, 5120, 32768, dict(bn=64, ns=16, stream=2, num_stages=4)),  # stream-K: whole waves, shared row tiles
+    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2))], ids=lambda v: getattr(v, "name", None))
 def test_tma_gemv_matches_the_streaming_xq_gemv(qt, n, k, cfg):
     """kernels/gguf_gemv_tma.py on Hopper: TMA boxes (rows past N zero-filled), the xq row dot of the streaming GEMV
     (the same up to fp32 summation order), near the dequantized weights; exact on activations int8 represents;
@@ -415,6 +417,22 @@ def test_tile_gemm_matches_dequantize_then_matmul(qt, m):
         out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
         gguf_gemm.gemm(x, p, None, out, **cfg)
         close(out, ref)
+
+
+def test_a_gemm_pipeline_deeper_than_shared_memory_runs_shallower():
+    """kernels/stage_fit.py on the GPU: 128 x 128 tiles at 8 stages need more shared memory than any GPU has a block;
+    the launch runs at the depth that fits, and gives dequantize-then-matmul's result (a config from the rules on a
+    GPU without a tuned table once failed so: 249856 bytes against an H100's 232448)."""
+    from devstral.kernels import stage_fit
+
+    qt, m, n, k = QType.Q4_K, 130, 515, k_for(QType.Q4_K, big=True)
+    raw = blocks(qt, n, k, seed=4)
+    p = pack(raw.to(CUDA), qt, n, k)
+    x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
+    gguf_gemm.gemm(x, p, None, out, bn=128, bm=128, nsub=4, num_warps=8, num_stages=8)
+    close(out, x.float() @ reference(raw, qt, n, k).t())
+    assert any(key[0] == "gguf_gemm" and want == 8 and stages < 8 for (key, want), stages in stage_fit._fitted.items())
 
 
 @pytest.mark.parametrize("qt", [QType.Q4_K, QType.Q8_0], ids=lambda t: t.name)

@@ -4,7 +4,7 @@ dequantized by quant.dequantize; offline for sm_90, that its tiles do come by TM
 is loaded or stored before a dependent launch's wait.
 
 Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
-tiles of 1024), splits uneven and empty, 2-4 pipeline stages, a bias, the SwiGLU folded into the activation
+tiles of 1024), splits uneven and empty, stream-K programs spanning two row tiles, 2-4 pipeline stages, a bias, the SwiGLU folded into the activation
 quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
 """
 
@@ -30,6 +30,9 @@ N = 40
 CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
          ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q8_0", 768, 32, 8, 2, 4, False),
          ("Q8_0", 768, 16, 16, 1, 2, True)]
+# stream-K: (type, K, BN, NS, programs per "SM", stages, bias), on a grid of 2 "SMs" so that programs span two row
+# tiles and row tiles are shared by two or three programs
+STREAM_CASES = [("Q4_K", 1536, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
 
 
 def _run_cases(out_path: str) -> None:
@@ -49,6 +52,20 @@ def _run_cases(out_path: str) -> None:
         gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, split_k=split, int8=True, xq=True)
         res["cases"].append(dict(case=(qtype, k, bn, ns, split, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
                                  wide=ref))
+    # stream-K against the streaming GEMV's, both on a grid as if the GPU had two SMs
+    res["stream"] = []
+    two_sms = lambda per_sm, units, device: max(1, min(units, 2 * per_sm))  # noqa: E731
+    gguf_gemv_wide.stream_programs = gguf_gemv_tma.stream_programs = two_sms
+    for qtype, k, bn, ns, stream, stages, with_bias in STREAM_CASES:
+        raw = random_blocks(QType[qtype], N, k, g)
+        p = pack(raw, QType[qtype], N, k)
+        x = torch.randn(1, k, generator=g)
+        bias = torch.randn(N, generator=g) if with_bias else None
+        out, ref = torch.full((1, N), float("nan")), torch.full((1, N), float("nan"))
+        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, stream=stream, num_stages=stages)
+        gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, stream=stream, int8=True, xq=True)
+        res["stream"].append(dict(case=(qtype, k, bn, ns, stream, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
+                                  wide=ref))
     # the SwiGLU folded into the activation quantization: x is a gate/up projection's [gate | up] rows
     raw = random_blocks(QType.Q4_K, N, 1024, g)
     p = pack(raw, QType.Q4_K, N, 1024)
@@ -93,6 +110,20 @@ def test_tma_gemv_is_the_streaming_xq_gemv_and_the_dequantized_weights(results, 
     assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2  # int8 activations per block of 32
 
 
+@pytest.mark.parametrize("i", range(len(STREAM_CASES)),
+                         ids=["{}_K{}_bn{}_ns{}_stream{}_stages{}{}".format(*c[:6], "_bias" if c[6] else "")
+                              for c in STREAM_CASES])
+def test_tma_stream_k_is_the_streaming_gemvs_stream_k(results, i):
+    """Programs spanning two row tiles, row tiles summed from two or three programs' shares, in program order."""
+    r = results["stream"][i]
+    qtype, k = r["case"][0], r["case"][1]
+    assert not r["out"].isnan().any()
+    torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
+    w = dequantize(r["raw"], QType[qtype], (N, k))
+    ref = r["x"] @ w.t() + (r["bias"] if r["bias"] is not None else 0)
+    assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2
+
+
 def test_tma_gemv_folds_the_swiglu_as_the_streaming_gemv_does(results):
     out, wide = results["glu"]
     assert not out.isnan().any()
@@ -127,7 +158,9 @@ def _offline() -> dict:
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
     out = {}
-    for qt, bn, ns, stages in [(0, 128, 16, 3), (0, 64, 16, 4), (2, 128, 16, 3), (2, 64, 16, 4), (3, 64, 8, 4)]:
+    # (type code, BN, NS, stages, stream-K)
+    for qt, bn, ns, stages, stream in [(0, 128, 16, 3, False), (0, 64, 16, 4, False), (2, 128, 16, 3, False),
+                                       (2, 32, 32, 3, True), (3, 64, 8, 4, False), (3, 32, 32, 4, True)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
         fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{bn},{ns}]>", mn_desc=f"tensordesc<u8[{bn},{ns}]>"),
@@ -136,15 +169,15 @@ def _offline() -> dict:
         sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "q_desc": q, **fields, "d_ptr": "*fp16", "dm_ptr": "*fp16", "N": "i32", "K": "i32", "s_d": "i32",
                "SPLIT_K": "i32"}
-        const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=True,
-                     HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True)
+        const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=not stream,
+                     HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True, STREAM=stream)
         k = sass_stats.compile_kernel(_tma_kernel, sig, const,
                                       div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
                                       num_stages=stages, launch_pdl=True)
         sass = sass_stats.disassemble(k.asm["cubin"])
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]
-        out[f"{qt}_{bn}_{ns}_{stages}"] = {
+        out[f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}"] = {
             "tma_loads": sass.count("UTMALDG"), "spilled": sass_stats.loop_stats(sass).registers_spilled,
             "before_wait": len(re.findall(r"\bld\.global|\bst\.global|\batom\.|\bcp\.async", head)),
             "waits": ptx.count("griddepcontrol.wait")}

@@ -214,3 +214,61 @@ def test_a_tuned_table_overrides_the_rules(tmp_path, monkeypatch):
         assert gguf_config.tuned_table("any")["thresholds"]["Q4_K"]["gemv_max_m"] == 2
     finally:
         gguf_config.tuned_table.cache_clear()
+
+
+def test_a_gpu_without_its_own_table_takes_one_of_the_same_architecture_and_sm_count(tmp_path, monkeypatch):
+    """An H100 SXM (sm_90, 132 SMs) runs the H200's table; a GPU of another capability or SM count runs the rules; a
+    DEVSTRAL_KERNEL_TUNING file is used as given, never replaced by a sibling."""
+    import json
+
+    (tmp_path / "gpu_a.json").write_text(json.dumps({"device": "GPU A", "capability": [9, 0], "sms": 132,
+                                                     "thresholds": {"Q4_K": {"gemv_max_m": 3}}}))
+    (tmp_path / "gpu_b.json").write_text(json.dumps({"device": "GPU B", "thresholds": {}}))  # no capability: never
+    monkeypatch.setattr(gguf_config, "TUNED_DIR", tmp_path)
+    monkeypatch.delenv("DEVSTRAL_KERNEL_TUNING", raising=False)
+    gguf_config.sibling_table.cache_clear()
+    gguf_config.tuned_table.cache_clear()
+    try:
+        assert gguf_config.sibling_table((9, 0), 132)["device"] == "GPU A"
+        assert gguf_config.sibling_table((9, 0), 114) == {}  # an H100 PCIe: other SM count
+        assert gguf_config.sibling_table((8, 9), 128) == {}  # an Ada card
+        monkeypatch.setattr(gguf_config, "device_name", lambda d: "GPU C")
+        monkeypatch.setattr(gguf_config, "device_capability", lambda d: (9, 0))
+        monkeypatch.setattr(gguf_config, "sm_count", lambda d: 132)
+        assert gguf_config.table_for(torch.device("cuda", 0))["device"] == "GPU A"
+        assert gguf_config.table_for(torch.device("cpu")) == {}
+        (tmp_path / "mine.json").write_text(json.dumps({"device": "mine"}))
+        monkeypatch.setenv("DEVSTRAL_KERNEL_TUNING", str(tmp_path / "mine.json"))
+        gguf_config.sibling_table.cache_clear()
+        gguf_config.tuned_table.cache_clear()
+        assert gguf_config.table_for(torch.device("cuda", 0))["device"] == "mine"
+        assert gguf_config.sibling_table((9, 0), 132) == {}
+    finally:
+        gguf_config.sibling_table.cache_clear()
+        gguf_config.tuned_table.cache_clear()
+
+
+def test_a_pipeline_too_deep_for_the_gpus_shared_memory_runs_shallower_and_is_remembered():
+    """kernels/stage_fit.py: a launch refused for shared memory is retried one stage shallower (Triton refuses before
+    enqueueing anything); the depth that fitted is used straight away next time; other refusals are raised."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from devstral.kernels import stage_fit
+
+    tried = []
+
+    def run(stages, limit=2, what="shared memory"):
+        tried.append(stages)
+        if stages > limit:
+            raise OutOfResources(stages * 80_000, limit * 80_000, what)
+
+    assert stage_fit.launch(("test", 1), 4, run) == 2
+    assert tried == [4, 3, 2]
+    tried.clear()
+    assert stage_fit.launch(("test", 1), 4, run) == 2
+    assert tried == [2]
+    with pytest.raises(OutOfResources):  # registers: not a depth question
+        stage_fit.launch(("test", 2), 3, lambda s: run(s, what="registers"))
+    with pytest.raises(OutOfResources):  # even one stage does not fit
+        stage_fit.launch(("test", 3), 3, lambda s: run(s, limit=0))

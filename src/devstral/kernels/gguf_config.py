@@ -16,7 +16,8 @@ Five paths, by the number of activation rows M:
 At decode sizes (M <= 8) a tuned table's "gguf_decode" entry for the exact shape wins: the path and
 launch config benchmarks/gguf_gemv_sweep.py measured fastest at the smallest measured M >= m (1, 2,
 4, 8). Otherwise a tuned table's "kinds" (per type: the fastest path at each measured M) decides the
-path when present, else the defaults below. Launch configs come from a tuned table when one matches the device and the exact shape
+path when present, else the defaults below. Launch configs come from a tuned table when one matches the device (or, without one, a GPU of the same
+architecture and SM count: table_for) and the exact shape
 (benchmarks/quant_kernels.py writes it: copy its "tuned" object to kernels/tuned/<device>.json, or
 point DEVSTRAL_KERNEL_TUNING at the file), otherwise from the rules below. Everything here is host
 arithmetic on shapes: nothing reads GPU memory, so the choice is the same inside a CUDA graph.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -52,6 +54,7 @@ WIDE_INT8_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
 WIDE_DEFAULT_TYPES = ("Q4_K", "Q8_0")
 DECODE_MS = (1, 2, 4, 8)
 TUNED_DIR = Path(__file__).parent / "tuned"
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -80,10 +83,35 @@ def tuned_table(device_label: str) -> dict:
     return {}
 
 
-def _tuned(device: torch.device | None) -> dict:
+def table_for(device: torch.device | None) -> dict:
+    """The tuned table for this device: its own, or DEVSTRAL_KERNEL_TUNING's, or else one measured on a GPU of the same
+    architecture and SM count (see sibling_table); {} off CUDA."""
     if device is None or device.type != "cuda":
         return {}
-    return tuned_table(device_name(device))
+    return tuned_table(device_name(device)) or sibling_table(device_capability(device), sm_count(device))
+
+
+@functools.cache
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+@functools.cache
+def sibling_table(capability: tuple[int, int], sms: int) -> dict:
+    """A table measured on another GPU of this compute capability and SM count (its "capability" and "sms"): an H100
+    SXM takes the H200's -- the same 132 SMs, cores and 228 KB of shared memory a block, so its measured tiles fit
+    and rank alike though the H100's memory is slower (Devstral-shape Q8_0 decode on an H100, one lease: 105.4 tok/s
+    with the H200's table, 93.1 with the rules below). {} when none matches."""
+    if os.environ.get("DEVSTRAL_KERNEL_TUNING"):
+        return {}
+    for path in sorted(TUNED_DIR.glob("*.json")):
+        with open(path) as f:
+            table = json.load(f)
+        if tuple(table.get("capability", ())) == tuple(capability) and table.get("sms") == sms:
+            log.info("no kernel table measured on this GPU: using %s's (same architecture and SM count)",
+                     table.get("device", path.stem))
+            return table
+    return {}
 
 
 def split_k(tiles: int, k_steps: int, sms: int, *, min_steps: int = 2, max_split: int = 16) -> int:
@@ -158,7 +186,7 @@ def default_kind(qtype: str, m: int, limits: dict) -> str:
 
 
 def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
-    table = _tuned(device)
+    table = table_for(device)
     limits = {**DEFAULT_THRESHOLDS, **table.get("thresholds", {}).get(qtype, {})}
     sms = sm_count(device) if device is not None and device.type == "cuda" else 132
     sb = 16 if qtype == "Q6_K" else 32
@@ -208,7 +236,7 @@ def gguf_plan(qtype: str, m: int, n: int, k: int, device: torch.device | None = 
 
 
 def nf4_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
-    table = _tuned(device)
+    table = table_for(device)
     limits = {"gemv_max_m": 4, **table.get("thresholds", {}).get("NF4", {})}
     if m > limits["gemv_max_m"]:
         return "dequant", {}
@@ -223,7 +251,7 @@ def nf4_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tupl
 
 
 def fp8_plan(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
-    table = _tuned(device)
+    table = table_for(device)
     limits = {"gemv_max_m": 4, **table.get("thresholds", {}).get("FP8", {})}
     if m > limits["gemv_max_m"]:
         return "scaled_mm", {}

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import stage_fit
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, qt_code, subblock_values
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
@@ -104,9 +105,9 @@ def gemm(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     split_k = usable_split(split_k, tiles, m, p.n)
     ws = workspace(split_k, m, p.n, x.device)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
-    _gemm_kernel[(tiles, split_k)](
+    consts = dict(QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=nsub, SPLIT_K=split_k, SPLIT=split_k > 1, GROUP_M=group_m,
+                  DOT=dot_mode(x.dtype), HAS_BIAS=bias is not None, num_warps=num_warps)
+    stage_fit.launch(("gguf_gemm", x.device, *consts.items()), num_stages, lambda stages: _gemm_kernel[(tiles, split_k)](
         x, out, bias if bias is not None else out, ws, counters(x.device), *fields,
-        m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value,
-        QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=nsub, SPLIT_K=split_k, SPLIT=split_k > 1, GROUP_M=group_m,
-        DOT=dot_mode(x.dtype), HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
+        m, p.n, k, x.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d, ONE_F32_BITS.value, **consts, num_stages=stages))
     return out

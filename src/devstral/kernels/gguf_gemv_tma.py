@@ -12,11 +12,14 @@ thread's instruction moves a whole [BN, tile] box into shared memory and Triton'
 tiles in flight per program without registers. Only the K-quants' fp16 super-block scales (K / 128 bytes a row:
 not 16-byte aligned at K = 5120) stay plain loads, four bytes a row a tile. The arithmetic is the streaming GEMV's
 xq row dot (gguf_gemv_wide.row_dot_xq on activations quantized once by gguf_xq.py), split-K with its deterministic
-epilogue (gguf_splitk.py). One activation row (decode at batch 1). Under dependent launch it waits before its
-first load: the pipeline's prologue reads activations too.
+epilogue (gguf_splitk.py) or stream-K as the streaming GEMV's (whole waves; a row tile's programs add their shares
+in order). One activation row (decode at batch 1). Under dependent launch it waits before its first load: the
+pipeline's prologue reads activations too.
 
 Not chosen by any rule: the tuned table names it ("wide_tma") where benchmarks/gguf_gemv_sweep.py measured it
-fastest for a shape. `reference` is gguf_gemv_wide.reference (the same arithmetic).
+fastest for a shape. On the H200 that is the big matrices but Q4_K gate/up and Q8_0 ffn_down (Q6_K output 133 us
+against the register loop's 165, 99% of the copy bandwidth); the small ones lose the register loop's head start
+under dependent launch. `reference` is gguf_gemv_wide.reference (the same arithmetic).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import GEOMETRY, qt_code
-from devstral.kernels.gguf_gemv_wide import row_dot_xq, tile_scales
+from devstral.kernels.gguf_gemv_wide import row_dot_xq, stream_programs, stream_shares, tile_scales
 from devstral.kernels.gguf_pack import PackedGGUF
-from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
+from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
@@ -49,22 +52,12 @@ def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.con
 
 
 @triton.jit
-def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr,
-                N, K, s_d, SPLIT_K,
-                QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-                NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr, PDL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_tiles = tl.cdiv(K // SB, NS)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    r0 = pid_n * BN
+def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo, t_hi, N, K, s_d,
+              QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """Rows r0..r0+BN-1 summed over K-tiles t_lo..t_hi-1 through the TMA pipeline: [BN, 1]."""
     rows = r0 + tl.arange(0, BN)
     row_ok = rows[:, None] < N
-    if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
-        gdc_wait()
     acc = tl.zeros((BN, NS), dtype=tl.float32)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
         words = q_desc.load([r0, t * NS * WPS])  # [BN, NS * WPS]; rows past N come as zeros
@@ -89,13 +82,48 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
             else:
                 dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB)
         c1, c0 = tile_scales(d, sc, dm, mn, QT)
-        acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, pid_n >= 0, K, c1,
+        acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, r0 >= 0, K, c1,
                           c0, QT, SB, NS, WPS, EVEN_K, ASM)
-    if PDL:
-        gdc_launch_dependents()
-    res = tl.sum(acc, axis=1)[:, None]
-    store_output(res, rows, tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
-                 HAS_BIAS, SPLIT)
+    return tl.sum(acc, axis=1)[:, None]
+
+
+@triton.jit
+def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr,
+                N, K, s_d, SPLIT_K,
+                QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+                NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(K // SB, NS)
+    if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
+        gdc_wait()
+    if STREAM:
+        # stream-K (as gguf_gemv_wide's): G programs, a whole number per SM, share the (row tile, K-tile) units in
+        # row-tile order, an equal contiguous run each; a row tile held by several is summed by the last of them
+        G = tl.num_programs(0)
+        units = tl.cdiv(N, BN) * n_tiles
+        u_lo = (pid * units) // G
+        u_hi = ((pid + 1) * units) // G
+        for r in range(u_lo // n_tiles, tl.cdiv(u_hi, n_tiles)):
+            res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r * BN,
+                            tl.maximum(u_lo - r * n_tiles, 0), tl.minimum(u_hi - r * n_tiles, n_tiles), N, K, s_d,
+                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM)
+            g0 = ((r * n_tiles + 1) * G - 1) // units  # the programs sharing row tile r: first and last
+            g1 = ((r + 1) * n_tiles * G - 1) // units
+            store_share(res, r * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
+                        r, pid - g0, g1 - g0 + 1, HAS_BIAS)
+        if PDL:
+            gdc_launch_dependents()
+    else:
+        pid_k = tl.program_id(1)
+        per_split = tl.cdiv(n_tiles, SPLIT_K)
+        t_lo = pid_k * per_split
+        res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, pid * BN, t_lo,
+                        tl.minimum(t_lo + per_split, n_tiles), N, K, s_d, QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM)
+        if PDL:
+            gdc_launch_dependents()
+        store_output(res, pid * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
+                     pid, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 @functools.cache
@@ -164,8 +192,10 @@ def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
 
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
-         split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1) -> torch.Tensor:
+         split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
+         stream: int = 0) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
+    stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
     if x.shape[0] != 1 or bm != 1:
         raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")
@@ -175,17 +205,27 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     sb, wps, _ = GEOMETRY[qt]
     xq = gguf_xq.quantize(x, gguf_xq.layout_for(qt), glu=glu)
     tiles = triton.cdiv(p.n, bn)
-    split_k = usable_split(split_k, tiles, 1, p.n)
+    n_tiles = triton.cdiv(p.k // sb, ns)
+    use_stream = False
+    if stream:
+        g = stream_programs(stream, tiles * n_tiles, x.device)
+        shares = stream_shares(tiles * n_tiles, g, n_tiles)
+        use_stream = usable_split(shares, tiles, 1, p.n) == shares  # else the split-K launch below
+    if use_stream:
+        grid, split_k, ws = (g, 1), 1, workspace(shares, 1, p.n, x.device)
+    else:
+        split_k = usable_split(split_k, tiles, 1, p.n)
+        grid, ws = (tiles, split_k), workspace(split_k, 1, p.n, x.device)
     desc = descriptors(p, bn, ns)
     q_desc = desc["q"]
     d_ptr = p.get("d") if p.get("d") is not None else p["q"]
     dm_ptr = p.get("dmin") if p.get("dmin") is not None else d_ptr
     on = pdl.enabled(x.device)
-    _tma_kernel[(tiles, split_k)](
-        xq, out, bias if bias is not None else out, workspace(split_k, 1, p.n, x.device), counters(x.device),
+    _tma_kernel[grid](
+        xq, out, bias if bias is not None else out, ws, counters(x.device),
         q_desc, desc.get("qh", q_desc), desc["d"] if qt == 3 else desc["sc"], desc.get("mn", q_desc), d_ptr, dm_ptr,
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        STREAM=use_stream, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     return out

@@ -373,11 +373,9 @@ def plan(kind: str, qtype: str, rows: int, n: int, k: int, top_k: int, sms: int,
 
 
 def _measured(device: torch.device | None) -> dict:
-    from devstral.kernels.gguf_config import device_name, tuned_table
+    from devstral.kernels.gguf_config import table_for
 
-    if device is None or device.type != "cuda":
-        return {}
-    return tuned_table(device_name(device)).get("moe_experts", {})
+    return table_for(device).get("moe_experts", {})
 
 
 def int8_allowed(qtype: str) -> bool:
@@ -388,11 +386,9 @@ def int8_allowed(qtype: str) -> bool:
 
 
 def _int8_measured(qtype: str, device: torch.device | None) -> bool:
-    from devstral.kernels.gguf_config import WIDE_INT8_KINDS, device_name, measured_kind, tuned_table
+    from devstral.kernels.gguf_config import WIDE_INT8_KINDS, measured_kind, table_for
 
-    if device is None or device.type != "cuda":
-        return False
-    return measured_kind(tuned_table(device_name(device)), qtype, 1) in WIDE_INT8_KINDS
+    return measured_kind(table_for(device), qtype, 1) in WIDE_INT8_KINDS
 
 
 def candidates(kind: str, qtype: str) -> list[dict]:

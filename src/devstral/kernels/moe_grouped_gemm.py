@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels import stage_fit
 from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, qt_code
 from devstral.kernels.gguf_gemm import accumulate, dot_mode
 from devstral.kernels.gguf_gemv import field_args
@@ -132,9 +133,10 @@ def grouped_gemm(xs: torch.Tensor, counts: torch.Tensor, w: PackedGGUF, n: int, 
     bm, bn = cfg["bm"], cfg["bn"]
     m_tiles = triton.cdiv(p, bm) + n_experts - 1  # the most any counts summing to p can need
     fields, (s_q, s_qh, s_sc, s_d) = field_args(w)
-    _grouped_kernel[(m_tiles * triton.cdiv(n, bn),)](
-        xs, out, counts, *fields, n_experts, n, k, xs.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d,
-        ONE_F32_BITS.value, QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=cfg["nsub"], GROUP_M=cfg.get("group_m", 8),
-        EP=max(2, triton.next_power_of_2(n_experts)), DOT=dot_mode(xs.dtype), num_warps=cfg.get("num_warps", 4),
-        num_stages=cfg.get("num_stages", 3))
+    consts = dict(QT=qt, SB=sb, WPS=wps, BN=bn, BM=bm, NSUB=cfg["nsub"], GROUP_M=cfg.get("group_m", 8),
+                  EP=max(2, triton.next_power_of_2(n_experts)), DOT=dot_mode(xs.dtype), num_warps=cfg.get("num_warps", 4))
+    stage_fit.launch(("moe_grouped_gemm", xs.device, *consts.items()), cfg.get("num_stages", 3),
+                     lambda stages: _grouped_kernel[(m_tiles * triton.cdiv(n, bn),)](
+                         xs, out, counts, *fields, n_experts, n, k, xs.stride(0), out.stride(0), s_q, s_qh, s_sc, s_d,
+                         ONE_F32_BITS.value, **consts, num_stages=stages))
     return out
