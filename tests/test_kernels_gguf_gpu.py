@@ -235,12 +235,14 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
 
 
 @pytest.mark.parametrize(("qt", "n", "k", "cfg"), [
-    (QType.Q4_K, 6144, 5120, dict(bn=64, ns=16, split_k=2, num_stages=3)),
+    (QType.Q4_K, 6144, 5120, dict(bn=64, ns=16, split_k=2, num_stages=3, pairs=True)),
     (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, split_k=3, num_stages=2)),  # a row tile and a K-tile cut
     (QType.Q6_K, 5120, 32768, dict(bn=128, ns=16, split_k=8, num_stages=3)),
     (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4)),
     (QType.Q6_K, 5120, 32768, dict(bn=64, ns=16, stream=2, num_stages=4)),  # stream-K: whole waves, shared row tiles
-    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2))], ids=lambda v: getattr(v, "name", None))
+    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2)),
+    (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=4, num_stages=3, pairs=True))],  # scales as words of two
+    ids=lambda v: getattr(v, "name", None))
 def test_tma_gemv_matches_the_streaming_xq_gemv(qt, n, k, cfg):
     """kernels/gguf_gemv_tma.py on Hopper: TMA boxes (rows past N zero-filled), the xq row dot of the streaming GEMV
     (the same up to fp32 summation order), near the dequantized weights; exact on activations int8 represents;
@@ -259,7 +261,7 @@ def test_tma_gemv_matches_the_streaming_xq_gemv(qt, n, k, cfg):
     gguf_gemv_tma.gemv(x, p, None, out, **cfg)
     wide = torch.full_like(out, float("nan"))
     gguf_gemv_wide.gemv(x, p, None, wide, bm=1, int8=True, xq=True,
-                        **{key: v for key, v in cfg.items() if key != "num_stages"})
+                        **{key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS})
     torch.testing.assert_close(out, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
     close(out, x.float() @ w.t(), rel=1.5e-2)
     xe = int8_exact(1, k, torch.Generator().manual_seed(3)).to(CUDA)

@@ -4,8 +4,10 @@ dequantized by quant.dequantize; offline for sm_90, that its tiles do come by TM
 is loaded or stored before a dependent launch's wait.
 
 Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
-tiles of 1024), splits uneven and empty, stream-K programs spanning two row tiles, 2-4 pipeline stages, a bias, the SwiGLU folded into the activation
-quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
+tiles of 1024), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
+(Q6_K at 16, or an odd count a row), splits uneven and empty, stream-K programs spanning two row tiles, 2-4 pipeline
+stages, a bias, the SwiGLU folded into the activation quantization, and the dispatcher running a tuned "wide_tma"
+entry (and the streaming GEMV where it cannot).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from test_kernels_gguf_wide import random_blocks  # noqa: E402
 N = 40
 # (type, K, BN, NS, split, stages, bias)
 CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
-         ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q8_0", 768, 32, 8, 2, 4, False),
+         ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q6_K", 1024, 16, 32, 2, 3, False), ("Q8_0", 768, 32, 8, 2, 4, False),
          ("Q8_0", 768, 16, 16, 1, 2, True)]
 # stream-K: (type, K, BN, NS, programs per "SM", stages, bias), on a grid of 2 "SMs" so that programs span two row
 # tiles and row tiles are shared by two or three programs
@@ -47,7 +49,7 @@ def _run_cases(out_path: str) -> None:
         x = torch.randn(1, k, generator=g)
         bias = torch.randn(N, generator=g) if with_bias else None
         out = torch.full((1, N), float("nan"))
-        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, split_k=split, num_stages=stages)
+        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, split_k=split, num_stages=stages, pairs=True)
         ref = torch.full((1, N), float("nan"))
         gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, split_k=split, int8=True, xq=True)
         res["cases"].append(dict(case=(qtype, k, bn, ns, split, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
@@ -62,7 +64,7 @@ def _run_cases(out_path: str) -> None:
         x = torch.randn(1, k, generator=g)
         bias = torch.randn(N, generator=g) if with_bias else None
         out, ref = torch.full((1, N), float("nan")), torch.full((1, N), float("nan"))
-        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, stream=stream, num_stages=stages)
+        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, stream=stream, num_stages=stages)  # scales one by one
         gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, stream=stream, int8=True, xq=True)
         res["stream"].append(dict(case=(qtype, k, bn, ns, stream, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
                                   wide=ref))
@@ -77,7 +79,7 @@ def _run_cases(out_path: str) -> None:
     # the dispatcher on a tuned "wide_tma" entry: one row runs it; three rows, which it does not serve, run the
     # streaming GEMV with the same tile
     plan = gguf_config.gguf_plan
-    cfg = dict(bn=16, ns=16, bm=1, split_k=2, num_warps=4, num_stages=2)
+    cfg = dict(bn=16, ns=16, bm=1, split_k=2, num_warps=4, num_stages=2, pairs=True)  # the register loop takes neither
     gguf_config.gguf_plan = lambda *a, **kw: ("wide_tma", dict(cfg))
     x3 = torch.randn(3, 1024, generator=g)
     res["dispatch"] = {"one": gguf_linear.linear(x3[:1], p), "three": gguf_linear.linear(x3, p)}
@@ -124,6 +126,23 @@ def test_tma_stream_k_is_the_streaming_gemvs_stream_k(results, i):
     assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2
 
 
+def test_super_block_scales_go_as_words_of_two_where_rows_tiles_and_alignment_allow():
+    """Four-byte words are what cp.async copies, so only they are prefetched by the pipeline (kernels/gguf_gemv_tma.py,
+    _sub_block_scales); the words hold the same fp16 scales, two a word, low half first."""
+    from devstral.kernels.gguf_gemv_tma import _super_block_scales
+
+    g = torch.Generator().manual_seed(1)
+    for qtype, k, nsb, pairs in [("Q4_K", 1536, 2, True), ("Q6_K", 1024, 2, True), ("Q6_K", 768, 2, False),
+                                 ("Q6_K", 1024, 1, False), ("Q8_0", 1024, 8, False)]:
+        p = pack(random_blocks(QType[qtype], 8, k, g), QType[qtype], 8, k)
+        assert _super_block_scales(p, nsb, pairs=False)[2] is False  # only where asked
+        d, dm, got = _super_block_scales(p, nsb)
+        assert got == pairs, (qtype, k, nsb)
+        if pairs:
+            assert torch.equal(d.view(torch.float16), p["d"])
+            assert torch.equal(dm.view(torch.float16), p.get("dmin") if p.get("dmin") is not None else p["d"])
+
+
 def test_tma_gemv_folds_the_swiglu_as_the_streaming_gemv_does(results):
     out, wide = results["glu"]
     assert not out.isnan().any()
@@ -158,26 +177,30 @@ def _offline() -> dict:
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
     out = {}
-    # (type code, BN, NS, stages, stream-K)
-    for qt, bn, ns, stages, stream in [(0, 128, 16, 3, False), (0, 64, 16, 4, False), (2, 128, 16, 3, False),
-                                       (2, 32, 32, 3, True), (3, 64, 8, 4, False), (3, 32, 32, 4, True)]:
+    # (type code, BN, NS, stages, stream-K, super-block scales as words of two)
+    for qt, bn, ns, stages, stream, pairs in [(0, 128, 16, 3, False, False), (0, 64, 16, 4, False, True),
+                                              (2, 128, 16, 3, False, False), (2, 32, 32, 3, True, True),
+                                              (3, 64, 8, 4, False, False), (3, 32, 32, 4, True, False)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
         fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{bn},{ns}]>", mn_desc=f"tensordesc<u8[{bn},{ns}]>"),
                   2: dict(qh_desc=f"tensordesc<i16[{bn},{ns * wps}]>", sc_desc=f"tensordesc<i8[{bn},{ns}]>", mn_desc=q),
                   3: dict(qh_desc=q, sc_desc=f"tensordesc<fp16[{bn},{ns}]>", mn_desc=q)}[qt]
         sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-               "q_desc": q, **fields, "d_ptr": "*fp16", "dm_ptr": "*fp16", "N": "i32", "K": "i32", "s_d": "i32",
-               "SPLIT_K": "i32"}
+               "q_desc": q, **fields, "d_ptr": "*i32" if pairs else "*fp16", "dm_ptr": "*i32" if pairs else "*fp16",
+               "N": "i32", "K": "i32", "s_d": "i32", "SPLIT_K": "i32"}
         const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=not stream,
-                     HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True, STREAM=stream)
+                     HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True, STREAM=stream,
+                     PAIRS=pairs)
         k = sass_stats.compile_kernel(_tma_kernel, sig, const,
                                       div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
                                       num_stages=stages, launch_pdl=True)
         sass = sass_stats.disassemble(k.asm["cubin"])
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]
-        out[f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}"] = {
+        out[f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}{'_pairs' if pairs else ''}"] = {
+            # two-byte global loads: the K-quants' fp16 super-block scales one by one, synchronous in every iteration
+            "pairs": pairs, "b16_loads": len(re.findall(r"\bld\.global[.\w]*\.b16\b", ptx)),
             "tma_loads": sass.count("UTMALDG"), "spilled": sass_stats.loop_stats(sass).registers_spilled,
             "before_wait": len(re.findall(r"\bld\.global|\bst\.global|\batom\.|\bcp\.async", head)),
             "waits": ptx.count("griddepcontrol.wait")}
@@ -198,6 +221,10 @@ def test_tiles_come_by_tma_without_spills_and_after_the_wait(offline):
         assert st["tma_loads"] >= 2, name  # the words and the scales at least, in the pipeline's prologue and loop
         assert not st["spilled"], name
         assert st["waits"] == 1 and st["before_wait"] == 0, name
+        if st["pairs"]:  # as words of two they go by cp.async with the tile's other loads
+            assert st["b16_loads"] == 0, name
+        elif name.startswith(("0_", "2_")):
+            assert st["b16_loads"] > 0, name  # the check sees them where they are
 
 
 if __name__ == "__main__":

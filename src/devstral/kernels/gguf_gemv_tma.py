@@ -40,21 +40,33 @@ from devstral.kernels.gguf_splitk import counters, store_output, store_share, us
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
+# launch-config keys only this kernel takes: dropped where the register-loop GEMV runs a "wide_tma" entry instead
+TMA_ONLY_KEYS = ("num_stages", "pairs")
 
 
 @triton.jit
-def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.constexpr, NSB: tl.constexpr):
+def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.constexpr, NSB: tl.constexpr,
+                      PAIRS: tl.constexpr):
     """The NSB fp16 super-block scales of tile t of each row (K / 128 bytes a row: not a TMA field), masked past K,
-    repeated for each of their sub-blocks: [BN, NS]."""
-    sb = t * NSB + tl.arange(0, NSB)[None, :]
-    v = tl.load(ptr + rows[:, None] * s_d + sb, mask=row_ok & (sb * 256 < K), other=0.0)
+    repeated for each of their sub-blocks: [BN, NS]. PAIRS: ptr and s_d address the scales as 4-byte words of two
+    (an even count a row, an even NSB): cp.async copies four bytes or more, so only then does the pipeline prefetch
+    them with the tile; two-byte loads stay synchronous, a DRAM round trip in every iteration."""
+    if PAIRS:
+        wi = t * (NSB // 2) + tl.arange(0, NSB // 2)[None, :]
+        w = tl.load(ptr + rows[:, None] * s_d + wi, mask=row_ok & (wi * 512 < K), other=0)
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        v = tl.reshape(tl.join(lo, hi), (BN, NSB))  # word i holds scales 2i (low half) and 2i + 1
+    else:
+        sb = t * NSB + tl.arange(0, NSB)[None, :]
+        v = tl.load(ptr + rows[:, None] * s_d + sb, mask=row_ok & (sb * 256 < K), other=0.0)
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
 
 
 @triton.jit
 def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo, t_hi, N, K, s_d,
               QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
     """Rows r0..r0+BN-1 summed over K-tiles t_lo..t_hi-1 through the TMA pipeline: [BN, 1]."""
     rows = r0 + tl.arange(0, BN)
     row_ok = rows[:, None] < N
@@ -76,11 +88,11 @@ def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo
                 mn = sc
             else:
                 mn = mn_desc.load([r0, t * NS])
-            d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB)
+            d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
             if QT == 2:
                 dm = d
             else:
-                dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB)
+                dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
         c1, c0 = tile_scales(d, sc, dm, mn, QT)
         acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, r0 >= 0, K, c1,
                           c0, QT, SB, NS, WPS, EVEN_K, ASM)
@@ -92,7 +104,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                 N, K, s_d, SPLIT_K,
                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                 NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr):
+                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(K // SB, NS)
     if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
@@ -107,7 +119,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         for r in range(u_lo // n_tiles, tl.cdiv(u_hi, n_tiles)):
             res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r * BN,
                             tl.maximum(u_lo - r * n_tiles, 0), tl.minimum(u_hi - r * n_tiles, n_tiles), N, K, s_d,
-                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM)
+                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM, PAIRS)
             g0 = ((r * n_tiles + 1) * G - 1) // units  # the programs sharing row tile r: first and last
             g1 = ((r + 1) * n_tiles * G - 1) // units
             store_share(res, r * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -119,7 +131,8 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         per_split = tl.cdiv(n_tiles, SPLIT_K)
         t_lo = pid_k * per_split
         res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, pid * BN, t_lo,
-                        tl.minimum(t_lo + per_split, n_tiles), N, K, s_d, QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM)
+                        tl.minimum(t_lo + per_split, n_tiles), N, K, s_d, QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM,
+                        PAIRS)
         if PDL:
             gdc_launch_dependents()
         store_output(res, pid * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -193,9 +206,11 @@ def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
          split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
-         stream: int = 0) -> torch.Tensor:
+         stream: int = 0, pairs: bool = False) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
+    pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
+    prefetches them (_sub_block_scales); off unless a tuned entry asks (not yet timed on a GPU).
     bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
     if x.shape[0] != 1 or bm != 1:
         raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")
@@ -218,14 +233,28 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         grid, ws = (tiles, split_k), workspace(split_k, 1, p.n, x.device)
     desc = descriptors(p, bn, ns)
     q_desc = desc["q"]
-    d_ptr = p.get("d") if p.get("d") is not None else p["q"]
-    dm_ptr = p.get("dmin") if p.get("dmin") is not None else d_ptr
+    nsb = ns if qt == 3 else ns * sb // 256
+    d_ptr, dm_ptr, pairs = _super_block_scales(p, nsb, pairs)
     on = pdl.enabled(x.device)
     _tma_kernel[grid](
         xq, out, bias if bias is not None else out, ws, counters(x.device),
         q_desc, desc.get("qh", q_desc), desc["d"] if qt == 3 else desc["sc"], desc.get("mn", q_desc), d_ptr, dm_ptr,
         p.n, p.k, d_ptr.stride(0), split_k,
-        QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
+        QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        STREAM=use_stream, PAIRS=pairs, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
     return out
+
+
+def _super_block_scales(p: PackedGGUF, nsb: int, pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The K-quants' fp16 super-block scales (d, dmin: d again for Q6_K) as the kernel reads them: as int32 words of
+    two where asked (pairs) and a row holds an even number, a tile an even number (nsb) and the arrays start and stride
+    on 4 bytes (_sub_block_scales' PAIRS), else as they are. Q8_0's come by TMA: q stands in."""
+    d = p.get("d")
+    if d is None or p.qtype.name == "Q8_0":
+        return p["q"], p["q"], False
+    dm = p.get("dmin") if p.get("dmin") is not None else d
+    arrays = (d, dm)
+    if pairs and nsb % 2 == 0 and (p.k // 256) % 2 == 0 and all(a.stride(0) % 2 == 0 and a.data_ptr() % 4 == 0 for a in arrays):
+        return d.view(torch.int32), dm.view(torch.int32), True
+    return d, dm, False

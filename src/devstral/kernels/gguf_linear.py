@@ -81,7 +81,7 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
         if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
             # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
-            kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key != "num_stages"}
+            kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}
         if glu and kind not in ("wide_xq", "wide_tma"):
             x2, glu = silu_mul(x2[:, :p.k], x2[:, p.k:]), False
         if kind == "wide_tma":
