@@ -123,7 +123,7 @@ def bench_gemv_panels(b: Bench) -> list[dict]:
     from gguf_gemv_sweep import KERNELS, random_gguf
 
     out = []
-    table = gguf_config.tuned_table(torch.cuda.get_device_name(b.device))
+    table = gguf_config.table_for(b.device)
     for qtype in ("Q4_K", "Q6_K"):
         for n, k, configs in (
                 (5120, 32768, [None]),

@@ -168,7 +168,7 @@ def stream_candidates(qtype: str, m: int, n: int, k: int) -> list[tuple[str, dic
     kinds = gguf_config.WIDE_INT8_KINDS if qtype in I8_TYPES else ("wide",)
     out = [(kind, dict(bn=bn, ns=tns, bm=1, num_warps=w, stream=ps)) for kind in kinds for bn, tns, w in STREAM_TILES
            for ps in STREAM_PER_SM if bn <= n]
-    hit = gguf_config.decode_entry(gguf_config.tuned_table(torch.cuda.get_device_name(CUDA)), qtype, m, n, k)
+    hit = gguf_config.decode_entry(gguf_config.table_for(CUDA), qtype, m, n, k)
     if hit:
         out.append((hit["kind"], {key: v for key, v in hit.items() if key != "kind"}))
     return out
@@ -194,7 +194,7 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
     if qtype != "Q8_0":  # each K-quant config again with its super-block scales as words of two (gguf_gemv_tma: pairs)
         out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out]
     if with_entry:
-        hit = gguf_config.decode_entry(gguf_config.tuned_table(torch.cuda.get_device_name(CUDA)), qtype, m, n, k)
+        hit = gguf_config.decode_entry(gguf_config.table_for(CUDA), qtype, m, n, k)
         if hit:
             out.append((hit["kind"], {key: v for key, v in hit.items() if key != "kind"}))
     return out
@@ -235,7 +235,7 @@ def candidates(qtype: str, m: int, n: int, k: int, sms: int) -> list[tuple[str, 
             out += [(kind, dict(bn=bn, ns=tns, bm=1, num_warps=w, stream=ps)) for bn, tns, w in STREAM_TILES
                     for ps in STREAM_PER_SM if bn <= n]
     out += tma_candidates(qtype, m, n, k, sms, with_entry=False)
-    table = gguf_config.tuned_table(torch.cuda.get_device_name(CUDA))
+    table = gguf_config.table_for(CUDA)
     gbm = gguf_config.gemv_bm(m)
     hit = table.get("gguf_gemv", {}).get(f"{qtype}|{gbm}|{n}|{k}")
     if hit is None:
@@ -586,7 +586,12 @@ def main() -> None:
     rows = sweep(args, work, sms, False, t0, copy_gbps)
     best = winners(rows)
     device = torch.cuda.get_device_name(CUDA)
-    table = gguf_config.tuned_table(device)
+    # the table this GPU runs now: its own, or a sibling's (same capability and SM count), whose entries the new
+    # table keeps where this run measured nothing
+    table = gguf_config.table_for(CUDA)
+    own = {"device": device, "capability": list(torch.cuda.get_device_capability(CUDA)), "sms": sms}
+    if table.get("device", device) != device:
+        own["inherited_from"] = table["device"]
     # shapes measured here replace their entries; others (unfused q, gate, up: LoRA-wrapped or other
     # models) keep the earlier measurement
     decode = {**table.get("gguf_decode", {}),
@@ -608,7 +613,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, body in ((out_dir / "gguf_gemv_sweep.json", result),
                        (out_dir / f"tuned_{gguf_config._slug(device)}.json",
-                        {**table, "kinds": measured_kinds(rows, table), "gguf_decode": decode})):
+                        {**table, **own, "kinds": measured_kinds(rows, table), "gguf_decode": decode})):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(body, indent=1))
         tmp.replace(path)
