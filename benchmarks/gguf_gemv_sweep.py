@@ -24,8 +24,8 @@ show (H200: o_proj one tile a program took 4.2 us a call in the engine against 7
 sweep ranked it below); its time is then the run's minus the busy kernels' alone, per call, and an xq
 kind's activations are quantized beforehand and offered, as the RMSNorm does.
 --tma-only times the TMA GEMV (kernels/gguf_gemv_tma.py; its configs are also in the full sweep at one row:
-split-K and stream-K, the K-quants' also with their super-block scales read as words of two) against the tuned
-table's entry.
+split-K and stream-K, the K-quants' also with their super-block scales read as words of two, Q4_K's also with its
+scales and mins in one box) against the tuned table's entry.
 --wider-tiles adds tiles of twice the sub-blocks a row (they won Q4_K gate/up and ffn_down and Q6_K
 ffn_down on the H200); --wider-tiles 2,4 adds four times too. --only limits the run to type:shape pairs. Triton compiles in --compile-workers
 processes first (Triton's disk cache then serves the sweep); --budget-s bounds the whole run. JSON:
@@ -192,7 +192,9 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
             out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
                     for ps in TMA_STREAM_PER_SM for st in TMA_STAGES]
     if qtype != "Q8_0":  # each K-quant config again with its super-block scales as words of two (gguf_gemv_tma: pairs)
-        out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out]
+        # and, for Q4_K, also with its scales and mins in one TMA box (scmn)
+        out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out] + \
+               ([(kind, dict(cfg, pairs=True, scmn=True)) for kind, cfg in out] if qtype == "Q4_K" else [])
     if with_entry:
         hit = gguf_config.decode_entry(gguf_config.table_for(CUDA), qtype, m, n, k)
         if hit:
@@ -354,7 +356,8 @@ def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tup
     """What makes Triton compile anew: the constexprs, and the integer arguments it specializes
     (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
     return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg.get("num_stages", 1),
-            cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, cfg.get("pairs", False), k % 4096, n % 256)
+            cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, cfg.get("pairs", False), cfg.get("scmn", False),
+            k % 4096, n % 256)
 
 
 def sweep(args, work: list[tuple[str, str]], sms: int, dry: bool, t0: float, copy_gbps: float,
