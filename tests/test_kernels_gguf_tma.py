@@ -30,8 +30,8 @@ from test_kernels_gguf_wide import random_blocks  # noqa: E402
 N = 40
 # (type, K, BN, NS, split, stages, bias)
 CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
-         ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q6_K", 1024, 16, 32, 2, 3, False), ("Q8_0", 768, 32, 8, 2, 4, False),
-         ("Q8_0", 768, 16, 16, 1, 2, True)]
+         ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q6_K", 1024, 16, 32, 2, 3, False),
+         ("Q8_0", 768, 32, 8, 2, 4, False), ("Q8_0", 768, 16, 16, 1, 2, True)]
 # stream-K: (type, K, BN, NS, programs per "SM", stages, bias), on a grid of 2 "SMs" so that programs span two row
 # tiles and row tiles are shared by two or three programs
 STREAM_CASES = [("Q4_K", 1536, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
@@ -42,32 +42,24 @@ def _run_cases(out_path: str) -> None:
     from devstral.kernels import gguf_config, gguf_gemv_tma, gguf_gemv_wide, gguf_linear
 
     g = torch.Generator().manual_seed(0)
-    res = {"cases": []}
-    for qtype, k, bn, ns, split, stages, with_bias in CASES:
-        raw = random_blocks(QType[qtype], N, k, g)
-        p = pack(raw, QType[qtype], N, k)
-        x = torch.randn(1, k, generator=g)
-        bias = torch.randn(N, generator=g) if with_bias else None
-        out = torch.full((1, N), float("nan"))
-        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, split_k=split, num_stages=stages, pairs=True)
-        ref = torch.full((1, N), float("nan"))
-        gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, split_k=split, int8=True, xq=True)
-        res["cases"].append(dict(case=(qtype, k, bn, ns, split, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
-                                 wide=ref))
-    # stream-K against the streaming GEMV's, both on a grid as if the GPU had two SMs
-    res["stream"] = []
-    two_sms = lambda per_sm, units, device: max(1, min(units, 2 * per_sm))  # noqa: E731
-    gguf_gemv_wide.stream_programs = gguf_gemv_tma.stream_programs = two_sms
-    for qtype, k, bn, ns, stream, stages, with_bias in STREAM_CASES:
+
+    def both(case, tma: dict, wide: dict) -> dict:
+        """One random weight and row through the TMA GEMV and the streaming xq GEMV (each output starts as NaN)."""
+        qtype, k, bn, ns, _, _, with_bias = case
         raw = random_blocks(QType[qtype], N, k, g)
         p = pack(raw, QType[qtype], N, k)
         x = torch.randn(1, k, generator=g)
         bias = torch.randn(N, generator=g) if with_bias else None
         out, ref = torch.full((1, N), float("nan")), torch.full((1, N), float("nan"))
-        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, stream=stream, num_stages=stages)  # scales one by one
-        gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, stream=stream, int8=True, xq=True)
-        res["stream"].append(dict(case=(qtype, k, bn, ns, stream, stages, with_bias), raw=raw, x=x, bias=bias, out=out,
-                                  wide=ref))
+        gguf_gemv_tma.gemv(x, p, bias, out, bn=bn, ns=ns, **tma)
+        gguf_gemv_wide.gemv(x, p, bias, ref, bn=bn, ns=ns, bm=1, int8=True, xq=True, **wide)
+        return dict(case=case, raw=raw, x=x, bias=bias, out=out, wide=ref)
+
+    res = {"cases": [both(c, dict(split_k=c[4], num_stages=c[5], pairs=True), dict(split_k=c[4])) for c in CASES]}
+    # stream-K against the streaming GEMV's, both on a grid as if the GPU had two SMs (scales one by one)
+    two_sms = lambda per_sm, units, device: max(1, min(units, 2 * per_sm))  # noqa: E731
+    gguf_gemv_wide.stream_programs = gguf_gemv_tma.stream_programs = two_sms
+    res["stream"] = [both(c, dict(stream=c[4], num_stages=c[5]), dict(stream=c[4])) for c in STREAM_CASES]
     # Q4_K's scales and mins in one 3-D box (scmn), with the super-block scales one by one and as words of two; on a
     # row slice too (the planes' distance is the whole weight's)
     res["scmn"] = []
@@ -114,9 +106,7 @@ def _ids():
     return ["{}_K{}_bn{}_ns{}_split{}_stages{}{}".format(*c[:6], "_bias" if c[6] else "") for c in CASES]
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=_ids())
-def test_tma_gemv_is_the_streaming_xq_gemv_and_the_dequantized_weights(results, i):
-    r = results["cases"][i]
+def _is_the_streaming_gemv_and_near_the_weights(r: dict) -> None:
     qtype, k = r["case"][0], r["case"][1]
     assert not r["out"].isnan().any()
     torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
@@ -125,18 +115,17 @@ def test_tma_gemv_is_the_streaming_xq_gemv_and_the_dequantized_weights(results, 
     assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2  # int8 activations per block of 32
 
 
+@pytest.mark.parametrize("i", range(len(CASES)), ids=_ids())
+def test_tma_gemv_is_the_streaming_xq_gemv_and_the_dequantized_weights(results, i):
+    _is_the_streaming_gemv_and_near_the_weights(results["cases"][i])
+
+
 @pytest.mark.parametrize("i", range(len(STREAM_CASES)),
                          ids=["{}_K{}_bn{}_ns{}_stream{}_stages{}{}".format(*c[:6], "_bias" if c[6] else "")
                               for c in STREAM_CASES])
 def test_tma_stream_k_is_the_streaming_gemvs_stream_k(results, i):
     """Programs spanning two row tiles, row tiles summed from two or three programs' shares, in program order."""
-    r = results["stream"][i]
-    qtype, k = r["case"][0], r["case"][1]
-    assert not r["out"].isnan().any()
-    torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
-    w = dequantize(r["raw"], QType[qtype], (N, k))
-    ref = r["x"] @ w.t() + (r["bias"] if r["bias"] is not None else 0)
-    assert ((r["out"] - ref).norm() / (r["x"] @ w.t()).norm()).item() < 2e-2
+    _is_the_streaming_gemv_and_near_the_weights(results["stream"][i])
 
 
 def test_super_block_scales_go_as_words_of_two_where_rows_tiles_and_alignment_allow():
