@@ -142,6 +142,10 @@ TMA_DEEP = {(64, 16, 4): (5, 6), (32, 32, 4): (5,)}
 # TMA stream-K (whole waves; a row tile's programs add their shares in order): tiles and programs per SM
 TMA_STREAM_TILES = ((64, 16, 4), (32, 32, 4), (128, 16, 4), (64, 8, 4))
 TMA_STREAM_PER_SM = (1, 2, 3, 4)
+# --maxnreg R,..: each TMA config again under those register caps (gguf_gemv_tma.gemv's maxnreg), the stream-K tiles
+# also at TMA_STREAM_PER_SM_CAPPED programs an SM, which only a cap lets an SM hold at once
+MAXNREG: tuple[int, ...] = ()
+TMA_STREAM_PER_SM_CAPPED = (5, 6, 7, 8)
 AFTER_US = 0.0  # --after-us: small matrices at one row timed after a busy kernel of that many microseconds
 
 
@@ -191,10 +195,16 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
         if (bn, tns, w) in TMA_STREAM_TILES:
             out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
                     for ps in TMA_STREAM_PER_SM for st in TMA_STAGES]
+    capped = [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
+              for bn, tns, w in TMA_STREAM_TILES if MAXNREG and bn <= n and gguf_gemv_tma.fits(qtype, k, bn, tns)
+              for ps in TMA_STREAM_PER_SM_CAPPED for st in TMA_STAGES[:2]]
+    capped = [(kind, dict(cfg, maxnreg=r)) for kind, cfg in out + capped for r in MAXNREG]
     if qtype != "Q8_0":  # each K-quant config again with its super-block scales as words of two (gguf_gemv_tma: pairs)
         # and, for Q4_K, also with its scales and mins in one TMA box (scmn)
         out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out] + \
                ([(kind, dict(cfg, pairs=True, scmn=True)) for kind, cfg in out] if qtype == "Q4_K" else [])
+    # the capped configs plain, and Q4_K's also with both of its TMA options (the best Q4_K down of session 17)
+    out += capped + ([(kind, dict(cfg, pairs=True, scmn=True)) for kind, cfg in capped] if qtype == "Q4_K" else [])
     if with_entry:
         hit = gguf_config.decode_entry(gguf_config.table_for(CUDA), qtype, m, n, k)
         if hit:
@@ -357,6 +367,7 @@ def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tup
     (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
     return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg.get("num_stages", 1),
             cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, cfg.get("pairs", False), cfg.get("scmn", False),
+            cfg.get("maxnreg"),
             k % 4096, n % 256)
 
 
@@ -530,7 +541,7 @@ def warm_compile(args, workers: int) -> float:
     t = time.time()
     cmd = [sys.executable, __file__, "--dry-run", "--ms", args.ms, "--only", args.only,
            f"--wider-tiles={args.wider_tiles}", *(["--stream-only"] if args.stream_only else []),
-           *(["--tma-only"] if args.tma_only else [])]
+           *(["--tma-only"] if args.tma_only else []), f"--maxnreg={args.maxnreg}"]
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{workers}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(workers)]
     deadline = t + args.budget_s * 0.5
@@ -560,6 +571,7 @@ def main() -> None:
                     help="time only the stream-K configs, against the tuned table's current entry per shape")
     ap.add_argument("--tma-only", action="store_true",
                     help="time only the TMA GEMV's configs (one row), against the tuned table's current entry per shape")
+    ap.add_argument("--maxnreg", default="", help="TMA configs also under these register caps, comma-separated")
     ap.add_argument("--after-us", type=float, default=0.0,
                     help="time matrices under 64 MiB at one row after a busy kernel of this many us (see above)")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -569,7 +581,8 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     args.reps = max(20, args.reps)
     MS = tuple(int(v) for v in args.ms.split(","))
-    global WIDER_TILES, STREAM_ONLY, TMA_ONLY, AFTER_US
+    global WIDER_TILES, STREAM_ONLY, TMA_ONLY, AFTER_US, MAXNREG
+    MAXNREG = tuple(int(v) for v in args.maxnreg.split(",") if v)
     WIDER_TILES = tuple(int(v) for v in args.wider_tiles.split(",") if v)
     STREAM_ONLY = args.stream_only
     TMA_ONLY = args.tma_only

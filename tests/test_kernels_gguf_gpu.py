@@ -242,7 +242,9 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
     (QType.Q6_K, 5120, 32768, dict(bn=64, ns=16, stream=2, num_stages=4)),  # stream-K: whole waves, shared row tiles
     (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2)),
     (QType.Q4_K, 5120, 32768, dict(bn=64, ns=16, split_k=8, num_stages=2, pairs=True, scmn=True)),  # sc/mn one box
-    (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=4, num_stages=3, pairs=True))],  # scales as words of two
+    (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=4, num_stages=3, pairs=True)),  # scales as words of two
+    (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=6, num_stages=3, maxnreg=80)),  # registers capped: 6 an SM
+    (QType.Q4_K, 65536, 5120, dict(bn=128, ns=16, split_k=1, num_stages=2, maxnreg=128))],  # capped, spilling a little
     ids=lambda v: getattr(v, "name", None))
 def test_tma_gemv_matches_the_streaming_xq_gemv(qt, n, k, cfg):
     """kernels/gguf_gemv_tma.py on Hopper: TMA boxes (rows past N zero-filled), the xq row dot of the streaming GEMV

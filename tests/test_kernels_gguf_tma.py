@@ -6,7 +6,7 @@ is loaded or stored before a dependent launch's wait.
 Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
 tiles of 1024), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
 (Q6_K at 16, or an odd count a row), Q4_K's scales and mins planes as one 3-D box, splits uneven and empty,
-stream-K programs spanning two row tiles, 2-4 pipeline stages, a bias, the SwiGLU folded into the activation
+stream-K programs spanning two row tiles, 2-4 pipeline stages, a register cap, a bias, the SwiGLU folded into the activation
 quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
 """
 
@@ -59,7 +59,9 @@ def _run_cases(out_path: str) -> None:
     # stream-K against the streaming GEMV's, both on a grid as if the GPU had two SMs (scales one by one)
     two_sms = lambda per_sm, units, device: max(1, min(units, 2 * per_sm))  # noqa: E731
     gguf_gemv_wide.stream_programs = gguf_gemv_tma.stream_programs = two_sms
-    res["stream"] = [both(c, dict(stream=c[4], num_stages=c[5]), dict(stream=c[4])) for c in STREAM_CASES]
+    # (the last under a register cap: a compile option, the same arithmetic)
+    res["stream"] = [both(c, dict(stream=c[4], num_stages=c[5], maxnreg=80 if i == len(STREAM_CASES) - 1 else None),
+                          dict(stream=c[4])) for i, c in enumerate(STREAM_CASES)]
     # Q4_K's scales and mins in one 3-D box (scmn), with the super-block scales one by one and as words of two; on a
     # row slice too (the planes' distance is the whole weight's)
     res["scmn"] = []
@@ -84,7 +86,8 @@ def _run_cases(out_path: str) -> None:
     # the dispatcher on a tuned "wide_tma" entry: one row runs it; three rows, which it does not serve, run the
     # streaming GEMV with the same tile
     plan = gguf_config.gguf_plan
-    cfg = dict(bn=16, ns=16, bm=1, split_k=2, num_warps=4, num_stages=2, pairs=True)  # the register loop takes neither
+    cfg = dict(bn=16, ns=16, bm=1, split_k=2, num_warps=4, num_stages=2, pairs=True, maxnreg=96)  # the register
+    # loop takes none of the last three
     gguf_config.gguf_plan = lambda *a, **kw: ("wide_tma", dict(cfg))
     x3 = torch.randn(3, 1024, generator=g)
     res["dispatch"] = {"one": gguf_linear.linear(x3[:1], p), "three": gguf_linear.linear(x3, p)}
@@ -185,11 +188,15 @@ def _offline() -> dict:
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
     out = {}
-    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, Q4_K's scales and mins in one box)
-    for qt, bn, ns, stages, stream, pairs, scmn in [
-            (0, 128, 16, 3, False, False, False), (0, 64, 16, 4, False, True, False), (0, 64, 16, 4, False, True, True),
-            (2, 128, 16, 3, False, False, False), (2, 32, 32, 3, True, True, False), (3, 64, 8, 4, False, False, False),
-            (3, 32, 32, 4, True, False, False)]:
+    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, Q4_K's scales and mins in one box,
+    # register cap)
+    for qt, bn, ns, stages, stream, pairs, scmn, cap in [
+            (0, 128, 16, 3, False, False, False, None), (0, 64, 16, 4, False, True, False, None),
+            (0, 64, 16, 4, False, True, True, None), (2, 128, 16, 3, False, False, False, None),
+            (2, 32, 32, 3, True, True, False, None), (3, 64, 8, 4, False, False, False, None),
+            (3, 32, 32, 4, True, False, False, None), (2, 32, 32, 3, True, False, False, None),
+            (2, 32, 32, 3, True, False, False, 80), (0, 64, 16, 2, True, False, False, None),
+            (0, 64, 16, 2, True, False, False, 104)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
         fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{'2,' if scmn else ''}{bn},{ns}]>",
@@ -204,11 +211,15 @@ def _offline() -> dict:
                      PAIRS=pairs, SCMN=scmn)
         k = sass_stats.compile_kernel(_tma_kernel, sig, const,
                                       div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
-                                      num_stages=stages, launch_pdl=True)
+                                      num_stages=stages, launch_pdl=True, **({"maxnreg": cap} if cap else {}))
         sass = sass_stats.disassemble(k.asm["cubin"])
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]
-        out[f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}{'_pairs' if pairs else ''}{'_scmn' if scmn else ''}"] = {
+        name = f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}{'_pairs' if pairs else ''}"
+        name += ("_scmn" if scmn else "") + (f"_cap{cap}" if cap else "")
+        out[name] = {
+            "registers": sass_stats.registers(k.asm["cubin"]),
+            "inner_loop": sass_stats.innermost_loop_stats(sass, "IDP").instructions,
             # two-byte global loads: the K-quants' fp16 super-block scales one by one, synchronous in every iteration
             "pairs": pairs, "b16_loads": len(re.findall(r"\bld\.global[.\w]*\.b16\b", ptx)),
             "tma_loads": sass.count("UTMALDG"), "spilled": sass_stats.loop_stats(sass).registers_spilled,
@@ -229,6 +240,16 @@ def offline():
 def test_q4k_scales_and_mins_in_one_box_take_a_third_fewer_tma_copies(offline):
     """q, sc and mn are three copies a K-tile (each with its barriers); q and one [2, BN, NS] box are two."""
     assert offline["0_64_16_4_split_pairs_scmn"]["tma_loads"] * 3 == offline["0_64_16_4_split_pairs"]["tma_loads"] * 2
+
+
+def test_a_register_cap_buys_occupancy_without_spills_or_a_longer_loop(offline):
+    """maxnreg: Q6_K 32 x 32 as stream-K takes over 96 registers uncapped (four programs of 128 threads an SM); capped
+    at 80 it fits six and its dp4a loop stays within 2% of the uncapped one's instructions. Q4_K 64 x 16 at 104."""
+    for free, capped, cap in (("2_32_32_3_stream", "2_32_32_3_stream_cap80", 80),
+                              ("0_64_16_2_stream", "0_64_16_2_stream_cap104", 104)):
+        assert offline[free]["registers"] > cap >= offline[capped]["registers"], (free, offline[free], offline[capped])
+        assert not offline[capped]["spilled"], capped
+        assert offline[capped]["inner_loop"] <= 1.02 * offline[free]["inner_loop"], (offline[free], offline[capped])
 
 
 def test_tiles_come_by_tma_without_spills_and_after_the_wait(offline):

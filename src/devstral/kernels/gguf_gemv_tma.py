@@ -41,7 +41,7 @@ from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
 # launch-config keys only this kernel takes: dropped where the register-loop GEMV runs a "wide_tma" entry instead
-TMA_ONLY_KEYS = ("num_stages", "pairs", "scmn")
+TMA_ONLY_KEYS = ("num_stages", "pairs", "scmn", "maxnreg")
 
 
 @triton.jit
@@ -224,12 +224,15 @@ def scales_and_mins_descriptor(p: PackedGGUF, bn: int, ns: int) -> TensorDescrip
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
          split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
-         stream: int = 0, pairs: bool = False, scmn: bool = False) -> torch.Tensor:
+         stream: int = 0, pairs: bool = False, scmn: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
     prefetches them (_sub_block_scales); scmn: Q4_K's scales and mins in one TMA copy (scales_and_mins_descriptor). Both
-    off unless a tuned entry asks (not yet timed on a GPU).
+    off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
+    the programs an SM can hold are set by registers first (65536 an SM; Q6_K 32 x 32 stream-K takes 123 a thread
+    uncapped, four programs of 128 threads, and 80 capped without spilling, six), so a tuned entry may trade them for
+    occupancy.
     bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
     if x.shape[0] != 1 or bm != 1:
         raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")
@@ -263,7 +266,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, PAIRS=pairs, SCMN=scmn, num_warps=num_warps, num_stages=num_stages, launch_pdl=on)
+        STREAM=use_stream, PAIRS=pairs, SCMN=scmn, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 
 

@@ -31,7 +31,7 @@ def tools_available() -> bool:
     except ImportError:
         return False
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return all(os.access(os.path.join(bindir, t), os.X_OK) for t in ("ptxas", "nvdisasm"))
+    return all(os.access(os.path.join(bindir, t), os.X_OK) for t in ("ptxas", "nvdisasm", "cuobjdump"))
 
 
 def offline_json(script: str, *args: str, timeout: float = 600) -> dict:
@@ -77,6 +77,15 @@ def compile_sass(fn, signature: dict, constexprs: dict, *, div16=(), num_warps: 
 
 def disassemble(cubin: bytes) -> str:
     """SASS text of a compiled kernel's cubin (Triton's own nvdisasm)."""
+    return _run_tool("nvdisasm", cubin, "-c")
+
+
+def registers(cubin: bytes) -> int:
+    """Registers a thread of a compiled kernel (Triton's own cuobjdump)."""
+    return int(re.search(r"REG:(\d+)", _run_tool("cuobjdump", cubin, "--dump-resource-usage")).group(1))
+
+
+def _run_tool(name: str, cubin: bytes, *args: str) -> str:
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -84,26 +93,46 @@ def disassemble(cubin: bytes) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", path], capture_output=True, text=True,
+        return subprocess.run([os.path.join(bindir, name), *args, path], capture_output=True, text=True,
                               check=True).stdout
 
 
-def loop_stats(sass: str) -> LoopStats:
-    """The longest backward-branch loop of the SASS listing."""
-    lines = sass.splitlines()
-    labels, body = {}, []
+def _loops(lines: list[str]) -> list[list[str]]:
+    """The instruction lines of every backward-branch loop (a label and a later branch to it)."""
+    labels, loops = {}, []
     for i, line in enumerate(lines):
         m = re.match(r"^(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = i
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
-            cand = [x for x in lines[labels[m.group(1)]:i + 1] if _INSTR.search(x)]
-            body = cand if len(cand) > len(body) else body
+            loops.append([x for x in lines[labels[m.group(1)]:i + 1] if _INSTR.search(x)])
+    return loops
+
+
+def _opcode(line: str) -> str:
+    toks = _INSTR.search(line).group(1).split()
+    return (toks[1] if toks[0].startswith("@") else toks[0]).split(".")[0]
+
+
+def loop_stats(sass: str) -> LoopStats:
+    """The longest backward-branch loop of the SASS listing. Where a kernel's main loop sits inside another (a
+    stream-K loop over row tiles) or an epilogue has a loop around it, this is the outer one: innermost_loop_stats."""
+    lines = sass.splitlines()
+    body = max(_loops(lines), key=len, default=[])
+    return _stats(lines, body)
+
+
+def innermost_loop_stats(sass: str, opcode: str) -> LoopStats:
+    """The shortest backward-branch loop that holds `opcode` (IDP: a GEMV's dp4a loop)."""
+    lines = sass.splitlines()
+    body = min((b for b in _loops(lines) if any(_opcode(x) == opcode for x in b)), key=len, default=[])
+    return _stats(lines, body)
+
+
+def _stats(lines: list[str], body: list[str]) -> LoopStats:
     ops = collections.Counter()
     for line in body:
-        toks = _INSTR.search(line).group(1).split()
-        op = toks[1] if toks[0].startswith("@") else toks[0]
-        ops[op.split(".")[0]] += 1
+        ops[_opcode(line)] += 1
     spilled = any(re.search(r"\b(LDL|STL)\b", line) for line in lines)
     return LoopStats(len(body), ops, spilled)
