@@ -195,10 +195,12 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
         if (bn, tns, w) in TMA_STREAM_TILES:
             out += [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
                     for ps in TMA_STREAM_PER_SM for st in TMA_STAGES]
-    capped = [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
-              for bn, tns, w in TMA_STREAM_TILES if MAXNREG and bn <= n and gguf_gemv_tma.fits(qtype, k, bn, tns)
-              for ps in TMA_STREAM_PER_SM_CAPPED for st in TMA_STAGES[:2]]
-    capped = [(kind, dict(cfg, maxnreg=r)) for kind, cfg in out + capped for r in MAXNREG]
+    capped = []
+    if MAXNREG:  # every config so far under each cap, and stream-K at the occupancies only a cap allows
+        denser = [("wide_tma", dict(bn=bn, ns=tns, bm=1, num_warps=w, num_stages=st, stream=ps))
+                  for bn, tns, w in TMA_STREAM_TILES if bn <= n and gguf_gemv_tma.fits(qtype, k, bn, tns)
+                  for ps in TMA_STREAM_PER_SM_CAPPED for st in TMA_STAGES[:2]]
+        capped = [(kind, dict(cfg, maxnreg=r)) for kind, cfg in out + denser for r in MAXNREG]
     if qtype != "Q8_0":  # each K-quant config again with its super-block scales as words of two (gguf_gemv_tma: pairs)
         # and, for Q4_K, also with its scales and mins in one TMA box (scmn)
         out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out] + \

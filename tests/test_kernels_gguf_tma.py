@@ -232,8 +232,8 @@ def _offline() -> dict:
 def offline():
     from devstral.kernels import sass_stats
 
-    if not sass_stats.tools_available():
-        pytest.skip("Triton's ptxas / nvdisasm not shipped on this platform")
+    if not sass_stats.tools_available(("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("Triton's ptxas / nvdisasm / cuobjdump not shipped on this platform")
     return sass_stats.offline_json(__file__, "--offline")
 
 

@@ -25,13 +25,14 @@ class LoopStats:
     registers_spilled: bool  # local-memory loads or stores anywhere in the kernel
 
 
-def tools_available() -> bool:
+def tools_available(tools: tuple[str, ...] = ("ptxas", "nvdisasm")) -> bool:
+    """Whether Triton's wheel ships these binaries here (registers() also needs "cuobjdump")."""
     try:
         import triton
     except ImportError:
         return False
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return all(os.access(os.path.join(bindir, t), os.X_OK) for t in ("ptxas", "nvdisasm", "cuobjdump"))
+    return all(os.access(os.path.join(bindir, t), os.X_OK) for t in tools)
 
 
 def offline_json(script: str, *args: str, timeout: float = 600) -> dict:
