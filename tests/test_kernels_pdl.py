@@ -110,10 +110,7 @@ def _all() -> dict:
             dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True),
             enable_fp_fusion=False)
     names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
-             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk n_heads "
-             "kn_ptr vn_ptr kn_sb kn_sh vn_sb vn_sh cos_ptr sin_ptr cos_sb sin_sb qs_ptr qs_sb slot_ptr")
-    rope_ptrs = {"kn_ptr": bf16, "vn_ptr": bf16, "cos_ptr": bf16, "sin_ptr": bf16, "qs_ptr": "*fp32",
-                 "slot_ptr": "*i64"}
+             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk n_heads")
     pa = paged_attention_triton
     for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
         for kind, cache, scale, tokens_major in ((0, bf16, bf16, False), (2, "*i32", "*fp16", True)):
@@ -121,7 +118,7 @@ def _all() -> dict:
                 pa._decode_split_kernel,
                 _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
                              "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                             "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **rope_ptrs}),
+                             "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
                 dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
                      OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
                      SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
@@ -130,22 +127,11 @@ def _all() -> dict:
         pa._decode_split_kernel,
         _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, "table_ptr": "*i32",
                      "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-                     "arrivals_ptr": "*i32", "scale_log2e": "fp32", **rope_ptrs}),
+                     "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
         dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
              OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
              TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, PREFETCH=True, ROW_LINES=2,
              LINE=64), num_stages=2)
-    for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_MERGED, "_merged")):
-        # rope_store_decode_attention_triton: the RoPE and the newest key's store inside the split pass
-        out[f"decode_split_rope{suffix}"] = _compile(
-            pa._decode_split_kernel,
-            _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16,
-                         "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **rope_ptrs}),
-            dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
-                 OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
-                 TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, ROPE=True, HAS_Q_SCALE=True),
-            num_stages=5, enable_fp_fusion=False)
     out["decode_merge"] = _compile(
         pa._decode_merge_kernel,
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
@@ -209,8 +195,7 @@ def ptx_stats():
 
 SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
-         "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_split_rope", "decode_split_rope_merged",
-         "decode_merge", "quantize"]
+         "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3", "gemv_stages0"]
 
