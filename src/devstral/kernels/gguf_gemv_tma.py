@@ -37,7 +37,6 @@ from devstral.kernels.gguf_decode import GEOMETRY, qt_code
 from devstral.kernels.gguf_gemv_wide import row_dot_xq, stream_programs, stream_shares, tile_scales
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
-from devstral.kernels.l2_policy import WEIGHT_EVICT
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
@@ -54,14 +53,13 @@ def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.con
     them with the tile; two-byte loads stay synchronous, a DRAM round trip in every iteration."""
     if PAIRS:
         wi = t * (NSB // 2) + tl.arange(0, NSB // 2)[None, :]
-        w = tl.load(ptr + rows[:, None] * s_d + wi, mask=row_ok & (wi * 512 < K), other=0, eviction_policy=WEIGHT_EVICT)
+        w = tl.load(ptr + rows[:, None] * s_d + wi, mask=row_ok & (wi * 512 < K), other=0)
         lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         v = tl.reshape(tl.join(lo, hi), (BN, NSB))  # word i holds scales 2i (low half) and 2i + 1
     else:
         sb = t * NSB + tl.arange(0, NSB)[None, :]
-        v = tl.load(ptr + rows[:, None] * s_d + sb, mask=row_ok & (sb * 256 < K), other=0.0,
-                    eviction_policy=WEIGHT_EVICT)
+        v = tl.load(ptr + rows[:, None] * s_d + sb, mask=row_ok & (sb * 256 < K), other=0.0)
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, NSB, NS // NSB)), (BN, NS))
 
 

@@ -62,7 +62,6 @@ from devstral.kernels.gguf_splitk import (
     usable_split,
     workspace,
 )
-from devstral.kernels.l2_policy import WEIGHT_EVICT
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MAX_BM = 4  # activation rows per program; more rows run as more programs along grid axis 2
@@ -122,30 +121,30 @@ def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j2, ok, s_sc, s_d, QT: tl.co
     """Raw scale fields of sub-blocks j2 of rows n2 ([BN, NS]); decoded later by _scales."""
     if QT == 3:
         if EVEN:
-            d = tl.load(d_ptr + n2 * s_d + j2, eviction_policy=WEIGHT_EVICT)
+            d = tl.load(d_ptr + n2 * s_d + j2)
         else:
-            d = tl.load(d_ptr + n2 * s_d + j2, mask=ok, other=0.0, eviction_policy=WEIGHT_EVICT)
+            d = tl.load(d_ptr + n2 * s_d + j2, mask=ok, other=0.0)
         sc = d
         dm = d
         mn = d
     else:
         blk = j2 // (256 // SB)
         if EVEN:
-            d = tl.load(d_ptr + n2 * s_d + blk, eviction_policy=WEIGHT_EVICT)
-            sc = tl.load(sc_ptr + n2 * s_sc + j2, eviction_policy=WEIGHT_EVICT)
+            d = tl.load(d_ptr + n2 * s_d + blk)
+            sc = tl.load(sc_ptr + n2 * s_sc + j2)
         else:
-            d = tl.load(d_ptr + n2 * s_d + blk, mask=ok, other=0.0, eviction_policy=WEIGHT_EVICT)
-            sc = tl.load(sc_ptr + n2 * s_sc + j2, mask=ok, other=0, eviction_policy=WEIGHT_EVICT)
+            d = tl.load(d_ptr + n2 * s_d + blk, mask=ok, other=0.0)
+            sc = tl.load(sc_ptr + n2 * s_sc + j2, mask=ok, other=0)
         if QT == 2:
             dm = d
             mn = sc
         else:
             if EVEN:
-                dm = tl.load(dm_ptr + n2 * s_d + blk, eviction_policy=WEIGHT_EVICT)
-                mn = tl.load(mn_ptr + n2 * s_sc + j2, eviction_policy=WEIGHT_EVICT)
+                dm = tl.load(dm_ptr + n2 * s_d + blk)
+                mn = tl.load(mn_ptr + n2 * s_sc + j2)
             else:
-                dm = tl.load(dm_ptr + n2 * s_d + blk, mask=ok, other=0.0, eviction_policy=WEIGHT_EVICT)
-                mn = tl.load(mn_ptr + n2 * s_sc + j2, mask=ok, other=0, eviction_policy=WEIGHT_EVICT)
+                dm = tl.load(dm_ptr + n2 * s_d + blk, mask=ok, other=0.0)
+                mn = tl.load(mn_ptr + n2 * s_sc + j2, mask=ok, other=0)
     return d, sc, dm, mn
 
 
@@ -179,9 +178,9 @@ def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl
     with two at its use. The float row dot keeps that: its 8-bit values share registers two by two,
     and widened ones make it spill at 8 rows a thread."""
     if EVEN:
-        words = tl.load(q_ptr + n2 * s_q + w2, eviction_policy=WEIGHT_EVICT)
+        words = tl.load(q_ptr + n2 * s_q + w2)
     else:
-        words = tl.load(q_ptr + n2 * s_q + w2, mask=ok, other=0, eviction_policy=WEIGHT_EVICT)
+        words = tl.load(q_ptr + n2 * s_q + w2, mask=ok, other=0)
     if QT == 1:
         # Q5_K's bytes in runs of four as far as the compiler knows: told the truth (32 contiguous),
         # the coalescing pass gives this load 16 bytes a thread, and so the whole tile 16 words (four
@@ -189,9 +188,9 @@ def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl
         # per weight, and 255 registers
         h_off = tl.max_contiguous(n2 * s_qh + w2, [1, 4])
         if EVEN:
-            hb = tl.load(qh_ptr + h_off, eviction_policy=WEIGHT_EVICT)
+            hb = tl.load(qh_ptr + h_off)
         else:
-            hb = tl.load(qh_ptr + h_off, mask=ok, other=0, eviction_policy=WEIGHT_EVICT)
+            hb = tl.load(qh_ptr + h_off, mask=ok, other=0)
         if UNPACK:
             hi = tl.inline_asm_elementwise(BYTES_PTX, "=r,=r,=r,=r,r", [hb], dtype=tl.int32, is_pure=True,
                                            pack=4)
@@ -203,9 +202,9 @@ def _load_words(q_ptr, qh_ptr, n2, w2, ok, s_q, s_qh, QT: tl.constexpr, EVEN: tl
         # int8 6.21 -> 4.84, float 7.62 -> 7.17, xq 3.38 -> 3.29; xq at 512-weight tiles 2-3% more)
         h_off = tl.max_contiguous(n2 * s_qh + w2, [1, 4])
         if EVEN:
-            hi = tl.load(qh_ptr + h_off, eviction_policy=WEIGHT_EVICT).to(tl.int32)
+            hi = tl.load(qh_ptr + h_off).to(tl.int32)
         else:
-            hi = tl.load(qh_ptr + h_off, mask=ok, other=0, eviction_policy=WEIGHT_EVICT).to(tl.int32)
+            hi = tl.load(qh_ptr + h_off, mask=ok, other=0).to(tl.int32)
     else:
         hi = words
     return words, hi

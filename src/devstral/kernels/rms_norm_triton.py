@@ -25,7 +25,6 @@ from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_config import DECODE_MS
 from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for
-from devstral.kernels.l2_policy import KEEP
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MAX_DIM = 32768  # a row in registers; wider rows take the reference
@@ -44,11 +43,11 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
     mask = cols < n_cols
     # Every load goes out before the row's sum of squares: the sum's cross-warp step is a barrier that later
     # loads do not cross, so a load placed after it is a second L2 round trip on the decode step's chain.
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0, eviction_policy=KEEP)
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
     if XQ_A < 0:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy=KEEP)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     else:
         # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square below (every program
         # of the row sums the same row alike, so gets the same bits): packing a whole row in one program
@@ -56,14 +55,14 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
         b = tl.program_id(1) * XB + tl.arange(0, XB)
         ok = b < n_cols // 32
         at = b[:, None] * 32 + tl.arange(0, 32)[None, :]
-        xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0, eviction_policy=KEEP)
+        xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
         if HAS_DELTA:
             ds = tl.load(delta_ptr + row * delta_row_stride + at, mask=ok[:, None], other=0.0)
-        ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0, eviction_policy=KEEP)
+        ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0)
     if HAS_DELTA:
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
         if XQ_A < 0:
-            tl.store(res_ptr + row * n_cols + cols, x, mask=mask, eviction_policy=KEEP)
+            tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / n_cols
     if XQ_A < 0:
@@ -73,7 +72,7 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
     else:
         if HAS_DELTA:
             xs = (xs.to(tl.float32) + ds.to(tl.float32)).to(res_ptr.dtype.element_ty)
-            tl.store(res_ptr + row * n_cols + at, xs, mask=ok[:, None], eviction_policy=KEEP)
+            tl.store(res_ptr + row * n_cols + at, xs, mask=ok[:, None])
         hs = (xs.to(tl.float32) * tl.rsqrt(mean_sq + eps)).to(xs.dtype)
         ys = (ws.to(tl.float32) * hs.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * n_cols + at, ys, mask=ok[:, None])
