@@ -61,7 +61,8 @@ def summarize(result: dict) -> dict:
     """The figures an A/B compares, from one gpu_engine.py JSON."""
     res = result["results"]
     out = {"decode_tok_s": res["decode_b1_ctx512"]["tok_s"], "runs": res["decode_b1_ctx512"]["runs"],
-           "step_intervals": res["decode_b1_ctx512"].get("step_intervals")}
+           "step_intervals": res["decode_b1_ctx512"].get("step_intervals"),
+           "stamps_phases_us": (res["decode_b1_ctx512"].get("stamps") or {}).get("phases_us")}
     step = res.get("decode_step")
     if step:
         out.update(gpu_busy_us_per_step=step["gpu_busy_us_per_step"], launches_per_step=step["launches_per_step"],

@@ -36,7 +36,7 @@ from devstral.config import ModelConfig  # noqa: E402
 from devstral.engine.engine import EngineConfig  # noqa: E402
 from devstral.engine.generate import LLM  # noqa: E402
 from devstral.engine.sampling import SamplingParams  # noqa: E402
-from devstral.kernels import pdl  # noqa: E402
+from devstral.kernels import pdl, stamps  # noqa: E402
 from devstral.kernels.kv_format import bytes_per_token  # noqa: E402
 from step_profile import step_breakdown  # noqa: E402
 
@@ -178,9 +178,17 @@ def main() -> None:
     run(engine, [prompt(64, cfg.vocab_size, 0)], 8)  # warm-up: kernels compiled, graphs replayed once
     res: dict = {}
     # 1. batch-1 decode with a 512-token prompt
-    r = [run(engine, [prompt(512, cfg.vocab_size, 10 + i)], a.new_tokens) for i in range(a.runs)]
+    r, snaps = [], []
+    for i in range(a.runs):
+        if device.type == "cuda":
+            stamps.snapshot(device)  # clears what earlier work left in the stamp buffer
+        r.append(run(engine, [prompt(512, cfg.vocab_size, 10 + i)], a.new_tokens))
+        snaps.append(stamps.snapshot(device) if device.type == "cuda" else None)
     res["decode_b1_ctx512"] = {"tok_s": median([x["decode_tok_s"] for x in r]), "runs": [x["decode_tok_s"] for x in r],
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2), "step_intervals": r[-1]["steps"]}
+    if any(snaps):  # DEVSTRAL_STAMPS=1: the last step's attention chain and final norm, from inside the kernels
+        res["decode_b1_ctx512"]["stamps"] = {"phases_us": [stamps.phases(sn) for sn in snaps if sn],
+                                             "last_snapshot": snaps[-1]}
     if device.type == "cuda" and "step" not in skip:  # where the step goes (kernels by kind, launch gaps)
         try:
             # at the timed decode's context (512 tokens): profiled at 16, busy + idle fell short of the timed

@@ -4,7 +4,8 @@ griddepcontrol.wait.
 
 A dependent may be scheduled while the kernel before it still runs; the wait is what orders it after
 that kernel's writes. So in each kernel's PTX nothing is stored (st.global, atomics) before the wait,
-and only the GEMV loads anything before it -- its first tile of weights, which no kernel writes. A load
+and only what no kernel before can have written is loaded before it: the GEMV's first tile of weights,
+the norm's weight (and, when the caller vouches for it, the residual stream it adds to). A load
 or store moved above the wait would be a race that shows only now and then on the GPU; here it fails
 in CI. The kernels compile in a subprocess (no interpreter state from other tests).
 """
@@ -40,7 +41,9 @@ def _compile(fn, sig: dict, const: dict, **options) -> dict:
     bar = tail.find("bar.sync")
     late = len(MEMORY_OPS["loads"].findall(tail[bar:])) if bar >= 0 else 0
     return {"launch_pdl": bool(k.metadata.launch_pdl), "waits": ptx.count("griddepcontrol.wait"),
+            "timer_reads": ptx.count("%globaltimer"),
             "signals": ptx.count("griddepcontrol.launch_dependents"), "loads_after_barrier": late,
+            "loads_after_wait": len(MEMORY_OPS["loads"].findall(tail)) if at >= 0 else 0,
             **{name: len(op.findall(head)) for name, op in MEMORY_OPS.items()}}
 
 
@@ -76,14 +79,16 @@ def _all() -> dict:
 
     bf16 = "*bf16"
     out = {}
-    for delta, xq in ((False, False), (True, False), (False, True), (True, True)):
-        out[f"rms_norm{'_add' if delta else ''}{'_xq' if xq else ''}"] = _compile(
+    for delta, xq, settled in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                               (True, False, True), (True, True, True)):
+        out[f"rms_norm{'_add' if delta else ''}{'_xq' if xq else ''}{'_settled' if settled else ''}"] = _compile(
             rms_norm_triton._rms_norm_kernel,
             _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps",
                  {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
                   "eps": "fp32"}),
             # xq: the norm that also writes the GEMV's activations in both layouts (rms_norm_triton.py)
-            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True, XQ_A=0 if xq else -1, XQ_B=1 if xq else -1, XB=16),
+            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True, XQ_A=0 if xq else -1, XQ_B=1 if xq else -1, XB=16,
+                 X_SETTLED=settled),
             num_warps=16)
     out["silu_mul"] = _compile(silu_mul_triton._silu_mul_kernel,
                                _sig("gate_ptr up_ptr out_ptr n_cols gate_row_stride up_row_stride",
@@ -137,6 +142,35 @@ def _all() -> dict:
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
              {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
         dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True))
+    # DEVSTRAL_STAMPS=1 (kernels/stamps.py): the same kernels with their timer reads and the stamp stores
+    i64 = {"stamps_ptr": "*i64"}
+    out["decode_split_stamps"] = _compile(
+        pa._decode_split_kernel,
+        _sig(names + " stamps_ptr", {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16,
+                                     "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
+                                     "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **i64}),
+        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
+             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
+             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, STAMPS=True), num_stages=2)
+    out["decode_merge_stamps"] = _compile(
+        pa._decode_merge_kernel,
+        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads stamps_ptr",
+             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16, **i64}),
+        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=True))
+    out["rms_norm_add_xq_settled_stamps"] = _compile(
+        rms_norm_triton._rms_norm_kernel,
+        _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps stamps_ptr",
+             {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
+              "eps": "fp32", **i64}),
+        dict(HAS_DELTA=True, BLOCK=8192, PDL=True, XQ_A=0, XQ_B=1, XB=16, X_SETTLED=True, STAMPS=True), num_warps=16)
+    names = ("q_ptr k_ptr v_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr n_heads "
+             "n_kv_heads q_st q_sh k_st k_sh v_st v_sh c_st s_st qs_st c_sb c_so c_sh s_sb s_so s_sh stamps_ptr")
+    out["rope_store_kv_stamps"] = _compile(
+        rope_kv_store_triton._rope_store_kernel,
+        _sig(names, {**dict.fromkeys(names.split()[:8], bf16), "qs_ptr": "*fp32", "slot_ptr": "*i64", "kc_ptr": bf16,
+                     "vc_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, **i64}),
+        dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=0, HAS_Q_SCALE=True, PDL=True, STAMPS=True),
+        enable_fp_fusion=False)
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):
@@ -193,7 +227,8 @@ def ptx_stats():
     return sass_stats.offline_json(__file__, "--ptx")
 
 
-SMALL = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
+NORMS = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "rms_norm_add_settled", "rms_norm_add_xq_settled"]
+SMALL = ["silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
@@ -202,7 +237,7 @@ GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_sta
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
-    """RMSNorm (alone and writing the GEMV's activations too), SwiGLU, RoPE, the KV store (alone and with
+    """SwiGLU, RoPE, the KV store (alone and with
     RoPE), decode attention (each of its outputs: direct, partials, partials merged in the launch through
     arrival counters), the activation quantization: the wait comes first; each also signals its dependents."""
     st = ptx_stats[name]
@@ -210,7 +245,26 @@ def test_small_kernels_wait_before_touching_memory(ptx_stats, name):
     assert st["loads"] == 0 and st["stores"] == 0, st
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq"])
+@pytest.mark.parametrize("xq", ["", "_xq"])
+def test_the_norm_loads_only_its_weight_and_a_settled_x_before_it_waits(ptx_stats, xq):
+    """RMSNorm (alone and writing the GEMV's activations too) stores nothing before the wait and loads only
+    what the kernel before cannot have written: its weight, and x when the caller says x is settled. x,
+    delta and (in the non-xq kernel) the weight are tiles of one shape, so the counts say which is which:
+    the plain norm's loads after the wait are x's, the add's twice that (x and delta); the settled add
+    moves exactly x's loads before the wait and leaves delta's, as many, after it."""
+    plain, add, settled = (ptx_stats[f"rms_norm{kind}{xq}{tail}"] for kind, tail in
+                           (("", ""), ("_add", ""), ("_add", "_settled")))
+    for st in (plain, add, settled):
+        assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1 and st["stores"] == 0, st
+    x_loads = plain["loads_after_wait"]
+    assert plain["loads"] >= 1 and add["loads"] == plain["loads"], (plain, add)  # the weight, and only it
+    assert add["loads_after_wait"] == 2 * x_loads, (plain, add)
+    assert settled["loads"] == plain["loads"] + x_loads and settled["loads_after_wait"] == x_loads, (plain, settled)
+    if not xq:  # the weight is one row-shaped tile, like x
+        assert plain["loads"] == x_loads, plain
+
+
+@pytest.mark.parametrize("name", NORMS)
 def test_the_norm_loads_everything_before_its_sum(ptx_stats, name):
     """RMSNorm issues all its loads (the row, the delta, the weight, and with xq its own blocks of them)
     before the row's sum of squares, whose cross-warp step is a barrier: one L2 round trip on the decode
@@ -252,3 +306,17 @@ def test_gemv_writes_nothing_before_it_waits(ptx_stats, name):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:
     print(json.dumps(_all()))
+
+
+STAMPED = {"decode_split_stamps": "decode_split", "decode_merge_stamps": "decode_merge",
+           "rms_norm_add_xq_settled_stamps": "rms_norm_add_xq_settled", "rope_store_kv_stamps": "rope_store_kv_0"}
+
+
+@pytest.mark.parametrize("name", sorted(STAMPED))
+def test_stamped_kernels_time_themselves_and_store_only_after_the_wait(ptx_stats, name):
+    """DEVSTRAL_STAMPS=1 (kernels/stamps.py): the kernel reads %globaltimer (at its start, after the wait,
+    after its work, at its end), still stores nothing before the wait and loads nothing more before it;
+    compiled without stamps it reads no timer at all."""
+    st, plain = ptx_stats[name], ptx_stats[STAMPED[name]]
+    assert st["timer_reads"] >= 3 and plain["timer_reads"] == 0, (st, plain)
+    assert st["stores"] == 0 and st["loads"] == plain["loads"] and st["waits"] == plain["waits"], (st, plain)

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from devstral.errors import DevstralError
-from devstral.kernels import pdl
+from devstral.kernels import pdl, stamps
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import QUANT_KINDS, KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
@@ -278,16 +278,24 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
-                         LINE: tl.constexpr = 64):
+                         LINE: tl.constexpr = 64, stamps_ptr=None, STAMPS: tl.constexpr = False):
+    if STAMPS:  # kernels/stamps.py
+        t_start = stamps.now()
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
         if not PREFETCH:
             gdc_wait()
+    if STAMPS:
+        t_waited = stamps.now()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(len_ptr + b)
     start, end, chunk, lo = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
+    if STAMPS:
+        program = (b * tl.num_programs(1) + kvh) * tl.num_programs(2) + s
+        if start >= end:
+            stamps.record(stamps_ptr, stamps.SPLIT, program, t_start, t_waited, 0, stamps.now())
     if start < end:
         if PREFETCH:
             # before the wait (DecodeConfig.prefetch): the context length and block table, which the host wrote
@@ -297,6 +305,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                                  c_sh, PAGE, BLOCK_N, ROW_LINES, LINE, ASM)
             if PDL:
                 gdc_wait()
+            if STAMPS:
+                t_waited = stamps.now()
         Q_T = q_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)
         hmask = h < GROUP
@@ -337,6 +347,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             acc = _accumulate(acc * _along_heads(alpha, TOKENS_MAJOR), p.to(DOT_T), v, TOKENS_MAJOR, PRECISION)
             m = m_new
         out = acc / _along_heads(l_sum, TOKENS_MAJOR)
+        if STAMPS:
+            t_work = stamps.after(tl.max(l_sum, axis=0))
         if TOKENS_MAJOR:
             out = tl.trans(out)
         out_rows = out_ptr + b.to(tl.int64) * out_sb
@@ -357,6 +369,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                     _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
                                       (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used,
                                       GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK)
+        if STAMPS:
+            stamps.record(stamps_ptr, stamps.SPLIT, program, t_start, t_waited, t_work, stamps.now())
 
 
 @triton.jit
@@ -409,12 +423,18 @@ def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh,
 @triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          min_chunk, n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+                         stamps_ptr=None, STAMPS: tl.constexpr = False):
     """Pass 2 of the two-pass path, grid (sequence, query head). A row whose keys fit in one split has
     its output written by pass 1 already."""
+    if STAMPS:  # kernels/stamps.py
+        t_start = stamps.now()
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
         gdc_wait()
+    if STAMPS:
+        t_waited = stamps.now()
+        t_work = t_waited * 0
     b = tl.program_id(0)
     h = tl.program_id(1)
     length = tl.load(len_ptr + b)
@@ -424,8 +444,12 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, o
         first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
         merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
                                MERGE_CHUNK)
+        if STAMPS:
+            t_work = stamps.after(tl.max(tl.max(merged, axis=1), axis=0))
         d = tl.arange(0, HEAD_DIM)
         tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
+    if STAMPS:
+        stamps.record(stamps_ptr, stamps.MERGE, b * tl.num_programs(1) + h, t_start, t_waited, t_work, stamps.now())
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -489,7 +513,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, launch.min_chunk, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
         MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8,
-        launch_pdl=launch.pdl)
+        stamps_ptr=launch.stamps_ptr, STAMPS=launch.stamps, launch_pdl=launch.pdl)
     return out
 
 
@@ -545,6 +569,7 @@ class _Launch:
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
         self.pdl = pdl.enabled(q.device)
+        self.stamps_ptr, self.stamps = stamps.kernel_args(q.device, out)
         self.constexprs = dict(PDL=self.pdl, GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
@@ -567,7 +592,8 @@ class _Launch:
         kernel = self.kernels._decode_split_kernel
         if warmup:
             return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
-        return kernel[grid](*args, OUTPUT=output, **self.constexprs, launch_pdl=self.pdl)
+        return kernel[grid](*args, OUTPUT=output, **self.constexprs, stamps_ptr=self.stamps_ptr, STAMPS=self.stamps,
+                            launch_pdl=self.pdl)
 
     def fused_merge(self) -> bool:
         return self.cfg.fused_merge and self.batch * self.n_kv_heads <= MAX_GROUPS

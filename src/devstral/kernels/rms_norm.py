@@ -39,7 +39,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, xq: tuple[int, .
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float, xq: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, xq: tuple[int, ...] = (), *, x_settled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta). x_settled: see add_rms_norm_triton (a launch-order promise; the
+    result is the same either way)."""
     if use_triton_training(x, delta, weight):
         from devstral.kernels import rms_norm_autograd as train
 
@@ -49,5 +51,5 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     if use_triton(x):
         from devstral.kernels.rms_norm_triton import add_rms_norm_triton
 
-        return add_rms_norm_triton(x, delta, weight, eps, xq=xq)
+        return add_rms_norm_triton(x, delta, weight, eps, xq=xq, x_settled=x_settled)
     return add_rms_norm_ref(x, delta, weight, eps)

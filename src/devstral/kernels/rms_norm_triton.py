@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels import gguf_xq, pdl
+from devstral.kernels import gguf_xq, pdl, stamps
 from devstral.kernels.gguf_config import DECODE_MS
 from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for
@@ -34,20 +34,32 @@ XQ_MAX_ROWS = DECODE_MS[-1]  # the rows the decode GEMVs serve
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, out_ptr, res_ptr, xq_ptr, xq_second,
                      n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                     XQ_A: tl.constexpr = -1, XQ_B: tl.constexpr = -1, XB: tl.constexpr = 16):
-    if PDL:  # kernels/pdl.py: the GEMV after may start loading its weights (and waits for the kernel before)
+                     XQ_A: tl.constexpr = -1, XQ_B: tl.constexpr = -1, XB: tl.constexpr = 16,
+                     X_SETTLED: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False):
+    if STAMPS:  # kernels/stamps.py
+        t_start = stamps.now()
+    if PDL:  # kernels/pdl.py: the GEMV after may start loading its weights
         gdc_launch_dependents()
-        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     # Every load goes out before the row's sum of squares: the sum's cross-warp step is a barrier that later
     # loads do not cross, so a load placed after it is a second L2 round trip on the decode step's chain.
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-    if HAS_DELTA:
-        delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
+    # Under dependent launch only what the kernel before may have written waits: the weight (never written)
+    # always loads before the wait, and so does x when X_SETTLED (its writer finished before the kernel
+    # before started, add_rms_norm_triton): at decode both are DRAM misses, off the chain this way.
     if XQ_A < 0:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if X_SETTLED:
+            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+        if PDL:
+            gdc_wait()
+        if STAMPS:
+            t_waited = stamps.now()
+        if not X_SETTLED:
+            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
+            delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
     else:
         # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square below (every program
         # of the row sums the same row alike, so gets the same bits): packing a whole row in one program
@@ -55,16 +67,28 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
         b = tl.program_id(1) * XB + tl.arange(0, XB)
         ok = b < n_cols // 32
         at = b[:, None] * 32 + tl.arange(0, 32)[None, :]
-        xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
-        if HAS_DELTA:
-            ds = tl.load(delta_ptr + row * delta_row_stride + at, mask=ok[:, None], other=0.0)
         ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0)
+        if X_SETTLED:
+            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+            xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
+        if PDL:
+            gdc_wait()
+        if STAMPS:
+            t_waited = stamps.now()
+        if not X_SETTLED:
+            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+            xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
+        if HAS_DELTA:
+            delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
+            ds = tl.load(delta_ptr + row * delta_row_stride + at, mask=ok[:, None], other=0.0)
     if HAS_DELTA:
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
         if XQ_A < 0:
             tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / n_cols
+    if STAMPS:
+        t_work = stamps.after(mean_sq)
     if XQ_A < 0:
         h = (h * tl.rsqrt(mean_sq + eps)).to(x.dtype)
         y = w.to(tl.float32) * h.to(tl.float32)
@@ -81,6 +105,9 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
         pack_blocks(ys.to(tl.float32), base, ok, XQ_A, XB)
         if XQ_B >= 0:
             pack_blocks(ys.to(tl.float32), base + xq_second, ok, XQ_B, XB)
+    if STAMPS:
+        stamps.record(stamps_ptr, stamps.NORM, row * tl.num_programs(1) + tl.program_id(1), t_start, t_waited, t_work,
+                      stamps.now())
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -99,7 +126,8 @@ def xq_rows(layouts: tuple[int, ...], rows: int, n: int) -> bool:
 
 
 def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            num_warps: int | None, xq: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+            num_warps: int | None, xq: tuple[int, ...] = (), x_settled: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n = x.shape[-1]
     res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     rows = x.numel() // n if n else 0
@@ -116,6 +144,7 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
         return out, res
     block = triton.next_power_of_2(n)
     on = pdl.enabled(x.device)
+    stamps_ptr, stamped = stamps.kernel_args(x.device, out)
     # with xq: 10 programs of 16 warps for Devstral's 5120; 4 or 8 warps and 8 or 32 blocks a program were
     # no faster in the engine (H200 Q4_K_M, benchmarks/results/decode_ab_onetile_h200.json)
     grid = (x2.shape[0], triton.cdiv(n // gguf_xq.BLOCK, gguf_xq.BLOCKS_PER_PROGRAM) if layouts else 1)
@@ -124,6 +153,7 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
         xq_out if xq_out is not None else out, xq_out.stride(0) if xq_out is not None else 0, n, eps,
         HAS_DELTA=delta is not None, BLOCK=block, PDL=on, XQ_A=layouts[0] if layouts else -1,
         XQ_B=layouts[1] if len(layouts) > 1 else -1, XB=gguf_xq.BLOCKS_PER_PROGRAM,
+        X_SETTLED=bool(on and x_settled and delta is not None), stamps_ptr=stamps_ptr, STAMPS=stamped,
         num_warps=num_warps or _num_warps(block), launch_pdl=on)
     if layouts:
         gguf_xq.offer(out.view(rows, n), dict(zip(layouts, xq_out, strict=True)))
@@ -142,10 +172,14 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, *, num_wa
 
 
 def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                        num_warps: int | None = None, xq: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + delta), x + delta); xq as rms_norm_triton's."""
+                        num_warps: int | None = None, xq: tuple[int, ...] = (),
+                        x_settled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta); xq as rms_norm_triton's. `x_settled`: the caller vouches that x's
+    writer had finished before the kernel that wrote delta started -- a residual stream, written by the
+    norm one or more GEMVs back -- so under dependent launch x loads before the wait (kernels/pdl.py) and
+    only delta waits. A wrong promise is a race, hence opt-in."""
     if x.shape[-1] > MAX_DIM or delta.shape != x.shape:
         from devstral.kernels.rms_norm import add_rms_norm_ref
 
         return add_rms_norm_ref(x, delta, weight, eps)
-    return _launch(x, delta, weight, eps, num_warps, xq)
+    return _launch(x, delta, weight, eps, num_warps, xq, x_settled)

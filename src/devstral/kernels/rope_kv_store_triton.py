@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels import pdl
+from devstral.kernels import pdl, stamps
 from devstral.kernels.interpret_triton import kernels_for
 from devstral.kernels.kv_format import GROUP, KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, KIND_Q4_0, KIND_Q8_0, fp8_supported, store_head_block
@@ -33,10 +33,15 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr,
                        q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, qs_st,
                        c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-                       PAGE: tl.constexpr, KIND: tl.constexpr, HAS_Q_SCALE: tl.constexpr, PDL: tl.constexpr = False):
+                       PAGE: tl.constexpr, KIND: tl.constexpr, HAS_Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
+                       stamps_ptr=None, STAMPS: tl.constexpr = False):
+    if STAMPS:  # kernels/stamps.py
+        t_start = stamps.now()
     if PDL:  # kernels/pdl.py (and waits for the kernel before)
         gdc_launch_dependents()
         gdc_wait()
+    if STAMPS:
+        t_waited = stamps.now()
     i = tl.program_id(0).to(tl.int64)
     c1, c2, s1, s2 = cos_sin(cos_ptr + i * c_st, sin_ptr + i * s_st, HALF, BLOCK_HALF)
     qs = 1.0
@@ -55,6 +60,9 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qs_ptr, q_out_ptr,
                           2 * HALF, BLOCK_HK, KIND)
         store_head_block(v_ptr + i * v_st, v_sh, vc_ptr + cache_at, c_sh, vs_ptr + scale_at, s_sh, n_kv_heads,
                           2 * HALF, BLOCK_HK, KIND)
+    if STAMPS:  # work: the rotation's inputs were in registers at the slot's load
+        t_end = stamps.now()
+        stamps.record(stamps_ptr, stamps.ROPE, i, t_start, t_waited, t_end, t_end)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, layer: KVLayer) -> bool:
@@ -86,6 +94,7 @@ def rope_and_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scales = (layer.k_scale, layer.v_scale) if layer.k_scale is not None else (layer.k, layer.v)
     ss = scales[0].stride()
     on = pdl.enabled(q.device)
+    stamps_ptr, stamped = stamps.kernel_args(q.device, q_out)
     kernels_for(q, __name__)._rope_store_kernel[(n,)](
         q, k, v, cos, sin, qs, q_out, k_out, slot_mapping, layer.k, layer.v, scales[0], scales[1],
         n_heads, n_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -94,5 +103,5 @@ def rope_and_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_HK=triton.next_power_of_2(n_kv_heads),
         PAGE=layer.k.shape[1], KIND=KIND_CODES[layer.kind], HAS_Q_SCALE=q_scale is not None, PDL=on,
-        num_warps=4, enable_fp_fusion=False, launch_pdl=on)  # round as the reference does (module docstring)
+        stamps_ptr=stamps_ptr, STAMPS=stamped, num_warps=4, enable_fp_fusion=False, launch_pdl=on)  # round as the reference does (module docstring)
     return q_out, k_out

@@ -66,8 +66,10 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.xq_layouts)
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + delta), x + delta), fused on the GPU."""
-        return add_rms_norm(x, delta, self.weight, self.eps, self.xq_layouts)
+        """(norm(x + delta), x + delta), fused on the GPU. x is always the residual stream, which a norm
+        at least one GEMV back wrote, and delta the output of the kernel just before: so the kernel may
+        read x before it waits for that one (x_settled, rms_norm_triton.py)."""
+        return add_rms_norm(x, delta, self.weight, self.eps, self.xq_layouts, x_settled=True)
 
 
 def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
