@@ -142,6 +142,20 @@ def _all() -> dict:
         _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
              {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
         dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True))
+    # decode_attention_triton(settled=True), the engine's call: both passes read the context length before the wait
+    out["decode_split_len_early"] = _compile(
+        pa._decode_split_kernel,
+        _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, "table_ptr": "*i32",
+                     "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                     "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
+        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
+             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
+             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, LEN_EARLY=True), num_stages=2)
+    out["decode_merge_len_early"] = _compile(
+        pa._decode_merge_kernel,
+        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
+             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
+        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, LEN_EARLY=True))
     # DEVSTRAL_STAMPS=1 (kernels/stamps.py): the same kernels with their timer reads and the stamp stores
     i64 = {"stamps_ptr": "*i64"}
     out["decode_split_stamps"] = _compile(
@@ -279,6 +293,15 @@ def test_decode_attention_prefetch_reads_only_before_it_waits(ptx_stats):
     st = ptx_stats["decode_split_prefetch"]
     assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
     assert st["stores"] == 0 and st["loads"] >= 2 and st["prefetches"] >= 2, st
+
+
+@pytest.mark.parametrize("name", ["decode_split_len_early", "decode_merge_len_early"])
+def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_stats, name):
+    """settled=True (the engine's step inputs were copied in before the step): each pass loads the row's
+    context length before the wait -- one load, the only one -- and stores nothing before it."""
+    st = ptx_stats[name]
+    assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1, st
+    assert st["loads"] == 1 and st["stores"] == 0, st
 
 
 @pytest.mark.parametrize("name", MOE)

@@ -40,15 +40,17 @@ class BatchAttention:
         q, k, v, cos, sin = q[0], k[0], v[0], cos[0], sin[0]
         kv = self.pool.layers[layer]
         q, k = rope_and_store_kv(q, k, v, cos, sin, None if q_scale is None else q_scale[0], kv, self.slot_mapping)
+        # the step's context lengths were copied in before the step: the attention may read them before it
+        # waits for the RoPE kernel (settled, paged_attention_triton.py)
         if not self.prefills:
             out = decode_attention(q, kv, self.block_tables, self.context_lens, self.scale, self.window,
-                                   max_context=self.max_context)
+                                   max_context=self.max_context, settled=True)
             return out[None]
         out = torch.empty_like(q)
         nd = self.n_decode
         if nd:
             out[:nd] = decode_attention(q[:nd], kv, self.block_tables, self.context_lens, self.scale, self.window,
-                                        max_context=self.max_context)
+                                        max_context=self.max_context, settled=True)
         for c in self.prefills:
             rows = slice(c.offset, c.offset + c.length)
             out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv, c.block_table, c.start, self.scale,

@@ -70,13 +70,16 @@ def decode_attention_ref(q: torch.Tensor, layer: KVLayer, block_tables: torch.Te
 
 
 def decode_attention(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float, window: int | None = None, *, max_context: int | None = None) -> torch.Tensor:
+                     scale: float, window: int | None = None, *, max_context: int | None = None,
+                     settled: bool = False) -> torch.Tensor:
     """`max_context` bounds context_lens (the Triton kernel sizes its split grid from it, so that a
-    captured CUDA graph stays valid for any batch whose contexts fit)."""
+    captured CUDA graph stays valid for any batch whose contexts fit). `settled`: see
+    decode_attention_triton (a launch-order promise; the result is the same either way)."""
     if use_triton(q):
         from devstral.kernels.paged_attention_triton import decode_attention_triton
 
-        return decode_attention_triton(q, layer, block_tables, context_lens, scale, window, max_context=max_context)
+        return decode_attention_triton(q, layer, block_tables, context_lens, scale, window, max_context=max_context,
+                                       settled=settled)
     return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
 
 

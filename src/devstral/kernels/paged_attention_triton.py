@@ -278,19 +278,23 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
-                         LINE: tl.constexpr = 64, stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, stamps_ptr=None,
+                         STAMPS: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    if LEN_EARLY or PREFETCH:  # written before the kernel before started (decode_attention_triton's `settled`)
+        length = tl.load(len_ptr + b)
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
         if not PREFETCH:
             gdc_wait()
     if STAMPS:
         t_waited = stamps.now()
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    s = tl.program_id(2)
-    length = tl.load(len_ptr + b)
+    if not (LEN_EARLY or PREFETCH):
+        length = tl.load(len_ptr + b)
     start, end, chunk, lo = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     if STAMPS:
         program = (b * tl.num_programs(1) + kvh) * tl.num_programs(2) + s
@@ -424,20 +428,23 @@ def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh,
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
                          min_chunk, n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False,
-                         stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         LEN_EARLY: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False):
     """Pass 2 of the two-pass path, grid (sequence, query head). A row whose keys fit in one split has
     its output written by pass 1 already."""
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if LEN_EARLY:  # as in pass 1
+        length = tl.load(len_ptr + b)
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the split pass
         gdc_launch_dependents()
         gdc_wait()
     if STAMPS:
         t_waited = stamps.now()
         t_work = t_waited * 0
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    length = tl.load(len_ptr + b)
+    if not LEN_EARLY:
+        length = tl.load(len_ptr + b)
     _, _, chunk, lo = _split_range(length, 0, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     used = tl.cdiv(length - lo, chunk)
     if used > 1:
@@ -484,9 +491,12 @@ def _whole_scale_rows(layer: KVLayer) -> bool:
 
 def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, window: int | None = None, *, max_context: int | None = None,
-                            config: DecodeConfig | None = None) -> torch.Tensor:
+                            config: DecodeConfig | None = None, settled: bool = False) -> torch.Tensor:
     """q [B, n_heads, head_dim] (last dim contiguous) -> [B, n_heads, head_dim] in q's dtype.
-    `max_context` bounds every context_len (None: the block table's width)."""
+    `max_context` bounds every context_len (None: the block table's width). `settled`: the caller vouches
+    that context_lens was written before the kernel before this one started (the engine's step inputs,
+    copied in before the step): then under dependent launch both passes read it before they wait, one L2
+    round trip off the chain each (kernels/pdl.py). A wrong promise is a race, hence opt-in."""
     if not _supported(q, layer):
         from devstral.kernels.paged_attention import decode_attention_ref
 
@@ -496,7 +506,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     if B == 0:
         return out
     launch = _Launch(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
-                     out, config or DecodeConfig())
+                     out, config or DecodeConfig(), settled)
     splits = launch.splits(max_context)
     if splits == 1:
         launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value)
@@ -512,7 +522,8 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, launch.min_chunk, H,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, num_warps=4 if block_s * D <= 8192 else 8,
+        MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, LEN_EARLY=launch.len_early,
+        num_warps=4 if block_s * D <= 8192 else 8,
         stamps_ptr=launch.stamps_ptr, STAMPS=launch.stamps, launch_pdl=launch.pdl)
     return out
 
@@ -550,7 +561,7 @@ class _Launch:
     """One decode call's arguments to pass 1, and its split count."""
 
     def __init__(self, q, layer: KVLayer, block_tables, context_lens, scale: float, window: int | None, out,
-                 cfg: DecodeConfig):
+                 cfg: DecodeConfig, settled: bool = False):
         B, H, D = q.shape
         self.q, self.layer, self.block_tables, self.window, self.cfg = q, layer, block_tables, window, cfg
         self.batch, self.n_kv_heads, page = B, layer.k.shape[2], layer.k.shape[1]
@@ -570,6 +581,7 @@ class _Launch:
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
         self.pdl = pdl.enabled(q.device)
         self.stamps_ptr, self.stamps = stamps.kernel_args(q.device, out)
+        self.len_early = self.pdl and settled
         self.constexprs = dict(PDL=self.pdl, GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
@@ -581,7 +593,7 @@ class _Launch:
                                FOLD_V_SCALE=q.dtype != torch.float16, SCALES=per_head,
                                ASM=not self.interpreted,  # PTX for the 1-byte kinds' dequantization
                                TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS,
-                               PREFETCH=cfg.prefetch, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
+                               PREFETCH=cfg.prefetch, LEN_EARLY=self.len_early, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
                                LINE=128 // k.element_size(),
                                MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
