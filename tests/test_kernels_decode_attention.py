@@ -436,3 +436,48 @@ def test_gpu_fused_merge_in_a_large_batch(kind):
     cfg = DecodeConfig(fused_merge=True)
     runs = [decode_attention_triton(q, layer, tables, ctx, 0.088, max_context=8192, config=cfg) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,batch", [("bf16", 1), ("q8_0", 1), ("bf16", 3)])
+def test_gpu_early_tile_reads_what_the_rope_kernel_stores_in_the_same_graph(kind, batch):
+    """The engine's order in one CUDA graph: RoPE + KV store of the step's rows, then the attention with
+    settled inputs and early_tile, launched as a dependent -- its first tile's loads race the RoPE kernel's
+    stores. The rows this step stores start as garbage in the cache, so a first tile not read again after the
+    wait gives a wrong answer; with batch 3 the rows are one sequence verifying drafts (positions L-3..L-1,
+    one block table), all stored by this step. Compared with the references run after the graph."""
+    from devstral.kernels.rope_kv_store_triton import rope_and_store_kv_triton
+    from test_kernels_rope_kv_store import step_inputs
+
+    dev, bs, n_heads, n_kv, d = "cuda", 16, 32, 8, 128
+    last = 300  # context of the last row; rows b hold positions last - batch + b
+    lens_list = [last - batch + 1 + i for i in range(batch)]
+    layer, tables, _ = filled_cache(kind, [last] * batch, n_kv, d, bs, torch.bfloat16, dev, seed=7)
+    tables = tables[:1].expand(batch, -1).contiguous()  # one sequence: every row shares its block table
+    pos = torch.tensor([n - 1 for n in lens_list], device=dev)
+    slots = (tables[0][pos // bs].long() * bs + pos % bs)
+
+    def garbage():  # where this step stores: values far from any the step writes
+        for cache in (layer.k, layer.v):
+            cache.view(-1, *cache.shape[2:])[slots] = 3
+
+    q, k, v, cos, sin, _ = step_inputs(batch, n_heads, n_kv, d, torch.bfloat16, dev, 11, scaled=False)
+    lens = torch.tensor(lens_list, dtype=torch.int32, device=dev)
+    cfg = DecodeConfig(early_tile=True)
+    max_context = tables.shape[1] * bs
+
+    def step():
+        q1, _ = rope_and_store_kv_triton(q, k, v, cos, sin, None, layer, slots)
+        return q1, decode_attention_triton(q1, layer, tables, lens, 0.088, None, max_context=max_context,
+                                           config=cfg, settled=True)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q1, out = step()
+    for _ in range(20):
+        garbage()  # before every replay: each one must read the rows it stores
+        graph.replay()
+        ref = decode_attention_ref(q1, layer, tables, lens, 0.088, None)
+        torch.cuda.synchronize()
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2
