@@ -52,7 +52,8 @@ def buffer(device: torch.device) -> torch.Tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise DevstralError("DEVSTRAL_STAMPS=1: the stamp buffer must exist before a CUDA-graph capture "
                                 "(run one eager decode step first)")
-        buf = _BUFFERS[device] = torch.zeros(len(NAMES), MAX_PROGRAMS, SLOTS, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):  # a normal tensor: snapshot() clears it outside inference mode
+            buf = _BUFFERS[device] = torch.zeros(len(NAMES), MAX_PROGRAMS, SLOTS, dtype=torch.int64, device=device)
     return buf
 
 
