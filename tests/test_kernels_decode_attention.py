@@ -90,8 +90,7 @@ def check(kind, context_lens, *, n_heads, n_kv_heads, head_dim, block_size, wind
 # ---------------------------------------------------------------- CPU, through the interpreter
 # A few seconds in CI; DEVSTRAL_KERNEL_SWEEP=1 adds the full cross product (about a minute).
 SPLIT3 = [DecodeConfig(block_n=16, splits=3, fused_merge=True), DecodeConfig(block_n=16, splits=3),
-          DecodeConfig(block_n=16, splits=3, prefetch=True),  # the block table read before the wait
-          DecodeConfig(block_n=16, splits=3, early_tile=True)]  # the first tile peeled off the loop
+          DecodeConfig(block_n=16, splits=3, prefetch=True)]  # the block table read before the wait
 sweep = pytest.mark.skipif(not os.environ.get("DEVSTRAL_KERNEL_SWEEP"),
                            reason="the interpreter sweep runs with DEVSTRAL_KERNEL_SWEEP=1")
 
@@ -359,8 +358,7 @@ GPU_CONFIGS = [DecodeConfig(), DecodeConfig(splits=1), DecodeConfig(fused_merge=
                DecodeConfig(num_stages=3), DecodeConfig(block_n=128, num_warps=8),
                DecodeConfig(block_n=128), DecodeConfig(min_chunk=512), DecodeConfig(min_chunk=1024, fused_merge=True),
                DecodeConfig(min_chunk=256, splits=1), DecodeConfig(prefetch=True),
-               DecodeConfig(prefetch=True, fused_merge=True), DecodeConfig(early_tile=True),
-               DecodeConfig(early_tile=True, fused_merge=True)]  # the benchmark's candidates
+               DecodeConfig(prefetch=True, fused_merge=True)]  # the benchmark's candidates
 
 
 @pytest.mark.gpu

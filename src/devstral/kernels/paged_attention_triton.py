@@ -85,39 +85,34 @@ class DecodeConfig:
     partials nor the merge, whatever the captured graph's max_context.
     `prefetch` (None: DEVSTRAL_ATTN_PREFETCH=1): under dependent launch, a split reads the context length and
     the block table and asks L2 for its first tile's keys and values before it waits for the RoPE kernel,
-    so that after the wait its tile loads hit L2.
-    `early_tile` (None: DEVSTRAL_ATTN_EARLY_TILE=1): a split loads its first tile of keys and values into
-    registers before the wait, where the context length is settled (decode_attention_triton) or there is no
-    wait; after it, only the rows this step may have stored are read again. Not for the fp8 cache."""
+    so that after the wait its tile loads hit L2."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None,
-                 min_chunk: int | None = None, prefetch: bool | None = None, early_tile: bool | None = None):
-        env_fused, env_min_chunk, env_prefetch, env_early = _env_defaults()
+                 min_chunk: int | None = None, prefetch: bool | None = None):
+        env_fused, env_min_chunk, env_prefetch = _env_defaults()
         self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
         self.splits, self.ctas_per_sm, self.tokens_major = splits, ctas_per_sm, tokens_major
         self.fused_merge = env_fused if fused_merge is None else fused_merge
         self.min_chunk = env_min_chunk if min_chunk is None else min_chunk
         self.prefetch = env_prefetch if prefetch is None else prefetch
-        self.early_tile = env_early if early_tile is None else early_tile
 
     def __repr__(self) -> str:
         return (f"DecodeConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
                 f"splits={self.splits}, ctas_per_sm={self.ctas_per_sm}, tokens_major={self.tokens_major}, "
-                f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk}, prefetch={self.prefetch}, "
-                f"early_tile={self.early_tile})")
+                f"fused_merge={self.fused_merge}, min_chunk={self.min_chunk}, prefetch={self.prefetch})")
 
 
 @functools.cache
-def _env_defaults() -> tuple[bool, int, bool, bool]:
+def _env_defaults() -> tuple[bool, int, bool]:
     """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
-    (MIN_CHUNK), DEVSTRAL_ATTN_PREFETCH=1 (off: within noise on the H200) and DEVSTRAL_ATTN_EARLY_TILE=1, read
-    once per process: a DecodeConfig is built for every decode call."""
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=1 (off: within noise on the H200), read once per process: a
+    DecodeConfig is built for every decode call."""
     raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
     if not raw.isdigit():
         raise DevstralError(f"DEVSTRAL_ATTN_MIN_CHUNK={raw!r}: expected a whole number of keys (0 turns it off)")
     return (os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1", int(raw),
-            os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1", os.environ.get("DEVSTRAL_ATTN_EARLY_TILE", "0") == "1")
+            os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
@@ -253,17 +248,6 @@ def _accumulate(acc, p, v, TOKENS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(scores, valid, m, l_sum, TOKENS_MAJOR: tl.constexpr):
-    """One tile of the online softmax in base 2: -> (the running max, the running sum, the tile's
-    probabilities, the factor that rescales what was accumulated before)."""
-    scores = tl.where(_along_tokens(valid, TOKENS_MAJOR), scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=0 if TOKENS_MAJOR else 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(scores - _along_heads(m_new, TOKENS_MAJOR))
-    return m_new, l_sum * alpha + tl.sum(p, axis=0 if TOKENS_MAJOR else 1), p, alpha
-
-
-@triton.jit
 def _prefetch_l2(ptrs):
     """`prefetch.global.L2` of each address: the line comes into L2, no register waits for it."""
     return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
@@ -294,29 +278,15 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
-                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, EARLY_TILE: tl.constexpr = False,
-                         stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, stamps_ptr=None,
+                         STAMPS: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    Q_T = q_ptr.dtype.element_ty
-    table = table_ptr + b.to(tl.int64) * table_sb
     if LEN_EARLY or PREFETCH:  # written before the kernel before started (decode_attention_triton's `settled`)
         length = tl.load(len_ptr + b)
-    if EARLY_TILE:
-        # DecodeConfig.early_tile (with LEN_EARLY): the split's first tile of keys and values comes into registers
-        # before the wait. The block table is settled too; the cache rows are all earlier steps' but the newest
-        # -- the rows this step's RoPE kernel stores -- which are read again after the wait (below)
-        e_start, e_end, _, _ = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
-        e_n = e_start + tl.arange(0, BLOCK_N)
-        e_mask = e_n < e_end
-        e_page = tl.load(table + e_n // PAGE, mask=e_mask, other=0).to(tl.int64)
-        e_slot = e_page * c_sb + (e_n % PAGE) * c_so + kvh * c_sh
-        e_scale = (e_page * s_sb + (e_n % PAGE) * s_so + kvh * s_sh) * SCALES
-        e_k = tile(k_ptr, ks_ptr, e_slot, e_scale, e_mask, HEAD_DIM, KIND, Q_T, True, ASM)
-        e_v = tile(v_ptr, vs_ptr, e_slot, e_scale, e_mask, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE, ASM)
     if PDL:  # kernels/pdl.py: the o projection's GEMV may start now; wait for the kernel before
         gdc_launch_dependents()
         if not PREFETCH:
@@ -341,6 +311,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                 gdc_wait()
             if STAMPS:
                 t_waited = stamps.now()
+        Q_T = q_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)
         hmask = h < GROUP
         heads = kvh * GROUP + h
@@ -355,21 +326,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
-        loop_from = start
-        if EARLY_TILE:
-            # rows this step may have stored: a sequence has at most one row per batch row (drafts being
-            # verified), so positions from length - batch on are read again, now that the RoPE kernel is done
-            fresh = e_mask & (e_n >= length - tl.num_programs(0))
-            e_k = tl.where(fresh[:, None], tile(k_ptr, ks_ptr, e_slot, e_scale, fresh, HEAD_DIM, KIND, Q_T, True, ASM),
-                           e_k)
-            e_v = tl.where(fresh[:, None], tile(v_ptr, vs_ptr, e_slot, e_scale, fresh, HEAD_DIM, KIND, Q_T,
-                                                FOLD_V_SCALE, ASM), e_v)
-            scores = _scores(q_op, e_k.to(DOT_T), TOKENS_MAJOR, PRECISION) * scale_log2e
-            m, l_sum, p, alpha = _softmax_step(scores, e_mask, m, l_sum, TOKENS_MAJOR)
-            acc = _accumulate(acc * _along_heads(alpha, TOKENS_MAJOR), p.to(DOT_T), e_v.to(DOT_T), TOKENS_MAJOR,
-                              PRECISION)
-            loop_from = start + BLOCK_N
-        for n0 in tl.range(loop_from, end, BLOCK_N):
+        table = table_ptr + b.to(tl.int64) * table_sb
+        for n0 in tl.range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
             page = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
@@ -382,7 +340,11 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                 scores = scores * _along_tokens(k_scale, TOKENS_MAJOR)
             else:
                 scores = scores * scale_log2e
-            m_new, l_sum, p, alpha = _softmax_step(scores, nmask, m, l_sum, TOKENS_MAJOR)
+            scores = tl.where(_along_tokens(nmask, TOKENS_MAJOR), scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0 if TOKENS_MAJOR else 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(scores - _along_heads(m_new, TOKENS_MAJOR))
+            l_sum = l_sum * alpha + tl.sum(p, axis=0 if TOKENS_MAJOR else 1)
             if KIND == 1 and FOLD_V_SCALE:
                 p = p * _along_tokens(tl.load(vs_ptr + scale_at, mask=nmask, other=0.0), TOKENS_MAJOR)
             v = tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE, ASM).to(DOT_T)
@@ -620,7 +582,6 @@ class _Launch:
         self.pdl = pdl.enabled(q.device)
         self.stamps_ptr, self.stamps = stamps.kernel_args(q.device, out)
         self.len_early = self.pdl and settled
-        early_tile = bool(cfg.early_tile and (settled or not self.pdl) and layer.kind != "fp8" and not cfg.prefetch)
         self.constexprs = dict(PDL=self.pdl, GROUP=H // self.n_kv_heads, HEAD_DIM=D, PAGE=page,
                                BLOCK_H=max(16, triton.next_power_of_2(H // self.n_kv_heads)), BLOCK_N=cfg.block_n,
                                KIND=KIND_CODES[layer.kind], HAS_WINDOW=window is not None, DOT_T=dot_t,
@@ -632,8 +593,7 @@ class _Launch:
                                FOLD_V_SCALE=q.dtype != torch.float16, SCALES=per_head,
                                ASM=not self.interpreted,  # PTX for the 1-byte kinds' dequantization
                                TOKENS_MAJOR=cfg.tokens_major if cfg.tokens_major is not None else layer.kind in QUANT_KINDS,
-                               PREFETCH=cfg.prefetch, LEN_EARLY=self.len_early or early_tile,
-                               EARLY_TILE=early_tile, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
+                               PREFETCH=cfg.prefetch, LEN_EARLY=self.len_early, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
                                LINE=128 // k.element_size(),
                                MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
