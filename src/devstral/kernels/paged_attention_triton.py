@@ -291,7 +291,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         gdc_launch_dependents()
         if LEN_EARLY and not PREFETCH:
             # a split without keys reads nothing the RoPE kernel writes: it leaves without waiting, and its slot
-            # goes to the merge's and the o projection's programs (at 512 keys 280 of the 360 programs; H200:
+            # goes to the merge's and the o projection's programs (296 of the 360 programs at 512 keys, 280 at 640; H200:
             # attention 417 -> 383 us a step, benchmarks/results/decode_ab_prewait_h200.json)
             w_start, w_end, _, _ = _split_range(length, s, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
             if w_start < w_end:
