@@ -180,10 +180,9 @@ def main() -> None:
     # 1. batch-1 decode with a 512-token prompt
     r, snaps = [], []
     for i in range(a.runs):
-        if device.type == "cuda":
-            stamps.snapshot(device)  # clears what earlier work left in the stamp buffer
+        stamps.snapshot(device)  # clears what earlier work left in the stamp buffer (None unless DEVSTRAL_STAMPS=1)
         r.append(run(engine, [prompt(512, cfg.vocab_size, 10 + i)], a.new_tokens))
-        snaps.append(stamps.snapshot(device) if device.type == "cuda" else None)
+        snaps.append(stamps.snapshot(device))
     res["decode_b1_ctx512"] = {"tok_s": median([x["decode_tok_s"] for x in r]), "runs": [x["decode_tok_s"] for x in r],
                                "limit_tok_s": decode_limit(512 + a.new_tokens // 2), "step_intervals": r[-1]["steps"]}
     if any(snaps):  # DEVSTRAL_STAMPS=1: the last step's attention chain and final norm, from inside the kernels

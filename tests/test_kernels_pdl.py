@@ -78,18 +78,26 @@ def _all() -> dict:
     )
 
     bf16 = "*bf16"
+    stamp_ptr = {"stamps_ptr": "*i64"}  # DEVSTRAL_STAMPS=1 (kernels/stamps.py): the same kernels timing themselves
     out = {}
+
+    def norm(delta, xq, settled=False, stamped=False):
+        """RMSNorm; xq: also writing the GEMV's activations in both layouts (rms_norm_triton.py)."""
+        return _compile(
+            rms_norm_triton._rms_norm_kernel,
+            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps"
+                 + (" stamps_ptr" if stamped else ""),
+                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
+                  "eps": "fp32", **stamp_ptr}),
+            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True, XQ_A=0 if xq else -1, XQ_B=1 if xq else -1, XB=16,
+                 X_SETTLED=settled, STAMPS=stamped),
+            num_warps=16)
+
     for delta, xq, settled in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
                                (True, False, True), (True, True, True)):
-        out[f"rms_norm{'_add' if delta else ''}{'_xq' if xq else ''}{'_settled' if settled else ''}"] = _compile(
-            rms_norm_triton._rms_norm_kernel,
-            _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps",
-                 {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
-                  "eps": "fp32"}),
-            # xq: the norm that also writes the GEMV's activations in both layouts (rms_norm_triton.py)
-            dict(HAS_DELTA=delta, BLOCK=8192, PDL=True, XQ_A=0 if xq else -1, XQ_B=1 if xq else -1, XB=16,
-                 X_SETTLED=settled),
-            num_warps=16)
+        out[f"rms_norm{'_add' if delta else ''}{'_xq' if xq else ''}{'_settled' if settled else ''}"] = norm(
+            delta, xq, settled)
+    out["rms_norm_add_xq_settled_stamps"] = norm(True, True, True, stamped=True)
     out["silu_mul"] = _compile(silu_mul_triton._silu_mul_kernel,
                                _sig("gate_ptr up_ptr out_ptr n_cols gate_row_stride up_row_stride",
                                     {"gate_ptr": bf16, "up_ptr": bf16, "out_ptr": bf16}), dict(BLOCK=2048, PDL=True))
@@ -105,86 +113,59 @@ def _all() -> dict:
             _sig(names, {"k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64", "kc_ptr": cache, "vc_ptr": cache,
                          "ks_ptr": scale, "vs_ptr": scale}),
             dict(PAGE=16, HEAD_DIM=128, BLOCK_H=8, KIND=kind, PDL=True), enable_fp_fusion=False)
-    names = ("q_ptr k_ptr v_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr n_heads "
-             "n_kv_heads q_st q_sh k_st k_sh v_st v_sh c_st s_st qs_st c_sb c_so c_sh s_sb s_so s_sh")
-    for kind, cache, scale in ((kv_store_triton.KIND_FLOAT, bf16, bf16), (kv_store_triton.KIND_Q8_0, "*i8", "*fp16")):
-        out[f"rope_store_kv_{kind}"] = _compile(
+
+    def rope_store(kind, cache, scale, stamped=False):
+        names = ("q_ptr k_ptr v_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr "
+                 "n_heads n_kv_heads q_st q_sh k_st k_sh v_st v_sh c_st s_st qs_st c_sb c_so c_sh s_sb s_so s_sh"
+                 + (" stamps_ptr" if stamped else ""))
+        return _compile(
             rope_kv_store_triton._rope_store_kernel,
             _sig(names, {**dict.fromkeys(names.split()[:8], bf16), "qs_ptr": "*fp32", "slot_ptr": "*i64",
-                         "kc_ptr": cache, "vc_ptr": cache, "ks_ptr": scale, "vs_ptr": scale}),
-            dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True),
+                         "kc_ptr": cache, "vc_ptr": cache, "ks_ptr": scale, "vs_ptr": scale, **stamp_ptr}),
+            dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=kind, HAS_Q_SCALE=True, PDL=True,
+                 STAMPS=stamped),
             enable_fp_fusion=False)
-    names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr out_ptr "
-             "out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk n_heads")
+
+    for kind, cache, scale in ((kv_store_triton.KIND_FLOAT, bf16, bf16), (kv_store_triton.KIND_Q8_0, "*i8", "*fp16")):
+        out[f"rope_store_kv_{kind}"] = rope_store(kind, cache, scale)
+    out["rope_store_kv_stamps"] = rope_store(kv_store_triton.KIND_FLOAT, bf16, bf16, stamped=True)
     pa = paged_attention_triton
+
+    def split(output=pa.OUT_PARTIALS, kind=0, cache=bf16, scale=bf16, tokens_major=False, stamped=False, **extra):
+        """The decode attention's pass 1 (bf16 cache and partials unless told otherwise)."""
+        names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr "
+                 "out_ptr out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk "
+                 "n_heads" + (" stamps_ptr" if stamped else ""))
+        return _compile(
+            pa._decode_split_kernel,
+            _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
+                         "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
+                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **stamp_ptr}),
+            dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
+                 OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
+                 SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
+                 PDL=True, STAMPS=stamped, **extra), num_stages=2)
+
+    def merge(stamped=False, **extra):
+        """The decode attention's pass 2."""
+        return _compile(
+            pa._decode_merge_kernel,
+            _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads"
+                 + (" stamps_ptr" if stamped else ""),
+                 {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16, **stamp_ptr}),
+            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=stamped,
+                 **extra))
+
     for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
-        for kind, cache, scale, tokens_major in ((0, bf16, bf16, False), (2, "*i32", "*fp16", True)):
-            out[f"decode_split{suffix}{'_q8_0' if kind else ''}"] = _compile(
-                pa._decode_split_kernel,
-                _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
-                             "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                             "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
-                dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
-                     OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
-                     SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
-                     PDL=True), num_stages=2)
-    out["decode_split_prefetch"] = _compile(  # DecodeConfig(prefetch=True), bf16 cache, partials
-        pa._decode_split_kernel,
-        _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, "table_ptr": "*i32",
-                     "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-                     "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
-        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
-             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
-             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, PREFETCH=True, ROW_LINES=2,
-             LINE=64), num_stages=2)
-    out["decode_merge"] = _compile(
-        pa._decode_merge_kernel,
-        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
-             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
-        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True))
+        out[f"decode_split{suffix}"] = split(output)
+        out[f"decode_split{suffix}_q8_0"] = split(output, kind=2, cache="*i32", scale="*fp16", tokens_major=True)
+    out["decode_split_prefetch"] = split(PREFETCH=True, ROW_LINES=2, LINE=64)  # DecodeConfig(prefetch=True)
+    out["decode_merge"] = merge()
     # decode_attention_triton(settled=True), the engine's call: both passes read the context length before the wait
-    out["decode_split_len_early"] = _compile(
-        pa._decode_split_kernel,
-        _sig(names, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, "table_ptr": "*i32",
-                     "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-                     "arrivals_ptr": "*i32", "scale_log2e": "fp32"}),
-        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
-             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
-             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, LEN_EARLY=True), num_stages=2)
-    out["decode_merge_len_early"] = _compile(
-        pa._decode_merge_kernel,
-        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads",
-             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16}),
-        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, LEN_EARLY=True))
-    # DEVSTRAL_STAMPS=1 (kernels/stamps.py): the same kernels with their timer reads and the stamp stores
-    i64 = {"stamps_ptr": "*i64"}
-    out["decode_split_stamps"] = _compile(
-        pa._decode_split_kernel,
-        _sig(names + " stamps_ptr", {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16,
-                                     "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                                     "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **i64}),
-        dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=0, HAS_WINDOW=False,
-             OUTPUT=pa.OUT_PARTIALS.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True, SCALES=1,
-             TOKENS_MAJOR=False, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16, PDL=True, STAMPS=True), num_stages=2)
-    out["decode_merge_stamps"] = _compile(
-        pa._decode_merge_kernel,
-        _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads stamps_ptr",
-             {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16, **i64}),
-        dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=True))
-    out["rms_norm_add_xq_settled_stamps"] = _compile(
-        rms_norm_triton._rms_norm_kernel,
-        _sig("x_ptr x_row_stride delta_ptr delta_row_stride w_ptr out_ptr res_ptr xq_ptr xq_second n_cols eps stamps_ptr",
-             {"x_ptr": bf16, "delta_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "res_ptr": bf16, "xq_ptr": "*i32",
-              "eps": "fp32", **i64}),
-        dict(HAS_DELTA=True, BLOCK=8192, PDL=True, XQ_A=0, XQ_B=1, XB=16, X_SETTLED=True, STAMPS=True), num_warps=16)
-    names = ("q_ptr k_ptr v_ptr cos_ptr sin_ptr qs_ptr q_out_ptr k_out_ptr slot_ptr kc_ptr vc_ptr ks_ptr vs_ptr n_heads "
-             "n_kv_heads q_st q_sh k_st k_sh v_st v_sh c_st s_st qs_st c_sb c_so c_sh s_sb s_so s_sh stamps_ptr")
-    out["rope_store_kv_stamps"] = _compile(
-        rope_kv_store_triton._rope_store_kernel,
-        _sig(names, {**dict.fromkeys(names.split()[:8], bf16), "qs_ptr": "*fp32", "slot_ptr": "*i64", "kc_ptr": bf16,
-                     "vc_ptr": bf16, "ks_ptr": bf16, "vs_ptr": bf16, **i64}),
-        dict(HALF=64, BLOCK_HALF=64, BLOCK_H=32, BLOCK_HK=8, PAGE=16, KIND=0, HAS_Q_SCALE=True, PDL=True, STAMPS=True),
-        enable_fp_fusion=False)
+    out["decode_split_len_early"] = split(LEN_EARLY=True)
+    out["decode_merge_len_early"] = merge(LEN_EARLY=True)
+    out["decode_split_stamps"] = split(stamped=True)
+    out["decode_merge_stamps"] = merge(stamped=True)
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):

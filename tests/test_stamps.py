@@ -49,5 +49,10 @@ def test_stamps_are_off_on_the_cpu(monkeypatch):
     try:
         assert not stamps.enabled()
         assert stamps.snapshot(torch.device("cpu")) is None
+        stamps.enabled.cache_clear()
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert stamps.enabled()  # asked for, yet a CPU device has no stamps to read or pass
+        assert stamps.snapshot(torch.device("cpu")) is None
+        assert stamps.kernel_args(torch.device("cpu"), out) == (out, False)
     finally:
         stamps.enabled.cache_clear()

@@ -32,6 +32,16 @@ XQ_MAX_ROWS = DECODE_MS[-1]  # the rows the decode GEMVs serve
 
 
 @triton.jit
+def _row_and_blocks(row_ptr, cols, mask, at, ok, XQ: tl.constexpr):
+    """A row's values at cols, and with XQ also the program's blocks of 32 of it (else the row again)."""
+    full = tl.load(row_ptr + cols, mask=mask, other=0.0)
+    blocks = full
+    if XQ:
+        blocks = tl.load(row_ptr + at, mask=ok[:, None], other=0.0)
+    return full, blocks
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, out_ptr, res_ptr, xq_ptr, xq_second,
                      n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
                      XQ_A: tl.constexpr = -1, XQ_B: tl.constexpr = -1, XB: tl.constexpr = 16,
@@ -48,48 +58,35 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
     # Under dependent launch only what the kernel before may have written waits: the weight (never written)
     # always loads before the wait, and so does x when X_SETTLED (its writer finished before the kernel
     # before started, add_rms_norm_triton): at decode both are DRAM misses, off the chain this way.
-    if XQ_A < 0:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        if X_SETTLED:
-            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-        if PDL:
-            gdc_wait()
-        if STAMPS:
-            t_waited = stamps.now()
-        if not X_SETTLED:
-            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-        if HAS_DELTA:
-            delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
-    else:
-        # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square below (every program
-        # of the row sums the same row alike, so gets the same bits): packing a whole row in one program
-        # tripled its instructions (sm_90 SASS, 5120 wide, 16 warps), all on one SM.
-        b = tl.program_id(1) * XB + tl.arange(0, XB)
-        ok = b < n_cols // 32
-        at = b[:, None] * 32 + tl.arange(0, 32)[None, :]
+    # Program (row, p) finishes blocks of 32 p * XB.. of the row from the mean square below (every program of the
+    # row sums the same row alike, so gets the same bits): packing a whole row in one program tripled its
+    # instructions (sm_90 SASS, 5120 wide, 16 warps), all on one SM. Without xq there is one program a row.
+    b = tl.program_id(1) * XB + tl.arange(0, XB)
+    ok = b < n_cols // 32
+    at = b[:, None] * 32 + tl.arange(0, 32)[None, :]
+    XQ: tl.constexpr = XQ_A >= 0
+    if XQ:
         ws = tl.load(w_ptr + at, mask=ok[:, None], other=0.0)
-        if X_SETTLED:
-            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-            xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
-        if PDL:
-            gdc_wait()
-        if STAMPS:
-            t_waited = stamps.now()
-        if not X_SETTLED:
-            x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-            xs = tl.load(x_ptr + row * x_row_stride + at, mask=ok[:, None], other=0.0)
-        if HAS_DELTA:
-            delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0)
-            ds = tl.load(delta_ptr + row * delta_row_stride + at, mask=ok[:, None], other=0.0)
+    else:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if X_SETTLED:
+        x, xs = _row_and_blocks(x_ptr + row * x_row_stride, cols, mask, at, ok, XQ)
+    if PDL:
+        gdc_wait()
+    if STAMPS:
+        t_waited = stamps.now()
+    if not X_SETTLED:
+        x, xs = _row_and_blocks(x_ptr + row * x_row_stride, cols, mask, at, ok, XQ)
     if HAS_DELTA:
+        delta, ds = _row_and_blocks(delta_ptr + row * delta_row_stride, cols, mask, at, ok, XQ)
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        if XQ_A < 0:
+        if not XQ:
             tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
     h = x.to(tl.float32)
     mean_sq = tl.sum(h * h, axis=0) / n_cols
     if STAMPS:
         t_work = stamps.after(mean_sq)
-    if XQ_A < 0:
+    if not XQ:
         h = (h * tl.rsqrt(mean_sq + eps)).to(x.dtype)
         y = w.to(tl.float32) * h.to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)

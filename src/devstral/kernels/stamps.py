@@ -91,7 +91,7 @@ def record(buf, KERNEL: tl.constexpr, program, t_start, t_waited, t_work, t_end)
 def snapshot(device: torch.device) -> dict[str, list[list[int]]] | None:
     """Each kernel's recorded programs [start, waited, work, end] (ns) from the last launches, or None when
     stamps are off; the buffer is cleared for the next run."""
-    if not enabled():
+    if not enabled() or device.type != "cuda":
         return None
     buf = buffer(device)
     torch.cuda.synchronize(device)
@@ -119,8 +119,7 @@ def phases(snap: dict[str, list[list[int]]]) -> dict[str, float | None]:
         out["rope_end_to_split_end"] = us(rope_end, split_end)
         out["split_programs_busy"] = len(busy)
         out["split_programs"] = len(split)
-        out["rope_end_to_idle_split_end_last"] = us(rope_end, max((r[END] for r in split if not r[WORK]),
-                                                                 default=0) or None)
+        out["rope_end_to_idle_split_end_last"] = us(rope_end, max((r[END] for r in split if not r[WORK]), default=0))
         merging = [r for r in merge if r[WORK]]
         if merging:
             out["split_end_to_merge_waited_first"] = us(split_end, min(r[WAITED] for r in merging))
