@@ -43,6 +43,7 @@ def _compile(fn, sig: dict, const: dict, **options) -> dict:
     return {"launch_pdl": bool(k.metadata.launch_pdl), "waits": ptx.count("griddepcontrol.wait"),
             "timer_reads": ptx.count("%globaltimer"),
             "signals": ptx.count("griddepcontrol.launch_dependents"), "loads_after_barrier": late,
+            "signals_before_wait": head.count("griddepcontrol.launch_dependents"),
             "loads_after_wait": len(MEMORY_OPS["loads"].findall(tail)) if at >= 0 else 0,
             **{name: len(op.findall(head)) for name, op in MEMORY_OPS.items()}}
 
@@ -283,6 +284,19 @@ def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_sta
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1, st
     assert st["loads"] == 1 and st["stores"] == 0, st
+
+
+@pytest.mark.parametrize("name", ["decode_merge", "decode_merge_len_early", "decode_merge_stamps"])
+def test_the_merge_lets_the_o_projection_start_only_after_its_wait(ptx_stats, name):
+    """The merge pass signals its dependent (the o projection's GEMV, whose programs send their only weight
+    tile to DRAM as soon as they are resident) after its wait, so that those loads do not queue beside the
+    split pass's round trips; the split pass itself signals first thing (its dependent is the merge, which
+    loads nothing before its wait but the context length)."""
+    st = ptx_stats[name]
+    assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1, st
+    assert st["signals_before_wait"] == 0, st
+    for split in ("decode_split", "decode_split_len_early"):
+        assert ptx_stats[split]["signals_before_wait"] >= 1, ptx_stats[split]
 
 
 @pytest.mark.parametrize("name", MOE)
