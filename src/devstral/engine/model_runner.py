@@ -29,7 +29,7 @@ from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import accept_greedy, verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
-from devstral.kernels import triton_available
+from devstral.kernels import greedy_pick, triton_available
 from devstral.kernels.moe_experts import routed_only
 from devstral.model.moe import graph_safe
 from devstral.model.transformer import Transformer
@@ -213,8 +213,13 @@ class ModelRunner:
             tokens = after.tokens if take == list(range(len(after.batch))) else after.tokens[take]
         logits = self.run(inputs, tokens)
         seqs = [item.seq for item in batch]
-        new = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
-        host = torch.stack([new, torch.isnan(logits).any(-1).long()]).to("cpu", non_blocking=True)
+        if greedy_pick.enabled() and all(
+                s.params.temperature < MIN_TEMPERATURE and s.params.repeat_penalty == 1.0 for s in seqs):
+            picked = greedy_pick.greedy_pick(logits)  # sample()'s tokens and the NaN flags in one launch
+            new, host = picked[0], picked.to("cpu", non_blocking=True)
+        else:
+            new = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+            host = torch.stack([new, torch.isnan(logits).any(-1).long()]).to("cpu", non_blocking=True)
         done = None
         if self.device.type == "cuda":  # the copy lands in pinned memory; the event says when
             done = torch.cuda.Event()
