@@ -6,6 +6,9 @@ Devstral's vocabulary."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
@@ -104,6 +107,33 @@ def test_the_overlapped_engine_takes_it_and_gives_the_same_tokens(tiny_hf, monke
     assert not calls
 
 
+def _atoms() -> dict:
+    """Executed in a subprocess (no interpreter state from the tests above): the kernel's PTX atomics, sm_90."""
+    from devstral.kernels import sass_stats
+    from devstral.kernels.greedy_pick_triton import _greedy_pick_kernel
+
+    out = {}
+    for dtype in ("*bf16", "*fp32"):
+        sig = {"x_ptr": dtype, "s_xm": "i32", "V": "i32", "out_ptr": "*i64", "S": "i32", "key_ptr": "*i64",
+               "flag_ptr": "*i32", "cnt_ptr": "*i32"}
+        ptx = sass_stats.compile_kernel(_greedy_pick_kernel, sig, {"BLOCK": 4096}, num_warps=4).asm["ptx"]
+        out[dtype] = [line.split()[1] for line in ptx.splitlines() if "atom.global" in line]
+    return out
+
+
+def test_the_kernel_compiles_for_sm90_with_64_bit_atomics():
+    """Offline, for the H100/H200: the row slot takes a 64-bit atomic max (value and index in one word, so no
+    two programs can leave a value from one and an index from another), and the counter's add is acq_rel, so
+    the last program sees every slot update counted before it."""
+    from devstral.kernels import sass_stats
+
+    if not sass_stats.tools_available():
+        pytest.skip("Triton's ptxas not shipped on this platform")
+    for atoms in sass_stats.offline_json(__file__, "--ptx").values():
+        assert any(a.endswith(".max.s64") for a in atoms), atoms
+        assert any(".acq_rel" in a and a.endswith(".add.u32") for a in atoms), atoms
+
+
 @pytest.mark.gpu
 def test_cuda_kernel_at_devstrals_vocabulary():
     if not torch.cuda.is_available():
@@ -123,3 +153,7 @@ def test_cuda_kernel_at_devstrals_vocabulary():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, greedy_pick_ref(x))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:
+    print(json.dumps(_atoms()))
