@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import devstral
+from counted_kernel import CountedKernel
 from devstral.engine.engine import Engine, EngineConfig
 from devstral.engine.sampling import SamplingParams
 from devstral.testing import make_tiny_checkpoint
@@ -234,21 +235,19 @@ def test_the_gate_up_epilogue_changes_no_token(ckpts, monkeypatch):
         return real(qtype, m, n, k, device)
 
     monkeypatch.setattr(gguf_config, "gguf_plan", plan)
-    launches = []
-    kernel = gguf_xq._quantize_kernel
-    monkeypatch.setattr(gguf_xq, "_quantize_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    launches = CountedKernel(gguf_xq._quantize_kernel)
+    monkeypatch.setattr(gguf_xq, "_quantize_kernel", launches)
     x = [ids(30 + 11 * i, i) for i in range(3)]
     outs, counts = [], []
     for flag in ("0", "1"):
         monkeypatch.setenv("DEVSTRAL_GLU_EPILOGUE", flag)
-        launches.clear()
+        launches.count = 0
         llm = devstral.load(ckpts["mistral"], device="cuda", parallel=4, quantize_on_load="q4_k", prefix_caching=False)
         seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
         while llm.engine.has_work():
             llm.engine.step()
         outs.append([s.token_ids for s in seqs])
-        counts.append(len(launches))
+        counts.append(launches.count)
     assert outs[0] == outs[1]
     assert counts[1] < counts[0], counts
 

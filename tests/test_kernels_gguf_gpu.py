@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from counted_kernel import CountedKernel
 from devstral.kernels import (
     fp8_kernels,
     gguf_config,
@@ -421,17 +422,15 @@ def test_the_norms_activations_give_the_quantize_launchs_gemvs(delta, m, monkeyp
     for layout, got in words.items():
         assert torch.equal(got, gguf_xq.quantize(fused[0], layout))
 
-    launches = []
-    kernel = gguf_xq._quantize_kernel
-    monkeypatch.setattr(gguf_xq, "_quantize_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    launches = CountedKernel(gguf_xq._quantize_kernel)
+    monkeypatch.setattr(gguf_xq, "_quantize_kernel", launches)
     outs = empty()
     step((gguf_xq.STRIDE8, gguf_xq.STRIDE4), outs)
     for out, ref in zip(outs, refs, strict=True):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
     with torch.inference_mode():
         _replays_exactly(lambda: step((gguf_xq.STRIDE8, gguf_xq.STRIDE4), outs), outs, refs)
-    assert not launches
+    assert launches.count == 0
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

@@ -226,22 +226,12 @@ def _run_cases(out_path: str) -> None:
     torch.save(res, out_path)
 
 
-class _CountingLaunches:
-    """Stands in for a kernel: counts its launches and runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
 def _run_glu_epilogue(res: dict, g: torch.Generator) -> None:
     """The gate/up GEMV writing down's quantized input (gemv's glu_xq; MLP with DEVSTRAL_GLU_EPILOGUE=1)."""
     from types import SimpleNamespace
 
     import devstral.quant.linear as ql
+    from counted_kernel import CountedKernel
     from devstral.kernels import gguf_config, gguf_gemv_wide, gguf_xq
     from devstral.kernels.interpret_triton import hardware_rounding
     from devstral.model.transformer import MLP
@@ -261,7 +251,7 @@ def _run_glu_epilogue(res: dict, g: torch.Generator) -> None:
                     "plain": plain, "out": out, "words": words,
                     "quantized": gguf_xq.quantize(out, layout, glu=True)}
         # the MLP, switch off and on: the same output; with it, no quantization launched between gate/up and down
-        plan, launches = gguf_config.gguf_plan, _CountingLaunches(gguf_xq._quantize_kernel)
+        plan, launches = gguf_config.gguf_plan, CountedKernel(gguf_xq._quantize_kernel)
         gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=64, ns=8, bm=1, split_k=1, num_warps=4))
         gguf_xq._quantize_kernel = launches
         ql.cuda_kernels = lambda device: True

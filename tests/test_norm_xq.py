@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import interpreter_runs
+from counted_kernel import CountedKernel
 
 pytest.importorskip("triton")
 
@@ -275,7 +276,7 @@ def _decoder_cases() -> dict:
     ql.cuda_kernels = lambda device: True  # planar weights on the CPU, as on CUDA
     gguf_config.gguf_plan = _wide_xq_plan
     moe_gemv.plan = _moe_plan
-    launches = _Counting(gguf_xq._quantize_kernel)
+    launches = CountedKernel(gguf_xq._quantize_kernel)
     gguf_xq._quantize_kernel = launches
     g = torch.Generator().manual_seed(2)
     tokens = {t: torch.randint(0, 64, (1, t), generator=g) for t in (1, 3)}
@@ -295,15 +296,6 @@ def _decoder_cases() -> dict:
                 out[(moe, on, t)] = {"logits": logits, "launches": launches.count, "norms": norms, "kinds": kinds}
     os.environ.pop("DEVSTRAL_NORM_XQ")
     return out
-
-
-class _Counting:
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
 
 
 def _run_cases(out_path: str) -> None:
