@@ -278,3 +278,44 @@ def test_rope_in_attention_changes_no_token(ckpts, monkeypatch):
     paged_attention.rope_in_attention.cache_clear()
     assert outs[0] == outs[1]
     assert launches[1] < launches[0]
+
+
+def test_advancing_graphs_change_no_token(ckpts, monkeypatch):
+    """Decode graphs that pick the greedy tokens and move their own inputs on (DEVSTRAL_GRAPH_ADVANCE=1): the
+    overlapped engine's tokens equal the engine's without overlap and without them, as rows end at different
+    lengths (one on a stop token), cross block boundaries (16 tokens a block: the full copy path again) and mix
+    with a sampled row (no bare replay while it runs); and most greedy steps really replay bare."""
+    from devstral.engine import model_runner
+
+    llm = devstral.load(ckpts["mistral"], device="cuda", prefix_caching=False)
+    x = [ids(30 + 11 * i, 20 + i) for i in range(3)]
+    hot = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, seed=5)
+    bare = []
+    real = model_runner._DecodeGraphs.replay_ahead
+    monkeypatch.setattr(model_runner._DecodeGraphs, "replay_ahead", lambda self: (bare.append(1), real(self))[1])
+
+    def run(flag: str, overlap: bool, params, n_new, stop=frozenset()) -> list[list[int]]:
+        monkeypatch.setenv("DEVSTRAL_GRAPH_ADVANCE", flag)
+        ec = EngineConfig(max_num_seqs=4, speculative="off", prefix_caching=False, overlap=overlap)
+        engine = Engine(llm.model, llm.config, ec, compute_dtype=torch.bfloat16, plan=(1024, 16384))
+        assert engine.runner.graphs is not None and engine.runner.graphs.advance == (flag == "1")
+        seqs = [engine.add(p, q, n, set(stop) if i == 1 else set())
+                for i, (p, q, n) in enumerate(zip(x, params, n_new, strict=True))]
+        while engine.has_work():
+            engine.step()
+        return [s.token_ids[s.num_prompt_tokens:] for s in seqs]
+
+    refs = []
+    for params, n_new in (([GREEDY] * 3, [60, 12, 35]), ([GREEDY, hot, GREEDY], [20, 40, 30])):
+        ref = run("0", False, params, n_new)
+        assert [len(t) for t in ref] == n_new
+        assert run("0", True, params, n_new) == ref
+        bare.clear()
+        assert run("1", True, params, n_new) == ref
+        # all greedy: ~60 steps, a full copy at each batch change and block boundary; mixed: never bare
+        assert len(bare) > 30 if params[1] is GREEDY else not bare, len(bare)
+        refs.append(ref)
+    stop = {refs[0][1][5]}
+    want = run("0", False, [GREEDY] * 3, [40, 40, 40], stop)
+    assert want[1][-1] in stop and len(want[1]) <= 6
+    assert run("1", True, [GREEDY] * 3, [40, 40, 40], stop) == want

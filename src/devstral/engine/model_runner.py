@@ -29,7 +29,7 @@ from devstral.engine.scheduler import ScheduledSeq
 from devstral.engine.sequence import Sequence
 from devstral.engine.speculative import accept_greedy, verify
 from devstral.errors import DevstralError, NonFiniteLogitsError
-from devstral.kernels import greedy_pick, triton_available
+from devstral.kernels import decode_advance, greedy_pick, triton_available
 from devstral.kernels.moe_experts import routed_only
 from devstral.model.moe import graph_safe
 from devstral.model.transformer import Transformer
@@ -77,23 +77,52 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs] if max_num_seqs <= 256 else sizes
 
 
+@dataclass
+class Ahead:
+    """What the decode graphs' buffers hold after a replay that advanced them (decode_advance): the step after
+    that replay, for these sequences in this order, if each has since been scheduled exactly one token further
+    and its new position falls inside the block table the buffers hold (recorded as its length and last entry:
+    a table only grows at its end)."""
+
+    bucket: int
+    seqs: list[Sequence]
+    positions: list[int]  # the position each row's buffers now hold
+    tables: list[tuple[int, int]]  # (length, last block) of each row's block table in the buffers
+
+    def holds(self, batch: list[ScheduledSeq], block_size: int) -> bool:
+        if len(batch) != len(self.seqs):
+            return False
+        for item, seq, pos, (n, last) in zip(batch, self.seqs, self.positions, self.tables, strict=True):
+            table = item.seq.block_table
+            if (item.seq is not seq or item.n_tokens != 1 or item.draft or seq.num_computed != pos
+                    or pos // block_size >= n or len(table) < n or table[n - 1] != last):
+                return False
+        return True
+
+    def advanced(self) -> Ahead:
+        return Ahead(self.bucket, self.seqs, [p + 1 for p in self.positions], self.tables)
+
+
 class _DecodeGraphs:
-    """Static input buffers and one captured graph per batch-size bucket."""
+    """Static input buffers and one captured graph per batch-size bucket. With decode_advance on, each graph
+    ends by picking every row's greedy token and moving its own inputs on by one (`ahead` then says which
+    step a bare replay runs)."""
 
     def __init__(self, runner: ModelRunner, buckets: list[int]):
         """`buckets`: row counts, each captured once."""
         dev, bmax = runner.device, max(buckets)
         self.tokens = torch.zeros(bmax, dtype=torch.long, device=dev)
         self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.slots = torch.full((bmax,), -1, dtype=torch.long, device=dev)
+        self.slots = torch.full((bmax,), -1, dtype=torch.long, device=dev)  # -1: a padding row, never advanced
         self.tables = torch.zeros(bmax, runner.max_blocks, dtype=torch.int32, device=dev)
         self.context = torch.ones(bmax, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.advance = decode_advance.enabled()
+        self.ahead: Ahead | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(buckets, reverse=True):  # the largest first: the others reuse its memory
             attn = runner.decode_attention(self.slots[:b], self.tables[:b], self.context[:b])
-            run = lambda b=b, attn=attn: runner.model(self.tokens[:b][None], self.positions[:b][None],  # noqa: E731
-                                                      cache=attn)[0]
+            run = lambda b=b, attn=attn: self._forward(runner, b, attn)  # noqa: E731
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -102,15 +131,25 @@ class _DecodeGraphs:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = run()
-            self.graphs[b] = (graph, out)
+                out, picked = run()
+            self.graphs[b] = (graph, out, picked)
         self.buckets = sorted(self.graphs)
+
+    def _forward(self, runner: ModelRunner, b: int, attn: BatchAttention) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = runner.model(self.tokens[:b][None], self.positions[:b][None], cache=attn)[0]
+        if not self.advance:
+            return logits, None
+        picked = greedy_pick.greedy_pick(logits)  # [2, b]: tokens and NaN flags
+        decode_advance.advance(self.tokens[:b], picked[0], self.positions[:b], self.slots[:b], self.context[:b],
+                               self.tables[:b], runner.block_size)
+        return logits, picked
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
     def run(self, n: int, tokens, positions, slots, tables: torch.Tensor, context) -> torch.Tensor:
         b = self.bucket(n)
+        self.ahead = None  # the launch that asked for this replay records what it leaves, if it can
         self.tokens[:n].copy_(tokens, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
@@ -118,9 +157,21 @@ class _DecodeGraphs:
         self.tables[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
         self.context[:n].copy_(context, non_blocking=True)
         self.context[n:b].fill_(1)
-        graph, out = self.graphs[b]
+        graph, out, _ = self.graphs[b]
         graph.replay()
         return out[:n]
+
+    def picked(self, n: int) -> torch.Tensor:
+        """The last replay's greedy tokens and NaN flags, [2, n] (advancing graphs only; overwritten by the next)."""
+        return self.graphs[self.bucket(n)][2][:, :n]
+
+    def replay_ahead(self) -> torch.Tensor:
+        """Replay the step the buffers hold (`ahead`) as they are; its picked [2, rows]."""
+        ahead = self.ahead
+        graph, _, picked = self.graphs[ahead.bucket]
+        graph.replay()
+        self.ahead = ahead.advanced()
+        return picked[:, :len(ahead.seqs)]
 
 
 class ModelRunner:
@@ -205,6 +256,13 @@ class ModelRunner:
         its sampling without waiting for them. `after`: the launched step whose sampled tokens are this
         step's input ids (the items are `pending`): they go from its device tensor into this step's
         inputs, never through the host."""
+        seqs = [item.seq for item in batch]
+        greedy = all(s.params.temperature < MIN_TEMPERATURE and s.params.repeat_penalty == 1.0 for s in seqs)
+        graphs = self.graphs
+        if greedy and graphs is not None and graphs.ahead is not None and graphs.ahead.holds(batch, self.block_size):
+            self.last_step_rows = graphs.ahead.bucket
+            picked = graphs.replay_ahead()  # the graph left this step's inputs in its buffers: no copy
+            return self._launched(batch, picked[0], picked)
         inputs, _ = self.step_inputs(batch)
         tokens = None
         if after is not None:
@@ -212,14 +270,20 @@ class ModelRunner:
             take = [row[item.seq] for item in batch]
             tokens = after.tokens if take == list(range(len(after.batch))) else after.tokens[take]
         logits = self.run(inputs, tokens)
-        seqs = [item.seq for item in batch]
-        if greedy_pick.enabled() and all(
-                s.params.temperature < MIN_TEMPERATURE and s.params.repeat_penalty == 1.0 for s in seqs):
+        if greedy and inputs.graph and graphs.advance:
+            picked = graphs.picked(len(batch))  # the graph picked them and advanced its inputs
+            tables = [(len(s.block_table), s.block_table[-1]) for s in seqs]
+            graphs.ahead = Ahead(self.last_step_rows, seqs, [s.num_computed + 1 for s in seqs], tables)
+            return self._launched(batch, picked[0], picked)
+        if greedy and greedy_pick.enabled():
             picked = greedy_pick.greedy_pick(logits)  # sample()'s tokens and the NaN flags in one launch
-            new, host = picked[0], picked.to("cpu", non_blocking=True)
-        else:
-            new = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
-            host = torch.stack([new, torch.isnan(logits).any(-1).long()]).to("cpu", non_blocking=True)
+            return self._launched(batch, picked[0], picked)
+        new = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], [s.generator for s in seqs])
+        return self._launched(batch, new, torch.stack([new, torch.isnan(logits).any(-1).long()]))
+
+    def _launched(self, batch: list[ScheduledSeq], new: torch.Tensor, flagged: torch.Tensor) -> Launched:
+        """`flagged` [2, n]: the tokens and NaN flags, copied to the host without waiting."""
+        host = flagged.to("cpu", non_blocking=True)
         done = None
         if self.device.type == "cuda":  # the copy lands in pinned memory; the event says when
             done = torch.cuda.Event()
