@@ -64,7 +64,9 @@ def summarize(result: dict) -> dict:
            "step_intervals": res["decode_b1_ctx512"].get("step_intervals"),
            "stamps_phases_us": (res["decode_b1_ctx512"].get("stamps") or {}).get("phases_us")}
     step = res.get("decode_step")
-    if step:
+    if step and "error" in step:  # the profiler failed: the timed figures above still count
+        out["decode_step_error"] = step["error"]
+    elif step:
         out.update(gpu_busy_us_per_step=step["gpu_busy_us_per_step"], launches_per_step=step["launches_per_step"],
                    exclusive_us_by_part={k: v["exclusive_us"] for k, v in step["parts"].items()},
                    exclusive_us_per_launch_by_grid={k: v["exclusive_us_per_launch"]
