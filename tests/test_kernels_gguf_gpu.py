@@ -268,7 +268,7 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
     (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4)),
     (QType.Q6_K, 5120, 32768, dict(bn=64, ns=16, stream=2, num_stages=4)),  # stream-K: whole waves, shared row tiles
     (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2)),
-    (QType.Q4_K, 5120, 32768, dict(bn=64, ns=16, split_k=8, num_stages=2, pairs=True, scmn=True)),  # sc/mn one box
+    (QType.Q4_K, 5120, 32768, dict(bn=64, ns=16, split_k=8, num_stages=2, pairs=True)),  # Q4_K ffn_down
     (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=4, num_stages=3, pairs=True)),  # scales as words of two
     (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=6, num_stages=3, maxnreg=80)),  # registers capped: 6 an SM
     (QType.Q4_K, 65536, 5120, dict(bn=128, ns=16, split_k=1, num_stages=2, maxnreg=128))],  # capped, spilling a little

@@ -5,7 +5,7 @@ is loaded or stored before a dependent launch's wait.
 
 Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
 tiles of 1024), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
-(Q6_K at 16, or an odd count a row), Q4_K's scales and mins planes as one 3-D box, splits uneven and empty,
+(Q6_K at 16, or an odd count a row), splits uneven and empty,
 stream-K programs spanning two row tiles, 2-4 pipeline stages, a register cap, a bias, the SwiGLU folded into the activation
 quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
 """
@@ -62,19 +62,6 @@ def _run_cases(out_path: str) -> None:
     # (the last under a register cap: a compile option, the same arithmetic)
     res["stream"] = [both(c, dict(stream=c[4], num_stages=c[5], maxnreg=80 if i == len(STREAM_CASES) - 1 else None),
                           dict(stream=c[4])) for i, c in enumerate(STREAM_CASES)]
-    # Q4_K's scales and mins in one 3-D box (scmn), with the super-block scales one by one and as words of two; on a
-    # row slice too (the planes' distance is the whole weight's)
-    res["scmn"] = []
-    for pairs, rows in ((False, None), (True, None), (True, (8, 40))):
-        raw = random_blocks(QType.Q4_K, N + 8, 1536, g)
-        p = pack(raw, QType.Q4_K, N + 8, 1536)
-        if rows:
-            p = p.row_slice(*rows)
-        x = torch.randn(1, 1536, generator=g)
-        out, ref = torch.full((1, p.n), float("nan")), torch.full((1, p.n), float("nan"))
-        gguf_gemv_tma.gemv(x, p, None, out, bn=16, ns=16, split_k=2, num_stages=3, pairs=pairs, scmn=True)
-        gguf_gemv_wide.gemv(x, p, None, ref, bn=16, ns=16, bm=1, split_k=2, int8=True, xq=True)
-        res["scmn"].append(dict(out=out, wide=ref))
     # the SwiGLU folded into the activation quantization: x is a gate/up projection's [gate | up] rows
     raw = random_blocks(QType.Q4_K, N, 1024, g)
     p = pack(raw, QType.Q4_K, N, 1024)
@@ -148,12 +135,6 @@ def test_super_block_scales_go_as_words_of_two_where_rows_tiles_and_alignment_al
             assert torch.equal(dm.view(torch.float16), p.get("dmin") if p.get("dmin") is not None else p["d"])
 
 
-def test_q4k_scales_and_mins_in_one_box_give_the_streaming_gemvs_output(results):
-    for r in results["scmn"]:
-        assert not r["out"].isnan().any()
-        torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
-
-
 def test_tma_gemv_folds_the_swiglu_as_the_streaming_gemv_does(results):
     out, wide = results["glu"]
     assert not out.isnan().any()
@@ -188,19 +169,15 @@ def _offline() -> dict:
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
     out = {}
-    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, Q4_K's scales and mins in one box,
-    # register cap)
-    for qt, bn, ns, stages, stream, pairs, scmn, cap in [
-            (0, 128, 16, 3, False, False, False, None), (0, 64, 16, 4, False, True, False, None),
-            (0, 64, 16, 4, False, True, True, None), (2, 128, 16, 3, False, False, False, None),
-            (2, 32, 32, 3, True, True, False, None), (3, 64, 8, 4, False, False, False, None),
-            (3, 32, 32, 4, True, False, False, None), (2, 32, 32, 3, True, False, False, None),
-            (2, 32, 32, 3, True, False, False, 80), (0, 64, 16, 2, True, False, False, None),
-            (0, 64, 16, 2, True, False, False, 104)]:
+    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, register cap)
+    for qt, bn, ns, stages, stream, pairs, cap in [
+            (0, 128, 16, 3, False, False, None), (0, 64, 16, 4, False, True, None),
+            (2, 128, 16, 3, False, False, None), (2, 32, 32, 3, True, True, None), (3, 64, 8, 4, False, False, None),
+            (3, 32, 32, 4, True, False, None), (2, 32, 32, 3, True, False, None), (2, 32, 32, 3, True, False, 80),
+            (0, 64, 16, 2, True, False, None), (0, 64, 16, 2, True, False, 104)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
-        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{'2,' if scmn else ''}{bn},{ns}]>",
-                          mn_desc=q if scmn else f"tensordesc<u8[{bn},{ns}]>"),
+        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{bn},{ns}]>", mn_desc=f"tensordesc<u8[{bn},{ns}]>"),
                   2: dict(qh_desc=f"tensordesc<i16[{bn},{ns * wps}]>", sc_desc=f"tensordesc<i8[{bn},{ns}]>", mn_desc=q),
                   3: dict(qh_desc=q, sc_desc=f"tensordesc<fp16[{bn},{ns}]>", mn_desc=q)}[qt]
         sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -208,7 +185,7 @@ def _offline() -> dict:
                "N": "i32", "K": "i32", "s_d": "i32", "SPLIT_K": "i32"}
         const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=not stream,
                      HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True, STREAM=stream,
-                     PAIRS=pairs, SCMN=scmn)
+                     PAIRS=pairs)
         k = sass_stats.compile_kernel(_tma_kernel, sig, const,
                                       div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
                                       num_stages=stages, launch_pdl=True, **({"maxnreg": cap} if cap else {}))
@@ -216,7 +193,7 @@ def _offline() -> dict:
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]
         name = f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}{'_pairs' if pairs else ''}"
-        name += ("_scmn" if scmn else "") + (f"_cap{cap}" if cap else "")
+        name += f"_cap{cap}" if cap else ""
         out[name] = {
             "registers": sass_stats.registers(k.asm["cubin"]),
             "inner_loop": sass_stats.innermost_loop_stats(sass, "IDP").instructions,
@@ -235,11 +212,6 @@ def offline():
     if not sass_stats.tools_available(("ptxas", "nvdisasm", "cuobjdump")):
         pytest.skip("Triton's ptxas / nvdisasm / cuobjdump not shipped on this platform")
     return sass_stats.offline_json(__file__, "--offline")
-
-
-def test_q4k_scales_and_mins_in_one_box_take_a_third_fewer_tma_copies(offline):
-    """q, sc and mn are three copies a K-tile (each with its barriers); q and one [2, BN, NS] box are two."""
-    assert offline["0_64_16_4_split_pairs_scmn"]["tma_loads"] * 3 == offline["0_64_16_4_split_pairs"]["tma_loads"] * 2
 
 
 def test_a_register_cap_buys_occupancy_without_spills_or_a_longer_loop(offline):

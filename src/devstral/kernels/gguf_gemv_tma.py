@@ -41,7 +41,7 @@ from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
 # launch-config keys only this kernel takes: dropped where the register-loop GEMV runs a "wide_tma" entry instead
-TMA_ONLY_KEYS = ("num_stages", "pairs", "scmn", "maxnreg")
+TMA_ONLY_KEYS = ("num_stages", "pairs", "maxnreg")
 
 
 @triton.jit
@@ -66,8 +66,7 @@ def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.con
 @triton.jit
 def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo, t_hi, N, K, s_d,
               QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-              SCMN: tl.constexpr):
+              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
     """Rows r0..r0+BN-1 summed over K-tiles t_lo..t_hi-1 through the TMA pipeline: [BN, 1]."""
     rows = r0 + tl.arange(0, BN)
     row_ok = rows[:, None] < N
@@ -84,14 +83,11 @@ def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo
             dm = d
             mn = d
         else:
-            if SCMN:  # Q4_K's scales and mins planes as one [2, BN, NS] box: one TMA copy and its barriers fewer
-                sc, mn = tl.split(tl.permute(sc_desc.load([0, r0, t * NS]), (1, 2, 0)))
+            sc = sc_desc.load([r0, t * NS])
+            if QT == 2:
+                mn = sc
             else:
-                sc = sc_desc.load([r0, t * NS])
-                if QT == 2:
-                    mn = sc
-                else:
-                    mn = mn_desc.load([r0, t * NS])
+                mn = mn_desc.load([r0, t * NS])
             d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
             if QT == 2:
                 dm = d
@@ -108,8 +104,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                 N, K, s_d, SPLIT_K,
                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                 NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr,
-                SCMN: tl.constexpr):
+                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(K // SB, NS)
     if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
@@ -124,7 +119,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         for r in range(u_lo // n_tiles, tl.cdiv(u_hi, n_tiles)):
             res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r * BN,
                             tl.maximum(u_lo - r * n_tiles, 0), tl.minimum(u_hi - r * n_tiles, n_tiles), N, K, s_d,
-                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM, PAIRS, SCMN)
+                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM, PAIRS)
             g0 = ((r * n_tiles + 1) * G - 1) // units  # the programs sharing row tile r: first and last
             g1 = ((r + 1) * n_tiles * G - 1) // units
             store_share(res, r * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -137,7 +132,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         t_lo = pid_k * per_split
         res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, pid * BN, t_lo,
                         tl.minimum(t_lo + per_split, n_tiles), N, K, s_d, QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM,
-                        PAIRS, SCMN)
+                        PAIRS)
         if PDL:
             gdc_launch_dependents()
         store_output(res, pid * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -209,27 +204,13 @@ def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
     return hit
 
 
-def scales_and_mins_descriptor(p: PackedGGUF, bn: int, ns: int) -> TensorDescriptor:
-    """Q4_K's sub-block scales and mins as one 3-D TMA tensor [2, N, K / 32]: the two planes sit a fixed distance
-    apart in the weight's buffer (a multiple of gguf_pack.ALIGN bytes, so a legal TMA stride), so one box [2, bn, ns]
-    brings a tile of both. Kept beside the 2-D descriptors."""
-    cache = p.__dict__.setdefault("_tma_descriptors", {})
-    hit = cache.get(("scmn", bn, ns))
-    if hit is None:
-        sc, mn = p["sc"], p["mn"]
-        both = torch.as_strided(sc, (2, *sc.shape), (mn.data_ptr() - sc.data_ptr(), *sc.stride()))
-        hit = cache[("scmn", bn, ns)] = TensorDescriptor(both, list(both.shape), list(both.stride()), [2, bn, ns])
-    return hit
-
-
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
          split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
-         stream: int = 0, pairs: bool = False, scmn: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+         stream: int = 0, pairs: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
-    prefetches them (_sub_block_scales); scmn: Q4_K's scales and mins in one TMA copy (scales_and_mins_descriptor). Both
-    off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
+    prefetches them (_sub_block_scales); off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
     the programs an SM can hold are set by registers first (65536 an SM; Q6_K 32 x 32 stream-K takes 123 a thread
     uncapped, four programs of 128 threads, and 80 capped without spilling, six), so a tuned entry may trade them for
     occupancy.
@@ -257,8 +238,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     q_desc = desc["q"]
     nsb = ns if qt == 3 else ns * sb // 256
     d_ptr, dm_ptr, pairs = _super_block_scales(p, nsb, pairs)
-    scmn = scmn and qt == 0
-    sc_desc = scales_and_mins_descriptor(p, bn, ns) if scmn else desc["d"] if qt == 3 else desc["sc"]
+    sc_desc = desc["d"] if qt == 3 else desc["sc"]
     on = pdl.enabled(x.device)
     _tma_kernel[grid](
         xq, out, bias if bias is not None else out, ws, counters(x.device),
@@ -266,7 +246,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, PAIRS=pairs, SCMN=scmn, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
+        STREAM=use_stream, PAIRS=pairs, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 
