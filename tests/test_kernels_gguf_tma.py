@@ -3,8 +3,9 @@ there) against the streaming GEMV's xq path it shares its arithmetic with, bit f
 dequantized by quant.dequantize; offline for sm_90, that its tiles do come by TMA, without spills, and that nothing
 is loaded or stored before a dependent launch's wait.
 
-Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
-tiles of 1024), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
+Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 3072 in
+tiles of 2048; Q4_K's K a multiple of 1024, for its mins plane's 16-byte rows), Q4_K's mins box holding the next tile's
+bytes (16 sub-blocks a tile: 8 bytes of mins in a 16-byte box), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
 (Q6_K at 16, or an odd count a row), splits uneven and empty,
 stream-K programs spanning two row tiles, 2-4 pipeline stages, a register cap, a bias, the SwiGLU folded into the activation
 quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
@@ -29,12 +30,12 @@ from test_kernels_gguf_wide import random_blocks  # noqa: E402
 
 N = 40
 # (type, K, BN, NS, split, stages, bias)
-CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
+CASES = [("Q4_K", 2048, 16, 16, 1, 2, False), ("Q4_K", 2048, 16, 16, 2, 3, True), ("Q4_K", 3072, 32, 64, 2, 2, False),
          ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q6_K", 1024, 16, 32, 2, 3, False),
          ("Q8_0", 768, 32, 8, 2, 4, False), ("Q8_0", 768, 16, 16, 1, 2, True)]
 # stream-K: (type, K, BN, NS, programs per "SM", stages, bias), on a grid of 2 "SMs" so that programs span two row
 # tiles and row tiles are shared by two or three programs
-STREAM_CASES = [("Q4_K", 1536, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
+STREAM_CASES = [("Q4_K", 2048, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
 
 
 def _run_cases(out_path: str) -> None:
@@ -149,14 +150,15 @@ def test_dispatcher_runs_a_tuned_tma_entry_at_one_row_and_the_streaming_gemv_abo
 
 def test_which_weights_fit_tma_boxes():
     """Devstral-Small's matrices fit in the tiles the sweep times; rows whose scale arrays are not 16-byte multiples
-    (Q4_K at K = 1280: 40 bytes of sub-block scales), boxes under 16 bytes a row (Q4_K at 8 sub-blocks: 8 bytes of
-    scales) and types without the xq row dot here (Q5_K) do not."""
+    (Q4_K at K = 1280: 40 bytes of sub-block scales; at K = 1536: 24 bytes of their top bits), boxes under 16 bytes a
+    row (Q4_K at 8 sub-blocks: 8 bytes of scales) and types without the xq row dot here (Q5_K) do not."""
     from devstral.kernels.gguf_gemv_tma import fits
 
     for qtype, k, bn, ns in [("Q4_K", 5120, 128, 16), ("Q4_K", 32768, 64, 32), ("Q6_K", 32768, 128, 16),
                              ("Q6_K", 5120, 64, 16), ("Q8_0", 5120, 64, 8), ("Q8_0", 4096, 128, 16)]:
         assert fits(qtype, k, bn, ns), (qtype, k, bn, ns)
-    for qtype, k, bn, ns in [("Q4_K", 1280, 128, 16), ("Q4_K", 5120, 128, 8), ("Q5_K", 5120, 128, 16),
+    for qtype, k, bn, ns in [("Q4_K", 1280, 128, 16), ("Q4_K", 1536, 128, 16), ("Q4_K", 5120, 128, 8),
+                             ("Q5_K", 5120, 128, 16),
                              ("Q4_K", 5120, 512, 16), ("Q8_0", 5120, 64, 4)]:
         assert not fits(qtype, k, bn, ns), (qtype, k, bn, ns)
 
@@ -177,7 +179,9 @@ def _offline() -> dict:
             (0, 64, 16, 2, True, False, None), (0, 64, 16, 2, True, False, 104)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
-        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{bn},{ns}]>", mn_desc=f"tensordesc<u8[{bn},{ns}]>"),
+        # Q4_K's sc and mn planes as words (gguf_gemv_tma._WORD_VIEWS), the mn box 16 bytes a row at least
+        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<i32[{bn},{ns // 4}]>",
+                          mn_desc=f"tensordesc<i16[{bn},{max(ns // 4, 8)}]>"),
                   2: dict(qh_desc=f"tensordesc<i16[{bn},{ns * wps}]>", sc_desc=f"tensordesc<i8[{bn},{ns}]>", mn_desc=q),
                   3: dict(qh_desc=q, sc_desc=f"tensordesc<fp16[{bn},{ns}]>", mn_desc=q)}[qt]
         sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -64,6 +64,22 @@ def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.con
 
 
 @triton.jit
+def _sub_block_mins(mn_desc, r0, t, BN: tl.constexpr, NS: tl.constexpr):
+    """Q4_K's mn plane for tile t as gguf_gemv_wide._scales takes it: 16-bit words of four sub-blocks' nibbles,
+    [BN, NS // 4]. The box is max(NS // 4, 8) words a row (a TMA box row is 16 bytes at least). At NS = 16 a tile has
+    8 bytes of them: the box starts on a 16-byte boundary (Triton's interpreter requires it of a box's start; on the
+    GPU two tiles then read one box) and holds tiles 2i and 2i + 1, of which this tile's half is kept."""
+    if NS // 4 < 8:
+        tl.static_assert(NS == 16, "Q4_K TMA tiles of 16 sub-blocks or more (the scales' box is NS bytes a row)")
+        pair = tl.permute(tl.reshape(mn_desc.load([r0, (t // 2) * 8]), (BN, 2, NS // 4)), (0, 2, 1))
+        even, odd = tl.split(pair)
+        h = tl.where(t % 2 == 0, even, odd)
+    else:
+        h = mn_desc.load([r0, t * (NS // 4)])
+    return h.to(tl.uint16, bitcast=True)
+
+
+@triton.jit
 def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo, t_hi, N, K, s_d,
               QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
               NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
@@ -83,17 +99,18 @@ def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo
             dm = d
             mn = d
         else:
-            sc = sc_desc.load([r0, t * NS])
             if QT == 2:
+                sc = sc_desc.load([r0, t * NS])
                 mn = sc
-            else:
-                mn = mn_desc.load([r0, t * NS])
+            else:  # Q4_K: int32 words of four sub-blocks' sc bytes, and their mn nibbles
+                sc = sc_desc.load([r0, t * (NS // 4)])
+                mn = _sub_block_mins(mn_desc, r0, t, BN, NS)
             d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
             if QT == 2:
                 dm = d
             else:
                 dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
-        c1, c0 = tile_scales(d, sc, dm, mn, QT)
+        c1, c0 = tile_scales(d, sc, dm, mn, QT, BN, NS)
         acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, r0 >= 0, K, c1,
                           c0, QT, SB, NS, WPS, EVEN_K, ASM)
     return tl.sum(acc, axis=1)[:, None]
@@ -142,8 +159,9 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
 @functools.cache
 def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
     """Whether a [*, k] weight of this type can be read as TMA tiles of bn rows and ns sub-blocks: Q4_K, Q6_K or
-    Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes, boxes of at
-    most 256 elements a side, and the K-quants' tiles whole super-blocks (their fp16 scales' plain loads)."""
+    Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes (Q4_K: K a
+    multiple of 1024 for its mins plane, K / 64 bytes a row; 16 sub-blocks a tile or more for its scales' box), boxes
+    of at most 256 elements a side, and the K-quants' tiles whole super-blocks (their fp16 scales' plain loads)."""
     from devstral.kernels.gguf_pack import FORMATS
     from devstral.quant import QType
 
@@ -157,6 +175,10 @@ def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
     for name, (_, cols) in _box_shapes(qt, bn, ns).items():
         dt, weights = per[name]
         size = torch.empty((), dtype=dt).element_size()
+        view = _WORD_VIEWS.get((qt, name))
+        if view is not None:  # read as wider words: as many more weights an element
+            weights *= torch.empty((), dtype=view).element_size() // size
+            size = torch.empty((), dtype=view).element_size()
         if k % weights or ((k // weights) * size) % 16 or (cols * size) % TMA_MIN_BOX_BYTES:
             return False
     return True
@@ -166,6 +188,16 @@ def supports(p: PackedGGUF, bn: int, ns: int) -> bool:
     """fits() for this weight, and its TMA fields 16-byte aligned where they start (a row slice may not be)."""
     return fits(p.qtype.name, p.k, bn, ns) and all(p[name].data_ptr() % 16 == 0
                                                     for name in _box_shapes(qt_code(p.qtype), bn, ns))
+
+
+# Q4_K's sc and mn planes (QT code 0) go by TMA as words, as gguf_gemv_wide._scales decodes them: int32 words of four
+# sub-blocks' sc bytes, 16-bit words of their four mn nibbles
+_WORD_VIEWS = {(0, "sc"): torch.int32, (0, "mn"): torch.int16}
+
+
+def _tma_array(p: PackedGGUF, name: str) -> torch.Tensor:
+    view = _WORD_VIEWS.get((qt_code(p.qtype), name))
+    return p[name] if view is None else p[name].view(view)
 
 
 def usable(p: PackedGGUF, bn: int, ns: int, device: torch.device) -> bool:
@@ -185,12 +217,10 @@ def _box_shapes(qt: int, bn: int, ns: int) -> dict[str, tuple[int, int]]:
     wps = GEOMETRY[qt][1]
     if qt == 3:
         return {"q": (bn, ns * wps), "d": (bn, ns)}
-    boxes = {"q": (bn, ns * wps), "sc": (bn, ns)}
     if qt == 2:
-        boxes["qh"] = (bn, ns * wps)
-    else:
-        boxes["mn"] = (bn, ns)
-    return boxes
+        return {"q": (bn, ns * wps), "sc": (bn, ns), "qh": (bn, ns * wps)}
+    # Q4_K: words (_WORD_VIEWS); the mins plane's ns / 2 bytes a tile in a box of 16 bytes at least (_sub_block_mins)
+    return {"q": (bn, ns * wps), "sc": (bn, ns // 4), "mn": (bn, max(ns // 4, TMA_MIN_BOX_BYTES // 2))}
 
 
 def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
@@ -199,9 +229,13 @@ def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
     cache = p.__dict__.setdefault("_tma_descriptors", {})
     hit = cache.get((bn, ns))
     if hit is None:
-        hit = cache[(bn, ns)] = {name: TensorDescriptor(p[name], list(p[name].shape), list(p[name].stride()), list(box))
+        hit = cache[(bn, ns)] = {name: _descriptor(_tma_array(p, name), box)
                                  for name, box in _box_shapes(qt_code(p.qtype), bn, ns).items()}
     return hit
+
+
+def _descriptor(a: torch.Tensor, box: tuple[int, int]) -> TensorDescriptor:
+    return TensorDescriptor(a, list(a.shape), list(a.stride()), list(box))
 
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
