@@ -5,9 +5,9 @@
 * long against short rows: [N, K] split S against [S*N, K/S] unsplit -- the same bytes, the same number of
   programs and of K-tiles a program; only the row length (16 KB of Q4_K words a row at K = 32768) and the
   split-K epilogue differ;
-* padded rows: every planar field's rows padded by P bytes (the kernels take each field's row stride), the
-  same weights and launch configs, outputs compared bit for bit: power-of-two row strides (16 KB) against
-  strides that spread a tile's rows over more DRAM channels.
+* padded rows: every planar field's rows padded by P bytes (Q4_K's mn by P / 2: the kernels take each field's row
+  stride, mn's as half sc's), the same weights and launch configs, outputs compared bit for bit: power-of-two row
+  strides (16 KB) against strides that spread a tile's rows over more DRAM channels.
 
   python benchmarks/gemv_layout_probe.py --out benchmarks/results/gemv_layout_probe_h200.json
 """
@@ -43,12 +43,14 @@ PADS = (0, 128, 256, 512, 1280)
 
 
 def padded(p: PackedGGUF, pad_bytes: int) -> PackedGGUF:
-    """The same weight with every field's rows pad_bytes apart beyond their length (its own buffers)."""
+    """The same weight with every field's rows pad_bytes apart beyond their length (its own buffers); Q4_K's mn
+    rows pad_bytes / 2, as the kernels take its row stride to be half the sc plane's."""
     out = object.__new__(PackedGGUF)
     out.qtype, out.n, out.k, out.fmt, out.buf, out.rows_of = p.qtype, p.n, p.k, p.fmt, p.buf, None
     out.arrays = {}
     for name, a in p.arrays.items():
-        big = torch.zeros(a.shape[0], a.shape[1] + pad_bytes // a.element_size(), dtype=a.dtype, device=a.device)
+        pad = pad_bytes // 2 if name == "mn" else pad_bytes
+        big = torch.zeros(a.shape[0], a.shape[1] + pad // a.element_size(), dtype=a.dtype, device=a.device)
         big[:, :a.shape[1]] = a
         out.arrays[name] = big[:, :a.shape[1]]
     return out

@@ -202,11 +202,9 @@ def tma_candidates(qtype: str, m: int, n: int, k: int, sms: int, with_entry: boo
                   for ps in TMA_STREAM_PER_SM_CAPPED for st in TMA_STAGES[:2]]
         capped = [(kind, dict(cfg, maxnreg=r)) for kind, cfg in out + denser for r in MAXNREG]
     if qtype != "Q8_0":  # each K-quant config again with its super-block scales as words of two (gguf_gemv_tma: pairs)
-        # and, for Q4_K, also with its scales and mins in one TMA box (scmn)
-        out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out] + \
-               ([(kind, dict(cfg, pairs=True, scmn=True)) for kind, cfg in out] if qtype == "Q4_K" else [])
-    # the capped configs plain, and Q4_K's also with both of its TMA options (the best Q4_K down of session 17)
-    out += capped + ([(kind, dict(cfg, pairs=True, scmn=True)) for kind, cfg in capped] if qtype == "Q4_K" else [])
+        out += [(kind, dict(cfg, pairs=True)) for kind, cfg in out]
+    # the capped configs plain, and Q4_K's also with its super-block scales as words of two
+    out += capped + ([(kind, dict(cfg, pairs=True)) for kind, cfg in capped] if qtype == "Q4_K" else [])
     if with_entry:
         hit = gguf_config.decode_entry(gguf_config.table_for(CUDA), qtype, m, n, k)
         if hit:
@@ -368,7 +366,7 @@ def compile_key(qtype: str, m: int, n: int, k: int, kind: str, cfg: dict) -> tup
     """What makes Triton compile anew: the constexprs, and the integer arguments it specializes
     (equal to 1, divisible by 16: M, and K's multiples through the row strides)."""
     return (kind, qtype, m == 1, cfg["bm"], cfg["bn"], cfg["ns"], cfg.get("num_warps", 4), cfg.get("num_stages", 1),
-            cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, cfg.get("pairs", False), cfg.get("scmn", False),
+            cfg.get("split_k", 1) > 1, cfg.get("stream", 0) > 0, cfg.get("pairs", False),
             cfg.get("maxnreg"),
             k % 4096, n % 256)
 

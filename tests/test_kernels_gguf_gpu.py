@@ -263,12 +263,13 @@ def test_stream_k_gemv_matches_dequantize_then_matmul(qt):
 
 @pytest.mark.parametrize(("qt", "n", "k", "cfg"), [
     (QType.Q4_K, 6144, 5120, dict(bn=64, ns=16, split_k=2, num_stages=3, pairs=True)),
-    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, split_k=3, num_stages=2)),  # a row tile and a K-tile cut
+    # a row tile and a K-tile cut (Q4_K's K a multiple of 1024 for TMA: tiles of 64 sub-blocks, 2048 weights)
+    (QType.Q4_K, 1029, 3072, dict(bn=32, ns=64, split_k=3, num_stages=2)),
     (QType.Q6_K, 5120, 32768, dict(bn=128, ns=16, split_k=8, num_stages=3)),
     (QType.Q8_0, 5120, 4096, dict(bn=64, ns=8, split_k=4, num_stages=4)),
     (QType.Q6_K, 5120, 32768, dict(bn=64, ns=16, stream=2, num_stages=4)),  # stream-K: whole waves, shared row tiles
-    (QType.Q4_K, 1029, 2560, dict(bn=32, ns=32, stream=3, num_stages=2)),
-    (QType.Q4_K, 5120, 32768, dict(bn=64, ns=16, split_k=8, num_stages=2, pairs=True, scmn=True)),  # sc/mn one box
+    (QType.Q4_K, 1029, 3072, dict(bn=32, ns=64, stream=3, num_stages=2)),
+    (QType.Q4_K, 5120, 32768, dict(bn=64, ns=16, split_k=8, num_stages=2, pairs=True)),  # Q4_K ffn_down
     (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=4, num_stages=3, pairs=True)),  # scales as words of two
     (QType.Q6_K, 5120, 32768, dict(bn=32, ns=32, stream=6, num_stages=3, maxnreg=80)),  # registers capped: 6 an SM
     (QType.Q4_K, 65536, 5120, dict(bn=128, ns=16, split_k=1, num_stages=2, maxnreg=128))],  # capped, spilling a little
@@ -508,10 +509,9 @@ def test_quant_linear_on_cuda_matches_the_cpu_layer(qt):
     raw = blocks(qt, n, k, seed=4)
     cpu = QuantLinear(raw, qt, n, k)
     gpu = QuantLinear(raw.to(CUDA), qt, n, k)
-    # planar fields: at most 1.028x the file's bytes (gguf_pack), plus up to ALIGN - 1 bytes of padding
-    # after each field array, which shows at this small size (301 x 768 Q4_K: 1,012 bytes over 1.028x)
+    # planar fields: the file's bytes (gguf_pack), plus up to ALIGN - 1 bytes of padding after each field array
     padding = (ALIGN - 1) * len(FORMATS[qt].fields)
-    assert gpu.weight_q.mode == "planar" and gpu.weight_q.nbytes() <= 1.03 * raw.numel() + padding
+    assert gpu.weight_q.mode == "planar" and gpu.weight_q.nbytes() <= raw.numel() + padding
     for m in (1, 3, 7, 64, 700):
         x = torch.randn(2, m, k)
         close(gpu(x.to(CUDA, torch.bfloat16)), cpu(x.to(torch.bfloat16).float()).to(CUDA), rel=dispatch_rel(qt, 2 * m))

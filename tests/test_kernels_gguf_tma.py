@@ -3,9 +3,10 @@ there) against the streaming GEMV's xq path it shares its arithmetic with, bit f
 dequantized by quant.dequantize; offline for sm_90, that its tiles do come by TMA, without spills, and that nothing
 is loaded or stored before a dependent launch's wait.
 
-Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 2560 in
-tiles of 1024), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
-(Q6_K at 16, or an odd count a row), Q4_K's scales and mins planes as one 3-D box, splits uneven and empty,
+Shapes keep the kernel's cases small: a row tile cut by N (TMA's zero rows), a K-tile cut by K (Q4_K at K = 3072 in
+tiles of 2048; Q4_K's K a multiple of 1024, for its mins plane's 16-byte rows), Q4_K's mins box holding the next tile's
+bytes (16 sub-blocks a tile: 8 bytes of mins in a 16-byte box), the super-block scales read as words of two (Q4_K; Q6_K at 32 sub-blocks a tile) or one by one
+(Q6_K at 16, or an odd count a row), splits uneven and empty,
 stream-K programs spanning two row tiles, 2-4 pipeline stages, a register cap, a bias, the SwiGLU folded into the activation
 quantization, and the dispatcher running a tuned "wide_tma" entry (and the streaming GEMV where it cannot).
 """
@@ -29,12 +30,12 @@ from test_kernels_gguf_wide import random_blocks  # noqa: E402
 
 N = 40
 # (type, K, BN, NS, split, stages, bias)
-CASES = [("Q4_K", 1536, 16, 16, 1, 2, False), ("Q4_K", 1536, 16, 16, 2, 3, True), ("Q4_K", 2560, 32, 32, 2, 2, False),
+CASES = [("Q4_K", 2048, 16, 16, 1, 2, False), ("Q4_K", 2048, 16, 16, 2, 3, True), ("Q4_K", 3072, 32, 64, 2, 2, False),
          ("Q6_K", 768, 16, 16, 1, 3, False), ("Q6_K", 768, 32, 16, 4, 2, True), ("Q6_K", 1024, 16, 32, 2, 3, False),
          ("Q8_0", 768, 32, 8, 2, 4, False), ("Q8_0", 768, 16, 16, 1, 2, True)]
 # stream-K: (type, K, BN, NS, programs per "SM", stages, bias), on a grid of 2 "SMs" so that programs span two row
 # tiles and row tiles are shared by two or three programs
-STREAM_CASES = [("Q4_K", 1536, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
+STREAM_CASES = [("Q4_K", 2048, 16, 16, 2, 2, True), ("Q6_K", 768, 16, 16, 1, 3, False), ("Q8_0", 768, 32, 8, 2, 2, False)]
 
 
 def _run_cases(out_path: str) -> None:
@@ -62,19 +63,6 @@ def _run_cases(out_path: str) -> None:
     # (the last under a register cap: a compile option, the same arithmetic)
     res["stream"] = [both(c, dict(stream=c[4], num_stages=c[5], maxnreg=80 if i == len(STREAM_CASES) - 1 else None),
                           dict(stream=c[4])) for i, c in enumerate(STREAM_CASES)]
-    # Q4_K's scales and mins in one 3-D box (scmn), with the super-block scales one by one and as words of two; on a
-    # row slice too (the planes' distance is the whole weight's)
-    res["scmn"] = []
-    for pairs, rows in ((False, None), (True, None), (True, (8, 40))):
-        raw = random_blocks(QType.Q4_K, N + 8, 1536, g)
-        p = pack(raw, QType.Q4_K, N + 8, 1536)
-        if rows:
-            p = p.row_slice(*rows)
-        x = torch.randn(1, 1536, generator=g)
-        out, ref = torch.full((1, p.n), float("nan")), torch.full((1, p.n), float("nan"))
-        gguf_gemv_tma.gemv(x, p, None, out, bn=16, ns=16, split_k=2, num_stages=3, pairs=pairs, scmn=True)
-        gguf_gemv_wide.gemv(x, p, None, ref, bn=16, ns=16, bm=1, split_k=2, int8=True, xq=True)
-        res["scmn"].append(dict(out=out, wide=ref))
     # the SwiGLU folded into the activation quantization: x is a gate/up projection's [gate | up] rows
     raw = random_blocks(QType.Q4_K, N, 1024, g)
     p = pack(raw, QType.Q4_K, N, 1024)
@@ -148,12 +136,6 @@ def test_super_block_scales_go_as_words_of_two_where_rows_tiles_and_alignment_al
             assert torch.equal(dm.view(torch.float16), p.get("dmin") if p.get("dmin") is not None else p["d"])
 
 
-def test_q4k_scales_and_mins_in_one_box_give_the_streaming_gemvs_output(results):
-    for r in results["scmn"]:
-        assert not r["out"].isnan().any()
-        torch.testing.assert_close(r["out"], r["wide"], rtol=0, atol=0)
-
-
 def test_tma_gemv_folds_the_swiglu_as_the_streaming_gemv_does(results):
     out, wide = results["glu"]
     assert not out.isnan().any()
@@ -168,14 +150,15 @@ def test_dispatcher_runs_a_tuned_tma_entry_at_one_row_and_the_streaming_gemv_abo
 
 def test_which_weights_fit_tma_boxes():
     """Devstral-Small's matrices fit in the tiles the sweep times; rows whose scale arrays are not 16-byte multiples
-    (Q4_K at K = 1280: 40 bytes of sub-block scales), boxes under 16 bytes a row (Q4_K at 8 sub-blocks: 8 bytes of
-    scales) and types without the xq row dot here (Q5_K) do not."""
+    (Q4_K at K = 1280: 40 bytes of sub-block scales; at K = 1536: 24 bytes of their top bits), boxes under 16 bytes a
+    row (Q4_K at 8 sub-blocks: 8 bytes of scales) and types without the xq row dot here (Q5_K) do not."""
     from devstral.kernels.gguf_gemv_tma import fits
 
     for qtype, k, bn, ns in [("Q4_K", 5120, 128, 16), ("Q4_K", 32768, 64, 32), ("Q6_K", 32768, 128, 16),
                              ("Q6_K", 5120, 64, 16), ("Q8_0", 5120, 64, 8), ("Q8_0", 4096, 128, 16)]:
         assert fits(qtype, k, bn, ns), (qtype, k, bn, ns)
-    for qtype, k, bn, ns in [("Q4_K", 1280, 128, 16), ("Q4_K", 5120, 128, 8), ("Q5_K", 5120, 128, 16),
+    for qtype, k, bn, ns in [("Q4_K", 1280, 128, 16), ("Q4_K", 1536, 128, 16), ("Q4_K", 5120, 128, 8),
+                             ("Q5_K", 5120, 128, 16),
                              ("Q4_K", 5120, 512, 16), ("Q8_0", 5120, 64, 4)]:
         assert not fits(qtype, k, bn, ns), (qtype, k, bn, ns)
 
@@ -188,19 +171,17 @@ def _offline() -> dict:
     from devstral.kernels.gguf_gemv_tma import _tma_kernel
 
     out = {}
-    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, Q4_K's scales and mins in one box,
-    # register cap)
-    for qt, bn, ns, stages, stream, pairs, scmn, cap in [
-            (0, 128, 16, 3, False, False, False, None), (0, 64, 16, 4, False, True, False, None),
-            (0, 64, 16, 4, False, True, True, None), (2, 128, 16, 3, False, False, False, None),
-            (2, 32, 32, 3, True, True, False, None), (3, 64, 8, 4, False, False, False, None),
-            (3, 32, 32, 4, True, False, False, None), (2, 32, 32, 3, True, False, False, None),
-            (2, 32, 32, 3, True, False, False, 80), (0, 64, 16, 2, True, False, False, None),
-            (0, 64, 16, 2, True, False, False, 104)]:
+    # (type code, BN, NS, stages, stream-K, super-block scales as words of two, register cap)
+    for qt, bn, ns, stages, stream, pairs, cap in [
+            (0, 128, 16, 3, False, False, None), (0, 64, 16, 4, False, True, None),
+            (2, 128, 16, 3, False, False, None), (2, 32, 32, 3, True, True, None), (3, 64, 8, 4, False, False, None),
+            (3, 32, 32, 4, True, False, None), (2, 32, 32, 3, True, False, None), (2, 32, 32, 3, True, False, 80),
+            (0, 64, 16, 2, True, False, None), (0, 64, 16, 2, True, False, 104)]:
         sb, wps = {0: (32, 4), 2: (16, 2), 3: (32, 8)}[qt]
         q = f"tensordesc<i32[{bn},{ns * wps}]>"
-        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<u8[{'2,' if scmn else ''}{bn},{ns}]>",
-                          mn_desc=q if scmn else f"tensordesc<u8[{bn},{ns}]>"),
+        # Q4_K's sc and mn planes as words (gguf_gemv_tma._WORD_VIEWS), the mn box 16 bytes a row at least
+        fields = {0: dict(qh_desc=q, sc_desc=f"tensordesc<i32[{bn},{ns // 4}]>",
+                          mn_desc=f"tensordesc<i16[{bn},{max(ns // 4, 8)}]>"),
                   2: dict(qh_desc=f"tensordesc<i16[{bn},{ns * wps}]>", sc_desc=f"tensordesc<i8[{bn},{ns}]>", mn_desc=q),
                   3: dict(qh_desc=q, sc_desc=f"tensordesc<fp16[{bn},{ns}]>", mn_desc=q)}[qt]
         sig = {"xq_ptr": "*i32", "out_ptr": "*bf16", "bias_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -208,7 +189,7 @@ def _offline() -> dict:
                "N": "i32", "K": "i32", "s_d": "i32", "SPLIT_K": "i32"}
         const = dict(QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=ns if qt == 3 else ns * sb // 256, SPLIT=not stream,
                      HAS_BIAS=False, EVEN_K=True, STAGES=stages, ASM=True, PDL=True, STREAM=stream,
-                     PAIRS=pairs, SCMN=scmn)
+                     PAIRS=pairs)
         k = sass_stats.compile_kernel(_tma_kernel, sig, const,
                                       div16=("xq_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "d_ptr", "dm_ptr", "N", "K"),
                                       num_stages=stages, launch_pdl=True, **({"maxnreg": cap} if cap else {}))
@@ -216,7 +197,7 @@ def _offline() -> dict:
         ptx = k.asm["ptx"]
         head = ptx[:ptx.find("griddepcontrol.wait")]
         name = f"{qt}_{bn}_{ns}_{stages}_{'stream' if stream else 'split'}{'_pairs' if pairs else ''}"
-        name += ("_scmn" if scmn else "") + (f"_cap{cap}" if cap else "")
+        name += f"_cap{cap}" if cap else ""
         out[name] = {
             "registers": sass_stats.registers(k.asm["cubin"]),
             "inner_loop": sass_stats.innermost_loop_stats(sass, "IDP").instructions,
@@ -235,11 +216,6 @@ def offline():
     if not sass_stats.tools_available(("ptxas", "nvdisasm", "cuobjdump")):
         pytest.skip("Triton's ptxas / nvdisasm / cuobjdump not shipped on this platform")
     return sass_stats.offline_json(__file__, "--offline")
-
-
-def test_q4k_scales_and_mins_in_one_box_take_a_third_fewer_tma_copies(offline):
-    """q, sc and mn are three copies a K-tile (each with its barriers); q and one [2, BN, NS] box are two."""
-    assert offline["0_64_16_4_split_pairs_scmn"]["tma_loads"] * 3 == offline["0_64_16_4_split_pairs"]["tma_loads"] * 2
 
 
 def test_a_register_cap_buys_occupancy_without_spills_or_a_longer_loop(offline):

@@ -71,10 +71,57 @@ def test_row_concatenation_and_row_slices_give_back_every_byte(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_repacked_weights_stay_within_the_memory_budget(qtype):
-    for n, k in DEVSTRAL_SHAPES:
-        ratio = packed_nbytes(qtype, n, k) / (n * row_bytes(qtype, k))
-        assert 1.0 <= ratio <= 1.03, (qtype.name, n, k, ratio)
+def test_repacked_weights_are_the_files_bytes_plus_alignment(qtype):
+    """Every type's planar fields hold exactly the file's bytes a row (Q4_K 144 a 256-weight block, Q5_K 176, Q6_K 210,
+    Q8_0 34 a 32-weight block); the buffer adds only each field's padding to ALIGN bytes."""
+    from devstral.kernels.gguf_pack import ALIGN
+
+    fmt = FORMATS[qtype]
+    for n, k in DEVSTRAL_SHAPES + [(7, 512), (1, 256), (33, 1024), (301, 768)]:
+        sizes = [n * (k // per) * torch.empty((), dtype=dt).element_size() for _, dt, per in fmt.fields]
+        assert sum(sizes) == n * row_bytes(qtype, k), (qtype.name, n, k)
+        assert packed_nbytes(qtype, n, k) == sum(-(-size // ALIGN) * ALIGN for size in sizes), (qtype.name, n, k)
+
+
+@pytest.mark.parametrize(("qtype", "block_bytes"), [(QType.Q4_K, 144), (QType.Q5_K, 176)], ids=["Q4_K", "Q5_K"])
+def test_q4k_q5k_scales_and_mins_take_the_files_12_bytes_a_super_block(qtype, block_bytes):
+    """The 6-bit sub-block scales and mins of Q4_K/Q5_K are packed as in gguf_pack's docstring: sc one byte a sub-block
+    (low nibble: the scale's low 4 bits, high nibble: the min's), mn one byte per two sub-blocks (sub-block j: nibble
+    j & 1 of byte j // 2, bits 0-1 the scale's top 2 bits, bits 2-3 the min's): 12 bytes a super-block, the file's.
+    Built from chosen values (every 6-bit scale and min at even and at odd j, in blocks encoded here by the GGUF rule),
+    packed, checked field by field, and unpacked to the same blocks byte for byte."""
+    from devstral.kernels.gguf_pack import k4_scale_min_planar
+    from devstral.quant.dequant import k4_scale_min
+
+    g = torch.Generator().manual_seed(11)
+    nb = 32  # 256 sub-blocks: 128 even and 128 odd, each value twice at either parity
+    j = torch.arange(8).repeat(nb, 1)
+    slot = torch.arange(nb).reshape(nb, 1) * 4 + j // 2  # 0..127 within each parity
+    scale = (slot % 64).to(torch.uint8)
+    mins = ((slot * 37 + 5 * (j % 2) + 11) % 64).to(torch.uint8)  # another order, pairs differ between parities
+    for v in range(64):
+        for parity in (0, 1):
+            assert ((scale == v) & (j % 2 == parity)).any() and ((mins == v) & (j % 2 == parity)).any()
+    # the 12 bytes by llama.cpp's get_scale_min_k4, inverted: sub-blocks 0-3 in bytes 0-3 (scales) and 4-7 (mins),
+    # sub-blocks 4-7 as low nibbles in bytes 8-11 and top 2 bits in bits 6-7 of bytes 0-7
+    packed = torch.cat((scale[:, :4] | ((scale[:, 4:] >> 4) << 6), mins[:, :4] | ((mins[:, 4:] >> 4) << 6),
+                        (scale[:, 4:] & 0x0F) | ((mins[:, 4:] & 0x0F) << 4)), dim=1)
+    sc_file, mn_file = k4_scale_min(packed)
+    assert torch.equal(sc_file, scale) and torch.equal(mn_file, mins)  # the file decoder reads them back
+    blocks = torch.randint(0, 256, (nb, block_bytes), dtype=torch.uint8, generator=g)
+    blocks[:, 0:4] = torch.tensor([0.01, 0.002], dtype=torch.float16).view(torch.uint8)
+    blocks[:, 4:16] = packed
+    n, k = 4, nb * 256 // 4  # 4 rows of 8 super-blocks
+    raw = blocks.reshape(n, -1)
+    p = pack(raw, qtype, n, k)
+    assert p["sc"].shape == (n, k // 32) and p["mn"].shape == (n, k // 64)
+    assert sum(a.numel() * a.element_size() for a in p.arrays.values()) == n * k // 256 * block_bytes
+    s6, m6 = scale.reshape(n, -1), mins.reshape(n, -1)
+    assert torch.equal(p["sc"], (s6 & 0x0F) | ((m6 & 0x0F) << 4))
+    top = (s6 >> 4) | ((m6 >> 4) << 2)  # a nibble per sub-block
+    assert torch.equal(p["mn"], top[:, 0::2] | (top[:, 1::2] << 4))
+    assert torch.equal(torch.stack(k4_scale_min_planar(p["sc"], p["mn"])), torch.stack((s6, m6)))
+    assert torch.equal(unpack(p), raw)
 
 
 def test_repack_errors_name_the_tensor():

@@ -107,10 +107,13 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
 
 
 def field_args(p: PackedGGUF) -> tuple:
-    """(q, qh, sc, mn, d, dmin) pointers, absent fields replaced by q, and the row strides."""
+    """(q, qh, sc, mn, d, dmin) pointers, absent fields replaced by q, and the row strides of q, qh, sc and d
+    (Q4_K/Q5_K's mn plane has rows half as long as sc's: the kernels address it with s_sc // 2)."""
     q = p["q"]
     arrs = [p.get(name) if p.get(name) is not None else q for name in ("qh", "sc", "mn", "d", "dmin")]
     strides = (q.stride(0), arrs[0].stride(0), arrs[1].stride(0), arrs[3].stride(0))
+    if p.get("mn") is not None and 2 * arrs[2].stride(0) != arrs[1].stride(0):
+        raise ValueError("the mn plane's row stride must be half the sc plane's (the kernels derive it)")
     return (q, *arrs), strides
 
 

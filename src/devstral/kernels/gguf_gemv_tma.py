@@ -41,7 +41,7 @@ from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 TMA_MIN_BOX_BYTES = 16  # a box row (and every row stride) is a multiple of 16 bytes
 # launch-config keys only this kernel takes: dropped where the register-loop GEMV runs a "wide_tma" entry instead
-TMA_ONLY_KEYS = ("num_stages", "pairs", "scmn", "maxnreg")
+TMA_ONLY_KEYS = ("num_stages", "pairs", "maxnreg")
 
 
 @triton.jit
@@ -64,10 +64,25 @@ def _sub_block_scales(ptr, rows, row_ok, s_d, t, K, BN: tl.constexpr, NS: tl.con
 
 
 @triton.jit
+def _sub_block_mins(mn_desc, r0, t, BN: tl.constexpr, NS: tl.constexpr):
+    """Q4_K's mn plane for tile t as gguf_gemv_wide._scales takes it: 16-bit words of four sub-blocks' nibbles,
+    [BN, NS // 4]. The box is max(NS // 4, 8) words a row (a TMA box row is 16 bytes at least). At NS = 16 a tile has
+    8 bytes of them: the box starts on a 16-byte boundary (Triton's interpreter requires it of a box's start; on the
+    GPU two tiles then read one box) and holds tiles 2i and 2i + 1, of which this tile's half is kept."""
+    if NS // 4 < 8:
+        tl.static_assert(NS == 16, "Q4_K TMA tiles of 16 sub-blocks or more (the scales' box is NS bytes a row)")
+        pair = tl.permute(tl.reshape(mn_desc.load([r0, (t // 2) * 8]), (BN, 2, NS // 4)), (0, 2, 1))
+        even, odd = tl.split(pair)
+        h = tl.where(t % 2 == 0, even, odd)
+    else:
+        h = mn_desc.load([r0, t * (NS // 4)])
+    return h.to(tl.uint16, bitcast=True)
+
+
+@triton.jit
 def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo, t_hi, N, K, s_d,
               QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-              SCMN: tl.constexpr):
+              NSB: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
     """Rows r0..r0+BN-1 summed over K-tiles t_lo..t_hi-1 through the TMA pipeline: [BN, 1]."""
     rows = r0 + tl.arange(0, BN)
     row_ok = rows[:, None] < N
@@ -84,20 +99,18 @@ def _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r0, t_lo
             dm = d
             mn = d
         else:
-            if SCMN:  # Q4_K's scales and mins planes as one [2, BN, NS] box: one TMA copy and its barriers fewer
-                sc, mn = tl.split(tl.permute(sc_desc.load([0, r0, t * NS]), (1, 2, 0)))
-            else:
+            if QT == 2:
                 sc = sc_desc.load([r0, t * NS])
-                if QT == 2:
-                    mn = sc
-                else:
-                    mn = mn_desc.load([r0, t * NS])
+                mn = sc
+            else:  # Q4_K: int32 words of four sub-blocks' sc bytes, and their mn nibbles
+                sc = sc_desc.load([r0, t * (NS // 4)])
+                mn = _sub_block_mins(mn_desc, r0, t, BN, NS)
             d = _sub_block_scales(d_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
             if QT == 2:
                 dm = d
             else:
                 dm = _sub_block_scales(dm_ptr, rows, row_ok, s_d, t, K, BN, NS, NSB, PAIRS)
-        c1, c0 = tile_scales(d, sc, dm, mn, QT)
+        c1, c0 = tile_scales(d, sc, dm, mn, QT, BN, NS)
         acc += row_dot_xq(tl.reshape(words, (BN, NS, WPS)), tl.reshape(hi, (BN, NS, WPS)), xq_ptr, t, r0 >= 0, K, c1,
                           c0, QT, SB, NS, WPS, EVEN_K, ASM)
     return tl.sum(acc, axis=1)[:, None]
@@ -108,8 +121,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                 N, K, s_d, SPLIT_K,
                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                 NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr,
-                SCMN: tl.constexpr):
+                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(K // SB, NS)
     if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
@@ -124,7 +136,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         for r in range(u_lo // n_tiles, tl.cdiv(u_hi, n_tiles)):
             res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, r * BN,
                             tl.maximum(u_lo - r * n_tiles, 0), tl.minimum(u_hi - r * n_tiles, n_tiles), N, K, s_d,
-                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM, PAIRS, SCMN)
+                            QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM, PAIRS)
             g0 = ((r * n_tiles + 1) * G - 1) // units  # the programs sharing row tile r: first and last
             g1 = ((r + 1) * n_tiles * G - 1) // units
             store_share(res, r * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -137,7 +149,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         t_lo = pid_k * per_split
         res = _row_tile(xq_ptr, q_desc, qh_desc, sc_desc, mn_desc, d_ptr, dm_ptr, pid * BN, t_lo,
                         tl.minimum(t_lo + per_split, n_tiles), N, K, s_d, QT, SB, WPS, BN, NS, NSB, EVEN_K, STAGES, ASM,
-                        PAIRS, SCMN)
+                        PAIRS)
         if PDL:
             gdc_launch_dependents()
         store_output(res, pid * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
@@ -147,8 +159,9 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
 @functools.cache
 def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
     """Whether a [*, k] weight of this type can be read as TMA tiles of bn rows and ns sub-blocks: Q4_K, Q6_K or
-    Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes, boxes of at
-    most 256 elements a side, and the K-quants' tiles whole super-blocks (their fp16 scales' plain loads)."""
+    Q8_0, every TMA field's row (k over its weights an element) and box row a multiple of 16 bytes (Q4_K: K a
+    multiple of 1024 for its mins plane, K / 64 bytes a row; 16 sub-blocks a tile or more for its scales' box), boxes
+    of at most 256 elements a side, and the K-quants' tiles whole super-blocks (their fp16 scales' plain loads)."""
     from devstral.kernels.gguf_pack import FORMATS
     from devstral.quant import QType
 
@@ -162,6 +175,10 @@ def fits(qtype: str, k: int, bn: int, ns: int) -> bool:
     for name, (_, cols) in _box_shapes(qt, bn, ns).items():
         dt, weights = per[name]
         size = torch.empty((), dtype=dt).element_size()
+        view = _WORD_VIEWS.get((qt, name))
+        if view is not None:  # read as wider words: as many more weights an element
+            weights *= torch.empty((), dtype=view).element_size() // size
+            size = torch.empty((), dtype=view).element_size()
         if k % weights or ((k // weights) * size) % 16 or (cols * size) % TMA_MIN_BOX_BYTES:
             return False
     return True
@@ -171,6 +188,16 @@ def supports(p: PackedGGUF, bn: int, ns: int) -> bool:
     """fits() for this weight, and its TMA fields 16-byte aligned where they start (a row slice may not be)."""
     return fits(p.qtype.name, p.k, bn, ns) and all(p[name].data_ptr() % 16 == 0
                                                     for name in _box_shapes(qt_code(p.qtype), bn, ns))
+
+
+# Q4_K's sc and mn planes (QT code 0) go by TMA as words, as gguf_gemv_wide._scales decodes them: int32 words of four
+# sub-blocks' sc bytes, 16-bit words of their four mn nibbles
+_WORD_VIEWS = {(0, "sc"): torch.int32, (0, "mn"): torch.int16}
+
+
+def _tma_array(p: PackedGGUF, name: str) -> torch.Tensor:
+    view = _WORD_VIEWS.get((qt_code(p.qtype), name))
+    return p[name] if view is None else p[name].view(view)
 
 
 def usable(p: PackedGGUF, bn: int, ns: int, device: torch.device) -> bool:
@@ -190,12 +217,10 @@ def _box_shapes(qt: int, bn: int, ns: int) -> dict[str, tuple[int, int]]:
     wps = GEOMETRY[qt][1]
     if qt == 3:
         return {"q": (bn, ns * wps), "d": (bn, ns)}
-    boxes = {"q": (bn, ns * wps), "sc": (bn, ns)}
     if qt == 2:
-        boxes["qh"] = (bn, ns * wps)
-    else:
-        boxes["mn"] = (bn, ns)
-    return boxes
+        return {"q": (bn, ns * wps), "sc": (bn, ns), "qh": (bn, ns * wps)}
+    # Q4_K: words (_WORD_VIEWS); the mins plane's ns / 2 bytes a tile in a box of 16 bytes at least (_sub_block_mins)
+    return {"q": (bn, ns * wps), "sc": (bn, ns // 4), "mn": (bn, max(ns // 4, TMA_MIN_BOX_BYTES // 2))}
 
 
 def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
@@ -204,32 +229,22 @@ def descriptors(p: PackedGGUF, bn: int, ns: int) -> dict[str, TensorDescriptor]:
     cache = p.__dict__.setdefault("_tma_descriptors", {})
     hit = cache.get((bn, ns))
     if hit is None:
-        hit = cache[(bn, ns)] = {name: TensorDescriptor(p[name], list(p[name].shape), list(p[name].stride()), list(box))
+        hit = cache[(bn, ns)] = {name: _descriptor(_tma_array(p, name), box)
                                  for name, box in _box_shapes(qt_code(p.qtype), bn, ns).items()}
     return hit
 
 
-def scales_and_mins_descriptor(p: PackedGGUF, bn: int, ns: int) -> TensorDescriptor:
-    """Q4_K's sub-block scales and mins as one 3-D TMA tensor [2, N, K / 32]: the two planes sit a fixed distance
-    apart in the weight's buffer (a multiple of gguf_pack.ALIGN bytes, so a legal TMA stride), so one box [2, bn, ns]
-    brings a tile of both. Kept beside the 2-D descriptors."""
-    cache = p.__dict__.setdefault("_tma_descriptors", {})
-    hit = cache.get(("scmn", bn, ns))
-    if hit is None:
-        sc, mn = p["sc"], p["mn"]
-        both = torch.as_strided(sc, (2, *sc.shape), (mn.data_ptr() - sc.data_ptr(), *sc.stride()))
-        hit = cache[("scmn", bn, ns)] = TensorDescriptor(both, list(both.shape), list(both.stride()), [2, bn, ns])
-    return hit
+def _descriptor(a: torch.Tensor, box: tuple[int, int]) -> TensorDescriptor:
+    return TensorDescriptor(a, list(a.shape), list(a.stride()), list(box))
 
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
          split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
-         stream: int = 0, pairs: bool = False, scmn: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+         stream: int = 0, pairs: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
-    prefetches them (_sub_block_scales); scmn: Q4_K's scales and mins in one TMA copy (scales_and_mins_descriptor). Both
-    off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
+    prefetches them (_sub_block_scales); off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
     the programs an SM can hold are set by registers first (65536 an SM; Q6_K 32 x 32 stream-K takes 123 a thread
     uncapped, four programs of 128 threads, and 80 capped without spilling, six), so a tuned entry may trade them for
     occupancy.
@@ -257,8 +272,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     q_desc = desc["q"]
     nsb = ns if qt == 3 else ns * sb // 256
     d_ptr, dm_ptr, pairs = _super_block_scales(p, nsb, pairs)
-    scmn = scmn and qt == 0
-    sc_desc = scales_and_mins_descriptor(p, bn, ns) if scmn else desc["d"] if qt == 3 else desc["sc"]
+    sc_desc = desc["d"] if qt == 3 else desc["sc"]
     on = pdl.enabled(x.device)
     _tma_kernel[grid](
         xq, out, bias if bias is not None else out, ws, counters(x.device),
@@ -266,7 +280,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, PAIRS=pairs, SCMN=scmn, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
+        STREAM=use_stream, PAIRS=pairs, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 

@@ -13,7 +13,9 @@ and layout conversions. Here:
   owns whole sub-blocks (Q4_K/Q5_K one, Q6_K two, Q8_0 half of one) of R = BN * NS * WPS /
   (128 * num_warps) rows; the per-sub-block sums stay in the thread. NS of 16-32 (a warp reading
   256-512 contiguous bytes of a row) measured faster than 8 for the big Q4_K/Q6_K matrices. Only the
-  scales ([BN, NS], a few bytes per row) change layout once per tile.
+  scales ([BN, NS], a few bytes per row) change layout once per tile. Q4_K/Q5_K's 6-bit scales and mins
+  (the file's 12 bytes a super-block, gguf_pack.py) are loaded as words and decoded four sub-blocks an
+  integer op (_k4_words, _k4_scale_min_f32).
 * Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
   Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
   partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
@@ -39,7 +41,8 @@ and layout conversions. Here:
 `reference()` below is the same computation in PyTorch (the CPU twin the tests compare against
 quant.dequantize + matmul). kernels/sass_stats.py compiles this kernel for sm_90 without a GPU and
 counts SASS instructions per weight in its loop (tests/test_kernels_gguf_wide.py bounds it): Q4_K
-3.65, Q8_0 4.3, Q5_K 6.8, Q6_K 7.2 at 8 rows per thread, against 5.2, 4.7 and 11.2 for gguf_gemv.py.
+3.65, Q8_0 4.3, Q5_K 6.8, Q6_K 7.2 at 8 rows per thread, against 5.2, 4.7 and 11.2 for gguf_gemv.py
+(Q4_K 3.75 and Q5_K 6.9 since their scales and mins are packed in 12 bytes a super-block).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import gguf_xq, pdl
-from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, qt_code
+from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, k4_scale_min, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import (
@@ -110,15 +113,12 @@ def _level_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr, ASM: tl.constexp
 
 
 @triton.jit
-def _u8_to_f32(v):
-    """0..255 (any int type) -> fp32 without I2F (a quarter-rate instruction): 2^23 + v, minus 2^23."""
-    return (v.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j2, ok, s_sc, s_d, QT: tl.constexpr, SB: tl.constexpr,
-                 EVEN: tl.constexpr):
-    """Raw scale fields of sub-blocks j2 of rows n2 ([BN, NS]); decoded later by _scales."""
+def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, t, n_sub, s_sc, s_d, QT: tl.constexpr, SB: tl.constexpr,
+                 NS: tl.constexpr, EVEN: tl.constexpr):
+    """Raw scale fields of tile t's NS sub-blocks of rows n2 ([BN, 1]; row_ok: n2 < N); decoded later by _scales.
+    Q4_K/Q5_K's sc and mn planes come as words (_k4_words), the other fields one element a sub-block ([BN, NS])."""
+    j2 = t * NS + tl.arange(0, NS)[None, :]
+    ok = row_ok & (j2 < n_sub)
     if QT == 3:
         if EVEN:
             d = tl.load(d_ptr + n2 * s_d + j2)
@@ -131,40 +131,97 @@ def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, j2, ok, s_sc, s_d, QT: tl.co
         blk = j2 // (256 // SB)
         if EVEN:
             d = tl.load(d_ptr + n2 * s_d + blk)
-            sc = tl.load(sc_ptr + n2 * s_sc + j2)
         else:
             d = tl.load(d_ptr + n2 * s_d + blk, mask=ok, other=0.0)
-            sc = tl.load(sc_ptr + n2 * s_sc + j2, mask=ok, other=0)
         if QT == 2:
+            if EVEN:
+                sc = tl.load(sc_ptr + n2 * s_sc + j2)
+            else:
+                sc = tl.load(sc_ptr + n2 * s_sc + j2, mask=ok, other=0)
             dm = d
             mn = sc
         else:
             if EVEN:
                 dm = tl.load(dm_ptr + n2 * s_d + blk)
-                mn = tl.load(mn_ptr + n2 * s_sc + j2)
             else:
                 dm = tl.load(dm_ptr + n2 * s_d + blk, mask=ok, other=0.0)
-                mn = tl.load(mn_ptr + n2 * s_sc + j2, mask=ok, other=0)
+            sc, mn = _k4_words(sc_ptr, mn_ptr, n2, row_ok, t, n_sub, s_sc, NS, EVEN)
     return d, sc, dm, mn
 
 
 @triton.jit
-def _scales(d, sc, dm, mn, QT: tl.constexpr):
+def _k4_words(sc_ptr, mn_ptr, n2, row_ok, t, n_sub, s_sc, NS: tl.constexpr, EVEN: tl.constexpr):
+    """Q4_K/Q5_K's sc and mn planes for tile t as words of G = min(NS, 4) sub-blocks, [BN, NS // G] each: G sc bytes
+    (an int32 or uint16 word) and G mn nibbles (a uint16 word or a byte). _scales then decodes G sub-blocks an integer
+    op (k4_scale_min on whole words), and a thread loads a row's scales a few bytes at a time. A row holds a multiple
+    of 8 sub-blocks (whole super-blocks), so a word is all in the row or all past it."""
+    G: tl.constexpr = min(NS, 4)
+    tl.static_assert(G >= 2, "Q4_K/Q5_K tiles of 2 sub-blocks or more")
+    if G == 4:
+        sc_t: tl.constexpr = tl.int32
+        mn_t: tl.constexpr = tl.uint16
+    else:
+        sc_t: tl.constexpr = tl.uint16
+        mn_t: tl.constexpr = tl.uint8
+    w2 = t * (NS // G) + tl.arange(0, NS // G)[None, :]
+    sc_w = sc_ptr.to(tl.pointer_type(sc_t)) + n2 * (s_sc // G) + w2
+    mn_w = mn_ptr.to(tl.pointer_type(mn_t)) + n2 * (s_sc // G) + w2  # mn rows: half the sc plane's bytes
+    if EVEN:
+        sc = tl.load(sc_w)
+        mn = tl.load(mn_w)
+    else:
+        w_ok = row_ok & (w2 * G < n_sub)
+        sc = tl.load(sc_w, mask=w_ok, other=0)
+        mn = tl.load(mn_w, mask=w_ok, other=0)
+    return sc, mn
+
+
+@triton.jit
+def _k4_values(w, BN: tl.constexpr, NS: tl.constexpr):
+    """Words of G = min(NS, 4) 6-bit values (byte k: sub-block G i + k) -> fp32 [BN, NS], no byte extracted: byte k
+    or-ed into the mantissa of 2^23 where it lies is 2^23 + v 256^k, and one FADD or FMA by a power of two takes v
+    out, exactly. Byte 3 is shifted to byte 2's place first (its bits would reach the exponent)."""
+    G: tl.constexpr = min(NS, 4)
+    f0 = ((w & 0x3F) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    f1 = tl.fma(((w & 0x3F00) | 0x4B000000).to(tl.float32, bitcast=True), 1.0 / 256.0, -32768.0)
+    if G == 2:
+        return tl.reshape(tl.join(f0, f1), (BN, NS))
+    f2 = tl.fma(((w & 0x3F0000) | 0x4B000000).to(tl.float32, bitcast=True), 1.0 / 65536.0, -128.0)
+    f3 = tl.fma((((w >> 8) & 0x3F0000) | 0x4B000000).to(tl.float32, bitcast=True), 1.0 / 65536.0, -128.0)
+    return tl.reshape(tl.join(tl.join(f0, f2), tl.join(f1, f3)), (BN, NS))  # [.., word, k // 2, k % 2]
+
+
+@triton.jit
+def _k4_scale_min_f32(sc, mn, BN: tl.constexpr, NS: tl.constexpr):
+    """_k4_words' sc and mn words -> Q4_K/Q5_K's 6-bit sub-block scales and mins, fp32 [BN, NS] each."""
+    # the mn word's G nibbles (nibble k: sub-block G i + k) to the low nibbles of bytes 0..G-1 (k4_scale_min's hl):
+    # a 16-bit word's two bytes to bytes 0 and 2, then each byte's high nibble into the next byte's low one (what
+    # is left in the high nibbles k4_scale_min ignores)
+    x = mn.to(tl.int32)
+    x = (x | (x << 8)) & 0x00FF00FF
+    scale, mins = k4_scale_min(sc.to(tl.int32), x | (x << 4))
+    return _k4_values(scale, BN, NS), _k4_values(mins, BN, NS)
+
+
+@triton.jit
+def _scales(d, sc, dm, mn, QT: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr):
     """(c1, c0) per sub-block as the row dots use them: weight = c1 * f + c0 for f from _level_f
-    (Q5_K, Q6_K, Q8_0); Q4_K as _row_dot_q4k says."""
+    (Q5_K, Q6_K, Q8_0); Q4_K as _row_dot_q4k says. [BN, NS] each, from _load_scales' fields."""
     d = d.to(tl.float32)
     if QT == 3:
         c1 = 256.0 * d  # q = 256 f - 384
         c0 = -384.0 * d
-    elif QT == 0:
-        c1 = 128.0 * (d * _u8_to_f32(sc))  # _row_dot_q4k: weight = d sc q - dmin mn
-        c0 = -(dm.to(tl.float32) * _u8_to_f32(mn))
     elif QT == 2:
         c1 = 64.0 * (d * sc.to(tl.float32))  # int8 scale: q - 32 = 64 f - 96
         c0 = -1.5 * c1
     else:
-        c1 = 32.0 * (d * _u8_to_f32(sc))  # Q5_K
-        c0 = -(c1 + dm.to(tl.float32) * _u8_to_f32(mn))
+        scale, mins = _k4_scale_min_f32(sc, mn, BN, NS)
+        if QT == 0:
+            c1 = 128.0 * (d * scale)  # _row_dot_q4k: weight = d sc q - dmin mn
+            c0 = -(dm.to(tl.float32) * mins)
+        else:
+            c1 = 32.0 * (d * scale)  # Q5_K
+            c0 = -(c1 + dm.to(tl.float32) * mins)
     return c1, c0
 
 
@@ -507,7 +564,7 @@ def _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, 
         words = words ^ XOR_SIGN_BYTES
     w3 = tl.reshape(words, (BN, NS, WPS))
     h3 = tl.reshape(hi, (BN, NS, WPS))
-    c1, c0 = _scales(d, sc, dm, mn, QT)
+    c1, c0 = _scales(d, sc, dm, mn, QT, BN, NS)
     if XQ:
         acc0 += _row_dot_xq(w3, h3, xp0, t, m0 < M, K, c1, c0, QT, SB, NS, WPS, EVEN_K, ASM)
         if BM > 1:
@@ -540,7 +597,6 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
     n2 = rows[:, None]
     row_ok = n2 < N
     c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
-    jn2 = tl.arange(0, NS)[None, :]
     n_sub = K // SB
     n_tiles = tl.cdiv(n_sub, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
@@ -566,8 +622,7 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         for t in tl.range(t_lo, t_hi, num_stages=STAGES):
             w_ok = row_ok & (t * NS * WPS + c < n_sub * WPS)
             words, hi = _load_words(q_ptr, qh_ptr, n2, t * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN, UNPACK)
-            s_ok = row_ok & (t * NS + jn2 < n_sub)
-            d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t * NS + jn2, s_ok, s_sc, s_d, QT, SB,
+            d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, t, n_sub, s_sc, s_d, QT, SB, NS,
                                          EVEN)
             acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
                                            M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
@@ -576,8 +631,7 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         t0 = tl.minimum(t_lo, n_tiles - 1)
         w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
         words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN, UNPACK)
-        s_ok = row_ok & (t0 * NS + jn2 < n_sub)
-        d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, t0 * NS + jn2, s_ok, s_sc, s_d, QT, SB, EVEN)
+        d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, t0, n_sub, s_sc, s_d, QT, SB, NS, EVEN)
         if WAIT:  # the first tile's weights are on their way; the activations come from the kernel before
             gdc_wait()
         if STAGES == 0:  # the program's only tile (one_tile()): no next-tile buffer, nothing loaded after the wait
@@ -592,9 +646,8 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
                 wn_ok = row_ok & (tn * NS * WPS + c < n_sub * WPS)
                 words_n, hi_n = _load_words(q_ptr, qh_ptr, n2, tn * NS * WPS + c, wn_ok, s_q, s_qh, QT, EVEN,
                                             UNPACK)
-                sn_ok = row_ok & (tn * NS + jn2 < n_sub)
-                d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, tn * NS + jn2, sn_ok, s_sc, s_d,
-                                                     QT, SB, EVEN)
+                d_n, sc_n, dm_n, mn_n = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, tn, n_sub, s_sc, s_d,
+                                                     QT, SB, NS, EVEN)
                 acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, m0,
                                                M, K, one, QT, SB, WPS, E, BN, NS, BM, EVEN_K, ASM, INT8, XQ)
                 words, hi, d, sc, dm, mn = words_n, hi_n, d_n, sc_n, dm_n, mn_n
@@ -889,7 +942,7 @@ def stream_shares(units: int, programs: int, n_tiles: int) -> int:
 def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch (fp32): per sub-block c1 * sum(f x) + c0 * sum(x) from the
     planar fields, f = 1 + q / 2^bits. Equal to dequantize(W) @ x up to fp32 rounding."""
-    from devstral.kernels.gguf_pack import FORMATS, _from_words, _high_from_planar
+    from devstral.kernels.gguf_pack import FORMATS, _from_words, _high_from_planar, k4_scale_min_planar
 
     fmt = FORMATS[p.qtype]
     qt = qt_code(p.qtype)
@@ -908,9 +961,11 @@ def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) 
         c0 = -384.0 * d
     else:
         dd = d.repeat_interleave(256 // sub, dim=1)
-        sc = p["sc"].float()
-        c1 = (64.0 if qt == 2 else 16.0 if qt == 0 else 32.0) * dd * sc
-        c0 = -1.5 * c1 if qt == 2 else -(c1 + p["dmin"].float().repeat_interleave(256 // sub, dim=1) * p["mn"].float())
+        sc = p["sc"]
+        if qt != 2:
+            sc, mn = k4_scale_min_planar(sc, p["mn"])
+        c1 = (64.0 if qt == 2 else 16.0 if qt == 0 else 32.0) * dd * sc.float()
+        c0 = -1.5 * c1 if qt == 2 else -(c1 + p["dmin"].float().repeat_interleave(256 // sub, dim=1) * mn.float())
     xf = x.float().reshape(-1, n_sub, sub)
     fx = torch.einsum("nju,mju->mnj", f.reshape(p.n, n_sub, sub), xf)
     y = (fx * c1[None] + xf.sum(-1)[:, None, :] * c0[None]).sum(-1)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, dp4a, qt_code, spread_pairs
+from devstral.kernels.gguf_decode import GEOMETRY, dp4a, k4_scale_min, k4_top_bits, qt_code, spread_pairs
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
@@ -114,16 +114,17 @@ def _idot_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         else:
             blk = j // (256 // SB)
             d = tl.load(d_ptr + n2 * s_d + blk, mask=s_ok, other=0.0).to(tl.float32)
-            sc = tl.load(sc_ptr + n2 * s_sc + j, mask=s_ok, other=0).to(tl.float32)
-            dl = d * sc
+            sc = tl.load(sc_ptr + n2 * s_sc + j, mask=s_ok, other=0)
             if QT == 2:
+                dl = d * sc.to(tl.float32)
                 qsum = tl.sum(tl.reshape(xq, (BM, NS, SB)), axis=2).to(tl.float32)
                 acc += (dl[None, :, :] * dx[:, None, :]) * (isum - 32.0 * qsum[:, None, :])
             else:
+                sc, mn = k4_scale_min(sc.to(tl.int32), k4_top_bits(mn_ptr, n2, j, s_ok, s_sc))
+                dl = d * sc.to(tl.float32)
                 dm = tl.load(dm_ptr + n2 * s_d + blk, mask=s_ok, other=0.0).to(tl.float32)
-                mn = tl.load(mn_ptr + n2 * s_sc + j, mask=s_ok, other=0).to(tl.float32)
                 xsum = tl.sum(xf3, axis=2)
-                acc += (dl[None, :, :] * dx[:, None, :]) * isum - (dm * mn)[None, :, :] * xsum[:, None, :]
+                acc += (dl[None, :, :] * dx[:, None, :]) * isum - (dm * mn.to(tl.float32))[None, :, :] * xsum[:, None, :]
     res = tl.trans(tl.sum(acc, axis=2))  # [BN, BM]
     store_output(res, rows, mi, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, pid_k, SPLIT_K, HAS_BIAS, SPLIT)

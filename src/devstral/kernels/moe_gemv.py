@@ -56,13 +56,13 @@ TUNED: dict[str, dict] = {}
 
 
 @triton.jit
-def _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t, c, jn2, n_sub, s_q, s_qh, s_sc, s_d, QT: tl.constexpr,
+def _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t, c, n_sub, s_q, s_qh, s_sc, s_d, QT: tl.constexpr,
                 SB: tl.constexpr, WPS: tl.constexpr, NS: tl.constexpr, EVEN: tl.constexpr):
-    """Tile t's words [BN, NS * WPS] and raw scales [BN, NS] of rows n2 (relative to the expert's base)."""
+    """Tile t's words [BN, NS * WPS] and raw scales (gguf_gemv_wide._load_scales) of rows n2 (relative to the
+    expert's base)."""
     words, hi = wide.load_tile_words(q, qh, n2, t * NS * WPS + c, row_ok & (t * NS * WPS + c < n_sub * WPS),
                                      s_q, s_qh, QT, EVEN)
-    f_d, f_sc, f_dm, f_mn = wide.load_tile_scales(sc, mn, d, dm, n2, t * NS + jn2, row_ok & (t * NS + jn2 < n_sub),
-                                                  s_sc, s_d, QT, SB, EVEN)
+    f_d, f_sc, f_dm, f_mn = wide.load_tile_scales(sc, mn, d, dm, n2, row_ok, t, n_sub, s_sc, s_d, QT, SB, NS, EVEN)
     return words, hi, f_d, f_sc, f_dm, f_mn
 
 
@@ -76,7 +76,7 @@ def _tile_dot(words, hi, f_d, f_sc, f_dm, f_mn, one, xp0, t, K, x_in, x_row, BN:
     offset in a tile (the K mask); x_row: the activation row exists."""
     if QT == 3 and not INT8:
         words = words ^ XOR_SIGN_BYTES
-    c1, c0 = wide.tile_scales(f_d, f_sc, f_dm, f_mn, QT)
+    c1, c0 = wide.tile_scales(f_d, f_sc, f_dm, f_mn, QT, BN, NS)
     w3 = tl.reshape(words, (BN, NS, WPS))
     h3 = tl.reshape(hi, (BN, NS, WPS))
     # if/else, not an early return: compiled, the code after a constexpr branch's return is still built
@@ -120,16 +120,16 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
             pid_n -= T
             col0 = N
     r0 = tl.load(ids_ptr + p).to(tl.int64) * N  # the expert's first row in the stack
-    aq, aqh, asc, amn, ad, adm = aq + r0 * as_q, aqh + r0 * as_qh, asc + r0 * as_sc, amn + r0 * as_sc, \
+    # (Q4_K/Q5_K's mn plane: rows of half the sc plane's, s_sc // 2 bytes)
+    aq, aqh, asc, amn, ad, adm = aq + r0 * as_q, aqh + r0 * as_qh, asc + r0 * as_sc, amn + r0 * (as_sc // 2), \
         ad + r0 * as_d, adm + r0 * as_d
     if GLU:
-        bq, bqh, bsc, bmn, bd, bdm = bq + r0 * bs_q, bqh + r0 * bs_qh, bsc + r0 * bs_sc, bmn + r0 * bs_sc, \
+        bq, bqh, bsc, bmn, bd, bdm = bq + r0 * bs_q, bqh + r0 * bs_qh, bsc + r0 * bs_sc, bmn + r0 * (bs_sc // 2), \
             bd + r0 * bs_d, bdm + r0 * bs_d
     local = pid_n * BN + tl.arange(0, BN)
     n2 = local[:, None]
     row_ok = n2 < N
     c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
-    jn2 = tl.arange(0, NS)[None, :]
     n_sub, n_tiles, t_lo, t_hi = _k_range(K, pid_k, SPLIT_K, SB, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
     if XQ:
@@ -143,30 +143,30 @@ def _gguf_gate_up_kernel(x_ptr, h_ptr, ids_ptr, ws_ptr, cnt_ptr,
     if STAGES > 1:
         # tiles pipelined through shared memory by cp.async (gguf_gemv_wide.py's num_stages > 1 loop)
         for t in tl.range(t_lo, t_hi, num_stages=STAGES):
-            wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t, c, jn2, n_sub,
+            wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t, c, n_sub,
                                                   as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
             acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
                                ASM, INT8, XQ)
             if GLU:
-                wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t, c, jn2, n_sub,
+                wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t, c, n_sub,
                                                       bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
                 acc_b += _tile_dot(wb, hb, db, sb, dmb, mb, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS,
                                    EVEN_K, ASM, INT8, XQ)
     else:
         # prologue: the first tile (an empty split loads a valid tile and skips the loop)
         t0 = tl.minimum(t_lo, n_tiles - 1)
-        wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t0, c, jn2, n_sub,
+        wa, ha, da, sa, dma, ma = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, t0, c, n_sub,
                                               as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
         if GLU:
-            wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t0, c, jn2, n_sub,
+            wb, hb, db, sb, dmb, mb = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, t0, c, n_sub,
                                                   bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS, EVEN)
         for t in range(t_lo, t_hi):
             # the next tile's loads (gate's and up's) go out before this one is computed
             tn = tl.minimum(t + 1, t_hi - 1)
-            wa_n, ha_n, da_n, sa_n, dma_n, ma_n = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, tn, c, jn2,
+            wa_n, ha_n, da_n, sa_n, dma_n, ma_n = _tile_loads(aq, aqh, asc, amn, ad, adm, n2, row_ok, tn, c,
                                                               n_sub, as_q, as_qh, as_sc, as_d, QT, SB, WPS, NS, EVEN)
             if GLU:
-                wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c, jn2,
+                wb_n, hb_n, db_n, sb_n, dmb_n, mb_n = _tile_loads(bq, bqh, bsc, bmn, bd, bdm, n2, row_ok, tn, c,
                                                                   n_sub, bs_q, bs_qh, bs_sc, bs_d, QT, SB, WPS, NS,
                                                                   EVEN)
             acc_a += _tile_dot(wa, ha, da, sa, dma, ma, one, xp0, t, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
@@ -228,12 +228,12 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
     s = tl.program_id(2)  # (slot j, K split)
     p = t * TOPK + s // SPLIT_K
     r0 = tl.load(ids_ptr + p).to(tl.int64) * N
-    q, qh, sc, mn, d, dm = q + r0 * s_q, qh + r0 * s_qh, sc + r0 * s_sc, mn + r0 * s_sc, d + r0 * s_d, dm + r0 * s_d
+    q, qh, sc, mn, d, dm = q + r0 * s_q, qh + r0 * s_qh, sc + r0 * s_sc, mn + r0 * (s_sc // 2), d + r0 * s_d, \
+        dm + r0 * s_d
     local = pid_n * BN + tl.arange(0, BN)
     n2 = local[:, None]
     row_ok = n2 < N
     c = tl.arange(0, NS * WPS)[None, :]
-    jn2 = tl.arange(0, NS)[None, :]
     n_sub, n_tiles, t_lo, t_hi = _k_range(K, s % SPLIT_K, SPLIT_K, SB, NS)
     EVEN: tl.constexpr = EVEN_N and EVEN_K
     if XQ:
@@ -245,17 +245,17 @@ def _gguf_down_kernel(h_ptr, out_ptr, res_ptr, ids_ptr, w_ptr, ws_ptr, cnt_ptr, 
     acc = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
         for kt in tl.range(t_lo, t_hi, num_stages=STAGES):
-            w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, kt, c, jn2, n_sub, s_q, s_qh,
+            w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, kt, c, n_sub, s_q, s_qh,
                                                    s_sc, s_d, QT, SB, WPS, NS, EVEN)
             acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0, kt, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
                              ASM, INT8, XQ)
     else:
         t0 = tl.minimum(t_lo, n_tiles - 1)
-        w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, jn2, n_sub, s_q, s_qh, s_sc,
+        w, hi, fd, fsc, fdm, fmn = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, t0, c, n_sub, s_q, s_qh, s_sc,
                                                s_d, QT, SB, WPS, NS, EVEN)
         for kt in range(t_lo, t_hi):
             tn = tl.minimum(kt + 1, t_hi - 1)
-            w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, jn2, n_sub,
+            w_n, hi_n, fd_n, fsc_n, fdm_n, fmn_n = _tile_loads(q, qh, sc, mn, d, dm, n2, row_ok, tn, c, n_sub,
                                                                s_q, s_qh, s_sc, s_d, QT, SB, WPS, NS, EVEN)
             acc += _tile_dot(w, hi, fd, fsc, fdm, fmn, one, xp0, kt, K, x_in, x_row, BN, QT, SB, E, NS, WPS, EVEN_K,
                              ASM, INT8, XQ)

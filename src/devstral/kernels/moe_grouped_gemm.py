@@ -75,7 +75,7 @@ def _grouped_kernel(x_ptr, out_ptr, cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_pt
     n_sub = K // SB
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     acc = accumulate(acc, x_tile, col_ok, q_ptr + base * s_q, qh_ptr + base * s_qh, sc_ptr + base * s_sc,
-                     mn_ptr + base * s_sc, d_ptr + base * s_d, dm_ptr + base * s_d, rows[:, None], row_ok,
+                     mn_ptr + base * (s_sc // 2), d_ptr + base * s_d, dm_ptr + base * s_d, rows[:, None], row_ok,
                      0, tl.cdiv(n_sub, NSUB), n_sub, s_q, s_qh, s_sc, s_d, one, QT, SB, WPS, NSUB, DOT)
     # unsplit: the workspace, counter and bias arguments are not read
     store_output(acc, rows, cols, N, row_end, out_ptr, s_om, out_ptr, out_ptr, cnt_ptr, 0, 0, 1, False, False)

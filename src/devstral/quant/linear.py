@@ -4,7 +4,7 @@
   * CPU (or CUDA without Triton): the file's blocks; forward dequantizes a band of output rows at a
     time with the exact codecs (bounded scratch), so a Q4_K_M model keeps about its file size in RAM.
   * CUDA, Q4_K/Q5_K/Q6_K/Q8_0: repacked once at load into the planar layout (kernels/gguf_pack.py,
-    at most 1.028x the file's bytes) and multiplied by the Triton kernels (kernels/gguf_linear.py).
+    the file's bytes plus alignment) and multiplied by the Triton kernels (kernels/gguf_linear.py).
   * CUDA, any other type: dequantized once at load to the compute dtype; `fallback_notice` reports
     those tensors and what they cost, in one line.
 `QuantLinear` and the GGUF token embedding wrap a GGUFWeight; a tied output head shares its
