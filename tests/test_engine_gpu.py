@@ -250,36 +250,6 @@ def test_the_gate_up_epilogue_changes_no_token(ckpts, monkeypatch):
         counts.append(launches.count)
     assert outs[0] == outs[1]
     assert counts[1] < counts[0], counts
-
-
-def test_rope_in_attention_changes_no_token(ckpts, monkeypatch):
-    """RoPE and the KV store inside the decode attention (DEVSTRAL_ROPE_IN_ATTENTION=1) against the RoPE + store
-    launch: the same greedy tokens through CUDA graphs in fp32 (the folded-in newest key is added in another order
-    than a tile's, so bf16 could flip a near tie), and the fused path really taken (no RoPE + store launch in a
-    decode step; prefill steps still make one)."""
-    from devstral.kernels import paged_attention, rope_kv_store_triton
-
-    x = [ids(30 + 11 * i, i) for i in range(3)]
-    outs, launches, calls = [], [], []
-    real = rope_kv_store_triton.rope_and_store_kv_triton
-    monkeypatch.setattr(rope_kv_store_triton, "rope_and_store_kv_triton",
-                        lambda q, *a, **kw: (calls.append(q.shape[0]), real(q, *a, **kw))[1])
-    for flag in ("0", "1"):
-        monkeypatch.setenv("DEVSTRAL_ROPE_IN_ATTENTION", flag)
-        paged_attention.rope_in_attention.cache_clear()
-        before = len(calls)
-        llm = devstral.load(ckpts["mistral"], device="cuda", dtype="fp32", kv_cache_dtype="fp32", parallel=4,
-                            prefix_caching=False)
-        seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
-        while llm.engine.has_work():
-            llm.engine.step()
-        outs.append([s.token_ids for s in seqs])
-        launches.append(len(calls) - before)
-    paged_attention.rope_in_attention.cache_clear()
-    assert outs[0] == outs[1]
-    assert launches[1] < launches[0]
-
-
 def test_advancing_graphs_change_no_token(ckpts, monkeypatch):
     """Decode graphs that pick the greedy tokens and move their own inputs on (DEVSTRAL_GRAPH_ADVANCE=1): the
     overlapped engine's tokens equal the engine's without overlap and without them, as rows end at different

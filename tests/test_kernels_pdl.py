@@ -133,26 +133,20 @@ def _all() -> dict:
     out["rope_store_kv_stamps"] = rope_store(kv_store_triton.KIND_FLOAT, bf16, bf16, stamped=True)
     pa = paged_attention_triton
 
-    rope_ptrs = {"kn_ptr": bf16, "vn_ptr": bf16, "cos_ptr": bf16, "sin_ptr": bf16, "qs_ptr": "*fp32",
-                 "slot_ptr": "*i64"}
-
-    def split(output=pa.OUT_PARTIALS, kind=0, cache=bf16, scale=bf16, tokens_major=False, stamped=False,
-              num_stages=2, enable_fp_fusion=True, **extra):
+    def split(output=pa.OUT_PARTIALS, kind=0, cache=bf16, scale=bf16, tokens_major=False, stamped=False, **extra):
         """The decode attention's pass 1 (bf16 cache and partials unless told otherwise)."""
         names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr "
                  "out_ptr out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk "
-                 "n_heads kn_ptr vn_ptr kn_sb kn_sh vn_sb vn_sh cos_ptr sin_ptr cos_sb sin_sb qs_ptr qs_sb slot_ptr"
-                 + (" stamps_ptr" if stamped else ""))
+                 "n_heads" + (" stamps_ptr" if stamped else ""))
         return _compile(
             pa._decode_split_kernel,
             _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
                          "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **rope_ptrs,
-                         **stamp_ptr}),
+                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **stamp_ptr}),
             dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
                  OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
                  SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
-                 PDL=True, STAMPS=stamped, **extra), num_stages=num_stages, enable_fp_fusion=enable_fp_fusion)
+                 PDL=True, STAMPS=stamped, **extra), num_stages=2)
 
     def merge(stamped=False, **extra):
         """The decode attention's pass 2."""
@@ -174,12 +168,6 @@ def _all() -> dict:
     out["decode_merge_len_early"] = merge(LEN_EARLY=True)
     out["decode_split_stamps"] = split(stamped=True)
     out["decode_merge_stamps"] = merge(stamped=True)
-    # rope_store_decode_attention_triton: the RoPE and the newest key's store inside the split pass
-    out["decode_split_rope"] = split(ROPE=True, HAS_Q_SCALE=True, num_stages=5, enable_fp_fusion=False)
-    out["decode_split_rope_merged"] = split(pa.OUT_MERGED, ROPE=True, HAS_Q_SCALE=True, num_stages=5,
-                                            enable_fp_fusion=False)
-    out["decode_split_rope_len_early"] = split(ROPE=True, HAS_Q_SCALE=True, LEN_EARLY=True, num_stages=5,
-                                               enable_fp_fusion=False)
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):
@@ -239,8 +227,7 @@ def ptx_stats():
 NORMS = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "rms_norm_add_settled", "rms_norm_add_xq_settled"]
 SMALL = ["silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
-         "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_split_rope", "decode_split_rope_merged",
-         "decode_merge", "quantize"]
+         "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3", "gemv_stages0"]
 
@@ -291,7 +278,7 @@ def test_decode_attention_prefetch_reads_only_before_it_waits(ptx_stats):
     assert st["stores"] == 0 and st["loads"] >= 2 and st["prefetches"] >= 2, st
 
 
-@pytest.mark.parametrize("name", ["decode_split_len_early", "decode_merge_len_early", "decode_split_rope_len_early"])
+@pytest.mark.parametrize("name", ["decode_split_len_early", "decode_merge_len_early"])
 def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_stats, name):
     """settled=True (the engine's step inputs were copied in before the step): each pass loads the row's
     context length before the wait -- one load, the only one -- and stores nothing before it."""

@@ -1,8 +1,7 @@
 """The model's attention cache for one engine step: rotate the batch's new queries and keys and store
-the keys/values in the paged pool (one kernel on the GPU), then attend; a step of decode rows only can do all
-three in the attention's own launch (paged_attention.rope_store_decode_attention). The step's tokens are laid
-out decode rows first (one token per sequence, each a single query over its pages: one batched kernel), then
-prefill chunks (a run of queries of one sequence after its cached prefix: FlashAttention per chunk)."""
+the keys/values in the paged pool (one kernel on the GPU), then attend. The step's tokens are laid out decode rows first (one token per sequence, each a
+single query over its pages: one batched kernel), then prefill chunks (a run of queries of one
+sequence after its cached prefix: FlashAttention per chunk)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import torch
 
 from devstral.engine.kv_pool import KVPool
 from devstral.kernels.kv_store import rope_and_store_kv
-from devstral.kernels.paged_attention import decode_attention, prefill_attention, rope_store_decode_attention
+from devstral.kernels.paged_attention import decode_attention, prefill_attention
 
 
 @dataclass
@@ -40,15 +39,13 @@ class BatchAttention:
         # the step is one flat row of tokens: [N, heads, D]
         q, k, v, cos, sin = q[0], k[0], v[0], cos[0], sin[0]
         kv = self.pool.layers[layer]
-        q_scale = None if q_scale is None else q_scale[0]
+        q, k = rope_and_store_kv(q, k, v, cos, sin, None if q_scale is None else q_scale[0], kv, self.slot_mapping)
         # the step's context lengths were copied in before the step: the attention may read them before it
-        # waits for the kernel before (settled, paged_attention_triton.py)
-        if not self.prefills:  # decode rows only: the RoPE and the store may run inside the attention's launch
-            out = rope_store_decode_attention(q, k, v, cos, sin, q_scale, kv, self.slot_mapping, self.block_tables,
-                                              self.context_lens, self.scale, self.window, max_context=self.max_context,
-                                              settled=True)
+        # waits for the RoPE kernel (settled, paged_attention_triton.py)
+        if not self.prefills:
+            out = decode_attention(q, kv, self.block_tables, self.context_lens, self.scale, self.window,
+                                   max_context=self.max_context, settled=True)
             return out[None]
-        q, k = rope_and_store_kv(q, k, v, cos, sin, q_scale, kv, self.slot_mapping)
         out = torch.empty_like(q)
         nd = self.n_decode
         if nd:

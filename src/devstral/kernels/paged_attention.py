@@ -9,9 +9,6 @@ query at position p see keys at positions > p - window only (Mistral's sliding w
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -84,46 +81,6 @@ def decode_attention(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor
         return decode_attention_triton(q, layer, block_tables, context_lens, scale, window, max_context=max_context,
                                        settled=settled)
     return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
-
-
-def rope_store_decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                                    sin: torch.Tensor, q_scale: torch.Tensor | None, layer: KVLayer,
-                                    slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                    scale: float, window: int | None = None) -> torch.Tensor:
-    """A decode step's attention from unrotated q/k/v [B, heads, D] (cos/sin [B, D], q_scale [B] or None): the
-    RoPE and the KV store (kv_store.rope_and_store_kv_ref), then the decode attention over the cache."""
-    from devstral.kernels.kv_store import rope_and_store_kv_ref
-
-    q, _ = rope_and_store_kv_ref(q, k, v, cos, sin, q_scale, layer, slot_mapping)
-    return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
-
-
-def rope_store_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                                sin: torch.Tensor, q_scale: torch.Tensor | None, layer: KVLayer,
-                                slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                scale: float, window: int | None = None, *,
-                                max_context: int | None = None, settled: bool = False) -> torch.Tensor:
-    """rope_store_decode_attention_ref's result; on the GPU one launch for RoPE, the store and the split pass
-    where the cache and dtypes allow (paged_attention_triton.rope_supported) and DEVSTRAL_ROPE_IN_ATTENTION=1
-    asks for it, else the RoPE + store launch and then decode_attention. `settled`: decode_attention's."""
-    if use_triton(q) and rope_in_attention():
-        from devstral.kernels import paged_attention_triton as pa
-
-        if pa.rope_supported(q, k, v, cos, sin, layer):
-            return pa.rope_store_decode_attention_triton(q, k, v, cos, sin, q_scale, layer, slot_mapping,
-                                                         block_tables, context_lens, scale, window,
-                                                         max_context=max_context, settled=settled)
-    from devstral.kernels.kv_store import rope_and_store_kv
-
-    q, _ = rope_and_store_kv(q, k, v, cos, sin, q_scale, layer, slot_mapping)
-    return decode_attention(q, layer, block_tables, context_lens, scale, window, max_context=max_context,
-                            settled=settled)
-
-
-@functools.cache
-def rope_in_attention() -> bool:
-    """DEVSTRAL_ROPE_IN_ATTENTION=1 (default off until measured on the GPU), read once per process."""
-    return os.environ.get("DEVSTRAL_ROPE_IN_ATTENTION", "0") == "1"
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: KVLayer, block_table: torch.Tensor,

@@ -268,74 +268,18 @@ def _prefetch_first_tile(k_ptr, v_ptr, table, start, end, kvh, c_sb, c_so, c_sh,
         _prefetch_l2(v_ptr + at)
 
 
-@triton.jit
-def _rotated(x_ptr, s_h, heads, hmask, c_row, s_row, qs, HEAD_DIM: tl.constexpr, T: tl.constexpr,
-             SCALED: tl.constexpr):
-    """One token's rows `heads` ([NH, HEAD_DIM], head stride s_h) rotated in registers, rounded as
-    rope_triton.rotate_heads rounds them (x * cos + rotate_half(x) * sin in T, times qs when SCALED): each value
-    loaded beside its rotation partner, value d's partner is d + HEAD_DIM / 2 (mod HEAD_DIM)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HEAD_DIM)
-    at = x_ptr + heads[:, None] * s_h
-    x = tl.load(at + d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    xp = tl.load(at + ((d + HALF) % HEAD_DIM)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-    a = (x * tl.load(c_row + d).to(tl.float32)[None, :]).to(T).to(tl.float32)
-    b = (xp * tl.load(s_row + d).to(tl.float32)[None, :]).to(T).to(tl.float32)
-    o = tl.where((d < HALF)[None, :], a - b, a + b).to(T)
-    if SCALED:
-        o = (o.to(tl.float32) * qs).to(T)
-    return o
-
-
-@triton.jit
-def _newest_kv(k_row, v_row, c_row, s_row, slot, kc_ptr, vc_ptr, head_at, c_sb, c_so, HEAD_DIM: tl.constexpr,
-               PAGE: tl.constexpr, Q_T: tl.constexpr, DOT_T: tl.constexpr):
-    """The step's own key (rotated) and value for one kv head, straight from the projection, stored at the
-    token's slot unless it is negative (a float cache: a cast) and returned as the cache would give them back:
-    ([1, HEAD_DIM] float32 each)."""
-    one = tl.arange(0, 1)
-    k = _rotated(k_row, 0, one, one < 1, c_row, s_row, 1.0, HEAD_DIM, Q_T, False).to(kc_ptr.dtype.element_ty)
-    v = tl.load(v_row + tl.arange(0, HEAD_DIM))[None, :].to(Q_T).to(vc_ptr.dtype.element_ty)
-    if slot >= 0:
-        at = (slot // PAGE) * c_sb + (slot % PAGE) * c_so + head_at + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(kc_ptr + at, k)
-        tl.store(vc_ptr + at, v)
-    return k.to(Q_T).to(DOT_T).to(tl.float32), v.to(Q_T).to(DOT_T).to(tl.float32)
-
-
-@triton.jit
-def _fold_token(acc, m, l_sum, q_op, k, v, scale_log2e, DOT_T: tl.constexpr, TOKENS_MAJOR: tl.constexpr):
-    """One more key and value ([1, HEAD_DIM] float32) folded into the online softmax, as a tile of one token."""
-    if TOKENS_MAJOR:  # q_op is q^T [HEAD_DIM, BLOCK_H], acc [HEAD_DIM, BLOCK_H]
-        s = tl.sum(q_op.to(tl.float32) * tl.trans(k), axis=0) * scale_log2e
-    else:
-        s = tl.sum(q_op.to(tl.float32) * k, axis=1) * scale_log2e
-    m_new = tl.maximum(m, s)
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new)
-    l_sum = l_sum * alpha + p
-    p = p.to(DOT_T).to(tl.float32)  # as the tiles' probabilities are rounded before their product with v
-    if TOKENS_MAJOR:
-        acc = acc * alpha[None, :] + tl.trans(v) * p[None, :]
-    else:
-        acc = acc * alpha[:, None] + p[:, None] * v
-    return acc, m_new, l_sum
-
-
 @triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                          table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
                          scale_log2e, window, num_splits, min_chunk, n_heads,
-                         kn_ptr, vn_ptr, kn_sb, kn_sh, vn_sb, vn_sh, cos_ptr, sin_ptr, cos_sb, sin_sb, qs_ptr, qs_sb,
-                         slot_ptr,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
-                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, ROPE: tl.constexpr = False,
-                         HAS_Q_SCALE: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, stamps_ptr=None,
+                         STAMPS: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
@@ -379,16 +323,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         hmask = h < GROUP
         heads = kvh * GROUP + h
         cols = columns(HEAD_DIM, KIND)
-        if ROPE:
-            # the step's queries rotated here, not by a RoPE launch before (rope_store_decode_attention_triton)
-            qs = 1.0
-            if HAS_Q_SCALE:
-                qs = tl.load(qs_ptr + b * qs_sb).to(Q_T).to(tl.float32)
-            q = _rotated(q_ptr + b.to(tl.int64) * q_sb, q_sh, heads, hmask, cos_ptr + b * cos_sb, sin_ptr + b * sin_sb,
-                         qs, HEAD_DIM, Q_T, HAS_Q_SCALE)
-        else:
-            q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + cols[None, :], mask=hmask[:, None],
-                        other=0.0)
+        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + cols[None, :], mask=hmask[:, None],
+                    other=0.0)
         q_op = q.to(DOT_T)
         if TOKENS_MAJOR:
             q_op = tl.trans(q_op)
@@ -398,17 +334,9 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
         table = table_ptr + b.to(tl.int64) * table_sb
-        end_cached = end
-        if ROPE:  # the split that holds the step's own key (not in the cache yet) takes it from registers
-            end_cached = tl.where(end == length, end - 1, end)
-            # loaded (and stored into the cache by the one split that holds it) before the loop: no round trip after
-            k_new, v_new = _newest_kv(kn_ptr + b.to(tl.int64) * kn_sb + kvh * kn_sh,
-                                      vn_ptr + b.to(tl.int64) * vn_sb + kvh * vn_sh, cos_ptr + b * cos_sb,
-                                      sin_ptr + b * sin_sb, tl.where(end == length, tl.load(slot_ptr + b), -1).to(tl.int64),
-                                      k_ptr, v_ptr, kvh * c_sh, c_sb, c_so, HEAD_DIM, PAGE, Q_T, DOT_T)
-        for n0 in tl.range(start, end_cached, BLOCK_N):
+        for n0 in tl.range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < end_cached
+            nmask = n < end
             page = tl.load(table + n // PAGE, mask=nmask, other=0).to(tl.int64)
             slot_at = page * c_sb + (n % PAGE) * c_so + kvh * c_sh
             scale_at = (page * s_sb + (n % PAGE) * s_so + kvh * s_sh) * SCALES  # strides in units of SCALES
@@ -429,9 +357,6 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
             v = tile(v_ptr, vs_ptr, slot_at, scale_at, nmask, HEAD_DIM, KIND, Q_T, FOLD_V_SCALE, ASM).to(DOT_T)
             acc = _accumulate(acc * _along_heads(alpha, TOKENS_MAJOR), p.to(DOT_T), v, TOKENS_MAJOR, PRECISION)
             m = m_new
-        if ROPE:  # noqa: SIM102 -- a constexpr guard of its own: k_new exists only under ROPE
-            if end == length:
-                acc, m, l_sum = _fold_token(acc, m, l_sum, q_op, k_new, v_new, scale_log2e, DOT_T, TOKENS_MAJOR)
         out = acc / _along_heads(l_sum, TOKENS_MAJOR)
         if STAMPS:
             t_work = stamps.after(tl.max(l_sum, axis=0))
@@ -587,44 +512,12 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         from devstral.kernels.paged_attention import decode_attention_ref
 
         return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
-    return _decode(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
-                   max_context, config, None, settled)
-
-
-def rope_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   layer: KVLayer) -> bool:
-    """What rope_store_decode_attention_triton takes: a float cache, q/k/v/cos/sin of one dtype with their last
-    dims contiguous (views of a fused projection are), one position a row, and what the plain kernel takes."""
-    return (layer.kind not in QUANT_KINDS and layer.kind != "fp8" and _supported(q, layer)
-            and all(t.dtype == q.dtype and t.stride(-1) == 1 for t in (q, k, v, cos, sin))
-            and cos.dim() == 2 and sin.dim() == 2 and cos.shape == sin.shape == (q.shape[0], q.shape[-1]))
-
-
-def rope_store_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                                       sin: torch.Tensor, q_scale: torch.Tensor | None, layer: KVLayer,
-                                       slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                                       context_lens: torch.Tensor, scale: float, window: int | None = None, *,
-                                       max_context: int | None = None,
-                                       config: DecodeConfig | None = None, settled: bool = False) -> torch.Tensor:
-    """A decode step's RoPE, KV store and attention in one launch (pass 2 aside): q [B, H, D], k/v [B, Hkv, D]
-    unrotated, cos/sin [B, D], q_scale [B] or None, slot_mapping [B] (rope_supported() must hold). The same as
-    kv_store.rope_and_store_kv followed by decode_attention_triton: every split rotates its queries in registers,
-    and the split that holds a row's newest position rotates that key, stores it and the value at the row's slot,
-    and folds them into its softmax from registers instead of reading them back. Why: at batch 1 the RoPE launch
-    was one more link of the decode step's chain of dependent kernels (its own wait, loads and stores).
-    `settled`: decode_attention_triton's (the context lengths' promise)."""
-    rope = (k, v, cos, sin, q_scale, slot_mapping)
-    return _decode(q, layer, block_tables, context_lens, scale, window, max_context, config, rope, settled)
-
-
-def _decode(q, layer, block_tables, context_lens, scale, window, max_context, config, rope,
-            settled: bool = False) -> torch.Tensor:
     B, H, D = q.shape
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     launch = _Launch(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
-                     out, config or DecodeConfig(), settled, rope)
+                     out, config or DecodeConfig(), settled)
     splits = launch.splits(max_context)
     if splits == 1:
         launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value)
@@ -679,7 +572,7 @@ class _Launch:
     """One decode call's arguments to pass 1, and its split count."""
 
     def __init__(self, q, layer: KVLayer, block_tables, context_lens, scale: float, window: int | None, out,
-                 cfg: DecodeConfig, settled: bool = False, rope: tuple | None = None):
+                 cfg: DecodeConfig, settled: bool = False):
         B, H, D = q.shape
         self.q, self.layer, self.block_tables, self.window, self.cfg = q, layer, block_tables, window, cfg
         self.batch, self.n_kv_heads, page = B, layer.k.shape[2], layer.k.shape[1]
@@ -694,14 +587,6 @@ class _Launch:
                      k.stride(0), k.stride(1), k.stride(2), ss[0], ss[1], ss[2],
                      block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1))
         self.tail = (scale * LOG2E, window or 0)
-        self.rope = rope is not None
-        if rope is not None:  # rope_store_decode_attention_triton's inputs
-            kn, vn, cos, sin, q_scale, slots = rope
-            qs = q_scale if q_scale is not None else cos
-            self.rope_args = (kn, vn, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos, sin, cos.stride(0),
-                              sin.stride(0), qs, qs.stride(0), slots)
-        else:
-            self.rope_args = (q, q, 0, 0, 0, 0, q, q, 0, 0, q, 0, context_lens)  # unused
         self.min_chunk = triton.cdiv(max(cfg.min_chunk, 0), cfg.block_n) * cfg.block_n  # whole tiles
         dot_t = tl.float32 if self.interpreted or q.dtype == torch.float32 else (
             tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
@@ -722,15 +607,11 @@ class _Launch:
                                PREFETCH=cfg.prefetch, LEN_EARLY=self.len_early, ROW_LINES=triton.cdiv(k.shape[-1] * k.element_size(), 128),
                                LINE=128 // k.element_size(),
                                MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
-                               MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)),
-                               ROPE=self.rope, HAS_Q_SCALE=self.rope and rope[4] is not None,
-                               # the rotation rounds each product as rope_triton does: no contraction into fmas
-                               enable_fp_fusion=not self.rope)
+                               MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
     def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, warmup: bool = False):
         arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
-        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.min_chunk, self.q.shape[1],
-                *self.rope_args)
+        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.min_chunk, self.q.shape[1])
         kernel = self.kernels._decode_split_kernel
         if warmup:
             return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
