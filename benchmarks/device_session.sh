@@ -9,7 +9,7 @@
 #   6. llama-bench tg128 at depth 0 and 512 on each GGUF once the build is done, then one more run of the first
 #      setting (the script's first two arguments, "--setting NAME...") on each file, after the build.
 # Everything lands in $OUT: ab_<type>.json, again_<type>.json, llama_<type>.json, gpu_tests.xml and the logs.
-#   bash benchmarks/device_session.sh --setting base --setting "glu:DEVSTRAL_GLU_EPILOGUE=1"
+#   bash benchmarks/device_session.sh --setting base --setting "adv:DEVSTRAL_GRAPH_ADVANCE=0"
 set -uo pipefail
 OUT=${OUT:?run on the device machine, where OUT is set}
 WHEELS=${WHEELS:-.whl}

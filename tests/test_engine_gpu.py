@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import devstral
-from counted_kernel import CountedKernel
 from devstral.engine.engine import Engine, EngineConfig
 from devstral.engine.sampling import SamplingParams
 from devstral.testing import make_tiny_checkpoint
@@ -217,39 +216,6 @@ def test_the_norms_activations_change_no_token(ckpts, monkeypatch):
     assert outs[0] == outs[1]
 
 
-def test_the_gate_up_epilogue_changes_no_token(ckpts, monkeypatch):
-    """DEVSTRAL_GLU_EPILOGUE=1 (gate/up's GEMV writes down's quantized input, gguf_gemv_wide's glu_xq): a
-    quantized model's greedy tokens, CUDA graphs on, are those without it, and with it the activation
-    quantization launches fewer times. The plan is made the int8-activation GEMV at decode sizes, with one
-    split and tiles of 128 rows (Devstral's gate/up), as the tuned table has no entry at these shapes."""
-    from devstral.kernels import gguf_config, gguf_xq
-
-    real = gguf_config.gguf_plan
-
-    def plan(qtype, m, n, k, device=None):
-        if m <= gguf_config.DECODE_MS[-1] and qtype in gguf_config.WIDE_INT8_TYPES:
-            cfg = dict(gguf_config.wide_config(qtype, m, n, k, gguf_config.sm_count(device)), stream=0)
-            if m == 1:
-                cfg.update(bn=128, bm=1, split_k=1)
-            return "wide_xq", cfg
-        return real(qtype, m, n, k, device)
-
-    monkeypatch.setattr(gguf_config, "gguf_plan", plan)
-    launches = CountedKernel(gguf_xq._quantize_kernel)
-    monkeypatch.setattr(gguf_xq, "_quantize_kernel", launches)
-    x = [ids(30 + 11 * i, i) for i in range(3)]
-    outs, counts = [], []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("DEVSTRAL_GLU_EPILOGUE", flag)
-        launches.count = 0
-        llm = devstral.load(ckpts["mistral"], device="cuda", parallel=4, quantize_on_load="q4_k", prefix_caching=False)
-        seqs = [llm.engine.add(p, GREEDY, 24, set()) for p in x]
-        while llm.engine.has_work():
-            llm.engine.step()
-        outs.append([s.token_ids for s in seqs])
-        counts.append(launches.count)
-    assert outs[0] == outs[1]
-    assert counts[1] < counts[0], counts
 def test_advancing_graphs_change_no_token(ckpts, monkeypatch):
     """Decode graphs that pick the greedy tokens and move their own inputs on (DEVSTRAL_GRAPH_ADVANCE=1): the
     overlapped engine's tokens equal the engine's without overlap and without them, as rows end at different

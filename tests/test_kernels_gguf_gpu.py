@@ -23,7 +23,6 @@ from devstral.kernels import (
     gguf_gemv_wide,
     gguf_idot,
     gguf_linear,
-    gguf_xq,
     nf4_kernels,
 )
 from devstral.kernels.fp8_linear import FP8Linear
@@ -203,31 +202,6 @@ def _replays_exactly(run, outs: list[torch.Tensor], refs: list[torch.Tensor]) ->
         torch.cuda.synchronize()
         for out, ref in zip(outs, refs, strict=True):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
-def test_gate_up_gemv_writes_downs_quantized_input(qt):
-    """gemv(glu_xq=...) on a [gate | up] weight at Devstral's gate/up tile (128 rows, 16 sub-blocks, xq): the
-    output is the plain launch's bit for bit, the words are the activation quantization of that output with
-    glu=True bit for bit, eagerly and over three CUDA-graph replays; 1 and 3 activation rows."""
-    n, k = 1024, k_for(qt)
-    p = pack(blocks(qt, n, k, seed=5).to(CUDA), qt, n, k)
-    ns = 8 if qt == QType.Q8_0 else 16
-    for m in (1, 3):
-        x = torch.randn(m, k, device=CUDA).to(torch.bfloat16)
-        cfg = dict(bn=128, ns=ns, bm=1, split_k=1, int8=True, xq=True)
-        gguf_xq.forget()
-        plain = gguf_gemv_wide.gemv(x, p, None, torch.empty(m, n, device=CUDA, dtype=torch.bfloat16), **cfg)
-        for layout in (gguf_xq.STRIDE8, gguf_xq.STRIDE4):
-            out = torch.empty(m, n, device=CUDA, dtype=torch.bfloat16)
-            words = torch.empty(m, n // 64, gguf_xq.WORDS, device=CUDA, dtype=torch.int32)
-            gguf_xq.forget()
-            gguf_gemv_wide.gemv(x, p, None, out, glu_xq=(words, layout), **cfg)
-            torch.testing.assert_close(out, plain, rtol=0, atol=0)
-            want = gguf_xq.quantize(out, layout, glu=True)
-            assert torch.equal(words, want)
-            _replays_exactly(lambda x=x, out=out, words=words, layout=layout, cfg=cfg: gguf_gemv_wide.gemv(
-                x, p, None, out, glu_xq=(words, layout), **cfg), [out, words], [plain, want])
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

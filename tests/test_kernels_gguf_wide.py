@@ -222,56 +222,7 @@ def _run_cases(out_path: str) -> None:
             res["mlp_glu"][down_type.name] = {"raws": mlp_raws, "x": xm, "fused": fused, "glu_calls": list(calls),
                                              "apart": mlp.down_proj(silu_mul(gate, up)).float()}
     gguf_config.gguf_plan = plan
-    _run_glu_epilogue(res, g)
     torch.save(res, out_path)
-
-
-def _run_glu_epilogue(res: dict, g: torch.Generator) -> None:
-    """The gate/up GEMV writing down's quantized input (gemv's glu_xq; MLP with DEVSTRAL_GLU_EPILOGUE=1)."""
-    from types import SimpleNamespace
-
-    import devstral.quant.linear as ql
-    from counted_kernel import CountedKernel
-    from devstral.kernels import gguf_config, gguf_gemv_wide, gguf_xq
-    from devstral.kernels.interpret_triton import hardware_rounding
-    from devstral.model.transformer import MLP
-
-    res["glu_epilogue"] = {}
-    with hardware_rounding():  # stored values and the SwiGLU round to bf16 as on the GPU
-        for qt, k in ((QType.Q4_K, 256), (QType.Q6_K, 256), (QType.Q8_0, 96)):
-            p = pack(random_blocks(qt, 256, k, g), qt, 256, k)  # gate rows 0..127, up rows 128..255
-            for m, bn, layout in ((1, 64, 0), (2, 128, 1)):
-                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-                cfg = dict(bn=bn, ns=8, bm=1, split_k=1, int8=True, xq=True)
-                plain = gguf_gemv_wide.gemv(x, p, None, torch.empty(m, 256, dtype=torch.bfloat16), **cfg)
-                words = torch.full((m, 256 // 64, gguf_xq.WORDS), -1, dtype=torch.int32)
-                out = gguf_gemv_wide.gemv(x, p, None, torch.empty(m, 256, dtype=torch.bfloat16),
-                                          glu_xq=(words, layout), **cfg)
-                res["glu_epilogue"][(qt.name, m, bn, layout)] = {
-                    "plain": plain, "out": out, "words": words,
-                    "quantized": gguf_xq.quantize(out, layout, glu=True)}
-        # the MLP, switch off and on: the same output; with it, no quantization launched between gate/up and down
-        plan, launches = gguf_config.gguf_plan, CountedKernel(gguf_xq._quantize_kernel)
-        gguf_config.gguf_plan = lambda *a, **kw: ("wide_xq", dict(bn=64, ns=8, bm=1, split_k=1, num_warps=4))
-        gguf_xq._quantize_kernel = launches
-        ql.cuda_kernels = lambda device: True
-        res["glu_mlp"] = {}
-        for down_type in (QType.Q4_K, QType.Q6_K):
-            mlp = MLP(SimpleNamespace(dim=256, hidden_dim=256))
-            for name, (qt, n, k) in {"gate_proj": (QType.Q4_K, 256, 256), "up_proj": (QType.Q4_K, 256, 256),
-                                     "down_proj": (down_type, 256, 256)}.items():
-                setattr(mlp, name, ql.QuantLinear(random_blocks(qt, n, k, g), qt, n, k))
-            mlp.fuse()
-            xm = torch.randn(1, 256, generator=g).to(torch.bfloat16)
-            got = {}
-            with torch.no_grad():
-                for switch in ("0", "1"):
-                    os.environ["DEVSTRAL_GLU_EPILOGUE"] = switch
-                    launches.count = 0
-                    got[switch] = (mlp(xm).float(), launches.count)
-            os.environ.pop("DEVSTRAL_GLU_EPILOGUE")
-            res["glu_mlp"][down_type.name] = got
-        gguf_config.gguf_plan, gguf_xq._quantize_kernel = plan, launches.kernel
 
 
 @pytest.fixture(scope="module")
@@ -547,36 +498,6 @@ def test_the_mlp_folds_the_swiglu_into_downs_activation_quantization(results, do
     assert ((r["fused"] - ref).norm() / ref.norm()).item() < 3e-2
 
 
-@pytest.mark.parametrize("case", [(qt, m, bn, layout) for qt in ("Q4_K", "Q6_K", "Q8_0")
-                                  for m, bn, layout in ((1, 64, 0), (2, 128, 1))], ids=str)
-def test_the_gate_up_gemv_writes_downs_quantized_input(results, case):
-    """gemv(glu_xq=(words, layout)) on a [gate | up] weight: a tile takes half its rows from gate and the
-    same features' rows from up, so its output is the plain launch's bit for bit, and the words it writes
-    are what the activation quantization kernel makes of that output with glu=True, bit for bit."""
-    r = results["glu_epilogue"][case]
-    torch.testing.assert_close(r["out"], r["plain"], rtol=0, atol=0)
-    assert torch.equal(r["words"], r["quantized"])
-
-
-@pytest.mark.parametrize("down_type", ["Q4_K", "Q6_K"])
-def test_the_mlp_quantizes_downs_input_in_the_gate_up_gemv(results, down_type):
-    """DEVSTRAL_GLU_EPILOGUE=1: the MLP's output is the one without it, bit for bit, and the only
-    activation quantization launched is gate/up's input (the norm before would have offered it in the
-    model); without it down's input takes a second launch."""
-    got = results["glu_mlp"][down_type]
-    torch.testing.assert_close(got["1"][0], got["0"][0], rtol=0, atol=0)
-    assert got["0"][1] == 2 and got["1"][1] == 1, got
-
-
-def test_writing_downs_input_costs_the_gate_up_gemv_no_registers(sass_counts):
-    """The glu_xq epilogue runs after the loop, whose registers are then free: Devstral's gate/up launch
-    (two programs an SM at 4 warps) keeps its register count (sm_90, within 4) and spills nothing."""
-    plain = sass_counts["gate_up_glu-1"]
-    for layout in (0, 1):
-        st = sass_counts[f"gate_up_glu{layout}"]
-        assert not st["spilled"] and st["registers"] <= plain["registers"] + 4, (plain, st)
-
-
 @pytest.mark.parametrize("types", [("Q4_K", "Q8_0"), ("Q4_K", "Q6_K")], ids="_".join)
 def test_a_gemv_pair_gives_each_weights_launch_alone(results, types):
     """gemv_pair: every row of both outputs written, bit for bit what each GEMV gives alone with its own
@@ -651,7 +572,7 @@ def _sass_counts() -> dict:
                **dict.fromkeys(("M", "N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc", "s_d", "one", "SPLIT_K"), "i32")}
         bn, ns = 128, 8
         const = dict(M=1, QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=1, SPLIT=True, HAS_BIAS=False, EVEN_N=True,
-                     EVEN_K=True, ASM=True, INT8=int8, STAGES=1, XQ=False, xq_out_ptr=None, GLU_XQ=-1)
+                     EVEN_K=True, ASM=True, INT8=int8, STAGES=1, XQ=False)
         # what the launcher specializes at Devstral's shapes: aligned pointers, strides and sizes divisible by 16
         div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "s_xm", "s_om", "s_q", "s_qh", "s_sc"]
         for stages, xq in ((1, False), (3, False), (1, True)) if int8 else ((1, False),):
@@ -662,18 +583,6 @@ def _sass_counts() -> dict:
             out[name + ("_int8" if int8 else "") + ("_pipelined" if stages > 1 else "") + ("_xq" if xq else "")] = {
                 "per_weight": st.instructions / (bn * ns * sb / 128), "spilled": st.registers_spilled,
                 "ldg": st.ops["LDG"], "async_copies": sass.count("LDGSTS"), "ops": dict(st.ops.most_common(12))}
-    # Devstral's gate/up launch (Q4_K, 128 rows, 16 sub-blocks, xq), plain and writing down's input (glu_xq)
-    sig = dict(sig, x_ptr="*i32", qh_ptr="*i32", sc_ptr="*u8")
-    gate_up = dict(const, QT=0, SB=32, WPS=4, E=8, NS=16, SPLIT=False, INT8=True, XQ=True, PDL=True)
-    del gate_up["xq_out_ptr"]
-    for glu in (-1, 0, 1):
-        kernel = sass_stats.compile_kernel(
-            _wide_kernel, dict(sig, xq_out_ptr="*i32") if glu >= 0 else sig,
-            dict(gate_up, GLU_XQ=glu) if glu >= 0 else dict(gate_up, GLU_XQ=-1, xq_out_ptr=None),
-            div16=div16 + ["xq_out_ptr"] * (glu >= 0), num_warps=4, num_stages=1)
-        out[f"gate_up_glu{glu}"] = {"registers": sass_stats.registers(kernel.asm["cubin"]),
-                                    "spilled": sass_stats.loop_stats(sass_stats.disassemble(kernel.asm["cubin"]))
-                                    .registers_spilled}
     return out
 
 

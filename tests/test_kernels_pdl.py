@@ -61,8 +61,7 @@ def _gemv(stream: bool, stages: int) -> dict:
                 "q_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
                 "dm_ptr": "*fp16"})
     const = dict(QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, BM=1, SPLIT=not stream, HAS_BIAS=False, EVEN_N=True,
-                 EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream, xq_out_ptr=None,
-                 GLU_XQ=-1)
+                 EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream)
     return _compile(_wide_kernel, sig, const, num_stages=max(stages, 1))
 
 

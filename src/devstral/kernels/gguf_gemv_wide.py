@@ -691,8 +691,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
-                 xq_out_ptr=None, GLU_XQ: tl.constexpr = -1):
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -722,7 +721,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
                        cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                        s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
-                       STAGES, XQ, PDL, xq_out_ptr, GLU_XQ)
+                       STAGES, XQ, PDL)
 
 
 @triton.jit
@@ -731,22 +730,14 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                    NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, xq_out_ptr, GLU_XQ: tl.constexpr):
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr):
     """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
-    tile_id) for activation rows m0.. -- one program of a split-K launch.
-    GLU_XQ >= 0 (gemv's glu_xq; one split, BM 1): the tile is BN // 2 gate rows and the same features' up
-    rows of a [gate | up] weight, and the program also writes their SwiGLU's gguf_xq blocks in layout
-    GLU_XQ, down's quantized input, so that no launch between gate/up and down quantizes it."""
+    tile_id) for activation rows m0.. -- one program of a split-K launch."""
     n_tiles = tl.cdiv(K // SB, NS)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    if GLU_XQ >= 0:
-        HALF: tl.constexpr = BN // 2
-        i = tl.arange(0, BN)
-        rows = tl.where(i < HALF, pid_n * HALF + i, N // 2 + pid_n * HALF + (i - HALF))
-    else:
-        rows = pid_n * BN + tl.arange(0, BN)
+    rows = pid_n * BN + tl.arange(0, BN)
     res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
                     s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
     if PDL:
@@ -757,9 +748,6 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
     cols = m0 + tl.arange(0, BM)
     store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, HAS_BIAS,
                  SPLIT)
-    if GLU_XQ >= 0:  # row m0 of the [M, N // 64, 12] words: this tile's BN // 64 blocks of 32
-        base = xq_out_ptr + m0.to(tl.int64) * (N // 64 * gguf_xq.WORDS_PER_BLOCK) + pid_n * (BN // 64 * gguf_xq.WORDS_PER_BLOCK)
-        gguf_xq.pack_glu_tile(res, base, out_ptr.dtype.element_ty, GLU_XQ, BN // 2)
 
 
 @triton.jit
@@ -783,13 +771,13 @@ def _pair_kernel(xa, outa, wsa, aq, aqh, asc, amn, ad, adm, NA, s_xa, s_oa, as_q
         _split_program(f % tiles_a, f // tiles_a, pid_m * BM, tile0 + f % tiles_a, xa, outa, outa, wsa, cnt_ptr,
                        aq, aqh, asc, amn, ad, adm, M, NA, K, s_xa, s_oa, as_q, as_qh, as_sc, as_d, one, SPLIT_K_A,
                        QT_A, SB_A, WPS_A, E_A, BN_A, NS_A, BM, SPLIT_A, False, EVEN_N_A, EVEN_K_A, ASM, True,
-                       STAGES_A, True, PDL, None, -1)
+                       STAGES_A, True, PDL)
     else:
         g = f - tiles_a * SPLIT_K_A
         _split_program(g % tiles_b, g // tiles_b, pid_m * BM, tile0 + tiles_a + g % tiles_b, xb, outb, outb, wsb,
                        cnt_ptr, bq, bqh, bsc, bmn, bd, bdm, M, NB, K, s_xb, s_ob, bs_q, bs_qh, bs_sc, bs_d, one,
                        SPLIT_K_B, QT_B, SB_B, WPS_B, E_B, BN_B, NS_B, BM, SPLIT_B, False, EVEN_N_B, EVEN_K_B, ASM,
-                       True, STAGES_B, True, PDL, None, -1)
+                       True, STAGES_B, True, PDL)
 
 
 def bm_for(m: int) -> int:
@@ -801,8 +789,7 @@ INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with a
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-         int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False,
-         glu_xq: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+         int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (about 0.3% relative error, as llama.cpp's quantized matmuls).
@@ -813,10 +800,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     stream > 0: stream-K instead of split_k -- stream programs per SM share the row-tile x K-tile units
     equally (stream_programs).
     glu (with xq): x is [M, 2K], a gate/up projection's [gate | up] rows, and the GEMV's input is their
-    SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch).
-    glu_xq (words, layout): W is a [gate | up] weight (gate's N // 2 rows, then up's), and the launch also
-    writes gguf_xq.quantize(out, layout, glu=True) into words (int32 [M, N // 64, 12]) from the values it
-    stores -- down's input, with no launch in between; where glu_epilogue_fits() says it can."""
+    SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch)."""
     m, k = x.shape[0], p.k
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -839,13 +823,6 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     else:
         split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
         grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
-    if glu_xq is not None:
-        words, glu_layout = glu_xq
-        if use_stream or split_k != 1 or not glu_epilogue_fits(p.n, bn, bm, bias is not None):
-            raise ValueError("glu_xq needs one split, no stream-K, no bias, BM 1 and whole blocks of gate rows a tile")
-        if words.dtype != torch.int32 or tuple(words.shape) != (m, p.n // 64, gguf_xq.WORDS) or \
-                not words.is_contiguous():
-            raise ValueError(f"glu_xq words: expected a contiguous int32 [{m}, {p.n // 64}, {gguf_xq.WORDS}] tensor")
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     args = (xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
@@ -855,17 +832,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=stages, XQ=xq, PDL=on,
                   STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
-    if glu_xq is not None:
-        consts.update(xq_out_ptr=glu_xq[0], GLU_XQ=glu_xq[1])
     _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
-
-
-def glu_epilogue_fits(n: int, bn: int, bm: int, has_bias: bool = False) -> bool:
-    """Whether a launch of a [gate | up] weight of n rows with tiles of bn rows and bm activation rows can
-    write down's quantized input too (gemv's glu_xq, with one split and no stream-K): a tile holds bn // 2
-    gate rows and their up rows, whole blocks of 32 of the SwiGLU, and tiles cut no block."""
-    return bm == 1 and not has_bias and bn % 64 == 0 and n % 2 == 0 and (n // 2) % (bn // 2) == 0
 
 
 def one_tile(n_tiles: int, split_k: int) -> bool:

@@ -9,7 +9,6 @@ Devstral FFN matrix, 32768 x 5120, in one band; the 131072-row output head in th
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
 
@@ -22,9 +21,7 @@ from devstral.kernels import (
     gguf_gemv_tma,
     gguf_gemv_wide,
     gguf_idot,
-    gguf_xq,
 )
-from devstral.kernels.gguf_decode import qt_code
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.silu_mul import silu_mul
 
@@ -69,31 +66,9 @@ def dequant_matmul(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, ou
     return out
 
 
-def _plan(p: PackedGGUF, m: int, device: torch.device) -> tuple[str, dict]:
-    kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, device)
-    if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], device)):
-        # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
-        kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}
-    return kind, cfg
-
-
-GLU_INPUT_KINDS = ("wide_xq", "wide_tma")  # the plans that apply a glu input's SwiGLU as they quantize it
-
-
-def glu_input_layout(p: PackedGGUF, m: int, device: torch.device) -> int | None:
-    """The gguf_xq layout in which linear(x, p, glu=True) quantizes a [gate | up] input of m rows, or None
-    where it runs silu_mul first."""
-    kind, _ = _plan(p, m, device)
-    return gguf_xq.layout_for(qt_code(p.qtype)) if kind in GLU_INPUT_KINDS else None
-
-
-def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False,
-           glu_xq: int | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """x @ W^T (+ bias). glu: x holds a gate/up projection's [gate | up] rows ([.., 2K]) and the input is
-    their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul.
-    glu_xq (a gguf_xq layout; p a [gate | up] weight): where the plan's GEMV can (gguf_gemv_wide's glu_xq),
-    it also writes its output's SwiGLU quantized in that layout -- down's input -- and offers it to
-    gguf_xq.quantize, so that down's linear(glu=True) launches no quantization."""
+    their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
     lead = x.shape[:-1]
@@ -101,23 +76,16 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    kind, cfg = _plan(p, m, x.device) if m else ("", {})
-    epilogue = glu_xq is not None and not glu and kind in ("wide", *gguf_config.WIDE_INT8_KINDS) and \
-        not cfg.get("stream") and cfg.get("split_k", 1) == 1 and \
-        gguf_gemv_wide.glu_epilogue_fits(p.n, cfg["bn"], cfg["bm"], bias is not None)
-    # offered to gguf_xq: a normal tensor even in inference mode (its version counter tells of an in-place write)
-    with torch.inference_mode(False) if epilogue else nullcontext():
-        out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
-        if glu and kind not in GLU_INPUT_KINDS:
+        kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
+        if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
+            # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
+            kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}
+        if glu and kind not in ("wide_xq", "wide_tma"):
             x2, glu = silu_mul(x2[:, :p.k], x2[:, p.k:]), False
         if kind == "wide_tma":
             gguf_gemv_tma.gemv(x2, p, bias, out, glu=glu, **cfg)
-        elif epilogue:
-            words = torch.empty(m, p.n // 64, gguf_xq.WORDS, dtype=torch.int32, device=x.device)
-            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu_xq=(words, glu_xq),
-                                **cfg)
-            gguf_xq.offer(out, {glu_xq: words}, glu=True)
         elif kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
             gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg)
         elif kind == "idot":

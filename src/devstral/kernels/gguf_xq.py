@@ -21,8 +21,7 @@ Rounding is the in-kernel path's (magic-number add, ties to even); all-zero bloc
 
 A kernel that produces a GEMV's input can write these words itself with `pack_blocks` (the RMSNorm
 before q/k/v and gate/up does, rms_norm_triton.py) and `offer()` them: `quantize()` of exactly that
-tensor, unwritten since, then returns them instead of launching. The gate/up GEMV can do the same for
-down's input (`pack_glu_tile`, gguf_gemv_wide's glu_xq): the words of silu(gate) * up, offered with glu.
+tensor, unwritten since, then returns them instead of launching.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 BLOCK = 32  # values per scale
 WORDS = 12  # int32 words per block of 32
-WORDS_PER_BLOCK = tl.constexpr(WORDS)  # the same, for kernels
 STRIDE8, STRIDE4 = 0, 1
 BLOCKS_PER_PROGRAM = 16
 
@@ -77,27 +75,6 @@ def pack_blocks(x, base, ok, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def swiglu(gate, up, DT: tl.constexpr):
-    """silu(gate) * up from gate and up as stored in dtype DT, each factor rounded to DT as silu_mul rounds."""
-    gf = gate.to(DT).to(tl.float32)
-    silu = (gf / (1.0 + tl.exp(-gf))).to(DT)
-    return (silu.to(tl.float32) * up.to(DT).to(tl.float32)).to(DT)
-
-
-@triton.jit
-def pack_glu_tile(acc, base, DT: tl.constexpr, LAYOUT: tl.constexpr, HALF: tl.constexpr):
-    """acc fp32 [2 * HALF, 1]: HALF consecutive gate outputs of one activation row, then the HALF up outputs
-    of the same features, as a GEMV epilogue holds them before storing them in dtype DT -> the HALF // 32
-    blocks of their SwiGLU at base (int32 pointer), the words _quantize_kernel(GLU) writes from the stored
-    rows."""
-    gate, up = tl.split(tl.permute(tl.reshape(acc, (2, HALF)), (1, 0)))
-    h = swiglu(gate, up, DT).to(tl.float32)
-    BLOCKS: tl.constexpr = HALF // 32
-    b = tl.arange(0, BLOCKS)
-    pack_blocks(tl.reshape(h, (BLOCKS, 32)), base + b * WORDS_PER_BLOCK, b < BLOCKS, LAYOUT, BLOCKS)
-
-
-@triton.jit
 def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS: tl.constexpr,
                      PDL: tl.constexpr = False, GLU: tl.constexpr = False):
     if PDL:  # launched as a dependent of the kernel before, and the GEMV after may start (kernels/pdl.py)
@@ -112,7 +89,9 @@ def _quantize_kernel(x_ptr, out_ptr, K, s_xm, s_om, LAYOUT: tl.constexpr, BLOCKS
     x = tl.load(ptrs, mask=ok[:, None], other=0.0)
     if GLU:  # x is the gate half of [gate | up]: the values are silu(gate) * up, rounded as silu_mul rounds
         up = tl.load(ptrs + K, mask=ok[:, None], other=0.0)
-        x = swiglu(x, up, x.dtype)
+        gf = x.to(tl.float32)
+        silu = (gf / (1.0 + tl.exp(-gf))).to(x.dtype)
+        x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
     pack_blocks(x.to(tl.float32), out_ptr + m.to(tl.int64) * s_om + b * 12, ok, LAYOUT, BLOCKS)
 
 
@@ -121,20 +100,19 @@ def layout_for(qt: int) -> int:
     return STRIDE4 if qt == 2 else STRIDE8
 
 
-# What the last producer kernel wrote beside its output (offer()): (y, y's version then, {layout: xq}, glu).
-# One producer at a time: a decoder layer's norm output is consumed before its gate/up GEMV offers its own.
-_offered: tuple[torch.Tensor, int, dict[int, torch.Tensor], bool] | None = None
+# What the last producer kernel wrote beside its output (offer()): (y, y's version then, {layout: xq of y}).
+# One producer at a time: a decoder layer's norm output is consumed before the next norm runs.
+_offered: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
 
 
-def offer(y: torch.Tensor, xqs: dict[int, torch.Tensor], glu: bool = False) -> None:
-    """A kernel that wrote y [M, K] (contiguous) also wrote quantize(y, layout, glu) for each layout of xqs:
+def offer(y: torch.Tensor, xqs: dict[int, torch.Tensor]) -> None:
+    """A kernel that wrote y [M, K] (contiguous) also wrote quantize(y, layout) for each layout of xqs:
     quantize() hands those back for y's data instead of launching, as long as y is unchanged (an RMSNorm
-    feeding int8 GEMVs, rms_norm_triton.py: one launch fewer per norm; a gate/up GEMV feeding down, glu).
-    y is held, so no other tensor can take its memory while the entry stands and a data pointer names y
-    alone. An inference tensor has no version counter to tell an in-place write by: it is not recorded
-    (and the entry before is dropped)."""
+    feeding int8 GEMVs, rms_norm_triton.py: one launch fewer per norm). y is held, so no other tensor can
+    take its memory while the entry stands and a data pointer names y alone. An inference tensor has no
+    version counter to tell an in-place write by: it is not recorded (and the entry before is dropped)."""
     global _offered
-    _offered = None if y.is_inference() else (y, y._version, dict(xqs), glu)
+    _offered = None if y.is_inference() else (y, y._version, dict(xqs))
 
 
 def forget() -> None:
@@ -143,16 +121,15 @@ def forget() -> None:
     _offered = None
 
 
-def _offered_for(x: torch.Tensor, layout: int, glu: bool) -> torch.Tensor | None:
-    """The offered xq when x [M, K] is exactly the offered y's data, unwritten since, and offered for the
-    same glu, else None. Host arithmetic only: the same answer while a CUDA graph is captured as when it
-    runs eagerly."""
+def _offered_for(x: torch.Tensor, layout: int) -> torch.Tensor | None:
+    """The offered xq when x [M, K] is exactly the offered y's data, unwritten since, else None. Host
+    arithmetic only: the same answer while a CUDA graph is captured as when it runs eagerly."""
     entry = _offered
     if entry is None:
         return None
-    y, version, xqs, offered_glu = entry
+    y, version, xqs = entry
     xq = xqs.get(layout)
-    if xq is None or offered_glu != glu or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype or x.device != y.device:
+    if xq is None or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype or x.device != y.device:
         return None
     m, k = x.shape
     if k != y.shape[-1] or m * k != y.numel() or x.stride(1) != 1 or (m > 1 and x.stride(0) != k):
@@ -164,10 +141,11 @@ def quantize(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tensor:
     """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (the layout above).
     glu: x is [M, 2K], a gate/up projection's [gate | up] rows, and the values quantized are their
     SwiGLU silu(gate) * up, each factor rounded to x's dtype as silu_mul does (one launch for both).
-    An xq its producer already wrote for exactly x and glu (offer()) is returned as is."""
-    hit = _offered_for(x, layout, glu)
-    if hit is not None:
-        return hit
+    Without glu, an xq its producer already wrote for exactly x (offer()) is returned as is."""
+    if not glu:
+        hit = _offered_for(x, layout)
+        if hit is not None:
+            return hit
     m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     if k % BLOCK:
         raise ValueError(f"activation quantization needs K divisible by {BLOCK}, got {k}")

@@ -37,7 +37,6 @@ from devstral.quant.linear import (
     decode_xq_layouts,
     folds_swiglu,
     fuse_quant,
-    glu_epilogue_layout,
     norm_writes_xq,
     pair_quant,
 )
@@ -208,8 +207,7 @@ class MLP(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
             if isinstance(self.gate_up, PackedProjection) and folds_swiglu(self.down_proj):
-                # [gate | up]: down's GEMV applies the SwiGLU as it quantizes them -- or gate/up's GEMV already did
-                pre = self.gate_up.joined(x, glu_xq=glu_epilogue_layout(self.down_proj, x))
+                pre = self.gate_up.joined(x)  # [gate | up]: down's GEMV applies the SwiGLU as it quantizes
                 if pre is not None:
                     return self.down_proj.forward_glu(pre)
             gate, up = self.gate_up(x)

@@ -204,12 +204,12 @@ class PackedProjection:
             return tuple(linear(x, p) for p in self.parts)
         return linear(x, self.packed).split([p.n for p in self.parts], dim=-1)
 
-    def joined(self, x: torch.Tensor, glu_xq: int | None = None) -> torch.Tensor | None:
+    def joined(self, x: torch.Tensor) -> torch.Tensor | None:
         """The members' outputs side by side in one tensor [.., sum of rows] where one launch makes them
-        (decode sizes), else None. glu_xq: gguf_linear.linear's (gate/up writing down's quantized input)."""
+        (decode sizes), else None."""
         from devstral.kernels.gguf_linear import linear
 
-        return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed, glu_xq=glu_xq)
+        return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed)
 
 
 class PairedProjection:
@@ -340,18 +340,6 @@ def folds_swiglu(down: nn.Module) -> bool:
     """Whether an MLP hands this down projection the [gate | up] rows (QuantLinear.forward_glu) rather
     than silu_mul's output; DEVSTRAL_FOLD_SWIGLU=0 turns it off (for A/B runs)."""
     return type(down) is QuantLinear and os.environ.get("DEVSTRAL_FOLD_SWIGLU", "1") != "0"
-
-
-def glu_epilogue_layout(down: nn.Module, x: torch.Tensor) -> int | None:
-    """The gguf_xq layout in which this down projection quantizes a [gate | up] input at x's rows, for the
-    gate/up GEMV to write it in its epilogue (gguf_linear.linear's glu_xq: one launch fewer a layer); None
-    where down runs silu_mul first, or unless DEVSTRAL_GLU_EPILOGUE=1 (off until measured on the GPU)."""
-    if os.environ.get("DEVSTRAL_GLU_EPILOGUE", "0") != "1" or type(down) is not QuantLinear or \
-            down.weight_q.mode != "planar":
-        return None
-    from devstral.kernels.gguf_linear import glu_input_layout
-
-    return glu_input_layout(down.weight_q.packed, x.numel() // x.shape[-1], x.device)
 
 
 def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
