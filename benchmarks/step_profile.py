@@ -288,7 +288,8 @@ def graph_replay_us(engine, replays: int = 64) -> float | None:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / replays)
-    for t, saved in zip((graphs.tokens, graphs.positions, graphs.slots, graphs.context), held, strict=True):
-        t.copy_(saved)
+    with torch.inference_mode():  # the buffers were made under it (capture)
+        for t, saved in zip((graphs.tokens, graphs.positions, graphs.slots, graphs.context), held, strict=True):
+            t.copy_(saved)
     graphs.ahead = None
     return round(statistics.median(times), 1)

@@ -6,9 +6,11 @@ tables and context lengths into the graph's buffers: about a dozen small copies 
 ~75 us the GPU spent between replays (`engine_gguf_q4km_step_h200.json`). All of them follow from the
 replay before: the input id is the token it picked, the position and the context length one more, and the
 slot the block table's entry for the new position. So the graph ends by writing them itself
-(DEVSTRAL_GRAPH_ADVANCE=1), and the runner replays it bare whenever the buffers already hold the step it
+(DEVSTRAL_GRAPH_ADVANCE=0 turns that off), and the runner replays it bare whenever the buffers already hold the step it
 is about to run (model_runner.Ahead says when: same rows, all greedy, the new position inside the block
 table the buffers hold). Rows whose slot is -1 (a bucket's padding) stay as they are.
+Measured (H200, Devstral-Small-shape GGUF, one lease, `decode_ab_s21_h200.json`): Q4_K_M 213.2 -> 214.7 tok/s,
+Q8_0 150.3 -> 151.0.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from devstral.kernels import use_triton
 
 
 def enabled() -> bool:
-    """Whether decode graphs end by advancing their own inputs (DEVSTRAL_GRAPH_ADVANCE=1)."""
-    return os.environ.get("DEVSTRAL_GRAPH_ADVANCE", "0") == "1"
+    """Whether decode graphs end by advancing their own inputs (on unless DEVSTRAL_GRAPH_ADVANCE=0)."""
+    return os.environ.get("DEVSTRAL_GRAPH_ADVANCE", "1") != "0"
 
 
 def advance_ref(tokens: torch.Tensor, picked: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

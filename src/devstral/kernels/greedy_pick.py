@@ -5,7 +5,9 @@ as the highest, the first index on ties) and the flag says whether the row held 
 
 On CUDA one launch (`greedy_pick_triton.py`) replaces the eight small PyTorch kernels of that path
 (float copy, nan_to_num, argmax, isnan, any, stack), which run between two graph replays of a decode
-step. Off until measured on the GPU: DEVSTRAL_GREEDY_PICK=1 turns it on.
+step. Every captured decode graph ends with it (decode_advance.py: the graph's own next input ids). Outside
+them (a step without graphs, or DEVSTRAL_GRAPH_ADVANCE=0) it stays off until measured on its own:
+DEVSTRAL_GREEDY_PICK=1 turns it on there.
 """
 
 from __future__ import annotations
