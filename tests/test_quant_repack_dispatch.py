@@ -90,7 +90,7 @@ def test_q4k_q5k_scales_and_mins_take_the_files_12_bytes_a_super_block(qtype, bl
     j & 1 of byte j // 2, bits 0-1 the scale's top 2 bits, bits 2-3 the min's): 12 bytes a super-block, the file's.
     Built from chosen values (every 6-bit scale and min at even and at odd j, in blocks encoded here by the GGUF rule),
     packed, checked field by field, and unpacked to the same blocks byte for byte."""
-    from devstral.kernels.gguf_pack import k4_scale_min_planar
+    from devstral.kernels.gguf_pack import planar_scale_min_ref
     from devstral.quant.dequant import k4_scale_min
 
     g = torch.Generator().manual_seed(11)
@@ -120,7 +120,7 @@ def test_q4k_q5k_scales_and_mins_take_the_files_12_bytes_a_super_block(qtype, bl
     assert torch.equal(p["sc"], (s6 & 0x0F) | ((m6 & 0x0F) << 4))
     top = (s6 >> 4) | ((m6 >> 4) << 2)  # a nibble per sub-block
     assert torch.equal(p["mn"], top[:, 0::2] | (top[:, 1::2] << 4))
-    assert torch.equal(torch.stack(k4_scale_min_planar(p["sc"], p["mn"])), torch.stack((s6, m6)))
+    assert torch.equal(torch.stack(planar_scale_min_ref(p["sc"], p["mn"])), torch.stack((s6, m6)))
     assert torch.equal(unpack(p), raw)
 
 

@@ -53,7 +53,7 @@ def slice_f(words, hi, one, S: tl.constexpr, QT: tl.constexpr):
 
 
 @triton.jit
-def k4_scale_min(lo, hl):
+def planar_scale_min(lo, hl):
     """Q4_K/Q5_K: the 6-bit sub-block scales and mins from the planar layout's two fields (gguf_pack.py).
 
     lo: the sc byte (int32, zero-extended) of one sub-block, or four sub-blocks' sc bytes as the bytes of an int32
@@ -62,15 +62,15 @@ def k4_scale_min(lo, hl):
     packed as lo is: one value, or one byte per sub-block. Integer ops only, a few a sub-block (or a word of four).
     Why: the layout keeps the file's 12 bytes a super-block (a byte each took 16: +2.8% of the bytes a bandwidth-bound
     decode step reads) without the file's 12-byte record, whose fields would be gathered byte by byte. The torch twin
-    is gguf_pack.k4_scale_min_planar."""
+    is gguf_pack.planar_scale_min_ref."""
     scale = (lo & 0x0F0F0F0F) | ((hl << 4) & 0x30303030)
     mins = ((lo >> 4) & 0x0F0F0F0F) | ((hl << 2) & 0x30303030)
     return scale, mins
 
 
 @triton.jit
-def k4_top_bits(mn_ptr, n, j, ok, s_sc):
-    """k4_scale_min's hl for sub-blocks j of rows n (one each): nibble j & 1 of mn byte j // 2. The mn plane's rows
+def planar_top_bits(mn_ptr, n, j, ok, s_sc):
+    """planar_scale_min's hl for sub-blocks j of rows n (one each): nibble j & 1 of mn byte j // 2. The mn plane's rows
     are half as long as the sc plane's (s_sc // 2 bytes: K / 64)."""
     hb = tl.load(mn_ptr + n * (s_sc // 2) + (j >> 1), mask=ok, other=0).to(tl.int32)
     return hb >> (4 * (j & 1))
@@ -92,7 +92,7 @@ def sub_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n, j, ok, s_sc, s_d, QT: tl.conste
             c0 = -1.5 * c1
         else:
             dm = tl.load(dm_ptr + n * s_d + blk, mask=ok, other=0.0).to(tl.float32)
-            sc, mn = k4_scale_min(sc.to(tl.int32), k4_top_bits(mn_ptr, n, j, ok, s_sc))
+            sc, mn = planar_scale_min(sc.to(tl.int32), planar_top_bits(mn_ptr, n, j, ok, s_sc))
             sc = sc.to(tl.float32)
             mn = mn.to(tl.float32)
             if QT == 0:
@@ -140,7 +140,7 @@ def subblock_values(q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, n, j, r, ok, s
         d = tl.load(d_ptr + n * s_d + blk, mask=ok, other=0.0).to(tl.float32)
         sc = tl.load(sc_ptr + n * s_sc + j, mask=ok, other=0)
         if QT != 2:
-            sc, mn = k4_scale_min(sc.to(tl.int32), k4_top_bits(mn_ptr, n, j, ok, s_sc))
+            sc, mn = planar_scale_min(sc.to(tl.int32), planar_top_bits(mn_ptr, n, j, ok, s_sc))
         dl = d * sc.to(tl.float32)
         if QT == 2:
             q6 = lo | (((hi >> (2 * s)) & 3) << 4)
@@ -210,5 +210,5 @@ def qt_code(qtype) -> int:
     return {QType.Q4_K: 0, QType.Q5_K: 1, QType.Q6_K: 2, QType.Q8_0: 3}[QType(qtype)]
 
 
-__all__ = ["GEOMETRY", "dp4a", "k4_scale_min", "k4_top_bits", "load_words", "qt_code", "spread_pairs", "slice_f",
+__all__ = ["GEOMETRY", "dp4a", "load_words", "planar_scale_min", "planar_top_bits", "qt_code", "spread_pairs", "slice_f",
            "sub_scales", "subblock_values", "triton"]

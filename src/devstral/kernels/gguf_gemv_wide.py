@@ -15,7 +15,7 @@ and layout conversions. Here:
   256-512 contiguous bytes of a row) measured faster than 8 for the big Q4_K/Q6_K matrices. Only the
   scales ([BN, NS], a few bytes per row) change layout once per tile. Q4_K/Q5_K's 6-bit scales and mins
   (the file's 12 bytes a super-block, gguf_pack.py) are loaded as words and decoded four sub-blocks an
-  integer op (_k4_words, _k4_scale_min_f32).
+  integer op (_k4_words, _planar_scale_min_f32).
 * Per weight: the level goes into the mantissa of 1.0f (f = 1 + q / 2^bits: a shift and a LOP3;
   Q4_K needs only 3 shifts per 8 nibbles, see _row_dot_q4k) and one FMA adds f * x into a per-word
   partial; the sub-block's scale and min meet the partial sums once per sub-block and row. The
@@ -54,7 +54,14 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import gguf_xq, pdl
-from devstral.kernels.gguf_decode import GEOMETRY, ONE_F32_BITS, XOR_SIGN_BYTES, dp4a, k4_scale_min, qt_code
+from devstral.kernels.gguf_decode import (
+    GEOMETRY,
+    ONE_F32_BITS,
+    XOR_SIGN_BYTES,
+    dp4a,
+    planar_scale_min,
+    qt_code,
+)
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import (
@@ -153,7 +160,7 @@ def _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, t, n_sub, s_sc, s_d,
 def _k4_words(sc_ptr, mn_ptr, n2, row_ok, t, n_sub, s_sc, NS: tl.constexpr, EVEN: tl.constexpr):
     """Q4_K/Q5_K's sc and mn planes for tile t as words of G = min(NS, 4) sub-blocks, [BN, NS // G] each: G sc bytes
     (an int32 or uint16 word) and G mn nibbles (a uint16 word or a byte). _scales then decodes G sub-blocks an integer
-    op (k4_scale_min on whole words), and a thread loads a row's scales a few bytes at a time. A row holds a multiple
+    op (planar_scale_min on whole words), and a thread loads a row's scales a few bytes at a time. A row holds a multiple
     of 8 sub-blocks (whole super-blocks), so a word is all in the row or all past it."""
     G: tl.constexpr = min(NS, 4)
     tl.static_assert(G >= 2, "Q4_K/Q5_K tiles of 2 sub-blocks or more")
@@ -192,14 +199,14 @@ def _k4_values(w, BN: tl.constexpr, NS: tl.constexpr):
 
 
 @triton.jit
-def _k4_scale_min_f32(sc, mn, BN: tl.constexpr, NS: tl.constexpr):
+def _planar_scale_min_f32(sc, mn, BN: tl.constexpr, NS: tl.constexpr):
     """_k4_words' sc and mn words -> Q4_K/Q5_K's 6-bit sub-block scales and mins, fp32 [BN, NS] each."""
-    # the mn word's G nibbles (nibble k: sub-block G i + k) to the low nibbles of bytes 0..G-1 (k4_scale_min's hl):
+    # the mn word's G nibbles (nibble k: sub-block G i + k) to the low nibbles of bytes 0..G-1 (planar_scale_min's hl):
     # a 16-bit word's two bytes to bytes 0 and 2, then each byte's high nibble into the next byte's low one (what
-    # is left in the high nibbles k4_scale_min ignores)
+    # is left in the high nibbles planar_scale_min ignores)
     x = mn.to(tl.int32)
     x = (x | (x << 8)) & 0x00FF00FF
-    scale, mins = k4_scale_min(sc.to(tl.int32), x | (x << 4))
+    scale, mins = planar_scale_min(sc.to(tl.int32), x | (x << 4))
     return _k4_values(scale, BN, NS), _k4_values(mins, BN, NS)
 
 
@@ -215,7 +222,7 @@ def _scales(d, sc, dm, mn, QT: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr)
         c1 = 64.0 * (d * sc.to(tl.float32))  # int8 scale: q - 32 = 64 f - 96
         c0 = -1.5 * c1
     else:
-        scale, mins = _k4_scale_min_f32(sc, mn, BN, NS)
+        scale, mins = _planar_scale_min_f32(sc, mn, BN, NS)
         if QT == 0:
             c1 = 128.0 * (d * scale)  # _row_dot_q4k: weight = d sc q - dmin mn
             c0 = -(dm.to(tl.float32) * mins)
@@ -910,7 +917,7 @@ def stream_shares(units: int, programs: int, n_tiles: int) -> int:
 def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch (fp32): per sub-block c1 * sum(f x) + c0 * sum(x) from the
     planar fields, f = 1 + q / 2^bits. Equal to dequantize(W) @ x up to fp32 rounding."""
-    from devstral.kernels.gguf_pack import FORMATS, _from_words, _high_from_planar, k4_scale_min_planar
+    from devstral.kernels.gguf_pack import FORMATS, _from_words, _high_from_planar, planar_scale_min_ref
 
     fmt = FORMATS[p.qtype]
     qt = qt_code(p.qtype)
@@ -931,7 +938,7 @@ def reference(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None) 
         dd = d.repeat_interleave(256 // sub, dim=1)
         sc = p["sc"]
         if qt != 2:
-            sc, mn = k4_scale_min_planar(sc, p["mn"])
+            sc, mn = planar_scale_min_ref(sc, p["mn"])
         c1 = (64.0 if qt == 2 else 16.0 if qt == 0 else 32.0) * dd * sc.float()
         c0 = -1.5 * c1 if qt == 2 else -(c1 + p["dmin"].float().repeat_interleave(256 // sub, dim=1) * mn.float())
     xf = x.float().reshape(-1, n_sub, sub)

@@ -31,7 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels.gguf_decode import GEOMETRY, dp4a, k4_scale_min, k4_top_bits, qt_code, spread_pairs
+from devstral.kernels.gguf_decode import (
+    GEOMETRY,
+    dp4a,
+    planar_scale_min,
+    planar_top_bits,
+    qt_code,
+    spread_pairs,
+)
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, usable_split, workspace
@@ -120,7 +127,7 @@ def _idot_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                 qsum = tl.sum(tl.reshape(xq, (BM, NS, SB)), axis=2).to(tl.float32)
                 acc += (dl[None, :, :] * dx[:, None, :]) * (isum - 32.0 * qsum[:, None, :])
             else:
-                sc, mn = k4_scale_min(sc.to(tl.int32), k4_top_bits(mn_ptr, n2, j, s_ok, s_sc))
+                sc, mn = planar_scale_min(sc.to(tl.int32), planar_top_bits(mn_ptr, n2, j, s_ok, s_sc))
                 dl = d * sc.to(tl.float32)
                 dm = tl.load(dm_ptr + n2 * s_d + blk, mask=s_ok, other=0.0).to(tl.float32)
                 xsum = tl.sum(xf3, axis=2)

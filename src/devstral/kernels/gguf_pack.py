@@ -12,7 +12,7 @@ one [N, per-row] array per field:
   sc   sub-block scales: int8 (Q6_K); Q4_K/Q5_K one byte per sub-block, the low 4 bits of its 6-bit scale
        (low nibble) and of its 6-bit min (high nibble)
   mn   Q4_K/Q5_K: the top 2 bits of each sub-block's scale (bits 0-1) and min (bits 2-3), a nibble per
-       sub-block, two a byte (sub-block j: nibble j & 1 of byte j // 2; k4_scale_min_planar below)
+       sub-block, two a byte (sub-block j: nibble j & 1 of byte j // 2; planar_scale_min_ref below)
   d    fp16 super-block scale (per 256 weights; per 32 for Q8_0)
   dmin fp16 super-block min scale (Q4_K/Q5_K)
 
@@ -291,9 +291,9 @@ def _high_from_planar(qh: torch.Tensor, fmt: PlanarFormat, rows: int, k: int, qt
 # a layout every kernel decodes with a few integer ops a sub-block and no gather across the file's 12-byte
 # record: sc, a byte per sub-block j, holds the low 4 bits of its scale (low nibble) and of its min (high
 # nibble); mn, a byte per two sub-blocks, holds in nibble j & 1 of byte j // 2 the scale's top 2 bits (bits
-# 0-1 of the nibble) and the min's (bits 2-3). The kernels' twin is gguf_decode.k4_scale_min.
+# 0-1 of the nibble) and the min's (bits 2-3). The kernels' twin is gguf_decode.planar_scale_min.
 
-def k4_scale_min_planar(sc: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def planar_scale_min_ref(sc: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Planar sc [.., S] and mn [.., S / 2] (uint8) -> the 6-bit scales and mins [.., S] (uint8)."""
     h = torch.stack((mn & 0x0F, mn >> 4), dim=-1).flatten(-2)  # sub-block j's nibble: nibble j & 1 of byte j // 2
     return (sc & 0x0F) | ((h & 3) << 4), (sc >> 4) | ((h >> 2) << 4)
@@ -301,7 +301,7 @@ def k4_scale_min_planar(sc: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tenso
 
 def _k4_planar_scales(scale: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 6-bit scales and mins [.., S] (uint8) -> planar sc [.., S] and mn [.., S / 2]: the inverse of
-    k4_scale_min_planar."""
+    planar_scale_min_ref."""
     sc = (scale & 0x0F) | ((mins & 0x0F) << 4)
     h = (scale >> 4) | ((mins >> 4) << 2)
     return sc, h[..., 0::2] | (h[..., 1::2] << 4)
@@ -330,7 +330,7 @@ def _planar_to_fields(p: dict[str, torch.Tensor], fmt: PlanarFormat, qtype: QTyp
         if name in p:
             f[name] = p[name].reshape(nb, -1) if name == "sc" else p[name].reshape(-1)
     if "mn" in p:
-        sc, mn = k4_scale_min_planar(p["sc"], p["mn"])
+        sc, mn = planar_scale_min_ref(p["sc"], p["mn"])
         f["sc"], f["mn"] = sc.reshape(nb, -1), mn.reshape(nb, -1)
     return f
 
