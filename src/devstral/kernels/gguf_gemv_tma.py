@@ -244,10 +244,10 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
-    prefetches them (_sub_block_scales); off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a compile option, so its own compilation):
-    the programs an SM can hold are set by registers first (65536 an SM; Q6_K 32 x 32 stream-K takes 123 a thread
-    uncapped, four programs of 128 threads, and 80 capped without spilling, six), so a tuned entry may trade them for
-    occupancy.
+    prefetches them (_sub_block_scales); off unless a tuned entry asks. maxnreg: ptxas's register cap a thread (a
+    compile option, so its own compilation): the programs an SM can hold are set by registers first (65536 an SM;
+    Q6_K 32 x 32 stream-K takes 123 a thread uncapped, four programs of 128 threads, and 80 capped without spilling,
+    six), so a tuned entry may trade them for occupancy.
     bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
     if x.shape[0] != 1 or bm != 1:
         raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")

@@ -299,7 +299,7 @@ def planar_scale_min_ref(sc: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tens
     return (sc & 0x0F) | ((h & 3) << 4), (sc >> 4) | ((h >> 2) << 4)
 
 
-def _k4_planar_scales(scale: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _planar_from_scale_min(scale: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 6-bit scales and mins [.., S] (uint8) -> planar sc [.., S] and mn [.., S / 2]: the inverse of
     planar_scale_min_ref."""
     sc = (scale & 0x0F) | ((mins & 0x0F) << 4)
@@ -316,7 +316,7 @@ def _fields_to_planar(f: dict[str, torch.Tensor], fmt: PlanarFormat, qtype: QTyp
         if name in f:
             out[name] = f[name].reshape(rows, -1)
     if "mn" in f:
-        out["sc"], out["mn"] = _k4_planar_scales(out["sc"], f["mn"].reshape(rows, -1))
+        out["sc"], out["mn"] = _planar_from_scale_min(out["sc"], f["mn"].reshape(rows, -1))
     return out
 
 
