@@ -154,8 +154,8 @@ def _all() -> dict:
             _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads"
                  + (" stamps_ptr" if stamped else ""),
                  {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16, **stamp_ptr}),
-            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=stamped,
-                 **extra))
+            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=stamped)
+            | extra)
 
     for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
         out[f"decode_split{suffix}"] = split(output)
@@ -167,6 +167,8 @@ def _all() -> dict:
     out["decode_merge_len_early"] = merge(LEN_EARLY=True)
     out["decode_split_stamps"] = split(stamped=True)
     out["decode_merge_stamps"] = merge(stamped=True)
+    # the engine's merge at 45 splits (Devstral on an H200): 64 split rows, one chunk
+    out["decode_merge_64"] = merge(BLOCK_S=64, MERGE_CHUNK=64, LEN_EARLY=True)
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):
@@ -284,6 +286,14 @@ def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_sta
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1, st
     assert st["loads"] == 1 and st["stores"] == 0, st
+
+
+def test_the_merge_loads_its_partials_with_the_log_sum_exps(ptx_stats):
+    """The merge pass (one chunk of splits, as the engine runs it) issues every partial's load before the
+    log-sum-exps' cross-warp reduction that its weights need: one L2 round trip after its wait, not two
+    (the loads sat behind that reduction's barrier before)."""
+    st = ptx_stats["decode_merge_64"]
+    assert st["loads_after_wait"] >= 64 and st["loads_after_barrier"] == 0, st
 
 
 @pytest.mark.parametrize("name", ["decode_merge", "decode_merge_len_early", "decode_merge_stamps"])

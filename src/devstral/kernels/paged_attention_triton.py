@@ -390,24 +390,50 @@ def _merge_splits(part_out_ptr, part_lse_ptr, first_rows, hmask, used, HEAD_DIM:
     """The merged outputs [NH, HEAD_DIM] float32 of the heads whose split partials are rows
     first_rows[h] + s, s < used: each split weighted by exp2(lse - the largest lse) over the weights'
     sum, the weighted partials added in split order, CHUNK splits a step (whichever program merges,
-    the same sum). Loads bypass L1 (.cg): other programs wrote the partials during this launch."""
+    the same sum). Loads bypass L1 (.cg): other programs wrote the partials during this launch.
+
+    Where one chunk holds every split (CHUNK >= BLOCK_S: the two-pass merge kernel, up to 64 splits), the
+    chunk's partials are loaded beside the log-sum-exps, before the weights that need those: one L2 round
+    trip on the decode chain instead of two, and the same arithmetic as the loop's single step."""
     s = tl.arange(0, BLOCK_S)
     lse = tl.load(part_lse_ptr + first_rows[:, None] + s[None, :], mask=hmask[:, None] & (s < used)[None, :],
                   other=float("-inf"), cache_modifier=".cg")
-    top = tl.where(hmask, tl.max(lse, axis=1), 0.0)
-    total = tl.where(hmask, tl.sum(tl.exp2(lse - top[:, None]), axis=1), 1.0)
     d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([first_rows.shape[0], HEAD_DIM], tl.float32)
-    for s0 in range(0, used, CHUNK):
-        split = s0 + tl.arange(0, CHUNK)
-        ok = (split < used)[:, None] & hmask[None, :]
-        rows = first_rows[None, :] + split[:, None]  # [CHUNK, NH]
-        split_lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    if CHUNK >= BLOCK_S:
+        split_lse, parts, ok = _chunk_loads(part_out_ptr, part_lse_ptr, first_rows, hmask, used, 0, d, HEAD_DIM, CHUNK)
+        top, total = _lse_top_total(lse, hmask)
         weight = tl.where(ok, tl.exp2(split_lse - top[None, :]) / total[None, :], 0.0)
-        parts = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None],
-                        other=0.0, cache_modifier=".cg")
         acc += tl.sum(parts * weight[:, :, None], axis=0)
+    else:
+        top, total = _lse_top_total(lse, hmask)
+        for s0 in range(0, used, CHUNK):
+            split_lse, parts, ok = _chunk_loads(part_out_ptr, part_lse_ptr, first_rows, hmask, used, s0, d, HEAD_DIM, CHUNK)
+            weight = tl.where(ok, tl.exp2(split_lse - top[None, :]) / total[None, :], 0.0)
+            acc += tl.sum(parts * weight[:, :, None], axis=0)
     return acc
+
+
+@triton.jit
+def _lse_top_total(lse, hmask):
+    """Per head [NH]: the largest log-sum-exp of its splits, and the sum of exp2(lse - largest)."""
+    top = tl.where(hmask, tl.max(lse, axis=1), 0.0)
+    total = tl.where(hmask, tl.sum(tl.exp2(lse - top[:, None]), axis=1), 1.0)
+    return top, total
+
+
+@triton.jit
+def _chunk_loads(part_out_ptr, part_lse_ptr, first_rows, hmask, used, s0, d, HEAD_DIM: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """Splits s0 .. s0 + CHUNK - 1 of each head: their log-sum-exps [CHUNK, NH], partial outputs
+    [CHUNK, NH, HEAD_DIM] and which of them exist [CHUNK, NH]."""
+    split = s0 + tl.arange(0, CHUNK)
+    ok = (split < used)[:, None] & hmask[None, :]
+    rows = first_rows[None, :] + split[:, None]  # [CHUNK, NH]
+    split_lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    parts = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+    return split_lse, parts, ok
 
 
 @triton.jit
