@@ -8,10 +8,18 @@
 #   5. benchmarks/decode_ab.py on each GGUF with the --setting arguments given to this script;
 #   6. llama-bench tg128 at depth 0 and 512 on each GGUF once the build is done, then one more run of the first
 #      setting (the script's first two arguments, "--setting NAME...") on each file, after the build.
-# Everything lands in $OUT: ab_<type>.json, again_<type>.json, llama_<type>.json, gpu_tests.xml and the logs.
+# Everything (ab_<type>.json, again_<type>.json, llama_<type>.json, gpu_tests.xml and the logs) is written to a
+# scratch folder and packed at exit into $OUT/device_session.tgz; the JSONs and gpu_tests.xml are also copied to
+# $OUT itself, as many as fit beside it: the device tool brings back at most 8 files of a call.
 #   bash benchmarks/device_session.sh --setting base --setting "adv:DEVSTRAL_GRAPH_ADVANCE=0"
 set -uo pipefail
-OUT=${OUT:?run on the device machine, where OUT is set}
+RESULTS=${OUT:?run on the device machine, where OUT is set}
+OUT=$(mktemp -d /tmp/device_session.XXXXXX)
+pack() {
+  tar -czf "$RESULTS/device_session.tgz" -C "$OUT" .
+  ls "$OUT"/*.json "$OUT"/gpu_tests.xml 2>/dev/null | head -7 | xargs -r cp -t "$RESULTS"
+}
+trap pack EXIT
 WHEELS=${WHEELS:-.whl}
 PEERS=${PEERS:-.peers}
 TYPES=${TYPES:-"Q4_K_M Q8_0"}
