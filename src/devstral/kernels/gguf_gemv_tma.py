@@ -34,7 +34,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import GEOMETRY, qt_code
-from devstral.kernels.gguf_gemv_wide import row_dot_xq, stream_programs, stream_shares, tile_scales
+from devstral.kernels.gguf_gemv_wide import (
+    fixed_buffers,
+    row_dot_xq,
+    stream_programs,
+    stream_shares,
+    tile_scales,
+)
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.gguf_splitk import counters, store_output, store_share, usable_split, workspace
 from devstral.kernels.pdl import gdc_launch_dependents, gdc_wait
@@ -121,7 +127,8 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
                 N, K, s_d, SPLIT_K,
                 QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                 NSB: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr):
+                ASM: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr, PAIRS: tl.constexpr,
+                FIXED: tl.constexpr = False):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(K // SB, NS)
     if PDL:  # the pipeline's prologue loads activations: wait for the kernel that wrote them first
@@ -140,7 +147,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
             g0 = ((r * n_tiles + 1) * G - 1) // units  # the programs sharing row tile r: first and last
             g1 = ((r + 1) * n_tiles * G - 1) // units
             store_share(res, r * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
-                        r, pid - g0, g1 - g0 + 1, HAS_BIAS)
+                        r, pid - g0, g1 - g0 + 1, HAS_BIAS, FIXED)
         if PDL:
             gdc_launch_dependents()
     else:
@@ -153,7 +160,7 @@ def _tma_kernel(xq_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_desc, qh_desc, sc_
         if PDL:
             gdc_launch_dependents()
         store_output(res, pid * BN + tl.arange(0, BN), tl.arange(0, 1), N, 1, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr,
-                     pid, pid_k, SPLIT_K, HAS_BIAS, SPLIT)
+                     pid, pid_k, SPLIT_K, HAS_BIAS, SPLIT, FIXED)
 
 
 @functools.cache
@@ -240,7 +247,8 @@ def _descriptor(a: torch.Tensor, box: tuple[int, int]) -> TensorDescriptor:
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *, bn: int, ns: int,
          split_k: int = 1, num_stages: int = 3, num_warps: int = 4, glu: bool = False, bm: int = 1,
-         stream: int = 0, pairs: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+         stream: int = 0, pairs: bool = False, maxnreg: int | None = None,
+         fixed_zero: torch.Tensor | None = None) -> torch.Tensor:
     """out[1, N] = x[1, K] @ W^T (+ bias) with int8 activations (gguf_xq.quantize, the SwiGLU folded in with glu).
     stream > 0: stream-K (stream programs per SM share the row-tile x K-tile units) instead of split_k.
     pairs: the K-quants' super-block scales read as 4-byte words of two where the weight allows, so that the pipeline
@@ -248,7 +256,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     compile option, so its own compilation): the programs an SM can hold are set by registers first (65536 an SM;
     Q6_K 32 x 32 stream-K takes 123 a thread uncapped, four programs of 128 threads, and 80 capped without spilling,
     six), so a tuned entry may trade them for occupancy.
-    bm is accepted for the tuned table's entries, which all carry it; only one activation row is served."""
+    bm is accepted for the tuned table's entries, which all carry it; only one activation row is served.
+    fixed_zero: as gguf_gemv_wide.gemv's (int64 fixed-point out, the other buffer zeroed)."""
     if x.shape[0] != 1 or bm != 1:
         raise ValueError(f"the TMA GEMV serves one activation row, got {x.shape[0]}")
     if not supports(p, bn, ns):
@@ -268,6 +277,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     else:
         split_k = usable_split(split_k, tiles, 1, p.n)
         grid, ws = (tiles, split_k), workspace(split_k, 1, p.n, x.device)
+    if fixed_zero is not None:
+        ws = fixed_buffers(out, fixed_zero, bias, 1, p.n)
     desc = descriptors(p, bn, ns)
     q_desc = desc["q"]
     nsb = ns if qt == 3 else ns * sb // 256
@@ -280,7 +291,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, PAIRS=pairs, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
+        STREAM=use_stream, PAIRS=pairs, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 

@@ -674,7 +674,7 @@ def _stream_segment(r, u_lo, u_hi, units, G, g, x_ptr, out_ptr, bias_ptr, ws_ptr
                     QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                     NS: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
                     EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr, STAGES: tl.constexpr,
-                    XQ: tl.constexpr, WAIT: tl.constexpr):
+                    XQ: tl.constexpr, WAIT: tl.constexpr, FIXED: tl.constexpr = False):
     """Stream-K: this program's share of row tile r (K-tiles t_lo..t_hi-1 of it), then that tile's output --
     whole, or a partial that the last of the tile's programs adds up (gguf_splitk.store_share)."""
     n_tiles = tl.cdiv(K // SB, NS)
@@ -688,7 +688,7 @@ def _stream_segment(r, u_lo, u_hi, units, G, g, x_ptr, out_ptr, bias_ptr, ws_ptr
     g1 = ((r + 1) * n_tiles * G - 1) // units
     cols = m0 + tl.arange(0, BM)
     store_share(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.cdiv(N, BN) + r, g - g0,
-                g1 - g0 + 1, HAS_BIAS)
+                g1 - g0 + 1, HAS_BIAS, FIXED)
 
 
 @triton.jit
@@ -698,7 +698,8 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False):
+                 XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
+                 FIXED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -716,19 +717,19 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         if u_lo < u_hi:
             _stream_segment(r0, u_lo, u_hi, units, G, pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr,
                             sc_ptr, mn_ptr, d_ptr, dm_ptr, m0, pid_m, M, N, K, s_xm, s_om, s_q, s_qh, s_sc, s_d, one,
-                            QT, SB, WPS, E, BN, NS, BM, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
+                            QT, SB, WPS, E, BN, NS, BM, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL, FIXED)
             for r in range(r0 + 1, tl.cdiv(u_hi, n_tiles)):
                 _stream_segment(r, u_lo, u_hi, units, G, pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr,
                                 qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, m0, pid_m, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                                 s_d, one, QT, SB, WPS, E, BN, NS, BM, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ,
-                                False)
+                                False, FIXED)
         if PDL:
             gdc_launch_dependents()
     else:
         _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
                        cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                        s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
-                       STAGES, XQ, PDL)
+                       STAGES, XQ, PDL, FIXED)
 
 
 @triton.jit
@@ -737,7 +738,7 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                    NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr):
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, FIXED: tl.constexpr = False):
     """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
     tile_id) for activation rows m0.. -- one program of a split-K launch."""
     n_tiles = tl.cdiv(K // SB, NS)
@@ -754,7 +755,7 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
         gdc_launch_dependents()
     cols = m0 + tl.arange(0, BM)
     store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, HAS_BIAS,
-                 SPLIT)
+                 SPLIT, FIXED)
 
 
 @triton.jit
@@ -796,7 +797,8 @@ INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with a
 
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-         int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False) -> torch.Tensor:
+         int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False,
+         fixed_zero: torch.Tensor | None = None) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (about 0.3% relative error, as llama.cpp's quantized matmuls).
@@ -807,7 +809,9 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     stream > 0: stream-K instead of split_k -- stream programs per SM share the row-tile x K-tile units
     equally (stream_programs).
     glu (with xq): x is [M, 2K], a gate/up projection's [gate | up] rows, and the GEMV's input is their
-    SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch)."""
+    SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch).
+    fixed_zero: out is an int64 fixed-point buffer the programs add into, and fixed_zero [M, N] the buffer they
+    zero (kernels/fixed_point.py); no bias."""
     m, k = x.shape[0], p.k
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -830,6 +834,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     else:
         split_k = usable_split(split_k, tiles_n * tiles_m, m, p.n)
         grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
+    if fixed_zero is not None:
+        ws = fixed_buffers(out, fixed_zero, bias, m, p.n)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     args = (xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
@@ -838,9 +844,17 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     consts = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=bn, NS=ns, BM=bm, SPLIT_K=split_k, SPLIT=split_k > 1,
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=stages, XQ=xq, PDL=on,
-                  STREAM=use_stream, num_warps=num_warps, num_stages=num_stages)
+                  STREAM=use_stream, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages)
     _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
+
+
+def fixed_buffers(out: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
+    """The zeroed buffer, passed where the split-K workspace goes, once both buffers are checked."""
+    if bias is not None or out.dtype != torch.int64 or zero.dtype != torch.int64 or zero.shape != out.shape \
+            or tuple(out.shape) != (m, n) or out.stride(1) != 1 or zero.stride() != out.stride():
+        raise ValueError("fixed-point output: int64 [M, N] buffers of one layout and no bias")
+    return zero
 
 
 def one_tile(n_tiles: int, split_k: int) -> bool:

@@ -66,9 +66,21 @@ def dequant_matmul(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, ou
     return out
 
 
-def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+FIXED_KINDS = ("wide_tma", "wide", *gguf_config.WIDE_INT8_KINDS)  # the plans that can add into fixed point
+
+
+def fixed_plan(p: PackedGGUF, device: torch.device) -> bool:
+    """Whether one activation row of this weight runs a plan that can write fixed point (linear's `fixed`)."""
+    return gguf_config.gguf_plan(p.qtype.name, 1, p.n, p.k, device)[0] in FIXED_KINDS
+
+
+def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False,
+           fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x @ W^T (+ bias). glu: x holds a gate/up projection's [gate | up] rows ([.., 2K]) and the input is
-    their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul."""
+    their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul.
+    fixed (acc, zero), int64 [1, N] each: for one activation row without bias, the output is added into acc as
+    fixed point and zero is zeroed (kernels/fixed_point.py), and acc is returned ([.., N] int64); otherwise, or
+    where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
     lead = x.shape[:-1]
@@ -76,18 +88,22 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    fixed = fixed if m == 1 and bias is None else None
+    out = fixed[0] if fixed is not None else torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
+        if fixed is not None and kind not in FIXED_KINDS:
+            raise ValueError(f"fixed-point output asked of a {kind} plan ({p.qtype.name} {p.n}x{p.k})")
+        zero = {} if fixed is None else {"fixed_zero": fixed[1]}
         if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
             # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
             kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}
         if glu and kind not in ("wide_xq", "wide_tma"):
             x2, glu = silu_mul(x2[:, :p.k], x2[:, p.k:]), False
         if kind == "wide_tma":
-            gguf_gemv_tma.gemv(x2, p, bias, out, glu=glu, **cfg)
+            gguf_gemv_tma.gemv(x2, p, bias, out, glu=glu, **cfg, **zero)
         elif kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
-            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg)
+            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg, **zero)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)
         elif kind == "gemv":

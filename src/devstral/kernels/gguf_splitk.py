@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from devstral.kernels.fixed_point import add_fixed
+
 MAX_TILES = 1 << 16
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -61,13 +63,16 @@ def split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, pid_k, split_k):
 
 @triton.jit
 def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, split_k,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXED: tl.constexpr = False):
     """acc: fp32 [BN, BM], output features `rows` x activation rows `cols`; out is [M, N] (row stride s_om).
 
     SPLIT (constexpr) says whether split_k (a runtime value, so that each split count is not a new
-    compilation) is above 1."""
+    compilation) is above 1. FIXED: out is an int64 fixed-point buffer every split adds into, and ws the
+    buffer split 0 zeroes (kernels/fixed_point.py; no bias)."""
     mask = (rows < N)[:, None] & (cols < M)[None, :]
-    if not SPLIT:
+    if FIXED:
+        add_fixed(acc, rows, cols, N, M, out_ptr, s_om, ws_ptr, pid_k == 0)
+    elif not SPLIT:
         _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
     else:
         total, last = split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, pid_k, split_k)
@@ -77,12 +82,15 @@ def store_output(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr
 
 @triton.jit
 def store_share(acc, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, share, shares,
-                HAS_BIAS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, FIXED: tl.constexpr = False):
     """store_output for a stream-K program (gguf_gemv_wide.py): its share (0..shares-1) of output tile
     tile_id, where the number of programs sharing the tile is a runtime value. A tile one program holds
-    whole is stored at once; shared tiles go through split_sum, shares in order."""
+    whole is stored at once; shared tiles go through split_sum, shares in order. FIXED: as store_output's,
+    share 0 zeroing."""
     mask = (rows < N)[:, None] & (cols < M)[None, :]
-    if shares == 1:
+    if FIXED:
+        add_fixed(acc, rows, cols, N, M, out_ptr, s_om, ws_ptr, share == 0)
+    elif shares == 1:
         _store_tile(acc, rows, cols, mask, N, out_ptr, s_om, bias_ptr, HAS_BIAS)
     else:
         total, last = split_sum(acc, rows, cols, N, M, ws_ptr, cnt_ptr, tile_id, share, shares)

@@ -41,7 +41,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, xq: tuple[int, .
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float, xq: tuple[int, ...] = (), *, x_settled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + delta), x + delta). x_settled: see add_rms_norm_triton (a launch-order promise; the
-    result is the same either way)."""
+    result is the same either way). An int64 delta is a fixed-point GEMV output (kernels/fixed_point.py): the
+    Triton kernel converts it as it reads it, the other paths first."""
+    if delta.dtype == torch.int64 and not use_triton(x):
+        from devstral.kernels.fixed_point import from_fixed_ref
+
+        delta = from_fixed_ref(delta, x.dtype)
     if use_triton_training(x, delta, weight):
         from devstral.kernels import rms_norm_autograd as train
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from devstral.kernels import gguf_xq, pdl, stamps
+from devstral.kernels.fixed_point import from_fixed
 from devstral.kernels.gguf_config import DECODE_MS
 from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for
@@ -45,7 +46,8 @@ def _row_and_blocks(row_ptr, cols, mask, at, ok, XQ: tl.constexpr):
 def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, out_ptr, res_ptr, xq_ptr, xq_second,
                      n_cols, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
                      XQ_A: tl.constexpr = -1, XQ_B: tl.constexpr = -1, XB: tl.constexpr = 16,
-                     X_SETTLED: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False):
+                     X_SETTLED: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False,
+                     DELTA_FIXED: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     if PDL:  # kernels/pdl.py: the GEMV after may start loading its weights
@@ -79,6 +81,9 @@ def _rms_norm_kernel(x_ptr, x_row_stride, delta_ptr, delta_row_stride, w_ptr, ou
         x, xs = _row_and_blocks(x_ptr + row * x_row_stride, cols, mask, at, ok, XQ)
     if HAS_DELTA:
         delta, ds = _row_and_blocks(delta_ptr + row * delta_row_stride, cols, mask, at, ok, XQ)
+        if DELTA_FIXED:  # an int64 fixed-point GEMV output (kernels/fixed_point.py), as the GEMV would have stored it
+            delta = from_fixed(delta, res_ptr.dtype.element_ty)
+            ds = from_fixed(ds, res_ptr.dtype.element_ty)
         x = (x.to(tl.float32) + delta.to(tl.float32)).to(res_ptr.dtype.element_ty)
         if not XQ:
             tl.store(res_ptr + row * n_cols + cols, x, mask=mask)
@@ -126,7 +131,8 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
             num_warps: int | None, xq: tuple[int, ...] = (), x_settled: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n = x.shape[-1]
-    res_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    fixed = delta is not None and delta.dtype == torch.int64  # kernels/fixed_point.py: the GEMV's output in x's dtype
+    res_dtype = x.dtype if delta is None or fixed else torch.promote_types(x.dtype, delta.dtype)
     rows = x.numel() // n if n else 0
     layouts = tuple(dict.fromkeys(xq))[:2] if xq_rows(xq, rows, n) else ()
     # with xq, a normal tensor even in inference mode: its version counter tells gguf_xq of an in-place write
@@ -151,7 +157,7 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
         HAS_DELTA=delta is not None, BLOCK=block, PDL=on, XQ_A=layouts[0] if layouts else -1,
         XQ_B=layouts[1] if len(layouts) > 1 else -1, XB=gguf_xq.BLOCKS_PER_PROGRAM,
         X_SETTLED=bool(on and x_settled and delta is not None), stamps_ptr=stamps_ptr, STAMPS=stamped,
-        num_warps=num_warps or _num_warps(block), launch_pdl=on)
+        DELTA_FIXED=fixed, num_warps=num_warps or _num_warps(block), launch_pdl=on)
     if layouts:
         gguf_xq.offer(out.view(rows, n), dict(zip(layouts, xq_out, strict=True)))
     return out, res
@@ -176,7 +182,10 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     norm one or more GEMVs back -- so under dependent launch x loads before the wait (kernels/pdl.py) and
     only delta waits. A wrong promise is a race, hence opt-in."""
     if x.shape[-1] > MAX_DIM or delta.shape != x.shape:
+        from devstral.kernels.fixed_point import from_fixed_ref
         from devstral.kernels.rms_norm import add_rms_norm_ref
 
+        if delta.dtype == torch.int64:
+            delta = from_fixed_ref(delta, x.dtype)
         return add_rms_norm_ref(x, delta, weight, eps)
     return _launch(x, delta, weight, eps, num_warps, xq, x_settled)

@@ -60,6 +60,9 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise DevstralError(f"--lora-dropout must be in [0, 1), got {dropout}")
         self.base_layer = base
+        from devstral.quant.fixed_deltas import release
+
+        release(base)  # its output is no longer the one a norm reads: no fixed point for the model's o/down
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scaling(r, alpha, rslora)

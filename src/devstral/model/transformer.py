@@ -361,6 +361,9 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             block.fuse()
         self.model.norm.xq_layouts = decode_xq_layouts(self.lm_head) if norm_writes_xq() else ()
+        from devstral.quant.fixed_deltas import install
+
+        install(self)  # DEVSTRAL_FIXED_DELTAS=1: o/down's one-row outputs in fixed point
 
     def _mask(self, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """Boolean [B, 1, T, T]: causal, optionally windowed, AND the caller's mask. Keys share the

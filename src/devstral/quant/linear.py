@@ -139,6 +139,9 @@ class QuantLinear(nn.Module):
                                                                      name=name, dtype=dtype)
         self.register_buffer("bias", bias, persistent=False)
         self.rows_per_chunk = max(1, chunk_bytes // (4 * self.in_features))
+        # (add into, zero): int64 [1, out] buffers for one-row outputs in fixed point (quant/fixed_deltas.py)
+        self.fixed_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fixed_group: list[QuantLinear] | None = None  # every layer sharing those buffers
 
     @property
     def raw(self) -> torch.Tensor:
@@ -156,7 +159,7 @@ class QuantLinear(nn.Module):
                 return F.linear(x, w.rows(dtype=x.dtype), bias)
             from devstral.kernels.gguf_linear import linear
 
-            return linear(x, w.packed, self.bias)
+            return linear(x, w.packed, self.bias, fixed=self._fixed(x, self.in_features))
         if w.mode == "dense":
             return F.linear(x, w.dense.to(x.dtype), bias)
         if self.out_features <= self.rows_per_chunk:
@@ -174,10 +177,15 @@ class QuantLinear(nn.Module):
         if self.weight_q.mode == "planar" and not (pre.requires_grad and torch.is_grad_enabled()):
             from devstral.kernels.gguf_linear import linear
 
-            return linear(pre, self.weight_q.packed, self.bias, glu=True)
+            return linear(pre, self.weight_q.packed, self.bias, glu=True,
+                          fixed=self._fixed(pre, 2 * self.in_features))
         from devstral.kernels.silu_mul import silu_mul
 
         return self(silu_mul(pre[..., :self.in_features], pre[..., self.in_features:]))
+
+    def _fixed(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fixed-point buffers when this call is one activation row (fixed_deltas' protocol)."""
+        return self.fixed_out if self.fixed_out is not None and x.numel() == k else None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,68 @@
+"""The o and down projections' batch-1 decode outputs as int64 fixed point (kernels/fixed_point.py), read by the
+add + RMSNorm after each (`DEVSTRAL_FIXED_DELTAS=1`; off by default until measured in the engine).
+
+Why: their split-K GEMVs spend the end of every launch on the last-arriver sum (a counter round trip, then the
+partials read back); the splits can instead add into fixed point and leave. On the H200 a probe of that
+(Devstral Q4_K_M, wrong results on purpose) ran 216.3 -> 219.6 tok/s, the tail's full removal 220.5
+(benchmarks/results/decode_ab_s22_h200.json); what the norm's 8-byte read costs is what is left to measure.
+
+The protocol: two [1, dim] int64 buffers per model, A and B. Every block's o_proj adds into A and zeroes B, its
+down_proj adds into B and zeroes A; the norm after each reads the buffer just filled. A buffer is zeroed by the
+GEMV of the other kind, after that GEMV's dependent-launch wait, so after the norm that read it has finished, and
+before the next GEMV that adds into it runs. It holds only when every block runs o then down through a plan that
+writes fixed point, one activation row at a time: `install` gives the buffers out only then (dense blocks, planar
+GGUF o/down without bias, a fixed-point plan at one row, one process), and QuantLinear uses them only for one
+row. Other row counts (prefill, batched decode) write ordinary outputs and leave both buffers alone; A is zero
+after every full batch-1 forward, and B is zeroed by the first block's o before any down adds into it. A layer
+wrapped afterwards (a LoRA adapter: its forward adds to the base's output) would break the chain, so wrapping one
+releases the whole model's (`release`, model/lora.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from devstral.kernels.gguf_linear import fixed_plan
+from devstral.quant.linear import QuantLinear
+
+
+def enabled() -> bool:
+    return os.environ.get("DEVSTRAL_FIXED_DELTAS", "0") == "1"
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Give every block's o_proj and down_proj its (add into, zero) buffers where the protocol holds; False
+    (nothing changed) otherwise. Called at fuse time, before any CUDA-graph capture."""
+    if not enabled() or (torch.distributed.is_available() and torch.distributed.is_initialized()
+                         and torch.distributed.get_world_size() > 1):
+        return False
+    pairs = []
+    for block in model.model.layers:
+        mlp = getattr(block, "mlp", None)
+        o, down = block.self_attn.o_proj, getattr(mlp, "down_proj", None)
+        if not all(_fixable(m) for m in (o, down)):
+            return False
+        pairs.append((o, down))
+    if not pairs:
+        return False
+    device = pairs[0][0].weight_q.device
+    a, b = torch.zeros(2, 1, pairs[0][0].out_features, dtype=torch.int64, device=device)
+    members = [m for pair in pairs for m in pair]
+    for o, down in pairs:
+        o.fixed_out, down.fixed_out = (a, b), (b, a)
+    for m in members:
+        m.fixed_group = members
+    return True
+
+
+def release(module: torch.nn.Module) -> None:
+    """Back to ordinary outputs for every layer that shares this one's buffers (all or none keep the protocol)."""
+    for m in getattr(module, "fixed_group", None) or ():
+        m.fixed_out, m.fixed_group = None, None
+
+
+def _fixable(m) -> bool:
+    return (type(m) is QuantLinear and m.bias is None and m.weight_q.mode == "planar"
+            and fixed_plan(m.weight_q.packed, m.weight_q.device))
