@@ -164,7 +164,9 @@ def test_linear_hands_the_buffers_only_to_one_bias_free_row(monkeypatch):
         gguf_linear.linear(torch.randn(1, 256, generator=g), p, fixed=(acc, zero))
 
 
-def test_install_gives_no_buffers_unless_asked_and_possible(monkeypatch):
+def test_install_gives_no_buffers_unless_asked_and_possible(monkeypatch, capsys):
+    """Off: nothing, silently. On, for a model whose layers cannot: nothing, and one note naming the first layer
+    that cannot (once, though every engine fuses the model again)."""
     from devstral.model.transformer import Transformer
     from devstral.quant import fixed_deltas
     from devstral.testing import tiny_config
@@ -172,8 +174,15 @@ def test_install_gives_no_buffers_unless_asked_and_possible(monkeypatch):
     model = Transformer(tiny_config())
     monkeypatch.delenv("DEVSTRAL_FIXED_DELTAS", raising=False)
     assert fixed_deltas.install(model) is False
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("DEVSTRAL_FIXED_DELTAS", "1")
+    monkeypatch.setattr(fixed_deltas, "_NOTED", set())
     assert fixed_deltas.install(model) is False  # plain nn.Linear o/down: nothing to add into fixed point
+    assert fixed_deltas.install(model) is False
+    assert capsys.readouterr().err.splitlines() == [
+        "note: DEVSTRAL_FIXED_DELTAS=1 has no effect: layers.0.self_attn.o_proj is not a GGUF layer on the GPU "
+        "without bias whose one-row kernel adds into fixed point"]
+    assert all(getattr(m, "fixed_out", None) is None for m in model.modules())
 
 
 

@@ -59,4 +59,4 @@ def add_fixed(acc, rows, cols, N, M, acc_ptr, s_om, zero_ptr, first):
         tl.store(zero_ptr + at, tl.zeros(acc.shape, tl.int64), mask=mask)
 
 
-__all__ = ["ONE", "SHIFT", "add_fixed", "from_fixed", "from_fixed_ref", "to_fixed", "to_fixed_ref", "triton"]
+__all__ = ["ONE", "SHIFT", "add_fixed", "from_fixed", "from_fixed_ref", "to_fixed", "to_fixed_ref"]

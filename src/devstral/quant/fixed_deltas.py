@@ -21,6 +21,7 @@ releases the whole model's (`release`, model/lora.py).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -34,27 +35,44 @@ def enabled() -> bool:
 
 def install(model: torch.nn.Module) -> bool:
     """Give every block's o_proj and down_proj its (add into, zero) buffers where the protocol holds; False
-    (nothing changed) otherwise. Called at fuse time, before any CUDA-graph capture."""
-    if not enabled() or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                         and torch.distributed.get_world_size() > 1):
+    (nothing changed, and a one-line note saying why when the switch is on) otherwise. Called at fuse time,
+    before any CUDA-graph capture."""
+    if not enabled():
         return False
-    pairs = []
-    for block in model.model.layers:
-        mlp = getattr(block, "mlp", None)
-        o, down = block.self_attn.o_proj, getattr(mlp, "down_proj", None)
-        if not all(_fixable(m) for m in (o, down)):
-            return False
-        pairs.append((o, down))
-    if not pairs:
+    pairs, reason = _pairs(model)
+    if reason is not None:
+        if reason not in _NOTED:  # fuse_projections runs once per engine: say it once
+            _NOTED.add(reason)
+            print(f"note: DEVSTRAL_FIXED_DELTAS=1 has no effect: {reason}", file=sys.stderr)
         return False
-    device = pairs[0][0].weight_q.device
-    a, b = torch.zeros(2, 1, pairs[0][0].out_features, dtype=torch.int64, device=device)
+    a, b = torch.zeros(2, 1, pairs[0][0].out_features, dtype=torch.int64, device=pairs[0][0].weight_q.device)
     members = [m for pair in pairs for m in pair]
     for o, down in pairs:
         o.fixed_out, down.fixed_out = (a, b), (b, a)
     for m in members:
         m.fixed_group = members
     return True
+
+
+_NOTED: set[str] = set()
+
+
+def _pairs(model: torch.nn.Module) -> tuple[list, str | None]:
+    """Every block's (o_proj, down_proj), or the reason the protocol cannot hold."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return [], "the model is split over several processes"
+    pairs = []
+    for i, block in enumerate(model.model.layers):
+        mlp = getattr(block, "mlp", None)
+        if mlp is None:
+            return [], f"layer {i} is a mixture of experts (only dense blocks)"
+        for name, m in (("self_attn.o_proj", block.self_attn.o_proj), ("mlp.down_proj", mlp.down_proj)):
+            if not _fixable(m):
+                return [], (f"layers.{i}.{name} is not a GGUF layer on the GPU without bias whose one-row kernel "
+                            "adds into fixed point")
+        pairs.append((block.self_attn.o_proj, mlp.down_proj))
+    return pairs, None if pairs else "the model has no layers"
 
 
 def release(module: torch.nn.Module) -> None:
