@@ -205,3 +205,41 @@ def test_wrapping_one_layer_with_lora_releases_every_layers_buffers():
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     _run_cases(sys.argv[1])
+
+
+def _pair_like(qtype: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(qtype=QType[qtype], out_features=8, weight_q=SimpleNamespace(device=torch.device("cpu")),
+                           fixed_out=None, fixed_group=None)
+
+
+@pytest.mark.parametrize("flag,qtypes,given", [(None, ("Q4_K", "Q6_K"), True), (None, ("Q4_K", "Q8_0"), False),
+                                               ("1", ("Q4_K", "Q8_0"), True), ("0", ("Q4_K", "Q6_K"), False),
+                                               ("", ("Q5_K", "Q5_K"), True)])
+def test_the_default_is_on_where_every_o_and_down_is_a_k_quant(monkeypatch, flag, qtypes, given):
+    """Unset: on only where every o and down is Q4_K/Q5_K/Q6_K (measured: Q4_K_M won, Q8_0 lost); 1 on wherever the
+    protocol holds; 0 off."""
+    from devstral.quant import fixed_deltas
+
+    pairs = [(_pair_like(qtypes[0]), _pair_like(qtypes[1])), (_pair_like("Q4_K"), _pair_like("Q6_K"))]
+    monkeypatch.setattr(fixed_deltas, "_pairs", lambda model: (pairs, None))
+    if flag is None:
+        monkeypatch.delenv("DEVSTRAL_FIXED_DELTAS", raising=False)
+    else:
+        monkeypatch.setenv("DEVSTRAL_FIXED_DELTAS", flag)
+    assert fixed_deltas.install(object()) is given
+    assert all((m.fixed_out is not None) is given for pair in pairs for m in pair)
+    if given:  # o adds into A and zeroes B, down the other way round, one pair of buffers for the model
+        (o, down), (o2, _) = pairs
+        assert o.fixed_out[0] is down.fixed_out[1] and o.fixed_out[1] is down.fixed_out[0]
+        assert o2.fixed_out[0] is o.fixed_out[0]
+
+
+def test_a_bad_switch_value_names_the_variable(monkeypatch):
+    from devstral.errors import DevstralError
+    from devstral.quant import fixed_deltas
+
+    monkeypatch.setenv("DEVSTRAL_FIXED_DELTAS", "yes")
+    with pytest.raises(DevstralError, match="DEVSTRAL_FIXED_DELTAS='yes'"):
+        fixed_deltas.install(object())

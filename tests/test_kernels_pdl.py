@@ -40,11 +40,7 @@ def _compile(fn, sig: dict, const: dict, **options) -> dict:
     tail = ptx[at:] if at >= 0 else ptx
     bar = tail.find("bar.sync")
     late = len(MEMORY_OPS["loads"].findall(tail[bar:])) if bar >= 0 else 0
-    bulk = ptx.find("cp.async.bulk.prefetch.L2")  # kernels/l2_prefetch.py: the next GEMV's weights
     return {"launch_pdl": bool(k.metadata.launch_pdl), "waits": ptx.count("griddepcontrol.wait"),
-            "bulk_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
-            "bulk_before_wait": head.count("cp.async.bulk.prefetch.L2"),
-            "loads_before_bulk": len(MEMORY_OPS["loads"].findall(ptx[:bulk])) if bulk >= 0 else -1,
             "timer_reads": ptx.count("%globaltimer"),
             "signals": ptx.count("griddepcontrol.launch_dependents"), "loads_after_barrier": late,
             "signals_before_wait": head.count("griddepcontrol.launch_dependents"),
@@ -56,11 +52,10 @@ def _sig(names: str, pointers: dict) -> dict:
     return {n: pointers.get(n, "i32") for n in names.split()}
 
 
-def _gemv(stream: bool, stages: int, fixed: bool = False, prefetch: int = 0) -> dict:
+def _gemv(stream: bool, stages: int, fixed: bool = False) -> dict:
     from devstral.kernels.gguf_gemv_wide import _wide_kernel
 
-    pf = dict(pf_ptr="*u8", pf=("i64",) * 6) if prefetch else {}  # three spans (kernels/l2_prefetch.py)
-    sig = pf | _sig("x_ptr out_ptr bias_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr M N K s_xm s_om s_q s_qh "
+    sig = _sig("x_ptr out_ptr bias_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr M N K s_xm s_om s_q s_qh "
                "s_sc s_d one SPLIT_K",
                {"x_ptr": "*i32", "out_ptr": "*i64" if fixed else "*bf16", "bias_ptr": "*bf16",
                 "ws_ptr": "*i64" if fixed else "*fp32", "cnt_ptr": "*i32",
@@ -68,8 +63,6 @@ def _gemv(stream: bool, stages: int, fixed: bool = False, prefetch: int = 0) -> 
                 "dm_ptr": "*fp16"})
     const = dict(QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, BM=1, SPLIT=not stream, HAS_BIAS=False, EVEN_N=True,
                  EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream, FIXED=fixed)
-    if prefetch:
-        const |= dict(PF=prefetch, PF_SPANS=3, PF_LANES=128)
     return _compile(_wide_kernel, sig, const, num_stages=max(stages, 1))
 
 
@@ -186,9 +179,6 @@ def _all() -> dict:
     # fixed-point outputs (kernels/fixed_point.py): the atomics and the other buffer's zeroing after the wait
     out["gemv_fixed_stages0"] = _gemv(False, 0, fixed=True)
     out["gemv_fixed_stream_stages1"] = _gemv(True, 1, fixed=True)
-    for stages in (0, 1, 3):  # the L2 prefetch of the next GEMV's weights: after the wait (1), or before it (2)
-        for mode in (1, 2):
-            out[f"gemv_prefetch{mode}_stages{stages}"] = _gemv(False, stages, prefetch=mode)
     out.update(_moe())
     return out
 
@@ -345,21 +335,6 @@ def test_gemv_writes_nothing_before_it_waits(ptx_stats, name):
     assert st["stores"] == 0, st
     if name.endswith(("stages1", "stages0")):
         assert st["loads"] >= 8, st
-
-
-@pytest.mark.parametrize("stages", [0, 1, 3])
-@pytest.mark.parametrize("mode", [1, 2])
-def test_gemv_asks_l2_for_the_next_weights_where_it_may(ptx_stats, mode, stages):
-    """kernels/l2_prefetch.py: one bulk prefetch a span a thread's lane (three spans, one lane each), never a
-    store before the wait. Mode 1 issues after the wait; mode 2 before it -- weights are never written -- but
-    behind the program's own first tile where it loads one there (the register loop), so the next GEMV's bytes
-    queue in DRAM behind this one's."""
-    st, plain = ptx_stats[f"gemv_prefetch{mode}_stages{stages}"], ptx_stats[f"gemv_stages{stages}"]
-    assert st["bulk_prefetches"] == 3 and plain["bulk_prefetches"] == 0, st
-    assert st["stores"] == 0 and st["waits"] == plain["waits"], st
-    assert st["bulk_before_wait"] == (3 if mode == 2 else 0), st
-    if mode == 2 and stages < 2:
-        assert st["loads_before_bulk"] >= plain["loads"] >= 8, (st, plain)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:

@@ -1,5 +1,5 @@
-"""Fixed-point GEMV outputs for the decode step's o and down projections (`DEVSTRAL_FIXED_DELTAS=1`, off by
-default; quant/fixed_deltas.py decides where).
+"""Fixed-point GEMV outputs for the decode step's o and down projections (on by default where they are K-quants,
+`DEVSTRAL_FIXED_DELTAS`; quant/fixed_deltas.py decides where).
 
 A split-K GEMV ends with a tail: each split stores its partial tile, counts itself in, and the split that
 arrives last reads the partials back and adds them in split order (gguf_splitk.split_sum) -- two L2 round trips

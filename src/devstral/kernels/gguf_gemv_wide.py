@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels import gguf_xq, l2_prefetch, pdl
+from devstral.kernels import gguf_xq, pdl
 from devstral.kernels.gguf_decode import (
     GEOMETRY,
     ONE_F32_BITS,
@@ -598,13 +598,9 @@ def _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t, xp0, x_in, s_xm, 
 def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q, s_qh,
               s_sc, s_d, one, QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr,
               BN: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-              ASM: tl.constexpr, INT8: tl.constexpr, STAGES: tl.constexpr, XQ: tl.constexpr, WAIT: tl.constexpr,
-              pf_ptr=None, pf=None, pf_g=0, pf_G=1, PF: tl.constexpr = 0, PF_SPANS: tl.constexpr = 0,
-              PF_LANES: tl.constexpr = 1):
+              ASM: tl.constexpr, INT8: tl.constexpr, STAGES: tl.constexpr, XQ: tl.constexpr, WAIT: tl.constexpr):
     """Output rows `rows` ([BN]) x activation rows m0.. ([BM]) summed over K-tiles t_lo..t_hi-1: fp32 [BN, BM].
-    WAIT: a programmatic dependent waits for the kernel before once its first weights are on their way.
-    PF (kernels/l2_prefetch.py, with ASM): program pf_g of pf_G asks L2 for its pieces of the spans pf of
-    pf_ptr (the next GEMV's weights) -- 1: after the wait, 2: before it, behind this program's first loads."""
+    WAIT: a programmatic dependent waits for the kernel before once its first weights are on their way."""
     n2 = rows[:, None]
     row_ok = n2 < N
     c = tl.arange(0, NS * WPS)[None, :]  # word c of the tile: sub-block c // WPS, word c % WPS
@@ -624,12 +620,8 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
     acc2 = tl.zeros((BN, NS), dtype=tl.float32)
     acc3 = tl.zeros((BN, NS), dtype=tl.float32)
     if STAGES > 1:
-        if PF == 2 and ASM:
-            l2_prefetch.issue(pf_ptr, pf, pf_g, pf_G, PF_SPANS, PF_LANES)
         if WAIT:  # the pipeline's prologue reads activations too: wait for the kernel before first
             gdc_wait()
-        if PF == 1 and ASM:
-            l2_prefetch.issue(pf_ptr, pf, pf_g, pf_G, PF_SPANS, PF_LANES)
         # Triton's software pipeliner: each tile's words, scales and activations go to shared memory
         # by cp.async STAGES - 1 tiles ahead. The bytes in flight then cost no registers (the
         # register-prefetch loop below holds two tiles in registers: 145-255 of them at 8-16 rows a
@@ -647,12 +639,8 @@ def _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t
         w_ok = row_ok & (t0 * NS * WPS + c < n_sub * WPS)
         words, hi = _load_words(q_ptr, qh_ptr, n2, t0 * NS * WPS + c, w_ok, s_q, s_qh, QT, EVEN, UNPACK)
         d, sc, dm, mn = _load_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, n2, row_ok, t0, n_sub, s_sc, s_d, QT, SB, NS, EVEN)
-        if PF == 2 and ASM:  # behind this program's own first tile in DRAM's queues
-            l2_prefetch.issue(pf_ptr, pf, pf_g, pf_G, PF_SPANS, PF_LANES)
         if WAIT:  # the first tile's weights are on their way; the activations come from the kernel before
             gdc_wait()
-        if PF == 1 and ASM:
-            l2_prefetch.issue(pf_ptr, pf, pf_g, pf_G, PF_SPANS, PF_LANES)
         if STAGES == 0:  # the program's only tile (one_tile()): no next-tile buffer, nothing loaded after the wait
             if t_lo < t_hi:
                 acc0, acc1, acc2, acc3 = _tile(acc0, acc1, acc2, acc3, words, hi, d, sc, dm, mn, t0, xp0, x_in, s_xm,
@@ -711,8 +699,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
                  XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
-                 FIXED: tl.constexpr = False, pf_ptr=None, pf=None, PF: tl.constexpr = 0, PF_SPANS: tl.constexpr = 0,
-                 PF_LANES: tl.constexpr = 1):
+                 FIXED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -742,7 +729,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
                        cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                        s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
-                       STAGES, XQ, PDL, FIXED, pf_ptr, pf, PF, PF_SPANS, PF_LANES)
+                       STAGES, XQ, PDL, FIXED)
 
 
 @triton.jit
@@ -751,22 +738,16 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                    NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, FIXED: tl.constexpr = False,
-                   pf_ptr=None, pf=None, PF: tl.constexpr = 0, PF_SPANS: tl.constexpr = 0, PF_LANES: tl.constexpr = 1):
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, FIXED: tl.constexpr = False):
     """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
-    tile_id) for activation rows m0.. -- one program of a split-K launch; PF: _row_tile's L2 prefetch."""
+    tile_id) for activation rows m0.. -- one program of a split-K launch."""
     n_tiles = tl.cdiv(K // SB, NS)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
     rows = pid_n * BN + tl.arange(0, BN)
-    pf_g, pf_G = 0, 1
-    if PF:  # the launch's programs in order (pid_n fastest), for the prefetch's deal of pieces
-        pf_G = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        pf_g = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
     res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
-                    s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL,
-                    pf_ptr, pf, pf_g, pf_G, PF, PF_SPANS, PF_LANES)
+                    s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
     if PDL:
         # the next kernel may be scheduled now; it waits for this grid's end before it reads our output.
         # Signalled at the loop's end, not its start: at the start, a GEMV of more than one wave let the
@@ -817,7 +798,7 @@ INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with a
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
          int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False,
-         fixed_zero: torch.Tensor | None = None, prefetch: tuple | None = None) -> torch.Tensor:
+         fixed_zero: torch.Tensor | None = None) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (about 0.3% relative error, as llama.cpp's quantized matmuls).
@@ -830,9 +811,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     glu (with xq): x is [M, 2K], a gate/up projection's [gate | up] rows, and the GEMV's input is their
     SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch).
     fixed_zero: out is an int64 fixed-point buffer the programs add into, and fixed_zero [M, N] the buffer they
-    zero (kernels/fixed_point.py); no bias.
-    prefetch (buf, spans, mode): the programs ask L2 for spans of buf (kernels/l2_prefetch.py; mode 1 after
-    the wait, 2 before it); split-K launches only, a hint that changes no output."""
+    zero (kernels/fixed_point.py); no bias."""
     m, k = x.shape[0], p.k
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -866,10 +845,6 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=stages, XQ=xq, PDL=on,
                   STREAM=use_stream, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages)
-    if prefetch is not None and not use_stream and prefetch[1]:
-        buf, spans, mode = prefetch
-        consts.update(pf_ptr=buf, pf=tuple(spans), PF=mode, PF_SPANS=len(spans) // 2,
-                      PF_LANES=l2_prefetch.lanes_for(spans, grid[0] * grid[1] * grid[2], num_warps))
     _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
 

@@ -75,14 +75,12 @@ def fixed_plan(p: PackedGGUF, device: torch.device) -> bool:
 
 
 def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False,
-           fixed: tuple[torch.Tensor, torch.Tensor] | None = None, prefetch: tuple | None = None) -> torch.Tensor:
+           fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x @ W^T (+ bias). glu: x holds a gate/up projection's [gate | up] rows ([.., 2K]) and the input is
     their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul.
     fixed (acc, zero), int64 [1, N] each: for one activation row without bias, the output is added into acc as
     fixed point and zero is zeroed (kernels/fixed_point.py), and acc is returned ([.., N] int64); otherwise, or
-    where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out.
-    prefetch (buf, spans, mode): weights of the next GEMV for this one's programs to ask L2 for
-    (kernels/l2_prefetch.py, quant/l2_prefetch.py); a hint, taken by the streaming GEMV's split-K launch only."""
+    where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
     lead = x.shape[:-1]
@@ -105,8 +103,7 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
         if kind == "wide_tma":
             gguf_gemv_tma.gemv(x2, p, bias, out, glu=glu, **cfg, **zero)
         elif kind == "wide" or kind in gguf_config.WIDE_INT8_KINDS:
-            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg, **zero,
-                                prefetch=prefetch)
+            gguf_gemv_wide.gemv(x2, p, bias, out, int8=kind != "wide", xq=kind == "wide_xq", glu=glu, **cfg, **zero)
         elif kind == "idot":
             gguf_idot.gemv(x2, p, bias, out, **cfg)
         elif kind == "gemv":

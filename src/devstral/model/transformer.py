@@ -361,10 +361,9 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             block.fuse()
         self.model.norm.xq_layouts = decode_xq_layouts(self.lm_head) if norm_writes_xq() else ()
-        from devstral.quant import fixed_deltas, l2_prefetch
+        from devstral.quant.fixed_deltas import install
 
-        fixed_deltas.install(self)  # DEVSTRAL_FIXED_DELTAS=1: o/down's one-row outputs in fixed point
-        l2_prefetch.install(self)  # DEVSTRAL_L2_PREFETCH_MB: o asks L2 for gate/up's first rows
+        install(self)  # o/down's one-row outputs in fixed point (K-quants by default; DEVSTRAL_FIXED_DELTAS)
 
     def _mask(self, positions: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """Boolean [B, 1, T, T]: causal, optionally windowed, AND the caller's mask. Keys share the

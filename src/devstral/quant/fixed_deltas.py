@@ -1,10 +1,13 @@
 """The o and down projections' batch-1 decode outputs as int64 fixed point (kernels/fixed_point.py), read by the
-add + RMSNorm after each (`DEVSTRAL_FIXED_DELTAS=1`; off by default until measured in the engine).
+add + RMSNorm after each. `DEVSTRAL_FIXED_DELTAS`: unset (auto) on where every o and down is a K-quant, `1` on
+for any model that can, `0` off.
 
 Why: their split-K GEMVs spend the end of every launch on the last-arriver sum (a counter round trip, then the
-partials read back); the splits can instead add into fixed point and leave. On the H200 a probe of that
-(Devstral Q4_K_M, wrong results on purpose) ran 216.3 -> 219.6 tok/s, the tail's full removal 220.5
-(benchmarks/results/decode_ab_s22_h200.json); what the norm's 8-byte read costs is what is left to measure.
+partials read back); the splits can instead add into fixed point and leave. Measured in the engine (H200,
+Devstral-Small-shape GGUFs, benchmarks/results/decode_ab_s23_h200.json, one lease): Q4_K_M 216.53 / 216.42 ->
+218.06 / 217.92 tok/s (+0.7%; the GEMVs 3842 -> 3705 us a step, the norms 272 -> 370: the atomics' drain and
+the 8-byte read land on the norm); Q8_0 151.05 -> 150.03 (-0.7%: its Q8_0 o and down, split 4 and 7, gained
+3 us a layer and their norms lost 3.4). Hence the K-quant rule of the default.
 
 The protocol: two [1, dim] int64 buffers per model, A and B. Every block's o_proj adds into A and zeroes B, its
 down_proj adds into B and zeroes A; the norm after each reads the buffer just filled. A buffer is zeroed by the
@@ -25,25 +28,37 @@ import sys
 
 import torch
 
+from devstral.errors import DevstralError
 from devstral.kernels.gguf_linear import fixed_plan
 from devstral.quant.linear import QuantLinear
 
+AUTO_QTYPES = frozenset({"Q4_K", "Q5_K", "Q6_K"})  # where the default turns it on (measured: Q4_K_M won, Q8_0 lost)
 
-def enabled() -> bool:
-    return os.environ.get("DEVSTRAL_FIXED_DELTAS", "0") == "1"
+
+def setting() -> str:
+    """'auto' (unset), 'on' (1) or 'off' (0)."""
+    raw = os.environ.get("DEVSTRAL_FIXED_DELTAS")
+    if raw is None or raw == "":
+        return "auto"
+    if raw not in ("0", "1"):
+        raise DevstralError(f"DEVSTRAL_FIXED_DELTAS={raw!r}: 1 (on), 0 (off), or unset (on for K-quant o/down)")
+    return "on" if raw == "1" else "off"
 
 
 def install(model: torch.nn.Module) -> bool:
-    """Give every block's o_proj and down_proj its (add into, zero) buffers where the protocol holds; False
-    (nothing changed, and a one-line note saying why when the switch is on) otherwise. Called at fuse time,
-    before any CUDA-graph capture."""
-    if not enabled():
+    """Give every block's o_proj and down_proj its (add into, zero) buffers where the protocol holds (and, by
+    default, where every one of them is a K-quant); False (nothing changed) otherwise -- with a one-line note saying
+    why when the switch is on. Called at fuse time, before any CUDA-graph capture."""
+    how = setting()
+    if how == "off":
         return False
     pairs, reason = _pairs(model)
     if reason is not None:
-        if reason not in _NOTED:  # fuse_projections runs once per engine: say it once
+        if how == "on" and reason not in _NOTED:  # fuse_projections runs once per engine: say it once
             _NOTED.add(reason)
             print(f"note: DEVSTRAL_FIXED_DELTAS=1 has no effect: {reason}", file=sys.stderr)
+        return False
+    if how == "auto" and any(m.qtype.name not in AUTO_QTYPES for pair in pairs for m in pair):
         return False
     a, b = torch.zeros(2, 1, pairs[0][0].out_features, dtype=torch.int64, device=pairs[0][0].weight_q.device)
     members = [m for pair in pairs for m in pair]

@@ -142,8 +142,6 @@ class QuantLinear(nn.Module):
         # (add into, zero): int64 [1, out] buffers for one-row outputs in fixed point (quant/fixed_deltas.py)
         self.fixed_out: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fixed_group: list[QuantLinear] | None = None  # every layer sharing those buffers
-        # (buffer, spans, mode): weights of the GEMV after this one to ask L2 for at decode (quant/l2_prefetch.py)
-        self.l2_next: tuple | None = None
 
     @property
     def raw(self) -> torch.Tensor:
@@ -161,7 +159,7 @@ class QuantLinear(nn.Module):
                 return F.linear(x, w.rows(dtype=x.dtype), bias)
             from devstral.kernels.gguf_linear import linear
 
-            return linear(x, w.packed, self.bias, fixed=self._fixed(x, self.in_features), prefetch=self.l2_next)
+            return linear(x, w.packed, self.bias, fixed=self._fixed(x, self.in_features))
         if w.mode == "dense":
             return F.linear(x, w.dense.to(x.dtype), bias)
         if self.out_features <= self.rows_per_chunk:
