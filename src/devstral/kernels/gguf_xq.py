@@ -100,19 +100,19 @@ def layout_for(qt: int) -> int:
     return STRIDE4 if qt == 2 else STRIDE8
 
 
-# What the last producer kernel wrote beside its output (offer()): (y, y's version then, {layout: xq of y}).
+# What the last producer kernel wrote beside its output (offer()): (y, y's version then, {layout: xq of y}, glu).
 # One producer at a time: a decoder layer's norm output is consumed before the next norm runs.
-_offered: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+_offered: tuple[torch.Tensor, int, dict[int, torch.Tensor], bool] | None = None
 
 
-def offer(y: torch.Tensor, xqs: dict[int, torch.Tensor]) -> None:
-    """A kernel that wrote y [M, K] (contiguous) also wrote quantize(y, layout) for each layout of xqs:
+def offer(y: torch.Tensor, xqs: dict[int, torch.Tensor], glu: bool = False) -> None:
+    """A kernel that wrote y [M, K] (contiguous) also wrote quantize(y, layout, glu) for each layout of xqs:
     quantize() hands those back for y's data instead of launching, as long as y is unchanged (an RMSNorm
     feeding int8 GEMVs, rms_norm_triton.py: one launch fewer per norm). y is held, so no other tensor can
     take its memory while the entry stands and a data pointer names y alone. An inference tensor has no
     version counter to tell an in-place write by: it is not recorded (and the entry before is dropped)."""
     global _offered
-    _offered = None if y.is_inference() else (y, y._version, dict(xqs))
+    _offered = None if y.is_inference() else (y, y._version, dict(xqs), glu)
 
 
 def forget() -> None:
@@ -121,15 +121,15 @@ def forget() -> None:
     _offered = None
 
 
-def _offered_for(x: torch.Tensor, layout: int) -> torch.Tensor | None:
+def _offered_for(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tensor | None:
     """The offered xq when x [M, K] is exactly the offered y's data, unwritten since, else None. Host
     arithmetic only: the same answer while a CUDA graph is captured as when it runs eagerly."""
     entry = _offered
     if entry is None:
         return None
-    y, version, xqs = entry
+    y, version, xqs, offered_glu = entry
     xq = xqs.get(layout)
-    if xq is None or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype or x.device != y.device:
+    if xq is None or offered_glu != glu or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype or x.device != y.device:
         return None
     m, k = x.shape
     if k != y.shape[-1] or m * k != y.numel() or x.stride(1) != 1 or (m > 1 and x.stride(0) != k):
@@ -141,11 +141,10 @@ def quantize(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tensor:
     """x [M, K] (K a multiple of 32, unit column stride) -> int32 [M, K // 32, 12] (the layout above).
     glu: x is [M, 2K], a gate/up projection's [gate | up] rows, and the values quantized are their
     SwiGLU silu(gate) * up, each factor rounded to x's dtype as silu_mul does (one launch for both).
-    Without glu, an xq its producer already wrote for exactly x (offer()) is returned as is."""
-    if not glu:
-        hit = _offered_for(x, layout)
-        if hit is not None:
-            return hit
+    An xq its producer already wrote for exactly x (offer(), with the same glu) is returned as is."""
+    hit = _offered_for(x, layout, glu)
+    if hit is not None:
+        return hit
     m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     if k % BLOCK:
         raise ValueError(f"activation quantization needs K divisible by {BLOCK}, got {k}")

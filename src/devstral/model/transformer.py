@@ -37,6 +37,7 @@ from devstral.quant.linear import (
     decode_xq_layouts,
     folds_swiglu,
     fuse_quant,
+    glu_xq_layout,
     norm_writes_xq,
     pair_quant,
 )
@@ -189,6 +190,7 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
+        self.glu_xq = glu_xq_layout(self.gate_up, self.down_proj)
 
     def xq_layouts(self) -> tuple[int, ...]:
         """The gguf_xq layouts gate and up quantize the input in at decode sizes."""
@@ -207,7 +209,8 @@ class MLP(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
             if isinstance(self.gate_up, PackedProjection) and folds_swiglu(self.down_proj):
-                pre = self.gate_up.joined(x)  # [gate | up]: down's GEMV applies the SwiGLU as it quantizes
+                # [gate | up]: down's GEMV applies the SwiGLU as it quantizes (or gate/up's does, glu_xq)
+                pre = self.gate_up.joined(x, glu_xq=getattr(self, "glu_xq", None))
                 if pre is not None:
                     return self.down_proj.forward_glu(pre)
             gate, up = self.gate_up(x)
