@@ -186,6 +186,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.gate_up: Projection | None = None  # set by fuse()
+        self.glu_xq: int | None = None  # set by fuse(): the layout gate/up writes down's activations in
         self.tile_tokens: int | None = None  # set by Transformer.tile_mlp()
 
     def fuse(self) -> None:
@@ -210,7 +211,7 @@ class MLP(nn.Module):
         if self.gate_up is not None and not torch.is_grad_enabled():
             if isinstance(self.gate_up, PackedProjection) and folds_swiglu(self.down_proj):
                 # [gate | up]: down's GEMV applies the SwiGLU as it quantizes (or gate/up's does, glu_xq)
-                pre = self.gate_up.joined(x, glu_xq=getattr(self, "glu_xq", None))
+                pre = self.gate_up.joined(x, glu_xq=self.glu_xq)
                 if pre is not None:
                     return self.down_proj.forward_glu(pre)
             gate, up = self.gate_up(x)
