@@ -10,6 +10,7 @@ import torch
 from devstral.kernels.fixed_point import from_fixed_ref
 from devstral.kernels.gguf_pack import pack
 from devstral.quant import QType
+from q4km_greedy import greedy_off_and_on
 from test_kernels_gguf_wide import random_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -55,31 +56,7 @@ def test_fixed_point_sums_are_the_gemv_outputs_in_a_graph(qtype, kind, cfg):
 
 
 def test_a_q4_k_m_model_decodes_the_same_tokens_with_fixed_point_deltas(tmp_path, monkeypatch):
-    import devstral
-    from devstral.engine.engine import Engine, EngineConfig
-    from devstral.engine.sampling import SamplingParams
-    from devstral.formats.gguf import export_gguf
-    from devstral.testing import make_tiny_checkpoint
-
-    ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=512, hidden_dim=1536, n_layers=4, n_heads=8,
-                              n_kv_heads=2, head_dim=64)
-    path = export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
-    greedy = SamplingParams(temperature=0.0)
-    prompts = [list(range(1, 40)), list(range(50, 70))]
-    outs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("DEVSTRAL_FIXED_DELTAS", flag)
-        llm = devstral.load(path, device="cuda", prefix_caching=False)
-        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, speculative="off", prefix_caching=False),
-                        compute_dtype=torch.bfloat16, plan=(1024, 16384))
-        installed = [b.self_attn.o_proj.fixed_out is not None for b in llm.model.model.layers]
-        assert all(installed) if flag == "1" else not any(installed)
-        toks = []
-        for prompt in prompts:  # one row at a time: every decode step takes the fixed-point path
-            seq = engine.add(prompt, greedy, 48, set())
-            while engine.has_work():
-                engine.step()
-            toks.append(seq.token_ids[seq.num_prompt_tokens:])
-        outs.append(toks)
+    outs = greedy_off_and_on(tmp_path, monkeypatch, "DEVSTRAL_FIXED_DELTAS",
+                             lambda model: [b.self_attn.o_proj.fixed_out is not None for b in model.model.layers])
     same = sum(a == b for x, y in zip(*outs, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.9 * sum(len(t) for t in outs[0]), outs  # bf16 rounding apart: a flat random model may flip a few

@@ -9,7 +9,6 @@ fewer a layer at one token and none fewer at three. Under Triton's interpreter, 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 import interpreter_runs
-from counted_kernel import CountedKernel
 
 pytest.importorskip("triton")
 
@@ -58,30 +56,9 @@ def _kernel_cases() -> dict:
 
 
 def _decoder_cases() -> dict:
-    import devstral.quant.linear as ql
-    from devstral.kernels import gguf_config
-    from devstral.kernels.interpret_triton import hardware_rounding
-    from test_norm_xq import _model, _wide_xq_plan
+    from test_norm_xq import decoder_runs
 
-    ql.cuda_kernels = lambda device: True  # planar weights on the CPU, as on CUDA
-    gguf_config.gguf_plan = _wide_xq_plan
-    launches = CountedKernel(gguf_xq._quantize_kernel)
-    gguf_xq._quantize_kernel = launches
-    g = torch.Generator().manual_seed(6)
-    tokens = {t: torch.randint(0, 64, (1, t), generator=g) for t in (1, 3)}
-    out = {}
-    for on in ("0", "1"):
-        os.environ["DEVSTRAL_GLU_XQ"] = on
-        model = _model(False)
-        model.fuse_projections()
-        layouts = [b.mlp.glu_xq for b in model.model.layers]
-        for t, ids in tokens.items():
-            launches.count = 0
-            with torch.no_grad(), hardware_rounding():
-                logits = model(ids)
-            out[(on, t)] = {"logits": logits, "launches": launches.count, "layouts": layouts}
-    os.environ.pop("DEVSTRAL_GLU_XQ")
-    return out
+    return decoder_runs("DEVSTRAL_GLU_XQ", (False,), lambda model: {"layouts": [b.mlp.glu_xq for b in model.model.layers]})
 
 
 def _run_cases(out_path: str) -> None:
@@ -109,7 +86,7 @@ def test_the_gate_up_writes_downs_activations_bit_for_bit(results, qtype, kind, 
 def test_a_decoder_gives_the_same_logits_with_one_launch_fewer_a_layer(results):
     """Layer i's down quantizes in its weight's layout (Q6_K: stride 4); at one token each of the two layers'
     gate/up writes it (two launches fewer), at three tokens nothing changes."""
-    dec = results["decoder"]
+    dec = {(on, t): case for (_, on, t), case in results["decoder"].items()}
     assert dec[("1", 1)]["layouts"] == [gguf_xq.STRIDE4] * 2 and dec[("0", 1)]["layouts"] == [None, None]
     for t, fewer in ((1, 2), (3, 0)):
         assert torch.equal(dec[("1", t)]["logits"], dec[("0", t)]["logits"]), t

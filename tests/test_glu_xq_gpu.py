@@ -10,6 +10,7 @@ import torch
 
 from devstral.kernels.gguf_pack import pack
 from devstral.quant import QType
+from q4km_greedy import greedy_off_and_on
 from test_kernels_gguf_wide import random_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,13 +46,8 @@ def test_devstrals_gate_up_writes_downs_activations_in_a_graph(layout):
 
 
 def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch):
-    import devstral
-    from devstral.engine.engine import Engine, EngineConfig
-    from devstral.engine.sampling import SamplingParams
-    from devstral.formats.gguf import export_gguf
     from devstral.kernels import gguf_config
     from devstral.kernels.gguf_gemv_wide import bm_for
-    from devstral.testing import make_tiny_checkpoint
 
     planned = gguf_config.gguf_plan
 
@@ -61,24 +57,6 @@ def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch):
         return planned(qtype, m, n, k, device)
 
     monkeypatch.setattr(gguf_config, "gguf_plan", plan)
-    ck = make_tiny_checkpoint(tmp_path / "ck", inner_vocab=500, dim=512, hidden_dim=1536, n_layers=4, n_heads=8,
-                              n_kv_heads=2, head_dim=64)
-    path = export_gguf(ck, tmp_path / "m.gguf", "Q4_K_M")
-    greedy = SamplingParams(temperature=0.0)
-    prompts = [list(range(1, 40)), list(range(50, 70))]
-    outs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("DEVSTRAL_GLU_XQ", flag)
-        llm = devstral.load(path, device="cuda", prefix_caching=False)
-        engine = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, speculative="off", prefix_caching=False),
-                        compute_dtype=torch.bfloat16, plan=(1024, 16384))
-        installed = [b.mlp.glu_xq is not None for b in llm.model.model.layers]
-        assert all(installed) if flag == "1" else not any(installed)
-        toks = []
-        for prompt in prompts:
-            seq = engine.add(prompt, greedy, 48, set())
-            while engine.has_work():
-                engine.step()
-            toks.append(seq.token_ids[seq.num_prompt_tokens:])
-        outs.append(toks)
+    outs = greedy_off_and_on(tmp_path, monkeypatch, "DEVSTRAL_GLU_XQ",
+                             lambda model: [b.mlp.glu_xq is not None for b in model.model.layers])
     assert outs[0] == outs[1]

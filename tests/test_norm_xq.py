@@ -267,8 +267,9 @@ def _model(moe: bool):
     return model
 
 
-def _decoder_cases() -> dict:
-    """The tiny decoders with DEVSTRAL_NORM_XQ=0 and =1: logits, quantize launches, the norms' layouts."""
+def decoder_runs(env: str, moes: tuple[bool, ...], record) -> dict:
+    """The tiny decoders with `env`=0 and =1, in the interpreter (planar weights on the CPU, every GEMV the xq
+    one): {(moe, value, tokens): logits, quantize launches and record(model)'s entries} at 1 and 3 tokens."""
     import devstral.quant.linear as ql
     from devstral.kernels import gguf_config, moe_gemv
     from devstral.kernels.interpret_triton import hardware_rounding
@@ -276,26 +277,35 @@ def _decoder_cases() -> dict:
     ql.cuda_kernels = lambda device: True  # planar weights on the CPU, as on CUDA
     gguf_config.gguf_plan = _wide_xq_plan
     moe_gemv.plan = _moe_plan
-    launches = CountedKernel(gguf_xq._quantize_kernel)
-    gguf_xq._quantize_kernel = launches
+    launches = gguf_xq._quantize_kernel
+    if not isinstance(launches, CountedKernel):
+        launches = gguf_xq._quantize_kernel = CountedKernel(launches)
     g = torch.Generator().manual_seed(2)
     tokens = {t: torch.randint(0, 64, (1, t), generator=g) for t in (1, 3)}
     out = {}
-    for moe in (False, True):
+    for moe in moes:
         for on in ("0", "1"):
-            os.environ["DEVSTRAL_NORM_XQ"] = on
+            os.environ[env] = on
             model = _model(moe)
             model.fuse_projections()
-            norms = [(b.input_layernorm.xq_layouts, b.post_attention_layernorm.xq_layouts)
-                     for b in model.model.layers] + [model.model.norm.xq_layouts]
-            kinds = [type(b.self_attn.qkv).__name__ for b in model.model.layers]
+            seen = record(model)
             for t, ids in tokens.items():
                 launches.count = 0
                 with torch.no_grad(), hardware_rounding():
                     logits = model(ids)
-                out[(moe, on, t)] = {"logits": logits, "launches": launches.count, "norms": norms, "kinds": kinds}
-    os.environ.pop("DEVSTRAL_NORM_XQ")
+                out[(moe, on, t)] = {"logits": logits, "launches": launches.count, **seen}
+    os.environ.pop(env)
     return out
+
+
+def _decoder_cases() -> dict:
+    """The tiny decoders with DEVSTRAL_NORM_XQ=0 and =1: logits, quantize launches, the norms' layouts."""
+    def record(model):
+        return {"norms": [(b.input_layernorm.xq_layouts, b.post_attention_layernorm.xq_layouts)
+                          for b in model.model.layers] + [model.model.norm.xq_layouts],
+                "kinds": [type(b.self_attn.qkv).__name__ for b in model.model.layers]}
+
+    return decoder_runs("DEVSTRAL_NORM_XQ", (False, True), record)
 
 
 def _run_cases(out_path: str) -> None:

@@ -291,7 +291,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         p.n, p.k, d_ptr.stride(0), split_k,
         QT=qt, SB=sb, WPS=wps, BN=bn, NS=ns, NSB=nsb, SPLIT=split_k > 1, HAS_BIAS=bias is not None,
         EVEN_K=p.k % (ns * sb) == 0, STAGES=num_stages, ASM=os.environ.get("TRITON_INTERPRET") != "1", PDL=on,
-        STREAM=use_stream, PAIRS=pairs, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
+        STREAM=use_stream, PAIRS=pairs, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=on,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 

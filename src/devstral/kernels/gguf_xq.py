@@ -129,7 +129,8 @@ def _offered_for(x: torch.Tensor, layout: int, glu: bool = False) -> torch.Tenso
         return None
     y, version, xqs, offered_glu = entry
     xq = xqs.get(layout)
-    if xq is None or offered_glu != glu or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype or x.device != y.device:
+    if xq is None or offered_glu != glu or x.is_inference() or x.data_ptr() != y.data_ptr() or x.dtype != y.dtype \
+            or x.device != y.device:
         return None
     m, k = x.shape
     if k != y.shape[-1] or m * k != y.numel() or x.stride(1) != 1 or (m > 1 and x.stride(0) != k):
