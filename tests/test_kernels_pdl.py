@@ -155,10 +155,11 @@ def _all() -> dict:
         """The decode attention's pass 2."""
         return _compile(
             pa._decode_merge_kernel,
-            _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads"
-                 + (" stamps_ptr" if stamped else ""),
-                 {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16, **stamp_ptr}),
-            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=stamped)
+            _sig("part_out_ptr part_lse_ptr len_ptr out_ptr out_sb out_sh window num_splits min_chunk n_heads xq_ptr "
+                 "xq_sb" + (" stamps_ptr" if stamped else ""),
+                 {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": bf16,
+                  "xq_ptr": "*i32", **stamp_ptr}),
+            dict(HEAD_DIM=128, BLOCK_S=8, BLOCK_N=64, HAS_WINDOW=False, MERGE_CHUNK=8, PDL=True, STAMPS=stamped, XQ=-1)
             | extra)
 
     for output, suffix in ((pa.OUT_PARTIALS, ""), (pa.OUT_DIRECT, "_direct"), (pa.OUT_MERGED, "_merged")):
@@ -173,6 +174,7 @@ def _all() -> dict:
     out["decode_merge_stamps"] = merge(stamped=True)
     # the engine's merge at 45 splits (Devstral on an H200): 64 split rows, one chunk
     out["decode_merge_64"] = merge(BLOCK_S=64, MERGE_CHUNK=64, LEN_EARLY=True)
+    out["decode_merge_64_xq"] = merge(BLOCK_S=64, MERGE_CHUNK=64, LEN_EARLY=True, XQ=0)  # writing o's activations
     out["quantize"] = _compile(gguf_xq._quantize_kernel, _sig("x_ptr out_ptr K s_xm s_om", {"x_ptr": bf16, "out_ptr": "*i32"}),
                                dict(LAYOUT=0, BLOCKS=16, PDL=True))
     for stream in (False, True):
@@ -237,6 +239,7 @@ NORMS = ["rms_norm", "rms_norm_add", "rms_norm_xq", "rms_norm_add_xq", "rms_norm
 SMALL = ["silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
          "rope_store_kv_2", "decode_split", "decode_split_direct", "decode_split_merged", "decode_split_q8_0",
          "decode_split_direct_q8_0", "decode_split_merged_q8_0", "decode_merge", "quantize"]
+SMALL_SETTLED = ["decode_split_len_early", "decode_merge_len_early", "decode_merge_64_xq"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3", "gemv_stages0",
          "gemv_fixed_stages0", "gemv_fixed_stream_stages1", "gemv_glu_xq_stages1"]
@@ -288,7 +291,7 @@ def test_decode_attention_prefetch_reads_only_before_it_waits(ptx_stats):
     assert st["stores"] == 0 and st["loads"] >= 2 and st["prefetches"] >= 2, st
 
 
-@pytest.mark.parametrize("name", ["decode_split_len_early", "decode_merge_len_early"])
+@pytest.mark.parametrize("name", SMALL_SETTLED)
 def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_stats, name):
     """settled=True (the engine's step inputs were copied in before the step): each pass loads the row's
     context length before the wait -- one load, the only one -- and stores nothing before it."""
@@ -297,15 +300,17 @@ def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_sta
     assert st["loads"] == 1 and st["stores"] == 0, st
 
 
-def test_the_merge_loads_its_partials_with_the_log_sum_exps(ptx_stats):
+@pytest.mark.parametrize("name", ["decode_merge_64", "decode_merge_64_xq"])
+def test_the_merge_loads_its_partials_with_the_log_sum_exps(ptx_stats, name):
     """The merge pass (one chunk of splits, as the engine runs it) issues every partial's load before the
     log-sum-exps' cross-warp reduction that its weights need: one L2 round trip after its wait, not two
     (the loads sat behind that reduction's barrier before)."""
-    st = ptx_stats["decode_merge_64"]
+    st = ptx_stats[name]
     assert st["loads_after_wait"] >= 64 and st["loads_after_barrier"] == 0, st
 
 
-@pytest.mark.parametrize("name", ["decode_merge", "decode_merge_len_early", "decode_merge_stamps"])
+@pytest.mark.parametrize("name", ["decode_merge", "decode_merge_len_early", "decode_merge_stamps",
+                                  "decode_merge_64_xq"])
 def test_the_merge_lets_the_o_projection_start_only_after_its_wait(ptx_stats, name):
     """The merge pass signals its dependent (the o projection's GEMV, whose programs send their only weight
     tile to DRAM as soon as they are resident) after its wait, so that those loads do not queue beside the

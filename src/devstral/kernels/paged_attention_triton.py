@@ -43,6 +43,7 @@ read once).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -51,7 +52,9 @@ import triton
 import triton.language as tl
 
 from devstral.errors import DevstralError
-from devstral.kernels import pdl, stamps
+from devstral.kernels import gguf_xq, pdl, stamps
+from devstral.kernels.gguf_config import DECODE_MS
+from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
 from devstral.kernels.kv_format import QUANT_KINDS, KVLayer
 from devstral.kernels.kv_store_triton import KIND_CODES, fp8_supported
@@ -459,11 +462,14 @@ def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh,
 
 @triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, out_sh, window, num_splits,
-                         min_chunk, n_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr, PDL: tl.constexpr = False,
-                         LEN_EARLY: tl.constexpr = False, stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         min_chunk, n_heads, xq_ptr, xq_sb, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+                         PDL: tl.constexpr = False, LEN_EARLY: tl.constexpr = False, XQ: tl.constexpr = -1,
+                         stamps_ptr=None, STAMPS: tl.constexpr = False):
     """Pass 2 of the two-pass path, grid (sequence, query head). A row whose keys fit in one split has
-    its output written by pass 1 already."""
+    its output written by pass 1 already. XQ >= 0 (a gguf_xq layout): every program also writes its head's
+    blocks of the o projection's int8 activations, the quantization of the output as stored (a row pass 1
+    wrote is read back), so the GEMV after needs no quantize launch."""
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
@@ -484,16 +490,33 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, o
         length = tl.load(len_ptr + b)
     _, _, chunk, lo = _split_range(length, 0, num_splits, window, min_chunk, BLOCK_N, HAS_WINDOW)
     used = tl.cdiv(length - lo, chunk)
+    d = tl.arange(0, HEAD_DIM)
+    out_at = out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :]
+    if XQ >= 0:  # a row pass 1 wrote (during the launch this one waited for; .cg: not through L1), read beside the
+        # partials so that the PTX keeps every load ahead of the merge's barriers
+        direct = tl.load(out_at, mask=(used == 1) & (d[None, :] >= 0), other=0.0, cache_modifier=".cg")
     if used > 1:
         first_row = (b.to(tl.int64) * n_heads + h) * num_splits + tl.zeros([1], tl.int64)
         merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row, first_row >= 0, used, HEAD_DIM, BLOCK_S,
-                               MERGE_CHUNK)
+                               MERGE_CHUNK).to(out_ptr.dtype.element_ty)
         if STAMPS:
-            t_work = stamps.after(tl.max(tl.max(merged, axis=1), axis=0))
-        d = tl.arange(0, HEAD_DIM)
-        tl.store(out_ptr + b.to(tl.int64) * out_sb + h * out_sh + d[None, :], merged.to(out_ptr.dtype.element_ty))
+            t_work = stamps.after(tl.max(tl.max(merged.to(tl.float32), axis=1), axis=0))
+        tl.store(out_at, merged)
+        if XQ >= 0:
+            _pack_head(merged.to(tl.float32), xq_ptr + b.to(tl.int64) * xq_sb, h, HEAD_DIM, XQ)
+    elif XQ >= 0:
+        _pack_head(direct.to(tl.float32), xq_ptr + b.to(tl.int64) * xq_sb, h, HEAD_DIM, XQ)
     if STAMPS:
         stamps.record(stamps_ptr, stamps.MERGE, b * tl.num_programs(1) + h, t_start, t_waited, t_work, stamps.now())
+
+
+@triton.jit
+def _pack_head(x, row_xq, h, HEAD_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """One head's output [1, HEAD_DIM] (float32 of the stored values) -> its HEAD_DIM / 32 blocks of the row's
+    gguf_xq words (gguf_xq.pack_blocks: the same bits as quantize() of the stored row)."""
+    blocks: tl.constexpr = HEAD_DIM // 32
+    j = tl.arange(0, blocks)
+    pack_blocks(tl.reshape(x, (blocks, 32)), row_xq + (h * blocks + j) * 12, j < blocks, LAYOUT, blocks)
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -528,18 +551,26 @@ def _whole_scale_rows(layer: KVLayer) -> bool:
 
 def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, window: int | None = None, *, max_context: int | None = None,
-                            config: DecodeConfig | None = None, settled: bool = False) -> torch.Tensor:
+                            config: DecodeConfig | None = None, settled: bool = False,
+                            xq_layout: int | None = None) -> torch.Tensor:
     """q [B, n_heads, head_dim] (last dim contiguous) -> [B, n_heads, head_dim] in q's dtype.
     `max_context` bounds every context_len (None: the block table's width). `settled`: the caller vouches
     that context_lens was written before the kernel before this one started (the engine's step inputs,
     copied in before the step): then under dependent launch both passes read it before they wait, one L2
-    round trip off the chain each (kernels/pdl.py). A wrong promise is a race, hence opt-in."""
+    round trip off the chain each (kernels/pdl.py). A wrong promise is a race, hence opt-in.
+    `xq_layout` (a gguf_xq layout: the o projection's GEMV quantizes its input so): where the merge pass
+    runs (more than one split, not the fused merge) at decode sizes, it also writes those words and offers
+    them (gguf_xq.offer), so that the GEMV's quantize() launches nothing; otherwise nothing changes."""
     if not _supported(q, layer):
         from devstral.kernels.paged_attention import decode_attention_ref
 
         return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
     B, H, D = q.shape
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    writes_xq = xq_layout is not None and 0 < B <= DECODE_MS[-1] and D % gguf_xq.BLOCK == 0 \
+        and triton.next_power_of_2(D // gguf_xq.BLOCK) == D // gguf_xq.BLOCK
+    # with xq, a normal tensor even in inference mode: its version counter tells gguf_xq of an in-place write
+    with torch.inference_mode(False) if writes_xq else contextlib.nullcontext():
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     launch = _Launch(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
@@ -556,12 +587,16 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         return out
     launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
     block_s = triton.next_power_of_2(splits)
+    xq = torch.empty(B, H * D // gguf_xq.BLOCK, gguf_xq.WORDS, dtype=torch.int32, device=q.device) if writes_xq \
+        else part_lse
     launch.kernels._decode_merge_kernel[(B, H)](
         part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, launch.min_chunk, H,
-        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
+        xq, xq.stride(0), HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
         MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, LEN_EARLY=launch.len_early,
-        num_warps=4 if block_s * D <= 8192 else 8,
+        XQ=xq_layout if writes_xq else -1, num_warps=4 if block_s * D <= 8192 else 8,
         stamps_ptr=launch.stamps_ptr, STAMPS=launch.stamps, launch_pdl=launch.pdl)
+    if writes_xq:
+        gguf_xq.offer(out.view(B, H * D), {xq_layout: xq})
     return out
 
 

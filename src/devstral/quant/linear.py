@@ -14,6 +14,7 @@ embedding's GGUFWeight, so the weight is stored once.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -315,15 +316,28 @@ def norm_writes_xq() -> bool:
     return os.environ.get("DEVSTRAL_NORM_XQ", "1") != "0"
 
 
-def decode_xq_layouts(*projections) -> tuple[int, ...]:
+def attention_xq_layouts(o_proj: nn.Module) -> dict[int, tuple[int, ...]]:
+    """{rows: the gguf_xq layout o_proj quantizes its input in at that decode size}, where it does: what the decode
+    attention's merge pass writes beside its output (kernels/paged_attention_triton.py: one launch fewer a
+    layer). Empty when DEVSTRAL_ATTN_XQ=0 (for A/B runs)."""
+    from devstral.kernels import gguf_config
+
+    if os.environ.get("DEVSTRAL_ATTN_XQ", "1") == "0":
+        return {}
+    at = {r: decode_xq_layouts(o_proj, rows=(r,)) for r in range(1, gguf_config.DECODE_MS[-1] + 1)}
+    return {r: layouts for r, layouts in at.items() if layouts}
+
+
+def decode_xq_layouts(*projections, rows: Iterable[int] | None = None) -> tuple[int, ...]:
     """The gguf_xq layouts in which these projections of one input quantize it once (gguf_xq.quantize) at some
-    decode size (1 to 8 rows, gguf_config.DECODE_MS): planar QuantLinears and PackedProjections whose plan
-    there is "wide_xq" or "wide_tma", a PairedProjection where it pairs (else its members as they run alone). Other
-    projections add none. What the norm before them writes beside its output (RMSNorm.xq_layouts)."""
+    decode size (1 to 8 rows, gguf_config.DECODE_MS; `rows`: at these row counts only): planar QuantLinears and
+    PackedProjections whose plan there is "wide_xq" or "wide_tma", a PairedProjection where it pairs (else its
+    members as they run alone). Other projections add none. What the norm before them writes beside its output
+    (RMSNorm.xq_layouts)."""
     from devstral.kernels import gguf_config, gguf_xq
     from devstral.kernels.gguf_decode import qt_code
 
-    rows = range(1, gguf_config.DECODE_MS[-1] + 1)
+    rows = range(1, gguf_config.DECODE_MS[-1] + 1) if rows is None else tuple(rows)
     layouts = []
 
     def add(m) -> None:
