@@ -52,11 +52,10 @@ def _sig(names: str, pointers: dict) -> dict:
     return {n: pointers.get(n, "i32") for n in names.split()}
 
 
-def _gemv(stream: bool, stages: int, fixed: bool = False, glu_xq: bool = False) -> dict:
+def _gemv(stream: bool, stages: int, fixed: bool = False) -> dict:
     from devstral.kernels.gguf_gemv_wide import _wide_kernel
 
-    glu = {"glu_ptr": "*i32", "s_gm": "i32"} if glu_xq else {}  # writing down's activations (gemv's glu_xq)
-    sig = glu | _sig("x_ptr out_ptr bias_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr M N K s_xm s_om s_q s_qh "
+    sig = _sig("x_ptr out_ptr bias_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr M N K s_xm s_om s_q s_qh "
                "s_sc s_d one SPLIT_K",
                {"x_ptr": "*i32", "out_ptr": "*i64" if fixed else "*bf16", "bias_ptr": "*bf16",
                 "ws_ptr": "*i64" if fixed else "*fp32", "cnt_ptr": "*i32",
@@ -64,8 +63,6 @@ def _gemv(stream: bool, stages: int, fixed: bool = False, glu_xq: bool = False) 
                 "dm_ptr": "*fp16"})
     const = dict(QT=0, SB=32, WPS=4, E=8, BN=64, NS=8, BM=1, SPLIT=not stream, HAS_BIAS=False, EVEN_N=True,
                  EVEN_K=True, ASM=True, INT8=True, STAGES=stages, XQ=True, PDL=True, STREAM=stream, FIXED=fixed)
-    if glu_xq:
-        const |= dict(SPLIT=False, GLU_XQ=0)
     return _compile(_wide_kernel, sig, const, num_stages=max(stages, 1))
 
 
@@ -184,7 +181,6 @@ def _all() -> dict:
     # fixed-point outputs (kernels/fixed_point.py): the atomics and the other buffer's zeroing after the wait
     out["gemv_fixed_stages0"] = _gemv(False, 0, fixed=True)
     out["gemv_fixed_stream_stages1"] = _gemv(True, 1, fixed=True)
-    out["gemv_glu_xq_stages1"] = _gemv(False, 1, glu_xq=True)  # gate/up writing down's activations too
     out.update(_moe())
     return out
 
@@ -242,7 +238,7 @@ SMALL = ["silu_mul", "rope", "store_kv_0", "store_kv_2", "rope_store_kv_0",
 SMALL_SETTLED = ["decode_split_len_early", "decode_merge_len_early", "decode_merge_64_xq"]
 MOE = ["moe_router", "moe_gate_up", "moe_down", "moe_gate_up_xq", "moe_down_xq"]
 GEMVS = ["gemv_stages1", "gemv_stages3", "gemv_stream_stages1", "gemv_stream_stages3", "gemv_stages0",
-         "gemv_fixed_stages0", "gemv_fixed_stream_stages1", "gemv_glu_xq_stages1"]
+         "gemv_fixed_stages0", "gemv_fixed_stream_stages1"]
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -699,7 +699,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
                  INT8: tl.constexpr = False, STAGES: tl.constexpr = 1,
                  XQ: tl.constexpr = False, PDL: tl.constexpr = False, STREAM: tl.constexpr = False,
-                 FIXED: tl.constexpr = False, glu_ptr=None, s_gm=0, GLU_XQ: tl.constexpr = None):
+                 FIXED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -729,7 +729,7 @@ def _wide_kernel(x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr, q_ptr, qh_ptr, sc_pt
         _split_program(pid_n, pid_k, m0, pid_m * tl.num_programs(0) + pid_n, x_ptr, out_ptr, bias_ptr, ws_ptr,
                        cnt_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, M, N, K, s_xm, s_om, s_q, s_qh, s_sc,
                        s_d, one, SPLIT_K, QT, SB, WPS, E, BN, NS, BM, SPLIT, HAS_BIAS, EVEN_N, EVEN_K, ASM, INT8,
-                       STAGES, XQ, PDL, FIXED, glu_ptr, s_gm, GLU_XQ)
+                       STAGES, XQ, PDL, FIXED)
 
 
 @triton.jit
@@ -738,22 +738,14 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
                    QT: tl.constexpr, SB: tl.constexpr, WPS: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                    NS: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr,
-                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, FIXED: tl.constexpr = False,
-                   glu_ptr=None, s_gm=0, GLU_XQ: tl.constexpr = None):
+                   STAGES: tl.constexpr, XQ: tl.constexpr, PDL: tl.constexpr, FIXED: tl.constexpr = False):
     """Row tile pid_n over split pid_k's K-tiles, stored (or deposited for the split-K epilogue, counter
-    tile_id) for activation rows m0.. -- one program of a split-K launch. GLU_XQ, a layout (a gate/up weight
-    [gate | up], one split, one activation row): the program's rows are BN / 2 gate rows and the same rows
-    of up, and it also writes the down projection's activations, silu(gate) * up quantized in layout
-    GLU_XQ, at glu_ptr (_glu_xq)."""
+    tile_id) for activation rows m0.. -- one program of a split-K launch."""
     n_tiles = tl.cdiv(K // SB, NS)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    if GLU_XQ is not None:
-        i = tl.arange(0, BN)
-        rows = pid_n * (BN // 2) + i % (BN // 2) + tl.where(i < BN // 2, 0, N // 2)
-    else:
-        rows = pid_n * BN + tl.arange(0, BN)
+    rows = pid_n * BN + tl.arange(0, BN)
     res = _row_tile(x_ptr, q_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, rows, t_lo, t_hi, m0, M, N, K, s_xm, s_q,
                     s_qh, s_sc, s_d, one, QT, SB, WPS, E, BN, NS, BM, EVEN_N, EVEN_K, ASM, INT8, STAGES, XQ, PDL)
     if PDL:
@@ -764,24 +756,6 @@ def _split_program(pid_n, pid_k, m0, tile_id, x_ptr, out_ptr, bias_ptr, ws_ptr, 
     cols = m0 + tl.arange(0, BM)
     store_output(res, rows, cols, N, M, out_ptr, s_om, bias_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, HAS_BIAS,
                  SPLIT, FIXED)
-    if GLU_XQ is not None:
-        _glu_xq(res, out_ptr.dtype.element_ty, glu_ptr + m0 * s_gm, pid_n * (BN // 64), BN, GLU_XQ)
-
-
-@triton.jit
-def _glu_xq(res, dtype: tl.constexpr, xq_ptr, first_block, BN: tl.constexpr, LAYOUT: tl.constexpr):
-    """res fp32 [BN, 1]: BN / 2 gate outputs, then the same rows' up outputs. silu(gate) * up of them, each
-    factor rounded to the stored dtype as gguf_xq's GLU quantization rounds what it reads back, packed as
-    gguf_xq packs it (pack_blocks): blocks first_block.. of the down projection's activations, the bits
-    gguf_xq.quantize(out, layout, glu=True) would write, without its launch."""
-    v = tl.reshape(res, (BN,)).to(dtype)
-    g, u = tl.split(tl.permute(tl.reshape(v, (2, BN // 2)), (1, 0)))
-    gf = g.to(tl.float32)
-    silu = (gf / (1.0 + tl.exp(-gf))).to(dtype)
-    h = (silu.to(tl.float32) * u.to(tl.float32)).to(dtype)
-    B: tl.constexpr = BN // 64
-    b = first_block + tl.arange(0, B)
-    gguf_xq.pack_blocks(tl.reshape(h.to(tl.float32), (B, 32)), xq_ptr + b * 12, b >= 0, LAYOUT, B)
 
 
 @triton.jit
@@ -824,7 +798,7 @@ INT8_TYPES = (0, 1, 2, 3)  # Q4_K, Q5_K, Q6_K, Q8_0 (QT codes): the types with a
 def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.Tensor, *,
          bn: int, ns: int, bm: int, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
          int8: bool = False, xq: bool = False, stream: int = 0, glu: bool = False,
-         fixed_zero: torch.Tensor | None = None, glu_xq: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+         fixed_zero: torch.Tensor | None = None) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias); x with unit column stride. Any M (BM rows per program).
     int8: activations quantized to int8 per sub-block inside the kernel, dp4a on the weights
     (about 0.3% relative error, as llama.cpp's quantized matmuls).
@@ -837,10 +811,7 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
     glu (with xq): x is [M, 2K], a gate/up projection's [gate | up] rows, and the GEMV's input is their
     SwiGLU, applied by the activation quantization (gguf_xq.quantize(glu=True): no silu_mul launch).
     fixed_zero: out is an int64 fixed-point buffer the programs add into, and fixed_zero [M, N] the buffer they
-    zero (kernels/fixed_point.py); no bias.
-    glu_xq (xq, layout): W is a gate/up projection's [gate | up] rows and xq [1, N / 64, 12] receives
-    gguf_xq.quantize(out, layout, glu=True) -- the down projection's input -- from this launch's programs
-    (glu_xq_usable must hold)."""
+    zero (kernels/fixed_point.py); no bias."""
     m, k = x.shape[0], p.k
     qt = qt_code(p.qtype)
     if int8 and qt not in INT8_TYPES:
@@ -865,13 +836,6 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
         grid, ws = (tiles_n, split_k, tiles_m), workspace(split_k, m, p.n, x.device)
     if fixed_zero is not None:
         ws = fixed_buffers(out, fixed_zero, bias, m, p.n)
-    glu_args = {}
-    if glu_xq is not None:
-        xq_out, layout = glu_xq
-        if use_stream or fixed_zero is not None or not glu_xq_usable(m, p.n, bn, bm, split_k, stream, bias) \
-                or tuple(xq_out.shape) != (1, p.n // 64, gguf_xq.WORDS) or xq_out.dtype != torch.int32:
-            raise ValueError("glu_xq: one row, one split, no bias, row tiles of whole blocks, xq [1, N / 64, 12]")
-        glu_args = dict(glu_ptr=xq_out, s_gm=xq_out.stride(0), GLU_XQ=layout)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     even_k = k % (ns * sb) == 0
     args = (xin, out, bias if bias is not None else out, ws, counters(x.device), *fields,
@@ -881,15 +845,8 @@ def gemv(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None, out: torch.T
                   HAS_BIAS=bias is not None, EVEN_N=p.n % bn == 0, EVEN_K=even_k,
                   ASM=os.environ.get("TRITON_INTERPRET") != "1", INT8=int8 or xq, STAGES=stages, XQ=xq, PDL=on,
                   STREAM=use_stream, FIXED=fixed_zero is not None, num_warps=num_warps, num_stages=num_stages)
-    _wide_kernel[grid](*args, **consts, **glu_args, launch_pdl=on)
+    _wide_kernel[grid](*args, **consts, launch_pdl=on)
     return out
-
-
-def glu_xq_usable(m: int, n: int, bn: int, bm: int, split_k: int, stream: int, bias) -> bool:
-    """Whether a launch can write the down projection's activations itself (gemv's glu_xq): one activation row,
-    one split, no stream-K, no bias, and row tiles that hold whole blocks of 32 of gate and of up."""
-    return (m == 1 and bm == 1 and split_k == 1 and not stream and bias is None and bn % 64 == 0 and n % 2 == 0
-            and (n // 2) % (bn // 2) == 0)
 
 
 def fixed_buffers(out: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, m: int, n: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ from devstral.kernels import (
     gguf_gemv_tma,
     gguf_gemv_wide,
     gguf_idot,
-    gguf_xq,
 )
 from devstral.kernels.gguf_pack import PackedGGUF
 from devstral.kernels.silu_mul import silu_mul
@@ -75,27 +74,13 @@ def fixed_plan(p: PackedGGUF, device: torch.device) -> bool:
     return gguf_config.gguf_plan(p.qtype.name, 1, p.n, p.k, device)[0] in FIXED_KINDS
 
 
-def _gate_up_writing_xq(x2: torch.Tensor, p: PackedGGUF, kind: str, cfg: dict, layout: int) -> torch.Tensor:
-    """linear's glu_xq: the gate/up output, its programs also writing down's activations, offered for it."""
-    # normal tensors even in inference mode: their version counter tells gguf_xq of an in-place write
-    with torch.inference_mode(False):
-        out = torch.empty(1, p.n, dtype=x2.dtype, device=x2.device)
-    xq = torch.empty(1, p.n // 64, gguf_xq.WORDS, dtype=torch.int32, device=x2.device)
-    gguf_gemv_wide.gemv(x2, p, None, out, int8=kind != "wide", xq=kind == "wide_xq", **cfg, glu_xq=(xq, layout))
-    gguf_xq.offer(out, {layout: xq}, glu=True)
-    return out
-
-
 def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu: bool = False,
-           fixed: tuple[torch.Tensor, torch.Tensor] | None = None, glu_xq: int | None = None) -> torch.Tensor:
+           fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x @ W^T (+ bias). glu: x holds a gate/up projection's [gate | up] rows ([.., 2K]) and the input is
     their SwiGLU: folded into the activation quantization where the plan is wide_xq, else one silu_mul.
     fixed (acc, zero), int64 [1, N] each: for one activation row without bias, the output is added into acc as
     fixed point and zero is zeroed (kernels/fixed_point.py), and acc is returned ([.., N] int64); otherwise, or
-    where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out.
-    glu_xq (a gguf_xq layout): this is a gate/up projection ([gate | up] rows) and the down projection after it
-    quantizes its SwiGLU in that layout; where the one-row plan is the streaming GEMV's single-split launch, its
-    programs write that too and offer it (gguf_xq.offer, glu=True), so down's quantization does not launch."""
+    where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
     lead = x.shape[:-1]
@@ -104,11 +89,6 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
         x2 = x2.contiguous()
     m = x2.shape[0]
     fixed = fixed if m == 1 and bias is None else None
-    if glu_xq is not None and fixed is None and m == 1:
-        kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
-        if kind in gguf_config.WIDE_INT8_KINDS and gguf_gemv_wide.glu_xq_usable(
-                m, p.n, cfg["bn"], cfg.get("bm", 1), cfg.get("split_k", 1), cfg.get("stream", 0), bias):
-            return _gate_up_writing_xq(x2, p, kind, cfg, glu_xq).reshape(*lead, p.n)
     out = fixed[0] if fixed is not None else torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)

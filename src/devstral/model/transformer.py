@@ -38,7 +38,6 @@ from devstral.quant.linear import (
     decode_xq_layouts,
     folds_swiglu,
     fuse_quant,
-    glu_xq_layout,
     norm_writes_xq,
     pair_quant,
 )
@@ -190,12 +189,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.gate_up: Projection | None = None  # set by fuse()
-        self.glu_xq: int | None = None  # set by fuse(): the layout gate/up writes down's activations in
         self.tile_tokens: int | None = None  # set by Transformer.tile_mlp()
 
     def fuse(self) -> None:
         self.gate_up = fused_projection(self.gate_proj, self.up_proj)
-        self.glu_xq = glu_xq_layout(self.gate_up, self.down_proj)
 
     def xq_layouts(self) -> tuple[int, ...]:
         """The gguf_xq layouts gate and up quantize the input in at decode sizes."""
@@ -214,8 +211,7 @@ class MLP(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
             if isinstance(self.gate_up, PackedProjection) and folds_swiglu(self.down_proj):
-                # [gate | up]: down's GEMV applies the SwiGLU as it quantizes (or gate/up's does, glu_xq)
-                pre = self.gate_up.joined(x, glu_xq=self.glu_xq)
+                pre = self.gate_up.joined(x)  # [gate | up]: down's GEMV applies the SwiGLU as it quantizes
                 if pre is not None:
                     return self.down_proj.forward_glu(pre)
             gate, up = self.gate_up(x)

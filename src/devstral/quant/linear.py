@@ -213,12 +213,12 @@ class PackedProjection:
             return tuple(linear(x, p) for p in self.parts)
         return linear(x, self.packed).split([p.n for p in self.parts], dim=-1)
 
-    def joined(self, x: torch.Tensor, glu_xq: int | None = None) -> torch.Tensor | None:
+    def joined(self, x: torch.Tensor) -> torch.Tensor | None:
         """The members' outputs side by side in one tensor [.., sum of rows] where one launch makes them
-        (decode sizes), else None. glu_xq: gguf_linear.linear's (a gate/up writing down's activations)."""
+        (decode sizes), else None."""
         from devstral.kernels.gguf_linear import linear
 
-        return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed, glu_xq=glu_xq)
+        return None if x.numel() // x.shape[-1] > self.FUSED_MAX_ROWS else linear(x, self.packed)
 
 
 class PairedProjection:
@@ -362,22 +362,6 @@ def folds_swiglu(down: nn.Module) -> bool:
     """Whether an MLP hands this down projection the [gate | up] rows (QuantLinear.forward_glu) rather
     than silu_mul's output; DEVSTRAL_FOLD_SWIGLU=0 turns it off (for A/B runs)."""
     return type(down) is QuantLinear and os.environ.get("DEVSTRAL_FOLD_SWIGLU", "1") != "0"
-
-
-def glu_xq_layout(gate_up, down: nn.Module) -> int | None:
-    """The gguf_xq layout a fused gate/up writes its down projection's activations in itself at one row
-    (gguf_linear.linear's glu_xq), or None: asked for (DEVSTRAL_GLU_XQ=1; off until measured on a GPU), the
-    SwiGLU folded into down's quantization, and down quantizing its input in one layout at one row."""
-    if os.environ.get("DEVSTRAL_GLU_XQ", "0") != "1" or not isinstance(gate_up, PackedProjection) \
-            or not folds_swiglu(down) or down.weight_q.mode != "planar":
-        return None
-    from devstral.kernels import gguf_config, gguf_xq
-    from devstral.kernels.gguf_decode import qt_code
-
-    p = down.weight_q.packed
-    if gguf_config.gguf_plan(p.qtype.name, 1, p.n, p.k, p.device)[0] not in ("wide_xq", "wide_tma"):
-        return None
-    return gguf_xq.layout_for(qt_code(p.qtype))
 
 
 def fuse_quant(*linears: nn.Module) -> PackedProjection | None:
