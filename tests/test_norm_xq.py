@@ -267,9 +267,8 @@ def _model(moe: bool):
     return model
 
 
-def decoder_runs(env: str, moes: tuple[bool, ...], record) -> dict:
-    """The tiny decoders with `env`=0 and =1, in the interpreter (planar weights on the CPU, every GEMV the xq
-    one): {(moe, value, tokens): logits, quantize launches and record(model)'s entries} at 1 and 3 tokens."""
+def _decoder_cases() -> dict:
+    """The tiny decoders with DEVSTRAL_NORM_XQ=0 and =1: logits, quantize launches, the norms' layouts."""
     import devstral.quant.linear as ql
     from devstral.kernels import gguf_config, moe_gemv
     from devstral.kernels.interpret_triton import hardware_rounding
@@ -277,35 +276,26 @@ def decoder_runs(env: str, moes: tuple[bool, ...], record) -> dict:
     ql.cuda_kernels = lambda device: True  # planar weights on the CPU, as on CUDA
     gguf_config.gguf_plan = _wide_xq_plan
     moe_gemv.plan = _moe_plan
-    launches = gguf_xq._quantize_kernel
-    if not isinstance(launches, CountedKernel):
-        launches = gguf_xq._quantize_kernel = CountedKernel(launches)
+    launches = CountedKernel(gguf_xq._quantize_kernel)
+    gguf_xq._quantize_kernel = launches
     g = torch.Generator().manual_seed(2)
     tokens = {t: torch.randint(0, 64, (1, t), generator=g) for t in (1, 3)}
     out = {}
-    for moe in moes:
+    for moe in (False, True):
         for on in ("0", "1"):
-            os.environ[env] = on
+            os.environ["DEVSTRAL_NORM_XQ"] = on
             model = _model(moe)
             model.fuse_projections()
-            seen = record(model)
+            norms = [(b.input_layernorm.xq_layouts, b.post_attention_layernorm.xq_layouts)
+                     for b in model.model.layers] + [model.model.norm.xq_layouts]
+            kinds = [type(b.self_attn.qkv).__name__ for b in model.model.layers]
             for t, ids in tokens.items():
                 launches.count = 0
                 with torch.no_grad(), hardware_rounding():
                     logits = model(ids)
-                out[(moe, on, t)] = {"logits": logits, "launches": launches.count, **seen}
-    os.environ.pop(env)
+                out[(moe, on, t)] = {"logits": logits, "launches": launches.count, "norms": norms, "kinds": kinds}
+    os.environ.pop("DEVSTRAL_NORM_XQ")
     return out
-
-
-def _decoder_cases() -> dict:
-    """The tiny decoders with DEVSTRAL_NORM_XQ=0 and =1: logits, quantize launches, the norms' layouts."""
-    def record(model):
-        return {"norms": [(b.input_layernorm.xq_layouts, b.post_attention_layernorm.xq_layouts)
-                          for b in model.model.layers] + [model.model.norm.xq_layouts],
-                "kinds": [type(b.self_attn.qkv).__name__ for b in model.model.layers]}
-
-    return decoder_runs("DEVSTRAL_NORM_XQ", (False, True), record)
 
 
 def _run_cases(out_path: str) -> None:
