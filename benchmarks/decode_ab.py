@@ -63,6 +63,8 @@ def summarize(result: dict) -> dict:
     out = {"decode_tok_s": res["decode_b1_ctx512"]["tok_s"], "runs": res["decode_b1_ctx512"]["runs"],
            "step_intervals": res["decode_b1_ctx512"].get("step_intervals"),
            "stamps_phases_us": (res["decode_b1_ctx512"].get("stamps") or {}).get("phases_us")}
+    if "decode_b1_long" in res:  # --skip without "long": batch-1 decode at the long context too
+        out["decode_long"] = {k: res["decode_b1_long"][k] for k in ("context", "tok_s", "runs")}
     step = res.get("decode_step")
     if step and "error" in step:  # the profiler failed: the timed figures above still count
         out["decode_step_error"] = step["error"]

@@ -1,11 +1,12 @@
-"""The decode attention's merge pass writing the o projection's int8 activations (paged_attention_triton,
-xq_layout) and the model asking for them only where o's plan quantizes (quant.linear.attention_xq_layouts).
+"""The decode attention writing the o projection's int8 activations (paged_attention_triton, xq_layout) and
+the model asking for them only where o's plan quantizes (quant.linear.attention_xq_layouts).
 
 CPU: the kernels in Triton's interpreter. The words must be gguf_xq's PyTorch twin of the stored output
 bit for bit -- rows merged from several splits and rows pass 1 wrote itself (one split with keys), every
-KV kind (q4_0 reads its tiles in another column order), both layouts -- and quantize() must hand them back
-without a launch. Where no merge pass runs (one split, the fused merge) or the batch is past the decode
-sizes, nothing is offered and the GEMV quantizes as before.
+KV kind (q4_0 holds its tiles in another column order), both layouts, and every way the output is written:
+the merge pass, the fused merge (the last split of a group merges and packs), one split for the whole
+grid -- and quantize() must hand them back without a launch. Past the decode sizes nothing is offered
+and the GEMV quantizes as before.
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ def _attend(kind, lens, head_dim, layout, cfg, n_heads=4, n_kv_heads=2, seed=0):
     return out, gguf_xq._offered
 
 
+WRITERS = {"merge_pass": dict(splits=3), "fused_merge": dict(splits=3, fused_merge=True), "one_split": dict(splits=1)}
+
+
 @pytest.mark.parametrize("kind", ["bf16", "fp32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("layout", [gguf_xq.STRIDE8, gguf_xq.STRIDE4], ids=["stride8", "stride4"])
-def test_the_merge_writes_the_quantization_of_the_stored_output(kind, layout):
-    """Context 1 and 9 fit in one split of 16 keys (pass 1 writes those rows), 37 and 70 are merged."""
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_the_attention_writes_the_quantization_of_the_stored_output(kind, layout, writer):
+    """Context 1 and 9 fit in one split of 16 keys (pass 1 writes those rows), 37 and 70 are merged; 6 query
+    heads over 2 kv heads leave the fused merge's head tile part empty."""
     for head_dim in (32, 64):
-        out, entry = _attend(kind, [1, 37, 9, 70], head_dim, layout, DecodeConfig(block_n=16, splits=3))
+        out, entry = _attend(kind, [1, 37, 9, 70], head_dim, layout, DecodeConfig(block_n=16, **WRITERS[writer]),
+                             n_heads=6)
         rows = out.view(out.shape[0], -1)
         assert entry is not None and entry[0].data_ptr() == rows.data_ptr() and not entry[3]
         xq = gguf_xq.quantize(rows, layout)
@@ -45,20 +52,17 @@ def test_the_merge_writes_the_quantization_of_the_stored_output(kind, layout):
         assert torch.equal(xq, gguf_xq.reference(rows, layout)), (kind, head_dim)
 
 
-def test_the_output_is_the_same_with_and_without():
-    lens, cfg = [1, 37, 9, 70], DecodeConfig(block_n=16, splits=3)
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_the_output_is_the_same_with_and_without(writer):
+    lens, cfg = [1, 37, 9, 70], DecodeConfig(block_n=16, **WRITERS[writer])
     plain, _ = _attend("q8_0", lens, 32, None, cfg)
     with_xq, _ = _attend("q8_0", lens, 32, gguf_xq.STRIDE8, cfg)
     assert torch.equal(plain, with_xq)
 
 
-@pytest.mark.parametrize("cfg,lens", [
-    (DecodeConfig(block_n=16, splits=1), [5, 30]),  # one split: pass 1 writes every row, no merge pass
-    (DecodeConfig(block_n=16, splits=3, fused_merge=True), [5, 30]),  # merged inside pass 1
-    (DecodeConfig(block_n=16, splits=3), [5] * 9),  # 9 rows: past the decode sizes
-], ids=["one_split", "fused_merge", "nine_rows"])
-def test_nothing_is_offered_without_a_merge_pass_at_decode_sizes(cfg, lens):
-    out, entry = _attend("bf16", lens, 32, gguf_xq.STRIDE8, cfg)
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_nothing_is_offered_past_the_decode_sizes(writer):
+    out, entry = _attend("bf16", [5] * 9, 32, gguf_xq.STRIDE8, DecodeConfig(block_n=16, **WRITERS[writer]))
     assert entry is None
 
 

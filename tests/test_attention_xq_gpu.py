@@ -1,8 +1,9 @@
-"""The decode attention's merge pass writing the o projection's int8 activations (xq_layout) on a CUDA GPU: at
-Devstral's shape (32 query heads over 8 kv heads, head_dim 128), replayed from a CUDA graph under dependent launch
-with other contexts, the words are gguf_xq.quantize() of the stored output bit for bit (the compiled quantize
-kernel: both pack with gguf_xq.pack_blocks); and a Q4_K_M model's greedy decode in the engine, every decode GEMV
-the xq one, gives the same tokens with DEVSTRAL_ATTN_XQ=1 as with 0."""
+"""The decode attention writing the o projection's int8 activations (xq_layout) on a CUDA GPU -- from its merge
+pass, from the fused merge's last split, from one split: at Devstral's shape (32 query heads over 8 kv heads,
+head_dim 128), replayed from a CUDA graph under dependent launch with other contexts, the words are
+gguf_xq.quantize() of the stored output bit for bit (the compiled quantize kernel: both pack with
+gguf_xq.pack_blocks) and the output is the one written without them; and a Q4_K_M model's greedy decode in the
+engine, every decode GEMV the xq one, gives the same tokens with DEVSTRAL_ATTN_XQ=1 as with 0, with either merge."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ pytest.importorskip("triton")
 
 @pytest.mark.parametrize("kind", ["bf16", "q8_0"])
 @pytest.mark.parametrize("layout", [0, 1], ids=["stride8", "stride4"])
-def test_devstral_shape_in_a_graph_with_other_contexts(kind, layout):
+@pytest.mark.parametrize("writer", ["merge_pass", "fused_merge", "one_split"])
+def test_devstral_shape_in_a_graph_with_other_contexts(kind, layout, writer):
     from devstral.kernels import gguf_xq
-    from devstral.kernels.paged_attention_triton import decode_attention_triton
+    from devstral.kernels.paged_attention_triton import DecodeConfig, decode_attention_triton
+
+    cfg = DecodeConfig(fused_merge=writer == "fused_merge", splits=1 if writer == "one_split" else None)
 
     capture_lens, replay_lens = [512, 3, 4000], [1, 700, 31]  # one-split rows and merged ones, both times
     bound = 4096
@@ -30,17 +34,19 @@ def test_devstral_shape_in_a_graph_with_other_contexts(kind, layout):
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         lens.copy_(torch.tensor(capture_lens))
-        decode_attention_triton(q, layer, tables, lens, scale, max_context=bound, xq_layout=layout)  # compiles
+        decode_attention_triton(q, layer, tables, lens, scale, max_context=bound, config=cfg,
+                                xq_layout=layout)  # compiles
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            out = decode_attention_triton(q, layer, tables, lens, scale, max_context=bound, xq_layout=layout)
+            out = decode_attention_triton(q, layer, tables, lens, scale, max_context=bound, config=cfg,
+                                          xq_layout=layout)
         xq = gguf_xq._offered[2][layout]
     for contexts in (capture_lens, replay_lens):
         lens.copy_(torch.tensor(contexts))
         xq.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        expected_out = decode_attention_triton(q, layer, tables, lens, scale, max_context=bound)
+        expected_out = decode_attention_triton(q, layer, tables, lens, scale, max_context=bound, config=cfg)
         assert torch.equal(out, expected_out)
         rows = out.view(3, -1)
         assert torch.equal(xq, _launched(rows, layout))
@@ -54,8 +60,10 @@ def _launched(rows: torch.Tensor, layout: int) -> torch.Tensor:
     return gguf_xq.quantize(rows.clone(), layout)
 
 
-def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["merge_pass", "fused_merge"])
+def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch, fused):
     from devstral.kernels import gguf_config
+    from devstral.kernels import paged_attention_triton as pa
     from devstral.kernels.gguf_gemv_wide import bm_for
 
     planned = gguf_config.gguf_plan
@@ -66,6 +74,12 @@ def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch):
         return planned(qtype, m, n, k, device)
 
     monkeypatch.setattr(gguf_config, "gguf_plan", plan)
-    outs = greedy_off_and_on(tmp_path, monkeypatch, "DEVSTRAL_ATTN_XQ",
-                             lambda model: [bool(b.self_attn.out_xq) for b in model.model.layers])
+    try:
+        with monkeypatch.context() as m:
+            m.setenv("DEVSTRAL_FUSED_MERGE", fused)
+            pa._env_defaults.cache_clear()
+            outs = greedy_off_and_on(tmp_path, monkeypatch, "DEVSTRAL_ATTN_XQ",
+                                     lambda model: [bool(b.self_attn.out_xq) for b in model.model.layers])
+    finally:
+        pa._env_defaults.cache_clear()  # read again from the environment as it was
     assert outs[0] == outs[1]

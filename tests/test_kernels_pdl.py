@@ -136,17 +136,18 @@ def _all() -> dict:
     def split(output=pa.OUT_PARTIALS, kind=0, cache=bf16, scale=bf16, tokens_major=False, stamped=False, **extra):
         """The decode attention's pass 1 (bf16 cache and partials unless told otherwise)."""
         names = ("q_ptr q_sb q_sh k_ptr v_ptr ks_ptr vs_ptr c_sb c_so c_sh s_sb s_so s_sh table_ptr table_sb len_ptr "
-                 "out_ptr out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr scale_log2e window num_splits min_chunk "
+                 "out_ptr out_sb out_sh part_out_ptr part_lse_ptr arrivals_ptr xq_ptr xq_sb scale_log2e window num_splits min_chunk "
                  "n_heads" + (" stamps_ptr" if stamped else ""))
         return _compile(
             pa._decode_split_kernel,
             _sig(names, {"q_ptr": bf16, "k_ptr": cache, "v_ptr": cache, "ks_ptr": scale, "vs_ptr": scale,
                          "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": bf16, "part_out_ptr": "*fp32",
-                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "scale_log2e": "fp32", **stamp_ptr}),
+                         "part_lse_ptr": "*fp32", "arrivals_ptr": "*i32", "xq_ptr": "*i32", "scale_log2e": "fp32",
+                         **stamp_ptr}),
             dict(GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_N=64, KIND=kind, HAS_WINDOW=False,
                  OUTPUT=output.value, DOT_T=tl.bfloat16, PRECISION="tf32", FOLD_V_SCALE=True,
                  SCALES=4 if kind else 1, TOKENS_MAJOR=tokens_major, ASM=True, MERGE_HEADS=4, MERGE_CHUNK=16,
-                 PDL=True, STAMPS=stamped, **extra), num_stages=2)
+                 PDL=True, STAMPS=stamped, **{"XQ": -1, **extra}), num_stages=2)
 
     def merge(stamped=False, **extra):
         """The decode attention's pass 2."""
@@ -163,6 +164,9 @@ def _all() -> dict:
         out[f"decode_split{suffix}"] = split(output)
         out[f"decode_split{suffix}_q8_0"] = split(output, kind=2, cache="*i32", scale="*fp16", tokens_major=True)
     out["decode_split_prefetch"] = split(PREFETCH=True, ROW_LINES=2, LINE=64)  # DecodeConfig(prefetch=True)
+    # pass 1 writing the o projection's int8 activations: the fused merge, and one split for the grid
+    out["decode_split_merged_xq"] = split(pa.OUT_MERGED, LEN_EARLY=True, XQ=0)
+    out["decode_split_direct_xq"] = split(pa.OUT_DIRECT, LEN_EARLY=True, XQ=1)
     out["decode_merge"] = merge()
     # decode_attention_triton(settled=True), the engine's call: both passes read the context length before the wait
     out["decode_split_len_early"] = split(LEN_EARLY=True)
@@ -317,6 +321,16 @@ def test_the_merge_lets_the_o_projection_start_only_after_its_wait(ptx_stats, na
     assert st["signals_before_wait"] == 0, st
     for split in ("decode_split", "decode_split_len_early"):
         assert ptx_stats[split]["signals_before_wait"] >= 1, ptx_stats[split]
+
+
+@pytest.mark.parametrize("name", ["decode_split_merged_xq", "decode_split_direct_xq"])
+def test_pass_one_writing_o_activations_stores_nothing_before_its_wait(ptx_stats, name):
+    """Pass 1 packing the o projection's int8 activations (from the fused merge's last split, or from every
+    split when one split covers the grid) stores nothing before the wait; the context length (settled) is
+    the one load before it, and the merge's dependents are signalled as before."""
+    st = ptx_stats[name]
+    assert st["launch_pdl"] and st["waits"] >= 1 and st["signals"] >= 1, st
+    assert st["stores"] == 0 and st["loads"] == 1, st
 
 
 @pytest.mark.parametrize("name", MOE)

@@ -19,9 +19,10 @@ counter to zero. A row's later splits that have no keys (a short context uses fe
 last program expects `used` arrivals, the number of splits with keys, which every program computes
 alike. The counters (MAX_GROUPS per device, `arrival_counters`) are allocated once, before any
 CUDA-graph capture, and are zero at the start of every launch. It is off by default: in the engine on
-the H200 (Devstral-Small Q4_K_M, CUDA graphs, one run each) it won at 512 keys (170.6 against 168.7
-tok/s) and lost at 32k (127.1 against 131.7), where the last program's merge of 45 splits is a serial
-tail at the launch's end.
+the H200 (Devstral-Small Q4_K_M, CUDA graphs) it won at 512 keys in session 8 (170.6 against 168.7 tok/s)
+and lost at 32k (127.1 against 131.7), where the last program's merge of 45 splits is a serial tail at the
+launch's end; on session 25's kernels it lost at both (220.2 -> 216.3 and 168.9 -> 161.0; Q8_0 154.5 ->
+150.2 and 127.3 -> 120.0): the split pass took 10.8 us a layer where the two passes take 4.1 + 4.1.
 
 The 1-byte kinds (fp8, q8_0, q4_0) are read as int32 words (cp.async'd like the 2-byte tiles, then
 unpacked four values at a time by a few lines of PTX, exactly: kv_tile_triton.py loads every kind's tiles), a token's q8_0/q4_0 scales as one
@@ -274,15 +275,15 @@ def _prefetch_first_tile(k_ptr, v_ptr, table, start, end, kvh, c_sb, c_so, c_sh,
 @triton.jit(do_not_specialize=["window", "num_splits", "min_chunk"])
 def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, c_so, c_sh, s_sb, s_so, s_sh,
                          table_ptr, table_sb, len_ptr, out_ptr, out_sb, out_sh, part_out_ptr, part_lse_ptr, arrivals_ptr,
-                         scale_log2e, window, num_splits, min_chunk, n_heads,
+                         xq_ptr, xq_sb, scale_log2e, window, num_splits, min_chunk, n_heads,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_WINDOW: tl.constexpr,
                          OUTPUT: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
                          FOLD_V_SCALE: tl.constexpr, SCALES: tl.constexpr = 1, TOKENS_MAJOR: tl.constexpr = False,
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
-                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, stamps_ptr=None,
-                         STAMPS: tl.constexpr = False):
+                         LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, XQ: tl.constexpr = -1,
+                         stamps_ptr=None, STAMPS: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
@@ -366,14 +367,14 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
         if TOKENS_MAJOR:
             out = tl.trans(out)
         out_rows = out_ptr + b.to(tl.int64) * out_sb
+        row_xq = xq_ptr + b.to(tl.int64) * xq_sb
         if OUTPUT == OUT_DIRECT:
-            tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=hmask[:, None])
+            _write_heads(out, out_rows, out_sh, heads, cols, hmask, row_xq, kvh * GROUP, GROUP, BLOCK_H, HEAD_DIM, KIND, XQ)
         else:
             used = tl.cdiv(length - lo, chunk)  # the splits of this row with keys: 0 .. used - 1
-            if used == 1:  # the row's only split: nothing to merge (pass 2 skips the row)
-                tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                         mask=hmask[:, None])
+            if used == 1:  # the row's only split: nothing to merge (pass 2 skips the row, and packs it itself)
+                _write_heads(out, out_rows, out_sh, heads, cols, hmask, row_xq, kvh * GROUP, GROUP, BLOCK_H, HEAD_DIM,
+                             KIND, XQ if OUTPUT == OUT_MERGED else -1)
             else:
                 row = (b.to(tl.int64) * n_heads + heads) * num_splits + s
                 tl.store(part_out_ptr + row[:, None] * HEAD_DIM + cols[None, :], out, mask=hmask[:, None])
@@ -381,10 +382,22 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                 if OUTPUT == OUT_MERGED:
                     group = b * tl.num_programs(1) + kvh
                     _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
-                                      (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used,
-                                      GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK)
+                                      (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used, row_xq,
+                                      GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK, XQ)
         if STAMPS:
             stamps.record(stamps_ptr, stamps.SPLIT, program, t_start, t_waited, t_work, stamps.now())
+
+
+@triton.jit
+def _write_heads(out, out_rows, out_sh, heads, cols, hmask, row_xq, first_head, GROUP: tl.constexpr,
+                 BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr, XQ: tl.constexpr):
+    """A split's output tile [BLOCK_H, HEAD_DIM] float32 (in `columns` order) as the row's output for the
+    GROUP heads from first_head, and with XQ >= 0 their blocks of the o projection's int8 activations."""
+    stored = out.to(out_rows.dtype.element_ty)
+    tl.store(out_rows + heads[:, None] * out_sh + cols[None, :], stored, mask=hmask[:, None])
+    if XQ >= 0:
+        _pack_heads(_in_order(stored.to(tl.float32), BLOCK_H, HEAD_DIM, KIND), row_xq, first_head, GROUP, BLOCK_H,
+                    HEAD_DIM, XQ)
 
 
 @triton.jit
@@ -441,12 +454,12 @@ def _chunk_loads(part_out_ptr, part_lse_ptr, first_rows, hmask, used, s0, d, HEA
 
 @triton.jit
 def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh, first_head, first_row, num_splits,
-                      used, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_HEADS: tl.constexpr,
-                      CHUNK: tl.constexpr):
+                      used, row_xq, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_HEADS: tl.constexpr,
+                      CHUNK: tl.constexpr, XQ: tl.constexpr):
     """After a split stored its partials: count it in at its (sequence, kv head) group's counter. The
     split that arrives last (the other used - 1 have stored theirs) merges the group's heads, whose
-    partial rows start at first_row, writes their output and re-arms the counter to zero for the next
-    launch."""
+    partial rows start at first_row, writes their output (and with XQ >= 0 its blocks of the o
+    projection's int8 activations at row_xq) and re-arms the counter to zero for the next launch."""
     tl.debug_barrier()  # every thread's partials are stored before the counter moves (the atomic releases)
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == used - 1:
@@ -455,8 +468,10 @@ def _arrive_and_merge(part_out_ptr, part_lse_ptr, arrival_ptr, out_rows, out_sh,
         merged = _merge_splits(part_out_ptr, part_lse_ptr, first_row + h.to(tl.int64) * num_splits, hmask, used,
                                HEAD_DIM, _LSE_TILE, CHUNK)
         d = tl.arange(0, HEAD_DIM)
-        tl.store(out_rows + (first_head + h)[:, None] * out_sh + d[None, :], merged.to(out_rows.dtype.element_ty),
-                 mask=hmask[:, None])
+        stored = merged.to(out_rows.dtype.element_ty)
+        tl.store(out_rows + (first_head + h)[:, None] * out_sh + d[None, :], stored, mask=hmask[:, None])
+        if XQ >= 0:
+            _pack_heads(stored.to(tl.float32), row_xq, first_head, GROUP, MERGE_HEADS, HEAD_DIM, XQ)
         tl.store(arrival_ptr, 0)
 
 
@@ -512,11 +527,29 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, len_ptr, out_ptr, out_sb, o
 
 @triton.jit
 def _pack_head(x, row_xq, h, HEAD_DIM: tl.constexpr, LAYOUT: tl.constexpr):
-    """One head's output [1, HEAD_DIM] (float32 of the stored values) -> its HEAD_DIM / 32 blocks of the row's
-    gguf_xq words (gguf_xq.pack_blocks: the same bits as quantize() of the stored row)."""
-    blocks: tl.constexpr = HEAD_DIM // 32
-    j = tl.arange(0, blocks)
-    pack_blocks(tl.reshape(x, (blocks, 32)), row_xq + (h * blocks + j) * 12, j < blocks, LAYOUT, blocks)
+    """One head's output [1, HEAD_DIM] (float32 of the stored values) -> its blocks of the row's xq words."""
+    _pack_heads(x, row_xq, h, 1, 1, HEAD_DIM, LAYOUT)
+
+
+@triton.jit
+def _pack_heads(x, row_xq, first_head, n_heads, NH: tl.constexpr, HEAD_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """Heads first_head .. first_head + n_heads - 1 of a row's output, x [NH >= n_heads, HEAD_DIM] (float32 of
+    the stored values, in head-dim order) -> their HEAD_DIM / 32 blocks each of the row's gguf_xq words
+    (gguf_xq.pack_blocks: the same bits as quantize() of the stored row)."""
+    per: tl.constexpr = HEAD_DIM // 32
+    i = tl.arange(0, NH * per)
+    head = i // per
+    pack_blocks(tl.reshape(x, (NH * per, 32)), row_xq + ((first_head + head) * per + i % per) * 12, head < n_heads,
+                LAYOUT, NH * per)
+
+
+@triton.jit
+def _in_order(x, NH: tl.constexpr, HEAD_DIM: tl.constexpr, KIND: tl.constexpr):
+    """A tile [NH, HEAD_DIM] held in `columns` order -> head-dim order: q4_0's columns 2j, 2j + 1 of a
+    32-block hold values j and j + 16 (nothing moves for the other kinds)."""
+    if KIND == 3:
+        x = tl.reshape(tl.permute(tl.reshape(x, (NH, HEAD_DIM // 32, 16, 2)), (0, 1, 3, 2)), (NH, HEAD_DIM))
+    return x
 
 
 def _supported(q: torch.Tensor, layer: KVLayer) -> bool:
@@ -558,9 +591,10 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     that context_lens was written before the kernel before this one started (the engine's step inputs,
     copied in before the step): then under dependent launch both passes read it before they wait, one L2
     round trip off the chain each (kernels/pdl.py). A wrong promise is a race, hence opt-in.
-    `xq_layout` (a gguf_xq layout: the o projection's GEMV quantizes its input so): where the merge pass
-    runs (more than one split, not the fused merge) at decode sizes, it also writes those words and offers
-    them (gguf_xq.offer), so that the GEMV's quantize() launches nothing; otherwise nothing changes."""
+    `xq_layout` (a gguf_xq layout: the o projection's GEMV quantizes its input so): at decode sizes, whichever
+    program writes a row's output (the merge pass, pass 1 for a row in one split, the fused merge's last split)
+    also writes those words, and they are offered (gguf_xq.offer), so that the GEMV's quantize() launches
+    nothing; past the decode sizes nothing changes."""
     if not _supported(q, layer):
         from devstral.kernels.paged_attention import decode_attention_ref
 
@@ -576,25 +610,21 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     launch = _Launch(q if q.stride(-1) == 1 else q.contiguous(), layer, block_tables, context_lens, scale, window,
                      out, config or DecodeConfig(), settled)
     splits = launch.splits(max_context)
-    if splits == 1:
-        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value)
-        return out
-    part_out = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-    arrivals = launch.arrivals(splits)
-    if arrivals is not None:
-        launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals)
-        return out
-    launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
-    block_s = triton.next_power_of_2(splits)
     xq = torch.empty(B, H * D // gguf_xq.BLOCK, gguf_xq.WORDS, dtype=torch.int32, device=q.device) if writes_xq \
-        else part_lse
-    launch.kernels._decode_merge_kernel[(B, H)](
-        part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, launch.min_chunk, H,
-        xq, xq.stride(0), HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=launch.cfg.block_n, HAS_WINDOW=window is not None,
-        MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=launch.pdl, LEN_EARLY=launch.len_early,
-        XQ=xq_layout if writes_xq else -1, num_warps=4 if block_s * D <= 8192 else 8,
-        stamps_ptr=launch.stamps_ptr, STAMPS=launch.stamps, launch_pdl=launch.pdl)
+        else None
+    layout = xq_layout if writes_xq else -1
+    if splits == 1:
+        launch.split_pass((B, launch.n_kv_heads, 1), 1, out, out, OUT_DIRECT.value, xq=xq, layout=layout)
+    else:
+        part_out = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+        arrivals = launch.arrivals(splits)
+        if arrivals is not None:
+            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals,
+                              xq=xq, layout=layout)
+        else:
+            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
+            launch.merge_pass(splits, part_out, part_lse, context_lens, out, window, xq, layout)
     if writes_xq:
         gguf_xq.offer(out.view(B, H * D), {xq_layout: xq})
     return out
@@ -670,14 +700,31 @@ class _Launch:
                                MERGE_HEADS=triton.next_power_of_2(H // self.n_kv_heads),
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
-    def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, warmup: bool = False):
+    def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, xq=None,
+                   layout: int = -1, warmup: bool = False):
+        """Pass 1. `xq` [B, blocks, words] and its gguf_xq `layout`: the o projection's int8 activations, which
+        the rows it writes itself (OUT_DIRECT, or OUT_MERGED's one-split rows and merges) also get."""
         arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
-        args = (*self.args, part_out, part_lse, arrivals, *self.tail, splits, self.min_chunk, self.q.shape[1])
+        xq = part_lse if xq is None else xq  # unused unless layout >= 0
+        args = (*self.args, part_out, part_lse, arrivals, xq, xq.stride(0), *self.tail, splits, self.min_chunk,
+                self.q.shape[1])
         kernel = self.kernels._decode_split_kernel
         if warmup:
-            return kernel.warmup(*args, grid=grid, OUTPUT=output, **self.constexprs)
-        return kernel[grid](*args, OUTPUT=output, **self.constexprs, stamps_ptr=self.stamps_ptr, STAMPS=self.stamps,
-                            launch_pdl=self.pdl)
+            return kernel.warmup(*args, grid=grid, OUTPUT=output, XQ=layout, **self.constexprs)
+        return kernel[grid](*args, OUTPUT=output, XQ=layout, **self.constexprs, stamps_ptr=self.stamps_ptr,
+                            STAMPS=self.stamps, launch_pdl=self.pdl)
+
+    def merge_pass(self, splits: int, part_out, part_lse, context_lens, out, window: int | None, xq, layout: int):
+        """Pass 2, grid (sequence, query head); with layout >= 0 it also writes xq (see split_pass)."""
+        B, H, D = out.shape
+        xq = part_lse if xq is None else xq
+        block_s = triton.next_power_of_2(splits)
+        self.kernels._decode_merge_kernel[(B, H)](
+            part_out, part_lse, context_lens, out, out.stride(0), out.stride(1), window or 0, splits, self.min_chunk, H,
+            xq, xq.stride(0), HEAD_DIM=D, BLOCK_S=block_s, BLOCK_N=self.cfg.block_n, HAS_WINDOW=window is not None,
+            MERGE_CHUNK=min(block_s, MERGE_ROWS), PDL=self.pdl, LEN_EARLY=self.len_early, XQ=layout,
+            num_warps=4 if block_s * D <= 8192 else 8, stamps_ptr=self.stamps_ptr, STAMPS=self.stamps,
+            launch_pdl=self.pdl)
 
     def fused_merge(self) -> bool:
         return self.cfg.fused_merge and self.batch * self.n_kv_heads <= MAX_GROUPS
