@@ -124,3 +124,30 @@ def test_tied_embeddings_match_transformers(tmp_path):
     assert llm.model.lm_head.weight is llm.model.model.embed_tokens.weight
     ids = random_ids(20, llm.config.vocab_size, seed=9)
     assert (llm.logits(ids) - hf_logits(folder, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf", "tiny_ministral3", "yarn_factor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_cos_sin_are_transformers_bits(request, tmp_path, fixture, dtype):
+    """cos and sin for positions far past the trained range (int64 and int32 positions), plain RoPE and YaRN's
+    scaled frequencies, with an attention factor of 1 and of 1.25: bit for bit transformers' rotary embedding,
+    which builds them as float32 angles, both halves concatenated, times the factor, then rounded to the dtype."""
+    if fixture == "yarn_factor":
+        from devstral.config import YarnScaling
+
+        folder = make_tiny_checkpoint(tmp_path / "m3", layout="hf", arch="ministral3", seed=2, yarn=YarnScaling(
+            factor=4.0, original_max_position_embeddings=64, attention_factor=1.25))
+    else:
+        folder = request.getfixturevalue(fixture)
+    model = devstral.load(folder, dtype="fp32").model
+    assert model.rotary.attention_factor == (1.25 if fixture == "yarn_factor" else 1.0)
+    hf_cfg = transformers.AutoConfig.from_pretrained(folder)
+    hf_cfg = getattr(hf_cfg, "text_config", hf_cfg)
+    module = transformers.models.mistral.modeling_mistral if hf_cfg.model_type == "mistral" else \
+        transformers.models.ministral3.modeling_ministral3
+    rotary = next(getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding"))(hf_cfg)
+    positions = torch.cat([torch.arange(0, 300), torch.arange(100_000, 100_300, 7), torch.tensor([2 ** 20 - 1])])[None]
+    for pos in (positions, positions.to(torch.int32)):
+        cos, sin = model.rotary(pos, dtype)
+        ref_cos, ref_sin = rotary(torch.zeros(1, dtype=dtype), positions)
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin), (fixture, pos.dtype)
