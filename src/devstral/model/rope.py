@@ -41,7 +41,6 @@ class Rotary(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq, self.attention_factor = inverse_frequencies(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         # both halves of a head rotate by the same angles: one product gives cos/sin's full width
         self.register_buffer("inv_freq_full", torch.cat((inv_freq, inv_freq)), persistent=False)
         self.llama4_beta = cfg.llama4_beta
@@ -50,8 +49,10 @@ class Rotary(torch.nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
         # Integer positions promote to float32 in the product (the conversion .to(float32) makes), and a factor
-        # of 1 is skipped (x * 1.0 is x): the same bits in 5 kernels instead of 9 -- each a launch in a decode step
-        emb = positions[..., None] * self.inv_freq_full.to(positions.device)
+        # of 1 is skipped (x * 1.0 is x): the same bits in 5 kernels instead of 9 -- each a launch in a decode step.
+        # The frequencies are asked for in float32 (a no-op as built) so that a module cast to bf16 still takes
+        # its angles in float32.
+        emb = positions[..., None] * self.inv_freq_full.to(positions.device, torch.float32)
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
