@@ -87,9 +87,9 @@ class DecodeConfig:
     DEVSTRAL_ATTN_MIN_CHUNK). The grid is sized for max_context, but a row shorter than min_chunk is one
     split that writes its output itself, and pass 2 skips it: a short context pays for neither the
     partials nor the merge, whatever the captured graph's max_context.
-    `prefetch` (None: DEVSTRAL_ATTN_PREFETCH=1): under dependent launch, a split reads the context length and
-    the block table and asks L2 for its first tile's keys and values before it waits for the RoPE kernel,
-    so that after the wait its tile loads hit L2."""
+    `prefetch` (None: on unless DEVSTRAL_ATTN_PREFETCH=0): under dependent launch, a split reads the context
+    length and the block table and asks L2 for its first tile's keys and values before it waits for the RoPE
+    kernel, so that after the wait its tile loads hit L2."""
 
     def __init__(self, block_n: int = 64, num_warps: int = 4, num_stages: int = 5, splits: int | None = None,
                  ctas_per_sm: int | None = None, tokens_major: bool | None = None, fused_merge: bool | None = None,
@@ -110,13 +110,14 @@ class DecodeConfig:
 @functools.cache
 def _env_defaults() -> tuple[bool, int, bool]:
     """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
-    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=1 (off: within noise on the H200), read once per process: a
-    DecodeConfig is built for every decode call."""
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=0 (on: never slower in four H200 measurements, +0.06% to +0.4% at
+    512 keys and +0.05% at 32k, docs/architecture.md), read once per process: a DecodeConfig is built for
+    every decode call."""
     raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
     if not raw.isdigit():
         raise DevstralError(f"DEVSTRAL_ATTN_MIN_CHUNK={raw!r}: expected a whole number of keys (0 turns it off)")
     return (os.environ.get("DEVSTRAL_FUSED_MERGE", "0") == "1", int(raw),
-            os.environ.get("DEVSTRAL_ATTN_PREFETCH", "0") == "1")
+            os.environ.get("DEVSTRAL_ATTN_PREFETCH", "1") != "0")
 
 
 def num_splits(batch: int, n_kv_heads: int, max_context: int, slots: int, cfg: DecodeConfig) -> int:
