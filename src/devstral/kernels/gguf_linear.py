@@ -14,10 +14,12 @@ import torch
 
 from devstral.errors import DevstralError
 from devstral.kernels import (
+    deferred_merge,
     gguf_config,
     gguf_dequant,
     gguf_gemm,
     gguf_gemv,
+    gguf_gemv_merge,
     gguf_gemv_tma,
     gguf_gemv_wide,
     gguf_idot,
@@ -90,11 +92,18 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     m = x2.shape[0]
     fixed = fixed if m == 1 and bias is None else None
     out = fixed[0] if fixed is not None else torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    merge = deferred_merge.take(x2)  # x: a decode attention output whose split merge was left to this GEMV
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
         if fixed is not None and kind not in FIXED_KINDS:
             raise ValueError(f"fixed-point output asked of a {kind} plan ({p.qtype.name} {p.n}x{p.k})")
         zero = {} if fixed is None else {"fixed_zero": fixed[1]}
+        if merge is not None:
+            if bias is None and kind in gguf_config.WIDE_INT8_KINDS and gguf_gemv_merge.fits(merge, p, cfg["bn"],
+                                                                                              cfg["ns"]):
+                gguf_gemv_merge.gemv(merge, p, out, **cfg, **zero)
+                return out.reshape(*lead, p.n)
+            merge.materialize()
         if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
             # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
             kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from devstral.errors import DevstralError
-from devstral.kernels import gguf_xq, pdl, stamps
+from devstral.kernels import deferred_merge, gguf_xq, pdl, stamps
 from devstral.kernels.gguf_config import DECODE_MS
 from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
@@ -586,7 +586,7 @@ def _whole_scale_rows(layer: KVLayer) -> bool:
 def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, window: int | None = None, *, max_context: int | None = None,
                             config: DecodeConfig | None = None, settled: bool = False,
-                            xq_layout: int | None = None) -> torch.Tensor:
+                            xq_layout: int | None = None, defer_merge: bool = False) -> torch.Tensor:
     """q [B, n_heads, head_dim] (last dim contiguous) -> [B, n_heads, head_dim] in q's dtype.
     `max_context` bounds every context_len (None: the block table's width). `settled`: the caller vouches
     that context_lens was written before the kernel before this one started (the engine's step inputs,
@@ -595,7 +595,10 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     `xq_layout` (a gguf_xq layout: the o projection's GEMV quantizes its input so): at decode sizes, whichever
     program writes a row's output (the merge pass, pass 1 for a row in one split, the fused merge's last split)
     also writes those words, and they are offered (gguf_xq.offer), so that the GEMV's quantize() launches
-    nothing; past the decode sizes nothing changes."""
+    nothing; past the decode sizes nothing changes.
+    `defer_merge` (one row, two passes): pass 2 is not launched but left to the GEMV that reads the output next
+    (kernels/deferred_merge.py), which merges the partials in its prologue or launches pass 2 itself; the
+    caller promises that the output's next reader takes it (quant.linear.merges_attention)."""
     if not _supported(q, layer):
         from devstral.kernels.paged_attention import decode_attention_ref
 
@@ -623,6 +626,13 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         if arrivals is not None:
             launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals,
                               xq=xq, layout=layout)
+        elif defer_merge and B == 1:
+            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
+            deferred_merge.defer(deferred_merge.DeferredMerge(
+                out, part_out, part_lse, context_lens, splits, window or 0, launch.min_chunk, launch.cfg.block_n,
+                launch.len_early, lambda: launch.merge_pass(splits, part_out, part_lse, context_lens, out, window,
+                                                            None, -1)))
+            return out  # no xq: the GEMV that merges quantizes in its own threads
         else:
             launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
             launch.merge_pass(splits, part_out, part_lse, context_lens, out, window, xq, layout)
@@ -751,3 +761,6 @@ class _Launch:
                 kernel = self.split_pass((1, 1, 1), 2, f32, f32, output, warmup=True)
             _SLOTS[key] = concurrent_programs(kernel, self.q.device, self.cfg)
         return num_splits(self.batch, self.n_kv_heads, bound, _SLOTS[key], self.cfg)
+
+
+split_range = _split_range  # for kernels that merge the splits themselves (gguf_gemv_merge.py)

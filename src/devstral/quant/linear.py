@@ -328,6 +328,16 @@ def attention_xq_layouts(o_proj: nn.Module) -> dict[int, tuple[int, ...]]:
     return {r: layouts for r, layouts in at.items() if layouts}
 
 
+def merges_attention(o_proj: nn.Module) -> bool:
+    """Whether the decode attention may leave its split merge to o_proj (kernels/deferred_merge.py): with
+    DEVSTRAL_O_MERGE=1, for a bias-free planar GGUF QuantLinear, whose forward reaches gguf_linear.linear, which
+    merges the splits in the GEMV's prologue (kernels/gguf_gemv_merge.py) or launches the merge first."""
+    from devstral.kernels import gguf_gemv_merge
+
+    return gguf_gemv_merge.enabled() and type(o_proj) is QuantLinear and o_proj.weight_q.mode == "planar" \
+        and o_proj.bias is None
+
+
 def decode_xq_layouts(*projections, rows: Iterable[int] | None = None) -> tuple[int, ...]:
     """The gguf_xq layouts in which these projections of one input quantize it once (gguf_xq.quantize) at some
     decode size (1 to 8 rows, gguf_config.DECODE_MS; `rows`: at these row counts only): planar QuantLinears and
