@@ -178,3 +178,14 @@ def test_fits_needs_whole_heads_in_whole_tiles():
     two = DeferredMerge(torch.zeros(2, H, D), m.part_out, m.part_lse, m.context_lens, 3, 0, 0, 16, False,
                         lambda: None)
     assert not gguf_gemv_merge.fits(two, p, 8, 2)  # two rows
+
+
+def test_the_switch_names_its_values(monkeypatch):
+    from devstral.errors import DevstralError
+
+    for raw, on, late in (("0", False, False), ("1", True, False), ("late", True, True)):
+        monkeypatch.setenv("DEVSTRAL_O_MERGE", raw)
+        assert gguf_gemv_merge.enabled() == on and deferred_merge.signal_at_end() == late
+    monkeypatch.setenv("DEVSTRAL_O_MERGE", "yes")
+    with pytest.raises(DevstralError, match="DEVSTRAL_O_MERGE='yes': expected 0, 1 or late"):
+        gguf_gemv_merge.enabled()

@@ -189,6 +189,7 @@ def _all() -> dict:
     out["decode_merge"] = merge()
     # decode_attention_triton(settled=True), the engine's call: both passes read the context length before the wait
     out["decode_split_len_early"] = split(LEN_EARLY=True)
+    out["decode_split_signal_at_end"] = split(LEN_EARLY=True, SIGNAL_AT_END=True)  # DEVSTRAL_O_MERGE=late
     out["decode_merge_len_early"] = merge(LEN_EARLY=True)
     out["decode_split_stamps"] = split(stamped=True)
     out["decode_merge_stamps"] = merge(stamped=True)
@@ -318,6 +319,14 @@ def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_sta
     context length before the wait -- one load, the only one -- and stores nothing before it."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1, st
+    assert st["loads"] == 1 and st["stores"] == 0, st
+
+
+def test_pass_one_signalling_at_its_end_signals_after_its_stores(ptx_stats):
+    """DEVSTRAL_O_MERGE=late: pass 1 lets the o GEMV start once a split has stored its partials (the signal
+    after the wait and after every store), and still reads only the settled length before its wait."""
+    st = ptx_stats["decode_split_signal_at_end"]
+    assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] == 1 and st["signals_before_wait"] == 0, st
     assert st["loads"] == 1 and st["stores"] == 0, st
 
 

@@ -11,10 +11,13 @@ the attention defers only where its caller says the next reader is such a GEMV (
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from devstral.errors import DevstralError
 
 
 @dataclass
@@ -37,6 +40,19 @@ class DeferredMerge:
 
 
 _pending: DeferredMerge | None = None
+
+
+def mode() -> str:
+    """DEVSTRAL_O_MERGE: "0" (default) off; "1" on, pass 1 letting o's programs start at its own start (o's
+    weights load during the splits); "late" on, pass 1 letting them start as each split finishes."""
+    raw = os.environ.get("DEVSTRAL_O_MERGE", "0").strip()
+    if raw not in ("0", "1", "late"):
+        raise DevstralError(f"DEVSTRAL_O_MERGE={raw!r}: expected 0, 1 or late")
+    return raw
+
+
+def signal_at_end() -> bool:
+    return mode() == "late"
 
 
 def defer(merge: DeferredMerge) -> None:

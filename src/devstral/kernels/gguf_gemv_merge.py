@@ -20,13 +20,11 @@ the tests compare against, with the merge done as pass 2's reference does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from devstral.kernels import pdl
+from devstral.kernels import deferred_merge, pdl
 from devstral.kernels.deferred_merge import DeferredMerge
 from devstral.kernels.gguf_decode import GEOMETRY, qt_code
 from devstral.kernels.gguf_gemv import field_args
@@ -223,5 +221,6 @@ def merged_reference(merge: DeferredMerge) -> torch.Tensor:
 
 
 def enabled() -> bool:
-    """DEVSTRAL_O_MERGE=1: the attention leaves its merge to o where o can take it (off until measured)."""
-    return os.environ.get("DEVSTRAL_O_MERGE", "0") == "1"
+    """DEVSTRAL_O_MERGE=1 or late (deferred_merge.mode): the attention leaves its merge to o where o can take it
+    (off until measured)."""
+    return deferred_merge.mode() != "0"

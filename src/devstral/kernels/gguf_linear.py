@@ -85,6 +85,8 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
+    # x: a decode attention output whose split merge was left to this GEMV? Taken before anything reads x
+    merge = deferred_merge.take(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -92,7 +94,6 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     m = x2.shape[0]
     fixed = fixed if m == 1 and bias is None else None
     out = fixed[0] if fixed is not None else torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    merge = deferred_merge.take(x2)  # x: a decode attention output whose split merge was left to this GEMV
     if m:
         kind, cfg = gguf_config.gguf_plan(p.qtype.name, m, p.n, p.k, x.device)
         if fixed is not None and kind not in FIXED_KINDS:
@@ -103,7 +104,7 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
                                                                                               cfg["ns"]):
                 gguf_gemv_merge.gemv(merge, p, out, **cfg, **zero)
                 return out.reshape(*lead, p.n)
-            merge.materialize()
+            merge.materialize()  # any other plan reads the output pass 2 writes
         if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
             # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
             kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}

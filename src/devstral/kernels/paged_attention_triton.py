@@ -284,7 +284,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
                          LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, XQ: tl.constexpr = -1,
-                         stamps_ptr=None, STAMPS: tl.constexpr = False):
+                         stamps_ptr=None, STAMPS: tl.constexpr = False, SIGNAL_AT_END: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
@@ -293,7 +293,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
     if LEN_EARLY or PREFETCH:  # written before the kernel before started (decode_attention_triton's `settled`)
         length = tl.load(len_ptr + b)
     if PDL:  # kernels/pdl.py: the merge pass (fused: the o projection's GEMV) may start now; wait for the kernel before
-        gdc_launch_dependents()
+        if not SIGNAL_AT_END:  # SIGNAL_AT_END: once this program's partials are stored (a deferred merge's o GEMV)
+            gdc_launch_dependents()
         if LEN_EARLY and not PREFETCH:
             # a split without keys reads nothing the RoPE kernel writes: it leaves without waiting, and its slot
             # goes to the merge's and the o projection's programs (296 of the 360 programs at 512 keys, 280 at 640; H200:
@@ -385,6 +386,8 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                     _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
                                       (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used, row_xq,
                                       GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK, XQ)
+        if PDL and SIGNAL_AT_END:  # (a program without keys signals by leaving)
+            gdc_launch_dependents()
         if STAMPS:
             stamps.record(stamps_ptr, stamps.SPLIT, program, t_start, t_waited, t_work, stamps.now())
 
@@ -627,7 +630,10 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
             launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals,
                               xq=xq, layout=layout)
         elif defer_merge and B == 1:
-            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
+            # DEVSTRAL_O_MERGE=late: o's programs become resident (and load their weights) once the splits are
+            # done, as behind pass 2, rather than during them (kernels/deferred_merge.py)
+            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value,
+                              signal_at_end=deferred_merge.signal_at_end())
             deferred_merge.defer(deferred_merge.DeferredMerge(
                 out, part_out, part_lse, context_lens, splits, window or 0, launch.min_chunk, launch.cfg.block_n,
                 launch.len_early, lambda: launch.merge_pass(splits, part_out, part_lse, context_lens, out, window,
@@ -712,9 +718,10 @@ class _Launch:
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
     def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, xq=None,
-                   layout: int = -1, warmup: bool = False):
+                   layout: int = -1, warmup: bool = False, signal_at_end: bool = False):
         """Pass 1. `xq` [B, blocks, words] and its gguf_xq `layout`: the o projection's int8 activations, which
-        the rows it writes itself (OUT_DIRECT, or OUT_MERGED's one-split rows and merges) also get."""
+        the rows it writes itself (OUT_DIRECT, or OUT_MERGED's one-split rows and merges) also get.
+        `signal_at_end`: a program lets the next kernel start once its partials are stored, not at its start."""
         arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
         xq = part_lse if xq is None else xq  # unused unless layout >= 0
         args = (*self.args, part_out, part_lse, arrivals, xq, xq.stride(0), *self.tail, splits, self.min_chunk,
@@ -723,7 +730,7 @@ class _Launch:
         if warmup:
             return kernel.warmup(*args, grid=grid, OUTPUT=output, XQ=layout, **self.constexprs)
         return kernel[grid](*args, OUTPUT=output, XQ=layout, **self.constexprs, stamps_ptr=self.stamps_ptr,
-                            STAMPS=self.stamps, launch_pdl=self.pdl)
+                            STAMPS=self.stamps, SIGNAL_AT_END=signal_at_end, launch_pdl=self.pdl)
 
     def merge_pass(self, splits: int, part_out, part_lse, context_lens, out, window: int | None, xq, layout: int):
         """Pass 2, grid (sequence, query head); with layout >= 0 it also writes xq (see split_pass)."""
