@@ -64,7 +64,8 @@ def _run(merge: DeferredMerge, p, ns: int, bn: int = 8, fixed: bool = False) -> 
 
 
 @pytest.mark.parametrize("qt,ns", TYPES, ids=[t.name for t, _ in TYPES])
-@pytest.mark.parametrize("length,splits", [(70, 5), (37, 3), (9, 3)], ids=["5_used", "3_used", "one_split"])
+@pytest.mark.parametrize("length,splits", [(70, 5), (37, 3), (9, 3), (300, 20)],
+                         ids=["5_used", "3_used", "one_split", "19_used"])
 def test_exact_activations_give_the_product(qt, ns, length, splits):
     """Every split of a head holds the same int8-exact values (the merge's weights sum to 1, and the bf16
     rounding brings the result back to them): the kernel must give x @ W^T to fp32 accuracy. A row of one
@@ -82,10 +83,11 @@ def test_exact_activations_give_the_product(qt, ns, length, splits):
 
 
 @pytest.mark.parametrize("qt,ns", TYPES, ids=[t.name for t, _ in TYPES])
-@pytest.mark.parametrize("window", [0, 40])
-def test_random_partials_within_the_int8_error(qt, ns, window):
+@pytest.mark.parametrize("window,splits,length", [(0, 6, 90), (40, 6, 90), (0, 40, 640)],
+                         ids=["6_used", "window_3_used", "40_used"])
+def test_random_partials_within_the_int8_error(qt, ns, window, splits, length):
+    """40 splits with keys: the first chunk of 8, then two steps of two chunks."""
     g = torch.Generator().manual_seed(2)
-    splits, length = 6, 90
     parts = torch.randn(1, H, splits, D, generator=g)
     lse = torch.randn(1, H, splits, generator=g) * 4
     merge = _merge(length, splits, parts, lse, window=window)
