@@ -391,11 +391,13 @@ def test_the_merging_gemv_reads_only_its_weights_and_the_settled_length_before_i
     """gguf_gemv_merge.py: its one K-tile of weights (and the engine's context length, settled) before the wait;
     the attention's partials, log-sum-exps and pass 1's output after it; nothing stored before it. The first
     chunk of partials loads beside the log-sum-exps, ahead of the reductions' first CTA barrier (only the later
-    chunks' loop loads behind it): one L2 round trip after the wait where every split fits in a chunk."""
+    chunks' loop, two chunks a step, loads behind it): one L2 round trip after the wait where every split fits in
+    a chunk."""
     st = ptx_stats[name]
     assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1 and st["signals_before_wait"] == 0, st
     assert st["stores"] == 0 and st["loads"] >= 8 and st["loads_after_wait"] >= 3, st
-    assert st["loads_after_wait"] - st["loads_after_barrier"] > st["loads_after_barrier"], st
+    # the loop behind the barrier loads two chunks a step: at least one chunk's loads come before it
+    assert st["loads_after_wait"] - st["loads_after_barrier"] > st["loads_after_barrier"] // 2, st
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:
