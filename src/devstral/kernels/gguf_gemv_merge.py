@@ -1,4 +1,4 @@
-"""The o projection's GEMV with the decode attention's split merge in its prologue (DEVSTRAL_O_MERGE=1).
+"""The o projection's GEMV with the decode attention's split merge in its prologue (DEVSTRAL_O_MERGE=1 or late).
 
 At batch-1 decode, pass 2 of the attention (paged_attention_triton.py: the merge of each head's split partials)
 is a launch between pass 1 and o whose work is small and whose cost is the boundary: on the H200 removing it
@@ -7,7 +7,8 @@ it instead. o's K axis is the attention output's heads x head_dim, so program (r
 the heads of tile t: NS * SB / HEAD_DIM of them (Devstral at NS 16: the 4 heads of one GQA group). Before the
 dependent-launch wait it loads its weight tile (as gguf_gemv_wide's one-tile programs do); after it, it reads
 those heads' log-sum-exps and partials, merges them as pass 2 does (each split weighted by exp2(lse - the
-largest) over the weights' sum, CHUNK splits a step in split order), rounds to the output's dtype as pass 2
+largest) over the weights' sum, added in split order: the first CHUNK splits loaded beside the log-sum-exps, the
+rest two chunks a step), rounds to the output's dtype as pass 2
 stores it, and feeds the result to the int8 row dot (gguf_gemv_wide.row_dot_int8_x), which quantizes it per
 sub-block in its threads like the wide_i8 plan. A row whose keys fit in one split was written by pass 1; it is
 read from the output instead. The epilogue is the streaming GEMV's (gguf_splitk.store_output: split-K sum or
