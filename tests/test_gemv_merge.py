@@ -171,15 +171,43 @@ def test_the_dispatcher_takes_it_or_launches_pass_2(monkeypatch):
     assert written == [True, True] and deferred_merge._pending is None
 
 
-def test_fits_needs_whole_heads_in_whole_tiles():
+def test_fits_needs_the_plan_as_planned_with_whole_heads_in_whole_tiles():
+    """One K-tile a program (split-K = K's tiles) of an int8 streaming plan, tiles of a power of two of heads."""
     p, _ = _weight(QType.Q4_K)
     m = _merge(37, 3, torch.zeros(1, H, 3, D), torch.zeros(1, H, 3))
-    assert gguf_gemv_merge.fits(m, p, 8, 2) and gguf_gemv_merge.fits(m, p, 8, 8)
-    assert not gguf_gemv_merge.fits(m, p, 8, 3)  # tiles of 3 heads: not a power of two, and K is not whole tiles
-    assert not gguf_gemv_merge.fits(m, _weight(QType.Q6_K)[0], 8, 1)  # a tile of 16 values: part of a head
+
+    def cfg(ns, split, **kw):
+        return dict(bn=8, ns=ns, bm=1, split_k=split, **kw)
+
+    assert gguf_gemv_merge.fits(m, p, "wide_i8", cfg(2, 4)) and gguf_gemv_merge.fits(m, p, "wide_xq", cfg(8, 1))
+    assert not gguf_gemv_merge.fits(m, p, "wide_i8", cfg(2, 2))  # two tiles a program (Q8_0's o in the H200 table)
+    assert not gguf_gemv_merge.fits(m, p, "wide_tma", cfg(2, 4))  # not the streaming int8 GEMV
+    assert not gguf_gemv_merge.fits(m, p, "wide", cfg(2, 4))  # float activations
+    assert not gguf_gemv_merge.fits(m, p, "wide_i8", cfg(2, 4, stream=2))  # stream-K
+    assert not gguf_gemv_merge.fits(m, p, "wide_i8", cfg(3, 3))  # 3 heads a tile: not a power of two, nor whole
+    assert not gguf_gemv_merge.fits(m, _weight(QType.Q6_K)[0], "wide_i8", cfg(1, 16))  # 16 values: part of a head
     two = DeferredMerge(torch.zeros(2, H, D), m.part_out, m.part_lse, m.context_lens, 3, 0, 0, 16, False,
                         lambda: None)
-    assert not gguf_gemv_merge.fits(two, p, 8, 2)  # two rows
+    assert not gguf_gemv_merge.fits(two, p, "wide_i8", cfg(2, 4))  # two rows
+
+
+def test_the_model_defers_only_where_o_runs_the_merging_plan(monkeypatch):
+    import devstral.quant.linear as ql
+    from devstral.kernels import gguf_config
+
+    monkeypatch.setattr(ql, "cuda_kernels", lambda device: True)  # planar weights on the CPU
+    raw = random_blocks(QType.Q4_K, N, H * D, torch.Generator().manual_seed(0))
+    o = ql.QuantLinear(raw, QType.Q4_K, N, H * D)
+    plans = {"wide_i8": dict(bn=8, ns=2, bm=1, split_k=4), "wide_xq": dict(bn=8, ns=2, bm=1, split_k=2)}
+    for kind, planned, env, want in (("wide_i8", "wide_i8", "1", True), ("wide_i8", "wide_i8", "late", True),
+                                     ("wide_i8", "wide_i8", "0", False), ("wide_xq", "wide_xq", "1", False)):
+        monkeypatch.setenv("DEVSTRAL_O_MERGE", env)
+        monkeypatch.setattr(gguf_config, "gguf_plan", lambda *a, k=kind, c=plans[planned], **kw: (k, c))
+        assert ql.merges_attention(o, D) is want, (kind, env)
+    monkeypatch.setenv("DEVSTRAL_O_MERGE", "1")
+    monkeypatch.setattr(gguf_config, "gguf_plan", lambda *a, **kw: ("wide_i8", plans["wide_i8"]))
+    assert not ql.merges_attention(o, 3 * D)  # heads wider than a tile
+    assert not ql.merges_attention(torch.nn.Linear(H * D, N, bias=False), D)  # not a GGUF weight
 
 
 def test_the_switch_names_its_values(monkeypatch):

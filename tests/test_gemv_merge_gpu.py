@@ -62,9 +62,10 @@ def test_greedy_decode_is_the_same_with_and_without(tmp_path, monkeypatch):
 
     planned = gguf_config.gguf_plan
 
-    def plan(qtype, m, n, k, device=None):  # every decode GEMV the int8 streaming one: o can take the merge
+    def plan(qtype, m, n, k, device=None):  # every decode GEMV the int8 streaming one, a K-tile a program
         if m <= 8:
-            return "wide_i8", dict(bn=64, ns=8, bm=bm_for(m), split_k=2, num_warps=4)
+            sub_block = 16 if qtype == "Q6_K" else 32
+            return "wide_i8", dict(bn=64, ns=8, bm=bm_for(m), split_k=k // (8 * sub_block), num_warps=4)
         return planned(qtype, m, n, k, device)
 
     monkeypatch.setattr(gguf_config, "gguf_plan", plan)

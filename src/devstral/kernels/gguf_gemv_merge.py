@@ -27,6 +27,7 @@ import triton.language as tl
 
 from devstral.kernels import deferred_merge, pdl
 from devstral.kernels.deferred_merge import DeferredMerge
+from devstral.kernels.gguf_config import WIDE_INT8_KINDS
 from devstral.kernels.gguf_decode import GEOMETRY, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_gemv_wide import (
@@ -163,24 +164,34 @@ def _merge_gemv_kernel(part_ptr, lse_ptr, len_ptr, direct_ptr, out_ptr, ws_ptr, 
                  False, SPLIT, FIXED)
 
 
-def fits(merge: DeferredMerge, p: PackedGGUF, bn: int, ns: int) -> bool:
-    """Whether o's weight p can take this merge with tiles of bn rows and ns sub-blocks: one output row, a
-    type with an int8 row dot, K the attention's heads x head_dim in whole tiles of whole heads."""
-    b, h, d = merge.out.shape
+def plan_fits(p: PackedGGUF, kind: str, cfg: dict, head_dim: int) -> bool:
+    """Whether o's one-row plan (gguf_config.gguf_plan's kind and config) is one this kernel runs as planned: an
+    int8 streaming GEMV of one K-tile a program (split-K = K's tiles, as the H200 table's Q4_K o), on a type with
+    an int8 row dot, each tile a power of two of whole heads. Elsewhere (Q8_0's o at four tiles a program) the
+    attention keeps its merge pass, which writes that plan's quantized activations too."""
     qt = qt_code(p.qtype)
     sb, _, _ = GEOMETRY[qt]
-    tile = ns * sb
-    return (b == 1 and qt in INT8_TYPES and p.k == h * d and tile % d == 0 and p.k % tile == 0
-            and triton.next_power_of_2(tile // d) == tile // d and merge.out.is_contiguous()
-            and merge.splits <= 1024)
+    tile = cfg.get("ns", 0) * sb
+    if kind not in WIDE_INT8_KINDS or qt not in INT8_TYPES or cfg.get("stream") or tile == 0 or tile % head_dim \
+            or p.k % tile or triton.next_power_of_2(tile // head_dim) != tile // head_dim:
+        return False
+    return cfg.get("split_k", 1) == p.k // tile
+
+
+def fits(merge: DeferredMerge, p: PackedGGUF, kind: str, cfg: dict) -> bool:
+    """Whether o's weight p, on this plan, can take this merge: plan_fits, one output row, K the attention's
+    heads x head_dim."""
+    b, h, d = merge.out.shape
+    return b == 1 and p.k == h * d and merge.out.is_contiguous() and plan_fits(p, kind, cfg, d)
 
 
 def gemv(merge: DeferredMerge, p: PackedGGUF, out: torch.Tensor, *, bn: int, ns: int, num_warps: int = 4,
          fixed_zero: torch.Tensor | None = None, **_unused) -> torch.Tensor:
     """out[1, N] = merged attention output @ W^T, one K-tile a program (the split-K count is K's tiles);
     fixed_zero as gguf_gemv_wide.gemv's (out then an int64 fixed-point buffer)."""
-    if not fits(merge, p, bn, ns):
-        raise ValueError("gguf_gemv_merge: this weight and tile cannot take the merge (fits())")
+    b, h, d = merge.out.shape
+    if not (b == 1 and p.k == h * d and p.k % (ns * GEOMETRY[qt_code(p.qtype)][0]) == 0):
+        raise ValueError("gguf_gemv_merge: one row whose heads fill whole K-tiles of this weight (fits())")
     from devstral.kernels.gguf_gemv_wide import fixed_buffers
 
     qt = qt_code(p.qtype)

@@ -100,8 +100,7 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
             raise ValueError(f"fixed-point output asked of a {kind} plan ({p.qtype.name} {p.n}x{p.k})")
         zero = {} if fixed is None else {"fixed_zero": fixed[1]}
         if merge is not None:
-            if bias is None and kind in gguf_config.WIDE_INT8_KINDS and gguf_gemv_merge.fits(merge, p, cfg["bn"],
-                                                                                              cfg["ns"]):
+            if bias is None and gguf_gemv_merge.fits(merge, p, kind, cfg):
                 gguf_gemv_merge.gemv(merge, p, out, **cfg, **zero)
                 return out.reshape(*lead, p.n)
             merge.materialize()  # any other plan reads the output pass 2 writes

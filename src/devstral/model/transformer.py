@@ -253,7 +253,7 @@ class Block(nn.Module):
         self.input_layernorm.xq_layouts = self.self_attn.xq_layouts() if xq else ()
         self.post_attention_layernorm.xq_layouts = self.ffn.xq_layouts() if xq else ()
         self.self_attn.out_xq = attention_xq_layouts(self.self_attn.o_proj)
-        self.self_attn.o_merges = merges_attention(self.self_attn.o_proj)
+        self.self_attn.o_merges = merges_attention(self.self_attn.o_proj, self.self_attn.head_dim)
 
     def forward(self, x, cos, sin, q_scale, mask, cache, delta=None):
         """The residual stream x, plus `delta` (the block before's FFN output, not yet added) -> (the
