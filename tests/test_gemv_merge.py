@@ -2,7 +2,8 @@
 kernels/deferred_merge.py; DEVSTRAL_O_MERGE=1) on CPU, in Triton's interpreter.
 
 Oracles: the dequantized weight (quant.dequantize, bit-exact against gguf-py) times the attention output pass 2
-stores. Partials that int8 represents exactly, equal in every split, must give that product to fp32 accuracy
+stores. The model's attention layer at one decode row hands its merge to a planar o and matches the layer run with
+the merge pass. Partials that int8 represents exactly, equal in every split, must give that product to fp32 accuracy
 (every head, split and row mapping exercised with no quantization error); random partials and log-sum-exps
 within the int8 activations' error. The output as pass 2 leaves it (materialize) is the reference merge's; the
 attention defers only one row with several splits, when asked; the dispatcher takes a deferral where the plan
@@ -219,3 +220,49 @@ def test_the_switch_names_its_values(monkeypatch):
     monkeypatch.setenv("DEVSTRAL_O_MERGE", "yes")
     with pytest.raises(DevstralError, match="DEVSTRAL_O_MERGE='yes': expected 0, 1 or late"):
         gguf_gemv_merge.enabled()
+
+
+class _Cache:
+    """An AttentionCache over a filled paged cache, attending with the Triton kernels in the interpreter (the
+    engine's cache on the GPU does the same: engine/attention.py); it ignores the new keys (the cache is filled)."""
+
+    def __init__(self):
+        self.layer, self.tables, self.lens = filled_cache("bf16", [37], 2, D, 8, torch.bfloat16, "cpu", 0)
+        self.deferred = []
+
+    def attend(self, layer, q, k, v, cos, sin, q_scale, xq=(), defer_merge=False):
+        self.deferred.append(defer_merge)
+        out = decode_attention_triton(q[0], self.layer, self.tables, self.lens, D ** -0.5, defer_merge=defer_merge,
+                                      max_context=self.tables.shape[1] * 8, config=DecodeConfig(block_n=16, splits=3))
+        return out[None]
+
+
+def test_the_attention_layer_hands_its_merge_to_o(monkeypatch):
+    """model.transformer.Attention at one decode row, o a planar Q4_K QuantLinear: with o_merges the cache is asked
+    to defer and o's GEMV merges (nothing left pending); the output matches the layer run with the merge pass and
+    o through dequantize + matmul, within the int8 activations' error."""
+    import devstral.quant.linear as ql
+    from devstral.config import ModelConfig
+    from devstral.kernels import gguf_config, gguf_linear
+    from devstral.model.transformer import Attention
+
+    monkeypatch.setattr(ql, "cuda_kernels", lambda device: True)  # planar weights on the CPU
+    cfg = ModelConfig(arch="mistral", dim=64, n_layers=1, n_heads=H, n_kv_heads=2, head_dim=D, hidden_dim=128, vocab_size=100)
+    attn = Attention(cfg, 0)
+    raw = random_blocks(QType.Q4_K, 64, H * D, torch.Generator().manual_seed(4))
+    attn.o_proj = ql.QuantLinear(raw, QType.Q4_K, 64, H * D)
+    w = dequantize(raw, QType.Q4_K, (64, H * D)).float()
+    attn = attn.to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    cos = sin = torch.zeros(1, 1, D)
+    monkeypatch.setattr(gguf_linear, "dequant_matmul", lambda xx, pp, bias, out: out.copy_(xx.float() @ w.t()))
+    results = {}
+    for merges, plan in ((False, ("dequant", {})), (True, ("wide_i8", dict(bn=8, ns=2, bm=1, split_k=4)))):
+        monkeypatch.setattr(gguf_config, "gguf_plan", lambda *a, pl=plan, **kw: pl)
+        attn.o_merges = merges
+        cache = _Cache()
+        with torch.no_grad():
+            results[merges] = attn(x, cos, sin, None, None, cache).float()
+        assert cache.deferred == [merges] and deferred_merge._pending is None
+    err = (results[True] - results[False]).abs()
+    assert err.max() <= 0.02 * results[False].abs().max(), err.max()
