@@ -32,6 +32,7 @@ from devstral.kernels.gguf_decode import GEOMETRY, qt_code
 from devstral.kernels.gguf_gemv import field_args
 from devstral.kernels.gguf_gemv_wide import (
     INT8_TYPES,
+    fixed_buffers,
     load_tile_scales,
     load_tile_words,
     row_dot_int8_x,
@@ -190,12 +191,10 @@ def gemv(merge: DeferredMerge, p: PackedGGUF, out: torch.Tensor, *, bn: int, ns:
     """out[1, N] = merged attention output @ W^T, one K-tile a program (the split-K count is K's tiles);
     fixed_zero as gguf_gemv_wide.gemv's (out then an int64 fixed-point buffer)."""
     b, h, d = merge.out.shape
-    if not (b == 1 and p.k == h * d and p.k % (ns * GEOMETRY[qt_code(p.qtype)][0]) == 0):
-        raise ValueError("gguf_gemv_merge: one row whose heads fill whole K-tiles of this weight (fits())")
-    from devstral.kernels.gguf_gemv_wide import fixed_buffers
-
     qt = qt_code(p.qtype)
     sb, wps, e = GEOMETRY[qt]
+    if not (b == 1 and p.k == h * d and p.k % (ns * sb) == 0):
+        raise ValueError("gguf_gemv_merge: one row whose heads fill whole K-tiles of this weight (fits())")
     n_tiles = p.k // (ns * sb)
     tiles_n = triton.cdiv(p.n, bn)
     split_k = usable_split(n_tiles, tiles_n, 1, p.n)
@@ -204,7 +203,6 @@ def gemv(merge: DeferredMerge, p: PackedGGUF, out: torch.Tensor, *, bn: int, ns:
     ws = workspace(split_k, 1, p.n, out.device) if fixed_zero is None else fixed_buffers(out, fixed_zero, None, 1, p.n)
     fields, (s_q, s_qh, s_sc, s_d) = field_args(p)
     on = pdl.enabled(out.device)
-    _, _, d = merge.out.shape
     kernels_for(out, __name__)._merge_gemv_kernel[(tiles_n, n_tiles)](
         merge.part_out, merge.part_lse, merge.context_lens, merge.out, out, ws, counters(out.device), *fields,
         p.n, p.k, out.stride(0), s_q, s_qh, s_sc, s_d, merge.splits, merge.window, merge.min_chunk, split_k,

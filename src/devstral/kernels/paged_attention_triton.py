@@ -110,8 +110,8 @@ class DecodeConfig:
 @functools.cache
 def _env_defaults() -> tuple[bool, int, bool]:
     """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
-    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=0 (on: never slower in four H200 measurements, +0.06% to +0.4% at
-    512 keys and +0.05% at 32k, docs/architecture.md), read once per process: a DecodeConfig is built for
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=0 (on: never slower in five H200 measurements, +0.06% to +0.4% at
+    512 keys, equal or +0.05% at 32k, docs/architecture.md), read once per process: a DecodeConfig is built for
     every decode call."""
     raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
     if not raw.isdigit():
