@@ -66,25 +66,6 @@ def _gemv(stream: bool, stages: int, fixed: bool = False) -> dict:
     return _compile(_wide_kernel, sig, const, num_stages=max(stages, 1))
 
 
-def _merge_gemv(qt: int, fixed: bool = False) -> dict:
-    """The o GEMV merging the attention's splits (gguf_gemv_merge.py) at Devstral's tile: 128 rows x 16 sub-blocks
-    (Q4_K: 4 heads of 128) or, for Q8_0, 8 sub-blocks (2 heads)."""
-    from devstral.kernels.gguf_decode import GEOMETRY
-    from devstral.kernels.gguf_gemv_merge import CHUNK, _merge_gemv_kernel
-
-    sig = _sig("part_ptr lse_ptr len_ptr direct_ptr out_ptr ws_ptr cnt_ptr q_ptr qh_ptr sc_ptr mn_ptr d_ptr dm_ptr N K "
-               "s_om s_q s_qh s_sc s_d num_splits window min_chunk split_k",
-               {"part_ptr": "*fp32", "lse_ptr": "*fp32", "len_ptr": "*i32", "direct_ptr": "*bf16",
-                "out_ptr": "*i64" if fixed else "*bf16", "ws_ptr": "*i64" if fixed else "*fp32", "cnt_ptr": "*i32",
-                "q_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
-                "dm_ptr": "*fp16"})
-    sb, wps, e = GEOMETRY[qt]
-    const = dict(QT=qt, SB=sb, WPS=wps, E=e, BN=128, NS=16 if qt == 0 else 8, SPLIT=True, EVEN_N=True, ASM=True,
-                 PDL=True, FIXED=fixed, HEAD_DIM=128, ATT_BLOCK_N=64, HAS_WINDOW=False, S_TILE=64, CHUNK=CHUNK,
-                 LEN_EARLY=True)
-    return _compile(_merge_gemv_kernel, sig, const)
-
-
 def _all() -> dict:
     import triton.language as tl
 
@@ -189,7 +170,6 @@ def _all() -> dict:
     out["decode_merge"] = merge()
     # decode_attention_triton(settled=True), the engine's call: both passes read the context length before the wait
     out["decode_split_len_early"] = split(LEN_EARLY=True)
-    out["decode_split_signal_at_end"] = split(LEN_EARLY=True, SIGNAL_AT_END=True)  # DEVSTRAL_O_MERGE=late
     out["decode_merge_len_early"] = merge(LEN_EARLY=True)
     out["decode_split_stamps"] = split(stamped=True)
     out["decode_merge_stamps"] = merge(stamped=True)
@@ -205,8 +185,6 @@ def _all() -> dict:
     # fixed-point outputs (kernels/fixed_point.py): the atomics and the other buffer's zeroing after the wait
     out["gemv_fixed_stages0"] = _gemv(False, 0, fixed=True)
     out["gemv_fixed_stream_stages1"] = _gemv(True, 1, fixed=True)
-    out["gemv_merge_q4_k_fixed"] = _merge_gemv(0, fixed=True)
-    out["gemv_merge_q8_0"] = _merge_gemv(3)
     out.update(_moe())
     return out
 
@@ -322,14 +300,6 @@ def test_decode_attention_reads_a_settled_context_length_before_it_waits(ptx_sta
     assert st["loads"] == 1 and st["stores"] == 0, st
 
 
-def test_pass_one_signalling_at_its_end_signals_after_its_stores(ptx_stats):
-    """DEVSTRAL_O_MERGE=late: pass 1 lets the o GEMV start once a split has stored its partials (the signal
-    after the wait and after every store), and still reads only the settled length before its wait."""
-    st = ptx_stats["decode_split_signal_at_end"]
-    assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] == 1 and st["signals_before_wait"] == 0, st
-    assert st["loads"] == 1 and st["stores"] == 0, st
-
-
 @pytest.mark.parametrize("name", ["decode_merge_64", "decode_merge_64_xq"])
 def test_the_merge_loads_its_partials_with_the_log_sum_exps(ptx_stats, name):
     """The merge pass (one chunk of splits, as the engine runs it) issues every partial's load before the
@@ -384,20 +354,6 @@ def test_gemv_writes_nothing_before_it_waits(ptx_stats, name):
     assert st["stores"] == 0, st
     if name.endswith(("stages1", "stages0")):
         assert st["loads"] >= 8, st
-
-
-@pytest.mark.parametrize("name", ["gemv_merge_q4_k_fixed", "gemv_merge_q8_0"])
-def test_the_merging_gemv_reads_only_its_weights_and_the_settled_length_before_it_waits(ptx_stats, name):
-    """gguf_gemv_merge.py: its one K-tile of weights (and the engine's context length, settled) before the wait;
-    the attention's partials, log-sum-exps and pass 1's output after it; nothing stored before it. The first
-    chunk of partials loads beside the log-sum-exps, ahead of the reductions' first CTA barrier (only the later
-    chunks' loop, two chunks a step, loads behind it): one L2 round trip after the wait where every split fits in
-    a chunk."""
-    st = ptx_stats[name]
-    assert st["launch_pdl"] and st["waits"] == 1 and st["signals"] >= 1 and st["signals_before_wait"] == 0, st
-    assert st["stores"] == 0 and st["loads"] >= 8 and st["loads_after_wait"] >= 3, st
-    # the loop behind the barrier loads two chunks a step: at least one chunk's loads come before it
-    assert st["loads_after_wait"] - st["loads_after_barrier"] > st["loads_after_barrier"] // 2, st
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:

@@ -35,8 +35,7 @@ class BatchAttention:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = (),
-               defer_merge: bool = False) -> torch.Tensor:
+               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = ()) -> torch.Tensor:
         # the step is one flat row of tokens: [N, heads, D]
         q, k, v, cos, sin = q[0], k[0], v[0], cos[0], sin[0]
         kv = self.pool.layers[layer]
@@ -44,11 +43,9 @@ class BatchAttention:
         # the step's context lengths were copied in before the step: the attention may read them before it
         # waits for the RoPE kernel (settled, paged_attention_triton.py)
         if not self.prefills:
-            # a step of decode rows only: the merge pass may write the o projection's activations (xq), or be left
-            # to the o projection (defer_merge, kernels/deferred_merge.py)
+            # a step of decode rows only: the merge pass may write the o projection's activations (xq)
             out = decode_attention(q, kv, self.block_tables, self.context_lens, self.scale, self.window,
-                                   max_context=self.max_context, settled=True, xq_layout=xq[0] if xq else None,
-                                   defer_merge=defer_merge)
+                                   max_context=self.max_context, settled=True, xq_layout=xq[0] if xq else None)
             return out[None]
         out = torch.empty_like(q)
         nd = self.n_decode

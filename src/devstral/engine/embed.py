@@ -72,9 +72,8 @@ class _Prefix:
         self.v: dict[int, torch.Tensor] = {}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = (),
-               defer_merge: bool = False) -> torch.Tensor:
-        q, k = apply_rope(q, k, cos, sin, q_scale)  # xq and defer_merge are hints this cache need not take
+               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = ()) -> torch.Tensor:
+        q, k = apply_rope(q, k, cos, sin, q_scale)
         if layer in self.k:
             k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
         self.k[layer], self.v[layer] = k, v

@@ -467,20 +467,6 @@ def _row_dot_int8(words, hi, xp, x_ok, c1, c0, QT: tl.constexpr, NS: tl.constexp
     x1 = _x_slice(xp + WPS, x_ok, NS, WPS, EVEN)
     x2 = _x_slice(xp + 2 * WPS, x_ok, NS, WPS, EVEN)
     x3 = _x_slice(xp + 3 * WPS, x_ok, NS, WPS, EVEN)
-    if QT == 3:
-        return _row_dot_int8_x(words, hi, x0, x1, x2, x3, x0, x1, x2, x3, c1, c0, QT, ASM)
-    x4 = _x_slice(xp + 4 * WPS, x_ok, NS, WPS, EVEN)
-    x5 = _x_slice(xp + 5 * WPS, x_ok, NS, WPS, EVEN)
-    x6 = _x_slice(xp + 6 * WPS, x_ok, NS, WPS, EVEN)
-    x7 = _x_slice(xp + 7 * WPS, x_ok, NS, WPS, EVEN)
-    return _row_dot_int8_x(words, hi, x0, x1, x2, x3, x4, x5, x6, x7, c1, c0, QT, ASM)
-
-
-@triton.jit
-def _row_dot_int8_x(words, hi, x0, x1, x2, x3, x4, x5, x6, x7, c1, c0, QT: tl.constexpr, ASM: tl.constexpr):
-    """_row_dot_int8 on activations already in registers: x_s [1, NS, WPS] fp32 holds value position s of
-    every word (Q8_0 uses x0..x3 only). For kernels whose activations are computed, not loaded
-    (gguf_gemv_merge.py: the attention's splits merged in the prologue)."""
     zero = tl.zeros(words.shape, dtype=tl.int32)
     SIGNED: tl.constexpr = QT == 1  # Q5_K's operands are signed (_q5k_operands)
     if QT == 3:  # Q8_0: the word's four bytes are signed levels of value positions 0..3
@@ -489,6 +475,10 @@ def _row_dot_int8_x(words, hi, x0, x1, x2, x3, x4, x5, x6, x7, c1, c0, QT: tl.co
         s = dp4a(words, tl.broadcast_to(_pack4(b0, b1, b2, b3, ASM), words.shape), zero, True, ASM)
         res = (c1 * (amax * (1.0 / (127.0 * 256.0)))) * tl.sum(s, axis=2).to(tl.float32)
     else:
+        x4 = _x_slice(xp + 4 * WPS, x_ok, NS, WPS, EVEN)
+        x5 = _x_slice(xp + 5 * WPS, x_ok, NS, WPS, EVEN)
+        x6 = _x_slice(xp + 6 * WPS, x_ok, NS, WPS, EVEN)
+        x7 = _x_slice(xp + 7 * WPS, x_ok, NS, WPS, EVEN)
         amax = tl.max(tl.maximum(_absmax4(x0, x1, x2, x3), _absmax4(x4, x5, x6, x7)), axis=2)
         b0, b1, b2, b3 = _x_int8(x0, x1, x2, x3, amax)
         b4, b5, b6, b7 = _x_int8(x4, x5, x6, x7, amax)
@@ -979,4 +969,3 @@ load_tile_scales = _load_scales
 tile_scales = _scales
 row_dot = _row_dot
 row_dot_xq = _row_dot_xq
-row_dot_int8_x = _row_dot_int8_x

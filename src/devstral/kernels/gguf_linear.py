@@ -14,12 +14,10 @@ import torch
 
 from devstral.errors import DevstralError
 from devstral.kernels import (
-    deferred_merge,
     gguf_config,
     gguf_dequant,
     gguf_gemm,
     gguf_gemv,
-    gguf_gemv_merge,
     gguf_gemv_tma,
     gguf_gemv_wide,
     gguf_idot,
@@ -85,8 +83,6 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
     where the plan cannot, an ordinary output. quant/fixed_deltas.py checks the plans before it hands buffers out."""
     if x.shape[-1] != (2 * p.k if glu else p.k):
         raise ValueError(f"input of {x.shape[-1]} values for a weight of K={p.k}" + (" (glu: 2K)" if glu else ""))
-    # x: a decode attention output whose split merge was left to this GEMV? Taken before anything reads x
-    merge = deferred_merge.take(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -99,11 +95,6 @@ def linear(x: torch.Tensor, p: PackedGGUF, bias: torch.Tensor | None = None, glu
         if fixed is not None and kind not in FIXED_KINDS:
             raise ValueError(f"fixed-point output asked of a {kind} plan ({p.qtype.name} {p.n}x{p.k})")
         zero = {} if fixed is None else {"fixed_zero": fixed[1]}
-        if merge is not None:
-            if bias is None and gguf_gemv_merge.fits(merge, p, kind, cfg):
-                gguf_gemv_merge.gemv(merge, p, out, **cfg, **zero)
-                return out.reshape(*lead, p.n)
-            merge.materialize()  # any other plan reads the output pass 2 writes
         if kind == "wide_tma" and not (m == 1 and gguf_gemv_tma.usable(p, cfg["bn"], cfg["ns"], x.device)):
             # no TMA here (before sm_90, a row slice off 16 bytes, more rows): the same tile, the register-prefetch loop
             kind, cfg = "wide_xq", {key: v for key, v in cfg.items() if key not in gguf_gemv_tma.TMA_ONLY_KEYS}

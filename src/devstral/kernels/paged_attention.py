@@ -71,18 +71,17 @@ def decode_attention_ref(q: torch.Tensor, layer: KVLayer, block_tables: torch.Te
 
 def decode_attention(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float, window: int | None = None, *, max_context: int | None = None,
-                     settled: bool = False, xq_layout: int | None = None, defer_merge: bool = False) -> torch.Tensor:
+                     settled: bool = False, xq_layout: int | None = None) -> torch.Tensor:
     """`max_context` bounds context_lens (the Triton kernel sizes its split grid from it, so that a
     captured CUDA graph stays valid for any batch whose contexts fit). `settled`: see
     decode_attention_triton (a launch-order promise; the result is the same either way). `xq_layout`: the
     o projection's activation layout, which the Triton kernel may write beside the output (the reference
-    writes nothing: the GEMV then quantizes as usual). `defer_merge`: the Triton kernel may leave its split
-    merge to the o projection (kernels/deferred_merge.py); the reference computes the output whole."""
+    writes nothing: the GEMV then quantizes as usual)."""
     if use_triton(q):
         from devstral.kernels.paged_attention_triton import decode_attention_triton
 
         return decode_attention_triton(q, layer, block_tables, context_lens, scale, window, max_context=max_context,
-                                       settled=settled, xq_layout=xq_layout, defer_merge=defer_merge)
+                                       settled=settled, xq_layout=xq_layout)
     return decode_attention_ref(q, layer, block_tables, context_lens, scale, window)
 
 

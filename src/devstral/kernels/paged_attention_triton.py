@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from devstral.errors import DevstralError
-from devstral.kernels import deferred_merge, gguf_xq, pdl, stamps
+from devstral.kernels import gguf_xq, pdl, stamps
 from devstral.kernels.gguf_config import DECODE_MS
 from devstral.kernels.gguf_xq import pack_blocks
 from devstral.kernels.interpret_triton import kernels_for, on_interpreter
@@ -110,8 +110,8 @@ class DecodeConfig:
 @functools.cache
 def _env_defaults() -> tuple[bool, int, bool]:
     """DEVSTRAL_FUSED_MERGE=1 (off: it lost at long context, module docstring), DEVSTRAL_ATTN_MIN_CHUNK
-    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=0 (on: never slower in five H200 measurements, +0.06% to +0.4% at
-    512 keys, equal or +0.05% at 32k, docs/architecture.md), read once per process: a DecodeConfig is built for
+    (MIN_CHUNK) and DEVSTRAL_ATTN_PREFETCH=0 (on: never slower in four H200 measurements, +0.06% to +0.4% at
+    512 keys and +0.05% at 32k, docs/architecture.md), read once per process: a DecodeConfig is built for
     every decode call."""
     raw = os.environ.get("DEVSTRAL_ATTN_MIN_CHUNK", str(MIN_CHUNK)).strip()
     if not raw.isdigit():
@@ -284,7 +284,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                          ASM: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 1,
                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_LINES: tl.constexpr = 1,
                          LINE: tl.constexpr = 64, LEN_EARLY: tl.constexpr = False, XQ: tl.constexpr = -1,
-                         stamps_ptr=None, STAMPS: tl.constexpr = False, SIGNAL_AT_END: tl.constexpr = False):
+                         stamps_ptr=None, STAMPS: tl.constexpr = False):
     if STAMPS:  # kernels/stamps.py
         t_start = stamps.now()
     b = tl.program_id(0)
@@ -293,8 +293,7 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
     if LEN_EARLY or PREFETCH:  # written before the kernel before started (decode_attention_triton's `settled`)
         length = tl.load(len_ptr + b)
     if PDL:  # kernels/pdl.py: the merge pass (fused: the o projection's GEMV) may start now; wait for the kernel before
-        if not SIGNAL_AT_END:  # SIGNAL_AT_END: once this program's partials are stored (a deferred merge's o GEMV)
-            gdc_launch_dependents()
+        gdc_launch_dependents()
         if LEN_EARLY and not PREFETCH:
             # a split without keys reads nothing the RoPE kernel writes: it leaves without waiting, and its slot
             # goes to the merge's and the o projection's programs (296 of the 360 programs at 512 keys, 280 at 640; H200:
@@ -386,8 +385,6 @@ def _decode_split_kernel(q_ptr, q_sb, q_sh, k_ptr, v_ptr, ks_ptr, vs_ptr, c_sb, 
                     _arrive_and_merge(part_out_ptr, part_lse_ptr, arrivals_ptr + group, out_rows, out_sh, kvh * GROUP,
                                       (b.to(tl.int64) * n_heads + kvh * GROUP) * num_splits, num_splits, used, row_xq,
                                       GROUP, HEAD_DIM, MERGE_HEADS, MERGE_CHUNK, XQ)
-        if PDL and SIGNAL_AT_END:  # (a program without keys signals by leaving)
-            gdc_launch_dependents()
         if STAMPS:
             stamps.record(stamps_ptr, stamps.SPLIT, program, t_start, t_waited, t_work, stamps.now())
 
@@ -589,7 +586,7 @@ def _whole_scale_rows(layer: KVLayer) -> bool:
 def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, window: int | None = None, *, max_context: int | None = None,
                             config: DecodeConfig | None = None, settled: bool = False,
-                            xq_layout: int | None = None, defer_merge: bool = False) -> torch.Tensor:
+                            xq_layout: int | None = None) -> torch.Tensor:
     """q [B, n_heads, head_dim] (last dim contiguous) -> [B, n_heads, head_dim] in q's dtype.
     `max_context` bounds every context_len (None: the block table's width). `settled`: the caller vouches
     that context_lens was written before the kernel before this one started (the engine's step inputs,
@@ -598,10 +595,7 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
     `xq_layout` (a gguf_xq layout: the o projection's GEMV quantizes its input so): at decode sizes, whichever
     program writes a row's output (the merge pass, pass 1 for a row in one split, the fused merge's last split)
     also writes those words, and they are offered (gguf_xq.offer), so that the GEMV's quantize() launches
-    nothing; past the decode sizes nothing changes.
-    `defer_merge` (one row, two passes): pass 2 is not launched but left to the GEMV that reads the output next
-    (kernels/deferred_merge.py), which merges the partials in its prologue or launches pass 2 itself; the
-    caller promises that the output's next reader takes it (quant.linear.merges_attention)."""
+    nothing; past the decode sizes nothing changes."""
     if not _supported(q, layer):
         from devstral.kernels.paged_attention import decode_attention_ref
 
@@ -629,16 +623,6 @@ def decode_attention_triton(q: torch.Tensor, layer: KVLayer, block_tables: torch
         if arrivals is not None:
             launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_MERGED.value, arrivals,
                               xq=xq, layout=layout)
-        elif defer_merge and B == 1:
-            # DEVSTRAL_O_MERGE=late: o's programs become resident (and load their weights) once the splits are
-            # done, as behind pass 2, rather than during them (kernels/deferred_merge.py)
-            launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value,
-                              signal_at_end=deferred_merge.signal_at_end())
-            deferred_merge.defer(deferred_merge.DeferredMerge(
-                out, part_out, part_lse, context_lens, splits, window or 0, launch.min_chunk, launch.cfg.block_n,
-                launch.len_early, lambda: launch.merge_pass(splits, part_out, part_lse, context_lens, out, window,
-                                                            None, -1)))
-            return out  # no xq: the GEMV that merges quantizes in its own threads
         else:
             launch.split_pass((B, launch.n_kv_heads, splits), splits, part_out, part_lse, OUT_PARTIALS.value)
             launch.merge_pass(splits, part_out, part_lse, context_lens, out, window, xq, layout)
@@ -718,10 +702,9 @@ class _Launch:
                                MERGE_CHUNK=max(1, MERGE_ROWS // triton.next_power_of_2(H // self.n_kv_heads)))
 
     def split_pass(self, grid, splits: int, part_out, part_lse, output: int, arrivals=None, *, xq=None,
-                   layout: int = -1, warmup: bool = False, signal_at_end: bool = False):
+                   layout: int = -1, warmup: bool = False):
         """Pass 1. `xq` [B, blocks, words] and its gguf_xq `layout`: the o projection's int8 activations, which
-        the rows it writes itself (OUT_DIRECT, or OUT_MERGED's one-split rows and merges) also get.
-        `signal_at_end`: a program lets the next kernel start once its partials are stored, not at its start."""
+        the rows it writes itself (OUT_DIRECT, or OUT_MERGED's one-split rows and merges) also get."""
         arrivals = part_lse if arrivals is None else arrivals  # unused unless OUTPUT is OUT_MERGED
         xq = part_lse if xq is None else xq  # unused unless layout >= 0
         args = (*self.args, part_out, part_lse, arrivals, xq, xq.stride(0), *self.tail, splits, self.min_chunk,
@@ -730,7 +713,7 @@ class _Launch:
         if warmup:
             return kernel.warmup(*args, grid=grid, OUTPUT=output, XQ=layout, **self.constexprs)
         return kernel[grid](*args, OUTPUT=output, XQ=layout, **self.constexprs, stamps_ptr=self.stamps_ptr,
-                            STAMPS=self.stamps, SIGNAL_AT_END=signal_at_end, launch_pdl=self.pdl)
+                            STAMPS=self.stamps, launch_pdl=self.pdl)
 
     def merge_pass(self, splits: int, part_out, part_lse, context_lens, out, window: int | None, xq, layout: int):
         """Pass 2, grid (sequence, query head); with layout >= 0 it also writes xq (see split_pass)."""
@@ -768,6 +751,3 @@ class _Launch:
                 kernel = self.split_pass((1, 1, 1), 2, f32, f32, output, warmup=True)
             _SLOTS[key] = concurrent_programs(kernel, self.q.device, self.cfg)
         return num_splits(self.batch, self.n_kv_heads, bound, _SLOTS[key], self.cfg)
-
-
-split_range = _split_range  # for kernels that merge the splits themselves (gguf_gemv_merge.py)

@@ -34,12 +34,10 @@ from devstral.model.rope import Rotary
 from devstral.model.tiled_mlp import checkpoint_contexts, output_needed, tiled_rows, worth_tiling
 from devstral.quant.linear import (
     PackedProjection,
-    QuantLinear,
     attention_xq_layouts,
     decode_xq_layouts,
     folds_swiglu,
     fuse_quant,
-    merges_attention,
     norm_writes_xq,
     pair_quant,
 )
@@ -49,14 +47,11 @@ class AttentionCache(Protocol):
     """What the attention needs at inference (engine/attention.py implements it)."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = (),
-               defer_merge: bool = False) -> torch.Tensor:
+               sin: torch.Tensor, q_scale: torch.Tensor | None, xq: tuple[int, ...] = ()) -> torch.Tensor:
         """Rotate q [B, T, H, D] and k [B, T, Hkv, D] (`apply_rope`'s arguments), store k/v and attend
         -> [B, T, H, D]. The cache rotates because on the GPU the rotation and its store of the keys are
         one kernel. xq: the gguf_xq layouts the o projection quantizes the output in, which a cache may
-        write beside it (gguf_xq.offer); ignoring them is always correct. defer_merge: the output's next
-        reader is the o projection's GEMV, which can merge the attention's splits itself
-        (kernels/deferred_merge.py); ignoring it is always correct."""
+        write beside it (gguf_xq.offer); ignoring them is always correct."""
         ...
 
 
@@ -130,7 +125,6 @@ class Attention(nn.Module):
         self.kv: Projection | None = None
         # set by Block.fuse: {rows: o_proj's int8 activation layouts there}, which the cache may write beside its output
         self.out_xq: dict[int, tuple[int, ...]] = {}
-        self.o_merges = False  # set by Block.fuse: o_proj may merge the decode attention's splits itself
 
     def fuse(self) -> None:
         self.qkv = fused_projection(self.q_proj, self.k_proj, self.v_proj)
@@ -174,9 +168,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:  # inference: the cache rotates q/k as it stores the keys
-            # one decode row whose o_proj reads it through the merging GEMV: the attention may leave it the merge
-            defer = self.o_merges and B * T == 1 and type(self.o_proj) is QuantLinear and not torch.is_grad_enabled()
-            out = cache.attend(self.layer, q, k, v, cos, sin, q_scale, self.out_xq.get(B * T, ()), defer)
+            out = cache.attend(self.layer, q, k, v, cos, sin, q_scale, self.out_xq.get(B * T, ()))
         else:
             q, k = apply_rope(q, k, cos, sin, q_scale)
             if isinstance(mask, Documents):  # training rows: each packed document attends only to itself
@@ -253,7 +245,6 @@ class Block(nn.Module):
         self.input_layernorm.xq_layouts = self.self_attn.xq_layouts() if xq else ()
         self.post_attention_layernorm.xq_layouts = self.ffn.xq_layouts() if xq else ()
         self.self_attn.out_xq = attention_xq_layouts(self.self_attn.o_proj)
-        self.self_attn.o_merges = merges_attention(self.self_attn.o_proj, self.self_attn.head_dim)
 
     def forward(self, x, cos, sin, q_scale, mask, cache, delta=None):
         """The residual stream x, plus `delta` (the block before's FFN output, not yet added) -> (the
